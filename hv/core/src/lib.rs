@@ -1,0 +1,20 @@
+//! avex's core, shared by every backend and by the AOT pass.
+//!
+//! `no_std` + `alloc`: the bare-metal VT-x hypervisor links this crate too.
+//! Nothing here knows about VMCS fields or `kvm_run`; backends implement
+//! [`guest::Guest`] and turn their hardware's exits into [`exit::Exit`].
+#![no_std]
+#![forbid(unsafe_code)]
+
+extern crate alloc;
+#[cfg(any(test, feature = "std"))]
+extern crate std;
+
+pub mod ir;
+pub mod guest;
+pub mod policy;
+pub mod lower;
+pub mod translator;
+pub mod format;
+pub mod engine;
+pub mod devices;
