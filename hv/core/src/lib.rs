@@ -18,3 +18,8 @@ pub mod translator;
 pub mod format;
 pub mod engine;
 pub mod devices;
+pub mod tracker;
+pub mod cache;
+pub mod exit;
+pub mod boot;
+pub mod stats;

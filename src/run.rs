@@ -1,0 +1,8 @@
+//! `avex run` (in progress).
+
+#[derive(clap::Args, Debug)]
+pub struct Args {}
+
+pub fn main(_args: Args) -> anyhow::Result<std::process::ExitCode> {
+    anyhow::bail!("avex run is not built yet")
+}
