@@ -1,3 +1,263 @@
-//! Shared helper for building a freestanding crate on stable Rust (filled in by the
-//! guest-kernel work).
+//! Shared build-script helper: build a freestanding crate (or a workspace of them)
+//! on stable Rust with the `x86_64-unknown-linux-gnu` target, its own flags and its
+//! own target directory, and return the path of the ELF(s) it produced.
+//!
+//! PLATFORM.md explains why: there is no `x86_64-unknown-none` target and no nightly,
+//! so a freestanding binary is a Linux-target `#![no_std] #![no_main]` binary linked
+//! with `-nostartfiles -nostdlib -static -no-pie` and a linker script. Such a crate
+//! cannot be a member of the hosted workspace, so it is built by a nested `cargo`
+//! invocation started from `build.rs`.
+//!
+//! Usage from a `build/*.rs` module (included by `build.rs` with `#[path]`):
+//!
+//! ```ignore
+//! let elf = freestanding::build_crate(
+//!     &root.join("hv/vmx"),
+//!     &freestanding::target_dir("vmx"),
+//!     &root.join("hv/vmx/link.ld"),
+//!     &["-C", "code-model=kernel"],
+//! );
+//! println!("cargo:rustc-env=AVEX_VMX_ELF={}", elf.display());
+//! ```
+//!
+//! The crate being built must set `panic = "abort"` in its own `[profile.release]`
+//! (and `[profile.dev]`), define `rust_eh_personality` and provide `memcpy`,
+//! `memmove`, `memset`, `memcmp` and `bcmp`. It is always built with `--release`.
+//! The helper prints `cargo:rerun-if-changed` for the crate directory and the linker
+//! script, so the hosted build reruns only when they change; the nested cargo does
+//! its own incremental work in `target_dir`.
 #![allow(dead_code)]
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Full description of one nested build. `build_crate` and `build_bins` are the
+/// short forms; use this when you need more control.
+#[derive(Debug, Clone)]
+pub struct Build<'a> {
+    /// Directory holding the `Cargo.toml` to build (a package or a workspace).
+    pub manifest_dir: &'a Path,
+    /// The nested build's own target directory (see [`target_dir`]).
+    pub target_dir: &'a Path,
+    /// Linker script passed as `-T`; `None` to let the crate set its own link args.
+    pub linker_script: Option<&'a Path>,
+    /// Extra rustc flags, appended after the standard freestanding ones
+    /// (e.g. `["-C", "code-model=kernel"]` or `["-C", "target-feature=-sse"]`).
+    pub extra_rustflags: &'a [&'a str],
+    /// Binaries to build and return, by name. Empty: build the package's default
+    /// targets and return the single binary named after the package.
+    pub bins: &'a [&'a str],
+    /// Pass `--offline` to the nested cargo (no registry access at build time).
+    pub offline: bool,
+}
+
+/// The standard flags for a freestanding, statically linked, non-PIE binary
+/// linked at its physical address (PLATFORM.md, "Building freestanding code").
+pub fn standard_rustflags(linker_script: Option<&Path>) -> Vec<String> {
+    let mut f: Vec<String> = [
+        "-C",
+        "relocation-model=static",
+        "-C",
+        "no-redzone=yes",
+        "-C",
+        "link-arg=-nostartfiles",
+        "-C",
+        "link-arg=-nostdlib",
+        "-C",
+        "link-arg=-static",
+        "-C",
+        "link-arg=-no-pie",
+        "-C",
+        "link-arg=-Wl,--build-id=none",
+        "-C",
+        "link-arg=-Wl,-n",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if let Some(script) = linker_script {
+        f.push("-C".into());
+        f.push(format!("link-arg=-T{}", script.display()));
+    }
+    f
+}
+
+/// A target directory for the nested build of `name`, shared by every profile of
+/// the hosted build (`target/freestanding/<name>`), so that `cargo build`,
+/// `cargo test`, `cargo clippy` and `--release` reuse one nested build. Falls back
+/// to `$OUT_DIR/<name>` if the hosted target directory cannot be found.
+pub fn target_dir(name: &str) -> PathBuf {
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR is set for build scripts"));
+    // OUT_DIR = <target>[/<triple>]/<profile>/build/<pkg>-<hash>/out
+    let shared = out
+        .ancestors()
+        .find(|p| p.file_name().is_some_and(|n| n == "build"))
+        .and_then(|build| build.parent())
+        .and_then(|profile| profile.parent())
+        .map(|target| target.join("freestanding").join(name));
+    shared.unwrap_or_else(|| out.join(name))
+}
+
+/// Build the single-binary freestanding crate at `manifest_dir` into `target_dir`
+/// and return the path of its ELF (`<target_dir>/release/<package name>`).
+pub fn build_crate(
+    manifest_dir: &Path,
+    target_dir: &Path,
+    linker_script: &Path,
+    extra_rustflags: &[&str],
+) -> PathBuf {
+    build(&Build {
+        manifest_dir,
+        target_dir,
+        linker_script: Some(linker_script),
+        extra_rustflags,
+        bins: &[],
+        offline: false,
+    })
+    .pop()
+    .expect("one binary")
+}
+
+/// Build the named binaries of the crate or workspace at `manifest_dir` in one cargo
+/// invocation and return their ELF paths, in the order of `bins`.
+pub fn build_bins(
+    manifest_dir: &Path,
+    target_dir: &Path,
+    linker_script: &Path,
+    extra_rustflags: &[&str],
+    bins: &[&str],
+) -> Vec<PathBuf> {
+    build(&Build {
+        manifest_dir,
+        target_dir,
+        linker_script: Some(linker_script),
+        extra_rustflags,
+        bins,
+        offline: false,
+    })
+}
+
+/// Run the nested build described by `b`; panics (failing the hosted build with the
+/// nested cargo's output) if it fails.
+pub fn build(b: &Build) -> Vec<PathBuf> {
+    let manifest = b.manifest_dir.join("Cargo.toml");
+    println!("cargo:rerun-if-changed={}", b.manifest_dir.display());
+    if let Some(script) = b.linker_script {
+        println!("cargo:rerun-if-changed={}", script.display());
+    }
+
+    let mut flags = standard_rustflags(b.linker_script);
+    flags.extend(b.extra_rustflags.iter().map(|s| s.to_string()));
+    // CARGO_ENCODED_RUSTFLAGS: flags separated by 0x1f, so paths may hold spaces.
+    let encoded = flags.join("\u{1f}");
+
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
+    let mut cmd = Command::new(cargo);
+    // Run from the crate's directory so its own `.cargo/config.toml`, if any, applies.
+    cmd.current_dir(b.manifest_dir)
+        .arg("build")
+        .arg("--release")
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .arg("--target-dir")
+        .arg(b.target_dir);
+    if b.offline {
+        cmd.arg("--offline");
+    }
+    for bin in b.bins {
+        cmd.arg("--bin").arg(bin);
+    }
+    // The hosted build's environment must not leak into the nested one: its
+    // rustflags (coverage, sanitizers), target dir, target triple, wrappers and
+    // per-profile overrides are all for the hosted code.
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        let leaks = matches!(
+            key,
+            "RUSTFLAGS"
+                | "CARGO_ENCODED_RUSTFLAGS"
+                | "CARGO_BUILD_RUSTFLAGS"
+                | "RUSTDOCFLAGS"
+                | "CARGO_TARGET_DIR"
+                | "CARGO_BUILD_TARGET_DIR"
+                | "CARGO_BUILD_TARGET"
+                | "RUSTC_WRAPPER"
+                | "RUSTC_WORKSPACE_WRAPPER"
+                | "CARGO_BUILD_RUSTC_WRAPPER"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "CARGO_MANIFEST_DIR"
+                | "CARGO_MANIFEST_PATH"
+                | "CARGO_PKG_NAME"
+                | "TARGET"
+                | "HOST"
+                | "PROFILE"
+                | "OPT_LEVEL"
+                | "DEBUG"
+                | "RUSTC_LINKER"
+        ) || key.starts_with("CARGO_PROFILE_")
+            || (key.starts_with("CARGO_TARGET_") && key.ends_with("_RUSTFLAGS"))
+            || key.starts_with("CARGO_CFG_")
+            || key.starts_with("CARGO_FEATURE_")
+            || key.starts_with("__CARGO_FIX");
+        if leaks {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("CARGO_ENCODED_RUSTFLAGS", encoded);
+
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run cargo for {}: {e}", manifest.display()));
+    if !out.status.success() {
+        panic!(
+            "freestanding build of {} failed ({}):\n{}\n{}",
+            manifest.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Surface the nested build's warnings in the hosted build's output.
+    for line in String::from_utf8_lossy(&out.stderr).lines() {
+        if line.starts_with("warning") {
+            println!("cargo:warning=[{}] {line}", b.manifest_dir.display());
+        }
+    }
+
+    let release = b.target_dir.join("release");
+    let names: Vec<String> = if b.bins.is_empty() {
+        vec![package_name(&manifest)]
+    } else {
+        b.bins.iter().map(|s| s.to_string()).collect()
+    };
+    names
+        .iter()
+        .map(|n| {
+            let p = release.join(n);
+            assert!(p.is_file(), "nested build produced no {}", p.display());
+            p
+        })
+        .collect()
+}
+
+/// The `name` in the `[package]` table of `manifest` (a minimal reader: build
+/// scripts of this workspace have no TOML parser).
+fn package_name(manifest: &Path) -> String {
+    let text = std::fs::read_to_string(manifest)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", manifest.display()));
+    let mut in_package = false;
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            in_package = line == "[package]";
+        } else if in_package {
+            if let Some(rest) = line.strip_prefix("name") {
+                if let Some(v) = rest.trim_start().strip_prefix('=') {
+                    return v.trim().trim_matches('"').to_string();
+                }
+            }
+        }
+    }
+    panic!("no [package] name in {}", manifest.display())
+}
