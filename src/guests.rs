@@ -1,1 +1,71 @@
-//! The bundled guest kernels (in progress).
+//! The guest kernels bundled with avex: freestanding ELF64 workloads built from
+//! guest-kernels/ by build.rs (build/guests.rs) and embedded in the binary. Their
+//! boot ABI and expected output are in guest-kernels/README.md.
+// Consumers (`avex run`, `avex compare`, tests) are being written alongside.
+#![allow(dead_code)]
+
+/// One bundled guest.
+#[derive(Debug, Clone, Copy)]
+pub struct BundledGuest {
+    /// Short name, as given on the command line (`console`, `pci`, ...).
+    pub name: &'static str,
+    /// What it does, in one line.
+    pub description: &'static str,
+    /// The static ELF64 image.
+    pub elf: &'static [u8],
+}
+
+macro_rules! guest {
+    ($name:literal, $desc:literal) => {
+        BundledGuest {
+            name: $name,
+            description: $desc,
+            elf: include_bytes!(concat!(env!("AVEX_GUEST_DIR"), "/", $name)),
+        }
+    };
+}
+
+static BUNDLED: [BundledGuest; 6] = [
+    guest!(
+        "console",
+        "16550 UART probe and init, then a few KiB written with LSR (THRE) polling per byte"
+    ),
+    guest!(
+        "pci",
+        "PCI enumeration of every bus/device/function via 0xCF8/0xCFC, with BAR sizing"
+    ),
+    guest!(
+        "rtc",
+        "RTC date via 0x70/0x71 with the update-in-progress wait and stable re-read"
+    ),
+    guest!(
+        "pit",
+        "TSC calibration against PIT channel 2 (port 0x61 OUT2 polling), as Linux does"
+    ),
+    guest!(
+        "cpuid",
+        "CPUID leaves, XGETBV and architectural MSR probing, IA32_PAT write/read round trip"
+    ),
+    guest!(
+        "ctxswitch",
+        "2000 context switches: CR3 between two address spaces, FS/GS base MSRs, RDTSC"
+    ),
+];
+
+/// Every bundled guest, in a fixed order.
+pub fn bundled() -> &'static [BundledGuest] {
+    &BUNDLED
+}
+
+/// The bundled guest called `name`.
+pub fn find(name: &str) -> Option<&'static BundledGuest> {
+    BUNDLED.iter().find(|g| g.name == name)
+}
+
+/// Where build.rs put the guest ELFs (and `mbloader.bin`) at build time.
+pub const GUEST_DIR: &str = env!("AVEX_GUEST_DIR");
+
+/// A multiboot1 trampoline (flat binary) implementing the guest boot ABI, for
+/// running a guest under QEMU TCG: `qemu-system-x86_64 -kernel mbloader.bin
+/// -initrd <guest ELF> -device isa-debug-exit,iobase=0xf4,iosize=0x04`.
+pub static MBLOADER: &[u8] = include_bytes!(concat!(env!("AVEX_GUEST_DIR"), "/mbloader.bin"));
