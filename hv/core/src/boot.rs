@@ -1,1 +1,813 @@
-//! (in progress)
+//! The boot ABI: load a static ELF guest into guest RAM and produce the initial CPU
+//! state a backend applies (shared by the KVM backend and the VT-x hypervisor).
+//!
+//! * **ELF64** (`EM_X86_64`): every `PT_LOAD` segment is copied to its `p_paddr`
+//!   (the rest of `p_memsz` zeroed) and the guest is entered at `e_entry` in 64-bit
+//!   mode, CPL 0, with the first 4 GiB identity-mapped by 2 MiB pages, interrupts off
+//!   (RFLAGS = 0x2) and no stack promised (RSP = 0).
+//! * **ELF32** (`EM_386`): segments are loaded the same way and the guest is entered
+//!   at `e_entry` in 32-bit flat protected mode, paging off, EAX = 0x2BADB002 and
+//!   EBX = the physical address of a multiboot (v1) information block with the
+//!   memory map and the command line.
+//!
+//! The loader's own structures live in guest RAM in the reserved *boot area*
+//! [`BOOT_AREA_START`]..[`BOOT_AREA_END`] (below the 1 MiB where the guests link):
+//!
+//! | address  | what |
+//! |----------|------|
+//! | `0x1000` | GDT: null, 0x08 64-bit code, 0x10 flat data, 0x18 32-bit code |
+//! | `0x2000` | multiboot information block (ELF32 only) |
+//! | `0x2100` | multiboot memory map (ELF32 only) |
+//! | `0x2800` | command line, NUL-terminated, at most [`MAX_CMDLINE`] bytes |
+//! | `0x9000` | PML4 (ELF64 only) |
+//! | `0xA000` | PDPT: four entries, one per GiB |
+//! | `0xB000`..`0xF000` | four page directories of 512 2 MiB pages |
+//!
+//! A guest segment that overlaps the boot area, falls outside guest RAM or outside
+//! its file is rejected with a [`BootError`] naming it. Everything is bounds-checked:
+//! the input is an arbitrary byte string.
+
+use alloc::vec::Vec;
+use core::fmt;
+
+use crate::guest::{CpuState, Segment};
+
+/// First byte of guest RAM the loader reserves for itself.
+pub const BOOT_AREA_START: u64 = 0x1000;
+/// One past the last reserved byte.
+pub const BOOT_AREA_END: u64 = 0x10000;
+/// Guest-physical address of the GDT.
+pub const GDT_ADDR: u64 = 0x1000;
+/// GDT limit (4 descriptors).
+pub const GDT_LIMIT: u16 = 4 * 8 - 1;
+/// Multiboot information block (ELF32 guests).
+pub const MULTIBOOT_INFO_ADDR: u64 = 0x2000;
+/// Multiboot memory map (ELF32 guests).
+pub const MULTIBOOT_MMAP_ADDR: u64 = 0x2100;
+/// The command line (NUL-terminated).
+pub const CMDLINE_ADDR: u64 = 0x2800;
+/// Longest command line accepted (without the NUL).
+pub const MAX_CMDLINE: usize = 0x7ff;
+/// PML4 of the identity map (ELF64 guests).
+pub const PML4_ADDR: u64 = 0x9000;
+pub const PDPT_ADDR: u64 = 0xA000;
+/// First of the four page directories.
+pub const PD_ADDR: u64 = 0xB000;
+/// The value a multiboot loader leaves in EAX.
+pub const MULTIBOOT_MAGIC: u32 = 0x2BAD_B002;
+/// Top of conventional low memory reported in the memory map.
+const LOW_MEM_END: u64 = 0x9_FC00;
+
+/// Selectors of the loader's GDT.
+pub const SEL_CODE64: u16 = 0x08;
+pub const SEL_DATA: u16 = 0x10;
+pub const SEL_CODE32: u16 = 0x18;
+
+/// Access rights (VMCS layout) of the loader's segments.
+pub const ATTR_CODE64: u32 = 0xA09B;
+pub const ATTR_DATA: u32 = 0xC093;
+pub const ATTR_CODE32: u32 = 0xC09B;
+
+const GDT: [u64; 4] = [
+    0,
+    0x00AF_9B00_0000_FFFF, // 64-bit code, DPL 0
+    0x00CF_9300_0000_FFFF, // flat 4 GiB data
+    0x00CF_9B00_0000_FFFF, // flat 4 GiB 32-bit code
+];
+
+// CR0 / CR4 / EFER bits.
+const CR0_PE: u64 = 1 << 0;
+const CR0_MP: u64 = 1 << 1;
+const CR0_ET: u64 = 1 << 4;
+const CR0_NE: u64 = 1 << 5;
+const CR0_WP: u64 = 1 << 16;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const CR4_OSFXSR: u64 = 1 << 9;
+const CR4_OSXMMEXCPT: u64 = 1 << 10;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+
+const PT_LOAD: u32 = 1;
+const PT_DYNAMIC: u32 = 2;
+const PT_INTERP: u32 = 3;
+const ET_EXEC: u16 = 2;
+const EM_386: u16 = 3;
+const EM_X86_64: u16 = 62;
+
+/// Why a guest image could not be loaded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BootError {
+    /// The file ends before a structure it declares (`what`).
+    Truncated {
+        what: &'static str,
+    },
+    /// Not an ELF file.
+    NotElf,
+    /// ELF class other than 32 or 64 bits, or big-endian.
+    UnsupportedFormat {
+        class: u8,
+        data: u8,
+    },
+    /// Not `ET_EXEC` (relocatable or position-independent images are not supported).
+    NotExecutable {
+        e_type: u16,
+    },
+    /// Machine is not x86-64 (ELF64) or i386 (ELF32).
+    WrongMachine {
+        machine: u16,
+        class_bits: u32,
+    },
+    /// The image needs a dynamic loader (`PT_INTERP` or `PT_DYNAMIC`).
+    NotStatic,
+    /// Program header entries smaller than the ELF class requires.
+    BadPhentsize {
+        size: u16,
+    },
+    NoLoadableSegments,
+    /// `p_filesz` > `p_memsz`.
+    BadSegmentSizes {
+        index: usize,
+        filesz: u64,
+        memsz: u64,
+    },
+    /// The segment's file bytes lie outside the file.
+    SegmentOutsideFile {
+        index: usize,
+        offset: u64,
+        filesz: u64,
+    },
+    /// The segment does not fit in guest RAM.
+    SegmentOutsideRam {
+        index: usize,
+        paddr: u64,
+        memsz: u64,
+        ram: u64,
+    },
+    /// The segment overlaps the loader's reserved boot area.
+    SegmentInBootArea {
+        index: usize,
+        paddr: u64,
+        memsz: u64,
+    },
+    /// The entry point is not inside any loaded segment (by virtual address), or it
+    /// is not reachable through the identity map of the first 4 GiB.
+    BadEntry {
+        entry: u64,
+    },
+    /// Guest RAM too small for the boot area and the image.
+    RamTooSmall {
+        ram: u64,
+        needed: u64,
+    },
+    CmdlineTooLong {
+        len: usize,
+    },
+}
+
+impl fmt::Display for BootError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BootError::Truncated { what } => write!(f, "malformed ELF: file ends inside the {what}"),
+            BootError::NotElf => write!(f, "not an ELF file (bad magic)"),
+            BootError::UnsupportedFormat { class, data } => write!(
+                f,
+                "unsupported ELF format (class {class}, data encoding {data}); need little-endian ELF32 or ELF64"
+            ),
+            BootError::NotExecutable { e_type } => write!(
+                f,
+                "ELF type {e_type} is not a static executable (ET_EXEC); relocatable and PIE images are not supported"
+            ),
+            BootError::WrongMachine { machine, class_bits } => write!(
+                f,
+                "ELF{class_bits} machine {machine} is not {}",
+                if *class_bits == 64 { "x86-64 (62)" } else { "i386 (3)" }
+            ),
+            BootError::NotStatic => write!(f, "the image needs a dynamic loader (PT_INTERP/PT_DYNAMIC); only static images boot"),
+            BootError::BadPhentsize { size } => write!(f, "malformed ELF: program header entry size {size} is too small"),
+            BootError::NoLoadableSegments => write!(f, "the image has no PT_LOAD segment"),
+            BootError::BadSegmentSizes { index, filesz, memsz } => write!(
+                f,
+                "malformed ELF: segment {index} has p_filesz {filesz:#x} > p_memsz {memsz:#x}"
+            ),
+            BootError::SegmentOutsideFile { index, offset, filesz } => write!(
+                f,
+                "malformed ELF: segment {index} (offset {offset:#x}, {filesz:#x} bytes) lies outside the file"
+            ),
+            BootError::SegmentOutsideRam { index, paddr, memsz, ram } => write!(
+                f,
+                "segment {index} at {paddr:#x} ({memsz:#x} bytes) does not fit in {ram:#x} bytes of guest RAM"
+            ),
+            BootError::SegmentInBootArea { index, paddr, memsz } => write!(
+                f,
+                "segment {index} at {paddr:#x} ({memsz:#x} bytes) overlaps the loader's boot area {BOOT_AREA_START:#x}..{BOOT_AREA_END:#x}"
+            ),
+            BootError::BadEntry { entry } => write!(
+                f,
+                "entry point {entry:#x} is not inside a loaded segment reachable through the 4 GiB identity map"
+            ),
+            BootError::RamTooSmall { ram, needed } => {
+                write!(f, "guest RAM of {ram:#x} bytes is too small (need at least {needed:#x})")
+            }
+            BootError::CmdlineTooLong { len } => {
+                write!(f, "command line of {len} bytes is longer than {MAX_CMDLINE}")
+            }
+        }
+    }
+}
+
+/// Which entry convention the guest got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryMode {
+    /// 64-bit long mode, identity-mapped, paging on.
+    Long64,
+    /// 32-bit flat protected mode, paging off, multiboot registers.
+    Protected32,
+}
+
+/// One segment as loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadedSegment {
+    pub paddr: u64,
+    pub vaddr: u64,
+    pub filesz: u64,
+    pub memsz: u64,
+    /// ELF `p_flags` (1 = X, 2 = W, 4 = R).
+    pub flags: u32,
+}
+
+/// The result of loading: what the backend applies before the first run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootImage {
+    pub mode: EntryMode,
+    pub entry: u64,
+    /// Registers, control registers, EFER and segments.
+    pub state: CpuState,
+    /// GDTR (base, limit). The IDTR is left empty (base 0, limit 0): interrupts are off.
+    pub gdt_base: u64,
+    pub gdt_limit: u16,
+    pub segments: Vec<LoadedSegment>,
+    /// Lowest and one-past-highest guest-physical byte the image occupies.
+    pub image_start: u64,
+    pub image_end: u64,
+}
+
+/// A parsed, validated static ELF image (no guest RAM touched yet).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ElfImage {
+    pub class_bits: u32,
+    pub entry: u64,
+    pub segments: Vec<ElfSegment>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ElfSegment {
+    pub offset: u64,
+    pub paddr: u64,
+    pub vaddr: u64,
+    pub filesz: u64,
+    pub memsz: u64,
+    pub flags: u32,
+}
+
+fn get<const N: usize>(b: &[u8], off: u64, what: &'static str) -> Result<[u8; N], BootError> {
+    let start = usize::try_from(off).map_err(|_| BootError::Truncated { what })?;
+    let end = start.checked_add(N).ok_or(BootError::Truncated { what })?;
+    let s = b.get(start..end).ok_or(BootError::Truncated { what })?;
+    let mut out = [0u8; N];
+    out.copy_from_slice(s);
+    Ok(out)
+}
+fn u16_at(b: &[u8], off: u64, what: &'static str) -> Result<u16, BootError> {
+    get::<2>(b, off, what).map(u16::from_le_bytes)
+}
+fn u32_at(b: &[u8], off: u64, what: &'static str) -> Result<u32, BootError> {
+    get::<4>(b, off, what).map(u32::from_le_bytes)
+}
+fn u64_at(b: &[u8], off: u64, what: &'static str) -> Result<u64, BootError> {
+    get::<8>(b, off, what).map(u64::from_le_bytes)
+}
+
+/// Parse and validate a static ELF32/ELF64 x86 image.
+pub fn parse_elf(elf: &[u8]) -> Result<ElfImage, BootError> {
+    if elf.len() < 16 || &elf[..4] != b"\x7fELF" {
+        return Err(BootError::NotElf);
+    }
+    let (class, data) = (elf[4], elf[5]);
+    let is64 = match (class, data) {
+        (1, 1) => false,
+        (2, 1) => true,
+        _ => return Err(BootError::UnsupportedFormat { class, data }),
+    };
+    let class_bits = if is64 { 64 } else { 32 };
+    let hdr = "ELF header";
+    let e_type = u16_at(elf, 16, hdr)?;
+    let machine = u16_at(elf, 18, hdr)?;
+    let (entry, phoff, phentsize, phnum, min_phent) = if is64 {
+        (
+            u64_at(elf, 24, hdr)?,
+            u64_at(elf, 32, hdr)?,
+            u16_at(elf, 54, hdr)?,
+            u16_at(elf, 56, hdr)?,
+            56u16,
+        )
+    } else {
+        (
+            u64::from(u32_at(elf, 24, hdr)?),
+            u64::from(u32_at(elf, 28, hdr)?),
+            u16_at(elf, 42, hdr)?,
+            u16_at(elf, 44, hdr)?,
+            32u16,
+        )
+    };
+    let want_machine = if is64 { EM_X86_64 } else { EM_386 };
+    if machine != want_machine {
+        return Err(BootError::WrongMachine {
+            machine,
+            class_bits,
+        });
+    }
+    if e_type != ET_EXEC {
+        return Err(BootError::NotExecutable { e_type });
+    }
+    if phnum > 0 && phentsize < min_phent {
+        return Err(BootError::BadPhentsize { size: phentsize });
+    }
+    let ph = "program header table";
+    let mut segments = Vec::new();
+    for i in 0..u64::from(phnum) {
+        let base = i
+            .checked_mul(u64::from(phentsize))
+            .and_then(|o| o.checked_add(phoff))
+            .ok_or(BootError::Truncated { what: ph })?;
+        let p_type = u32_at(elf, base, ph)?;
+        let seg = if is64 {
+            ElfSegment {
+                flags: u32_at(elf, base + 4, ph)?,
+                offset: u64_at(elf, base + 8, ph)?,
+                vaddr: u64_at(elf, base + 16, ph)?,
+                paddr: u64_at(elf, base + 24, ph)?,
+                filesz: u64_at(elf, base + 32, ph)?,
+                memsz: u64_at(elf, base + 40, ph)?,
+            }
+        } else {
+            ElfSegment {
+                offset: u64::from(u32_at(elf, base + 4, ph)?),
+                vaddr: u64::from(u32_at(elf, base + 8, ph)?),
+                paddr: u64::from(u32_at(elf, base + 12, ph)?),
+                filesz: u64::from(u32_at(elf, base + 16, ph)?),
+                memsz: u64::from(u32_at(elf, base + 20, ph)?),
+                flags: u32_at(elf, base + 24, ph)?,
+            }
+        };
+        match p_type {
+            PT_INTERP | PT_DYNAMIC => return Err(BootError::NotStatic),
+            PT_LOAD => {}
+            _ => continue,
+        }
+        let index = segments.len();
+        if seg.filesz > seg.memsz {
+            return Err(BootError::BadSegmentSizes {
+                index,
+                filesz: seg.filesz,
+                memsz: seg.memsz,
+            });
+        }
+        let in_file = seg
+            .offset
+            .checked_add(seg.filesz)
+            .is_some_and(|end| end <= elf.len() as u64);
+        if !in_file {
+            return Err(BootError::SegmentOutsideFile {
+                index,
+                offset: seg.offset,
+                filesz: seg.filesz,
+            });
+        }
+        if seg.memsz > 0 {
+            segments.push(seg);
+        }
+    }
+    if segments.is_empty() {
+        return Err(BootError::NoLoadableSegments);
+    }
+    // The entry must be in a loaded segment, and reachable through the identity map.
+    let entry_ok = entry < (4u64 << 30)
+        && segments.iter().any(|s| {
+            entry >= s.vaddr && entry - s.vaddr < s.memsz && s.vaddr.checked_add(s.memsz).is_some()
+        });
+    if !entry_ok {
+        return Err(BootError::BadEntry { entry });
+    }
+    Ok(ElfImage {
+        class_bits,
+        entry,
+        segments,
+    })
+}
+
+fn ram_range(ram: &[u8], gpa: u64, len: u64) -> Option<core::ops::Range<usize>> {
+    let end = gpa.checked_add(len)?;
+    if end > ram.len() as u64 {
+        return None;
+    }
+    Some(gpa as usize..end as usize)
+}
+
+fn put(ram: &mut [u8], gpa: u64, bytes: &[u8]) {
+    // Callers only write inside the boot area, whose presence `load` checked.
+    if let Some(r) = ram_range(ram, gpa, bytes.len() as u64) {
+        ram[r].copy_from_slice(bytes);
+    }
+}
+
+fn flat(selector: u16, attrs: u32) -> Segment {
+    Segment {
+        selector,
+        base: 0,
+        limit: 0xFFFF_FFFF,
+        attrs,
+    }
+}
+
+/// Load `elf` into `ram` (guest-physical address 0 = `ram[0]`) by the boot ABI and
+/// return the initial state. `cmdline` goes into the multiboot block (ELF32) and to
+/// [`CMDLINE_ADDR`] for either class.
+pub fn load(elf: &[u8], ram: &mut [u8], cmdline: &str) -> Result<BootImage, BootError> {
+    let img = parse_elf(elf)?;
+    let ram_len = ram.len() as u64;
+    if ram_len < BOOT_AREA_END {
+        return Err(BootError::RamTooSmall {
+            ram: ram_len,
+            needed: BOOT_AREA_END,
+        });
+    }
+    if cmdline.len() > MAX_CMDLINE {
+        return Err(BootError::CmdlineTooLong { len: cmdline.len() });
+    }
+    let mut loaded = Vec::with_capacity(img.segments.len());
+    let (mut image_start, mut image_end) = (u64::MAX, 0u64);
+    for (index, s) in img.segments.iter().enumerate() {
+        let Some(dst) = ram_range(ram, s.paddr, s.memsz) else {
+            return Err(BootError::SegmentOutsideRam {
+                index,
+                paddr: s.paddr,
+                memsz: s.memsz,
+                ram: ram_len,
+            });
+        };
+        if s.paddr < BOOT_AREA_END && s.paddr + s.memsz > BOOT_AREA_START {
+            return Err(BootError::SegmentInBootArea {
+                index,
+                paddr: s.paddr,
+                memsz: s.memsz,
+            });
+        }
+        // Checked by parse_elf: offset + filesz <= elf.len(), filesz <= memsz.
+        let src = &elf[s.offset as usize..(s.offset + s.filesz) as usize];
+        let dst = &mut ram[dst];
+        dst[..src.len()].copy_from_slice(src);
+        dst[src.len()..].fill(0);
+        image_start = image_start.min(s.paddr);
+        image_end = image_end.max(s.paddr + s.memsz);
+        loaded.push(LoadedSegment {
+            paddr: s.paddr,
+            vaddr: s.vaddr,
+            filesz: s.filesz,
+            memsz: s.memsz,
+            flags: s.flags,
+        });
+    }
+
+    // Boot area: GDT and command line for either class.
+    ram[BOOT_AREA_START as usize..BOOT_AREA_END as usize].fill(0);
+    for (i, d) in GDT.iter().enumerate() {
+        put(ram, GDT_ADDR + 8 * i as u64, &d.to_le_bytes());
+    }
+    put(ram, CMDLINE_ADDR, cmdline.as_bytes());
+
+    let mut state = CpuState {
+        rflags: 0x2,
+        ..CpuState::default()
+    };
+    state.rip = img.entry;
+    let mode = if img.class_bits == 64 {
+        // Identity map of the first 4 GiB with 2 MiB pages (P, RW, PS).
+        put(ram, PML4_ADDR, &(PDPT_ADDR | 0x3).to_le_bytes());
+        for gib in 0..4u64 {
+            let pd = PD_ADDR + gib * 0x1000;
+            put(ram, PDPT_ADDR + gib * 8, &(pd | 0x3).to_le_bytes());
+            for i in 0..512u64 {
+                let page = (gib << 30) | (i << 21);
+                put(ram, pd + i * 8, &(page | 0x83).to_le_bytes());
+            }
+        }
+        state.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
+        state.cr3 = PML4_ADDR;
+        state.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
+        state.efer = EFER_LME | EFER_LMA;
+        let data = flat(SEL_DATA, ATTR_DATA);
+        state.seg = [data, flat(SEL_CODE64, ATTR_CODE64), data, data, data, data];
+        EntryMode::Long64
+    } else {
+        let info = multiboot_info(ram_len, cmdline.len());
+        put(ram, MULTIBOOT_INFO_ADDR, &info);
+        let mut mmap = Vec::new();
+        for (base, len, kind) in memory_map(ram_len) {
+            mmap.extend_from_slice(&20u32.to_le_bytes());
+            mmap.extend_from_slice(&base.to_le_bytes());
+            mmap.extend_from_slice(&len.to_le_bytes());
+            mmap.extend_from_slice(&kind.to_le_bytes());
+        }
+        put(ram, MULTIBOOT_MMAP_ADDR, &mmap);
+        state.cr0 = CR0_PE | CR0_ET;
+        state.gpr[crate::ir::RAX as usize] = u64::from(MULTIBOOT_MAGIC);
+        state.gpr[crate::ir::RBX as usize] = MULTIBOOT_INFO_ADDR;
+        let data = flat(SEL_DATA, ATTR_DATA);
+        state.seg = [data, flat(SEL_CODE32, ATTR_CODE32), data, data, data, data];
+        EntryMode::Protected32
+    };
+    Ok(BootImage {
+        mode,
+        entry: img.entry,
+        state,
+        gdt_base: GDT_ADDR,
+        gdt_limit: GDT_LIMIT,
+        segments: loaded,
+        image_start,
+        image_end,
+    })
+}
+
+/// The memory map reported to ELF32 guests: (base, length, type) with type 1 =
+/// available, 2 = reserved.
+pub fn memory_map(ram_len: u64) -> Vec<(u64, u64, u32)> {
+    let mut m = Vec::new();
+    m.push((0, BOOT_AREA_START, 1));
+    m.push((BOOT_AREA_START, BOOT_AREA_END - BOOT_AREA_START, 2));
+    let low_end = LOW_MEM_END.min(ram_len);
+    if low_end > BOOT_AREA_END {
+        m.push((BOOT_AREA_END, low_end - BOOT_AREA_END, 1));
+    }
+    if ram_len > 0x10_0000 {
+        m.push((LOW_MEM_END, 0x10_0000 - LOW_MEM_END, 2));
+        m.push((0x10_0000, ram_len - 0x10_0000, 1));
+    }
+    m
+}
+
+const MMAP_ENTRY_BYTES: u32 = 24;
+
+fn multiboot_info(ram_len: u64, cmdline_len: usize) -> [u8; 88] {
+    let mut b = [0u8; 88];
+    let mut w = |off: usize, v: u32| b[off..off + 4].copy_from_slice(&v.to_le_bytes());
+    // flags: mem_lower/upper (bit 0), cmdline (bit 2), mmap (bit 6).
+    w(0, 1 | (1 << 2) | (1 << 6));
+    w(4, (LOW_MEM_END.min(ram_len) / 1024) as u32);
+    w(
+        8,
+        (ram_len.saturating_sub(0x10_0000) / 1024).min(u64::from(u32::MAX)) as u32,
+    );
+    w(16, CMDLINE_ADDR as u32);
+    let _ = cmdline_len;
+    w(44, memory_map(ram_len).len() as u32 * MMAP_ENTRY_BYTES);
+    w(48, MULTIBOOT_MMAP_ADDR as u32);
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec;
+
+    /// A minimal ELF with one PT_LOAD of `code` at `paddr` (= vaddr) entered at its start.
+    fn elf(is64: bool, paddr: u64, code: &[u8], memsz_extra: u64) -> Vec<u8> {
+        let mut e = vec![0u8; if is64 { 64 + 56 } else { 52 + 32 }];
+        e[..4].copy_from_slice(b"\x7fELF");
+        e[4] = if is64 { 2 } else { 1 };
+        e[5] = 1;
+        e[6] = 1;
+        e[16..18].copy_from_slice(&ET_EXEC.to_le_bytes());
+        let off = e.len() as u64;
+        if is64 {
+            e[18..20].copy_from_slice(&EM_X86_64.to_le_bytes());
+            e[24..32].copy_from_slice(&paddr.to_le_bytes());
+            e[32..40].copy_from_slice(&64u64.to_le_bytes());
+            e[54..56].copy_from_slice(&56u16.to_le_bytes());
+            e[56..58].copy_from_slice(&1u16.to_le_bytes());
+            let p = 64;
+            e[p..p + 4].copy_from_slice(&PT_LOAD.to_le_bytes());
+            e[p + 4..p + 8].copy_from_slice(&5u32.to_le_bytes());
+            e[p + 8..p + 16].copy_from_slice(&off.to_le_bytes());
+            e[p + 16..p + 24].copy_from_slice(&paddr.to_le_bytes());
+            e[p + 24..p + 32].copy_from_slice(&paddr.to_le_bytes());
+            e[p + 32..p + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+            e[p + 40..p + 48].copy_from_slice(&(code.len() as u64 + memsz_extra).to_le_bytes());
+        } else {
+            e[18..20].copy_from_slice(&EM_386.to_le_bytes());
+            e[24..28].copy_from_slice(&(paddr as u32).to_le_bytes());
+            e[28..32].copy_from_slice(&52u32.to_le_bytes());
+            e[42..44].copy_from_slice(&32u16.to_le_bytes());
+            e[44..46].copy_from_slice(&1u16.to_le_bytes());
+            let p = 52;
+            e[p..p + 4].copy_from_slice(&PT_LOAD.to_le_bytes());
+            e[p + 4..p + 8].copy_from_slice(&(off as u32).to_le_bytes());
+            e[p + 8..p + 12].copy_from_slice(&(paddr as u32).to_le_bytes());
+            e[p + 12..p + 16].copy_from_slice(&(paddr as u32).to_le_bytes());
+            e[p + 16..p + 20].copy_from_slice(&(code.len() as u32).to_le_bytes());
+            e[p + 20..p + 24]
+                .copy_from_slice(&((code.len() as u64 + memsz_extra) as u32).to_le_bytes());
+            e[p + 24..p + 28].copy_from_slice(&5u32.to_le_bytes());
+        }
+        e.extend_from_slice(code);
+        e
+    }
+
+    fn rd64(ram: &[u8], a: u64) -> u64 {
+        u64::from_le_bytes(ram[a as usize..a as usize + 8].try_into().unwrap())
+    }
+    fn rd32(ram: &[u8], a: u64) -> u32 {
+        u32::from_le_bytes(ram[a as usize..a as usize + 4].try_into().unwrap())
+    }
+
+    /// Walk the loader's page tables the way the MMU would.
+    fn walk(ram: &[u8], cr3: u64, va: u64) -> Option<u64> {
+        let pml4e = rd64(ram, (cr3 & !0xfff) + ((va >> 39) & 511) * 8);
+        if pml4e & 1 == 0 {
+            return None;
+        }
+        let pdpte = rd64(
+            ram,
+            (pml4e & 0x000f_ffff_ffff_f000) + ((va >> 30) & 511) * 8,
+        );
+        if pdpte & 1 == 0 {
+            return None;
+        }
+        let pde = rd64(
+            ram,
+            (pdpte & 0x000f_ffff_ffff_f000) + ((va >> 21) & 511) * 8,
+        );
+        if pde & 1 == 0 || pde & 0x80 == 0 {
+            return None;
+        }
+        Some((pde & 0x000f_ffff_ffe0_0000) | (va & 0x1f_ffff))
+    }
+
+    #[test]
+    fn elf64_loads_and_maps_4gib_identity() {
+        let code = [0xf4u8, 0x90, 0x90];
+        let image = elf(true, 0x10_0000, &code, 0x100);
+        let mut ram = vec![0xAAu8; 4 << 20];
+        let b = load(&image, &mut ram, "x").unwrap();
+        assert_eq!(b.mode, EntryMode::Long64);
+        assert_eq!(b.state.rip, 0x10_0000);
+        assert_eq!(&ram[0x10_0000..0x10_0003], &code);
+        // memsz beyond filesz is zeroed
+        assert!(ram[0x10_0003..0x10_0103].iter().all(|&x| x == 0));
+        assert_eq!(ram[0x10_0103], 0xAA);
+        assert_eq!(b.state.cr3, PML4_ADDR);
+        assert_ne!(b.state.cr0 & CR0_PG, 0);
+        assert_eq!(b.state.efer, EFER_LME | EFER_LMA);
+        assert!(b.state.segment(crate::ir::Seg::Cs).long());
+        assert_eq!(b.state.rflags & (1 << 9), 0, "interrupts off");
+        for va in [0u64, 0x10_0000, 0x1234_5678, 0xffff_f123, 0x8000_0000] {
+            assert_eq!(walk(&ram, b.state.cr3, va), Some(va), "va {va:#x}");
+        }
+        assert_eq!(walk(&ram, b.state.cr3, 4 << 30), None);
+        // GDT at its documented place matches the selectors' attributes
+        assert_eq!(
+            rd64(&ram, GDT_ADDR + u64::from(SEL_CODE64)),
+            0x00AF_9B00_0000_FFFF
+        );
+        assert_eq!(b.gdt_base, GDT_ADDR);
+        assert_eq!(
+            &ram[CMDLINE_ADDR as usize..CMDLINE_ADDR as usize + 2],
+            b"x\0"
+        );
+    }
+
+    #[test]
+    fn elf32_gets_multiboot_registers_and_info() {
+        let image = elf(false, 0x20_0000, &[0xf4], 0);
+        let mut ram = vec![0u8; 8 << 20];
+        let b = load(&image, &mut ram, "console=ttyS0").unwrap();
+        assert_eq!(b.mode, EntryMode::Protected32);
+        assert_eq!(b.state.gpr[0], 0x2BAD_B002);
+        assert_eq!(b.state.gpr[3], MULTIBOOT_INFO_ADDR);
+        assert_eq!(b.state.cr0 & CR0_PG, 0);
+        assert_eq!(b.state.cr0 & CR0_PE, 1);
+        assert!(b.state.segment(crate::ir::Seg::Cs).db());
+        let info = MULTIBOOT_INFO_ADDR;
+        assert_eq!(rd32(&ram, info) & 0x45, 0x45);
+        assert_eq!(rd32(&ram, info + 8), (8 << 20) / 1024 - 1024);
+        let cmd = rd32(&ram, info + 16) as usize;
+        assert_eq!(&ram[cmd..cmd + 14], b"console=ttyS0\0");
+        let (len, addr) = (rd32(&ram, info + 44) as u64, rd32(&ram, info + 48) as u64);
+        let mut entries = vec![];
+        let mut a = addr;
+        while a < addr + len {
+            let size = rd32(&ram, a);
+            assert_eq!(size, 20);
+            entries.push((rd64(&ram, a + 4), rd64(&ram, a + 12), rd32(&ram, a + 20)));
+            a += 4 + u64::from(size);
+        }
+        assert!(entries.contains(&(0x10_0000, (8 << 20) - 0x10_0000, 1)));
+        assert!(entries.contains(&(BOOT_AREA_START, BOOT_AREA_END - BOOT_AREA_START, 2)));
+    }
+
+    #[test]
+    fn rejects_malformed_images() {
+        let good = elf(true, 0x10_0000, &[0xf4; 16], 0);
+        let mut ram = vec![0u8; 2 << 20];
+        assert_eq!(load(b"MZ\x90\x00", &mut ram, ""), Err(BootError::NotElf));
+        // Truncated in the program header table.
+        assert!(matches!(
+            load(&good[..80], &mut ram, ""),
+            Err(BootError::Truncated { .. })
+        ));
+        // Segment file bytes past the end of file.
+        let mut bad = good.clone();
+        bad.truncate(good.len() - 4);
+        assert!(matches!(
+            load(&bad, &mut ram, ""),
+            Err(BootError::SegmentOutsideFile { .. })
+        ));
+        // Huge p_offset must not overflow.
+        let mut bad = good.clone();
+        bad[64 + 8..64 + 16].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(
+            load(&bad, &mut ram, ""),
+            Err(BootError::SegmentOutsideFile { .. })
+        ));
+        // Huge phoff.
+        let mut bad = good.clone();
+        bad[32..40].copy_from_slice(&(u64::MAX - 10).to_le_bytes());
+        assert!(matches!(
+            load(&bad, &mut ram, ""),
+            Err(BootError::Truncated { .. })
+        ));
+        // Segment beyond RAM.
+        let big = elf(true, 0x10_0000, &[0xf4], 4 << 20);
+        assert!(matches!(
+            load(&big, &mut ram, ""),
+            Err(BootError::SegmentOutsideRam { .. })
+        ));
+        // Overlapping the boot area.
+        let low = elf(true, 0x8000, &[0xf4], 0);
+        assert!(matches!(
+            load(&low, &mut ram, ""),
+            Err(BootError::SegmentInBootArea { .. })
+        ));
+        // Wrong machine.
+        let mut bad = good.clone();
+        bad[18] = 40;
+        assert!(matches!(
+            load(&bad, &mut ram, ""),
+            Err(BootError::WrongMachine { .. })
+        ));
+        // PIE.
+        let mut bad = good.clone();
+        bad[16] = 3;
+        assert_eq!(
+            load(&bad, &mut ram, ""),
+            Err(BootError::NotExecutable { e_type: 3 })
+        );
+        // Entry outside the segment.
+        let mut bad = good.clone();
+        bad[24..32].copy_from_slice(&0x20_0000u64.to_le_bytes());
+        assert!(matches!(
+            load(&bad, &mut ram, ""),
+            Err(BootError::BadEntry { .. })
+        ));
+        // filesz > memsz
+        let mut bad = good.clone();
+        bad[64 + 40..64 + 48].copy_from_slice(&1u64.to_le_bytes());
+        assert!(matches!(
+            load(&bad, &mut ram, ""),
+            Err(BootError::BadSegmentSizes { .. })
+        ));
+        // Too little RAM.
+        assert!(matches!(
+            load(&good, &mut [0u8; 0x100], ""),
+            Err(BootError::RamTooSmall { .. })
+        ));
+        // The good one still loads.
+        assert!(load(&good, &mut ram, "").is_ok());
+    }
+
+    #[test]
+    fn never_panics_on_truncations_or_byte_flips() {
+        let good = elf(true, 0x10_0000, &[0xf4; 32], 64);
+        let mut ram = vec![0u8; 2 << 20];
+        for n in 0..good.len() {
+            let _ = load(&good[..n], &mut ram, "");
+        }
+        for i in 0..good.len() {
+            for v in [0u8, 0xff, 0x80, 1] {
+                let mut b = good.clone();
+                b[i] = v;
+                let _ = load(&b, &mut ram, "");
+            }
+        }
+    }
+}
