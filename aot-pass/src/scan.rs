@@ -1,0 +1,435 @@
+//! Code discovery: recursive traversal from known code addresses, then a linear sweep
+//! of every byte range traversal did not reach, decoding with iced-x86 and classifying
+//! each instruction with the exit policy.
+//!
+//! Parallelism: each region is split into chunks (at function symbols where there are
+//! any, else at fixed offsets). Traversal runs per chunk in rounds, handing branch
+//! targets in other chunks to their owners between rounds. The gap sweep runs per chunk;
+//! a chunk that does not start at a known instruction is then re-synchronized with the
+//! sweep of the chunk before it (re-decoding from where that sweep left off until it
+//! meets an instruction start this chunk already decoded), so the result is exactly
+//! that of one sequential sweep.
+
+use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Instruction};
+use rayon::prelude::*;
+
+use crate::api::{exit_class_of, ExitClass, ExitPolicy};
+use avex_core::ir::Bitness;
+
+/// A contiguous run of code decoded in one bitness.
+#[derive(Clone, Debug)]
+pub struct Region<'a> {
+    pub area: usize,
+    pub addr: u64,
+    pub bytes: &'a [u8],
+    pub bitness: Bitness,
+    pub space: usize,
+}
+
+impl Region<'_> {
+    pub fn end(&self) -> u64 {
+        self.addr + self.bytes.len() as u64
+    }
+}
+
+/// What scanning found in one region.
+#[derive(Debug, Default)]
+pub struct RegionScan {
+    /// Exit-prone sites (the policy's classification), sorted by address.
+    pub sites: Vec<(u64, ExitClass)>,
+    /// Instructions of an exit class whatever the policy, per class.
+    pub by_class: Vec<(ExitClass, u64)>,
+    pub instructions: u64,
+    /// Bytes covered by decoded instructions.
+    pub bytes_decoded: u64,
+    /// Bytes reached by recursive traversal (the rest by linear sweep).
+    pub bytes_traversed: u64,
+    /// Byte positions that did not decode (each invalid instruction counts 1).
+    pub invalid: u64,
+    /// Far jumps with an immediate target: (target, bitness of the jump).
+    pub far_targets: Vec<u64>,
+}
+
+const CHUNK: usize = 256 * 1024;
+
+struct Bits(Vec<u64>);
+impl Bits {
+    fn new(n: usize) -> Self {
+        Bits(vec![0; n.div_ceil(64)])
+    }
+    #[inline]
+    fn get(&self, i: usize) -> bool {
+        self.0[i >> 6] >> (i & 63) & 1 != 0
+    }
+    #[inline]
+    fn set(&mut self, i: usize) {
+        self.0[i >> 6] |= 1 << (i & 63);
+    }
+    #[inline]
+    fn clear(&mut self, i: usize) {
+        self.0[i >> 6] &= !(1 << (i & 63));
+    }
+    fn count(&self) -> u64 {
+        self.0.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+}
+
+struct Chunk {
+    /// Offsets into the region.
+    start: usize,
+    end: usize,
+    /// Starts at a symbol (or the region start): its sweep needs no re-synchronization.
+    synced: bool,
+    /// Instruction starts and covered bytes, indexed from `start`.
+    starts: Bits,
+    covered: Bits,
+    traversed: Bits,
+    sites: Vec<(u64, ExitClass, bool)>,
+    invalid: u64,
+    far_targets: Vec<u64>,
+    /// Traversal roots not yet visited (region offsets).
+    pending: Vec<usize>,
+    /// Branch targets found in other chunks (region offsets), handed over after a round.
+    outgoing: Vec<usize>,
+    /// Where the gap sweep's last instruction ended (region offset, may be >= `end`).
+    sweep_exit: usize,
+    /// End of the first gap (region offset), if the chunk starts in a gap.
+    first_gap_end: Option<usize>,
+}
+
+struct Ctx<'r, 'a> {
+    region: &'r Region<'a>,
+    policy: &'r ExitPolicy,
+}
+
+impl Ctx<'_, '_> {
+    fn decoder(&self, off: usize) -> Decoder<'_> {
+        let mut d = Decoder::with_ip(
+            self.region.bitness.bits(),
+            self.region.bytes,
+            self.region.addr,
+            DecoderOptions::NONE,
+        );
+        // `off` is always within the region.
+        let _ = d.set_position(off);
+        d.set_ip(self.region.addr + off as u64);
+        d
+    }
+
+    /// Decodes one instruction at `off`, recording it in `c`. Returns the instruction.
+    fn record(&self, c: &mut Chunk, off: usize, ins: &Instruction) {
+        let rel = off - c.start;
+        c.starts.set(rel);
+        let len = ins.len().max(1);
+        for b in rel..(rel + len).min(c.end - c.start) {
+            c.covered.set(b);
+        }
+        if ins.is_invalid() {
+            c.invalid += 1;
+            return;
+        }
+        if let Some(class) = exit_class_of(ins) {
+            let exits = self.policy.classify(ins).is_some();
+            c.sites.push((ins.ip(), class, exits));
+        }
+        if matches!(ins.code(), Code::Jmp_ptr1632 | Code::Jmp_ptr1616)
+            && self.region.bitness != Bitness::B64
+        {
+            let t = if ins.code() == Code::Jmp_ptr1632 {
+                u64::from(ins.far_branch32())
+            } else {
+                u64::from(ins.far_branch16())
+            };
+            c.far_targets.push(t);
+        }
+    }
+
+    fn traverse(&self, c: &mut Chunk) {
+        let region_len = self.region.bytes.len();
+        let mut ins = Instruction::default();
+        while let Some(root) = c.pending.pop() {
+            let mut off = root;
+            loop {
+                if off < c.start || off >= c.end {
+                    if off < region_len {
+                        c.outgoing.push(off);
+                    }
+                    break;
+                }
+                let rel = off - c.start;
+                if c.traversed.get(rel) {
+                    break;
+                }
+                let mut d = self.decoder(off);
+                d.decode_out(&mut ins);
+                self.record(c, off, &ins);
+                let len = ins.len().max(1);
+                for b in rel..(rel + len).min(c.end - c.start) {
+                    c.traversed.set(b);
+                }
+                if ins.is_invalid() {
+                    break;
+                }
+                let next = off + ins.len();
+                match ins.flow_control() {
+                    FlowControl::Next | FlowControl::Interrupt | FlowControl::XbeginXabortXend => {
+                        if ins.code() == Code::Ud2 {
+                            break;
+                        }
+                    }
+                    FlowControl::ConditionalBranch | FlowControl::Call => {
+                        self.push_target(c, &ins);
+                    }
+                    FlowControl::UnconditionalBranch => {
+                        self.push_target(c, &ins);
+                        break;
+                    }
+                    FlowControl::IndirectBranch | FlowControl::Return | FlowControl::Exception => {
+                        break
+                    }
+                    FlowControl::IndirectCall => {}
+                }
+                off = next;
+            }
+        }
+    }
+
+    fn push_target(&self, c: &mut Chunk, ins: &Instruction) {
+        if ins.is_jmp_far() || ins.is_call_far() {
+            return;
+        }
+        let t = ins.near_branch_target();
+        if self.region.bitness != Bitness::B64 && t == 0 && ins.near_branch64() == 0 {
+            // Unresolved (relocatable) target; the fallthrough is followed anyway.
+        }
+        if t >= self.region.addr && t < self.region.end() {
+            let off = (t - self.region.addr) as usize;
+            if off >= c.start && off < c.end {
+                c.pending.push(off);
+            } else {
+                c.outgoing.push(off);
+            }
+        }
+    }
+
+    /// Linear sweep of every gap in the chunk (bytes traversal did not cover).
+    fn sweep(&self, c: &mut Chunk) {
+        let mut ins = Instruction::default();
+        let n = c.end - c.start;
+        let mut rel = 0;
+        c.sweep_exit = c.start;
+        while rel < n {
+            if c.covered.get(rel) {
+                rel += 1;
+                continue;
+            }
+            let gap_start = rel;
+            let mut gap_end = rel;
+            while gap_end < n && !c.covered.get(gap_end) {
+                gap_end += 1;
+            }
+            if gap_start == 0 {
+                c.first_gap_end = Some(c.start + gap_end);
+            }
+            let mut d = self.decoder(c.start + gap_start);
+            let mut off = c.start + gap_start;
+            while off < c.start + gap_end {
+                d.decode_out(&mut ins);
+                self.record(c, off, &ins);
+                off += ins.len().max(1);
+                if ins.is_invalid() {
+                    let _ = d.set_position(off);
+                    d.set_ip(self.region.addr + off as u64);
+                }
+            }
+            if gap_end == n {
+                c.sweep_exit = off;
+            }
+            rel = gap_end;
+        }
+    }
+}
+
+/// Scans one region from `roots` (addresses inside it).
+pub fn scan_region(
+    region: &Region<'_>,
+    roots: &[u64],
+    chunk_starts_hint: &[u64],
+    policy: &ExitPolicy,
+) -> RegionScan {
+    let cx = Ctx { region, policy };
+    let len = region.bytes.len();
+    if len == 0 {
+        return RegionScan::default();
+    }
+    // Chunk boundaries: every CHUNK bytes, moved forward to the next hinted start
+    // (function symbol) when one is near.
+    let mut bounds = vec![(0usize, true)];
+    let mut hints: Vec<usize> = chunk_starts_hint
+        .iter()
+        .filter(|&&a| a > region.addr && a < region.end())
+        .map(|&a| (a - region.addr) as usize)
+        .collect();
+    hints.sort_unstable();
+    hints.dedup();
+    let mut next = CHUNK;
+    while next + CHUNK / 4 < len {
+        let i = hints.partition_point(|&h| h < next);
+        match hints.get(i) {
+            Some(&h) if h < next + CHUNK / 2 => {
+                bounds.push((h, true));
+                next = h + CHUNK;
+            }
+            _ => {
+                // Keep chunk starts 64-byte aligned within the region.
+                bounds.push((next, false));
+                next += CHUNK;
+            }
+        }
+    }
+    let mut chunks: Vec<Chunk> = bounds
+        .iter()
+        .enumerate()
+        .map(|(i, &(s, synced))| {
+            let e = bounds.get(i + 1).map_or(len, |b| b.0);
+            Chunk {
+                start: s,
+                end: e,
+                synced,
+                starts: Bits::new(e - s),
+                covered: Bits::new(e - s),
+                traversed: Bits::new(e - s),
+                sites: Vec::new(),
+                invalid: 0,
+                far_targets: Vec::new(),
+                pending: Vec::new(),
+                outgoing: Vec::new(),
+                sweep_exit: s,
+                first_gap_end: None,
+            }
+        })
+        .collect();
+    let owner = |chunks: &[Chunk], off: usize| chunks.partition_point(|c| c.start <= off) - 1;
+    for &r in roots {
+        if r >= region.addr && r < region.end() {
+            let off = (r - region.addr) as usize;
+            let o = owner(&chunks, off);
+            chunks[o].pending.push(off);
+        }
+    }
+    // Traversal rounds.
+    loop {
+        if chunks.iter().all(|c| c.pending.is_empty()) {
+            break;
+        }
+        chunks.par_iter_mut().for_each(|c| cx.traverse(c));
+        let mut handoff = Vec::new();
+        for c in chunks.iter_mut() {
+            handoff.append(&mut c.outgoing);
+        }
+        for off in handoff {
+            let o = owner(&chunks, off);
+            if !chunks[o].traversed.get(off - chunks[o].start) {
+                chunks[o].pending.push(off);
+            }
+        }
+    }
+    chunks.par_iter_mut().for_each(|c| cx.sweep(c));
+    // Re-synchronize chunks that start in the middle of a linear sweep.
+    let mut ins = Instruction::default();
+    for k in 1..chunks.len() {
+        let p = chunks[k - 1].sweep_exit;
+        let (prev_tail_in_gap, _) = (chunks[k - 1].covered.0.is_empty(), ());
+        let _ = prev_tail_in_gap;
+        let c = &mut chunks[k];
+        let Some(gap_end) = c.first_gap_end else {
+            continue; // starts at a traversed instruction
+        };
+        if c.synced || p <= c.start {
+            continue;
+        }
+        // The previous chunk's sweep ran to `p`; decode from there until meeting an
+        // instruction start of this chunk's sweep.
+        let stop = gap_end.min(c.end);
+        let mut q = p;
+        let mut fresh = Vec::new();
+        let mut d = cx.decoder(q.min(len));
+        while q < stop && !c.starts.get(q - c.start) {
+            d.decode_out(&mut ins);
+            fresh.push((q, ins));
+            q += ins.len().max(1);
+            if ins.is_invalid() {
+                let _ = d.set_position(q.min(len));
+                d.set_ip(region.addr + q as u64);
+            }
+        }
+        // Forget this chunk's records in [start, q), then record the fresh ones.
+        for rel in 0..(q.min(c.end) - c.start) {
+            c.starts.clear(rel);
+            if c.start + rel < gap_end {
+                c.covered.clear(rel);
+            }
+        }
+        let lo = region.addr + c.start as u64;
+        let hi = region.addr + q as u64;
+        c.sites.retain(|&(a, _, _)| a < lo || a >= hi);
+        // Records before this chunk's start already belong to the previous chunk's
+        // straddling instruction; clear the bytes it covers here.
+        for rel in 0..(p.min(c.end) - c.start) {
+            c.covered.set(rel);
+        }
+        let invalid_before = c.invalid;
+        for (off, i) in &fresh {
+            cx.record(c, *off, i);
+        }
+        let _ = invalid_before;
+        if q >= c.end {
+            c.sweep_exit = q;
+        }
+    }
+    let mut out = RegionScan::default();
+    let mut all = Vec::new();
+    for c in chunks {
+        out.instructions += c.starts.count();
+        out.bytes_decoded += c.covered.count();
+        out.bytes_traversed += c.traversed.count();
+        out.invalid += c.invalid;
+        all.extend(c.sites);
+        out.far_targets.extend(c.far_targets);
+    }
+    all.sort_unstable_by_key(|s| s.0);
+    all.dedup_by_key(|s| s.0);
+    let mut by_class = std::collections::BTreeMap::new();
+    for &(rip, class, exits) in &all {
+        *by_class.entry(class).or_insert(0u64) += 1;
+        if exits {
+            out.sites.push((rip, class));
+        }
+    }
+    out.by_class = by_class.into_iter().collect();
+    out
+}
+
+/// How much a byte range looks like code of `bitness`: (invalid instructions,
+/// instructions, one-byte INC/DEC r32 in 32-bit decoding (REX prefixes of 64-bit code)).
+pub fn decode_score(bytes: &[u8], addr: u64, bitness: Bitness) -> (u32, u32, u32) {
+    let mut d = Decoder::with_ip(bitness.bits(), bytes, addr, DecoderOptions::NONE);
+    let mut ins = Instruction::default();
+    let (mut invalid, mut n, mut rexlike) = (0u32, 0u32, 0u32);
+    while d.can_decode() {
+        let pos = d.position();
+        d.decode_out(&mut ins);
+        n += 1;
+        if ins.is_invalid() {
+            invalid += 1;
+            let _ = d.set_position(pos + 1);
+            d.set_ip(addr + pos as u64 + 1);
+        } else if bitness != Bitness::B64
+            && ins.len() == 1
+            && (0x40..=0x4f).contains(&bytes[pos])
+        {
+            rexlike += 1;
+        }
+    }
+    (invalid, n, rexlike)
+}
