@@ -25,37 +25,45 @@ const ONE_GIB: u64 = 1 << 30;
 #[repr(C, align(4096))]
 struct Table([u64; 512]);
 
+/// Two PML4s, two PDPTs, four page directories shared by both address spaces.
+#[repr(C)]
+struct Tables {
+    pml4: [Table; 2],
+    pdpt: [Table; 2],
+    pd: [Table; 4],
+}
+
 const EMPTY: Table = Table([0; 512]);
 
-/// Two PML4s, two PDPTs, four page directories shared by both address spaces.
-static mut PML4: [Table; 2] = [EMPTY, EMPTY];
-static mut PDPT: [Table; 2] = [EMPTY, EMPTY];
-static mut PD: [Table; 4] = [EMPTY, EMPTY, EMPTY, EMPTY];
+static mut TABLES: Tables = Tables {
+    pml4: [EMPTY, EMPTY],
+    pdpt: [EMPTY, EMPTY],
+    pd: [EMPTY, EMPTY, EMPTY, EMPTY],
+};
 
 /// Build both address spaces and return their roots' physical addresses (the
 /// image runs identity-mapped, so a static's address is its physical address).
 fn build_address_spaces() -> [u64; 2] {
-    // SAFETY: single-threaded guest; these tables are touched only here, before
-    // either root is loaded, and not referenced anywhere else.
+    let t = &raw mut TABLES;
+    let mut roots = [0u64; 2];
+    // SAFETY: single-threaded guest; the tables are written only here, through
+    // the raw pointer, before either root is loaded.
     unsafe {
-        let pd = &mut *(&raw mut PD);
-        for (g, dir) in pd.iter_mut().enumerate() {
-            for (i, e) in dir.0.iter_mut().enumerate() {
-                *e = (g as u64 * ONE_GIB + i as u64 * TWO_MIB) | PRESENT | WRITABLE | HUGE;
+        for g in 0..4 {
+            for i in 0..512 {
+                (*t).pd[g].0[i] =
+                    (g as u64 * ONE_GIB + i as u64 * TWO_MIB) | PRESENT | WRITABLE | HUGE;
             }
         }
-        let pdpt = &mut *(&raw mut PDPT);
-        let pml4 = &mut *(&raw mut PML4);
-        let mut roots = [0u64; 2];
-        for s in 0..2 {
+        for (s, root) in roots.iter_mut().enumerate() {
             for g in 0..4 {
-                pdpt[s].0[g] = (&raw const pd[g]) as u64 | PRESENT | WRITABLE;
+                (*t).pdpt[s].0[g] = (&raw const (*t).pd[g]) as u64 | PRESENT | WRITABLE;
             }
-            pml4[s].0[0] = (&raw const pdpt[s]) as u64 | PRESENT | WRITABLE;
-            roots[s] = (&raw const pml4[s]) as u64;
+            (*t).pml4[s].0[0] = (&raw const (*t).pdpt[s]) as u64 | PRESENT | WRITABLE;
+            *root = (&raw const (*t).pml4[s]) as u64;
         }
-        roots
     }
+    roots
 }
 
 fn main() -> u8 {
