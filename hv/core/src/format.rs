@@ -756,6 +756,26 @@ pub fn validate(c: &Cluster) -> Result<(), ClusterError> {
         });
     }
 
+    let mut prev: Option<u16> = None;
+    for (k, b) in c.back_edges.iter().enumerate() {
+        let bad = |reason| CE::BadBackEdge { index: k, reason };
+        if b.insn as usize >= n {
+            return Err(bad("instruction index outside the cluster"));
+        }
+        if let Some(p) = prev {
+            if b.insn <= p {
+                return Err(bad(
+                    "records must be sorted by instruction index and unique",
+                ));
+            }
+        }
+        prev = Some(b.insn);
+        match branch_target(&c.insns[b.insn as usize].op) {
+            Some(Target::Insn(t)) if t <= b.insn => {}
+            Some(_) => return Err(bad("the instruction is not a backward branch")),
+            None => return Err(bad("the instruction is not a branch")),
+        }
+    }
     for (i, insn) in c.insns.iter().enumerate() {
         check_op(&insn.op, c.bitness).map_err(|reason| CE::Operand { insn: i, reason })?;
         if let Some(class) = insn.exit_class {
@@ -783,26 +803,6 @@ pub fn validate(c: &Cluster) -> Result<(), ClusterError> {
         return Err(CE::FirstNotExiting);
     }
 
-    let mut prev: Option<u16> = None;
-    for (k, b) in c.back_edges.iter().enumerate() {
-        let bad = |reason| CE::BadBackEdge { index: k, reason };
-        if b.insn as usize >= n {
-            return Err(bad("instruction index outside the cluster"));
-        }
-        if let Some(p) = prev {
-            if b.insn <= p {
-                return Err(bad(
-                    "records must be sorted by instruction index and unique",
-                ));
-            }
-        }
-        prev = Some(b.insn);
-        match branch_target(&c.insns[b.insn as usize].op) {
-            Some(Target::Insn(t)) if t <= b.insn => {}
-            Some(_) => return Err(bad("the instruction is not a backward branch")),
-            None => return Err(bad("the instruction is not a branch")),
-        }
-    }
     Ok(())
 }
 
