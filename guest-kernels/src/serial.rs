@@ -19,9 +19,9 @@ pub const SCR: u16 = 7; // scratch
 pub const LSR_THRE: u8 = 0x20;
 /// LSR: transmitter empty (holding and shift registers).
 pub const LSR_TEMT: u8 = 0x40;
-/// Bound on the polls for one byte, as Linux's `wait_for_lsr` bounds its wait: a
-/// UART that never becomes ready must not hang the guest.
-const MAX_POLLS: u32 = 100_000;
+/// Bound on the polls for one byte, as Linux's `wait_for_xmitr` bounds its wait
+/// (10,000 rounds): a UART that never becomes ready must not hang the guest.
+const MAX_POLLS: u32 = 10_000;
 
 /// Wait until all of `bits` are set in LSR (or the bound runs out).
 #[inline]
