@@ -6,7 +6,6 @@
 pub use avex_core::ir::Cluster;
 pub use avex_core::policy::ExitClass;
 
-
 pub use avex_core::policy::{exit_class_of, ExitPolicy, VmcsControl};
 
 use avex_core::ir::Bitness;

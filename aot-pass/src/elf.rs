@@ -108,7 +108,8 @@ fn corrupt(field: &'static str, value: u64, offset: u64, why: &'static str) -> A
 
 /// `off + len` within a file of `file_len` bytes?
 fn fits(off: u64, len: u64, file_len: usize) -> bool {
-    off.checked_add(len).is_some_and(|end| end <= file_len as u64)
+    off.checked_add(len)
+        .is_some_and(|end| end <= file_len as u64)
 }
 
 fn cstr(bytes: &[u8], off: u64) -> String {
@@ -186,8 +187,7 @@ pub fn parse(data: &[u8]) -> Result<Elf<'_>, AnalyzeError> {
         what: format!("ELF header: {e}"),
     })?;
     // Offsets of header fields (ELF32 / ELF64).
-    let (o_phoff, o_shoff, o_phentsize, o_phnum, o_shentsize, o_shnum, o_shstrndx) = if bits == 64
-    {
+    let (o_phoff, o_shoff, o_phentsize, o_phnum, o_shentsize, o_shnum, o_shstrndx) = if bits == 64 {
         (32u64, 40u64, 54u64, 56u64, 58u64, 60u64, 62u64)
     } else {
         (28, 32, 42, 44, 46, 48, 50)
@@ -303,12 +303,13 @@ pub fn parse(data: &[u8]) -> Result<Elf<'_>, AnalyzeError> {
                 len: data.len() as u64,
             });
         }
-        shdrs = SectionHeader::parse(data, hdr.e_shoff as usize, count as usize, ctx).map_err(
-            |e| AnalyzeError::Corrupt {
-                offset: hdr.e_shoff,
-                what: format!("section headers: {e}"),
-            },
-        )?;
+        shdrs =
+            SectionHeader::parse(data, hdr.e_shoff as usize, count as usize, ctx).map_err(|e| {
+                AnalyzeError::Corrupt {
+                    offset: hdr.e_shoff,
+                    what: format!("section headers: {e}"),
+                }
+            })?;
     }
     let sh_file_off = |i: usize| hdr.e_shoff + i as u64 * shent;
     for (i, sh) in shdrs.iter().enumerate() {

@@ -562,9 +562,7 @@ struct RegionClusters {
 const GROUP_GAP: u64 = 4096;
 
 fn is_inside(c: &Cluster, rip: u64) -> bool {
-    rip >= c.start
-        && rip < c.end
-        && c.insns.binary_search_by_key(&rip, |i| i.rip).is_ok()
+    rip >= c.start && rip < c.end && c.insns.binary_search_by_key(&rip, |i| i.rip).is_ok()
 }
 
 fn cluster_group(
@@ -628,7 +626,11 @@ fn cluster_region(
     for k in 1..groups.len() {
         let first = groups[k][0].0;
         open.retain(|c| c.end > first);
-        if !open.is_empty() && groups[k].iter().any(|s| open.iter().any(|c| is_inside(c, s.0))) {
+        if !open.is_empty()
+            && groups[k]
+                .iter()
+                .any(|s| open.iter().any(|c| is_inside(c, s.0)))
+        {
             results[k] = cluster_group(region, groups[k], &open, policy, config);
         }
         open.extend(results[k].clusters.iter().cloned());

@@ -424,10 +424,7 @@ pub fn decode_score(bytes: &[u8], addr: u64, bitness: Bitness) -> (u32, u32, u32
             invalid += 1;
             let _ = d.set_position(pos + 1);
             d.set_ip(addr + pos as u64 + 1);
-        } else if bitness != Bitness::B64
-            && ins.len() == 1
-            && (0x40..=0x4f).contains(&bytes[pos])
-        {
+        } else if bitness != Bitness::B64 && ins.len() == 1 && (0x40..=0x4f).contains(&bytes[pos]) {
             rexlike += 1;
         }
     }
