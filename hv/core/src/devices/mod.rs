@@ -1,0 +1,51 @@
+//! Device models: plain state machines on a port bus.
+//!
+//! Every device is driven only by the accesses a backend forwards to it and by a
+//! virtual time the backend passes in (`now_ns`: nanoseconds since the guest
+//! started, monotonic; the KVM backend takes it from the host clock, the VT-x
+//! hypervisor from the TSC). Nothing here reads a clock, so every model is
+//! deterministic under test and the same code runs in both backends.
+//!
+//! A guest's misbehaviour (odd access sizes, unaligned or out-of-range accesses,
+//! nonsense register values, time going backwards) never panics a device: the
+//! access is absorbed the way hardware would absorb it (reads of nothing return
+//! all-ones, writes of nothing are dropped).
+//!
+//! - [`bus`]: [`PortBus`], dispatch by port range, and the standard PC set.
+//! - [`uart`]: 16550A UART.
+//! - [`pit`]: 8254 PIT and system control port B (0x61).
+//! - [`pic`]: the cascaded 8259A pair.
+//! - [`rtc`]: MC146818 RTC and CMOS RAM.
+//! - [`pci`]: PCI configuration mechanism #1 and configurable type-0 functions.
+//! - [`debug_exit`]: isa-debug-exit style port.
+
+pub mod bus;
+pub mod debug_exit;
+pub mod pci;
+pub mod pic;
+pub mod pit;
+pub mod rtc;
+pub mod uart;
+
+pub use bus::{BusError, DeviceId, IrqOutput, PortBus, PortDevice, PortRange, StandardConfig};
+pub use debug_exit::DebugExit;
+pub use pci::{Bar, PciBus, PciConfig, PciFunction};
+pub use pic::Pic;
+pub use pit::Pit;
+pub use rtc::{DateTime, Rtc, RtcConfig};
+pub use uart::Uart;
+
+/// Mask of the low `size` bytes of a port access (`size` 1, 2 or 4; anything else
+/// is treated as 4).
+pub(crate) fn size_mask(size: u8) -> u32 {
+    match size {
+        1 => 0xff,
+        2 => 0xffff,
+        _ => 0xffff_ffff,
+    }
+}
+
+/// True for the access sizes port I/O can have.
+pub(crate) fn valid_size(size: u8) -> bool {
+    matches!(size, 1 | 2 | 4)
+}
