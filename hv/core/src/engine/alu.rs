@@ -1,0 +1,269 @@
+//! Arithmetic and flags, exactly as the Intel SDM defines them.
+//!
+//! Where the SDM leaves a flag undefined the engine picks a value (documented at
+//! each function); tests mask such flags:
+//! - AND/OR/XOR/TEST: AF undefined (the engine clears it).
+//! - SHL/SHR/SAR with a non-zero count: AF undefined (cleared); OF undefined for
+//!   counts other than 1 (computed with the 1-bit formula); CF undefined for SHL/SHR
+//!   when the count is >= the operand width (8/16-bit operands only).
+//! - ROL/ROR/RCL/RCR: OF undefined for counts other than 1 (1-bit formula used).
+//! - BT/BTS/BTR/BTC: OF, SF, AF, PF undefined (left unchanged), ZF unaffected.
+
+use crate::ir::{AluOp, Cond, ShiftOp, Size, UnaryOp};
+
+pub const CF: u64 = 1 << 0;
+pub const PF: u64 = 1 << 2;
+pub const AF: u64 = 1 << 4;
+pub const ZF: u64 = 1 << 6;
+pub const SF: u64 = 1 << 7;
+pub const TF: u64 = 1 << 8;
+pub const IF: u64 = 1 << 9;
+pub const DF: u64 = 1 << 10;
+pub const OF: u64 = 1 << 11;
+pub const AC: u64 = 1 << 18;
+pub const VM: u64 = 1 << 17;
+/// The six arithmetic status flags.
+pub const STATUS: u64 = CF | PF | AF | ZF | SF | OF;
+
+#[inline(always)]
+fn msb(v: u64, size: Size) -> u64 {
+    (v >> (size.bits() - 1)) & 1
+}
+
+/// PF, ZF and SF of a result (already masked to `size`).
+#[inline(always)]
+pub fn szp(r: u64, size: Size) -> u64 {
+    let mut f = if (r as u8).count_ones() & 1 == 0 {
+        PF
+    } else {
+        0
+    };
+    if r == 0 {
+        f |= ZF;
+    }
+    if msb(r, size) != 0 {
+        f |= SF;
+    }
+    f
+}
+
+/// Sign-extends the low `size` bits of `v` to 64 bits.
+#[inline(always)]
+pub fn sext(v: u64, size: Size) -> u64 {
+    let sh = 64 - size.bits();
+    (((v << sh) as i64) >> sh) as u64
+}
+
+#[inline(always)]
+fn add_flags(a: u64, b: u64, r: u64, size: Size) -> u64 {
+    let cf = msb((a & b) | ((a | b) & !r), size);
+    let of = msb((a ^ r) & (b ^ r), size);
+    szp(r, size) | cf * CF | of * OF | ((a ^ b ^ r) & AF)
+}
+
+#[inline(always)]
+fn sub_flags(a: u64, b: u64, r: u64, size: Size) -> u64 {
+    let cf = msb((!a & b) | ((!a | b) & r), size);
+    let of = msb((a ^ b) & (a ^ r), size);
+    szp(r, size) | cf * CF | of * OF | ((a ^ b ^ r) & AF)
+}
+
+/// Two-operand ALU op: returns (result, new rflags). The result of CMP/TEST is the
+/// destination unchanged (callers do not write it back).
+#[inline]
+pub fn alu(op: AluOp, size: Size, a: u64, b: u64, flags: u64) -> (u64, u64) {
+    let m = size.mask();
+    let (a, b) = (a & m, b & m);
+    let keep = flags & !STATUS;
+    match op {
+        AluOp::Add | AluOp::Adc => {
+            let cin = if op == AluOp::Adc { flags & CF } else { 0 };
+            let r = a.wrapping_add(b).wrapping_add(cin) & m;
+            (r, keep | add_flags(a, b, r, size))
+        }
+        AluOp::Sub | AluOp::Sbb | AluOp::Cmp => {
+            let bin = if op == AluOp::Sbb { flags & CF } else { 0 };
+            let r = a.wrapping_sub(b).wrapping_sub(bin) & m;
+            let f = keep | sub_flags(a, b, r, size);
+            (if op == AluOp::Cmp { a } else { r }, f)
+        }
+        AluOp::And | AluOp::Test => {
+            let r = a & b;
+            (if op == AluOp::Test { a } else { r }, keep | szp(r, size))
+        }
+        AluOp::Or => {
+            let r = a | b;
+            (r, keep | szp(r, size))
+        }
+        AluOp::Xor => {
+            let r = a ^ b;
+            (r, keep | szp(r, size))
+        }
+    }
+}
+
+/// INC/DEC/NEG/NOT: returns (result, new rflags).
+#[inline]
+pub fn unary(op: UnaryOp, size: Size, a: u64, flags: u64) -> (u64, u64) {
+    let m = size.mask();
+    let a = a & m;
+    match op {
+        UnaryOp::Inc => {
+            let r = a.wrapping_add(1) & m;
+            let f = add_flags(a, 1, r, size) & !CF;
+            (r, (flags & !STATUS) | (flags & CF) | f)
+        }
+        UnaryOp::Dec => {
+            let r = a.wrapping_sub(1) & m;
+            let f = sub_flags(a, 1, r, size) & !CF;
+            (r, (flags & !STATUS) | (flags & CF) | f)
+        }
+        UnaryOp::Neg => {
+            let r = 0u64.wrapping_sub(a) & m;
+            (r, (flags & !STATUS) | sub_flags(0, a, r, size))
+        }
+        UnaryOp::Not => (!a & m, flags),
+    }
+}
+
+/// Shifts and rotates: returns (result, new rflags). `count` is the raw count
+/// operand (CL or imm8); it is masked to 5 bits (6 for 64-bit operands). A masked
+/// count of 0 changes nothing.
+#[inline]
+pub fn shift(op: ShiftOp, size: Size, a: u64, count: u64, flags: u64) -> (u64, u64) {
+    let bits = size.bits() as u64;
+    let m = size.mask();
+    let a = a & m;
+    let c = count & if bits == 64 { 63 } else { 31 };
+    if c == 0 {
+        return (a, flags);
+    }
+    match op {
+        ShiftOp::Shl => {
+            let r = if c < 64 { (a << c) & m } else { 0 };
+            let cf = if c <= bits { (a >> (bits - c)) & 1 } else { 0 };
+            let of = msb(r, size) ^ cf;
+            (r, (flags & !STATUS) | szp(r, size) | cf * CF | of * OF)
+        }
+        ShiftOp::Shr => {
+            let r = if c < 64 { a >> c } else { 0 };
+            let cf = if c - 1 < 64 { (a >> (c - 1)) & 1 } else { 0 };
+            let of = msb(a, size);
+            (r, (flags & !STATUS) | szp(r, size) | cf * CF | of * OF)
+        }
+        ShiftOp::Sar => {
+            let sa = sext(a, size) as i64;
+            let r = ((sa >> c.min(63)) as u64) & m;
+            let cf = ((sa >> (c - 1).min(63)) as u64) & 1;
+            (r, (flags & !STATUS) | szp(r, size) | cf * CF)
+        }
+        ShiftOp::Rol => {
+            let t = c % bits;
+            let r = if t == 0 {
+                a
+            } else {
+                ((a << t) | (a >> (bits - t))) & m
+            };
+            let cf = r & 1;
+            let of = msb(r, size) ^ cf;
+            (r, (flags & !(CF | OF)) | cf * CF | of * OF)
+        }
+        ShiftOp::Ror => {
+            let t = c % bits;
+            let r = if t == 0 {
+                a
+            } else {
+                ((a >> t) | (a << (bits - t))) & m
+            };
+            let cf = msb(r, size);
+            let of = cf ^ ((r >> (bits - 2)) & 1);
+            (r, (flags & !(CF | OF)) | cf * CF | of * OF)
+        }
+        ShiftOp::Rcl | ShiftOp::Rcr => {
+            let n = bits + 1;
+            let t = if bits < 32 { c % n } else { c };
+            let cin = flags & CF;
+            let (r, cf) = if t == 0 {
+                (a, cin)
+            } else {
+                let v = ((cin as u128) << bits) | a as u128;
+                let nm = (1u128 << n) - 1;
+                let rot = if op == ShiftOp::Rcl {
+                    ((v << t) | (v >> (n - t))) & nm
+                } else {
+                    ((v >> t) | (v << (n - t))) & nm
+                };
+                ((rot as u64) & m, ((rot >> bits) & 1) as u64)
+            };
+            let of = if op == ShiftOp::Rcl {
+                msb(r, size) ^ cf
+            } else {
+                msb(r, size) ^ ((r >> (bits - 2)) & 1)
+            };
+            (r, (flags & !(CF | OF)) | cf * CF | of * OF)
+        }
+    }
+}
+
+/// Evaluates a condition code against rflags.
+#[inline(always)]
+pub fn cond(c: Cond, f: u64) -> bool {
+    let cf = f & CF != 0;
+    let zf = f & ZF != 0;
+    let sf = f & SF != 0;
+    let of = f & OF != 0;
+    let pf = f & PF != 0;
+    match c {
+        Cond::O => of,
+        Cond::No => !of,
+        Cond::B => cf,
+        Cond::Ae => !cf,
+        Cond::E => zf,
+        Cond::Ne => !zf,
+        Cond::Be => cf || zf,
+        Cond::A => !cf && !zf,
+        Cond::S => sf,
+        Cond::Ns => !sf,
+        Cond::P => pf,
+        Cond::Np => !pf,
+        Cond::L => sf != of,
+        Cond::Ge => sf == of,
+        Cond::Le => zf || sf != of,
+        Cond::G => !zf && sf == of,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn add_sub_flags() {
+        let (r, f) = alu(AluOp::Add, Size::S1, 0x7f, 1, 0);
+        assert_eq!(r, 0x80);
+        assert_eq!(f & STATUS, OF | SF | AF);
+        let (r, f) = alu(AluOp::Add, Size::S8, u64::MAX, 1, 0);
+        assert_eq!(r, 0);
+        assert_eq!(f & STATUS, CF | ZF | PF | AF);
+        let (r, f) = alu(AluOp::Sbb, Size::S2, 0, 0xffff, CF);
+        assert_eq!(r, 0);
+        assert_eq!(f & (CF | ZF | OF), CF | ZF);
+        let (r, f) = alu(AluOp::Adc, Size::S4, 5, 0xffff_ffff, CF);
+        assert_eq!(r, 5);
+        assert_eq!(f & (CF | OF), CF);
+        let (_, f) = alu(AluOp::Cmp, Size::S4, 1, 2, 0);
+        assert_eq!(f & (CF | SF | ZF | OF), CF | SF);
+    }
+
+    #[test]
+    fn shifts_and_rotates() {
+        assert_eq!(shift(ShiftOp::Shl, Size::S1, 0x81, 1, 0), (0x02, CF | OF));
+        assert_eq!(shift(ShiftOp::Sar, Size::S1, 0x80, 7, 0).0, 0xff);
+        assert_eq!(shift(ShiftOp::Rcl, Size::S1, 0x80, 1, 0).0, 0);
+        assert_eq!(shift(ShiftOp::Rcl, Size::S1, 0x80, 1, 0).1 & CF, CF);
+        assert_eq!(shift(ShiftOp::Rcr, Size::S1, 0x01, 9, CF).0, 0x01);
+        assert_eq!(shift(ShiftOp::Rol, Size::S8, 1 << 63, 1, 0).0, 1);
+        // Count 0 (after masking) changes nothing.
+        assert_eq!(shift(ShiftOp::Shl, Size::S4, 7, 32, OF), (7, OF));
+    }
+}
