@@ -312,25 +312,14 @@ pub fn parse(data: &[u8]) -> Result<Elf<'_>, AnalyzeError> {
             })?;
     }
     let sh_file_off = |i: usize| hdr.e_shoff + i as u64 * shent;
-    for (i, sh) in shdrs.iter().enumerate() {
-        if sh.sh_type != SHT_NOBITS && sh.sh_size > 0 && !fits(sh.sh_offset, sh.sh_size, data.len())
-        {
-            return Err(AnalyzeError::SectionPastEnd {
-                index: i,
-                name: None,
-                header_offset: sh_file_off(i),
-                offset: sh.sh_offset,
-                size: sh.sh_size,
-                len: data.len() as u64,
-            });
-        }
-    }
     let section_bytes = |sh: &SectionHeader| -> &[u8] {
         if sh.sh_type == SHT_NOBITS {
             return &[];
         }
-        // Checked above.
-        &data[sh.sh_offset as usize..(sh.sh_offset + sh.sh_size) as usize]
+        let (Ok(o), Ok(n)) = (usize::try_from(sh.sh_offset), usize::try_from(sh.sh_size)) else {
+            return &[];
+        };
+        o.checked_add(n).and_then(|e| data.get(o..e)).unwrap_or(&[])
     };
     // Section names.
     let mut shstrndx = u64::from(hdr.e_shstrndx);
@@ -357,6 +346,19 @@ pub fn parse(data: &[u8]) -> Result<Elf<'_>, AnalyzeError> {
         .map(|s| cstr(shstr, s.sh_name as u64))
         .collect();
 
+    for (i, sh) in shdrs.iter().enumerate() {
+        if sh.sh_type != SHT_NOBITS && sh.sh_size > 0 && !fits(sh.sh_offset, sh.sh_size, data.len())
+        {
+            return Err(AnalyzeError::SectionPastEnd {
+                index: i,
+                name: Some(names[i].clone()).filter(|n| !n.is_empty()),
+                header_offset: sh_file_off(i),
+                offset: sh.sh_offset,
+                size: sh.sh_size,
+                len: data.len() as u64,
+            });
+        }
+    }
     // Code areas.
     let mut code = Vec::new();
     let exec_sections: Vec<usize> = shdrs
