@@ -1,0 +1,324 @@
+//! avex's bare-metal VT-x hypervisor.
+//!
+//! Booted by GRUB (multiboot1) from an ISO, it enters long mode, sets up its own
+//! GDT/TSS/IDT, heap and serial ports, reports the ACPI processors and APICs, turns
+//! VMX on and runs the guest given as a GRUB module through hv/core: the guest is
+//! confined to its own RAM by EPT, its exiting instructions are handled by hv/core's
+//! exit handler and device models, and clusters of them run through hv/core's engine.
+//!
+//! COM1 carries the guest's console bytes only; COM2 carries the hypervisor's log and
+//! the final `AVEX-SUMMARY {...}` line (see `serial`).
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+mod acpi_info;
+mod boot;
+mod cpu;
+mod elf;
+mod ept;
+mod heap;
+mod mem;
+mod multiboot;
+mod run;
+mod serial;
+mod vcpu;
+mod vmx;
+
+use alloc::collections::BTreeMap;
+use alloc::format;
+use alloc::string::{String, ToString};
+use core::fmt::Write;
+use core::panic::PanicInfo;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use avex_core::exit::{ExitHandler, Mode};
+use avex_core::format as tformat;
+use avex_core::policy::ExitPolicy;
+
+/// The name of the section `avex link` writes the translations to.
+const TRANSLATIONS_SECTION: &str = ".avex.translations";
+/// Guest RAM when the command line does not say (`mem=<MiB>`).
+const DEFAULT_GUEST_MIB: u64 = 64;
+/// Bochs' TSC counts emulated instructions: its rate is the configured `ips`.
+const DEFAULT_TSC_HZ: u64 = 10_000_000;
+
+static TSC_HZ: AtomicU64 = AtomicU64::new(DEFAULT_TSC_HZ);
+
+fn clock_ns() -> u64 {
+    // SAFETY: RDTSC has no memory effects.
+    let t = unsafe { core::arch::x86_64::_rdtsc() };
+    ((u128::from(t) * 1_000_000_000) / u128::from(TSC_HZ.load(Ordering::Relaxed).max(1))) as u64
+}
+
+/// The hypervisor's command line: `key=value` words (the first word may be the
+/// image's path, as some loaders pass it).
+struct Options {
+    mode: Mode,
+    guest_mib: u64,
+    tsc_hz: u64,
+    debug: bool,
+    name: String,
+    guest_cmdline: String,
+}
+
+fn parse_options(cmdline: &str) -> Result<Options, String> {
+    let mut o = Options {
+        mode: Mode::AotDynamic,
+        guest_mib: DEFAULT_GUEST_MIB,
+        tsc_hz: DEFAULT_TSC_HZ,
+        debug: false,
+        name: String::from("guest"),
+        guest_cmdline: String::new(),
+    };
+    for word in cmdline.split_whitespace() {
+        let (k, val) = word.split_once('=').unwrap_or((word, ""));
+        match k {
+            "mode" => o.mode = Mode::parse(val).ok_or_else(|| format!("unknown mode {val:?} (off, dynamic, aot, aot+dynamic)"))?,
+            "mem" => {
+                o.guest_mib = val.parse().map_err(|_| format!("mem={val}: not a number of MiB"))?;
+                o.guest_mib = (o.guest_mib.clamp(2, 2048) + 1) & !1;
+            }
+            "tsc_hz" => o.tsc_hz = val.parse().map_err(|_| format!("tsc_hz={val}: not a number"))?,
+            "debug" => o.debug = true,
+            "guest" => o.name = val.to_string(),
+            "cmdline" => o.guest_cmdline = val.replace(',', " "),
+            _ => {}
+        }
+    }
+    Ok(o)
+}
+
+fn json_str(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Print the machine-readable summary line and end the run.
+fn finish(status: u8, error: Option<&str>, opts: Option<&Options>, handler: Option<&ExitHandler>, extra: &BTreeMap<&str, u64>) -> ! {
+    let mut line = format!("AVEX-SUMMARY {{\"status\":{status}");
+    if let Some(o) = opts {
+        let _ = write!(line, ",\"mode\":{},\"guest\":{}", json_str(o.mode.name()), json_str(&o.name));
+    }
+    if let Some(h) = handler {
+        let s = h.stats();
+        let _ = write!(line, ",\"exits\":{},\"exits_by_reason\":{{", s.exits());
+        for (i, (k, n)) in s.by_reason.iter().enumerate() {
+            let _ = write!(line, "{}{}:{n}", if i > 0 { "," } else { "" }, json_str(k));
+        }
+        let _ = write!(
+            line,
+            "}},\"exit_prone\":{},\"avoided\":{},\"in_cluster_exiting\":{},\"translations_loaded\":{},\"translations_built\":{},\"translation_failures\":{},\"translate_insns\":{},\"translate_ns\":{},\"clusters_run\":{},\"clusters_run_aot\":{},\"clusters_run_dynamic\":{},\"cluster_insns\":{},\"stale_dropped\":{}",
+            s.exit_prone(),
+            s.avoided(),
+            s.in_cluster_exiting,
+            s.translations_loaded,
+            s.translations_built,
+            s.translation_failures,
+            s.translate_insns,
+            s.translate_ns,
+            s.clusters_run,
+            s.clusters_run_aot,
+            s.clusters_run_dynamic,
+            s.cluster_insns,
+            s.stale_dropped
+        );
+        match &s.translations_rejected {
+            Some(r) => {
+                let _ = write!(line, ",\"translations_rejected\":{}", json_str(r));
+            }
+            None => line.push_str(",\"translations_rejected\":null"),
+        }
+        if !s.early_stops.is_empty() {
+            line.push_str(",\"early_stops\":{");
+            for (i, (k, n)) in s.early_stops.iter().enumerate() {
+                let _ = write!(line, "{}{}:{n}", if i > 0 { "," } else { "" }, json_str(k));
+            }
+            line.push('}');
+        }
+    }
+    for (k, n) in extra {
+        let _ = write!(line, ",{}:{n}", json_str(k));
+    }
+    if let Some(e) = error {
+        let _ = write!(line, ",\"error\":{}", json_str(e));
+    }
+    line.push('}');
+    if let Some(h) = handler {
+        for l in h.stats().summary().lines() {
+            logln!("avex-vmx: {l}");
+        }
+    }
+    logln!("{line}");
+    cpu::shutdown()
+}
+
+fn stop(error: &str) -> ! {
+    logln!("avex-vmx: {error}");
+    finish(255, Some(error), None, None, &BTreeMap::new())
+}
+
+#[no_mangle]
+extern "C" fn kmain(magic: u32, mbi: u32) -> ! {
+    serial::init();
+    cpu::mask_pic();
+    cpu::init();
+    logln!("avex-vmx: hypervisor up (long mode, GDT/TSS/IDT loaded)");
+    if magic != multiboot::MAGIC {
+        logln!("avex-vmx: not started by a multiboot loader (magic {magic:#x})");
+        cpu::shutdown();
+    }
+    let info = multiboot::Info::new(u64::from(mbi));
+    heap::init(&info);
+    let cmdline = info.cmdline();
+    logln!("avex-vmx: command line: {cmdline}");
+    acpi_info::report();
+    let opts = match parse_options(&cmdline) {
+        Ok(o) => o,
+        Err(e) => stop(&format!("bad command line: {e}")),
+    };
+    TSC_HZ.store(opts.tsc_hz, Ordering::Relaxed);
+    let modules = info.modules();
+    for m in &modules {
+        logln!("avex-vmx: module {:#x}..{:#x} {}", m.start, m.end, m.cmdline);
+    }
+    let Some(module) = modules.first() else {
+        stop("no guest: GRUB passed no module (grub.cfg needs `module /boot/<guest>.elf`)");
+    };
+    // SAFETY: GRUB loaded the module at start..end in identity-mapped RAM that the
+    // heap does not cover; it is only read.
+    let elf = unsafe { core::slice::from_raw_parts(module.start as *const u8, (module.end - module.start) as usize) };
+
+    let caps = match vmx::enable() {
+        Ok(c) => c,
+        Err(e) => stop(&format!("VMX unavailable: {e}")),
+    };
+    logln!("vmx: VMXON done");
+
+    let Some(mut ram) = ept::GuestRam::new(opts.guest_mib << 20) else {
+        stop(&format!("cannot allocate {} MiB of guest RAM", opts.guest_mib));
+    };
+    let image = match avex_core::boot::load(elf, ram.as_mut_slice(), &opts.guest_cmdline) {
+        Ok(i) => i,
+        Err(e) => stop(&format!("guest image {:?} rejected by the loader: {e}", opts.name)),
+    };
+    logln!(
+        "avex-vmx: guest {:?} loaded: {:?} entry {:#x}, image {:#x}..{:#x}, {} MiB RAM, mode {}",
+        opts.name,
+        image.mode,
+        image.entry,
+        image.image_start,
+        image.image_end,
+        opts.guest_mib,
+        opts.mode
+    );
+
+    let policy = ExitPolicy::default();
+    let mut handler = ExitHandler::new(opts.mode, policy.clone()).with_clock(clock_ns);
+    load_translations(elf, &opts, &mut handler);
+
+    let mut vcpu = match vcpu::Vcpu::new(caps, ram, &image, &policy, opts.tsc_hz) {
+        Ok(v) => v,
+        Err(e) => stop(&format!("VMCS setup failed: {e}")),
+    };
+    vcpu.debug = opts.debug;
+    protect_translated_pages(&mut vcpu, &handler);
+    logln!("avex-vmx: entering the guest");
+    let outcome = run::run(&mut vcpu, &mut handler);
+    let mut extra = BTreeMap::new();
+    extra.insert("code_page_writes", vcpu.code_writes);
+    match outcome {
+        run::Outcome::Exited(status) => {
+            logln!("avex-vmx: guest exited with status {status}");
+            finish(status, None, Some(&opts), Some(&handler), &extra)
+        }
+        run::Outcome::Stopped(why) => {
+            logln!("avex-vmx: GUEST STOPPED: {why}");
+            finish(255, Some(&why), Some(&opts), Some(&handler), &extra)
+        }
+    }
+}
+
+/// Find, decode and check the image's translations; a rejection is printed with
+/// its reason and the guest runs on dynamic clustering (if the mode has it).
+fn load_translations(elf: &[u8], opts: &Options, handler: &mut ExitHandler) {
+    let Some(bytes) = elf::section(elf, TRANSLATIONS_SECTION) else {
+        logln!("avex-vmx: no {TRANSLATIONS_SECTION} section in the guest image");
+        return;
+    };
+    if !opts.mode.uses_aot() {
+        logln!("avex-vmx: {TRANSLATIONS_SECTION} present ({} bytes), not used in mode {}", bytes.len(), opts.mode);
+        return;
+    }
+    let set = match tformat::decode(bytes) {
+        Ok(s) => s,
+        Err(e) => {
+            let why = format!("damaged translations: {e}");
+            logln!("avex-vmx: translations rejected: {why}; continuing on dynamic clustering");
+            handler.reject_translations(why);
+            return;
+        }
+    };
+    let digest = match avex_core::boot::parse_elf(elf) {
+        Ok(img) => tformat::identity_of_segments(img.segments.iter().map(|s| {
+            let (o, n) = (s.offset as usize, s.filesz as usize);
+            (s.paddr, &elf[o..o + n])
+        })),
+        Err(_) => [0; 32],
+    };
+    match handler.load_translations(set, &digest) {
+        Ok(n) => logln!("avex-vmx: {n} translations loaded from {TRANSLATIONS_SECTION}"),
+        Err(why) => logln!("avex-vmx: translations rejected: {why}; continuing on dynamic clustering"),
+    }
+}
+
+/// Write-protect (in the EPT) every guest page that holds translated code, so a
+/// guest write to it is seen (and counted) by the hypervisor. The guest's code is
+/// identity-mapped by the boot ABI, so a translation's RIPs are its addresses.
+fn protect_translated_pages(v: &mut vcpu::Vcpu, handler: &ExitHandler) {
+    let mut n = 0;
+    for e in handler.cache().iter() {
+        let mut page = e.cluster.start & !(ept::PAGE - 1);
+        while page < e.cluster.end {
+            if v.ept.protect(page) {
+                n += 1;
+            }
+            page += ept::PAGE;
+        }
+    }
+    if n > 0 {
+        v.invept();
+        logln!("avex-vmx: {n} code page(s) write-protected");
+    }
+}
+
+#[panic_handler]
+fn panic(info: &PanicInfo) -> ! {
+    serial::log_unlocked(format_args!("\navex-vmx: PANIC: {info}\n"));
+    serial::log_unlocked(format_args!("AVEX-SUMMARY {{\"status\":255,\"error\":\"hypervisor panic\"}}\n"));
+    cpu::shutdown()
+}
+
+/// The prebuilt `liballoc` was compiled with unwinding; nothing here unwinds.
+#[no_mangle]
+extern "C" fn rust_eh_personality() {}
+
+/// Referenced by the prebuilt `liballoc`'s landing pads; never reached with
+/// `panic = "abort"`.
+#[no_mangle]
+extern "C" fn _Unwind_Resume() -> ! {
+    serial::log_unlocked(format_args!("\navex-vmx: _Unwind_Resume reached\n"));
+    cpu::shutdown()
+}

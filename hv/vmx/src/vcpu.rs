@@ -1,0 +1,552 @@
+//! The one virtual CPU: its VMCS (controls chosen from the exit policy and the CPU's
+//! capabilities), its guest RAM and EPT, its device models, and the
+//! [`avex_core::guest::Guest`] implementation hv/core's exit handler and engine use.
+
+use alloc::boxed::Box;
+use alloc::collections::BTreeMap;
+use alloc::string::String;
+use core::arch::asm;
+
+use avex_core::boot::BootImage;
+use avex_core::devices::{PortBus, StandardConfig};
+use avex_core::guest::{CpuState, Fault, Guest, NotRam, Segment};
+use avex_core::policy::{ExitPolicy, VmcsControl, MSR_BITMAP_RANGES};
+
+use crate::ept::{Ept, GuestRam};
+use crate::logln;
+use crate::vmx::{self, alloc_page, ctl, field as f, phys, vmread, vmwrite, Caps, GuestRegs};
+
+const CR0_PE: u64 = 1 << 0;
+pub const CR0_TS: u64 = 1 << 3;
+const CR0_PG: u64 = 1 << 31;
+const CR4_VMXE: u64 = 1 << 13;
+const CR4_OSXSAVE: u64 = 1 << 18;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+
+/// Controls chosen, for the boot report.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Controls {
+    pub pin: u32,
+    pub proc: u32,
+    pub proc2: u32,
+    pub exit: u32,
+    pub entry: u32,
+}
+
+pub struct Vcpu {
+    pub caps: Caps,
+    pub regs: Box<GuestRegs>,
+    pub ram: GuestRam,
+    pub ept: Ept,
+    pub bus: PortBus,
+    pub launched: bool,
+    pub controls: Controls,
+    /// Guest writes to write-protected code pages (pages holding translations).
+    pub code_writes: u64,
+    /// Log every cluster run.
+    pub debug: bool,
+    /// Software-backed MSRs (those with no VMCS field and no hardware pass-through).
+    msrs: BTreeMap<u32, u64>,
+    xcr0: u64,
+    cr8: u64,
+    /// TSC at guest start and the TSC's rate, for the devices' virtual time.
+    tsc0: u64,
+    tsc_hz: u64,
+}
+
+fn rdtsc() -> u64 {
+    // SAFETY: RDTSC reads the time-stamp counter; no memory effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+fn read_cr2() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR2 has no side effects.
+    unsafe { asm!("mov {}, cr2", out(reg) v, options(nomem, nostack)) };
+    v
+}
+
+fn write_cr2(v: u64) {
+    // SAFETY: CR2 is the guest's (the hypervisor takes no page faults); writing it
+    // only changes what the guest reads.
+    unsafe { asm!("mov cr2, {}", in(reg) v, options(nomem, nostack)) };
+}
+
+fn sgdt_base() -> u64 {
+    x86_64::instructions::tables::sgdt().base.as_u64()
+}
+
+fn sidt_base() -> u64 {
+    x86_64::instructions::tables::sidt().base.as_u64()
+}
+
+/// MSRs the guest may use on the real CPU: the host never uses them.
+fn passthrough_msr(msr: u32) -> bool {
+    matches!(msr, 0xc000_0081..=0xc000_0084 | 0xc000_0102 | 0xc000_0103)
+}
+
+impl Vcpu {
+    /// Make the VMCS current and program it for `boot`'s initial state under `policy`.
+    pub fn new(caps: Caps, ram: GuestRam, boot: &BootImage, policy: &ExitPolicy, tsc_hz: u64) -> Result<Vcpu, String> {
+        let ept = Ept::new(&ram);
+        let vmcs = vmx::Vmcs::new(&caps)?;
+        logln!("vmx: VMCS at {:#x}, EPT pointer {:#x}", vmcs.pa, ept.eptp());
+        let mut v = Vcpu {
+            caps,
+            regs: GuestRegs::new(),
+            ram,
+            ept,
+            bus: PortBus::standard(StandardConfig::default()),
+            launched: false,
+            controls: Controls::default(),
+            code_writes: 0,
+            debug: false,
+            msrs: BTreeMap::new(),
+            xcr0: 1,
+            cr8: 0,
+            tsc0: rdtsc(),
+            tsc_hz: tsc_hz.max(1),
+        };
+        v.msrs.insert(0x1a0, 1); // IA32_MISC_ENABLE: fast strings
+        v.msrs.insert(0x277, 0x0007_0406_0007_0406); // IA32_PAT power-on value
+        v.setup_controls(policy)?;
+        v.setup_host();
+        v.setup_guest(boot);
+        Ok(v)
+    }
+
+    fn setup_controls(&mut self, policy: &ExitPolicy) -> Result<(), String> {
+        let c = self.caps;
+        let on = |ctl: VmcsControl| policy.control_enabled(ctl);
+        let pick = |ctl: VmcsControl, bit: u32| if on(ctl) { bit } else { 0 };
+
+        let (pin, _) = vmx::adjust(c.pin, ctl::PIN_EXTERNAL_INTERRUPT | ctl::PIN_NMI, 0, "pin-based controls")?;
+
+        let mut want = ctl::SECONDARY | ctl::USE_MSR_BITMAPS;
+        want |= pick(VmcsControl::HltExiting, ctl::HLT);
+        want |= pick(VmcsControl::InvlpgExiting, ctl::INVLPG);
+        want |= pick(VmcsControl::MwaitExiting, ctl::MWAIT);
+        want |= pick(VmcsControl::RdpmcExiting, ctl::RDPMC);
+        want |= pick(VmcsControl::RdtscExiting, ctl::RDTSC);
+        want |= pick(VmcsControl::Cr3LoadExiting, ctl::CR3_LOAD);
+        want |= pick(VmcsControl::Cr3StoreExiting, ctl::CR3_STORE);
+        want |= pick(VmcsControl::Cr8LoadExiting, ctl::CR8_LOAD);
+        want |= pick(VmcsControl::Cr8StoreExiting, ctl::CR8_STORE);
+        want |= pick(VmcsControl::MovDrExiting, ctl::MOV_DR);
+        want |= pick(VmcsControl::UnconditionalIoExiting, ctl::UNCOND_IO);
+        want |= pick(VmcsControl::MonitorExiting, ctl::MONITOR);
+        want |= pick(VmcsControl::PauseExiting, ctl::PAUSE);
+        // Without the I/O bitmaps and without unconditional I/O exiting no port
+        // access would exit; the policy decides which one it is.
+        let io = if on(VmcsControl::UseIoBitmaps) { ctl::USE_IO_BITMAPS } else { 0 };
+        want |= io;
+        let (proc, missing) = vmx::adjust(c.proc, want, ctl::SECONDARY | io | ctl::USE_MSR_BITMAPS, "processor-based controls")?;
+        if missing != 0 {
+            logln!("vmx: policy controls the CPU cannot set: {missing:#x} (those instructions run unintercepted)");
+        }
+        let forced = proc & !want;
+        if forced != 0 {
+            logln!("vmx: controls the CPU forces on beyond the policy: {forced:#x}");
+        }
+
+        let mut want2 = ctl::EPT | ctl::UNRESTRICTED;
+        want2 |= pick(VmcsControl::DescriptorTableExiting, ctl::DESC_TABLE);
+        want2 |= pick(VmcsControl::WbinvdExiting, ctl::WBINVD);
+        want2 |= pick(VmcsControl::RdrandExiting, ctl::RDRAND);
+        want2 |= pick(VmcsControl::RdseedExiting, ctl::RDSEED);
+        // Instructions that #UD unless enabled: enable them where the CPU can.
+        for opt in [ctl::RDTSCP, ctl::INVPCID, ctl::XSAVES] {
+            if Caps::allowed1(c.proc2, opt) {
+                want2 |= opt;
+            }
+        }
+        let (proc2, missing2) =
+            vmx::adjust(c.proc2, want2, ctl::EPT | ctl::UNRESTRICTED, "secondary processor-based controls")?;
+        if missing2 != 0 {
+            logln!("vmx: secondary controls the CPU cannot set: {missing2:#x}");
+        }
+        if c.ept_vpid & (1 << 6) == 0 {
+            return Err("EPT with a 4-level page walk is not supported".into());
+        }
+        if c.ept_vpid & (1 << 14) == 0 {
+            return Err("EPT write-back paging structures are not supported".into());
+        }
+
+        let (exit, _) = vmx::adjust(
+            c.exit,
+            ctl::EXIT_HOST_64 | ctl::EXIT_SAVE_EFER | ctl::EXIT_LOAD_EFER | ctl::EXIT_SAVE_DEBUG,
+            ctl::EXIT_HOST_64 | ctl::EXIT_SAVE_EFER | ctl::EXIT_LOAD_EFER,
+            "VM-exit controls",
+        )?;
+        let (entry, _) =
+            vmx::adjust(c.entry, ctl::ENTRY_LOAD_EFER | ctl::ENTRY_LOAD_DEBUG, ctl::ENTRY_LOAD_EFER, "VM-entry controls")?;
+
+        vmwrite(f::PIN_CONTROLS, u64::from(pin));
+        vmwrite(f::PROC_CONTROLS, u64::from(proc));
+        vmwrite(f::PROC_CONTROLS2, u64::from(proc2));
+        vmwrite(f::EXIT_CONTROLS, u64::from(exit));
+        vmwrite(f::ENTRY_CONTROLS, u64::from(entry));
+        self.controls = Controls { pin, proc, proc2, exit, entry };
+        logln!(
+            "vmx: controls pin {pin:#x} proc {proc:#x} proc2 {proc2:#x} exit {exit:#x} entry {entry:#x}"
+        );
+
+        vmwrite(f::EXCEPTION_BITMAP, 0);
+        vmwrite(f::CR3_TARGET_COUNT, 0);
+        vmwrite(f::EXIT_MSR_STORE_COUNT, 0);
+        vmwrite(f::EXIT_MSR_LOAD_COUNT, 0);
+        vmwrite(f::ENTRY_MSR_LOAD_COUNT, 0);
+        vmwrite(f::ENTRY_INTR_INFO, 0);
+        vmwrite(f::EPT_POINTER, self.ept.eptp());
+
+        // I/O bitmaps: a set bit makes the port exit.
+        let a = alloc_page();
+        let b = alloc_page();
+        for &(lo, hi) in policy.intercepted_ports().ranges() {
+            for port in lo..=hi.min(0xffff) {
+                let page = if port < 0x8000 { &mut *a } else { &mut *b };
+                let bit = (port & 0x7fff) as usize;
+                page.0[bit / 8] |= 1 << (bit % 8);
+            }
+        }
+        vmwrite(f::IO_BITMAP_A, phys(a));
+        vmwrite(f::IO_BITMAP_B, phys(b));
+
+        // MSR bitmap: read-low, read-high, write-low, write-high, 1 KiB each.
+        let m = alloc_page();
+        for &(lo, hi) in policy.intercepted_msrs().ranges() {
+            for (half, &(rlo, rhi)) in MSR_BITMAP_RANGES.iter().enumerate() {
+                let (s, e) = (lo.max(rlo), hi.min(rhi));
+                for msr in s..=e.min(rhi) {
+                    if s > e {
+                        break;
+                    }
+                    let bit = (msr - rlo) as usize;
+                    for base in [half * 1024, 2048 + half * 1024] {
+                        m.0[base + bit / 8] |= 1 << (bit % 8);
+                    }
+                }
+            }
+        }
+        vmwrite(f::MSR_BITMAP, phys(m));
+
+        // CR0/CR4: the policy's owned bits, plus every bit VMX fixes (the guest must
+        // not see or change those directly).
+        let cr0_fixed = c.cr0_fixed0 | !c.cr0_fixed1;
+        let cr4_fixed = c.cr4_fixed0 | !c.cr4_fixed1;
+        vmwrite(f::CR0_MASK, policy.cr0_guest_host_mask() | (cr0_fixed & !(CR0_PE | CR0_PG)));
+        vmwrite(f::CR4_MASK, policy.cr4_guest_host_mask() | cr4_fixed);
+        Ok(())
+    }
+
+    fn setup_host(&mut self) {
+        use x86_64::registers::control::{Cr0, Cr3, Cr4};
+        vmwrite(f::HOST_CR0, Cr0::read_raw());
+        vmwrite(f::HOST_CR3, Cr3::read_raw().0.start_address().as_u64());
+        vmwrite(f::HOST_CR4, Cr4::read_raw());
+        vmwrite(f::HOST_CS_SEL, u64::from(crate::cpu::CODE_SEL));
+        for sel in [f::HOST_SS_SEL, f::HOST_DS_SEL, f::HOST_ES_SEL, f::HOST_FS_SEL, f::HOST_GS_SEL] {
+            vmwrite(sel, u64::from(crate::cpu::DATA_SEL));
+        }
+        vmwrite(f::HOST_TR_SEL, u64::from(crate::cpu::TSS_SEL));
+        vmwrite(f::HOST_FS_BASE, 0);
+        vmwrite(f::HOST_GS_BASE, 0);
+        vmwrite(f::HOST_TR_BASE, crate::cpu::tss_base());
+        vmwrite(f::HOST_GDTR_BASE, sgdt_base());
+        vmwrite(f::HOST_IDTR_BASE, sidt_base());
+        vmwrite(f::HOST_SYSENTER_CS, 0);
+        vmwrite(f::HOST_SYSENTER_ESP, 0);
+        vmwrite(f::HOST_SYSENTER_EIP, 0);
+        // SAFETY: reading EFER, an architectural MSR.
+        let efer = unsafe { x86_64::registers::model_specific::Msr::new(vmx::IA32_EFER).read() };
+        vmwrite(f::HOST_EFER, efer);
+        vmwrite(f::HOST_RIP, vmx::exit_entry_address());
+        vmwrite(f::HOST_RSP, 0); // set by vmx_enter before each entry
+    }
+
+    fn setup_guest(&mut self, boot: &BootImage) {
+        vmwrite(f::VMCS_LINK_POINTER, u64::MAX);
+        vmwrite(f::GUEST_DEBUGCTL, 0);
+        vmwrite(f::GUEST_PAT, 0x0007_0406_0007_0406);
+        vmwrite(f::GUEST_DR7, 0x400);
+        vmwrite(f::GUEST_PENDING_DBG, 0);
+        vmwrite(f::GUEST_INTERRUPTIBILITY, 0);
+        vmwrite(f::GUEST_ACTIVITY, 0);
+        vmwrite(f::GUEST_SYSENTER_CS, 0);
+        vmwrite(f::GUEST_SYSENTER_ESP, 0);
+        vmwrite(f::GUEST_SYSENTER_EIP, 0);
+        vmwrite(f::GUEST_GDTR_BASE, boot.gdt_base);
+        vmwrite(f::GUEST_GDTR_LIMIT, u64::from(boot.gdt_limit));
+        vmwrite(f::GUEST_IDTR_BASE, 0);
+        vmwrite(f::GUEST_IDTR_LIMIT, 0);
+        // LDTR unusable; TR a busy TSS (VM entry requires a usable TR).
+        vmwrite(f::GUEST_LDTR_SEL, 0);
+        vmwrite(f::GUEST_LDTR_BASE, 0);
+        vmwrite(f::GUEST_LDTR_LIMIT, 0);
+        vmwrite(f::GUEST_LDTR_AR, 0x1_0000);
+        vmwrite(f::GUEST_TR_SEL, 0);
+        vmwrite(f::GUEST_TR_BASE, 0);
+        vmwrite(f::GUEST_TR_LIMIT, 0x67);
+        vmwrite(f::GUEST_TR_AR, 0x8b);
+        self.set_state(&boot.state);
+    }
+
+    /// The guest's TSC-derived virtual time for the device models.
+    pub fn now_ns(&self) -> u64 {
+        let ticks = rdtsc().wrapping_sub(self.tsc0);
+        ((u128::from(ticks) * 1_000_000_000) / u128::from(self.tsc_hz)) as u64
+    }
+
+    fn gpr(&self, i: usize) -> u64 {
+        if i == 4 {
+            vmread(f::GUEST_RSP)
+        } else {
+            self.regs.gpr[i]
+        }
+    }
+
+    pub fn set_gpr(&mut self, i: usize, v: u64) {
+        if i == 4 {
+            vmwrite(f::GUEST_RSP, v);
+        } else {
+            self.regs.gpr[i] = v;
+        }
+    }
+
+    pub fn gpr_value(&self, i: usize) -> u64 {
+        self.gpr(i)
+    }
+
+    /// Write CR0 as the guest sees it: the read shadow holds the guest's value, the
+    /// real CR0 that value with VMX's fixed bits (PE and PG are free under
+    /// unrestricted guest). EFER.LMA and the IA-32e entry control follow CR0.PG.
+    pub fn write_cr0(&mut self, cr0: u64) {
+        let real = vmx::fixed(cr0, self.caps.cr0_fixed0, self.caps.cr0_fixed1, CR0_PE | CR0_PG);
+        vmwrite(f::CR0_READ_SHADOW, cr0);
+        vmwrite(f::GUEST_CR0, real);
+        let efer = vmread(f::GUEST_EFER);
+        let lma = cr0 & CR0_PG != 0 && efer & EFER_LME != 0;
+        self.write_efer(if lma { efer | EFER_LMA } else { efer & !EFER_LMA });
+    }
+
+    pub fn write_cr4(&mut self, cr4: u64) {
+        let real = vmx::fixed(cr4 | CR4_VMXE, self.caps.cr4_fixed0, self.caps.cr4_fixed1, 0);
+        vmwrite(f::CR4_READ_SHADOW, cr4);
+        vmwrite(f::GUEST_CR4, real);
+    }
+
+    pub fn write_efer(&mut self, efer: u64) {
+        vmwrite(f::GUEST_EFER, efer);
+        let entry = vmread(f::ENTRY_CONTROLS) as u32;
+        let entry = if efer & EFER_LMA != 0 { entry | ctl::ENTRY_IA32E } else { entry & !ctl::ENTRY_IA32E };
+        vmwrite(f::ENTRY_CONTROLS, u64::from(entry));
+    }
+
+    pub fn cr8(&self) -> u64 {
+        self.cr8
+    }
+    pub fn set_cr8(&mut self, v: u64) {
+        self.cr8 = v & 0xf;
+    }
+
+    /// Make the guest take `fault` at the next VM entry instead of completing the
+    /// instruction.
+    pub fn inject(&mut self, fault: Fault) {
+        let (vector, code) = match fault {
+            Fault::GeneralProtection => (13u64, Some(0u32)),
+            Fault::InvalidOpcode => (6, None),
+            Fault::PageFault { addr, error_code } => {
+                write_cr2(addr);
+                (14, Some(error_code))
+            }
+        };
+        let mut info = vector | (3 << 8) | (1 << 31);
+        if let Some(code) = code {
+            info |= 1 << 11;
+            vmwrite(f::ENTRY_EXCEPTION_ERROR, u64::from(code));
+        }
+        vmwrite(f::ENTRY_INTR_INFO, info);
+    }
+
+    /// Flush translations the CPU cached from the EPT after a permission change.
+    pub fn invept(&self) {
+        vmx::invept(&self.caps, self.ept.eptp());
+    }
+}
+
+impl Guest for Vcpu {
+    fn state(&mut self) -> CpuState {
+        let mut gpr = [0u64; 16];
+        for (i, g) in gpr.iter_mut().enumerate() {
+            *g = self.gpr(i);
+        }
+        let mut seg = [Segment::default(); 6];
+        for (i, s) in seg.iter_mut().enumerate() {
+            let i = i as u64;
+            *s = Segment {
+                selector: vmread(f::seg_sel(i)) as u16,
+                base: vmread(f::seg_base(i)),
+                limit: vmread(f::seg_limit(i)) as u32,
+                attrs: vmread(f::seg_ar(i)) as u32,
+            };
+        }
+        CpuState {
+            gpr,
+            rip: vmread(f::GUEST_RIP),
+            rflags: vmread(f::GUEST_RFLAGS),
+            cr0: vmread(f::CR0_READ_SHADOW),
+            cr2: read_cr2(),
+            cr3: vmread(f::GUEST_CR3),
+            cr4: vmread(f::CR4_READ_SHADOW),
+            cr8: self.cr8,
+            efer: vmread(f::GUEST_EFER),
+            seg,
+        }
+    }
+
+    fn set_state(&mut self, s: &CpuState) {
+        for i in 0..16 {
+            self.set_gpr(i, s.gpr[i]);
+        }
+        vmwrite(f::GUEST_RIP, s.rip);
+        vmwrite(f::GUEST_RFLAGS, s.rflags | 2);
+        if s.cr2 != read_cr2() {
+            write_cr2(s.cr2);
+        }
+        vmwrite(f::GUEST_CR3, s.cr3);
+        self.write_cr4(s.cr4);
+        vmwrite(f::GUEST_EFER, s.efer);
+        self.write_cr0(s.cr0);
+        self.cr8 = s.cr8;
+        for (i, sg) in s.seg.iter().enumerate() {
+            let i = i as u64;
+            vmwrite(f::seg_sel(i), u64::from(sg.selector));
+            vmwrite(f::seg_base(i), sg.base);
+            vmwrite(f::seg_limit(i), u64::from(sg.limit));
+            vmwrite(f::seg_ar(i), u64::from(sg.attrs));
+        }
+    }
+
+    fn read_phys(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), NotRam> {
+        let r = self.ram.range(gpa, buf.len()).ok_or(NotRam { gpa })?;
+        buf.copy_from_slice(&self.ram.as_slice()[r]);
+        Ok(())
+    }
+
+    fn write_phys(&mut self, gpa: u64, data: &[u8]) -> Result<(), NotRam> {
+        let r = self.ram.range(gpa, data.len()).ok_or(NotRam { gpa })?;
+        self.ram.as_mut_slice()[r].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn port_in(&mut self, port: u16, size: u8) -> u32 {
+        let now = self.now_ns();
+        self.bus.read(port, size, now)
+    }
+
+    fn port_out(&mut self, port: u16, size: u8, value: u32) {
+        let now = self.now_ns();
+        self.bus.write(port, size, value, now);
+        let out = self.bus.take_console_output();
+        if !out.is_empty() {
+            crate::serial::console_write(&out);
+        }
+    }
+
+    fn rdmsr(&mut self, msr: u32) -> Result<u64, Fault> {
+        Ok(match msr {
+            0x10 => rdtsc(),
+            0x1b => 0xfee0_0900,
+            0x174 => vmread(f::GUEST_SYSENTER_CS),
+            0x175 => vmread(f::GUEST_SYSENTER_ESP),
+            0x176 => vmread(f::GUEST_SYSENTER_EIP),
+            0xc000_0080 => vmread(f::GUEST_EFER),
+            0xc000_0100 => vmread(f::seg_base(4)),
+            0xc000_0101 => vmread(f::seg_base(5)),
+            m if passthrough_msr(m) => {
+                // SAFETY: syscall/swapgs MSRs the hypervisor never uses; reading them
+                // has no effect on the host.
+                unsafe { x86_64::registers::model_specific::Msr::new(m).read() }
+            }
+            m => match self.msrs.get(&m) {
+                Some(&v) => v,
+                None => return Err(Fault::GeneralProtection),
+            },
+        })
+    }
+
+    fn wrmsr(&mut self, msr: u32, value: u64) -> Result<(), Fault> {
+        match msr {
+            0x10 | 0x1b => {}
+            0x174 => vmwrite(f::GUEST_SYSENTER_CS, value),
+            0x175 => vmwrite(f::GUEST_SYSENTER_ESP, value),
+            0x176 => vmwrite(f::GUEST_SYSENTER_EIP, value),
+            0xc000_0080 => {
+                // LMA is read-only; it follows LME and CR0.PG.
+                if value & !(0xd01) != 0 {
+                    return Err(Fault::GeneralProtection);
+                }
+                let lma = vmread(f::GUEST_EFER) & EFER_LMA;
+                self.write_efer((value & !EFER_LMA) | lma);
+            }
+            0xc000_0100 => vmwrite(f::seg_base(4), value),
+            0xc000_0101 => vmwrite(f::seg_base(5), value),
+            m if passthrough_msr(m) => {
+                // SAFETY: as in rdmsr; the value is the guest's own and only the
+                // guest's SYSCALL/SWAPGS/RDTSCP use it.
+                unsafe { x86_64::registers::model_specific::Msr::new(m).write(value) }
+            }
+            0x277 | 0x1a0 | 0x2ff | 0x200..=0x21f | 0x250..=0x26f => {
+                self.msrs.insert(msr, value);
+            }
+            _ => {
+                // Other MSRs: remembered, so a later read returns what was written.
+                self.msrs.insert(msr, value);
+            }
+        }
+        Ok(())
+    }
+
+    fn cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+        let (eax, ebx, mut ecx, edx) = (r.eax, r.ebx, r.ecx, r.edx);
+        if leaf == 1 {
+            ecx &= !(1 << 5); // no nested VMX
+            ecx |= 1 << 31; // running under a hypervisor
+            ecx &= !(1 << 27);
+            if vmread(f::CR4_READ_SHADOW) & CR4_OSXSAVE != 0 {
+                ecx |= 1 << 27;
+            }
+        }
+        [eax, ebx, ecx, edx]
+    }
+
+    fn tsc(&mut self) -> u64 {
+        rdtsc()
+    }
+
+    fn xgetbv(&mut self, index: u32) -> Result<u64, Fault> {
+        if index == 0 && vmread(f::CR4_READ_SHADOW) & CR4_OSXSAVE != 0 {
+            Ok(self.xcr0)
+        } else if index == 0 {
+            Err(Fault::InvalidOpcode)
+        } else {
+            Err(Fault::GeneralProtection)
+        }
+    }
+
+    fn xsetbv(&mut self, index: u32, value: u64) -> Result<(), Fault> {
+        if index != 0 || value & 1 == 0 || value & !0x7 != 0 || (value & 4 != 0 && value & 2 == 0) {
+            return Err(Fault::GeneralProtection);
+        }
+        self.xcr0 = value;
+        Ok(())
+    }
+
+    fn interrupt_pending(&mut self) -> bool {
+        false
+    }
+
+    fn invalidate_tlb(&mut self) {}
+}
