@@ -1,1 +1,537 @@
-//! (in progress)
+//! The backend-neutral exit handler.
+//!
+//! A backend turns its hardware's exit into an [`Exit`] and calls
+//! [`ExitHandler::handle`] with the exiting instruction's RIP. The handler performs
+//! the exit's own work through the [`Guest`] trait (device access, MSR, CPUID) and
+//! answers with the value the backend must complete the instruction with. When the
+//! RIP starts a translation (loaded ahead of time, or built now at the instruction's
+//! third exit), the answer also says [`Next::RunCluster`]: the backend completes the
+//! exiting instruction (its result written, RIP after it) and calls
+//! [`ExitHandler::run_cluster`], which runs the rest of the cluster with the engine
+//! and leaves the guest state at the cluster's end. Backends know no cluster rules:
+//! those belong to the translator and the engine.
+//!
+//! Statistics ([`ExitStats`]) are counted here for every backend.
+
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::fmt;
+
+use crate::cache::{Origin, TranslationCache};
+use crate::format::{self as tformat, TranslationSet};
+use crate::guest::{CpuState, Fault, Guest};
+use crate::ir::Bitness;
+use crate::policy::ExitPolicy;
+use crate::stats::ExitStats;
+use crate::tracker::{Tracker, TrackerConfig};
+
+/// One VM exit, as a backend reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// IN or OUT of `size` bytes (1, 2 or 4). `value` is the data written (OUT).
+    PortIo {
+        port: u16,
+        size: u8,
+        write: bool,
+        value: u32,
+    },
+    /// RDMSR or WRMSR; `value` is EDX:EAX for a write.
+    Msr {
+        msr: u32,
+        write: bool,
+        value: u64,
+    },
+    Cpuid {
+        leaf: u32,
+        subleaf: u32,
+    },
+    Hlt,
+    /// MOV to/from a control register (CLTS and LMSW included).
+    CrAccess {
+        cr: u8,
+        write: bool,
+    },
+    /// Anything else, with the backend's own reason number.
+    Other {
+        reason: u32,
+    },
+}
+
+impl Exit {
+    /// Reason name used in reports and JSON.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Exit::PortIo { write: false, .. } => "io_in",
+            Exit::PortIo { write: true, .. } => "io_out",
+            Exit::Msr { write: false, .. } => "rdmsr",
+            Exit::Msr { write: true, .. } => "wrmsr",
+            Exit::Cpuid { .. } => "cpuid",
+            Exit::Hlt => "hlt",
+            Exit::CrAccess { .. } => "cr_access",
+            Exit::Other { .. } => "other",
+        }
+    }
+}
+
+/// Clustering mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Every exit handled singly.
+    Off,
+    /// Translations built at run time only (the paper's scheme).
+    Dynamic,
+    /// Loaded translations only; nothing built at run time.
+    Aot,
+    /// Loaded translations, and run-time translation for exits they do not cover.
+    AotDynamic,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 4] = [Mode::Off, Mode::Dynamic, Mode::Aot, Mode::AotDynamic];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Off => "off",
+            Mode::Dynamic => "dynamic",
+            Mode::Aot => "aot",
+            Mode::AotDynamic => "aot+dynamic",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Mode> {
+        Mode::ALL.into_iter().find(|m| m.name() == s)
+    }
+    pub fn uses_aot(self) -> bool {
+        matches!(self, Mode::Aot | Mode::AotDynamic)
+    }
+    pub fn uses_dynamic(self) -> bool {
+        matches!(self, Mode::Dynamic | Mode::AotDynamic)
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What the backend does after [`ExitHandler::handle`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Complete the instruction and resume the guest.
+    Resume,
+    /// Complete the instruction (RIP after it, result written), then call
+    /// [`ExitHandler::run_cluster`] with this start RIP before resuming.
+    RunCluster { start: u64 },
+    /// The guest halted (HLT): the backend decides (wait for an interrupt, or stop).
+    Halt,
+}
+
+/// The handler's answer to one exit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reply {
+    /// The instruction's result: IN data (low `size` bytes), RDMSR value, or a fault
+    /// the backend injects instead of completing the instruction. `Ok(0)` for exits
+    /// without a result.
+    pub value: Result<u64, Fault>,
+    pub next: Next,
+}
+
+/// How a cluster run ended, for the backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterEnd {
+    /// Where the guest resumes.
+    pub rip: u64,
+    /// Exiting instructions the run executed (each an exit avoided).
+    pub exiting: u64,
+    /// Guest instructions the engine ran.
+    pub insns: u64,
+    /// Set when the run stopped early (fault delivered, unsupported instruction...).
+    pub early: Option<String>,
+}
+
+/// Limits on one cluster run (instructions), passed to the engine.
+pub const DEFAULT_INSN_BUDGET: u64 = 100_000;
+
+/// The exit handler: mode, translation cache, dynamic tracker and statistics.
+pub struct ExitHandler {
+    mode: Mode,
+    policy: ExitPolicy,
+    cache: TranslationCache,
+    tracker: Tracker,
+    stats: ExitStats,
+    /// A monotonic nanosecond clock for measuring translation work, if the backend has one.
+    clock: Option<fn() -> u64>,
+    insn_budget: u64,
+}
+
+impl fmt::Debug for ExitHandler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExitHandler")
+            .field("mode", &self.mode)
+            .field("translations", &self.cache.len())
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl ExitHandler {
+    pub fn new(mode: Mode, policy: ExitPolicy) -> Self {
+        ExitHandler {
+            mode,
+            policy,
+            cache: TranslationCache::new(),
+            tracker: Tracker::new(TrackerConfig::default()),
+            stats: ExitStats::default(),
+            clock: None,
+            insn_budget: DEFAULT_INSN_BUDGET,
+        }
+    }
+
+    /// Give the handler a monotonic clock (ns) to time run-time translation.
+    pub fn with_clock(mut self, clock: fn() -> u64) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+    pub fn policy(&self) -> &ExitPolicy {
+        &self.policy
+    }
+    pub fn stats(&self) -> &ExitStats {
+        &self.stats
+    }
+    pub fn stats_mut(&mut self) -> &mut ExitStats {
+        &mut self.stats
+    }
+    pub fn cache(&self) -> &TranslationCache {
+        &self.cache
+    }
+
+    /// Load a decoded translation set made ahead of time. It is checked against the
+    /// running guest's identity ([`tformat::identity_of_segments`]) and the policy;
+    /// a rejected set leaves the guest on dynamic clustering (if the mode has it)
+    /// and the reason is kept in the statistics and returned. In modes without AOT
+    /// nothing is loaded.
+    pub fn load_translations(
+        &mut self,
+        set: TranslationSet,
+        guest_digest: &[u8; 32],
+    ) -> Result<usize, String> {
+        if !self.mode.uses_aot() {
+            return Ok(0);
+        }
+        if let Err(r) = tformat::check_against(&set, guest_digest, &self.policy.fingerprint()) {
+            let why = r.to_string();
+            self.stats.translations_rejected = Some(why.clone());
+            return Err(why);
+        }
+        let n = self.cache.load_set(set);
+        self.stats.translations_loaded += n as u64;
+        Ok(n)
+    }
+
+    /// Record that loading failed before a set could be decoded (damaged section).
+    pub fn reject_translations(&mut self, why: String) {
+        self.stats.translations_rejected = Some(why);
+    }
+
+    /// Count an exit that the backend handled itself (string I/O, MMIO, ...).
+    pub fn count_exit(&mut self, reason: &'static str) {
+        self.stats.count_exit(reason);
+    }
+
+    /// Handle one exit of the instruction at `rip`.
+    pub fn handle<G: Guest + ?Sized>(&mut self, exit: &Exit, rip: u64, guest: &mut G) -> Reply {
+        self.stats.count_exit(exit.reason());
+        let value = match *exit {
+            Exit::PortIo {
+                port,
+                size,
+                write: false,
+                ..
+            } => Ok(u64::from(guest.port_in(port, size))),
+            Exit::PortIo {
+                port,
+                size,
+                write: true,
+                value,
+            } => {
+                guest.port_out(port, size, value);
+                Ok(0)
+            }
+            Exit::Msr {
+                msr, write: false, ..
+            } => guest.rdmsr(msr),
+            Exit::Msr {
+                msr,
+                write: true,
+                value,
+            } => guest.wrmsr(msr, value).map(|()| 0),
+            Exit::Cpuid { leaf, subleaf } => {
+                let r = guest.cpuid(leaf, subleaf);
+                // EAX | EBX << 32 is of no use to a backend: it reads the four
+                // registers itself through `Guest::cpuid`; report EAX.
+                Ok(u64::from(r[0]))
+            }
+            Exit::Hlt => {
+                return Reply {
+                    value: Ok(0),
+                    next: Next::Halt,
+                }
+            }
+            Exit::CrAccess { .. } | Exit::Other { .. } => Ok(0),
+        };
+        let next = if value.is_ok() && self.mode != Mode::Off {
+            self.cluster_for(rip, guest)
+        } else {
+            Next::Resume
+        };
+        Reply { value, next }
+    }
+
+    /// The translation to run after the exit at `rip`, building one at the
+    /// instruction's third exit in dynamic modes.
+    fn cluster_for<G: Guest + ?Sized>(&mut self, rip: u64, guest: &mut G) -> Next {
+        if self.cache.lookup(rip).is_some() {
+            return Next::RunCluster { start: rip };
+        }
+        if !self.mode.uses_dynamic() {
+            return Next::Resume;
+        }
+        let state = guest.state();
+        let mut bytes = [0u8; 15];
+        let n = fetch_code(guest, &state, rip, &mut bytes);
+        if n == 0 {
+            return Next::Resume;
+        }
+        let len = seam::insn_len(&bytes[..n], bitness_of(&state), rip).unwrap_or(n);
+        let obs = self.tracker.observe(rip, &bytes[..len.min(n)]);
+        if !obs.translate {
+            return Next::Resume;
+        }
+        let t0 = self.clock.map(|c| c());
+        let built = self.build(rip, &state, guest);
+        if let (Some(t0), Some(c)) = (t0, self.clock) {
+            self.stats.translate_ns += c().saturating_sub(t0);
+        }
+        match built {
+            Some(cluster) => {
+                self.stats.translate_insns += cluster.insns.len() as u64;
+                if self.cache.insert(cluster, Origin::Dynamic).is_ok() {
+                    self.stats.translations_built += 1;
+                    Next::RunCluster { start: rip }
+                } else {
+                    self.stats.translation_failures += 1;
+                    Next::Resume
+                }
+            }
+            None => {
+                self.stats.translation_failures += 1;
+                Next::Resume
+            }
+        }
+    }
+
+    /// Translate the cluster starting at `rip`: fetch the guest code through its page
+    /// tables and hand it to the translator.
+    fn build<G: Guest + ?Sized>(
+        &mut self,
+        rip: u64,
+        state: &CpuState,
+        guest: &mut G,
+    ) -> Option<crate::ir::Cluster> {
+        let mut code = Vec::new();
+        code.resize(seam::MAX_FETCH, 0);
+        let n = fetch_code(guest, state, rip, &mut code);
+        code.truncate(n);
+        seam::translate(&self.policy, &code, rip, bitness_of(state))
+    }
+
+    /// Run the translation starting at `start` after the backend completed the
+    /// exiting instruction (the guest's RIP is now after it). The guest state is left
+    /// where the cluster ended.
+    pub fn run_cluster<G: Guest + ?Sized>(&mut self, start: u64, guest: &mut G) -> ClusterEnd {
+        let Some(entry) = self.cache.lookup(start) else {
+            let rip = guest.state().rip;
+            return ClusterEnd {
+                rip,
+                exiting: 0,
+                insns: 0,
+                early: Some("no translation".into()),
+            };
+        };
+        let origin = entry.origin;
+        let cluster = &entry.cluster;
+        let state = guest.state();
+        // The cluster's bytes must still be the guest's (checked byte by byte).
+        let mut now = Vec::new();
+        now.resize(cluster.guest_bytes.len(), 0);
+        let got = fetch_code(guest, &state, cluster.start, &mut now);
+        if got != now.len() || now != cluster.guest_bytes {
+            let bytes0 = cluster
+                .guest_bytes
+                .get(..cluster.insns[0].len as usize)
+                .map(<[u8]>::to_vec);
+            self.cache.remove(start);
+            if let Some(b) = bytes0 {
+                self.tracker.forget(start, &b);
+            }
+            self.stats.stale_dropped += 1;
+            return ClusterEnd {
+                rip: state.rip,
+                exiting: 0,
+                insns: 0,
+                early: Some("stale".into()),
+            };
+        }
+        let Some(index) = cluster.insns.iter().position(|i| i.rip == state.rip) else {
+            // The exiting instruction was the cluster's last.
+            return ClusterEnd {
+                rip: state.rip,
+                exiting: 0,
+                insns: 0,
+                early: None,
+            };
+        };
+        let out = seam::run(cluster, guest, index, self.insn_budget);
+        self.stats.clusters_run += 1;
+        match origin {
+            Origin::Aot => self.stats.clusters_run_aot += 1,
+            Origin::Dynamic => self.stats.clusters_run_dynamic += 1,
+        }
+        let mut exiting = 0;
+        for (class, n) in out.exiting {
+            self.stats.count_in_cluster(class, n);
+            exiting += n;
+        }
+        let insns = out.insns;
+        self.stats.cluster_insns += insns;
+        let early = out.early;
+        if let Some(why) = &early {
+            self.stats.count_early_stop(why.clone());
+        }
+        ClusterEnd {
+            rip: out.rip,
+            exiting,
+            insns,
+            early,
+        }
+    }
+}
+
+/// The code size of the guest's current mode.
+pub fn bitness_of(state: &CpuState) -> Bitness {
+    let cs = state.segment(crate::ir::Seg::Cs);
+    if state.efer & (1 << 10) != 0 && cs.long() {
+        Bitness::B64
+    } else if state.cr0 & 1 != 0 && cs.db() {
+        Bitness::B32
+    } else {
+        Bitness::B16
+    }
+}
+
+/// Read guest code at `rip` (CS-relative) through the guest's page tables into
+/// `buf`; returns how many bytes could be read (stops at the first unmapped byte).
+pub fn fetch_code<G: Guest + ?Sized>(
+    guest: &mut G,
+    state: &CpuState,
+    rip: u64,
+    buf: &mut [u8],
+) -> usize {
+    let base = match bitness_of(state) {
+        Bitness::B64 => 0,
+        _ => state.segment(crate::ir::Seg::Cs).base,
+    };
+    let mut done = 0;
+    while done < buf.len() {
+        let la = base.wrapping_add(rip).wrapping_add(done as u64);
+        let Some(pa) = seam::translate_fetch(guest, state, la) else {
+            break;
+        };
+        let in_page = (0x1000 - (la & 0xfff)) as usize;
+        let n = in_page.min(buf.len() - done);
+        if guest.read_phys(pa, &mut buf[done..done + n]).is_err() {
+            break;
+        }
+        done += n;
+    }
+    done
+}
+
+impl fmt::Display for ClusterEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "cluster ran {} instructions ({} exiting), resumes at {:#x}",
+            self.insns, self.exiting, self.rip
+        )?;
+        if let Some(e) = &self.early {
+            write!(f, ", stopped early: {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The seams to the translator and the engine (their APIs land alongside).
+mod seam {
+    use super::*;
+
+    /// Most guest code bytes fetched for one translation.
+    pub const MAX_FETCH: usize = 512;
+
+    /// Length of the instruction at the start of `code`.
+    pub fn insn_len(_code: &[u8], _bitness: Bitness, _rip: u64) -> Option<usize> {
+        None
+    }
+
+    /// Translate the cluster starting at `rip`.
+    pub fn translate(
+        _policy: &ExitPolicy,
+        _code: &[u8],
+        _rip: u64,
+        _bitness: Bitness,
+    ) -> Option<crate::ir::Cluster> {
+        None
+    }
+
+    pub struct Ran {
+        pub rip: u64,
+        pub insns: u64,
+        pub exiting: Vec<(&'static str, u64)>,
+        pub early: Option<String>,
+    }
+
+    /// Run `cluster` from instruction `index` on `guest`.
+    pub fn run<G: Guest + ?Sized>(
+        _cluster: &crate::ir::Cluster,
+        guest: &mut G,
+        _index: usize,
+        _budget: u64,
+    ) -> Ran {
+        Ran {
+            rip: guest.state().rip,
+            insns: 0,
+            exiting: Vec::new(),
+            early: Some(format!("engine not built yet")),
+        }
+    }
+
+    /// Guest-physical address of linear address `la` for an instruction fetch.
+    pub fn translate_fetch<G: Guest + ?Sized>(
+        _guest: &mut G,
+        state: &CpuState,
+        la: u64,
+    ) -> Option<u64> {
+        // Until the engine's MMU is wired in: identity for paging off, else a
+        // 4-level walk of 2 MiB/1 GiB/4 KiB pages.
+        if state.cr0 & (1 << 31) == 0 {
+            return Some(la & 0xffff_ffff);
+        }
+        let _ = la;
+        None
+    }
+}

@@ -1,1 +1,180 @@
-//! (in progress)
+//! Exit statistics, counted the same way by every backend (DESIGN.md, "How results
+//! are counted"):
+//!
+//! - **exits**: VM exits the hardware took. The VT-x hypervisor counts the exits its
+//!   handler sees; the KVM backend reads the vCPU's `exits` statistic from
+//!   `KVM_GET_STATS_FD` and keeps the exits to user space apart
+//!   ([`ExitStats::hardware_exits`] and [`ExitStats::handled`]).
+//! - **exit-prone executions**: exits plus exiting instructions run inside clusters.
+//! - **avoided**: exit-prone executions minus exits.
+//! - **reduction**: avoided / exit-prone executions.
+
+use alloc::collections::BTreeMap;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+/// Counters kept by the exit handler (backend-neutral) plus the hardware exit count
+/// the backend fills in.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExitStats {
+    /// Exits the handler saw, by reason name (`io_in`, `io_out`, `rdmsr`, ...).
+    pub by_reason: BTreeMap<&'static str, u64>,
+    /// Exits the handler saw (for KVM: exits to user space that reached it).
+    pub handled: u64,
+    /// VM exits the hardware took, when the backend knows a number beyond the
+    /// handled ones (KVM: the `exits` statistic). `None`: `handled` is the count.
+    pub hardware_exits: Option<u64>,
+    /// Exiting instructions run inside clusters (each would have been an exit).
+    pub in_cluster_exiting: u64,
+    /// The same, by exit-class name (`IN`, `OUT`, `CPUID`, ...).
+    pub in_cluster_by_class: BTreeMap<&'static str, u64>,
+    /// Cluster runs started.
+    pub clusters_run: u64,
+    /// Cluster runs by where the translation came from.
+    pub clusters_run_aot: u64,
+    pub clusters_run_dynamic: u64,
+    /// Instructions (exiting and gap fillers) the engine ran inside clusters.
+    pub cluster_insns: u64,
+    /// Cluster runs that stopped before their natural end (fault, unsupported
+    /// instruction, budget, pending interrupt, ...), by stop reason.
+    pub early_stops: BTreeMap<String, u64>,
+    /// Translations loaded from a pre-analyzed image (accepted into the cache).
+    pub translations_loaded: u64,
+    /// Why a loaded translation set was rejected, if it was.
+    pub translations_rejected: Option<String>,
+    /// Translations built at run time by the dynamic tracker + translator.
+    pub translations_built: u64,
+    /// Dynamic translation attempts that produced no cluster.
+    pub translation_failures: u64,
+    /// Run-time translation work: nanoseconds spent in the translator (0 when the
+    /// backend gave the handler no clock) and guest instructions decoded into IR.
+    pub translate_ns: u64,
+    pub translate_insns: u64,
+    /// Translations dropped because the guest bytes they cover changed.
+    pub stale_dropped: u64,
+}
+
+impl ExitStats {
+    /// VM exits taken: the hardware count if the backend has one, else the handled ones.
+    pub fn exits(&self) -> u64 {
+        self.hardware_exits.unwrap_or(self.handled)
+    }
+    /// Exits plus exiting instructions run inside clusters.
+    pub fn exit_prone(&self) -> u64 {
+        self.exits() + self.in_cluster_exiting
+    }
+    /// Exit-prone executions minus exits.
+    pub fn avoided(&self) -> u64 {
+        self.exit_prone() - self.exits()
+    }
+    /// avoided / exit-prone executions, in 0.0..=1.0 (0 when nothing was exit-prone).
+    pub fn reduction(&self) -> f64 {
+        match self.exit_prone() {
+            0 => 0.0,
+            p => self.avoided() as f64 / p as f64,
+        }
+    }
+
+    pub(crate) fn count_exit(&mut self, reason: &'static str) {
+        self.handled += 1;
+        *self.by_reason.entry(reason).or_insert(0) += 1;
+    }
+
+    pub(crate) fn count_in_cluster(&mut self, class: &'static str, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.in_cluster_exiting += n;
+        *self.in_cluster_by_class.entry(class).or_insert(0) += n;
+    }
+
+    pub(crate) fn count_early_stop(&mut self, why: String) {
+        *self.early_stops.entry(why).or_insert(0) += 1;
+    }
+
+    /// A multi-line human summary (what `avex run` prints on stderr).
+    pub fn summary(&self) -> String {
+        use core::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(s, "exits:                  {}", self.exits());
+        if self.hardware_exits.is_some() {
+            let _ = writeln!(s, "  to the exit handler:  {}", self.handled);
+        }
+        let reasons: Vec<String> = self
+            .by_reason
+            .iter()
+            .map(|(k, v)| alloc::format!("{k} {v}"))
+            .collect();
+        if !reasons.is_empty() {
+            let _ = writeln!(s, "  by reason:            {}", reasons.join(", "));
+        }
+        let _ = writeln!(s, "exit-prone executions:  {}", self.exit_prone());
+        let _ = writeln!(
+            s,
+            "avoided:                {} ({:.1}%)",
+            self.avoided(),
+            self.reduction() * 100.0
+        );
+        let _ = writeln!(
+            s,
+            "clusters run:           {} (aot {}, dynamic {}), {} instructions inside",
+            self.clusters_run, self.clusters_run_aot, self.clusters_run_dynamic, self.cluster_insns
+        );
+        if !self.early_stops.is_empty() {
+            let stops: Vec<String> = self
+                .early_stops
+                .iter()
+                .map(|(k, v)| alloc::format!("{k} {v}"))
+                .collect();
+            let _ = writeln!(s, "  stopped early:        {}", stops.join(", "));
+        }
+        let _ = writeln!(s, "translations loaded:    {}", self.translations_loaded);
+        if let Some(r) = &self.translations_rejected {
+            let _ = writeln!(s, "  rejected:             {r}");
+        }
+        let _ = writeln!(
+            s,
+            "translations built:     {} ({} failed; {} instructions, {:.3} ms of translation work)",
+            self.translations_built,
+            self.translation_failures,
+            self.translate_insns,
+            self.translate_ns as f64 / 1e6
+        );
+        if self.stale_dropped > 0 {
+            let _ = writeln!(s, "stale translations:     {}", self.stale_dropped);
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_follow_the_design_definitions() {
+        let mut s = ExitStats::default();
+        s.count_exit("io_out");
+        s.count_exit("io_out");
+        s.count_exit("io_in");
+        s.count_in_cluster("OUT", 7);
+        assert_eq!(s.exits(), 3);
+        assert_eq!(s.exit_prone(), 10);
+        assert_eq!(s.avoided(), 7);
+        assert!((s.reduction() - 0.7).abs() < 1e-9);
+        assert_eq!(s.by_reason["io_out"], 2);
+        // A hardware count overrides the handled count for "exits".
+        s.hardware_exits = Some(5);
+        assert_eq!(s.exits(), 5);
+        assert_eq!(s.exit_prone(), 12);
+        assert_eq!(s.avoided(), 7);
+        assert!(s.summary().contains("avoided:                7"));
+    }
+
+    #[test]
+    fn nothing_exit_prone_is_zero_reduction() {
+        let s = ExitStats::default();
+        assert_eq!(s.reduction(), 0.0);
+        assert_eq!(s.avoided(), 0);
+    }
+}

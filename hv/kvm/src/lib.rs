@@ -1,1 +1,729 @@
-//! (in progress)
+//! avex's hosted backend on `/dev/kvm` (rust-vmm's `kvm-ioctls`).
+//!
+//! One VM, one vCPU, guest RAM mmap'd at guest-physical 0 and loaded by the boot
+//! ABI (`avex_core::boot`), the standard device models on a [`PortBus`], CPUID from
+//! KVM's supported table, and user-space MSR exits (`KVM_CAP_X86_USER_SPACE_MSR` +
+//! `KVM_X86_SET_MSR_FILTER`) for the MSRs the exit policy intercepts.
+//!
+//! Exits to user space become [`avex_core::exit::Exit`]s for the backend-neutral
+//! [`ExitHandler`]. When the handler says an exit's RIP starts a translation, the
+//! backend completes the pending I/O or MSR access per `kvm_run` (IN data, RDMSR
+//! value), completes the instruction without running guest code (`immediate_exit`
+//! = 1: KVM_RUN returns EINTR with RIP after the instruction — checked every time),
+//! and lets the handler run the rest of the cluster through the [`Guest`] trait.
+//!
+//! Exits are counted from the vCPU's `KVM_GET_STATS_FD` statistics (`exits` and
+//! the per-kind counters), with the exits to user space counted apart.
+
+mod kstats;
+mod mem;
+mod vcpu;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Once};
+use std::time::{Duration, Instant};
+
+use avex_core::boot::{self, BootError};
+use avex_core::devices::{PortBus, StandardConfig};
+use avex_core::exit::{Exit, ExitHandler, Mode, Next};
+use avex_core::format::{Hex, TranslationSet};
+use avex_core::guest::Guest;
+use avex_core::policy::{ExitPolicy, MSR_BITMAP_RANGES};
+use avex_core::stats::ExitStats;
+use kvm_bindings::{
+    kvm_enable_cap, kvm_userspace_memory_region, KVM_CAP_X86_USER_SPACE_MSR,
+    KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_IO, KVM_EXIT_IO_OUT, KVM_MAX_CPUID_ENTRIES,
+    KVM_MSR_EXIT_REASON_FILTER,
+};
+use kvm_ioctls::{
+    Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuExit, VcpuFd, VmFd,
+};
+
+pub use kstats::VcpuStats;
+pub use mem::GuestRam;
+pub use vcpu::KvmGuest;
+
+/// Default guest RAM: 32 MiB.
+pub const DEFAULT_RAM_BYTES: usize = 32 << 20;
+
+/// How to run a guest.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub mode: Mode,
+    pub policy: ExitPolicy,
+    pub ram_bytes: usize,
+    pub cmdline: String,
+    /// Wall-clock limit for the whole run.
+    pub timeout: Option<Duration>,
+    pub devices: StandardConfig,
+    /// Translations made ahead of time: a decoded set, or why it could not be
+    /// decoded (the guest then runs on dynamic clustering where the mode allows).
+    pub translations: Option<Result<TranslationSet, String>>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            mode: Mode::Dynamic,
+            policy: ExitPolicy::default(),
+            ram_bytes: DEFAULT_RAM_BYTES,
+            cmdline: String::new(),
+            timeout: Some(Duration::from_secs(60)),
+            devices: StandardConfig::default(),
+            translations: None,
+        }
+    }
+}
+
+/// Whether guest MSR accesses reach user space.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MsrExits {
+    /// The policy intercepts no MSR.
+    NotNeeded,
+    /// Enabled: MSRs the policy intercepts exit to avex.
+    Enabled,
+    /// The host refused (the reason): KVM handles every MSR itself.
+    Unsupported(String),
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// The guest's debug-exit status.
+    pub status: u8,
+    pub mode: Mode,
+    /// Counters of the exit handler, with `hardware_exits` from KVM's `exits`.
+    pub stats: ExitStats,
+    /// KVM_RUN calls that returned to user space with an exit (immediate-exit
+    /// completions not included).
+    pub user_exits: u64,
+    /// KVM_RUN calls made only to complete an instruction before a cluster.
+    pub completions: u64,
+    /// Changes of the vCPU's KVM statistics over the run (`exits`, `io_exits`, ...).
+    pub kvm_stats: BTreeMap<String, u64>,
+    pub msr_exits: MsrExits,
+    /// Every console byte the guest wrote.
+    pub console: Vec<u8>,
+    /// Wall time of the run (boot to debug exit).
+    pub seconds: f64,
+}
+
+/// Why a guest could not be run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("/dev/kvm is not available ({0}): the KVM backend needs a host with KVM")]
+    NoKvm(String),
+    #[error("no permission to open /dev/kvm ({0}): run as a user in the kvm group, or as root")]
+    NoPermission(String),
+    #[error("KVM_GET_API_VERSION returned {0}, need 12")]
+    ApiVersion(i32),
+    #[error("{what} failed: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot allocate {bytes} bytes of guest RAM: {source}")]
+    Memory {
+        bytes: usize,
+        source: std::io::Error,
+    },
+    #[error("cannot load the guest: {0}")]
+    Boot(BootError),
+    #[error(
+        "KVM could not run the guest's instruction at RIP {rip:#x} (bytes {bytes}): \
+         KVM_EXIT_INTERNAL_ERROR, suberror {suberror}{hint}"
+    )]
+    InternalError {
+        rip: u64,
+        bytes: String,
+        suberror: u32,
+        hint: &'static str,
+    },
+    #[error("the guest shut down (triple fault) at RIP {rip:#x}")]
+    Shutdown { rip: u64 },
+    #[error(
+        "the guest halted with interrupts off at RIP {rip:#x} without writing the debug-exit port"
+    )]
+    Halted { rip: u64 },
+    #[error("the guest ran past the timeout of {secs:.1} s (RIP {rip:#x})")]
+    Timeout { secs: f64, rip: u64 },
+    #[error("VM entry failed: hardware reason {reason:#x}")]
+    FailEntry { reason: u64 },
+    #[error("unexpected exit at RIP {rip:#x}: {what}")]
+    Unexpected { rip: u64, what: String },
+    #[error("vCPU register access failed: {0}")]
+    Register(String),
+    #[error("the vCPU thread died: {0}")]
+    Thread(String),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { what, source }
+}
+
+/// Open /dev/kvm, with a clear message when it is missing or not permitted.
+pub fn open_kvm() -> Result<Kvm, Error> {
+    match Kvm::new() {
+        Ok(k) => {
+            let v = k.get_api_version();
+            if v != 12 {
+                return Err(Error::ApiVersion(v));
+            }
+            Ok(k)
+        }
+        Err(e) if e.errno() == libc::EACCES || e.errno() == libc::EPERM => {
+            Err(Error::NoPermission(e.to_string()))
+        }
+        Err(e) => Err(Error::NoKvm(e.to_string())),
+    }
+}
+
+/// Whether this host can run the KVM backend; `Err` says why not.
+pub fn available() -> Result<(), Error> {
+    open_kvm().map(|_| ())
+}
+
+/// One guest on one vCPU. Created and run on the same thread (the device models
+/// are not `Send`); [`run`] does that on a thread of its own.
+pub struct Vm {
+    // Field order matters for drop: the vCPU and VM fds go before guest RAM.
+    guest: KvmGuest,
+    _vm: VmFd,
+    _kvm: Kvm,
+    handler: ExitHandler,
+    stats: Option<VcpuStats>,
+    msr_exits: MsrExits,
+    user_exits: u64,
+    completions: u64,
+    run_size: usize,
+    console: Vec<u8>,
+}
+
+fn monotonic_ns() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+impl Vm {
+    /// Create the VM, load `elf` by the boot ABI and set the vCPU up.
+    pub fn new(elf: &[u8], config: &Config) -> Result<Vm, Error> {
+        let kvm = open_kvm()?;
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let mut ram = GuestRam::new(config.ram_bytes).map_err(|source| Error::Memory {
+            bytes: config.ram_bytes,
+            source,
+        })?;
+        let image = boot::load(elf, ram.as_mut_slice(), &config.cmdline).map_err(Error::Boot)?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: ram.len() as u64,
+            userspace_addr: ram.host_addr(),
+        };
+        // SAFETY: the region is exactly the live mapping `ram` owns; `Vm` drops the
+        // VM fd (and with it the slot) before `ram` (field order).
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+
+        let msr_exits = setup_msr_exits(&kvm, &vm, &config.policy);
+        let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        let mut regs = vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+        vcpu::apply_state(&image.state, &mut regs, &mut sregs);
+        sregs.gdt.base = image.gdt_base;
+        sregs.gdt.limit = image.gdt_limit;
+        sregs.idt.base = 0;
+        sregs.idt.limit = 0;
+        vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+        vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        let stats = VcpuStats::open(&vcpu);
+        let run_size = kvm
+            .get_vcpu_mmap_size()
+            .map_err(kvm_err("KVM_GET_VCPU_MMAP_SIZE"))?;
+
+        let mut handler =
+            ExitHandler::new(config.mode, config.policy.clone()).with_clock(monotonic_ns);
+        match &config.translations {
+            None => {}
+            Some(Err(why)) => handler.reject_translations(why.clone()),
+            Some(Ok(set)) => {
+                let digest = boot::identity(elf).map_err(Error::Boot)?;
+                // A rejected set is recorded in the statistics; the guest runs on.
+                let _ = handler.load_translations(set.clone(), &digest);
+            }
+        }
+        let bus = PortBus::standard(config.devices.clone());
+        Ok(Vm {
+            guest: KvmGuest::new(vcpu, ram, bus),
+            _vm: vm,
+            _kvm: kvm,
+            handler,
+            stats,
+            msr_exits,
+            user_exits: 0,
+            completions: 0,
+            run_size,
+            console: Vec::new(),
+        })
+    }
+
+    pub fn handler(&self) -> &ExitHandler {
+        &self.handler
+    }
+    pub fn guest_mut(&mut self) -> &mut KvmGuest {
+        &mut self.guest
+    }
+
+    /// Run until the guest writes the debug-exit port (its status is returned), or
+    /// fails. `console` gets the guest's console bytes as they come; `stop` ends the
+    /// run with [`Error::Timeout`] when set (a signal kicks the vCPU out of KVM_RUN).
+    pub fn run(
+        &mut self,
+        console: &mut dyn FnMut(&[u8]),
+        stop: &AtomicBool,
+        timeout_secs: f64,
+    ) -> Result<Report, Error> {
+        let before = self
+            .stats
+            .as_ref()
+            .map(|s| s.read_all())
+            .unwrap_or_default();
+        let t0 = Instant::now();
+        let status = self.run_loop(console, stop, timeout_secs);
+        let seconds = t0.elapsed().as_secs_f64();
+        let after = self
+            .stats
+            .as_ref()
+            .map(|s| s.read_all())
+            .unwrap_or_default();
+        let status = status?;
+        let kvm_stats = kstats::delta(&before, &after);
+        let mut stats = self.handler.stats().clone();
+        stats.hardware_exits = kvm_stats.get("exits").copied();
+        Ok(Report {
+            status,
+            mode: self.handler.mode(),
+            stats,
+            user_exits: self.user_exits,
+            completions: self.completions,
+            kvm_stats,
+            msr_exits: self.msr_exits.clone(),
+            console: std::mem::take(&mut self.console),
+            seconds,
+        })
+    }
+
+    fn flush_console(&mut self, console: &mut dyn FnMut(&[u8])) {
+        if let Some(u) = self.guest.bus_mut().uart_mut() {
+            let out = u.take_output();
+            if !out.is_empty() {
+                console(&out);
+                self.console.extend_from_slice(&out);
+            }
+        }
+    }
+
+    fn debug_exit(&self) -> Option<u8> {
+        self.guest.bus().debug_exit().and_then(|d| d.exit_status())
+    }
+
+    fn run_loop(
+        &mut self,
+        console: &mut dyn FnMut(&[u8]),
+        stop: &AtomicBool,
+        timeout_secs: f64,
+    ) -> Result<u8, Error> {
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                self.guest.invalidate();
+                let rip = self.guest.rip();
+                return Err(Error::Timeout {
+                    secs: timeout_secs,
+                    rip,
+                });
+            }
+            self.guest.invalidate();
+            let event = match self.guest.vcpu.run() {
+                Ok(VcpuExit::IoIn(..)) | Ok(VcpuExit::IoOut(..)) => Event::Io,
+                Ok(VcpuExit::X86Rdmsr(m)) => Event::RdMsr { index: m.index },
+                Ok(VcpuExit::X86Wrmsr(m)) => Event::WrMsr {
+                    index: m.index,
+                    data: m.data,
+                },
+                Ok(VcpuExit::Hlt) => Event::Hlt,
+                Ok(VcpuExit::Shutdown) => Event::Shutdown,
+                Ok(VcpuExit::InternalError) => Event::Internal,
+                Ok(VcpuExit::FailEntry(reason, _)) => return Err(Error::FailEntry { reason }),
+                Ok(VcpuExit::MmioRead(_, data)) => {
+                    data.fill(0xff);
+                    Event::Mmio
+                }
+                Ok(VcpuExit::MmioWrite(..)) => Event::Mmio,
+                Ok(VcpuExit::Intr) => Event::Interrupted,
+                Ok(other) => Event::Other(format!("{other:?}")),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    Event::Interrupted
+                }
+                Err(e) => return Err(kvm_err("KVM_RUN")(e)),
+            };
+            if !matches!(event, Event::Interrupted) {
+                self.user_exits += 1;
+            }
+            match event {
+                Event::Io => self.on_io()?,
+                Event::RdMsr { index } => self.on_msr(index, false, 0)?,
+                Event::WrMsr { index, data } => self.on_msr(index, true, data)?,
+                Event::Hlt => {
+                    self.handler.count_exit("hlt");
+                    self.flush_console(console);
+                    if let Some(s) = self.debug_exit() {
+                        return Ok(s);
+                    }
+                    let rip = self.guest.rip();
+                    return Err(Error::Halted { rip });
+                }
+                Event::Shutdown => {
+                    let rip = self.guest.rip();
+                    self.flush_console(console);
+                    return Err(Error::Shutdown { rip });
+                }
+                Event::Internal => {
+                    self.flush_console(console);
+                    return Err(self.internal_error());
+                }
+                Event::Mmio => self.handler.count_exit("mmio"),
+                Event::Interrupted => {}
+                Event::Other(what) => {
+                    let rip = self.guest.rip();
+                    return Err(Error::Unexpected { rip, what });
+                }
+            }
+            if let Some(e) = self.guest.error.take() {
+                return Err(Error::Register(e.0));
+            }
+            self.flush_console(console);
+            if let Some(s) = self.debug_exit() {
+                return Ok(s);
+            }
+        }
+    }
+
+    /// The I/O exit now in `kvm_run`.
+    fn on_io(&mut self) -> Result<(), Error> {
+        let io = io_info(&mut self.guest.vcpu);
+        let write = u32::from(io.direction) == KVM_EXIT_IO_OUT;
+        let size = io.size;
+        let len = io.count as usize * size as usize;
+        let off = io.data_offset as usize;
+        if off.checked_add(len).is_none_or(|end| end > self.run_size) || len == 0 {
+            let rip = self.guest.rip();
+            return Err(Error::Unexpected {
+                rip,
+                what: format!("I/O data at offset {off:#x}, {len} bytes, outside kvm_run"),
+            });
+        }
+        if io.count != 1 || !matches!(size, 1 | 2 | 4) {
+            // String I/O (INS/OUTS): every element goes to the bus; handled singly.
+            self.handler.count_exit(if write {
+                "io_out_string"
+            } else {
+                "io_in_string"
+            });
+            let data = io_data(&mut self.guest.vcpu, off, len);
+            let mut buf = data.to_vec();
+            for chunk in buf.chunks_mut(size as usize) {
+                if write {
+                    let mut v = [0u8; 4];
+                    v[..chunk.len()].copy_from_slice(chunk);
+                    self.guest.port_out(io.port, size, u32::from_le_bytes(v));
+                } else {
+                    let v = self.guest.port_in(io.port, size).to_le_bytes();
+                    chunk.copy_from_slice(&v[..chunk.len()]);
+                }
+            }
+            if !write {
+                io_data(&mut self.guest.vcpu, off, len).copy_from_slice(&buf);
+            }
+            return Ok(());
+        }
+        let value = if write {
+            let data = io_data(&mut self.guest.vcpu, off, len);
+            let mut v = [0u8; 4];
+            v[..len].copy_from_slice(data);
+            u32::from_le_bytes(v)
+        } else {
+            0
+        };
+        let exit = Exit::PortIo {
+            port: io.port,
+            size,
+            write,
+            value,
+        };
+        let rip = if self.handler.mode() == Mode::Off {
+            0
+        } else {
+            self.guest.rip()
+        };
+        let reply = self.handler.handle(&exit, rip, &mut self.guest);
+        if !write {
+            let v = (reply.value.unwrap_or(u64::MAX) as u32).to_le_bytes();
+            io_data(&mut self.guest.vcpu, off, len).copy_from_slice(&v[..len]);
+        }
+        self.after_reply(reply.next, rip)
+    }
+
+    fn on_msr(&mut self, index: u32, write: bool, data: u64) -> Result<(), Error> {
+        let exit = Exit::Msr {
+            msr: index,
+            write,
+            value: data,
+        };
+        let rip = if self.handler.mode() == Mode::Off {
+            0
+        } else {
+            self.guest.rip()
+        };
+        let reply = self.handler.handle(&exit, rip, &mut self.guest);
+        let run = self.guest.vcpu.get_kvm_run();
+        // Writing a union field of plain integers: no invalid value can result.
+        match reply.value {
+            Ok(v) => {
+                run.__bindgen_anon_1.msr.data = if write { data } else { v };
+                run.__bindgen_anon_1.msr.error = 0;
+            }
+            Err(_) => run.__bindgen_anon_1.msr.error = 1,
+        }
+        if reply.value.is_err() {
+            return Ok(());
+        }
+        self.after_reply(reply.next, rip)
+    }
+
+    /// After the handler answered: run a cluster if it said so.
+    fn after_reply(&mut self, next: Next, exit_rip: u64) -> Result<(), Error> {
+        let Next::RunCluster { start } = next else {
+            return Ok(());
+        };
+        self.complete_instruction(exit_rip)?;
+        self.handler.run_cluster(start, &mut self.guest);
+        Ok(())
+    }
+
+    /// Finish the exiting instruction inside KVM (its result is in `kvm_run`)
+    /// without running guest code: KVM_RUN with `immediate_exit` set returns EINTR
+    /// once the pending completion is done.
+    fn complete_instruction(&mut self, exit_rip: u64) -> Result<(), Error> {
+        self.guest.vcpu.set_kvm_immediate_exit(1);
+        let r = self.guest.vcpu.run().map(|e| format!("{e:?}"));
+        self.guest.vcpu.set_kvm_immediate_exit(0);
+        self.completions += 1;
+        self.guest.invalidate();
+        match r {
+            Err(e) if e.errno() == libc::EINTR => {}
+            Err(e) => return Err(kvm_err("KVM_RUN (completing an instruction)")(e)),
+            Ok(what) => {
+                return Err(Error::Unexpected {
+                    rip: exit_rip,
+                    what: format!("KVM_RUN with immediate_exit ran the guest: {what}"),
+                })
+            }
+        }
+        let rip = self.guest.rip();
+        if rip == exit_rip {
+            return Err(Error::Unexpected {
+                rip,
+                what: "KVM_RUN with immediate_exit did not complete the exiting instruction".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn internal_error(&mut self) -> Error {
+        let run = self.guest.vcpu.get_kvm_run();
+        let suberror = if run.exit_reason == KVM_EXIT_INTERNAL_ERROR {
+            // SAFETY: exit_reason says the `internal` member of the union is the one
+            // KVM wrote; it is plain integers.
+            unsafe { run.__bindgen_anon_1.internal.suberror }
+        } else {
+            0
+        };
+        let state = self.guest.state();
+        let mut bytes = [0u8; 15];
+        let n = avex_core::exit::fetch_code(&mut self.guest, &state, state.rip, &mut bytes);
+        let hint = if suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
+            " (KVM's instruction emulator cannot run this instruction; guests for the KVM \
+             backend here must use general-purpose instructions only, no SSE/x87)"
+        } else {
+            ""
+        };
+        Error::InternalError {
+            rip: state.rip,
+            bytes: if n == 0 {
+                "unreadable".into()
+            } else {
+                Hex(&bytes[..n]).to_string()
+            },
+            suberror,
+            hint,
+        }
+    }
+}
+
+enum Event {
+    Io,
+    RdMsr { index: u32 },
+    WrMsr { index: u32, data: u64 },
+    Hlt,
+    Shutdown,
+    Internal,
+    Mmio,
+    Interrupted,
+    Other(String),
+}
+
+fn io_info(vcpu: &mut VcpuFd) -> kvm_bindings::kvm_run__bindgen_ty_1__bindgen_ty_4 {
+    let run = vcpu.get_kvm_run();
+    debug_assert_eq!(run.exit_reason, KVM_EXIT_IO);
+    // SAFETY: called only right after KVM_RUN returned KVM_EXIT_IO, so `io` is the
+    // union member KVM wrote; it is plain integers.
+    unsafe { run.__bindgen_anon_1.io }
+}
+
+/// The I/O data area of the vCPU's `kvm_run` mapping.
+fn io_data(vcpu: &mut VcpuFd, off: usize, len: usize) -> &mut [u8] {
+    let base = vcpu.get_kvm_run() as *mut kvm_bindings::kvm_run as *mut u8;
+    // SAFETY: KVM's `data_offset` points into the vCPU's kvm_run mapping, which
+    // stays mapped as long as the VcpuFd borrowed here; the caller checked
+    // `off + len <= KVM_GET_VCPU_MMAP_SIZE`. The vCPU is not running (we hold
+    // `&mut VcpuFd`), so nothing else accesses the bytes during the borrow.
+    unsafe { std::slice::from_raw_parts_mut(base.add(off), len) }
+}
+
+/// Ask KVM to send guest accesses to the MSRs the policy intercepts to user space.
+fn setup_msr_exits(kvm: &Kvm, vm: &VmFd, policy: &ExitPolicy) -> MsrExits {
+    if !policy.any_msr_exits() {
+        return MsrExits::NotNeeded;
+    }
+    if !kvm.check_extension(Cap::X86UserSpaceMsr) || !kvm.check_extension(Cap::X86MsrFilter) {
+        return MsrExits::Unsupported(
+            "the host lacks KVM_CAP_X86_USER_SPACE_MSR or KVM_CAP_X86_MSR_FILTER".into(),
+        );
+    }
+    let cap = kvm_enable_cap {
+        cap: KVM_CAP_X86_USER_SPACE_MSR,
+        args: [u64::from(KVM_MSR_EXIT_REASON_FILTER), 0, 0, 0],
+        ..Default::default()
+    };
+    if let Err(e) = vm.enable_cap(&cap) {
+        return MsrExits::Unsupported(format!("KVM_ENABLE_CAP(X86_USER_SPACE_MSR): {e}"));
+    }
+    // One bitmap per MSR-bitmap range: a set bit lets KVM handle the MSR, a clear
+    // bit sends the access to user space.
+    let bitmaps: Vec<(u32, Vec<u8>)> = MSR_BITMAP_RANGES
+        .iter()
+        .map(|&(first, last)| {
+            let count = last - first + 1;
+            let mut bm = vec![0u8; count.div_ceil(8) as usize];
+            for i in 0..count {
+                if !policy.msr_exits(first + i) {
+                    bm[(i / 8) as usize] |= 1 << (i % 8);
+                }
+            }
+            (first, bm)
+        })
+        .collect();
+    let ranges: Vec<MsrFilterRange> = bitmaps
+        .iter()
+        .map(|(first, bm)| MsrFilterRange {
+            flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
+            base: *first,
+            msr_count: (bm.len() * 8) as u32,
+            bitmap: bm,
+        })
+        .collect();
+    // MSRs outside the bitmap ranges always exit under VT-x.
+    let default = if policy.msr_exits(0x4000_0000) {
+        MsrFilterDefaultAction::DENY
+    } else {
+        MsrFilterDefaultAction::ALLOW
+    };
+    match vm.set_msr_filter(default, &ranges) {
+        Ok(()) => MsrExits::Enabled,
+        Err(e) => MsrExits::Unsupported(format!("KVM_X86_SET_MSR_FILTER: {e}")),
+    }
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN() + 2
+}
+
+/// Boot `elf` on KVM and run it to its debug exit, streaming console bytes to
+/// `console` as they come. The vCPU runs on a thread of its own so that the
+/// timeout can kick it out of KVM_RUN.
+pub fn run(elf: &[u8], config: &Config, console: &mut dyn FnMut(&[u8])) -> Result<Report, Error> {
+    // Fail early, with the clear message, on this thread.
+    available()?;
+    static REGISTER: Once = Once::new();
+    REGISTER.call_once(|| {
+        let _ = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler);
+    });
+    enum Msg {
+        Console(Vec<u8>),
+    }
+    let (tx, rx) = mpsc::channel::<Msg>();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let elf = elf.to_vec();
+    let config = config.clone();
+    let timeout_secs = config.timeout.map_or(0.0, |t| t.as_secs_f64());
+    let deadline = config.timeout.map(|t| Instant::now() + t);
+    let handle = std::thread::Builder::new()
+        .name("avex-vcpu".into())
+        .spawn(move || -> Result<Report, Error> {
+            let mut vm = Vm::new(&elf, &config)?;
+            let mut sink = |b: &[u8]| {
+                let _ = tx.send(Msg::Console(b.to_vec()));
+            };
+            vm.run(&mut sink, &stop2, timeout_secs)
+        })
+        .map_err(|e| Error::Thread(e.to_string()))?;
+    loop {
+        let wait = match deadline {
+            Some(d) => d
+                .saturating_duration_since(Instant::now())
+                .clamp(Duration::from_millis(1), Duration::from_millis(100)),
+            None => Duration::from_millis(100),
+        };
+        match rx.recv_timeout(wait) {
+            Ok(Msg::Console(b)) => console(&b),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    stop.store(true, Ordering::Relaxed);
+                    use vmm_sys_util::signal::Killable;
+                    let _ = handle.kill(kick_signal());
+                }
+            }
+        }
+    }
+    handle
+        .join()
+        .map_err(|_| Error::Thread("the vCPU thread panicked".into()))?
+}
+
+/// Is an `Err` of [`run`] about the host (no KVM), not the guest?
+pub fn is_unavailable(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::NoKvm(_) | Error::NoPermission(_) | Error::ApiVersion(_)
+    )
+}

@@ -1,0 +1,405 @@
+//! The KVM vCPU as an avex [`Guest`]: registers through KVM_GET/SET_(S)REGS, guest
+//! memory through the mmap, port I/O to the device models, MSRs through
+//! KVM_GET/SET_MSRS, CPUID from the vCPU's own table (KVM_GET_CPUID2, which KVM
+//! keeps updated as CR4 and XCR0 change), XCRs through KVM_GET/SET_XCRS.
+
+use std::time::Instant;
+
+use avex_core::devices::PortBus;
+use avex_core::guest::{CpuState, Fault, Guest, NotRam, Segment};
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs, KVM_MAX_CPUID_ENTRIES,
+};
+use kvm_ioctls::VcpuFd;
+
+use crate::mem::GuestRam;
+
+/// IA32_TIME_STAMP_COUNTER.
+const MSR_TSC: u32 = 0x10;
+/// `kvm_cpuid_entry2.flags`: the entry depends on the subleaf (ECX).
+const KVM_CPUID_FLAG_SIGNIFICANT_INDEX: u32 = 1;
+
+pub(crate) fn to_kvm_segment(s: &Segment) -> kvm_segment {
+    let a = s.attrs;
+    kvm_segment {
+        base: s.base,
+        limit: s.limit,
+        selector: s.selector,
+        type_: (a & 0xf) as u8,
+        s: ((a >> 4) & 1) as u8,
+        dpl: ((a >> 5) & 3) as u8,
+        present: ((a >> 7) & 1) as u8,
+        avl: ((a >> 12) & 1) as u8,
+        l: ((a >> 13) & 1) as u8,
+        db: ((a >> 14) & 1) as u8,
+        g: ((a >> 15) & 1) as u8,
+        unusable: ((a >> 16) & 1) as u8,
+        padding: 0,
+    }
+}
+
+pub(crate) fn from_kvm_segment(k: &kvm_segment) -> Segment {
+    let attrs = u32::from(k.type_ & 0xf)
+        | u32::from(k.s & 1) << 4
+        | u32::from(k.dpl & 3) << 5
+        | u32::from(k.present & 1) << 7
+        | u32::from(k.avl & 1) << 12
+        | u32::from(k.l & 1) << 13
+        | u32::from(k.db & 1) << 14
+        | u32::from(k.g & 1) << 15
+        | u32::from(k.unusable & 1) << 16;
+    Segment {
+        selector: k.selector,
+        base: k.base,
+        limit: k.limit,
+        attrs,
+    }
+}
+
+/// Put `st` into KVM register structures, keeping the fields avex does not model
+/// (TR, LDTR, GDTR, IDTR, APIC base, pending interrupts) from `sregs`.
+pub(crate) fn apply_state(st: &CpuState, regs: &mut kvm_regs, sregs: &mut kvm_sregs) {
+    let g = &st.gpr;
+    regs.rax = g[0];
+    regs.rcx = g[1];
+    regs.rdx = g[2];
+    regs.rbx = g[3];
+    regs.rsp = g[4];
+    regs.rbp = g[5];
+    regs.rsi = g[6];
+    regs.rdi = g[7];
+    regs.r8 = g[8];
+    regs.r9 = g[9];
+    regs.r10 = g[10];
+    regs.r11 = g[11];
+    regs.r12 = g[12];
+    regs.r13 = g[13];
+    regs.r14 = g[14];
+    regs.r15 = g[15];
+    regs.rip = st.rip;
+    regs.rflags = st.rflags;
+    sregs.es = to_kvm_segment(&st.seg[0]);
+    sregs.cs = to_kvm_segment(&st.seg[1]);
+    sregs.ss = to_kvm_segment(&st.seg[2]);
+    sregs.ds = to_kvm_segment(&st.seg[3]);
+    sregs.fs = to_kvm_segment(&st.seg[4]);
+    sregs.gs = to_kvm_segment(&st.seg[5]);
+    sregs.cr0 = st.cr0;
+    sregs.cr2 = st.cr2;
+    sregs.cr3 = st.cr3;
+    sregs.cr4 = st.cr4;
+    sregs.cr8 = st.cr8;
+    sregs.efer = st.efer;
+}
+
+pub(crate) fn read_state(regs: &kvm_regs, sregs: &kvm_sregs) -> CpuState {
+    CpuState {
+        gpr: [
+            regs.rax, regs.rcx, regs.rdx, regs.rbx, regs.rsp, regs.rbp, regs.rsi, regs.rdi,
+            regs.r8, regs.r9, regs.r10, regs.r11, regs.r12, regs.r13, regs.r14, regs.r15,
+        ],
+        rip: regs.rip,
+        rflags: regs.rflags,
+        cr0: sregs.cr0,
+        cr2: sregs.cr2,
+        cr3: sregs.cr3,
+        cr4: sregs.cr4,
+        cr8: sregs.cr8,
+        efer: sregs.efer,
+        seg: [
+            from_kvm_segment(&sregs.es),
+            from_kvm_segment(&sregs.cs),
+            from_kvm_segment(&sregs.ss),
+            from_kvm_segment(&sregs.ds),
+            from_kvm_segment(&sregs.fs),
+            from_kvm_segment(&sregs.gs),
+        ],
+    }
+}
+
+/// A register-access failure inside a [`Guest`] call (which cannot return errors):
+/// remembered and reported by the run loop after the call.
+#[derive(Debug, Clone)]
+pub struct DeferredError(pub String);
+
+/// The KVM vCPU with its memory and devices.
+pub struct KvmGuest {
+    pub(crate) vcpu: VcpuFd,
+    pub(crate) ram: GuestRam,
+    pub(crate) bus: PortBus,
+    start: Instant,
+    /// KVM's register state as last read or written (invalid once the vCPU ran).
+    cached: Option<(kvm_regs, kvm_sregs)>,
+    /// The vCPU's CPUID table as last read (invalid once CR4/XCR0 may have changed).
+    cpuid: Option<Vec<kvm_cpuid_entry2>>,
+    pub(crate) error: Option<DeferredError>,
+}
+
+impl KvmGuest {
+    pub(crate) fn new(vcpu: VcpuFd, ram: GuestRam, bus: PortBus) -> Self {
+        KvmGuest {
+            vcpu,
+            ram,
+            bus,
+            start: Instant::now(),
+            cached: None,
+            cpuid: None,
+            error: None,
+        }
+    }
+
+    /// Virtual time for the devices: host monotonic nanoseconds since start.
+    pub fn now_ns(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    pub fn bus(&self) -> &PortBus {
+        &self.bus
+    }
+    pub fn bus_mut(&mut self) -> &mut PortBus {
+        &mut self.bus
+    }
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// Forget cached vCPU state: call before every KVM_RUN returns control to the guest.
+    pub(crate) fn invalidate(&mut self) {
+        self.cached = None;
+        self.cpuid = None;
+    }
+
+    fn fail(&mut self, what: &str, e: impl std::fmt::Display) {
+        if self.error.is_none() {
+            self.error = Some(DeferredError(format!("{what}: {e}")));
+        }
+    }
+
+    fn regs(&mut self) -> (kvm_regs, kvm_sregs) {
+        if let Some(c) = self.cached {
+            return c;
+        }
+        let regs = match self.vcpu.get_regs() {
+            Ok(r) => r,
+            Err(e) => {
+                self.fail("KVM_GET_REGS", e);
+                kvm_regs::default()
+            }
+        };
+        let sregs = match self.vcpu.get_sregs() {
+            Ok(s) => s,
+            Err(e) => {
+                self.fail("KVM_GET_SREGS", e);
+                kvm_sregs::default()
+            }
+        };
+        self.cached = Some((regs, sregs));
+        (regs, sregs)
+    }
+
+    /// RIP now (one KVM_GET_REGS unless cached).
+    pub fn rip(&mut self) -> u64 {
+        self.regs().0.rip
+    }
+
+    fn cpuid_table(&mut self) -> &[kvm_cpuid_entry2] {
+        if self.cpuid.is_none() {
+            let t = match self.vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES) {
+                Ok(c) => c.as_slice().to_vec(),
+                Err(e) => {
+                    self.fail("KVM_GET_CPUID2", e);
+                    Vec::new()
+                }
+            };
+            self.cpuid = Some(t);
+        }
+        self.cpuid.as_deref().unwrap_or(&[])
+    }
+}
+
+impl Guest for KvmGuest {
+    fn state(&mut self) -> CpuState {
+        let (r, s) = self.regs();
+        read_state(&r, &s)
+    }
+
+    fn set_state(&mut self, state: &CpuState) {
+        let (old_r, old_s) = self.regs();
+        let (mut r, mut s) = (old_r, old_s);
+        apply_state(state, &mut r, &mut s);
+        if r != old_r {
+            if let Err(e) = self.vcpu.set_regs(&r) {
+                self.fail("KVM_SET_REGS", e);
+            }
+        }
+        if s != old_s {
+            if let Err(e) = self.vcpu.set_sregs(&s) {
+                self.fail("KVM_SET_SREGS", e);
+            }
+            // CR4 may have changed: KVM's CPUID table follows it.
+            self.cpuid = None;
+        }
+        self.cached = Some((r, s));
+    }
+
+    fn read_phys(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), NotRam> {
+        self.ram.read(gpa, buf)
+    }
+
+    fn write_phys(&mut self, gpa: u64, data: &[u8]) -> Result<(), NotRam> {
+        self.ram.write(gpa, data)
+    }
+
+    fn port_in(&mut self, port: u16, size: u8) -> u32 {
+        let now = self.now_ns();
+        self.bus.read(port, size, now)
+    }
+
+    fn port_out(&mut self, port: u16, size: u8, value: u32) {
+        let now = self.now_ns();
+        self.bus.write(port, size, value, now)
+    }
+
+    fn rdmsr(&mut self, msr: u32) -> Result<u64, Fault> {
+        let mut m = Msrs::from_entries(&[kvm_msr_entry {
+            index: msr,
+            ..Default::default()
+        }])
+        .map_err(|_| Fault::GeneralProtection)?;
+        match self.vcpu.get_msrs(&mut m) {
+            Ok(1) => Ok(m.as_slice()[0].data),
+            _ => Err(Fault::GeneralProtection),
+        }
+    }
+
+    fn wrmsr(&mut self, msr: u32, value: u64) -> Result<(), Fault> {
+        let m = Msrs::from_entries(&[kvm_msr_entry {
+            index: msr,
+            data: value,
+            ..Default::default()
+        }])
+        .map_err(|_| Fault::GeneralProtection)?;
+        match self.vcpu.set_msrs(&m) {
+            Ok(1) => {
+                // EFER and friends live in sregs too.
+                self.cached = None;
+                Ok(())
+            }
+            _ => Err(Fault::GeneralProtection),
+        }
+    }
+
+    fn cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        let table = self.cpuid_table();
+        let hit = |e: &&kvm_cpuid_entry2| {
+            e.function == leaf
+                && (e.flags & KVM_CPUID_FLAG_SIGNIFICANT_INDEX == 0 || e.index == subleaf)
+        };
+        if let Some(e) = table.iter().find(hit) {
+            return [e.eax, e.ebx, e.ecx, e.edx];
+        }
+        // Past the last basic leaf, Intel CPUs answer with the highest basic leaf;
+        // KVM does the same (kvm_cpuid with the out-of-range rule).
+        let max_basic = table.iter().find(|e| e.function == 0).map_or(0, |e| e.eax);
+        let in_range = if leaf >= 0x8000_0000 {
+            table
+                .iter()
+                .find(|e| e.function == 0x8000_0000)
+                .is_some_and(|e| leaf <= e.eax)
+        } else {
+            leaf <= max_basic
+        };
+        if !in_range {
+            if let Some(e) = table.iter().find(|e| {
+                e.function == max_basic
+                    && (e.flags & KVM_CPUID_FLAG_SIGNIFICANT_INDEX == 0 || e.index == subleaf)
+            }) {
+                return [e.eax, e.ebx, e.ecx, e.edx];
+            }
+        }
+        [0; 4]
+    }
+
+    fn tsc(&mut self) -> u64 {
+        match self.rdmsr(MSR_TSC) {
+            Ok(v) => v,
+            Err(_) => {
+                self.fail("reading the TSC", "KVM_GET_MSRS failed");
+                0
+            }
+        }
+    }
+
+    fn xgetbv(&mut self, index: u32) -> Result<u64, Fault> {
+        let x = self.vcpu.get_xcrs().map_err(|_| Fault::GeneralProtection)?;
+        x.xcrs[..(x.nr_xcrs as usize).min(x.xcrs.len())]
+            .iter()
+            .find(|c| c.xcr == index)
+            .map(|c| c.value)
+            .ok_or(Fault::GeneralProtection)
+    }
+
+    fn xsetbv(&mut self, index: u32, value: u64) -> Result<(), Fault> {
+        let mut x = self.vcpu.get_xcrs().map_err(|_| Fault::GeneralProtection)?;
+        let n = (x.nr_xcrs as usize).min(x.xcrs.len());
+        let Some(c) = x.xcrs[..n].iter_mut().find(|c| c.xcr == index) else {
+            return Err(Fault::GeneralProtection);
+        };
+        c.value = value;
+        self.vcpu
+            .set_xcrs(&x)
+            .map_err(|_| Fault::GeneralProtection)?;
+        self.cpuid = None;
+        Ok(())
+    }
+
+    fn interrupt_pending(&mut self) -> bool {
+        // No interrupt controller is wired to the vCPU: nothing is ever pending.
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use avex_core::boot::{ATTR_CODE32, ATTR_CODE64, ATTR_DATA};
+
+    #[test]
+    fn segment_attributes_round_trip() {
+        for attrs in [ATTR_CODE64, ATTR_CODE32, ATTR_DATA, 0x1_0000, 0x8b, 0x82] {
+            let s = Segment {
+                selector: 0x28,
+                base: 0x1234_5000,
+                limit: 0xffff,
+                attrs,
+            };
+            let k = to_kvm_segment(&s);
+            assert_eq!(from_kvm_segment(&k), s, "attrs {attrs:#x}");
+        }
+        let k = to_kvm_segment(&Segment {
+            attrs: ATTR_CODE64,
+            ..Default::default()
+        });
+        assert_eq!((k.l, k.db, k.present, k.s, k.type_), (1, 0, 1, 1, 0xb));
+    }
+
+    #[test]
+    fn state_round_trips_through_kvm_structures() {
+        let mut st = CpuState::default();
+        for (i, g) in st.gpr.iter_mut().enumerate() {
+            *g = 0x1111 * (i as u64 + 1);
+        }
+        st.rip = 0x10_0000;
+        st.rflags = 0x202;
+        st.cr0 = 0x8000_0011;
+        st.cr3 = 0x9000;
+        st.cr4 = 0x20;
+        st.efer = 0x500;
+        st.seg[1].attrs = ATTR_CODE64;
+        let (mut r, mut s) = (kvm_regs::default(), kvm_sregs::default());
+        s.tr.selector = 0x77; // kept
+        apply_state(&st, &mut r, &mut s);
+        assert_eq!(read_state(&r, &s), st);
+        assert_eq!(s.tr.selector, 0x77);
+    }
+}
