@@ -12,7 +12,7 @@ use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use core::any::Any;
 
-use super::debug_exit::DebugExit;
+use super::debug_exit::{DebugExit, PostCode};
 use super::pci::{PciBus, PciConfig};
 use super::pic::Pic;
 use super::pit::Pit;
@@ -33,7 +33,7 @@ pub enum IrqOutput {
 }
 
 /// A device on the port bus.
-pub trait PortDevice: Any {
+pub trait PortDevice: Any + Send {
     /// A short name for reports.
     fn name(&self) -> &'static str;
     /// Read `size` bytes (1, 2 or 4) at the absolute `port`; the low `size` bytes of
@@ -49,6 +49,12 @@ pub trait PortDevice: Any {
     /// The device's interrupt output at `now_ns`.
     fn irq(&mut self, _now_ns: u64) -> IrqOutput {
         IrqOutput::None
+    }
+    /// The earliest virtual time at or after `now_ns` at which the device's
+    /// interrupt output may change on its own (a timer expiring), if any; a backend
+    /// halting the guest (HLT) can sleep until then.
+    fn next_event_ns(&self, _now_ns: u64) -> Option<u64> {
+        None
     }
 }
 
@@ -148,13 +154,18 @@ impl PortBus {
         Self::default()
     }
 
-    /// The standard PC set: 8259 pair at 0x20/0xa0, 8254 at 0x40 and port 0x61,
-    /// RTC/CMOS at 0x70, 16550 COM1, PCI mechanism #1 at 0xcf8, debug exit.
+    /// The standard PC set: 8259 pair at 0x20/0xa0 (ELCR at 0x4d0), 8254 at 0x40
+    /// and port 0x61, RTC/CMOS at 0x70, 16550 COM1, PCI mechanism #1 at 0xcf8, the
+    /// debug exit, and the POST code port 0x80 (Linux's I/O delay port).
     pub fn standard(config: StandardConfig) -> Self {
         let mut bus = PortBus::new();
-        let std_ranges: [(&[PortRange], Box<dyn PortDevice>); 6] = [
+        let std_ranges: [(&[PortRange], Box<dyn PortDevice>); 7] = [
             (
-                &[PortRange::new(0x20, 2), PortRange::new(0xa0, 2)],
+                &[
+                    PortRange::new(0x20, 2),
+                    PortRange::new(0xa0, 2),
+                    PortRange::new(0x4d0, 2),
+                ],
                 Box::new(Pic::new()),
             ),
             (
@@ -174,6 +185,7 @@ impl PortBus {
                 &[PortRange::new(config.debug_exit_port, 1)],
                 Box::new(DebugExit::new(config.debug_exit_port)),
             ),
+            (&[PortRange::new(0x80, 1)], Box::new(PostCode::new())),
         ];
         for (ranges, dev) in std_ranges {
             // A clash can only come from a configured COM1 or debug-exit port that
@@ -414,21 +426,16 @@ impl PortBus {
     /// with it. Does nothing without a PIC.
     pub fn update_irqs(&mut self, now_ns: u64) {
         let Some(pic) = self.pic else { return };
-        let mut events: Vec<IrqOutput> = Vec::new();
-        for (i, d) in self.devices.iter_mut().enumerate() {
-            if i != pic {
-                match d.irq(now_ns) {
-                    IrqOutput::None => {}
-                    e => events.push(e),
-                }
-            }
-        }
-        let pic: &mut dyn Any = self.devices[pic].as_mut();
+        let (before, rest) = self.devices.split_at_mut(pic);
+        let Some((pic, after)) = rest.split_first_mut() else {
+            return;
+        };
+        let pic: &mut dyn Any = pic.as_mut();
         let Some(pic) = pic.downcast_mut::<Pic>() else {
             return;
         };
-        for e in events {
-            match e {
+        for d in before.iter_mut().chain(after.iter_mut()) {
+            match d.irq(now_ns) {
                 IrqOutput::None => {}
                 IrqOutput::Level { irq, high } => pic.set_irq(irq, high),
                 IrqOutput::Pulse { irq } => {
@@ -437,6 +444,14 @@ impl PortBus {
                 }
             }
         }
+    }
+
+    /// The earliest [`PortDevice::next_event_ns`] of all devices.
+    pub fn next_event_ns(&self, now_ns: u64) -> Option<u64> {
+        self.devices
+            .iter()
+            .filter_map(|d| d.next_event_ns(now_ns))
+            .min()
     }
 
     /// Route device interrupts ([`PortBus::update_irqs`]) and return the vector the
@@ -627,7 +642,11 @@ mod tests {
         ] {
             assert!(bus.owner_id(port).is_some(), "port {port:#x} unclaimed");
         }
-        assert_eq!(bus.owner_id(0x80), None);
+        assert_eq!(bus.owner_id(0x81), None);
+        // Linux's outb_p delay writes to port 0x80 are absorbed, not unclaimed.
+        bus.write(0x80, 1, 0x55, 0);
+        assert_eq!(bus.unclaimed_count(), 0);
+        assert_eq!(bus.device::<PostCode>().unwrap().last(), Some(0x55));
 
         // Console: bytes written to COM1's THR come out in order.
         for &b in b"hi\n" {
@@ -656,6 +675,7 @@ mod tests {
     #[test]
     fn irqs_route_from_devices_to_the_pic() {
         let mut bus = PortBus::standard(StandardConfig::default());
+        assert_eq!(bus.next_event_ns(0), None, "no timer programmed");
         // Initialise the PICs as Linux does: vectors 0x30/0x38, all unmasked.
         for (port, v) in [
             (0x20, 0x11),
@@ -677,6 +697,9 @@ mod tests {
         bus.write(0x40, 1, 1193 & 0xff, 0);
         bus.write(0x40, 1, 1193 >> 8, 0);
         assert_eq!(bus.pending_vector(500_000), None);
+        let next = bus.next_event_ns(500_000).unwrap();
+        assert_eq!(next, super::super::pit::ns_of_tick(1193));
+        assert_eq!(bus.pending_vector(next - 1), None);
         assert_eq!(bus.acknowledge(1_000_500), Some(0x30));
         assert_eq!(bus.pending_vector(1_000_600), None);
         bus.write(0x20, 1, 0x20, 1_000_700); // EOI

@@ -4,6 +4,8 @@
 //! The first write wins: it ends the run, so a later write (the backend had not
 //! stopped yet) cannot change the recorded status. Wider writes record their low
 //! byte. Reads return all-ones, as from an empty ISA slot.
+//!
+//! Also here: [`PostCode`], the POST code port 0x80.
 
 use super::bus::PortDevice;
 
@@ -62,6 +64,41 @@ impl PortDevice for DebugExit {
     }
 }
 
+/// The POST code port (0x80): firmware writes progress codes there and Linux's
+/// `outb_p` writes there as an I/O delay. Writes are recorded, reads return
+/// all-ones.
+#[derive(Clone, Debug, Default)]
+pub struct PostCode {
+    last: Option<u8>,
+    writes: u64,
+}
+
+impl PostCode {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// The last code written.
+    pub fn last(&self) -> Option<u8> {
+        self.last
+    }
+    pub fn writes(&self) -> u64 {
+        self.writes
+    }
+}
+
+impl PortDevice for PostCode {
+    fn name(&self) -> &'static str {
+        "post-code"
+    }
+    fn read(&mut self, _port: u16, _size: u8, _now_ns: u64) -> u32 {
+        0xffff_ffff
+    }
+    fn write(&mut self, _port: u16, _size: u8, value: u32, _now_ns: u64) {
+        self.writes += 1;
+        self.last = Some(value as u8);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,5 +127,15 @@ mod tests {
         assert_eq!(bus.exit_status(), Some(0xa5));
         assert_eq!(bus.read(0x501, 2, 0), 0xffff);
         assert_eq!(bus.unclaimed_count(), 0);
+    }
+
+    #[test]
+    fn post_code_keeps_the_last_write() {
+        let mut p = PostCode::new();
+        assert_eq!(p.last(), None);
+        p.write(0x80, 1, 0x12, 0);
+        p.write(0x80, 1, 0x34, 0);
+        assert_eq!((p.last(), p.writes()), (Some(0x34), 2));
+        assert_eq!(p.read(0x80, 1, 0), 0xffff_ffff);
     }
 }

@@ -17,7 +17,7 @@
 //! - [`pic`]: the cascaded 8259A pair.
 //! - [`rtc`]: MC146818 RTC and CMOS RAM.
 //! - [`pci`]: PCI configuration mechanism #1 and configurable type-0 functions.
-//! - [`debug_exit`]: isa-debug-exit style port.
+//! - [`debug_exit`]: isa-debug-exit style port, and the POST code port 0x80.
 
 pub mod bus;
 pub mod debug_exit;
@@ -28,7 +28,7 @@ pub mod rtc;
 pub mod uart;
 
 pub use bus::{BusError, DeviceId, IrqOutput, PortBus, PortDevice, PortRange, StandardConfig};
-pub use debug_exit::DebugExit;
+pub use debug_exit::{DebugExit, PostCode};
 pub use pci::{Bar, PciBus, PciConfig, PciFunction};
 pub use pic::Pic;
 pub use pit::Pit;

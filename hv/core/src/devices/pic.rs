@@ -5,8 +5,12 @@
 //! edge/level trigger, auto-EOI, special fully nested), IMR, OCW2 (non-specific,
 //! specific and rotating EOI, set priority), OCW3 (read IRR/ISR, poll, special
 //! mask), priority resolution with rotation, and the INTA cycle
-//! ([`Pic::acknowledge`]) including the spurious IRQ7/IRQ15 when a request went
-//! away. The cascade is hard-wired as on a PC whatever ICW3 says.
+//! ([`Pic::acknowledge`]). An edge-triggered request stays latched in IRR until it
+//! is acknowledged even if its line drops first (devices here signal edges as
+//! instantaneous pulses, e.g. the PIT's OUT0). The cascade is hard-wired as on a PC
+//! whatever ICW3 says, and the slave's INT output drives the master's IR2 as a
+//! level. The PIIX edge/level control registers (ELCR, 0x4d0/0x4d1) make single
+//! IRQs level triggered.
 
 use super::bus::PortDevice;
 
@@ -32,19 +36,34 @@ struct Chip {
     /// The IR with the highest priority.
     priority_add: u8,
     icw3: u8,
+    /// Edge/level control register (0x4d0/0x4d1): a set bit makes that IR level
+    /// triggered whatever ICW1 says.
+    elcr: u8,
+    /// ELCR bits that exist (IRQ 0, 1, 2, 8 and 13 are always edge triggered).
+    elcr_mask: u8,
 }
 
 impl Chip {
-    fn new(vector_base: u8) -> Self {
+    fn new(vector_base: u8, elcr_mask: u8) -> Self {
         Chip {
             vector_base,
+            elcr_mask,
             ..Default::default()
+        }
+    }
+
+    /// IRs that are level triggered.
+    fn level_mask(&self) -> u8 {
+        if self.level_triggered {
+            0xff
+        } else {
+            self.elcr
         }
     }
 
     fn set_line(&mut self, ir: u8, level: bool) {
         let bit = 1u8 << (ir & 7);
-        if self.level_triggered {
+        if self.level_mask() & bit != 0 {
             if level {
                 self.irr |= bit;
             } else {
@@ -90,7 +109,7 @@ impl Chip {
         } else {
             self.isr |= bit;
         }
-        if !self.level_triggered {
+        if self.level_mask() & bit == 0 {
             self.irr &= !bit;
         }
     }
@@ -104,7 +123,7 @@ impl Chip {
             self.init_step = 2;
             self.imr = 0;
             self.isr = 0;
-            self.irr = if self.level_triggered { self.lines } else { 0 };
+            self.irr = self.lines & self.level_mask();
             self.auto_eoi = false;
             self.rotate_on_aeoi = false;
             self.special_fully_nested = false;
@@ -191,15 +210,23 @@ impl Pic {
     /// triggered; a guest re-initialises both chips anyway.
     pub fn new() -> Self {
         Pic {
-            master: Chip::new(0x08),
-            slave: Chip::new(0x70),
+            master: Chip::new(0x08, 0xf8),
+            slave: Chip::new(0x70, 0xde),
         }
     }
 
-    /// Propagate the slave's INT output to the master's IR2.
+    /// Propagate the slave's INT output to the master's IR2. IR2 follows the
+    /// slave's output level (whatever the master's trigger mode), so a slave request
+    /// is never lost to a missing edge nor delivered after it went away.
     fn update(&mut self) {
-        let out = self.slave.highest_irq(false).is_some();
-        self.master.set_line(2, out);
+        let bit = 1u8 << 2;
+        if self.slave.highest_irq(false).is_some() {
+            self.master.irr |= bit;
+            self.master.lines |= bit;
+        } else {
+            self.master.irr &= !bit;
+            self.master.lines &= !bit;
+        }
     }
 
     /// Drive interrupt line `irq` (0..=15; IRQ2 is the cascade, so a request on
@@ -241,8 +268,7 @@ impl Pic {
     }
 
     /// The INTA cycle: mark the highest-priority request in service (unless in
-    /// auto-EOI mode) and return its vector. A slave request that disappeared yields
-    /// the slave's spurious IRQ15 vector (with nothing put in the slave's service).
+    /// auto-EOI mode) and return its vector.
     pub fn acknowledge(&mut self) -> Option<u8> {
         let ir = self.master.highest_irq(true)?;
         self.master.ack(ir);
@@ -286,8 +312,18 @@ impl Pic {
         }
     }
 
-    /// Byte read of 0x20, 0x21, 0xa0 or 0xa1.
+    /// The edge/level control registers (slave in bits 8..15).
+    pub fn elcr(&self) -> u16 {
+        u16::from_le_bytes([self.master.elcr, self.slave.elcr])
+    }
+
+    /// Byte read of 0x20, 0x21, 0xa0, 0xa1 (the chips) or 0x4d0, 0x4d1 (ELCR).
     pub fn read_port(&mut self, port: u16) -> u8 {
+        match port {
+            0x4d0 => return self.master.elcr,
+            0x4d1 => return self.slave.elcr,
+            _ => {}
+        }
         let Some((chip, master)) = self.chip(port) else {
             return 0xff;
         };
@@ -317,9 +353,24 @@ impl Pic {
         }
     }
 
-    /// Byte write of 0x20, 0x21, 0xa0 or 0xa1.
+    /// Byte write of 0x20, 0x21, 0xa0, 0xa1 (the chips) or 0x4d0, 0x4d1 (ELCR).
     pub fn write_port(&mut self, port: u16, value: u8) {
-        let Some((chip, _)) = self.chip(port) else {
+        let chip = match port {
+            0x4d0 | 0x4d1 => {
+                let chip = if port == 0x4d0 {
+                    &mut self.master
+                } else {
+                    &mut self.slave
+                };
+                chip.elcr = value & chip.elcr_mask;
+                // Lines now level triggered show their level in IRR.
+                chip.irr = (chip.irr & !chip.elcr) | (chip.lines & chip.elcr);
+                self.update();
+                return;
+            }
+            _ => self.chip(port),
+        };
+        let Some((chip, _)) = chip else {
             return;
         };
         if port & 1 == 0 {
@@ -546,10 +597,34 @@ mod tests {
     }
 
     #[test]
+    fn elcr_makes_single_lines_level_triggered() {
+        let mut p = linux_init(0x01, 0);
+        p.write_port(0x4d0, 0xff);
+        p.write_port(0x4d1, 0xff);
+        assert_eq!(p.read_port(0x4d0), 0xf8, "IRQ 0..2 stay edge");
+        assert_eq!(p.read_port(0x4d1), 0xde, "IRQ 8 and 13 stay edge");
+        assert_eq!(p.elcr(), 0xdef8);
+        p.write_port(0x4d1, 0x08); // IRQ 11 level
+        p.write_port(0x4d0, 0x00);
+        p.raise_irq(11);
+        assert_eq!(p.acknowledge(), Some(0x3b));
+        p.write_port(0xa0, 0x20);
+        p.write_port(0x20, 0x20);
+        assert_eq!(p.pending_vector(), Some(0x3b), "level: still asserted");
+        p.lower_irq(11);
+        assert_eq!(p.pending_vector(), None);
+        // IRQ 3 stays edge triggered.
+        p.raise_irq(3);
+        assert_eq!(p.acknowledge(), Some(0x33));
+        p.write_port(0x20, 0x20);
+        assert_eq!(p.pending_vector(), None);
+    }
+
+    #[test]
     fn garbage_never_panics() {
         let mut p = Pic::new();
         for i in 0..=255u8 {
-            for port in [0x20, 0x21, 0xa0, 0xa1, 0x22, 0x0] {
+            for port in [0x20, 0x21, 0xa0, 0xa1, 0x4d0, 0x4d1, 0x22, 0x0] {
                 p.write_port(port, i.wrapping_mul(73));
                 let _ = p.read_port(port);
             }

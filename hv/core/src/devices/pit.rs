@@ -257,6 +257,23 @@ impl Channel {
         }
     }
 
+    /// The virtual time of the next OUT rising edge, if one is coming.
+    fn next_edge_ns(&self, now_ns: u64) -> Option<u64> {
+        if !self.loaded || !self.triggered || !self.running {
+            return None;
+        }
+        let n = self.count as u64;
+        let e = self.elapsed(now_ns);
+        let target = match self.mode {
+            0 | 1 if e < n => n,
+            2 | 3 => (e / n + 1) * n,
+            4 | 5 if e <= n => n + 1,
+            _ => return None,
+        };
+        let tick = self.start_tick + (target - self.paused);
+        Some(ns_of_tick(tick).max(now_ns))
+    }
+
     fn status(&self, now_ns: u64) -> u8 {
         (self.out(now_ns) as u8) << 7
             | (self.null_count as u8) << 6
@@ -405,6 +422,14 @@ impl Pit {
         pending
     }
 
+    /// When channel 0's OUT rises next (now, if an edge is already pending).
+    pub fn next_irq0_ns(&self, now_ns: u64) -> Option<u64> {
+        if self.irq0_pending(now_ns) {
+            return Some(now_ns);
+        }
+        self.ch[0].next_edge_ns(now_ns)
+    }
+
     /// Port 0x61 as read.
     pub fn port_b(&self, now_ns: u64) -> u8 {
         self.ch[2].gate as u8
@@ -482,6 +507,9 @@ impl PortDevice for Pit {
         } else {
             IrqOutput::None
         }
+    }
+    fn next_event_ns(&self, now_ns: u64) -> Option<u64> {
+        self.next_irq0_ns(now_ns)
     }
 }
 
@@ -629,6 +657,25 @@ mod tests {
         assert!(p.take_irq0(ns_of_tick(11_000)));
         assert_eq!(p.irq(ns_of_tick(12_000)), IrqOutput::Pulse { irq: 0 });
         assert_eq!(p.irq(ns_of_tick(12_001)), IrqOutput::None);
+    }
+
+    #[test]
+    fn next_irq0_time() {
+        let mut p = Pit::new();
+        assert_eq!(p.next_irq0_ns(0), None);
+        program(&mut p, 0, 0x34, 1000, 5 * MS);
+        let s = ticks_at(5 * MS);
+        assert_eq!(p.next_irq0_ns(5 * MS), Some(ns_of_tick(s + 1000)));
+        let t = ns_of_tick(s + 2500);
+        assert_eq!(p.next_irq0_ns(t), Some(t), "edges not yet taken");
+        assert!(p.take_irq0(t));
+        assert_eq!(p.next_irq0_ns(t), Some(ns_of_tick(s + 3000)));
+        // Mode 0: one edge, then nothing.
+        program(&mut p, 0, 0x30, 50, t);
+        let s = ticks_at(t);
+        assert_eq!(p.next_irq0_ns(t), Some(ns_of_tick(s + 50)));
+        assert!(p.take_irq0(ns_of_tick(s + 50)));
+        assert_eq!(p.next_irq0_ns(ns_of_tick(s + 50)), None);
     }
 
     #[test]

@@ -282,15 +282,22 @@ impl Rtc {
 
     /// Periodic-interrupt periods elapsed at `t` (None when the rate is off).
     fn periods(&self, t: u64) -> Option<u128> {
-        let rs = match self.reg_a & 0x0f {
-            0 => return None,
-            1 => 8,
-            2 => 9,
-            rs => rs,
-        };
+        let rs = self.rate_select();
+        if rs == 0 {
+            return None;
+        }
         // Period = 2^(rs-1) / 32768 s.
         let shifted = t as u128 + NS_PER_SEC as u128 - self.phase_ns as u128;
         Some(shifted * 32_768 / ((1u128 << (rs - 1)) * NS_PER_SEC as u128))
+    }
+
+    /// Register A's rate select, with 1 and 2 meaning 8 and 9 at 32.768 kHz.
+    fn rate_select(&self) -> u8 {
+        match self.reg_a & 0x0f {
+            1 => 8,
+            2 => 9,
+            rs => rs,
+        }
     }
 
     /// Apply updates and periodic ticks up to `now_ns`.
@@ -445,6 +452,41 @@ impl Rtc {
         c
     }
 
+    /// The next virtual time after `now_ns` at which an enabled interrupt source
+    /// (update-ended, alarm, periodic) may raise IRQF; `now_ns` if it is raised.
+    pub fn next_event_ns(&self, now_ns: u64) -> Option<u64> {
+        if self.reg_c() & C_IRQF != 0 {
+            return Some(now_ns);
+        }
+        let mut next = None;
+        // Updates or periods not applied yet (conservative for the alarm).
+        let now_synced = now_ns.max(self.synced_ns);
+        if (self.reg_b & (B_UIE | 0x20) != 0
+            && self.running()
+            && self.boundaries(now_synced) > self.boundaries(self.synced_ns))
+            || (self.reg_b & 0x40 != 0
+                && self.divider_running()
+                && self.periods(now_synced) > self.periods(self.synced_ns))
+        {
+            return Some(now_ns);
+        }
+        if self.reg_b & (B_UIE | 0x20) != 0 && self.running() {
+            let shifted = now_ns as u128 + NS_PER_SEC as u128 - self.phase_ns as u128;
+            let boundary = (shifted / NS_PER_SEC as u128 + 1) * NS_PER_SEC as u128;
+            next = Some(boundary + self.phase_ns as u128 - NS_PER_SEC as u128);
+        }
+        if self.reg_b & 0x40 != 0 && self.divider_running() {
+            if let Some(p) = self.periods(now_ns) {
+                let rs = self.rate_select();
+                let per = (1u128 << (rs - 1)) * NS_PER_SEC as u128;
+                let shifted = ((p + 1) * per).div_ceil(32_768);
+                let t = shifted + self.phase_ns as u128 - NS_PER_SEC as u128;
+                next = Some(next.map_or(t, |n: u128| n.min(t)));
+            }
+        }
+        next.map(|t| t.min(u64::MAX as u128) as u64)
+    }
+
     /// The IRQ8 line: register C's IRQF.
     pub fn irq_pending(&mut self, now_ns: u64) -> bool {
         self.sync(now_ns);
@@ -541,6 +583,9 @@ impl PortDevice for Rtc {
             irq: 8,
             high: self.irq_pending(now_ns),
         }
+    }
+    fn next_event_ns(&self, now_ns: u64) -> Option<u64> {
+        Rtc::next_event_ns(self, now_ns)
     }
 }
 
@@ -767,6 +812,26 @@ mod tests {
         wr(&mut r, REG_A, 0x20, 3 * MS);
         rd(&mut r, REG_C, 3 * MS);
         assert_eq!(rd(&mut r, REG_C, 900 * MS) & C_PF, 0);
+    }
+
+    #[test]
+    fn next_event_for_enabled_sources() {
+        let mut r = rtc();
+        assert_eq!(r.next_event_ns(123), None, "no interrupt enabled");
+        wr(&mut r, REG_B, B_24H | B_UIE, 0);
+        assert_eq!(r.next_event_ns(123), Some(S));
+        assert_eq!(r.next_event_ns(S - 1), Some(S));
+        // At S the update is due even before anything synced the clock.
+        assert_eq!(r.next_event_ns(S), Some(S));
+        assert!(r.irq_pending(S));
+        assert_eq!(r.next_event_ns(S), Some(S), "already raised");
+        rd(&mut r, REG_C, S);
+        assert_eq!(r.next_event_ns(S), Some(2 * S));
+        // Periodic at 1024 Hz as well: the next period comes first.
+        wr(&mut r, REG_B, B_24H | B_UIE | 0x40, S);
+        assert_eq!(r.next_event_ns(S + 10), Some(S + 976_563));
+        assert!(!r.irq_pending(S + 976_562));
+        assert!(r.irq_pending(S + 976_563));
     }
 
     #[test]
