@@ -2,12 +2,24 @@
 //!
 //! Branches lower to `Target::Exit(absolute target)`; the translator rewrites
 //! targets inside its cluster to `Target::Insn(index)`.
+//!
+//! Conventions the engine relies on (see `ir`):
+//! - Immediates are extended to 64 bits as iced defines them: sign-extended forms
+//!   (`imm8` of a 16/32/64-bit operation, `imm32` of a 64-bit one) are sign-extended
+//!   all the way to 64 bits, the others zero-extended. The engine truncates to `size`.
+//! - Memory displacements are sign-extended from the address size, so `[ebx-4]` has
+//!   `disp: -4`. RIP/EIP-relative operands become `base: None` with the absolute
+//!   target address in `disp` (sign-extended from `addr_size` likewise).
+//! - `Push`/`Pop` sizes are the stack slot width (2, 4 or 8).
 
-use crate::ir::Op;
-use iced_x86::Instruction;
+use crate::ir::{
+    AluOp, BitOp, Cond, GprIndex, LoopKind, MemRef, Op, Operand, PortSrc, RegRef, Seg, ShiftOp,
+    Size, Target, UnaryOp,
+};
+use iced_x86::{Code, ConditionCode, Instruction, Mnemonic, OpKind, Register};
 
 /// Why an instruction has no IR op (the translator ends a cluster before it).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Unsupported {
     /// The engine does not implement this instruction.
     Mnemonic(iced_x86::Mnemonic),
@@ -15,7 +27,1548 @@ pub enum Unsupported {
     Form(iced_x86::Code),
 }
 
+impl Unsupported {
+    /// The blocking instruction's mnemonic, whichever the reason.
+    pub fn mnemonic(self) -> Mnemonic {
+        match self {
+            Unsupported::Mnemonic(m) => m,
+            Unsupported::Form(code) => code.mnemonic(),
+        }
+    }
+}
+
 /// Lower one instruction. The bitness is the instruction's own (iced records it).
 pub fn lower(instr: &Instruction) -> Result<Op, Unsupported> {
-    Err(Unsupported::Mnemonic(instr.mnemonic()))
+    let mnemonic = instr.mnemonic();
+    if instr.is_invalid() {
+        return Err(Unsupported::Mnemonic(mnemonic));
+    }
+    let form = Unsupported::Form(instr.code());
+    // LOCK-prefixed read-modify-writes are atomic on hardware; the engine does not
+    // promise that, so they are left to run natively.
+    if instr.has_lock_prefix() {
+        return Err(form);
+    }
+    let op = match mnemonic {
+        Mnemonic::Mov => lower_mov(instr)?,
+        Mnemonic::Movzx | Mnemonic::Movsx | Mnemonic::Movsxd => lower_extend(instr)?,
+        Mnemonic::Lea => Op::Lea {
+            dst: reg_operand(instr, 0)?,
+            addr: mem_operand(instr)?,
+        },
+
+        Mnemonic::Add => alu(instr, AluOp::Add)?,
+        Mnemonic::Or => alu(instr, AluOp::Or)?,
+        Mnemonic::Adc => alu(instr, AluOp::Adc)?,
+        Mnemonic::Sbb => alu(instr, AluOp::Sbb)?,
+        Mnemonic::And => alu(instr, AluOp::And)?,
+        Mnemonic::Sub => alu(instr, AluOp::Sub)?,
+        Mnemonic::Xor => alu(instr, AluOp::Xor)?,
+        Mnemonic::Cmp => alu(instr, AluOp::Cmp)?,
+        Mnemonic::Test => alu(instr, AluOp::Test)?,
+
+        Mnemonic::Inc => unary(instr, UnaryOp::Inc)?,
+        Mnemonic::Dec => unary(instr, UnaryOp::Dec)?,
+        Mnemonic::Neg => unary(instr, UnaryOp::Neg)?,
+        Mnemonic::Not => unary(instr, UnaryOp::Not)?,
+
+        Mnemonic::Rol => shift(instr, ShiftOp::Rol)?,
+        Mnemonic::Ror => shift(instr, ShiftOp::Ror)?,
+        Mnemonic::Rcl => shift(instr, ShiftOp::Rcl)?,
+        Mnemonic::Rcr => shift(instr, ShiftOp::Rcr)?,
+        // SAL is SHL's other encoding (D0-D3 /6, C0/C1 /6).
+        Mnemonic::Shl | Mnemonic::Sal => shift(instr, ShiftOp::Shl)?,
+        Mnemonic::Shr => shift(instr, ShiftOp::Shr)?,
+        Mnemonic::Sar => shift(instr, ShiftOp::Sar)?,
+
+        Mnemonic::Bt => bit(instr, BitOp::Bt)?,
+        Mnemonic::Bts => bit(instr, BitOp::Bts)?,
+        Mnemonic::Btr => bit(instr, BitOp::Btr)?,
+        Mnemonic::Btc => bit(instr, BitOp::Btc)?,
+
+        Mnemonic::Xchg => {
+            expect_ops(instr, 2)?;
+            Op::Xchg {
+                size: operand_size(instr, 0)?,
+                a: operand(instr, 0)?,
+                b: operand(instr, 1)?,
+            }
+        }
+        Mnemonic::Push => {
+            expect_ops(instr, 1)?;
+            Op::Push {
+                size: stack_slot(instr)?,
+                src: operand(instr, 0)?,
+            }
+        }
+        Mnemonic::Pop => {
+            expect_ops(instr, 1)?;
+            Op::Pop {
+                size: stack_slot(instr)?,
+                dst: operand(instr, 0)?,
+            }
+        }
+
+        Mnemonic::Seto
+        | Mnemonic::Setno
+        | Mnemonic::Setb
+        | Mnemonic::Setae
+        | Mnemonic::Sete
+        | Mnemonic::Setne
+        | Mnemonic::Setbe
+        | Mnemonic::Seta
+        | Mnemonic::Sets
+        | Mnemonic::Setns
+        | Mnemonic::Setp
+        | Mnemonic::Setnp
+        | Mnemonic::Setl
+        | Mnemonic::Setge
+        | Mnemonic::Setle
+        | Mnemonic::Setg => {
+            expect_ops(instr, 1)?;
+            Op::Setcc {
+                cond: cond(instr)?,
+                dst: operand(instr, 0)?,
+            }
+        }
+        Mnemonic::Cmovo
+        | Mnemonic::Cmovno
+        | Mnemonic::Cmovb
+        | Mnemonic::Cmovae
+        | Mnemonic::Cmove
+        | Mnemonic::Cmovne
+        | Mnemonic::Cmovbe
+        | Mnemonic::Cmova
+        | Mnemonic::Cmovs
+        | Mnemonic::Cmovns
+        | Mnemonic::Cmovp
+        | Mnemonic::Cmovnp
+        | Mnemonic::Cmovl
+        | Mnemonic::Cmovge
+        | Mnemonic::Cmovle
+        | Mnemonic::Cmovg => {
+            expect_ops(instr, 2)?;
+            let dst = reg_operand(instr, 0)?;
+            Op::Cmovcc {
+                cond: cond(instr)?,
+                size: dst.size,
+                dst,
+                src: operand(instr, 1)?,
+            }
+        }
+
+        Mnemonic::Cbw => Op::SignExtendAcc { size: Size::S2 },
+        Mnemonic::Cwde => Op::SignExtendAcc { size: Size::S4 },
+        Mnemonic::Cdqe => Op::SignExtendAcc { size: Size::S8 },
+        Mnemonic::Cwd => Op::SignExtendAccToDx { size: Size::S2 },
+        Mnemonic::Cdq => Op::SignExtendAccToDx { size: Size::S4 },
+        Mnemonic::Cqo => Op::SignExtendAccToDx { size: Size::S8 },
+        Mnemonic::Clc => Op::Clc,
+        Mnemonic::Stc => Op::Stc,
+        Mnemonic::Cmc => Op::Cmc,
+        Mnemonic::Cld => Op::Cld,
+        Mnemonic::Std => Op::Std,
+        // NOP forms (90, 0F 1F /0 with its never-accessed memory operand, reserved
+        // NOPs), ENDBR (a NOP when not reached by an indirect branch, and branches
+        // inside a cluster are direct) and fences (a single in-order interpreter has
+        // nothing to order).
+        Mnemonic::Nop
+        | Mnemonic::Endbr32
+        | Mnemonic::Endbr64
+        | Mnemonic::Lfence
+        | Mnemonic::Mfence
+        | Mnemonic::Sfence => Op::Nop,
+
+        Mnemonic::Jmp => Op::Jmp {
+            target: near_target(instr)?,
+        },
+        Mnemonic::Jo
+        | Mnemonic::Jno
+        | Mnemonic::Jb
+        | Mnemonic::Jae
+        | Mnemonic::Je
+        | Mnemonic::Jne
+        | Mnemonic::Jbe
+        | Mnemonic::Ja
+        | Mnemonic::Js
+        | Mnemonic::Jns
+        | Mnemonic::Jp
+        | Mnemonic::Jnp
+        | Mnemonic::Jl
+        | Mnemonic::Jge
+        | Mnemonic::Jle
+        | Mnemonic::Jg => Op::Jcc {
+            cond: cond(instr)?,
+            target: near_target(instr)?,
+        },
+        Mnemonic::Loop
+        | Mnemonic::Loope
+        | Mnemonic::Loopne
+        | Mnemonic::Jcxz
+        | Mnemonic::Jecxz
+        | Mnemonic::Jrcxz => lower_loop(instr)?,
+
+        Mnemonic::In => {
+            expect_ops(instr, 2)?;
+            Op::In {
+                size: accumulator_size(instr, 0)?,
+                port: port_operand(instr, 1)?,
+            }
+        }
+        Mnemonic::Out => {
+            expect_ops(instr, 2)?;
+            Op::Out {
+                size: accumulator_size(instr, 1)?,
+                port: port_operand(instr, 0)?,
+            }
+        }
+        Mnemonic::Insb | Mnemonic::Insw | Mnemonic::Insd => {
+            // REPNE on INS is not architecturally defined; leave it to hardware.
+            if instr.has_repne_prefix() {
+                return Err(form);
+            }
+            Op::Ins {
+                size: string_element_size(mnemonic),
+                addr_size: string_addr_size(instr.op0_kind()).ok_or(form)?,
+                rep: instr.has_rep_prefix(),
+            }
+        }
+        Mnemonic::Outsb | Mnemonic::Outsw | Mnemonic::Outsd => {
+            if instr.has_repne_prefix() {
+                return Err(form);
+            }
+            Op::Outs {
+                size: string_element_size(mnemonic),
+                addr_size: string_addr_size(instr.op1_kind()).ok_or(form)?,
+                rep: instr.has_rep_prefix(),
+                seg: seg_of(instr.memory_segment()).ok_or(form)?,
+            }
+        }
+
+        Mnemonic::Rdmsr => Op::Rdmsr,
+        Mnemonic::Wrmsr => Op::Wrmsr,
+        Mnemonic::Cpuid => Op::Cpuid,
+        Mnemonic::Clts => Op::Clts,
+        Mnemonic::Lmsw => {
+            expect_ops(instr, 1)?;
+            // LMSW reads a 16-bit source; iced names the register form's register at
+            // the operand size (EAX for `0F 01 F0` in 32-bit code).
+            let src = match operand(instr, 0)? {
+                Operand::Reg(r) if !r.high8 => Operand::Reg(RegRef {
+                    size: Size::S2,
+                    ..r
+                }),
+                Operand::Mem(m) => Operand::Mem(m),
+                _ => return Err(form),
+            };
+            Op::Lmsw { src }
+        }
+        Mnemonic::Rdtsc => Op::Rdtsc,
+        Mnemonic::Rdtscp => Op::Rdtscp,
+        Mnemonic::Rdpmc => Op::Rdpmc,
+        Mnemonic::Xgetbv => Op::Xgetbv,
+        Mnemonic::Xsetbv => Op::Xsetbv,
+        Mnemonic::Wbinvd => Op::Wbinvd,
+        Mnemonic::Invd => Op::Invd,
+        Mnemonic::Invlpg => Op::Invlpg {
+            addr: mem_operand(instr)?,
+        },
+        Mnemonic::Pause => Op::Pause,
+        Mnemonic::Hlt => Op::Hlt,
+
+        _ => return Err(Unsupported::Mnemonic(mnemonic)),
+    };
+    Ok(op)
+}
+
+fn lower_mov(instr: &Instruction) -> Result<Op, Unsupported> {
+    expect_ops(instr, 2)?;
+    let form = Unsupported::Form(instr.code());
+    let register = |i: u32| (instr.op_kind(i) == OpKind::Register).then(|| instr.op_register(i));
+    if let Some(cr) = register(0).filter(|r| r.is_cr()) {
+        let src = register(1).and_then(gpr_index).ok_or(form)?;
+        return Ok(Op::MovToCr {
+            cr: cr_index(cr).ok_or(form)?,
+            src,
+        });
+    }
+    if let Some(cr) = register(1).filter(|r| r.is_cr()) {
+        let dst = register(0).and_then(gpr_index).ok_or(form)?;
+        return Ok(Op::MovFromCr {
+            cr: cr_index(cr).ok_or(form)?,
+            dst,
+        });
+    }
+    // Debug and segment registers are rejected by `operand`.
+    Ok(Op::Mov {
+        size: operand_size(instr, 0)?,
+        dst: operand(instr, 0)?,
+        src: operand(instr, 1)?,
+    })
+}
+
+/// MOVZX, MOVSX, MOVSXD. MOVSXD whose source is as wide as its destination (16- or
+/// 32-bit destination) is a plain move.
+fn lower_extend(instr: &Instruction) -> Result<Op, Unsupported> {
+    expect_ops(instr, 2)?;
+    let dst = reg_operand(instr, 0)?;
+    let src = operand(instr, 1)?;
+    let src_size = operand_size(instr, 1)?;
+    if src_size.bytes() >= dst.size.bytes() {
+        return Ok(Op::Mov {
+            size: dst.size,
+            dst: Operand::Reg(dst),
+            src,
+        });
+    }
+    Ok(match instr.mnemonic() {
+        Mnemonic::Movzx => Op::Movzx { dst, src, src_size },
+        _ => Op::Movsx { dst, src, src_size },
+    })
+}
+
+fn lower_loop(instr: &Instruction) -> Result<Op, Unsupported> {
+    let form = Unsupported::Form(instr.code());
+    let (kind, addr_size) = match instr.code() {
+        Code::Loop_rel8_16_CX | Code::Loop_rel8_32_CX => (LoopKind::Loop, Size::S2),
+        Code::Loop_rel8_16_ECX | Code::Loop_rel8_32_ECX | Code::Loop_rel8_64_ECX => {
+            (LoopKind::Loop, Size::S4)
+        }
+        Code::Loop_rel8_16_RCX | Code::Loop_rel8_64_RCX => (LoopKind::Loop, Size::S8),
+        Code::Loope_rel8_16_CX | Code::Loope_rel8_32_CX => (LoopKind::Loope, Size::S2),
+        Code::Loope_rel8_16_ECX | Code::Loope_rel8_32_ECX | Code::Loope_rel8_64_ECX => {
+            (LoopKind::Loope, Size::S4)
+        }
+        Code::Loope_rel8_16_RCX | Code::Loope_rel8_64_RCX => (LoopKind::Loope, Size::S8),
+        Code::Loopne_rel8_16_CX | Code::Loopne_rel8_32_CX => (LoopKind::Loopne, Size::S2),
+        Code::Loopne_rel8_16_ECX | Code::Loopne_rel8_32_ECX | Code::Loopne_rel8_64_ECX => {
+            (LoopKind::Loopne, Size::S4)
+        }
+        Code::Loopne_rel8_16_RCX | Code::Loopne_rel8_64_RCX => (LoopKind::Loopne, Size::S8),
+        Code::Jcxz_rel8_16 | Code::Jcxz_rel8_32 => (LoopKind::Jcxz, Size::S2),
+        Code::Jecxz_rel8_16 | Code::Jecxz_rel8_32 | Code::Jecxz_rel8_64 => {
+            (LoopKind::Jcxz, Size::S4)
+        }
+        Code::Jrcxz_rel8_16 | Code::Jrcxz_rel8_64 => (LoopKind::Jcxz, Size::S8),
+        _ => return Err(form),
+    };
+    Ok(Op::Loop {
+        kind,
+        addr_size,
+        target: near_target(instr)?,
+    })
+}
+
+fn alu(instr: &Instruction, op: AluOp) -> Result<Op, Unsupported> {
+    expect_ops(instr, 2)?;
+    Ok(Op::Alu {
+        op,
+        size: operand_size(instr, 0)?,
+        dst: operand(instr, 0)?,
+        src: operand(instr, 1)?,
+    })
+}
+
+fn unary(instr: &Instruction, op: UnaryOp) -> Result<Op, Unsupported> {
+    expect_ops(instr, 1)?;
+    Ok(Op::Unary {
+        op,
+        size: operand_size(instr, 0)?,
+        dst: operand(instr, 0)?,
+    })
+}
+
+/// Shifts and rotates by an immediate (iced gives the `D1 /x` "by 1" forms an
+/// immediate 1) or by CL.
+fn shift(instr: &Instruction, op: ShiftOp) -> Result<Op, Unsupported> {
+    expect_ops(instr, 2)?;
+    let count = operand(instr, 1)?;
+    if let Operand::Reg(r) = count {
+        if r.index != crate::ir::RCX || r.size != Size::S1 || r.high8 {
+            return Err(Unsupported::Form(instr.code()));
+        }
+    }
+    Ok(Op::Shift {
+        op,
+        size: operand_size(instr, 0)?,
+        dst: operand(instr, 0)?,
+        count,
+    })
+}
+
+fn bit(instr: &Instruction, op: BitOp) -> Result<Op, Unsupported> {
+    expect_ops(instr, 2)?;
+    Ok(Op::Bit {
+        op,
+        size: operand_size(instr, 0)?,
+        dst: operand(instr, 0)?,
+        bit: operand(instr, 1)?,
+    })
+}
+
+fn expect_ops(instr: &Instruction, count: u32) -> Result<(), Unsupported> {
+    if instr.op_count() == count {
+        Ok(())
+    } else {
+        Err(Unsupported::Form(instr.code()))
+    }
+}
+
+fn size_from_bytes(bytes: usize) -> Option<Size> {
+    match bytes {
+        1 => Some(Size::S1),
+        2 => Some(Size::S2),
+        4 => Some(Size::S4),
+        8 => Some(Size::S8),
+        _ => None,
+    }
+}
+
+/// A general-purpose register as a `RegRef`; `None` for every other register.
+fn gpr(reg: Register) -> Option<RegRef> {
+    if !reg.is_gpr() {
+        return None;
+    }
+    let high8 = matches!(
+        reg,
+        Register::AH | Register::CH | Register::DH | Register::BH
+    );
+    Some(RegRef {
+        index: gpr_index(reg)?,
+        size: size_from_bytes(reg.size())?,
+        high8,
+    })
+}
+
+/// The hardware number of the 64-bit register a GPR belongs to (AH -> 0, SIL -> 6).
+fn gpr_index(reg: Register) -> Option<GprIndex> {
+    if !reg.is_gpr() {
+        return None;
+    }
+    GprIndex::try_from(reg.full_register().number())
+        .ok()
+        .filter(|&n| n < 16)
+}
+
+fn cr_index(reg: Register) -> Option<u8> {
+    match reg {
+        Register::CR0 => Some(0),
+        Register::CR2 => Some(2),
+        Register::CR3 => Some(3),
+        Register::CR4 => Some(4),
+        Register::CR8 => Some(8),
+        _ => None,
+    }
+}
+
+fn seg_of(reg: Register) -> Option<Seg> {
+    match reg {
+        Register::ES => Some(Seg::Es),
+        Register::CS => Some(Seg::Cs),
+        Register::SS => Some(Seg::Ss),
+        Register::DS => Some(Seg::Ds),
+        Register::FS => Some(Seg::Fs),
+        Register::GS => Some(Seg::Gs),
+        _ => None,
+    }
+}
+
+/// Operand `i` as an IR operand: a GPR, an immediate or an explicit memory operand.
+fn operand(instr: &Instruction, i: u32) -> Result<Operand, Unsupported> {
+    let form = Unsupported::Form(instr.code());
+    match instr.op_kind(i) {
+        OpKind::Register => gpr(instr.op_register(i)).map(Operand::Reg).ok_or(form),
+        OpKind::Immediate8
+        | OpKind::Immediate16
+        | OpKind::Immediate32
+        | OpKind::Immediate64
+        | OpKind::Immediate8to16
+        | OpKind::Immediate8to32
+        | OpKind::Immediate8to64
+        | OpKind::Immediate32to64 => instr.try_immediate(i).map(Operand::Imm).map_err(|_| form),
+        OpKind::Memory => mem_operand(instr).map(Operand::Mem),
+        _ => Err(form),
+    }
+}
+
+fn reg_operand(instr: &Instruction, i: u32) -> Result<RegRef, Unsupported> {
+    match operand(instr, i)? {
+        Operand::Reg(r) => Ok(r),
+        _ => Err(Unsupported::Form(instr.code())),
+    }
+}
+
+/// Width of operand `i`: the register's, or the memory operand's access size.
+fn operand_size(instr: &Instruction, i: u32) -> Result<Size, Unsupported> {
+    let bytes = match instr.op_kind(i) {
+        OpKind::Register => instr.op_register(i).size(),
+        OpKind::Memory => instr.memory_size().size(),
+        _ => 0,
+    };
+    size_from_bytes(bytes).ok_or(Unsupported::Form(instr.code()))
+}
+
+/// The instruction's explicit memory operand.
+fn mem_operand(instr: &Instruction) -> Result<MemRef, Unsupported> {
+    let form = Unsupported::Form(instr.code());
+    if !(0..instr.op_count()).any(|i| instr.op_kind(i) == OpKind::Memory) {
+        return Err(form);
+    }
+    let seg = seg_of(instr.memory_segment()).ok_or(form)?;
+    let base_reg = instr.memory_base();
+    let index_reg = instr.memory_index();
+    let index = match index_reg {
+        Register::None => None,
+        r => Some(gpr_index(r).ok_or(form)?),
+    };
+    // The address size: the base's or index's width, else (absolute addresses) the
+    // displacement's width, which iced records as 2, 4 or 8 for 16-, 32- and 64-bit
+    // addressing.
+    let addr_size = match (base_reg, index_reg) {
+        (Register::RIP, _) => Size::S8,
+        (Register::EIP, _) => Size::S4,
+        (Register::None, Register::None) => match instr.memory_displ_size() {
+            2 => Size::S2,
+            4 => Size::S4,
+            8 => Size::S8,
+            _ => return Err(form),
+        },
+        (Register::None, r) | (r, _) => size_from_bytes(r.size()).ok_or(form)?,
+    };
+    if !matches!(addr_size, Size::S2 | Size::S4 | Size::S8) {
+        return Err(form);
+    }
+    let (base, raw_disp) = match base_reg {
+        // The instruction's address is fixed in a translation: resolve to absolute.
+        Register::RIP | Register::EIP => (None, instr.ip_rel_memory_address()),
+        Register::None => (None, instr.memory_displacement64()),
+        r => (
+            Some(gpr_index(r).ok_or(form)?),
+            instr.memory_displacement64(),
+        ),
+    };
+    let disp = match addr_size {
+        Size::S2 => i64::from(raw_disp as u16 as i16),
+        Size::S4 => i64::from(raw_disp as u32 as i32),
+        _ => raw_disp as i64,
+    };
+    let scale = match instr.memory_index_scale() {
+        s @ (1 | 2 | 4 | 8) => s as u8,
+        _ => return Err(form),
+    };
+    Ok(MemRef {
+        seg,
+        base,
+        index,
+        scale,
+        disp,
+        addr_size,
+    })
+}
+
+/// Push/pop slot width from the stack pointer change (2, 4 or 8 bytes).
+fn stack_slot(instr: &Instruction) -> Result<Size, Unsupported> {
+    size_from_bytes(instr.stack_pointer_increment().unsigned_abs() as usize)
+        .filter(|s| *s != Size::S1)
+        .ok_or(Unsupported::Form(instr.code()))
+}
+
+fn cond(instr: &Instruction) -> Result<Cond, Unsupported> {
+    Ok(match instr.condition_code() {
+        ConditionCode::o => Cond::O,
+        ConditionCode::no => Cond::No,
+        ConditionCode::b => Cond::B,
+        ConditionCode::ae => Cond::Ae,
+        ConditionCode::e => Cond::E,
+        ConditionCode::ne => Cond::Ne,
+        ConditionCode::be => Cond::Be,
+        ConditionCode::a => Cond::A,
+        ConditionCode::s => Cond::S,
+        ConditionCode::ns => Cond::Ns,
+        ConditionCode::p => Cond::P,
+        ConditionCode::np => Cond::Np,
+        ConditionCode::l => Cond::L,
+        ConditionCode::ge => Cond::Ge,
+        ConditionCode::le => Cond::Le,
+        ConditionCode::g => Cond::G,
+        _ => return Err(Unsupported::Form(instr.code())),
+    })
+}
+
+/// A near relative branch's absolute target (iced truncates it to the operand size).
+/// Indirect and far branches are not lowered.
+fn near_target(instr: &Instruction) -> Result<Target, Unsupported> {
+    match instr.op0_kind() {
+        OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64
+            if instr.op_count() == 1 =>
+        {
+            Ok(Target::Exit(instr.near_branch_target()))
+        }
+        _ => Err(Unsupported::Form(instr.code())),
+    }
+}
+
+/// IN/OUT access size: the accumulator operand `i` (AL, AX or EAX).
+fn accumulator_size(instr: &Instruction, i: u32) -> Result<Size, Unsupported> {
+    match (instr.op_kind(i), instr.op_register(i)) {
+        (OpKind::Register, Register::AL) => Ok(Size::S1),
+        (OpKind::Register, Register::AX) => Ok(Size::S2),
+        (OpKind::Register, Register::EAX) => Ok(Size::S4),
+        _ => Err(Unsupported::Form(instr.code())),
+    }
+}
+
+fn port_operand(instr: &Instruction, i: u32) -> Result<PortSrc, Unsupported> {
+    match (instr.op_kind(i), instr.op_register(i)) {
+        (OpKind::Immediate8, _) => Ok(PortSrc::Imm(instr.immediate8())),
+        (OpKind::Register, Register::DX) => Ok(PortSrc::Dx),
+        _ => Err(Unsupported::Form(instr.code())),
+    }
+}
+
+fn string_element_size(mnemonic: Mnemonic) -> Size {
+    match mnemonic {
+        Mnemonic::Insb | Mnemonic::Outsb => Size::S1,
+        Mnemonic::Insw | Mnemonic::Outsw => Size::S2,
+        _ => Size::S4,
+    }
+}
+
+/// Address size of a string operand, from which index register it uses.
+fn string_addr_size(kind: OpKind) -> Option<Size> {
+    match kind {
+        OpKind::MemoryESDI | OpKind::MemorySegSI => Some(Size::S2),
+        OpKind::MemoryESEDI | OpKind::MemorySegESI => Some(Size::S4),
+        OpKind::MemoryESRDI | OpKind::MemorySegRSI => Some(Size::S8),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::{RAX, RBP, RBX, RCX, RDI, RDX, RSI, RSP};
+    use iced_x86::{Decoder, DecoderOptions};
+
+    const IP: u64 = 0x1000;
+
+    fn decode(bitness: u32, bytes: &[u8]) -> Instruction {
+        let mut decoder = Decoder::with_ip(bitness, bytes, IP, DecoderOptions::NONE);
+        let instr = decoder.decode();
+        assert!(!instr.is_invalid(), "test bytes must decode: {bytes:02x?}");
+        assert_eq!(instr.len(), bytes.len(), "one instruction: {bytes:02x?}");
+        instr
+    }
+
+    fn lower64(bytes: &[u8]) -> Result<Op, Unsupported> {
+        lower(&decode(64, bytes))
+    }
+    fn lower32(bytes: &[u8]) -> Result<Op, Unsupported> {
+        lower(&decode(32, bytes))
+    }
+    fn lower16(bytes: &[u8]) -> Result<Op, Unsupported> {
+        lower(&decode(16, bytes))
+    }
+
+    fn r(index: u8, size: Size) -> RegRef {
+        RegRef {
+            index,
+            size,
+            high8: false,
+        }
+    }
+    fn reg(index: u8, size: Size) -> Operand {
+        Operand::Reg(r(index, size))
+    }
+    fn mem(
+        seg: Seg,
+        base: Option<u8>,
+        index: Option<u8>,
+        scale: u8,
+        disp: i64,
+        addr_size: Size,
+    ) -> MemRef {
+        MemRef {
+            seg,
+            base,
+            index,
+            scale,
+            disp,
+            addr_size,
+        }
+    }
+
+    #[test]
+    fn mov_register_immediate_and_memory_forms() {
+        // mov rax, rbx
+        assert_eq!(
+            lower64(&[0x48, 0x89, 0xd8]),
+            Ok(Op::Mov {
+                size: Size::S8,
+                dst: reg(RAX, Size::S8),
+                src: reg(RBX, Size::S8)
+            })
+        );
+        // mov ah, bl: high-byte register
+        assert_eq!(
+            lower32(&[0x88, 0xdc]),
+            Ok(Op::Mov {
+                size: Size::S1,
+                dst: Operand::Reg(RegRef {
+                    index: RAX,
+                    size: Size::S1,
+                    high8: true
+                }),
+                src: reg(RBX, Size::S1)
+            })
+        );
+        // mov sil, 5 (REX: SIL, not DH)
+        assert_eq!(
+            lower64(&[0x40, 0xb6, 0x05]),
+            Ok(Op::Mov {
+                size: Size::S1,
+                dst: reg(RSI, Size::S1),
+                src: Operand::Imm(5)
+            })
+        );
+        // mov rax, -1 (C7 /0 imm32 sign-extended to 64)
+        assert_eq!(
+            lower64(&[0x48, 0xc7, 0xc0, 0xff, 0xff, 0xff, 0xff]),
+            Ok(Op::Mov {
+                size: Size::S8,
+                dst: reg(RAX, Size::S8),
+                src: Operand::Imm(u64::MAX)
+            })
+        );
+        // mov eax, 0xffffffff: zero-extended
+        assert_eq!(
+            lower64(&[0xb8, 0xff, 0xff, 0xff, 0xff]),
+            Ok(Op::Mov {
+                size: Size::S4,
+                dst: reg(RAX, Size::S4),
+                src: Operand::Imm(0xffff_ffff)
+            })
+        );
+        // movabs rcx, 0x1122334455667788
+        assert_eq!(
+            lower64(&[0x48, 0xb9, 0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11]),
+            Ok(Op::Mov {
+                size: Size::S8,
+                dst: reg(RCX, Size::S8),
+                src: Operand::Imm(0x1122_3344_5566_7788)
+            })
+        );
+        // mov dword [rbx+rsi*4-8], edx
+        assert_eq!(
+            lower64(&[0x89, 0x54, 0xb3, 0xf8]),
+            Ok(Op::Mov {
+                size: Size::S4,
+                dst: Operand::Mem(mem(Seg::Ds, Some(RBX), Some(RSI), 4, -8, Size::S8)),
+                src: reg(RDX, Size::S4)
+            })
+        );
+        // mov eax, [ebp+8] in 32-bit code: SS by default
+        assert_eq!(
+            lower32(&[0x8b, 0x45, 0x08]),
+            Ok(Op::Mov {
+                size: Size::S4,
+                dst: reg(RAX, Size::S4),
+                src: Operand::Mem(mem(Seg::Ss, Some(RBP), None, 1, 8, Size::S4))
+            })
+        );
+        // mov eax, [ebx-4] in 32-bit code: displacement sign-extended
+        assert_eq!(
+            lower32(&[0x8b, 0x43, 0xfc]),
+            Ok(Op::Mov {
+                size: Size::S4,
+                dst: reg(RAX, Size::S4),
+                src: Operand::Mem(mem(Seg::Ds, Some(RBX), None, 1, -4, Size::S4))
+            })
+        );
+        // mov al, fs:[rax]
+        assert_eq!(
+            lower64(&[0x64, 0x8a, 0x00]),
+            Ok(Op::Mov {
+                size: Size::S1,
+                dst: reg(RAX, Size::S1),
+                src: Operand::Mem(mem(Seg::Fs, Some(RAX), None, 1, 0, Size::S8))
+            })
+        );
+    }
+
+    #[test]
+    fn rip_relative_becomes_absolute() {
+        // mov eax, [rip+0x10] at 0x1000, 6 bytes long: target 0x1016
+        assert_eq!(
+            lower64(&[0x8b, 0x05, 0x10, 0x00, 0x00, 0x00]),
+            Ok(Op::Mov {
+                size: Size::S4,
+                dst: reg(RAX, Size::S4),
+                src: Operand::Mem(mem(Seg::Ds, None, None, 1, 0x1016, Size::S8))
+            })
+        );
+        // lea rdi, [rip-0x20] at 0x1000, 7 bytes: 0x1007 - 0x20 = 0xfe7
+        assert_eq!(
+            lower64(&[0x48, 0x8d, 0x3d, 0xe0, 0xff, 0xff, 0xff]),
+            Ok(Op::Lea {
+                dst: r(RDI, Size::S8),
+                addr: mem(Seg::Ds, None, None, 1, 0xfe7, Size::S8)
+            })
+        );
+        // mov eax, [eip+0x10] (67 prefix): 32-bit address
+        assert_eq!(
+            lower64(&[0x67, 0x8b, 0x05, 0x10, 0x00, 0x00, 0x00]),
+            Ok(Op::Mov {
+                size: Size::S4,
+                dst: reg(RAX, Size::S4),
+                src: Operand::Mem(mem(Seg::Ds, None, None, 1, 0x1017, Size::S4))
+            })
+        );
+    }
+
+    #[test]
+    fn absolute_addresses_take_the_address_size() {
+        // 16-bit: mov al, [0x1234] (moffs16)
+        assert_eq!(
+            lower16(&[0xa0, 0x34, 0x12]),
+            Ok(Op::Mov {
+                size: Size::S1,
+                dst: reg(RAX, Size::S1),
+                src: Operand::Mem(mem(Seg::Ds, None, None, 1, 0x1234, Size::S2))
+            })
+        );
+        // 32-bit: mov eax, [0x80001000] via ModRM disp32: sign-extended from 32 bits
+        assert_eq!(
+            lower32(&[0x8b, 0x05, 0x00, 0x10, 0x00, 0x80]),
+            Ok(Op::Mov {
+                size: Size::S4,
+                dst: reg(RAX, Size::S4),
+                src: Operand::Mem(mem(
+                    Seg::Ds,
+                    None,
+                    None,
+                    1,
+                    0xffff_ffff_8000_1000u64 as i64,
+                    Size::S4
+                ))
+            })
+        );
+        // 64-bit: mov al, [0x1122334455667788] (moffs64)
+        assert_eq!(
+            lower64(&[0xa0, 0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11]),
+            Ok(Op::Mov {
+                size: Size::S1,
+                dst: reg(RAX, Size::S1),
+                src: Operand::Mem(mem(Seg::Ds, None, None, 1, 0x1122_3344_5566_7788, Size::S8))
+            })
+        );
+        // 64-bit with 67: mov al, [moffs32]
+        assert_eq!(
+            lower64(&[0x67, 0xa0, 0x78, 0x56, 0x34, 0x12]),
+            Ok(Op::Mov {
+                size: Size::S1,
+                dst: reg(RAX, Size::S1),
+                src: Operand::Mem(mem(Seg::Ds, None, None, 1, 0x1234_5678, Size::S4))
+            })
+        );
+        // 64-bit SIB absolute [disp32] (no base, no index): 64-bit addressing, sign-extended
+        assert_eq!(
+            lower64(&[0x8b, 0x04, 0x25, 0x00, 0x00, 0x00, 0x80]),
+            Ok(Op::Mov {
+                size: Size::S4,
+                dst: reg(RAX, Size::S4),
+                src: Operand::Mem(mem(Seg::Ds, None, None, 1, -0x8000_0000, Size::S8))
+            })
+        );
+    }
+
+    #[test]
+    fn sixteen_bit_addressing() {
+        // mov ax, [bx+si+2]
+        assert_eq!(
+            lower16(&[0x8b, 0x40, 0x02]),
+            Ok(Op::Mov {
+                size: Size::S2,
+                dst: reg(RAX, Size::S2),
+                src: Operand::Mem(mem(Seg::Ds, Some(RBX), Some(RSI), 1, 2, Size::S2))
+            })
+        );
+        // mov ax, [bp-2]: SS, displacement -2
+        assert_eq!(
+            lower16(&[0x8b, 0x46, 0xfe]),
+            Ok(Op::Mov {
+                size: Size::S2,
+                dst: reg(RAX, Size::S2),
+                src: Operand::Mem(mem(Seg::Ss, Some(RBP), None, 1, -2, Size::S2))
+            })
+        );
+        // mov eax, [ebx] in 16-bit code with 66 67
+        assert_eq!(
+            lower16(&[0x66, 0x67, 0x8b, 0x03]),
+            Ok(Op::Mov {
+                size: Size::S4,
+                dst: reg(RAX, Size::S4),
+                src: Operand::Mem(mem(Seg::Ds, Some(RBX), None, 1, 0, Size::S4))
+            })
+        );
+    }
+
+    #[test]
+    fn extensions_and_lea() {
+        // movzx eax, byte [rdi]
+        assert_eq!(
+            lower64(&[0x0f, 0xb6, 0x07]),
+            Ok(Op::Movzx {
+                dst: r(RAX, Size::S4),
+                src: Operand::Mem(mem(Seg::Ds, Some(RDI), None, 1, 0, Size::S8)),
+                src_size: Size::S1
+            })
+        );
+        // movsx rcx, dx
+        assert_eq!(
+            lower64(&[0x48, 0x0f, 0xbf, 0xca]),
+            Ok(Op::Movsx {
+                dst: r(RCX, Size::S8),
+                src: reg(RDX, Size::S2),
+                src_size: Size::S2
+            })
+        );
+        // movsxd rax, ecx
+        assert_eq!(
+            lower64(&[0x48, 0x63, 0xc1]),
+            Ok(Op::Movsx {
+                dst: r(RAX, Size::S8),
+                src: reg(RCX, Size::S4),
+                src_size: Size::S4
+            })
+        );
+        // movsxd eax, ecx (no REX.W): a plain 32-bit move
+        assert_eq!(
+            lower64(&[0x63, 0xc1]),
+            Ok(Op::Mov {
+                size: Size::S4,
+                dst: reg(RAX, Size::S4),
+                src: reg(RCX, Size::S4)
+            })
+        );
+        // lea eax, [rbx+rcx*8+0x10]
+        assert_eq!(
+            lower64(&[0x8d, 0x44, 0xcb, 0x10]),
+            Ok(Op::Lea {
+                dst: r(RAX, Size::S4),
+                addr: mem(Seg::Ds, Some(RBX), Some(RCX), 8, 0x10, Size::S8)
+            })
+        );
+    }
+
+    #[test]
+    fn alu_unary_and_immediates() {
+        // add eax, 0x12345678
+        assert_eq!(
+            lower32(&[0x05, 0x78, 0x56, 0x34, 0x12]),
+            Ok(Op::Alu {
+                op: AluOp::Add,
+                size: Size::S4,
+                dst: reg(RAX, Size::S4),
+                src: Operand::Imm(0x1234_5678)
+            })
+        );
+        // sub rsp, -8 (imm8 sign-extended to 64)
+        assert_eq!(
+            lower64(&[0x48, 0x83, 0xec, 0xf8]),
+            Ok(Op::Alu {
+                op: AluOp::Sub,
+                size: Size::S8,
+                dst: reg(RSP, Size::S8),
+                src: Operand::Imm(u64::MAX - 7)
+            })
+        );
+        // and ax, 0xff00 (imm16, zero-extended)
+        assert_eq!(
+            lower16(&[0x25, 0x00, 0xff]),
+            Ok(Op::Alu {
+                op: AluOp::And,
+                size: Size::S2,
+                dst: reg(RAX, Size::S2),
+                src: Operand::Imm(0xff00)
+            })
+        );
+        // test al, 0x20
+        assert_eq!(
+            lower16(&[0xa8, 0x20]),
+            Ok(Op::Alu {
+                op: AluOp::Test,
+                size: Size::S1,
+                dst: reg(RAX, Size::S1),
+                src: Operand::Imm(0x20)
+            })
+        );
+        // cmp byte [rsi], 0
+        assert_eq!(
+            lower64(&[0x80, 0x3e, 0x00]),
+            Ok(Op::Alu {
+                op: AluOp::Cmp,
+                size: Size::S1,
+                dst: Operand::Mem(mem(Seg::Ds, Some(RSI), None, 1, 0, Size::S8)),
+                src: Operand::Imm(0)
+            })
+        );
+        for (bytes, op) in [
+            (&[0x11, 0xc8][..], AluOp::Adc),
+            (&[0x19, 0xc8][..], AluOp::Sbb),
+            (&[0x09, 0xc8][..], AluOp::Or),
+            (&[0x31, 0xc8][..], AluOp::Xor),
+        ] {
+            assert_eq!(
+                lower32(bytes),
+                Ok(Op::Alu {
+                    op,
+                    size: Size::S4,
+                    dst: reg(RAX, Size::S4),
+                    src: reg(RCX, Size::S4)
+                })
+            );
+        }
+        // inc ecx in 32-bit code (41), dec dword [rbx], neg rax, not word [rdi]
+        assert_eq!(
+            lower32(&[0x41]),
+            Ok(Op::Unary {
+                op: UnaryOp::Inc,
+                size: Size::S4,
+                dst: reg(RCX, Size::S4)
+            })
+        );
+        assert_eq!(
+            lower64(&[0xff, 0x0b]),
+            Ok(Op::Unary {
+                op: UnaryOp::Dec,
+                size: Size::S4,
+                dst: Operand::Mem(mem(Seg::Ds, Some(RBX), None, 1, 0, Size::S8))
+            })
+        );
+        assert_eq!(
+            lower64(&[0x48, 0xf7, 0xd8]),
+            Ok(Op::Unary {
+                op: UnaryOp::Neg,
+                size: Size::S8,
+                dst: reg(RAX, Size::S8)
+            })
+        );
+        assert_eq!(
+            lower64(&[0x66, 0xf7, 0x17]),
+            Ok(Op::Unary {
+                op: UnaryOp::Not,
+                size: Size::S2,
+                dst: Operand::Mem(mem(Seg::Ds, Some(RDI), None, 1, 0, Size::S8))
+            })
+        );
+    }
+
+    #[test]
+    fn shifts_rotates_and_bits() {
+        // shl eax, 1 (D1 /4): count 1
+        assert_eq!(
+            lower32(&[0xd1, 0xe0]),
+            Ok(Op::Shift {
+                op: ShiftOp::Shl,
+                size: Size::S4,
+                dst: reg(RAX, Size::S4),
+                count: Operand::Imm(1)
+            })
+        );
+        // shr rdx, 4
+        assert_eq!(
+            lower64(&[0x48, 0xc1, 0xea, 0x04]),
+            Ok(Op::Shift {
+                op: ShiftOp::Shr,
+                size: Size::S8,
+                dst: reg(RDX, Size::S8),
+                count: Operand::Imm(4)
+            })
+        );
+        // sar bl, cl
+        assert_eq!(
+            lower32(&[0xd2, 0xfb]),
+            Ok(Op::Shift {
+                op: ShiftOp::Sar,
+                size: Size::S1,
+                dst: reg(RBX, Size::S1),
+                count: reg(RCX, Size::S1)
+            })
+        );
+        for (bytes, op) in [
+            (&[0xd1, 0xc0][..], ShiftOp::Rol),
+            (&[0xd1, 0xc8][..], ShiftOp::Ror),
+            (&[0xd1, 0xd0][..], ShiftOp::Rcl),
+            (&[0xd1, 0xd8][..], ShiftOp::Rcr),
+            (&[0xd1, 0xf0][..], ShiftOp::Shl), // SAL encoding /6
+        ] {
+            assert_eq!(
+                lower32(bytes),
+                Ok(Op::Shift {
+                    op,
+                    size: Size::S4,
+                    dst: reg(RAX, Size::S4),
+                    count: Operand::Imm(1)
+                })
+            );
+        }
+        // bt eax, 5 ; bts [rdi], rax ; btr ecx, edx ; btc ax, 3
+        assert_eq!(
+            lower32(&[0x0f, 0xba, 0xe0, 0x05]),
+            Ok(Op::Bit {
+                op: BitOp::Bt,
+                size: Size::S4,
+                dst: reg(RAX, Size::S4),
+                bit: Operand::Imm(5)
+            })
+        );
+        assert_eq!(
+            lower64(&[0x48, 0x0f, 0xab, 0x07]),
+            Ok(Op::Bit {
+                op: BitOp::Bts,
+                size: Size::S8,
+                dst: Operand::Mem(mem(Seg::Ds, Some(RDI), None, 1, 0, Size::S8)),
+                bit: reg(RAX, Size::S8)
+            })
+        );
+        assert_eq!(
+            lower32(&[0x0f, 0xb3, 0xd1]),
+            Ok(Op::Bit {
+                op: BitOp::Btr,
+                size: Size::S4,
+                dst: reg(RCX, Size::S4),
+                bit: reg(RDX, Size::S4)
+            })
+        );
+        assert_eq!(
+            lower16(&[0x0f, 0xba, 0xf8, 0x03]),
+            Ok(Op::Bit {
+                op: BitOp::Btc,
+                size: Size::S2,
+                dst: reg(RAX, Size::S2),
+                bit: Operand::Imm(3)
+            })
+        );
+    }
+
+    #[test]
+    fn stack_and_exchange() {
+        // push rbp (64-bit slot), push imm8 sign-extended, push qword [rax], pop rbx
+        assert_eq!(
+            lower64(&[0x55]),
+            Ok(Op::Push {
+                size: Size::S8,
+                src: reg(RBP, Size::S8)
+            })
+        );
+        assert_eq!(
+            lower64(&[0x6a, 0xff]),
+            Ok(Op::Push {
+                size: Size::S8,
+                src: Operand::Imm(u64::MAX)
+            })
+        );
+        assert_eq!(
+            lower64(&[0xff, 0x30]),
+            Ok(Op::Push {
+                size: Size::S8,
+                src: Operand::Mem(mem(Seg::Ds, Some(RAX), None, 1, 0, Size::S8))
+            })
+        );
+        assert_eq!(
+            lower64(&[0x5b]),
+            Ok(Op::Pop {
+                size: Size::S8,
+                dst: reg(RBX, Size::S8)
+            })
+        );
+        // 32-bit push imm32, 16-bit push ax, pop word [bx]
+        assert_eq!(
+            lower32(&[0x68, 0x00, 0x00, 0x00, 0x80]),
+            Ok(Op::Push {
+                size: Size::S4,
+                src: Operand::Imm(0x8000_0000)
+            })
+        );
+        assert_eq!(
+            lower16(&[0x50]),
+            Ok(Op::Push {
+                size: Size::S2,
+                src: reg(RAX, Size::S2)
+            })
+        );
+        assert_eq!(
+            lower16(&[0x8f, 0x07]),
+            Ok(Op::Pop {
+                size: Size::S2,
+                dst: Operand::Mem(mem(Seg::Ds, Some(RBX), None, 1, 0, Size::S2))
+            })
+        );
+        // push ax in 64-bit code: a 2-byte slot
+        assert_eq!(
+            lower64(&[0x66, 0x50]),
+            Ok(Op::Push {
+                size: Size::S2,
+                src: reg(RAX, Size::S2)
+            })
+        );
+        // xchg eax, ecx ; xchg [rdi], al
+        assert_eq!(
+            lower32(&[0x91]),
+            Ok(Op::Xchg {
+                size: Size::S4,
+                a: reg(RCX, Size::S4),
+                b: reg(RAX, Size::S4)
+            })
+        );
+        assert_eq!(
+            lower64(&[0x86, 0x07]),
+            Ok(Op::Xchg {
+                size: Size::S1,
+                a: Operand::Mem(mem(Seg::Ds, Some(RDI), None, 1, 0, Size::S8)),
+                b: reg(RAX, Size::S1)
+            })
+        );
+    }
+
+    #[test]
+    fn conditions_and_flag_ops() {
+        // setne al ; cmovb rax, [rbx]
+        assert_eq!(
+            lower64(&[0x0f, 0x95, 0xc0]),
+            Ok(Op::Setcc {
+                cond: Cond::Ne,
+                dst: reg(RAX, Size::S1)
+            })
+        );
+        assert_eq!(
+            lower64(&[0x48, 0x0f, 0x42, 0x03]),
+            Ok(Op::Cmovcc {
+                cond: Cond::B,
+                size: Size::S8,
+                dst: r(RAX, Size::S8),
+                src: Operand::Mem(mem(Seg::Ds, Some(RBX), None, 1, 0, Size::S8))
+            })
+        );
+        // every condition code in hardware order via SETcc 0F 90+cc
+        let conds = [
+            Cond::O,
+            Cond::No,
+            Cond::B,
+            Cond::Ae,
+            Cond::E,
+            Cond::Ne,
+            Cond::Be,
+            Cond::A,
+            Cond::S,
+            Cond::Ns,
+            Cond::P,
+            Cond::Np,
+            Cond::L,
+            Cond::Ge,
+            Cond::Le,
+            Cond::G,
+        ];
+        for (cc, cond) in conds.into_iter().enumerate() {
+            assert_eq!(
+                lower32(&[0x0f, 0x90 + cc as u8, 0xc1]),
+                Ok(Op::Setcc {
+                    cond,
+                    dst: reg(RCX, Size::S1)
+                })
+            );
+        }
+        assert_eq!(lower16(&[0x98]), Ok(Op::SignExtendAcc { size: Size::S2 }));
+        assert_eq!(lower32(&[0x98]), Ok(Op::SignExtendAcc { size: Size::S4 }));
+        assert_eq!(
+            lower64(&[0x48, 0x98]),
+            Ok(Op::SignExtendAcc { size: Size::S8 })
+        );
+        assert_eq!(
+            lower16(&[0x99]),
+            Ok(Op::SignExtendAccToDx { size: Size::S2 })
+        );
+        assert_eq!(
+            lower32(&[0x99]),
+            Ok(Op::SignExtendAccToDx { size: Size::S4 })
+        );
+        assert_eq!(
+            lower64(&[0x48, 0x99]),
+            Ok(Op::SignExtendAccToDx { size: Size::S8 })
+        );
+        assert_eq!(lower64(&[0xf8]), Ok(Op::Clc));
+        assert_eq!(lower64(&[0xf9]), Ok(Op::Stc));
+        assert_eq!(lower64(&[0xf5]), Ok(Op::Cmc));
+        assert_eq!(lower64(&[0xfc]), Ok(Op::Cld));
+        assert_eq!(lower64(&[0xfd]), Ok(Op::Std));
+        assert_eq!(lower64(&[0x90]), Ok(Op::Nop));
+        assert_eq!(lower64(&[0x0f, 0x1f, 0x44, 0x00, 0x00]), Ok(Op::Nop));
+        assert_eq!(lower64(&[0xf3, 0x0f, 0x1e, 0xfa]), Ok(Op::Nop)); // endbr64
+        assert_eq!(lower64(&[0x0f, 0xae, 0xe8]), Ok(Op::Nop)); // lfence
+    }
+
+    #[test]
+    fn branches_are_relative_and_absolute() {
+        // jmp short +2 at 0x1000 (2 bytes): 0x1004
+        assert_eq!(
+            lower64(&[0xeb, 0x02]),
+            Ok(Op::Jmp {
+                target: Target::Exit(0x1004)
+            })
+        );
+        // jz -4 at 0x1000: 0x0ffe
+        assert_eq!(
+            lower32(&[0x74, 0xfc]),
+            Ok(Op::Jcc {
+                cond: Cond::E,
+                target: Target::Exit(0xffe)
+            })
+        );
+        // jne rel32 (0F 85) +0x100: 0x1006 + 0x100
+        assert_eq!(
+            lower64(&[0x0f, 0x85, 0x00, 0x01, 0x00, 0x00]),
+            Ok(Op::Jcc {
+                cond: Cond::Ne,
+                target: Target::Exit(0x1106)
+            })
+        );
+        // 16-bit jmp rel16 wraps within the segment: 0x1003 + 0xf000 = 0x0003
+        assert_eq!(
+            lower16(&[0xe9, 0x00, 0xf0]),
+            Ok(Op::Jmp {
+                target: Target::Exit(0x0003)
+            })
+        );
+        // loop in 64-bit code counts RCX; with 67, ECX
+        assert_eq!(
+            lower64(&[0xe2, 0xfe]),
+            Ok(Op::Loop {
+                kind: LoopKind::Loop,
+                addr_size: Size::S8,
+                target: Target::Exit(0x1000)
+            })
+        );
+        assert_eq!(
+            lower64(&[0x67, 0xe1, 0xfd]),
+            Ok(Op::Loop {
+                kind: LoopKind::Loope,
+                addr_size: Size::S4,
+                target: Target::Exit(0x1000)
+            })
+        );
+        assert_eq!(
+            lower16(&[0xe0, 0x10]),
+            Ok(Op::Loop {
+                kind: LoopKind::Loopne,
+                addr_size: Size::S2,
+                target: Target::Exit(0x1012)
+            })
+        );
+        assert_eq!(
+            lower32(&[0xe3, 0x00]),
+            Ok(Op::Loop {
+                kind: LoopKind::Jcxz,
+                addr_size: Size::S4,
+                target: Target::Exit(0x1002)
+            })
+        );
+        assert_eq!(
+            lower64(&[0xe3, 0x00]),
+            Ok(Op::Loop {
+                kind: LoopKind::Jcxz,
+                addr_size: Size::S8,
+                target: Target::Exit(0x1002)
+            })
+        );
+    }
+
+    #[test]
+    fn port_io() {
+        assert_eq!(
+            lower64(&[0xe4, 0x71]),
+            Ok(Op::In {
+                size: Size::S1,
+                port: PortSrc::Imm(0x71)
+            })
+        );
+        assert_eq!(
+            lower64(&[0xec]),
+            Ok(Op::In {
+                size: Size::S1,
+                port: PortSrc::Dx
+            })
+        );
+        assert_eq!(
+            lower32(&[0xed]),
+            Ok(Op::In {
+                size: Size::S4,
+                port: PortSrc::Dx
+            })
+        );
+        assert_eq!(
+            lower16(&[0xed]),
+            Ok(Op::In {
+                size: Size::S2,
+                port: PortSrc::Dx
+            })
+        );
+        assert_eq!(
+            lower32(&[0x66, 0xe5, 0x40]),
+            Ok(Op::In {
+                size: Size::S2,
+                port: PortSrc::Imm(0x40)
+            })
+        );
+        assert_eq!(
+            lower64(&[0xe6, 0x80]),
+            Ok(Op::Out {
+                size: Size::S1,
+                port: PortSrc::Imm(0x80)
+            })
+        );
+        assert_eq!(
+            lower64(&[0xef]),
+            Ok(Op::Out {
+                size: Size::S4,
+                port: PortSrc::Dx
+            })
+        );
+        assert_eq!(
+            lower16(&[0x66, 0xef]),
+            Ok(Op::Out {
+                size: Size::S4,
+                port: PortSrc::Dx
+            })
+        );
+        // rep insw in 64-bit code: RDI addressing; rep outsb with 67 and a segment override
+        assert_eq!(
+            lower64(&[0xf3, 0x66, 0x6d]),
+            Ok(Op::Ins {
+                size: Size::S2,
+                addr_size: Size::S8,
+                rep: true
+            })
+        );
+        assert_eq!(
+            lower16(&[0x6c]),
+            Ok(Op::Ins {
+                size: Size::S1,
+                addr_size: Size::S2,
+                rep: false
+            })
+        );
+        assert_eq!(
+            lower64(&[0xf3, 0x67, 0x65, 0x6e]),
+            Ok(Op::Outs {
+                size: Size::S1,
+                addr_size: Size::S4,
+                rep: true,
+                seg: Seg::Gs
+            })
+        );
+        assert_eq!(
+            lower32(&[0x6f]),
+            Ok(Op::Outs {
+                size: Size::S4,
+                addr_size: Size::S4,
+                rep: false,
+                seg: Seg::Ds
+            })
+        );
+    }
+
+    #[test]
+    fn system_instructions() {
+        assert_eq!(lower64(&[0x0f, 0x32]), Ok(Op::Rdmsr));
+        assert_eq!(lower64(&[0x0f, 0x30]), Ok(Op::Wrmsr));
+        assert_eq!(lower64(&[0x0f, 0xa2]), Ok(Op::Cpuid));
+        // mov cr3, rax ; mov rax, cr3 ; mov cr0, eax (32-bit) ; mov cr8, r9 ; mov rdx, cr2 ; mov cr4, rcx
+        assert_eq!(
+            lower64(&[0x0f, 0x22, 0xd8]),
+            Ok(Op::MovToCr { cr: 3, src: RAX })
+        );
+        assert_eq!(
+            lower64(&[0x0f, 0x20, 0xd8]),
+            Ok(Op::MovFromCr { cr: 3, dst: RAX })
+        );
+        assert_eq!(
+            lower32(&[0x0f, 0x22, 0xc0]),
+            Ok(Op::MovToCr { cr: 0, src: RAX })
+        );
+        assert_eq!(
+            lower64(&[0x45, 0x0f, 0x22, 0xc1]),
+            Ok(Op::MovToCr { cr: 8, src: 9 })
+        );
+        assert_eq!(
+            lower64(&[0x0f, 0x20, 0xd2]),
+            Ok(Op::MovFromCr { cr: 2, dst: RDX })
+        );
+        assert_eq!(
+            lower64(&[0x0f, 0x22, 0xe1]),
+            Ok(Op::MovToCr { cr: 4, src: RCX })
+        );
+        assert_eq!(lower64(&[0x0f, 0x06]), Ok(Op::Clts));
+        assert_eq!(
+            lower32(&[0x0f, 0x01, 0xf0]),
+            Ok(Op::Lmsw {
+                src: reg(RAX, Size::S2)
+            })
+        );
+        assert_eq!(lower64(&[0x0f, 0x31]), Ok(Op::Rdtsc));
+        assert_eq!(lower64(&[0x0f, 0x01, 0xf9]), Ok(Op::Rdtscp));
+        assert_eq!(lower64(&[0x0f, 0x33]), Ok(Op::Rdpmc));
+        assert_eq!(lower64(&[0x0f, 0x01, 0xd0]), Ok(Op::Xgetbv));
+        assert_eq!(lower64(&[0x0f, 0x01, 0xd1]), Ok(Op::Xsetbv));
+        assert_eq!(lower64(&[0x0f, 0x09]), Ok(Op::Wbinvd));
+        assert_eq!(lower64(&[0x0f, 0x08]), Ok(Op::Invd));
+        assert_eq!(
+            lower64(&[0x0f, 0x01, 0x3f]),
+            Ok(Op::Invlpg {
+                addr: mem(Seg::Ds, Some(RDI), None, 1, 0, Size::S8)
+            })
+        );
+        assert_eq!(lower64(&[0xf3, 0x90]), Ok(Op::Pause));
+        assert_eq!(lower64(&[0xf4]), Ok(Op::Hlt));
+    }
+
+    #[test]
+    fn rejected_forms() {
+        let is_form = |r: Result<Op, Unsupported>| matches!(r, Err(Unsupported::Form(_)));
+        let is_mnemonic = |r: Result<Op, Unsupported>, m| r == Err(Unsupported::Mnemonic(m));
+        // lock add [rax], ecx
+        assert!(is_form(lower64(&[0xf0, 0x01, 0x08])));
+        // jmp rax (indirect), jmp far ptr16:32 (32-bit), call rel32
+        assert!(is_form(lower64(&[0xff, 0xe0])));
+        assert!(is_form(lower32(&[0xea, 0, 0, 0, 0, 0x08, 0x00])));
+        assert!(is_mnemonic(lower64(&[0xe8, 0, 0, 0, 0]), Mnemonic::Call));
+        assert!(is_mnemonic(lower64(&[0xc3]), Mnemonic::Ret));
+        // mov ds, ax ; mov ax, ds ; push fs ; mov dr7, rax
+        assert!(is_form(lower32(&[0x8e, 0xd8])));
+        assert!(is_form(lower32(&[0x8c, 0xd8])));
+        assert!(is_form(lower64(&[0x0f, 0xa0])));
+        assert!(is_form(lower64(&[0x0f, 0x23, 0xf8])));
+        // string ops other than INS/OUTS
+        assert!(is_mnemonic(lower64(&[0xf3, 0xa4]), Mnemonic::Movsb));
+        assert!(is_mnemonic(lower64(&[0xaa]), Mnemonic::Stosb));
+        // repne insb
+        assert!(is_form(lower64(&[0xf2, 0x6c])));
+        // other instructions: vmcall, lgdt, sti, pushfq, int3, wbnoinvd
+        assert!(is_mnemonic(lower64(&[0x0f, 0x01, 0xc1]), Mnemonic::Vmcall));
+        assert!(is_mnemonic(lower64(&[0x0f, 0x01, 0x10]), Mnemonic::Lgdt));
+        assert!(is_mnemonic(lower64(&[0xfb]), Mnemonic::Sti));
+        assert!(is_mnemonic(lower64(&[0x9c]), Mnemonic::Pushfq));
+        assert!(is_mnemonic(lower64(&[0xcc]), Mnemonic::Int3));
+        assert!(is_mnemonic(
+            lower64(&[0xf3, 0x0f, 0x09]),
+            Mnemonic::Wbnoinvd
+        ));
+        // an invalid instruction
+        let mut decoder = Decoder::with_ip(64, &[0x06], IP, DecoderOptions::NONE);
+        assert!(lower(&decoder.decode()).is_err());
+        assert_eq!(
+            Unsupported::Form(Code::Add_rm32_r32).mnemonic(),
+            Mnemonic::Add
+        );
+    }
 }
