@@ -11,6 +11,20 @@
 //! access is absorbed the way hardware would absorb it (reads of nothing return
 //! all-ones, writes of nothing are dropped).
 //!
+//! ```
+//! use avex_core::devices::{PortBus, StandardConfig};
+//!
+//! let mut bus = PortBus::standard(StandardConfig::default());
+//! // What a backend does on an OUT/IN exit: forward it with the virtual time.
+//! for &b in b"ok\n" {
+//!     while bus.read(0x3fd, 1, 0) & 0x20 == 0 {} // LSR.THRE
+//!     bus.write(0x3f8, 1, b as u32, 0);
+//! }
+//! bus.write(0xf4, 1, 0, 1_000);
+//! assert_eq!(bus.take_console_output(), b"ok\n");
+//! assert_eq!(bus.exit_status(), Some(0));
+//! ```
+//!
 //! - [`bus`]: [`PortBus`], dispatch by port range, and the standard PC set.
 //! - [`uart`]: 16550A UART.
 //! - [`pit`]: 8254 PIT and system control port B (0x61).
