@@ -1,8 +1,339 @@
-//! `avex run` (in progress).
+//! `avex run GUEST`: boot a guest on a backend and report its exits.
+//!
+//! GUEST is an ELF path, a pre-analyzed image (translations in its
+//! `.avex.translations` section), or the name of a bundled guest. The guest's
+//! console bytes go to stdout unchanged as they come; an exit summary goes to
+//! stderr at the end. The process status is the guest's debug-exit status.
+//!
+//! Backends: `kvm` (hv/kvm, on /dev/kvm) and `bochs` (the VT-x hypervisor under
+//! Bochs). The Bochs seam is `crate::bochs::run(&RunRequest) ->
+//! anyhow::Result<RunResult>` in src/bochs.rs, owned by the VT-x hypervisor's
+//! engineer; [`run_backend`] dispatches to it once that module exists.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use avex_core::exit::Mode;
+use avex_core::format::{self, GuestIdentity, TranslationSet, TranslatorStamp};
+use avex_core::policy::ExitPolicy;
+use avex_core::stats::ExitStats;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::guests;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// The hosted backend on /dev/kvm.
+    Kvm,
+    /// The bare-metal VT-x hypervisor, booted in Bochs.
+    Bochs,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Kvm => "kvm",
+            Backend::Bochs => "bochs",
+        }
+    }
+}
+
+fn parse_mode(s: &str) -> Result<Mode, String> {
+    Mode::parse(s)
+        .ok_or_else(|| format!("unknown mode {s:?}: use off, dynamic, aot or aot+dynamic"))
+}
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// An ELF path, a pre-analyzed image, or a bundled guest's name (console, pci,
+    /// rtc, pit, cpuid, ctxswitch).
+    pub guest: String,
+    #[arg(long, value_enum, default_value = "kvm")]
+    pub backend: Backend,
+    /// off, dynamic, aot or aot+dynamic. Default: aot+dynamic when translations are
+    /// given (in the image or with --clusters), dynamic otherwise.
+    #[arg(long, value_parser = parse_mode)]
+    pub mode: Option<Mode>,
+    /// A translation set written by `avex analyze -o` (instead of the image's own).
+    #[arg(long, value_name = "FILE")]
+    pub clusters: Option<PathBuf>,
+    /// Write one JSON record of the run to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Stop the guest (with an error) after SECS seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    pub timeout: f64,
+}
 
-pub fn main(_args: Args) -> anyhow::Result<std::process::ExitCode> {
-    anyhow::bail!("avex run is not built yet")
+/// A guest ready to run: its ELF and whatever translations came with it.
+#[derive(Clone, Debug)]
+pub struct LoadedGuest {
+    pub name: String,
+    pub elf: Vec<u8>,
+    /// Translations found (decoded), or why the ones found could not be used.
+    pub translations: Option<Result<TranslationSet, String>>,
+}
+
+/// Resolve GUEST: an existing file, else a bundled guest's name.
+pub fn load_guest(spec: &str) -> anyhow::Result<LoadedGuest> {
+    let path = Path::new(spec);
+    let (name, elf) = if path.exists() {
+        let elf = std::fs::read(path).with_context(|| format!("cannot read {spec}"))?;
+        let name = path
+            .file_name()
+            .map_or(spec.to_string(), |n| n.to_string_lossy().into_owned());
+        (name, elf)
+    } else if let Some(g) = guests::find(spec) {
+        (g.name.to_string(), g.elf.to_vec())
+    } else {
+        let names: Vec<&str> = guests::bundled().iter().map(|g| g.name).collect();
+        bail!(
+            "{spec}: no such file, and not a bundled guest (bundled: {})",
+            names.join(", ")
+        );
+    };
+    let translations = match avex_linker::read_translations(&elf) {
+        Ok(None) => None,
+        Ok(Some(bytes)) => Some(
+            format::decode(&bytes)
+                .map_err(|e| format!("the image's .avex.translations section is unusable: {e}")),
+        ),
+        Err(e) => Some(Err(format!("cannot read the image's translations: {e}"))),
+    };
+    Ok(LoadedGuest {
+        name,
+        elf,
+        translations,
+    })
+}
+
+/// Read a translation set file (`avex analyze -o`).
+pub fn load_clusters(path: &Path) -> Result<TranslationSet, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    format::decode(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Analyze a guest ahead of time with the AOT pass and make its translation set
+/// (as `avex analyze -o` does).
+pub fn analyze_guest(
+    name: &str,
+    elf: &[u8],
+    policy: &ExitPolicy,
+) -> anyhow::Result<TranslationSet> {
+    let config = avex_aot::TranslatorConfig::default();
+    let analysis = avex_aot::analyze_bytes(name, elf, policy, &config)
+        .map_err(|e| anyhow::anyhow!("{name}: analysis failed: {e}"))?;
+    let description = format!("{config:?}");
+    let mut clusters = analysis.clusters.clone();
+    clusters.sort_by_key(|c| c.start);
+    clusters.dedup_by_key(|c| c.start);
+    Ok(TranslationSet {
+        guest: GuestIdentity {
+            digest: format::identity_of_segments(
+                analysis.segments.iter().map(|(a, b)| (*a, b.as_slice())),
+            ),
+            name: name.to_string(),
+        },
+        policy: policy.fingerprint(),
+        translator: TranslatorStamp {
+            fingerprint: format::fingerprint_of(&description),
+            description,
+        },
+        clusters,
+    })
+}
+
+/// What a backend is asked to run.
+pub struct RunRequest<'a> {
+    pub name: &'a str,
+    pub elf: &'a [u8],
+    pub mode: Mode,
+    pub policy: ExitPolicy,
+    pub translations: Option<Result<TranslationSet, String>>,
+    pub timeout: Duration,
+}
+
+/// What a backend reports.
+#[derive(Clone, Debug)]
+pub struct RunResult {
+    /// The guest's debug-exit status.
+    pub status: u8,
+    pub stats: ExitStats,
+    pub console: Vec<u8>,
+    pub seconds: f64,
+    /// Backend-specific counters (KVM: its vCPU statistics' changes).
+    pub details: BTreeMap<String, u64>,
+    /// Backend notes (e.g. whether MSR exits reach the handler).
+    pub notes: Vec<String>,
+}
+
+/// Run a guest on a backend; `console` gets console bytes as they come.
+pub fn run_backend(
+    backend: Backend,
+    req: RunRequest<'_>,
+    console: &mut dyn FnMut(&[u8]),
+) -> anyhow::Result<RunResult> {
+    match backend {
+        Backend::Kvm => {
+            let config = avex_kvm::Config {
+                mode: req.mode,
+                policy: req.policy,
+                timeout: Some(req.timeout),
+                translations: req.translations,
+                ..avex_kvm::Config::default()
+            };
+            let r = avex_kvm::run(req.elf, &config, console)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", req.name))?;
+            let mut details = r.kvm_stats.clone();
+            details.insert("user_exits".into(), r.user_exits);
+            details.insert("completions".into(), r.completions);
+            let notes = vec![match &r.msr_exits {
+                avex_kvm::MsrExits::Enabled => "MSR exits: to user space (filter)".to_string(),
+                avex_kvm::MsrExits::NotNeeded => "MSR exits: none intercepted".to_string(),
+                avex_kvm::MsrExits::Unsupported(why) => {
+                    format!("MSR exits: handled inside KVM ({why})")
+                }
+            }];
+            Ok(RunResult {
+                status: r.status,
+                stats: r.stats,
+                console: r.console,
+                seconds: r.seconds,
+                details,
+                notes,
+            })
+        }
+        Backend::Bochs => bail!(
+            "the bochs backend is not yet built: `avex run --backend bochs` needs the VT-x \
+             hypervisor's runner (src/bochs.rs); use --backend kvm"
+        ),
+    }
+}
+
+/// The JSON record of one run (`--json`, and each element of `avex compare --json`).
+#[derive(Clone, Debug, Serialize)]
+pub struct RunRecord {
+    pub guest: String,
+    pub mode: String,
+    pub backend: String,
+    pub status: u8,
+    /// VM exits the hardware took (KVM: the `exits` statistic).
+    pub exits: u64,
+    pub exit_prone: u64,
+    pub avoided: u64,
+    pub reduction: f64,
+    pub exits_by_reason: BTreeMap<String, u64>,
+    pub handled_exits: u64,
+    pub in_cluster_exiting: u64,
+    pub clusters_run: u64,
+    pub cluster_insns: u64,
+    pub early_stops: BTreeMap<String, u64>,
+    pub translations_loaded: u64,
+    pub translations_rejected: Option<String>,
+    pub translations_built: u64,
+    pub translate_ns: u64,
+    pub translate_insns: u64,
+    pub console_sha256: String,
+    pub console_bytes: usize,
+    pub seconds: f64,
+    pub backend_stats: BTreeMap<String, u64>,
+    pub notes: Vec<String>,
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl RunRecord {
+    pub fn new(guest: &str, mode: Mode, backend: Backend, r: &RunResult) -> RunRecord {
+        let s = &r.stats;
+        RunRecord {
+            guest: guest.to_string(),
+            mode: mode.name().to_string(),
+            backend: backend.name().to_string(),
+            status: r.status,
+            exits: s.exits(),
+            exit_prone: s.exit_prone(),
+            avoided: s.avoided(),
+            reduction: s.reduction(),
+            exits_by_reason: s
+                .by_reason
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
+            handled_exits: s.handled,
+            in_cluster_exiting: s.in_cluster_exiting,
+            clusters_run: s.clusters_run,
+            cluster_insns: s.cluster_insns,
+            early_stops: s.early_stops.clone(),
+            translations_loaded: s.translations_loaded,
+            translations_rejected: s.translations_rejected.clone(),
+            translations_built: s.translations_built,
+            translate_ns: s.translate_ns,
+            translate_insns: s.translate_insns,
+            console_sha256: sha256_hex(&r.console),
+            console_bytes: r.console.len(),
+            seconds: r.seconds,
+            backend_stats: r.details.clone(),
+            notes: r.notes.clone(),
+        }
+    }
+}
+
+pub fn main(args: Args) -> anyhow::Result<ExitCode> {
+    let mut guest = load_guest(&args.guest)?;
+    if let Some(path) = &args.clusters {
+        guest.translations = Some(load_clusters(path));
+    }
+    let mode = args.mode.unwrap_or(if guest.translations.is_some() {
+        Mode::AotDynamic
+    } else {
+        Mode::Dynamic
+    });
+    if !(args.timeout > 0.0 && args.timeout.is_finite()) {
+        bail!("--timeout must be a positive number of seconds");
+    }
+    let req = RunRequest {
+        name: &guest.name,
+        elf: &guest.elf,
+        mode,
+        policy: ExitPolicy::default(),
+        translations: guest.translations.clone(),
+        timeout: Duration::from_secs_f64(args.timeout),
+    };
+    let stdout = std::io::stdout();
+    let mut console = |b: &[u8]| {
+        let mut out = stdout.lock();
+        let _ = out.write_all(b);
+        let _ = out.flush();
+    };
+    let result = run_backend(args.backend, req, &mut console)?;
+    let record = RunRecord::new(&guest.name, mode, args.backend, &result);
+    eprintln!(
+        "\navex: {} on {} in mode {}: status {}, {:.3} s",
+        guest.name,
+        args.backend.name(),
+        mode,
+        result.status,
+        result.seconds
+    );
+    eprint!("{}", result.stats.summary());
+    for n in &result.notes {
+        eprintln!("{n}");
+    }
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&record)?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(ExitCode::from(result.status))
 }

@@ -13,12 +13,12 @@
 //!
 //! Statistics ([`ExitStats`]) are counted here for every backend.
 
-use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt;
 
 use crate::cache::{Origin, TranslationCache};
+use crate::engine;
 use crate::format::{self as tformat, TranslationSet};
 use crate::guest::{CpuState, Fault, Guest};
 use crate::ir::Bitness;
@@ -150,8 +150,8 @@ pub struct ClusterEnd {
     pub early: Option<String>,
 }
 
-/// Limits on one cluster run (instructions), passed to the engine.
-pub const DEFAULT_INSN_BUDGET: u64 = 100_000;
+/// Instruction budget of one cluster run (the engine's default).
+pub const DEFAULT_INSN_BUDGET: u64 = 4096;
 
 /// The exit handler: mode, translation cache, dynamic tracker and statistics.
 pub struct ExitHandler {
@@ -350,6 +350,16 @@ impl ExitHandler {
         seam::translate(&self.policy, &code, rip, bitness_of(state))
     }
 
+    fn drop_translation(&mut self, start: u64) {
+        if let Some(e) = self.cache.remove(start) {
+            let len = e.cluster.insns.first().map_or(0, |i| i.len as usize);
+            if let Some(b) = e.cluster.guest_bytes.get(..len) {
+                self.tracker.forget(start, b);
+            }
+            self.stats.stale_dropped += 1;
+        }
+    }
+
     /// Run the translation starting at `start` after the backend completed the
     /// exiting instruction (the guest's RIP is now after it). The guest state is left
     /// where the cluster ended.
@@ -366,27 +376,6 @@ impl ExitHandler {
         let origin = entry.origin;
         let cluster = &entry.cluster;
         let state = guest.state();
-        // The cluster's bytes must still be the guest's (checked byte by byte).
-        let mut now = Vec::new();
-        now.resize(cluster.guest_bytes.len(), 0);
-        let got = fetch_code(guest, &state, cluster.start, &mut now);
-        if got != now.len() || now != cluster.guest_bytes {
-            let bytes0 = cluster
-                .guest_bytes
-                .get(..cluster.insns[0].len as usize)
-                .map(<[u8]>::to_vec);
-            self.cache.remove(start);
-            if let Some(b) = bytes0 {
-                self.tracker.forget(start, &b);
-            }
-            self.stats.stale_dropped += 1;
-            return ClusterEnd {
-                rip: state.rip,
-                exiting: 0,
-                insns: 0,
-                early: Some("stale".into()),
-            };
-        }
         let Some(index) = cluster.insns.iter().position(|i| i.rip == state.rip) else {
             // The exiting instruction was the cluster's last.
             return ClusterEnd {
@@ -396,25 +385,38 @@ impl ExitHandler {
                 early: None,
             };
         };
-        let out = seam::run(cluster, guest, index, self.insn_budget);
+        let limits = engine::RunLimits {
+            max_insns: self.insn_budget,
+            ..engine::RunLimits::default()
+        };
+        let out = engine::run(cluster, guest, index, &limits);
+        if matches!(
+            out.reason,
+            engine::StopReason::CodeChanged | engine::StopReason::Invalid(_)
+        ) && out.stats.insns == 0
+        {
+            // The guest's code no longer matches: drop the translation; a later
+            // exit can rebuild it.
+            self.drop_translation(start);
+        }
         self.stats.clusters_run += 1;
         match origin {
             Origin::Aot => self.stats.clusters_run_aot += 1,
             Origin::Dynamic => self.stats.clusters_run_dynamic += 1,
         }
         let mut exiting = 0;
-        for (class, n) in out.exiting {
+        for (class, n) in out.exiting_by_class() {
             self.stats.count_in_cluster(class, n);
             exiting += n;
         }
-        let insns = out.insns;
+        let insns = out.insns();
         self.stats.cluster_insns += insns;
-        let early = out.early;
+        let early = out.early_stop();
         if let Some(why) = &early {
             self.stats.count_early_stop(why.clone());
         }
         ClusterEnd {
-            rip: out.rip,
+            rip: out.rip(),
             exiting,
             insns,
             early,
@@ -442,6 +444,7 @@ pub fn fetch_code<G: Guest + ?Sized>(
     rip: u64,
     buf: &mut [u8],
 ) -> usize {
+    let mmu = engine::Mmu::new(state, 52);
     let base = match bitness_of(state) {
         Bitness::B64 => 0,
         _ => state.segment(crate::ir::Seg::Cs).base,
@@ -449,7 +452,8 @@ pub fn fetch_code<G: Guest + ?Sized>(
     let mut done = 0;
     while done < buf.len() {
         let la = base.wrapping_add(rip).wrapping_add(done as u64);
-        let Some(pa) = seam::translate_fetch(guest, state, la) else {
+        let mut walks = 0;
+        let Ok(pa) = mmu.translate(guest, la, engine::Access::Fetch, &mut walks) else {
             break;
         };
         let in_page = (0x1000 - (la & 0xfff)) as usize;
@@ -484,8 +488,11 @@ mod seam {
     pub const MAX_FETCH: usize = 512;
 
     /// Length of the instruction at the start of `code`.
-    pub fn insn_len(_code: &[u8], _bitness: Bitness, _rip: u64) -> Option<usize> {
-        None
+    pub fn insn_len(code: &[u8], bitness: Bitness, rip: u64) -> Option<usize> {
+        let mut d =
+            iced_x86::Decoder::with_ip(bitness.bits(), code, rip, iced_x86::DecoderOptions::NONE);
+        let i = d.decode();
+        (!i.is_invalid()).then(|| i.len())
     }
 
     /// Translate the cluster starting at `rip`.
@@ -495,43 +502,6 @@ mod seam {
         _rip: u64,
         _bitness: Bitness,
     ) -> Option<crate::ir::Cluster> {
-        None
-    }
-
-    pub struct Ran {
-        pub rip: u64,
-        pub insns: u64,
-        pub exiting: Vec<(&'static str, u64)>,
-        pub early: Option<String>,
-    }
-
-    /// Run `cluster` from instruction `index` on `guest`.
-    pub fn run<G: Guest + ?Sized>(
-        _cluster: &crate::ir::Cluster,
-        guest: &mut G,
-        _index: usize,
-        _budget: u64,
-    ) -> Ran {
-        Ran {
-            rip: guest.state().rip,
-            insns: 0,
-            exiting: Vec::new(),
-            early: Some(format!("engine not built yet")),
-        }
-    }
-
-    /// Guest-physical address of linear address `la` for an instruction fetch.
-    pub fn translate_fetch<G: Guest + ?Sized>(
-        _guest: &mut G,
-        state: &CpuState,
-        la: u64,
-    ) -> Option<u64> {
-        // Until the engine's MMU is wired in: identity for paging off, else a
-        // 4-level walk of 2 MiB/1 GiB/4 KiB pages.
-        if state.cr0 & (1 << 31) == 0 {
-            return Some(la & 0xffff_ffff);
-        }
-        let _ = la;
         None
     }
 }
