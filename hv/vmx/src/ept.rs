@@ -30,12 +30,18 @@ impl GuestRam {
         let layout = core::alloc::Layout::from_size_align(size as usize, 2 << 20).ok()?;
         // SAFETY: a non-zero-sized layout; the memory is owned by this GuestRam and
         // never freed (the hypervisor runs one guest per boot).
-        let base = unsafe { alloc::alloc::alloc_zeroed(layout) };
+        let base = unsafe { alloc::alloc::alloc(layout) };
         if base.is_null() {
-            None
-        } else {
-            Some(GuestRam { base, size })
+            return None;
         }
+        // Zero it 8 bytes at a time (an emulator counts every iteration of a string
+        // instruction; `rep stosb` would cost 8 times as much).
+        // SAFETY: base..base+size was just allocated, size is a multiple of 8.
+        unsafe {
+            core::arch::asm!("rep stosq", inout("rcx") size / 8 => _, inout("rdi") base => _,
+                             in("rax") 0u64, options(nostack, preserves_flags));
+        }
+        Some(GuestRam { base, size })
     }
 
     pub fn size(&self) -> u64 {

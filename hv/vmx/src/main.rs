@@ -40,7 +40,7 @@ use avex_core::policy::ExitPolicy;
 /// The name of the section `avex link` writes the translations to.
 const TRANSLATIONS_SECTION: &str = ".avex.translations";
 /// Guest RAM when the command line does not say (`mem=<MiB>`).
-const DEFAULT_GUEST_MIB: u64 = 64;
+const DEFAULT_GUEST_MIB: u64 = 16;
 /// Bochs' TSC counts emulated instructions: its rate is the configured `ips`.
 const DEFAULT_TSC_HZ: u64 = 10_000_000;
 
@@ -235,10 +235,14 @@ extern "C" fn kmain(magic: u32, mbi: u32) -> ! {
     };
     vcpu.debug = opts.debug;
     protect_translated_pages(&mut vcpu, &handler);
-    logln!("avex-vmx: entering the guest");
+    let t0 = clock_ns();
+    logln!("avex-vmx: entering the guest at {} ms of machine time", t0 / 1_000_000);
     let outcome = run::run(&mut vcpu, &mut handler);
     let mut extra = BTreeMap::new();
     extra.insert("code_page_writes", vcpu.code_writes);
+    let guest_ms = clock_ns().saturating_sub(t0) / 1_000_000;
+    extra.insert("guest_ms", guest_ms);
+    logln!("avex-vmx: the guest ran for {guest_ms} ms of machine time");
     match outcome {
         run::Outcome::Exited(status) => {
             logln!("avex-vmx: guest exited with status {status}");

@@ -1,0 +1,424 @@
+//! The `--backend bochs` runner: boot the bare-metal VT-x hypervisor (hv/vmx) with a
+//! guest in Bochs, headless, and read back what happened.
+//!
+//! 1. The guest image (with its translations, if any) and the hypervisor go on a
+//!    GRUB ISO (`avex_linker::iso`); the hypervisor's command line carries the mode.
+//! 2. A bochsrc (PLATFORM.md's essentials) boots the ISO with COM1 and COM2 mapped to
+//!    two files: COM1 carries exactly the guest's console bytes, COM2 the
+//!    hypervisor's log, ending with one `AVEX-SUMMARY {json}` line.
+//! 3. Bochs runs under an outer time limit; COM1 is streamed to the caller as it
+//!    grows. Success is judged by the summary line, never by Bochs' exit status
+//!    (the hypervisor ends the run through Bochs' shutdown port, status 1).
+
+use std::collections::BTreeMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use avex_core::exit::Mode;
+use avex_core::format;
+use avex_core::stats::ExitStats;
+
+use crate::run::{RunRequest, RunResult};
+
+/// The Debian packages the Bochs backend needs (Bochs itself and its ROMs).
+pub const BOCHS_PACKAGES: &str = "bochs bochsbios vgabios";
+/// Emulated instructions per second. Bochs' TSC counts instructions, so this is
+/// also the TSC rate the hypervisor is told (`tsc_hz=`). With `clock: sync=none`
+/// a lower rate boots faster (the BIOS's waits cost emulated instructions).
+pub const DEFAULT_IPS: u64 = 10_000_000;
+/// Bochs' RAM in MiB: the hypervisor (a few MiB with its heap use) and the guest's.
+pub const DEFAULT_MEGS: u64 = 128;
+/// Guest RAM in MiB given to the hypervisor (`mem=`).
+pub const DEFAULT_GUEST_MIB: u64 = 16;
+
+const BIOS: &str = "/usr/share/bochs/BIOS-bochs-latest";
+const VGABIOS: &str = "/usr/share/bochs/VGABIOS-lgpl-latest";
+
+/// The summary line's prefix on the hypervisor's log port (COM2).
+pub const SUMMARY_PREFIX: &str = "AVEX-SUMMARY ";
+
+/// The hypervisor's flat multiboot image: `$AVEX_VMX_IMAGE` at run time if set,
+/// else the one build.rs made.
+pub fn hypervisor_image() -> anyhow::Result<Vec<u8>> {
+    let path = match std::env::var_os("AVEX_VMX_IMAGE").filter(|p| !p.is_empty()) {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let built = env!("AVEX_VMX_IMAGE");
+            if built.is_empty() {
+                bail!(
+                    "the VT-x hypervisor image was not built (hv/vmx failed to build: {}); \
+                     rebuild avex to see the error",
+                    env!("AVEX_VMX_BUILD_ERROR")
+                );
+            }
+            PathBuf::from(built)
+        }
+    };
+    std::fs::read(&path).with_context(|| format!("cannot read the hypervisor image {}", path.display()))
+}
+
+/// The hypervisor's command-line words for a guest run.
+pub fn hypervisor_options(name: &str, mode: Mode, ips: u64, guest_mib: u64) -> Vec<String> {
+    let safe: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+') { c } else { '_' })
+        .take(64)
+        .collect();
+    vec![
+        format!("mode={}", mode.name()),
+        format!("guest={}", if safe.is_empty() { "guest".into() } else { safe }),
+        format!("tsc_hz={ips}"),
+        format!("mem={guest_mib}"),
+    ]
+}
+
+/// Make a bootable ISO for `elf` (a guest or pre-analyzed image) at `out`.
+pub fn make_iso(elf: &[u8], name: &str, mode: Mode, out: &Path) -> anyhow::Result<()> {
+    let hv = hypervisor_image()?;
+    let spec = avex_linker::iso::IsoSpec {
+        hypervisor: &hv,
+        guest: elf,
+        options: hypervisor_options(name, mode, DEFAULT_IPS, DEFAULT_GUEST_MIB),
+    };
+    avex_linker::iso::make_iso(&spec, out).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Check that Bochs and its ROM images are installed.
+pub fn check_bochs() -> anyhow::Result<()> {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("bochs").is_file()))
+        .unwrap_or(false);
+    if !found {
+        bail!("bochs not found: install the Debian packages {BOCHS_PACKAGES} (apt-get install {BOCHS_PACKAGES})");
+    }
+    for rom in [BIOS, VGABIOS] {
+        if !Path::new(rom).is_file() {
+            bail!("{rom} not found: install the Debian packages {BOCHS_PACKAGES}");
+        }
+    }
+    Ok(())
+}
+
+/// The bochsrc for one run.
+pub fn bochsrc(iso: &Path, com1: &Path, com2: &Path, log: &Path, ips: u64) -> String {
+    format!(
+        "megs: {DEFAULT_MEGS}\n\
+         romimage: file={BIOS}\n\
+         vgaromimage: file={VGABIOS}\n\
+         display_library: rfb, options=\"timeout=0\"\n\
+         cpu: model=corei7_skylake_x, count=1, ips={ips}, reset_on_triple_fault=0\n\
+         ata0-master: type=cdrom, path=\"{}\", status=inserted\n\
+         boot: cdrom\n\
+         com1: enabled=1, mode=file, dev=\"{}\"\n\
+         com2: enabled=1, mode=file, dev=\"{}\"\n\
+         magic_break: enabled=0\n\
+         clock: sync=none\n\
+         panic: action=fatal\n\
+         speaker: enabled=0\n\
+         sound: waveoutdrv=dummy, waveindrv=dummy, midioutdrv=dummy\n\
+         log: \"{}\"\n",
+        iso.display(),
+        com1.display(),
+        com2.display(),
+        log.display()
+    )
+}
+
+/// The parsed `AVEX-SUMMARY` line.
+#[derive(Clone, Debug, Default)]
+pub struct Summary {
+    pub status: u8,
+    pub error: Option<String>,
+    pub stats: ExitStats,
+    /// Other numeric fields (guest_ms, code_page_writes, ...).
+    pub details: BTreeMap<String, u64>,
+}
+
+/// Exit-reason names live for the program's life in `ExitStats`: map the known ones
+/// to their static names, and leak the (few, short) others.
+fn static_name(s: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "io_in", "io_out", "rdmsr", "wrmsr", "cpuid", "hlt", "cr_access", "other", "ept_violation",
+        "triple_fault", "ins", "outs", "external_interrupt", "exception_nmi", "interrupt_window",
+    ];
+    KNOWN.iter().copied().find(|k| *k == s).unwrap_or_else(|| Box::leak(s.to_string().into_boxed_str()))
+}
+
+/// Parse the summary line (without its prefix).
+pub fn parse_summary(json: &str) -> anyhow::Result<Summary> {
+    let v: serde_json::Value = serde_json::from_str(json).context("the AVEX-SUMMARY line is not JSON")?;
+    let obj = v.as_object().context("the AVEX-SUMMARY line is not a JSON object")?;
+    let num = |k: &str| obj.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+    let mut s = Summary {
+        status: u8::try_from(num("status")).unwrap_or(255),
+        error: obj.get("error").and_then(|e| e.as_str()).map(str::to_string),
+        ..Summary::default()
+    };
+    let st = &mut s.stats;
+    if let Some(m) = obj.get("exits_by_reason").and_then(|m| m.as_object()) {
+        for (k, n) in m {
+            let n = n.as_u64().unwrap_or(0);
+            st.by_reason.insert(static_name(k), n);
+        }
+    }
+    st.handled = num("exits");
+    st.in_cluster_exiting = num("in_cluster_exiting");
+    st.clusters_run = num("clusters_run");
+    st.clusters_run_aot = num("clusters_run_aot");
+    st.clusters_run_dynamic = num("clusters_run_dynamic");
+    st.cluster_insns = num("cluster_insns");
+    st.translations_loaded = num("translations_loaded");
+    st.translations_built = num("translations_built");
+    st.translation_failures = num("translation_failures");
+    st.translate_ns = num("translate_ns");
+    st.translate_insns = num("translate_insns");
+    st.stale_dropped = num("stale_dropped");
+    st.translations_rejected = obj.get("translations_rejected").and_then(|r| r.as_str()).map(str::to_string);
+    if let Some(m) = obj.get("early_stops").and_then(|m| m.as_object()) {
+        for (k, n) in m {
+            st.early_stops.insert(k.clone(), n.as_u64().unwrap_or(0));
+        }
+    }
+    // Consistency: exit_prone and avoided as the hypervisor computed them must match
+    // the definitions applied to what was parsed.
+    if obj.contains_key("exit_prone") && num("exit_prone") != st.exit_prone() {
+        bail!("inconsistent AVEX-SUMMARY: exit_prone {} but exits + in-cluster = {}", num("exit_prone"), st.exit_prone());
+    }
+    for key in ["guest_ms", "code_page_writes"] {
+        if let Some(n) = obj.get(key).and_then(|x| x.as_u64()) {
+            s.details.insert(key.to_string(), n);
+        }
+    }
+    Ok(s)
+}
+
+/// The guest image to put on the ISO for `req`: its own bytes, or (when the caller
+/// brought a translation set from elsewhere, e.g. `--clusters`) the image with that
+/// set linked in, so the hypervisor finds it where it looks.
+fn image_for(req: &RunRequest) -> Vec<u8> {
+    let Some(Ok(set)) = &req.translations else {
+        return req.elf.to_vec();
+    };
+    if let Ok(Some(own)) = avex_linker::read_translation_set(req.elf) {
+        if &own == set {
+            return req.elf.to_vec();
+        }
+    }
+    match avex_linker::link(req.elf, set) {
+        Ok((image, _)) => image,
+        // Let the hypervisor judge (and report) a set the linker would not accept.
+        Err(_) => avex_linker::embed(req.elf, &format::encode(set)).unwrap_or_else(|_| req.elf.to_vec()),
+    }
+}
+
+/// A scratch directory removed on drop unless `AVEX_KEEP_BOCHS` is set.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::env::var_os("AVEX_KEEP_BOCHS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        } else {
+            eprintln!("avex: Bochs run files kept in {}", self.0.display());
+        }
+    }
+}
+
+fn scratch_dir() -> anyhow::Result<Scratch> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let dir = std::env::temp_dir().join(format!("avex-bochs-{}-{n}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(Scratch(dir))
+}
+
+/// Bytes appended to `path` since `*pos`.
+fn read_new(path: &Path, pos: &mut u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        if f.seek(SeekFrom::Start(*pos)).is_ok() && f.read_to_end(&mut out).is_ok() {
+            *pos += out.len() as u64;
+        }
+    }
+    out
+}
+
+fn summary_line(log: &str) -> Option<&str> {
+    log.lines().find_map(|l| l.trim_end_matches('\r').strip_prefix(SUMMARY_PREFIX))
+}
+
+/// Run `req` in Bochs (the seam `run_backend` calls).
+pub fn run(req: &RunRequest) -> anyhow::Result<RunResult> {
+    run_with_console(req, &mut |_| {})
+}
+
+/// Run `req` in Bochs; `console` gets the guest's console bytes as they come.
+pub fn run_with_console(req: &RunRequest, console: &mut dyn FnMut(&[u8])) -> anyhow::Result<RunResult> {
+    check_bochs()?;
+    let dir = scratch_dir()?;
+    let d = &dir.0;
+    let (iso, com1, com2, log, rc, dbg, out) = (
+        d.join("boot.iso"),
+        d.join("com1.txt"),
+        d.join("com2.txt"),
+        d.join("bochs.log"),
+        d.join("bochsrc"),
+        d.join("debugger.rc"),
+        d.join("bochs.out"),
+    );
+    let image = image_for(req);
+    make_iso(&image, req.name, req.mode, &iso).with_context(|| format!("{}: cannot make the boot ISO", req.name))?;
+    std::fs::write(&rc, bochsrc(&iso, &com1, &com2, &log, DEFAULT_IPS))?;
+    // Bochs' debugger is always compiled in: continue, and quit when the run ends.
+    std::fs::write(&dbg, "c\nquit\n")?;
+    let out_file = std::fs::File::create(&out)?;
+
+    let start = Instant::now();
+    let mut child = Command::new("bochs")
+        .arg("-q")
+        .arg("-f")
+        .arg(&rc)
+        .arg("-rc")
+        .arg(&dbg)
+        .current_dir(d)
+        .stdin(Stdio::null())
+        .stdout(out_file.try_clone()?)
+        .stderr(out_file)
+        .spawn()
+        .context("cannot start bochs")?;
+
+    let mut console_bytes = Vec::new();
+    let mut log_text = String::new();
+    let (mut pos1, mut pos2) = (0u64, 0u64);
+    let mut timed_out = false;
+    loop {
+        let exited = child.try_wait()?.is_some();
+        let new = read_new(&com1, &mut pos1);
+        if !new.is_empty() {
+            console(&new);
+            console_bytes.extend_from_slice(&new);
+        }
+        log_text.push_str(&String::from_utf8_lossy(&read_new(&com2, &mut pos2)));
+        if exited {
+            break;
+        }
+        if summary_line(&log_text).is_some() {
+            // The hypervisor shuts Bochs down right after the summary; give it a
+            // moment, then end it ourselves.
+            let grace = Instant::now();
+            while child.try_wait()?.is_none() && grace.elapsed() < Duration::from_secs(2) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            let new = read_new(&com1, &mut pos1);
+            console(&new);
+            console_bytes.extend_from_slice(&new);
+            break;
+        }
+        if start.elapsed() > req.timeout {
+            timed_out = true;
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    log_text.push_str(&String::from_utf8_lossy(&read_new(&com2, &mut pos2)));
+
+    let Some(line) = summary_line(&log_text) else {
+        let tail: Vec<&str> = log_text.lines().rev().take(8).collect();
+        let bochs_log = std::fs::read_to_string(&log).unwrap_or_default();
+        let panics: Vec<&str> = bochs_log.lines().filter(|l| l.contains("PANIC") || l.contains(">>")).take(4).collect();
+        bail!(
+            "{}: {} without a summary from the hypervisor.\nhypervisor log (last lines):\n  {}\nBochs: {}",
+            req.name,
+            if timed_out { format!("Bochs timed out after {:.0} s", req.timeout.as_secs_f64()) } else { "Bochs ended".into() },
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n  "),
+            if panics.is_empty() { "no panic in its log".to_string() } else { panics.join(" | ") }
+        );
+    };
+    let summary = parse_summary(line)?;
+    if let Some(e) = &summary.error {
+        bail!("{}: the hypervisor stopped the guest: {e}", req.name);
+    }
+    let mut notes = Vec::new();
+    if let Some(r) = &summary.stats.translations_rejected {
+        notes.push(format!("translations rejected: {r}"));
+    }
+    for l in log_text.lines().filter(|l| l.contains("forces on") || l.contains("cannot set")) {
+        notes.push(l.trim().to_string());
+    }
+    Ok(RunResult {
+        status: summary.status,
+        stats: summary.stats,
+        console: console_bytes,
+        seconds,
+        details: summary.details,
+        notes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_summary_into_the_shared_statistics() {
+        let line = r#"{"status":0,"mode":"aot+dynamic","guest":"console","exits":10,"exits_by_reason":{"io_in":4,"io_out":6},"exit_prone":25,"avoided":15,"in_cluster_exiting":15,"translations_loaded":3,"translations_built":1,"clusters_run":5,"cluster_insns":40,"stale_dropped":0,"translations_rejected":null,"guest_ms":7}"#;
+        let s = parse_summary(line).unwrap();
+        assert_eq!(s.status, 0);
+        assert_eq!(s.stats.exits(), 10);
+        assert_eq!(s.stats.exit_prone(), 25);
+        assert_eq!(s.stats.avoided(), 15);
+        assert_eq!(s.stats.by_reason["io_out"], 6);
+        assert_eq!(s.stats.translations_built, 1);
+        assert_eq!(s.details["guest_ms"], 7);
+        assert!(s.error.is_none());
+    }
+
+    #[test]
+    fn an_inconsistent_summary_is_an_error() {
+        let line = r#"{"status":0,"exits":10,"exit_prone":11,"in_cluster_exiting":0}"#;
+        assert!(parse_summary(line).is_err());
+    }
+
+    #[test]
+    fn a_stopped_guest_carries_its_diagnosis() {
+        let line = r#"{"status":255,"exits":3,"error":"EPT violation: guest write of guest-physical 0x40000000"}"#;
+        let s = parse_summary(line).unwrap();
+        assert_eq!(s.status, 255);
+        assert!(s.error.unwrap().contains("EPT violation"));
+    }
+
+    #[test]
+    fn finds_the_summary_line_among_log_lines() {
+        let log = "avex-vmx: hello\r\nAVEX-SUMMARY {\"status\":3}\r\n";
+        assert_eq!(summary_line(log), Some("{\"status\":3}"));
+        assert_eq!(summary_line("nothing"), None);
+    }
+
+    #[test]
+    fn options_name_the_mode_and_sanitize_the_guest_name() {
+        let o = hypervisor_options("my guest;x", Mode::AotDynamic, 10_000_000, 16);
+        assert_eq!(o[0], "mode=aot+dynamic");
+        assert_eq!(o[1], "guest=my_guest_x");
+        assert!(avex_linker::iso::grub_cfg(&o).is_ok());
+    }
+
+    #[test]
+    fn bochsrc_has_the_essentials() {
+        let rc = bochsrc(Path::new("/t/b.iso"), Path::new("/t/1"), Path::new("/t/2"), Path::new("/t/l"), 10_000_000);
+        for k in ["rfb", "reset_on_triple_fault=0", "boot: cdrom", "com2: enabled=1", "clock: sync=none", "ips=10000000"] {
+            assert!(rc.contains(k), "{k}");
+        }
+    }
+}
