@@ -6,8 +6,10 @@
 //! MHz input clock elapsed since then (tick `n` is at `n * 10^9 / 1193182` ns of
 //! virtual time, so the arithmetic never drifts). Modes 0 to 5, lobyte/hibyte/lohi
 //! access, counter latch, read-back (count and status) and BCD counting are
-//! modelled. A new count takes effect at once in every mode (hardware defers it
-//! to the end of the current period in modes 2 and 3).
+//! modelled. Simplification: a new count takes effect at once (hardware defers it
+//! to the end of the current period in modes 2 and 3), and in modes 1 and 5 it
+//! cancels a one-shot in progress and waits for the next gate trigger (hardware
+//! lets the running one-shot finish).
 //!
 //! Port 0x61: bit 0 gates channel 2, bit 1 is the speaker data enable, bits 2..3
 //! are stored, bit 4 toggles with each DRAM refresh (every 15.085 µs), bit 5 reads
@@ -28,7 +30,9 @@ pub fn ticks_at(now_ns: u64) -> u64 {
 
 /// The first virtual time at which `ticks_at` reaches `ticks`.
 pub fn ns_of_tick(ticks: u64) -> u64 {
-    (ticks as u128 * 1_000_000_000).div_ceil(PIT_HZ as u128) as u64
+    (ticks as u128 * 1_000_000_000)
+        .div_ceil(PIT_HZ as u128)
+        .min(u64::MAX as u128) as u64
 }
 
 const ACCESS_LATCH: u8 = 0;
