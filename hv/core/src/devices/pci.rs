@@ -6,7 +6,8 @@
 //! type, interrupt pin) ignore writes, the command register takes only the bits it
 //! implements, and BAR sizing works as on hardware (write all-ones, read back the
 //! size mask with the BAR's type bits, restore). Functions that do not exist read
-//! all-ones, which is how enumeration finds nothing there.
+//! all-ones, which is how enumeration finds nothing there. The PIIX reset control
+//! register (byte port 0xcf9) records a guest's reset request.
 
 use alloc::collections::BTreeMap;
 
@@ -314,6 +315,9 @@ impl PciConfig {
 pub struct PciBus {
     address: u32,
     functions: BTreeMap<(u8, u8), PciFunction>,
+    /// PIIX reset control register (byte port 0xcf9).
+    rcr: u8,
+    reset_requested: bool,
 }
 
 impl PciBus {
@@ -334,7 +338,15 @@ impl PciBus {
         PciBus {
             address: 0,
             functions,
+            rcr: 0,
+            reset_requested: false,
         }
+    }
+
+    /// True once the guest asked for a reset through the reset control register
+    /// (a byte write to 0xcf9 with RST_CPU, bit 2, set: Linux's `reboot=pci`).
+    pub fn reset_requested(&self) -> bool {
+        self.reset_requested
     }
 
     /// The current value of the address register (0xcf8).
@@ -369,6 +381,7 @@ impl PciBus {
         }
         match port {
             0xcf8 if size == 4 => self.address,
+            0xcf9 if size == 1 => self.rcr as u32,
             0xcfc..=0xcff => {
                 let off = (port - 0xcfc) as u8;
                 if off + size > 4 {
@@ -382,7 +395,8 @@ impl PciBus {
                     None => size_mask(size),
                 }
             }
-            // Byte and word accesses to 0xcf8..0xcfb are not configuration cycles.
+            // Other byte and word accesses to 0xcf8..0xcfb are not configuration
+            // cycles.
             _ => size_mask(size),
         }
     }
@@ -394,6 +408,12 @@ impl PciBus {
         }
         match port {
             0xcf8 if size == 4 => self.address = value & 0x80ff_fffc,
+            0xcf9 if size == 1 => {
+                self.rcr = value as u8 & 0x0e;
+                if value & 0x04 != 0 {
+                    self.reset_requested = true;
+                }
+            }
             0xcfc..=0xcff => {
                 let off = (port - 0xcfc) as u8;
                 if off + size > 4 {
@@ -501,6 +521,21 @@ mod tests {
         // Odd sizes.
         assert_eq!(p.read_port(0xcfc, 3), 0xffff_ffff);
         p.write_port(0xcfc, 0, 0);
+    }
+
+    #[test]
+    fn reset_control_register() {
+        let mut p = std_bus();
+        assert!(!p.reset_requested());
+        p.write_port(0xcf9, 1, 0x02); // SYS_RST alone: no reset yet
+        assert_eq!(p.read_port(0xcf9, 1), 0x02);
+        assert!(!p.reset_requested());
+        p.write_port(0xcf9, 1, 0x06);
+        assert!(p.reset_requested());
+        // Not the address register.
+        p.write_port(0xcf8, 4, 0x8000_0000);
+        p.write_port(0xcf9, 1, 0xff);
+        assert_eq!(p.read_port(0xcf8, 4), 0x8000_0000);
     }
 
     #[test]
