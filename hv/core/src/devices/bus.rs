@@ -673,6 +673,85 @@ mod tests {
     }
 
     #[test]
+    fn guest_workload_patterns_through_the_bus() {
+        let mut bus = PortBus::standard(StandardConfig::default());
+        // pci: every bus, device and function as the `pci` guest scans them.
+        let mut found = 0;
+        let mut bar_sizes = Vec::new();
+        for b in 0..=255u32 {
+            for d in 0..32u32 {
+                for f in 0..8u32 {
+                    let a = 0x8000_0000 | b << 16 | d << 11 | f << 8;
+                    bus.write(0xcf8, 4, a, 0);
+                    if bus.read(0xcfc, 4, 0) == 0xffff_ffff {
+                        continue;
+                    }
+                    found += 1;
+                    for bar in 0..6 {
+                        bus.write(0xcf8, 4, a | (0x10 + 4 * bar), 0);
+                        let orig = bus.read(0xcfc, 4, 0);
+                        bus.write(0xcfc, 4, 0xffff_ffff, 0);
+                        let mask = bus.read(0xcfc, 4, 0);
+                        bus.write(0xcfc, 4, orig, 0);
+                        if mask != 0 {
+                            bar_sizes.push((d, bar, mask));
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(found, 5);
+        assert_eq!(
+            bar_sizes,
+            [
+                (1, 4, 0xffff_fff1),
+                (2, 0, 0xffff_ffe1),
+                (2, 1, 0xffff_f000),
+                (3, 0, 0xfff0_000c),
+                (3, 1, 0xffff_ffff),
+            ]
+        );
+        assert_eq!(bus.unclaimed_count(), 0);
+
+        // rtc: wait out UIP, then read the date twice.
+        let mut now = 3 * 1_000_000_000 - 200_000;
+        let rd = |bus: &mut PortBus, reg: u8, now: u64| {
+            bus.write(0x70, 1, reg as u32, now);
+            bus.read(0x71, 1, now) as u8
+        };
+        while rd(&mut bus, 0x0a, now) & 0x80 != 0 {
+            now += 1_000;
+        }
+        assert_eq!(now, 3 * 1_000_000_000);
+        let date: Vec<u8> = [0x32, 0x09, 0x08, 0x07, 0x06, 0x04, 0x02, 0x00]
+            .iter()
+            .map(|&r| rd(&mut bus, r, now))
+            .collect();
+        assert_eq!(date, [0x20, 0x24, 0x01, 0x01, 0x02, 0x12, 0x00, 0x03]);
+
+        // pit: Linux's calibration loop against port 0x61, 10 ms latch.
+        let t0 = 5_000_000_000u64;
+        let b = bus.read(0x61, 1, t0);
+        bus.write(0x61, 1, (b & !0x02) | 0x01, t0);
+        bus.write(0x43, 1, 0xb0, t0);
+        bus.write(0x42, 1, 11931 & 0xff, t0);
+        bus.write(0x42, 1, 11931 >> 8, t0);
+        let mut t = t0;
+        let mut polls = 0;
+        while bus.read(0x61, 1, t) & 0x20 == 0 {
+            t += 7_000; // one KVM port exit
+            polls += 1;
+        }
+        assert!(
+            (t - t0).abs_diff(10_000_000) <= 7_000,
+            "OUT2 at {} ns",
+            t - t0
+        );
+        assert_eq!(polls, (t - t0) / 7_000);
+        assert_eq!(bus.unclaimed_count(), 0);
+    }
+
+    #[test]
     fn random_access_storm_never_panics() {
         // A deterministic LCG instead of a fuzzer: every port the standard set
         // claims (and a few it does not), every size including invalid ones, time
