@@ -1,0 +1,172 @@
+//! Engine throughput: time per register-only gap filler and per guest memory access
+//! (4-level page walk included). Each benchmark runs a 1000-instruction cluster on
+//! the in-memory test guest; criterion's throughput is per instruction.
+
+use avex_core::engine::test_guest::TestGuest;
+use avex_core::engine::{self, RunLimits, StopReason};
+use avex_core::ir::*;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use std::hint::black_box;
+
+const CODE_VA: u64 = 0xffff_8000_0010_0000;
+const CODE_GPA: u64 = 0x10_0000;
+const DATA_VA: u64 = 0xffff_8000_4000_0000;
+const DATA_GPA: u64 = 0x20_0000;
+const N: usize = 1000;
+
+fn r(index: u8, size: Size) -> RegRef {
+    RegRef {
+        index,
+        size,
+        high8: false,
+    }
+}
+
+fn cluster(ops: Vec<Op>) -> Cluster {
+    let len = 4u8;
+    let insns: Vec<Insn> = ops
+        .into_iter()
+        .enumerate()
+        .map(|(i, op)| Insn {
+            rip: CODE_VA + i as u64 * len as u64,
+            len,
+            op,
+            exit_class: None,
+        })
+        .collect();
+    let bytes = vec![0x90; insns.len() * len as usize];
+    Cluster {
+        start: CODE_VA,
+        end: CODE_VA + bytes.len() as u64,
+        bitness: Bitness::B64,
+        guest_bytes: bytes,
+        insns,
+        back_edges: vec![],
+    }
+}
+
+fn guest(c: &Cluster) -> TestGuest {
+    let mut g = TestGuest::long_mode(8 << 20);
+    g.map_range(CODE_VA, CODE_GPA, 0x2000 + c.guest_bytes.len() as u64, 0x1);
+    g.map_range(DATA_VA, DATA_GPA, 64 * 4096, 0x3);
+    g.write_bytes(CODE_GPA, &c.guest_bytes);
+    g.state.gpr[RBX as usize] = DATA_VA;
+    g
+}
+
+fn bench_cluster(cr: &mut Criterion, name: &str, c: &Cluster) {
+    let mut g = guest(c);
+    let limits = RunLimits {
+        max_insns: 1 << 20,
+        ..RunLimits::default()
+    };
+    let out = engine::run(c, &mut g, 0, &limits);
+    assert_eq!(out.reason, StopReason::End, "{name}: {out:?}");
+    assert_eq!(out.stats.insns as usize, c.insns.len());
+    let mut grp = cr.benchmark_group("engine");
+    grp.throughput(Throughput::Elements(c.insns.len() as u64));
+    grp.bench_function(name, |b| {
+        b.iter(|| {
+            g.state.rip = CODE_VA;
+            let out = engine::run(black_box(c), &mut g, 0, &limits);
+            black_box(out.stats.insns)
+        })
+    });
+    grp.finish();
+}
+
+fn benches(cr: &mut Criterion) {
+    // Register-only gap fillers: ALU, shifts, moves, LEA, flags consumers.
+    let mut reg_ops = Vec::new();
+    for i in 0..N {
+        let a = (i % 6) as u8;
+        let b = ((i + 3) % 14) as u8;
+        let b = if b == RSP { 15 } else { b };
+        let op = match i % 8 {
+            0 => Op::Alu {
+                op: AluOp::Add,
+                size: Size::S8,
+                dst: Operand::Reg(r(a, Size::S8)),
+                src: Operand::Reg(r(b, Size::S8)),
+            },
+            1 => Op::Alu {
+                op: AluOp::Xor,
+                size: Size::S4,
+                dst: Operand::Reg(r(a, Size::S4)),
+                src: Operand::Imm(0x1234_5678),
+            },
+            2 => Op::Shift {
+                op: ShiftOp::Shl,
+                size: Size::S8,
+                dst: Operand::Reg(r(a, Size::S8)),
+                count: Operand::Imm(3),
+            },
+            3 => Op::Mov {
+                size: Size::S8,
+                dst: Operand::Reg(r(b, Size::S8)),
+                src: Operand::Reg(r(a, Size::S8)),
+            },
+            4 => Op::Lea {
+                dst: r(a, Size::S8),
+                addr: MemRef {
+                    seg: Seg::Ds,
+                    base: Some(b),
+                    index: Some(a),
+                    scale: 4,
+                    disp: 8,
+                    addr_size: Size::S8,
+                },
+            },
+            5 => Op::Alu {
+                op: AluOp::Cmp,
+                size: Size::S2,
+                dst: Operand::Reg(r(a, Size::S2)),
+                src: Operand::Imm(7),
+            },
+            6 => Op::Cmovcc {
+                cond: Cond::B,
+                size: Size::S8,
+                dst: r(a, Size::S8),
+                src: Operand::Reg(r(b, Size::S8)),
+            },
+            _ => Op::Unary {
+                op: UnaryOp::Inc,
+                size: Size::S1,
+                dst: Operand::Reg(r(a, Size::S1)),
+            },
+        };
+        reg_ops.push(op);
+    }
+    bench_cluster(cr, "register_only", &cluster(reg_ops));
+
+    // Memory accesses: loads and stores spread over 64 pages (a full walk each).
+    let mut mem_ops = Vec::new();
+    for i in 0..N {
+        let m = MemRef {
+            seg: Seg::Ds,
+            base: Some(RBX),
+            index: None,
+            scale: 1,
+            disp: ((i * 4096 * 7 + i * 24) % (64 * 4096 - 8)) as i64,
+            addr_size: Size::S8,
+        };
+        let op = if i % 2 == 0 {
+            Op::Mov {
+                size: Size::S8,
+                dst: Operand::Reg(r(0, Size::S8)),
+                src: Operand::Mem(m),
+            }
+        } else {
+            Op::Mov {
+                size: Size::S8,
+                dst: Operand::Mem(m),
+                src: Operand::Reg(r(0, Size::S8)),
+            }
+        };
+        mem_ops.push(op);
+    }
+    bench_cluster(cr, "memory_access", &cluster(mem_ops));
+}
+
+criterion_group!(engine_benches, benches);
+criterion_main!(engine_benches);
