@@ -6,14 +6,15 @@
 //! MHz input clock elapsed since then (tick `n` is at `n * 10^9 / 1193182` ns of
 //! virtual time, so the arithmetic never drifts). Modes 0 to 5, lobyte/hibyte/lohi
 //! access, counter latch, read-back (count and status) and BCD counting are
-//! modelled. Simplification: a new count takes effect at once (hardware defers it
-//! to the end of the current period in modes 2 and 3), and in modes 1 and 5 it
-//! cancels a one-shot in progress and waits for the next gate trigger (hardware
-//! lets the running one-shot finish).
+//! modelled, as is when a new count takes effect: at once in modes 0 and 4 (and
+//! when a mode was just set), at the end of the current period in modes 2 and 3,
+//! at the next gate trigger in modes 1 and 5 (null count reads 1 until then).
 //!
 //! Port 0x61: bit 0 gates channel 2, bit 1 is the speaker data enable, bits 2..3
 //! are stored, bit 4 toggles with each DRAM refresh (every 15.085 µs), bit 5 reads
 //! channel 2's OUT, bits 6..7 (parity/IOCHK) read 0.
+
+use alloc::borrow::Cow;
 
 use super::bus::{IrqOutput, PortDevice};
 
@@ -45,8 +46,16 @@ struct Channel {
     mode: u8,
     access: u8,
     bcd: bool,
-    /// Reload value, 1..=65536 (1..=10000 in BCD).
+    /// The count in use (reload value of the counting element), 1..=65536
+    /// (1..=10000 in BCD).
     count: u32,
+    /// The count register: the count last written, 1..=65536.
+    cr: u32,
+    /// Tick at which `cr` replaces `count` and counting restarts (a count written
+    /// while modes 2 and 3 count takes effect at the end of the current period).
+    pending_at: Option<u64>,
+    /// OUT rising edges of earlier counts since the channel (re)started.
+    edges_base: u64,
     /// A count was written since the mode was set.
     loaded: bool,
     /// LSB of a lohi write received, MSB pending.
@@ -77,6 +86,9 @@ impl Channel {
             access: ACCESS_LOHI,
             bcd: false,
             count: 0x1_0000,
+            cr: 0x1_0000,
+            pending_at: None,
+            edges_base: 0,
             loaded: false,
             waiting_msb: false,
             pending_lsb: 0,
@@ -124,6 +136,8 @@ impl Channel {
         self.running = false;
         self.paused = 0;
         self.edges_seen = 0;
+        self.edges_base = 0;
+        self.pending_at = None;
         self.waiting_msb = false;
         self.read_msb = false;
         self.latch = None;
@@ -132,12 +146,46 @@ impl Channel {
         self.null_count = true;
     }
 
+    /// (Re)start counting from the count register at `now_ns`.
     fn start(&mut self, now_ns: u64) {
+        self.count = self.cr;
+        self.pending_at = None;
+        self.null_count = false;
         self.triggered = true;
         self.running = true;
         self.paused = 0;
         self.edges_seen = 0;
+        self.edges_base = 0;
         self.start_tick = ticks_at(now_ns);
+    }
+
+    /// Apply a deferred count whose time has come.
+    fn settle(&mut self, now_ns: u64) {
+        let Some(at) = self.pending_at else { return };
+        if ticks_at(now_ns) < at {
+            return;
+        }
+        // Counting ran without a pause up to the switch (a falling gate drops the
+        // deferral).
+        let e_switch = at - self.start_tick + self.paused;
+        self.edges_base += self.edges_at(e_switch);
+        self.count = self.cr;
+        self.start_tick = at;
+        self.paused = 0;
+        self.pending_at = None;
+        self.null_count = false;
+    }
+
+    /// This channel as it is at `now_ns` (with a due deferred count applied).
+    fn view(&self, now_ns: u64) -> Cow<'_, Channel> {
+        match self.pending_at {
+            Some(at) if ticks_at(now_ns) >= at => {
+                let mut c = self.clone();
+                c.settle(now_ns);
+                Cow::Owned(c)
+            }
+            _ => Cow::Borrowed(self),
+        }
     }
 
     fn load(&mut self, raw: u16, now_ns: u64) {
@@ -150,16 +198,30 @@ impl Channel {
         if n == 0 {
             n = self.modulus() as u32;
         }
-        self.count = n;
+        self.settle(now_ns);
+        self.cr = n;
+        let was_loaded = self.loaded;
         self.loaded = true;
-        self.null_count = false;
         match self.mode {
+            1 | 5 if self.triggered => {
+                // A one-shot in progress finishes with its count; the new one is
+                // used at the next gate trigger.
+                self.null_count = true;
+            }
             1 | 5 => {
                 // Hardware triggered: wait for a rising gate edge.
-                self.triggered = false;
+                self.count = n;
+                self.null_count = true;
                 self.running = false;
                 self.paused = 0;
-                self.edges_seen = 0;
+            }
+            2 | 3 if was_loaded && self.running => {
+                // Takes effect at the end of the current period.
+                let e = self.elapsed(now_ns);
+                let old = self.count as u64;
+                let end = (e / old + 1) * old;
+                self.pending_at = Some(self.start_tick + (end - self.paused));
+                self.null_count = true;
             }
             _ => {
                 self.start(now_ns);
@@ -169,6 +231,7 @@ impl Channel {
     }
 
     fn set_gate(&mut self, level: bool, now_ns: u64) {
+        self.settle(now_ns);
         let rising = level && !self.gate;
         let falling = !level && self.gate;
         self.gate = level;
@@ -186,6 +249,8 @@ impl Channel {
                 if falling && self.running {
                     self.paused = self.elapsed(now_ns);
                     self.running = false;
+                    // The rising edge reloads from the count register anyway.
+                    self.pending_at = None;
                 } else if rising && self.loaded {
                     self.start(now_ns);
                 }
@@ -200,6 +265,10 @@ impl Channel {
 
     /// The OUT pin.
     fn out(&self, now_ns: u64) -> bool {
+        self.view(now_ns).out_settled(now_ns)
+    }
+
+    fn out_settled(&self, now_ns: u64) -> bool {
         if !self.loaded {
             return self.mode != 0;
         }
@@ -217,6 +286,10 @@ impl Channel {
 
     /// The counting element, in binary (0..modulus).
     fn value(&self, now_ns: u64) -> u64 {
+        self.view(now_ns).value_settled(now_ns)
+    }
+
+    fn value_settled(&self, now_ns: u64) -> u64 {
         let m = self.modulus();
         let n = self.count as u64;
         if !self.loaded {
@@ -247,13 +320,18 @@ impl Channel {
         }
     }
 
-    /// OUT rising edges since the count started.
+    /// OUT rising edges since the channel started counting.
     fn edges(&self, now_ns: u64) -> u64 {
+        let c = self.view(now_ns);
+        c.edges_base + c.edges_at(c.elapsed(now_ns))
+    }
+
+    /// OUT rising edges of the current count after `e` ticks of it.
+    fn edges_at(&self, e: u64) -> u64 {
         if !self.loaded || !self.triggered {
             return 0;
         }
         let n = self.count as u64;
-        let e = self.elapsed(now_ns);
         match self.mode {
             0 | 1 => (e >= n) as u64,
             2 | 3 => e / n,
@@ -263,6 +341,12 @@ impl Channel {
 
     /// The virtual time of the next OUT rising edge, if one is coming.
     fn next_edge_ns(&self, now_ns: u64) -> Option<u64> {
+        self.view(now_ns).next_edge_settled(now_ns)
+    }
+
+    /// (A deferred count only takes effect at an edge of the current one, so the
+    /// next edge is always the current count's.)
+    fn next_edge_settled(&self, now_ns: u64) -> Option<u64> {
         if !self.loaded || !self.triggered || !self.running {
             return None;
         }
@@ -279,14 +363,16 @@ impl Channel {
     }
 
     fn status(&self, now_ns: u64) -> u8 {
-        (self.out(now_ns) as u8) << 7
-            | (self.null_count as u8) << 6
+        let c = self.view(now_ns);
+        (c.out_settled(now_ns) as u8) << 7
+            | (c.null_count as u8) << 6
             | self.access << 4
             | self.mode << 1
             | self.bcd as u8
     }
 
     fn latch_count(&mut self, now_ns: u64) {
+        self.settle(now_ns);
         if self.latch.is_none() {
             self.latch = Some(self.read_value(now_ns));
             self.latch_msb = false;
@@ -294,6 +380,7 @@ impl Channel {
     }
 
     fn read_port(&mut self, now_ns: u64) -> u8 {
+        self.settle(now_ns);
         if let Some(s) = self.status_latch.take() {
             return s;
         }
@@ -335,6 +422,7 @@ impl Channel {
     }
 
     fn write_port(&mut self, v: u8, now_ns: u64) {
+        self.settle(now_ns);
         match self.access {
             ACCESS_LO => self.load(v as u16, now_ns),
             ACCESS_HI => self.load((v as u16) << 8, now_ns),
@@ -397,9 +485,10 @@ impl Pit {
         self.ch.get(c).map_or(0, |ch| ch.mode)
     }
 
-    /// Channel `c`'s reload value (1..=65536), once a count was written.
+    /// Channel `c`'s count register (1..=65536): the count last written, once one
+    /// was.
     pub fn reload(&self, c: usize) -> Option<u32> {
-        self.ch.get(c).filter(|ch| ch.loaded).map(|ch| ch.count)
+        self.ch.get(c).filter(|ch| ch.loaded).map(|ch| ch.cr)
     }
 
     pub fn gate(&self, c: usize) -> bool {
@@ -420,6 +509,7 @@ impl Pit {
 
     /// [`Pit::irq0_pending`], and mark the edges seen.
     pub fn take_irq0(&mut self, now_ns: u64) -> bool {
+        self.ch[0].settle(now_ns);
         let e = self.ch[0].edges(now_ns);
         let pending = e > self.ch[0].edges_seen;
         self.ch[0].edges_seen = e;
@@ -705,6 +795,66 @@ mod tests {
         assert_eq!(p.mode(0), 2);
         p.write_port(0x43, 0x1e, 0);
         assert_eq!(p.mode(0), 3);
+    }
+
+    #[test]
+    fn new_count_in_mode2_waits_for_the_end_of_the_period() {
+        let mut p = Pit::new();
+        program(&mut p, 0, 0x34, 1000, 0);
+        assert!(p.take_irq0(ns_of_tick(2500)));
+        // Rewrite the count without a control word at tick 2500.
+        p.write_port(0x40, 300u16 as u8, ns_of_tick(2500));
+        p.write_port(0x40, (300u16 >> 8) as u8, ns_of_tick(2500));
+        assert_eq!(p.reload(0), Some(300));
+        // Status: null count until the new count is in the counting element.
+        p.write_port(0x43, 0xe2, ns_of_tick(2600));
+        assert_eq!(p.read_port(0x40, ns_of_tick(2600)), 0xc0 | 0x34);
+        assert_eq!(p.count(0, ns_of_tick(2999)), 1, "old period runs out");
+        assert!(!p.out(0, ns_of_tick(2999)));
+        assert_eq!(p.next_irq0_ns(ns_of_tick(2600)), Some(ns_of_tick(3000)));
+        assert_eq!(
+            p.count(0, ns_of_tick(3000)),
+            300,
+            "new count from the edge on"
+        );
+        assert_eq!(p.count(0, ns_of_tick(3001)), 299);
+        assert!(!p.out(0, ns_of_tick(3299)));
+        // The edge at the switch raises its interrupt, then the new period's.
+        assert!(p.take_irq0(ns_of_tick(3000)));
+        assert_eq!(p.next_irq0_ns(ns_of_tick(3001)), Some(ns_of_tick(3300)));
+        p.write_port(0x43, 0xe2, ns_of_tick(3100));
+        assert_eq!(p.read_port(0x40, ns_of_tick(3100)), 0x80 | 0x34);
+        assert!(!p.take_irq0(ns_of_tick(3299)));
+        assert!(p.take_irq0(ns_of_tick(3300)));
+        assert!(!p.take_irq0(ns_of_tick(3599)));
+        assert!(p.take_irq0(ns_of_tick(3600)));
+        // A control word resets the channel: the next count applies at once.
+        program(&mut p, 0, 0x34, 50, ns_of_tick(3650));
+        assert_eq!(p.count(0, ns_of_tick(3660)), 40);
+    }
+
+    #[test]
+    fn new_count_in_mode1_waits_for_the_next_trigger() {
+        let mut p = Pit::new();
+        program(&mut p, 2, 0xb2, 100, 0); // channel 2, mode 1
+        assert!(p.out(2, ns_of_tick(10)), "OUT high until triggered");
+        assert_eq!(p.count(2, ns_of_tick(10)), 100);
+        p.set_gate(2, true, ns_of_tick(20));
+        assert!(!p.out(2, ns_of_tick(20)));
+        assert!(p.out(2, ns_of_tick(120)));
+        p.set_gate(2, false, ns_of_tick(25));
+        p.set_gate(2, true, ns_of_tick(30)); // trigger: 100 ticks low
+        p.write_port(0x42, 10, ns_of_tick(50));
+        p.write_port(0x42, 0, ns_of_tick(50));
+        assert!(
+            !p.out(2, ns_of_tick(129)),
+            "the running one-shot keeps its count"
+        );
+        assert!(p.out(2, ns_of_tick(130)));
+        p.set_gate(2, false, ns_of_tick(200));
+        p.set_gate(2, true, ns_of_tick(200));
+        assert!(!p.out(2, ns_of_tick(209)));
+        assert!(p.out(2, ns_of_tick(210)), "retriggered with the new count");
     }
 
     #[test]
