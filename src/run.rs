@@ -193,6 +193,7 @@ pub fn run_backend(
             let mut details = r.kvm_stats.clone();
             details.insert("user_exits".into(), r.user_exits);
             details.insert("completions".into(), r.completions);
+            details.insert("reg_ioctls".into(), r.reg_ioctls);
             let notes = vec![match &r.msr_exits {
                 avex_kvm::MsrExits::Enabled => "MSR exits: to user space (filter)".to_string(),
                 avex_kvm::MsrExits::NotNeeded => "MSR exits: none intercepted".to_string(),

@@ -100,6 +100,9 @@ pub struct Report {
     pub user_exits: u64,
     /// KVM_RUN calls made only to complete an instruction before a cluster.
     pub completions: u64,
+    /// Register/CPUID ioctls the backend made (registers travel in `kvm_run`
+    /// when the host has KVM_CAP_SYNC_REGS, which makes this small).
+    pub reg_ioctls: u64,
     /// Changes of the vCPU's KVM statistics over the run (`exits`, `io_exits`, ...).
     pub kvm_stats: BTreeMap<String, u64>,
     pub msr_exits: MsrExits,
@@ -259,8 +262,9 @@ impl Vm {
             }
         }
         let bus = PortBus::standard(config.devices.clone());
+        let sync = kvm.check_extension(Cap::SyncRegs);
         Ok(Vm {
-            guest: KvmGuest::new(vcpu, ram, bus),
+            guest: KvmGuest::new(vcpu, ram, bus, sync),
             _vm: vm,
             _kvm: kvm,
             handler,
@@ -312,6 +316,7 @@ impl Vm {
             stats,
             user_exits: self.user_exits,
             completions: self.completions,
+            reg_ioctls: self.guest.reg_ioctls,
             kvm_stats,
             msr_exits: self.msr_exits.clone(),
             console: std::mem::take(&mut self.console),
@@ -349,7 +354,8 @@ impl Vm {
                 });
             }
             self.guest.invalidate();
-            let event = match self.guest.vcpu.run() {
+            let result = self.guest.vcpu.run();
+            let event = match result {
                 Ok(VcpuExit::IoIn(..)) | Ok(VcpuExit::IoOut(..)) => Event::Io,
                 Ok(VcpuExit::X86Rdmsr(m)) => Event::RdMsr { index: m.index },
                 Ok(VcpuExit::X86Wrmsr(m)) => Event::WrMsr {
@@ -372,6 +378,7 @@ impl Vm {
                 }
                 Err(e) => return Err(kvm_err("KVM_RUN")(e)),
             };
+            self.guest.ran();
             if !matches!(event, Event::Interrupted) {
                 self.user_exits += 1;
             }
@@ -524,7 +531,7 @@ impl Vm {
         let r = self.guest.vcpu.run().map(|e| format!("{e:?}"));
         self.guest.vcpu.set_kvm_immediate_exit(0);
         self.completions += 1;
-        self.guest.invalidate();
+        self.guest.ran();
         match r {
             Err(e) if e.errno() == libc::EINTR => {}
             Err(e) => return Err(kvm_err("KVM_RUN (completing an instruction)")(e)),

@@ -10,7 +10,7 @@ use avex_core::guest::{CpuState, Fault, Guest, NotRam, Segment};
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs, KVM_MAX_CPUID_ENTRIES,
 };
-use kvm_ioctls::VcpuFd;
+use kvm_ioctls::{SyncReg, VcpuFd};
 
 use crate::mem::GuestRam;
 
@@ -130,13 +130,25 @@ pub struct KvmGuest {
     start: Instant,
     /// KVM's register state as last read or written (invalid once the vCPU ran).
     cached: Option<(kvm_regs, kvm_sregs)>,
-    /// The vCPU's CPUID table as last read (invalid once CR4/XCR0 may have changed).
-    cpuid: Option<Vec<kvm_cpuid_entry2>>,
+    /// The vCPU's CPUID table as last read, with the CR4 it was read under (KVM
+    /// updates OSXSAVE/OSPKE bits as CR4 changes).
+    cpuid: Option<(u64, Vec<kvm_cpuid_entry2>)>,
     pub(crate) error: Option<DeferredError>,
+    /// KVM_CAP_SYNC_REGS in use: registers travel in `kvm_run` (register ioctls
+    /// cost 13-25 us each on this host's software KVM; an exit costs less).
+    sync: bool,
+    /// `kvm_run`'s synced registers are valid (a KVM_RUN has returned).
+    synced: bool,
+    /// Register ioctls made (for the statistics).
+    pub(crate) reg_ioctls: u64,
 }
 
 impl KvmGuest {
-    pub(crate) fn new(vcpu: VcpuFd, ram: GuestRam, bus: PortBus) -> Self {
+    pub(crate) fn new(mut vcpu: VcpuFd, ram: GuestRam, bus: PortBus, sync: bool) -> Self {
+        if sync {
+            vcpu.set_sync_valid_reg(SyncReg::Register);
+            vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
+        }
         KvmGuest {
             vcpu,
             ram,
@@ -145,6 +157,9 @@ impl KvmGuest {
             cached: None,
             cpuid: None,
             error: None,
+            sync,
+            synced: false,
+            reg_ioctls: 0,
         }
     }
 
@@ -163,10 +178,17 @@ impl KvmGuest {
         &self.ram
     }
 
-    /// Forget cached vCPU state: call before every KVM_RUN returns control to the guest.
+    /// Forget cached vCPU state: call around every KVM_RUN.
     pub(crate) fn invalidate(&mut self) {
         self.cached = None;
-        self.cpuid = None;
+    }
+
+    /// A KVM_RUN returned: the synced registers in `kvm_run` are current.
+    pub(crate) fn ran(&mut self) {
+        self.cached = None;
+        if self.sync {
+            self.synced = true;
+        }
     }
 
     fn fail(&mut self, what: &str, e: impl std::fmt::Display) {
@@ -179,6 +201,12 @@ impl KvmGuest {
         if let Some(c) = self.cached {
             return c;
         }
+        if self.synced {
+            let r = self.vcpu.sync_regs();
+            self.cached = Some((r.regs, r.sregs));
+            return (r.regs, r.sregs);
+        }
+        self.reg_ioctls += 2;
         let regs = match self.vcpu.get_regs() {
             Ok(r) => r,
             Err(e) => {
@@ -202,8 +230,12 @@ impl KvmGuest {
         self.regs().0.rip
     }
 
-    fn cpuid_table(&mut self) -> &[kvm_cpuid_entry2] {
-        if self.cpuid.is_none() {
+    fn cpuid_table(&mut self, leaf: u32) -> &[kvm_cpuid_entry2] {
+        let cr4 = self.regs().1.cr4;
+        // Leaf 0xD depends on XCR0, which the guest may change without exiting to us.
+        let fresh = matches!(&self.cpuid, Some((c, _)) if *c == cr4) && leaf != 0xd;
+        if !fresh {
+            self.reg_ioctls += 1;
             let t = match self.vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES) {
                 Ok(c) => c.as_slice().to_vec(),
                 Err(e) => {
@@ -211,9 +243,9 @@ impl KvmGuest {
                     Vec::new()
                 }
             };
-            self.cpuid = Some(t);
+            self.cpuid = Some((cr4, t));
         }
-        self.cpuid.as_deref().unwrap_or(&[])
+        self.cpuid.as_ref().map_or(&[], |(_, t)| t.as_slice())
     }
 }
 
@@ -227,17 +259,34 @@ impl Guest for KvmGuest {
         let (old_r, old_s) = self.regs();
         let (mut r, mut s) = (old_r, old_s);
         apply_state(state, &mut r, &mut s);
-        if r != old_r {
-            if let Err(e) = self.vcpu.set_regs(&r) {
-                self.fail("KVM_SET_REGS", e);
+        if self.synced {
+            // Written back into kvm_run and loaded by KVM at the next KVM_RUN.
+            let sr = self.vcpu.sync_regs_mut();
+            if r != old_r {
+                sr.regs = r;
             }
-        }
-        if s != old_s {
-            if let Err(e) = self.vcpu.set_sregs(&s) {
-                self.fail("KVM_SET_SREGS", e);
+            if s != old_s {
+                sr.sregs = s;
             }
-            // CR4 may have changed: KVM's CPUID table follows it.
-            self.cpuid = None;
+            if r != old_r {
+                self.vcpu.set_sync_dirty_reg(SyncReg::Register);
+            }
+            if s != old_s {
+                self.vcpu.set_sync_dirty_reg(SyncReg::SystemRegister);
+            }
+        } else {
+            if r != old_r {
+                self.reg_ioctls += 1;
+                if let Err(e) = self.vcpu.set_regs(&r) {
+                    self.fail("KVM_SET_REGS", e);
+                }
+            }
+            if s != old_s {
+                self.reg_ioctls += 1;
+                if let Err(e) = self.vcpu.set_sregs(&s) {
+                    self.fail("KVM_SET_SREGS", e);
+                }
+            }
         }
         self.cached = Some((r, s));
     }
@@ -281,8 +330,10 @@ impl Guest for KvmGuest {
         .map_err(|_| Fault::GeneralProtection)?;
         match self.vcpu.set_msrs(&m) {
             Ok(1) => {
-                // EFER and friends live in sregs too.
+                // EFER and friends live in sregs too: read them again by ioctl
+                // until the next KVM_RUN syncs them.
                 self.cached = None;
+                self.synced = false;
                 Ok(())
             }
             _ => Err(Fault::GeneralProtection),
@@ -290,7 +341,7 @@ impl Guest for KvmGuest {
     }
 
     fn cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
-        let table = self.cpuid_table();
+        let table = self.cpuid_table(leaf);
         let hit = |e: &&kvm_cpuid_entry2| {
             e.function == leaf
                 && (e.flags & KVM_CPUID_FLAG_SIGNIFICANT_INDEX == 0 || e.index == subleaf)
