@@ -26,14 +26,16 @@
 
 use alloc::collections::BTreeSet;
 use alloc::vec::Vec;
+use core::fmt;
 use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic};
+use serde::{Deserialize, Serialize};
 
 use crate::ir::{BackEdge, Bitness, Cluster, Insn, Op, Operand, Target};
 use crate::lower::lower;
 use crate::policy::{ExitClass, ExitPolicy};
 
 /// The tunable cluster rules. `Default` is the paper's.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TranslatorConfig {
     /// How many instructions after the first exiting one the translator examines (so
     /// a cluster holds at most `look_ahead + 1` instructions). Paper: 16.
@@ -103,6 +105,23 @@ impl NoCluster {
             NoCluster::EndsCluster => "ends-cluster",
             NoCluster::CodeEnds => "code-ends",
             NoCluster::ControlLeaves => "control-leaves",
+        }
+    }
+
+    /// The instruction that blocked the cluster, for `Unsupported`.
+    pub fn blocker(self) -> Option<Mnemonic> {
+        match self {
+            NoCluster::Unsupported(mnemonic) => Some(mnemonic),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for NoCluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NoCluster::Unsupported(mnemonic) => write!(f, "unsupported ({mnemonic:?})"),
+            other => f.write_str(other.name()),
         }
     }
 }
@@ -398,6 +417,7 @@ mod tests {
     use super::*;
     use crate::ir::{PortSrc, Size};
     use crate::policy::{ExitPolicy, VmcsControl};
+    use alloc::string::ToString;
     use alloc::vec;
 
     /// Concatenated encodings.
@@ -513,6 +533,27 @@ mod tests {
         assert_eq!(
             translate64(&asm(&[MOV_CR0_RAX, CPUID]), 0x1000),
             Err(NoCluster::EndsCluster)
+        );
+    }
+
+    #[test]
+    fn reasons_have_names_for_reports() {
+        assert_eq!(
+            NoCluster::Unsupported(Mnemonic::Sti).to_string(),
+            "unsupported (Sti)"
+        );
+        assert_eq!(
+            NoCluster::Unsupported(Mnemonic::Sti).blocker(),
+            Some(Mnemonic::Sti)
+        );
+        assert_eq!(NoCluster::Single.to_string(), "single");
+        assert_eq!(NoCluster::Single.blocker(), None);
+        assert_eq!(Shape::Looping.name(), "looping");
+        let config = TranslatorConfig::default();
+        let bytes = postcard::to_allocvec(&config).unwrap();
+        assert_eq!(
+            postcard::from_bytes::<TranslatorConfig>(&bytes).unwrap(),
+            config
         );
     }
 
