@@ -327,7 +327,7 @@ pub fn identity(elf: &[u8]) -> Result<[u8; 32], LinkError> {
 }
 
 fn align(v: &mut Vec<u8>, to: usize) {
-    while v.len() % to != 0 {
+    while !v.len().is_multiple_of(to) {
         v.push(0);
     }
 }

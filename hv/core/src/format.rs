@@ -802,18 +802,16 @@ pub fn validate(c: &Cluster) -> Result<(), ClusterError> {
                 return Err(CE::ExitClassMismatch { insn: i });
             }
         }
-        if let Some(t) = branch_target(&insn.op) {
-            if let Target::Insn(t) = t {
-                if t as usize >= n {
-                    return Err(CE::TargetOutOfRange {
-                        insn: i,
-                        target: t,
-                        count: n,
-                    });
-                }
-                if (t as usize) <= i && !c.back_edges.iter().any(|b| b.insn as usize == i) {
-                    return Err(CE::UnrecordedBackEdge { insn: i });
-                }
+        if let Some(Target::Insn(t)) = branch_target(&insn.op) {
+            if t as usize >= n {
+                return Err(CE::TargetOutOfRange {
+                    insn: i,
+                    target: t,
+                    count: n,
+                });
+            }
+            if (t as usize) <= i && !c.back_edges.iter().any(|b| b.insn as usize == i) {
+                return Err(CE::UnrecordedBackEdge { insn: i });
             }
         }
     }
