@@ -14,8 +14,8 @@
 //!    one only reachable from outside (after an unconditional jump, unless an earlier
 //!    branch of the cluster jumps forward to it), before a gap filler that would bring
 //!    its gap over `max_gap_memory_accesses`, and *after* an instruction that ends any
-//!    cluster (HLT; MOV to CR0/CR4, LMSW and, by default, MOV to CR3: translations
-//!    never span a change of paging mode or address space).
+//!    cluster (HLT; MOV to CR0/CR4 and LMSW: translations never span a change of
+//!    paging mode; MOV to CR3 too if `end_after_cr3_load` is set).
 //! 3. The cluster covers the first exiting instruction to the last exiting one
 //!    scanned, no further. With only one, there is nothing to gain ([`NoCluster`]
 //!    says why the scan found no second one).
@@ -46,8 +46,10 @@ pub struct TranslatorConfig {
     /// How often per cluster run a back-edge that is not sure to reach an exiting
     /// instruction may be taken. Paper: 10.
     pub back_edge_cap: u16,
-    /// End the cluster right after a MOV to CR3 (a new address space: the code after
-    /// it was checked under the old one). CR0/CR4 writes and LMSW always end it.
+    /// End the cluster right after a MOV to CR3. Off by default: a CR3 load changes
+    /// the address space, not the paging mode, and the engine re-checks the cluster's
+    /// code bytes under the new tables (stopping if they differ, and after any PAE
+    /// PDPTE load). CR0/CR4 writes and LMSW always end the cluster.
     pub end_after_cr3_load: bool,
 }
 
@@ -57,7 +59,7 @@ impl Default for TranslatorConfig {
             look_ahead: 16,
             max_gap_memory_accesses: 4,
             back_edge_cap: 10,
-            end_after_cr3_load: true,
+            end_after_cr3_load: false,
         }
     }
 }
@@ -888,15 +890,13 @@ mod tests {
         assert_eq!(c.insns.len(), 2);
         assert_eq!(c.insns[1].op, Op::Hlt);
 
-        // Context switch: wrmsr (FS base) ; wrmsr (GS base) ; mov cr3, rax ; rdtsc
+        // wrmsr ; wrmsr ; mov cr3, rax ; rdtsc: a CR3 load ends the cluster only when
+        // configured to.
         let code = asm(&[WRMSR, WRMSR, MOV_CR3_RAX, RDTSC]);
         let c = translate64(&code, 0x1000).unwrap();
-        assert_eq!(
-            exit_classes(&c),
-            vec![ExitClass::Wrmsr, ExitClass::Wrmsr, ExitClass::MovToCr3]
-        );
-        let keep_going = TranslatorConfig {
-            end_after_cr3_load: false,
+        assert_eq!(c.insns.len(), 4);
+        let end_at_cr3 = TranslatorConfig {
+            end_after_cr3_load: true,
             ..TranslatorConfig::default()
         };
         let c = translate(
@@ -904,10 +904,28 @@ mod tests {
             0x1000,
             Bitness::B64,
             &ExitPolicy::default(),
-            &keep_going,
+            &end_at_cr3,
         )
         .unwrap();
-        assert_eq!(c.insns.len(), 4);
+        assert_eq!(
+            exit_classes(&c),
+            vec![ExitClass::Wrmsr, ExitClass::Wrmsr, ExitClass::MovToCr3]
+        );
+        assert_eq!(
+            translate(
+                &asm(&[MOV_CR3_RAX, RDTSC]),
+                0x1000,
+                Bitness::B64,
+                &ExitPolicy::default(),
+                &end_at_cr3
+            ),
+            Err(NoCluster::EndsCluster)
+        );
+        // CR4 writes and LMSW always end it.
+        let code = asm(&[RDTSC, &[0x0f, 0x22, 0xe0], RDTSC]);
+        assert_eq!(translate64(&code, 0x1000).unwrap().insns.len(), 2);
+        let code = asm(&[RDTSC, &[0x0f, 0x01, 0xf0], RDTSC]);
+        assert_eq!(translate64(&code, 0x1000).unwrap().insns.len(), 2);
 
         // A CR0 write that does not exit under the policy still ends the scan.
         let policy = ExitPolicy::builder().intercept_all_ports().build();
@@ -1081,6 +1099,47 @@ mod tests {
         );
         assert_eq!(shape(&c), Shape::StraightLine);
         assert_eq!(c.bitness, Bitness::B32);
+    }
+
+    #[test]
+    fn context_switch_cr3_msrs_and_tsc() {
+        // mov cr3, rax ; mov ecx, 0xc0000100 ; mov rax, rsi ; mov rdx, rsi ;
+        // shr rdx, 32 ; wrmsr ; mov ecx, 0xc0000101 ; wrmsr ; mov rax, cr3 ;
+        // rdmsr ; rdtsc
+        let code = asm(&[
+            MOV_CR3_RAX,
+            &[0xb9, 0x00, 0x01, 0x00, 0xc0],
+            &[0x48, 0x89, 0xf0],
+            &[0x48, 0x89, 0xf2],
+            &[0x48, 0xc1, 0xea, 0x20],
+            WRMSR,
+            &[0xb9, 0x01, 0x01, 0x00, 0xc0],
+            WRMSR,
+            &[0x0f, 0x20, 0xd8],
+            &[0x0f, 0x32],
+            RDTSC,
+        ]);
+        let c = translate64(&code, 0xffff_ffff_8000_0000).unwrap();
+        check_cluster(
+            &c,
+            &code,
+            0xffff_ffff_8000_0000,
+            &TranslatorConfig::default(),
+        );
+        assert_eq!(
+            exit_classes(&c),
+            vec![
+                ExitClass::MovToCr3,
+                ExitClass::Wrmsr,
+                ExitClass::Wrmsr,
+                ExitClass::Rdmsr,
+                ExitClass::Rdtsc
+            ]
+        );
+        // `mov rax, cr3` does not exit by default (no CR3-store exiting): a filler.
+        assert_eq!(c.insns[8].op, Op::MovFromCr { cr: 3, dst: 0 });
+        assert_eq!(c.insns[8].exit_class, None);
+        assert_eq!(c.insns.len(), 11);
     }
 
     #[test]
