@@ -99,7 +99,7 @@ fn translation_set(
     policy: &ExitPolicy,
     config: &TranslatorConfig,
 ) -> TranslationSet {
-    let description = format!("{config:?}");
+    let description = avex_aot::api::describe_config(config);
     let mut clusters = analysis.clusters.clone();
     clusters.sort_by_key(|c| c.start);
     clusters.dedup_by_key(|c| c.start);

@@ -187,7 +187,7 @@ pub fn parse(data: &[u8]) -> Result<Elf<'_>, AnalyzeError> {
         what: format!("ELF header: {e}"),
     })?;
     // Offsets of header fields (ELF32 / ELF64).
-    let (o_phoff, o_shoff, o_phentsize, o_phnum, o_shentsize, o_shnum, o_shstrndx) = if bits == 64 {
+    let (o_phoff, o_shoff, o_phentsize, _o_phnum, o_shentsize, _o_shnum, o_shstrndx) = if bits == 64 {
         (32u64, 40u64, 54u64, 56u64, 58u64, 60u64, 62u64)
     } else {
         (28, 32, 42, 44, 46, 48, 50)
@@ -244,7 +244,6 @@ pub fn parse(data: &[u8]) -> Result<Elf<'_>, AnalyzeError> {
                 len: data.len() as u64,
             });
         }
-        let _ = o_phnum;
         phdrs = ProgramHeader::parse(data, hdr.e_phoff as usize, hdr.e_phnum as usize, ctx)
             .map_err(|e| AnalyzeError::Corrupt {
                 offset: hdr.e_phoff,
@@ -518,7 +517,10 @@ pub fn parse(data: &[u8]) -> Result<Elf<'_>, AnalyzeError> {
             }
         }
     } else {
-        for ph in phdrs.iter().filter(|p| p.p_type == PT_LOAD) {
+        for ph in phdrs
+            .iter()
+            .filter(|p| p.p_type == PT_LOAD && p.p_memsz > 0)
+        {
             segments.push((
                 ph.p_paddr,
                 &data[ph.p_offset as usize..(ph.p_offset + ph.p_filesz) as usize],

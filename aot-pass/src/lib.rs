@@ -12,6 +12,7 @@
 pub mod api;
 pub mod elf;
 mod scan;
+pub mod synth;
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -164,16 +165,16 @@ pub struct Report {
     pub cluster_instructions: Stats,
     /// Exiting instructions per cluster.
     pub cluster_exiting: Stats,
-    /// Clusters per shape: `straight_line`, `branching`, `looping`.
-    pub cluster_shapes: BTreeMap<String, u64>,
+    /// Clusters per shape: `straight-line`, `branching`, `looping`.
+    pub cluster_shapes: BTreeMap<&'static str, u64>,
     /// Sites the translator was called at (each gave a cluster or a reason).
     pub sites_translated: u64,
     /// Sites inside an earlier cluster (not translated again).
     pub sites_covered: u64,
     /// Sites the translator formed no cluster at.
     pub sites_unclustered: u64,
-    /// Why, per `NoCluster` reason (snake_case variant name).
-    pub unclustered: BTreeMap<String, u64>,
+    /// Why, per `NoCluster::name()`.
+    pub unclustered: BTreeMap<&'static str, u64>,
     pub seconds: Timing,
 }
 
@@ -206,21 +207,6 @@ pub fn policy_all() -> ExitPolicy {
         b = b.enable(c);
     }
     b.build()
-}
-
-fn snake(debug: &str) -> String {
-    let head: String = debug
-        .chars()
-        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-        .collect();
-    let mut out = String::new();
-    for (i, ch) in head.chars().enumerate() {
-        if ch.is_ascii_uppercase() && i > 0 {
-            out.push('_');
-        }
-        out.push(ch.to_ascii_lowercase());
-    }
-    out
 }
 
 struct Planned<'a> {
@@ -298,7 +284,7 @@ fn plan<'a>(
         cuts.sort_by_key(|c| c.0);
         let end = area.addr + area.bytes.len() as u64;
         let mut pos = area.addr;
-        let mut push = |from: u64, to: u64, b: Bitness, why: &'static str, out: &mut Vec<_>| {
+        let push = |from: u64, to: u64, b: Bitness, why: &'static str, out: &mut Vec<_>| {
             if to <= from {
                 return;
             }
@@ -482,9 +468,7 @@ pub fn analyze_bytes(
         covered += rc.covered;
         translated += rc.translated;
         for c in rc.clusters {
-            *shapes
-                .entry(snake(&format!("{:?}", api::shape(&c))))
-                .or_insert(0u64) += 1;
+            *shapes.entry(api::shape(&c).name()).or_insert(0u64) += 1;
             clusters.push(c);
         }
     }
@@ -551,7 +535,7 @@ pub fn analyze_bytes(
 #[derive(Default)]
 struct RegionClusters {
     clusters: Vec<Cluster>,
-    reasons: BTreeMap<String, u64>,
+    reasons: BTreeMap<&'static str, u64>,
     covered: u64,
     translated: u64,
 }
@@ -589,7 +573,7 @@ fn cluster_group(
                 out.clusters.push(c);
             }
             Err(e) => {
-                *out.reasons.entry(snake(&format!("{e:?}"))).or_insert(0) += 1;
+                *out.reasons.entry(e.name()).or_insert(0) += 1;
             }
         }
         first_new += 1;

@@ -147,8 +147,11 @@ impl Ctx<'_, '_> {
     fn traverse(&self, c: &mut Chunk) {
         let region_len = self.region.bytes.len();
         let mut ins = Instruction::default();
+        let mut d = self.decoder(0);
         while let Some(root) = c.pending.pop() {
             let mut off = root;
+            let _ = d.set_position(off);
+            d.set_ip(self.region.addr + off as u64);
             loop {
                 if off < c.start || off >= c.end {
                     if off < region_len {
@@ -160,7 +163,6 @@ impl Ctx<'_, '_> {
                 if c.traversed.get(rel) {
                     break;
                 }
-                let mut d = self.decoder(off);
                 d.decode_out(&mut ins);
                 self.record(c, off, &ins);
                 let len = ins.len().max(1);

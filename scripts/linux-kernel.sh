@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# Times `avex analyze` on a stock Debian kernel against `objdump -d`, side by side.
+#
+# Fetches the current linux-image-*-amd64 package with apt-get download, extracts
+# vmlinuz, takes the ELF vmlinux out of the bzImage (the compressed payload is found
+# through the boot header's payload_offset/payload_length, or by its compression
+# magic, and decompressed, as the kernel's extract-vmlinux does), then times
+# `avex analyze` (clusters included) and `objdump -d vmlinux > /dev/null` and prints
+# the ratio. Also runs both on a few .ko modules (ET_REL, .ko.xz in the package).
+#
+# Usage: scripts/linux-kernel.sh [WORKDIR]     (default: target/linux-kernel)
+# Env:   AVEX=path/to/avex (default: build the release binary with cargo)
+#        KERNEL_PKG=linux-image-...-amd64 (default: what linux-image-amd64 depends on)
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+work=${1:-$root/target/linux-kernel}
+mkdir -p "$work"
+cd "$work"
+
+die() { echo "linux-kernel.sh: $*" >&2; exit 1; }
+for t in apt-get apt-cache dpkg-deb objdump od xz; do
+    command -v "$t" >/dev/null || die "needs $t"
+done
+
+# --- the package ---------------------------------------------------------------
+pkg=${KERNEL_PKG:-}
+if [ -z "$pkg" ]; then
+    pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+    if [ -z "$pkg" ]; then
+        apt-get update -qq || die "apt-get update failed (run as root?)"
+        pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+    fi
+fi
+[ -n "$pkg" ] || die "no linux-image-*-amd64 package found with apt-cache"
+deb=$(ls "$pkg"_*.deb 2>/dev/null | head -n1 || true)
+if [ -z "$deb" ]; then
+    echo "downloading $pkg ..." >&2
+    apt-get download "$pkg" >&2 2>/dev/null || apt-get download "$pkg" >&2
+    deb=$(ls "$pkg"_*.deb | head -n1)
+fi
+if [ ! -d pkg ]; then
+    dpkg-deb -x "$deb" pkg.tmp && mv pkg.tmp pkg
+fi
+vmlinuz=$(ls pkg/boot/vmlinuz-* | head -n1)
+[ -f "$vmlinuz" ] || die "no vmlinuz in $deb"
+
+# --- vmlinux out of the bzImage ----------------------------------------------------
+u8() { od -An -tu1 -j "$2" -N1 "$1" | tr -d ' '; }
+u32() { od -An -tu4 -j "$2" -N4 "$1" | tr -d ' '; }
+
+# Decompresses what starts at byte offset $2 of $1 to stdout, by its magic.
+decompress_at() {
+    local f=$1 off=$2 magic
+    magic=$(od -An -tx1 -j "$off" -N6 "$f" | tr -d ' \n')
+    case "$magic" in
+        1f8b08*)       tail -c +$((off + 1)) "$f" | gzip -dc 2>/dev/null ;;
+        fd377a585a00)  tail -c +$((off + 1)) "$f" | xz -dc --single-stream 2>/dev/null ;;
+        28b52ffd*)     tail -c +$((off + 1)) "$f" | zstd -dcq 2>/dev/null ;;
+        02214c18*)     tail -c +$((off + 1)) "$f" | lz4 -dc 2>/dev/null ;;
+        425a68*)       tail -c +$((off + 1)) "$f" | bzip2 -dc 2>/dev/null ;;
+        5d0000*)       tail -c +$((off + 1)) "$f" | xz -dc --format=lzma 2>/dev/null ;;
+        894c5a*)       tail -c +$((off + 1)) "$f" | lzop -dc 2>/dev/null ;;
+        *) return 1 ;;
+    esac
+    return 0
+}
+
+is_elf() { [ "$(od -An -tx1 -N4 "$1" | tr -d ' \n')" = 7f454c46 ]; }
+
+extract_vmlinux() {
+    local img=$1 out=$2
+    # Boot protocol >= 2.08: payload_offset (0x248) is relative to the protected-mode
+    # code, which starts after (setup_sects + 1) * 512 bytes.
+    if [ "$(od -An -c -j 0x202 -N4 "$img" | tr -d ' ')" = HdrS ]; then
+        local setup_sects pm off
+        setup_sects=$(u8 "$img" $((0x1f1)))
+        [ "$setup_sects" -eq 0 ] && setup_sects=4
+        pm=$(((setup_sects + 1) * 512))
+        off=$((pm + $(u32 "$img" $((0x248)))))
+        if decompress_at "$img" "$off" > "$out" && is_elf "$out"; then
+            echo "payload at offset $off (boot header)" >&2
+            return 0
+        fi
+    fi
+    # Otherwise: every offset where a known compression magic occurs.
+    local pat off
+    for pat in '\x1f\x8b\x08' '\xfd\x37\x7a\x58\x5a\x00' '\x28\xb5\x2f\xfd' '\x02\x21\x4c\x18' 'BZh' '\x5d\x00\x00\x00' '\x89\x4c\x5a'; do
+        for off in $(LC_ALL=C grep -obaP "$pat" "$img" 2>/dev/null | cut -d: -f1 | head -n 20); do
+            if decompress_at "$img" "$off" > "$out" && is_elf "$out"; then
+                echo "payload at offset $off (magic search)" >&2
+                return 0
+            fi
+        done
+    done
+    return 1
+}
+
+if [ ! -s vmlinux ] || ! is_elf vmlinux; then
+    extract_vmlinux "$vmlinuz" vmlinux.tmp || die "no compressed ELF payload found in $vmlinuz"
+    mv vmlinux.tmp vmlinux
+fi
+
+# --- avex -------------------------------------------------------------------------------
+if [ -z "${AVEX:-}" ]; then
+    (cd "$root" && cargo build --release --bin avex >&2)
+    AVEX=$(cd "$root" && cargo metadata --format-version 1 --no-deps 2>/dev/null |
+        sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/release/avex
+fi
+[ -x "$AVEX" ] || die "no avex binary at $AVEX"
+
+now() { date +%s.%N; }
+# Best of $1 runs of the rest of the command line, in seconds.
+best_of() {
+    local n=$1 best="" t0 t1 el; shift
+    for _ in $(seq "$n"); do
+        t0=$(now); "$@" > /dev/null; t1=$(now)
+        el=$(echo "$t1 - $t0" | bc -l)
+        if [ -z "$best" ] || [ "$(echo "$el < $best" | bc -l)" = 1 ]; then best=$el; fi
+    done
+    printf '%.3f' "$best"
+}
+
+echo "kernel: $pkg ($(du -h vmlinux | cut -f1) vmlinux, $(nproc) cores)"
+"$AVEX" analyze vmlinux
+"$AVEX" analyze --json vmlinux > vmlinux.json
+t_avex=$(best_of 3 "$AVEX" analyze --json vmlinux)
+t_objdump=$(best_of 1 objdump -d vmlinux)
+printf '%-28s %10s %12s %8s\n' file "avex (s)" "objdump (s)" ratio
+printf '%-28s %10s %12s %7.1fx\n' vmlinux "$t_avex" "$t_objdump" "$(echo "$t_objdump / $t_avex" | bc -l)"
+
+# --- modules (ET_REL) ----------------------------------------------------------------
+mkdir -p modules
+for m in 8250 kvm-intel kvm e1000e i915 snd-hda-intel; do
+    f=$(find pkg/lib/modules -name "$m.ko*" | head -n1)
+    [ -n "$f" ] || continue
+    out=modules/$m.ko
+    case "$f" in
+        *.xz) [ -s "$out" ] || xz -dc "$f" > "$out" ;;
+        *.zst) [ -s "$out" ] || zstd -dcq "$f" > "$out" ;;
+        *.gz) [ -s "$out" ] || gzip -dc "$f" > "$out" ;;
+        *) cp "$f" "$out" ;;
+    esac
+    ta=$(best_of 3 "$AVEX" analyze --json "$out")
+    to=$(best_of 1 objdump -d "$out")
+    printf '%-28s %10s %12s %7.1fx\n' "$m.ko" "$ta" "$to" "$(echo "$to / $ta" | bc -l)"
+done
+"$AVEX" analyze --json modules > modules.json
+echo "reports: $work/vmlinux.json $work/modules.json"
