@@ -51,6 +51,7 @@ fn guest(c: &Cluster) -> TestGuest {
     g.map_range(DATA_VA, DATA_GPA, 64 * 4096, 0x3);
     g.write_bytes(CODE_GPA, &c.guest_bytes);
     g.state.gpr[RBX as usize] = DATA_VA;
+    g.state.rip = CODE_VA;
     g
 }
 
@@ -72,6 +73,7 @@ fn bench_cluster(cr: &mut Criterion, name: &str, c: &Cluster) {
             black_box(out.stats.insns)
         })
     });
+    grp.bench_function(format!("{name}_validate"), |b| b.iter(|| engine::validate(black_box(c)).is_ok()));
     grp.finish();
 }
 

@@ -70,7 +70,7 @@ fn sub_flags(a: u64, b: u64, r: u64, size: Size) -> u64 {
 
 /// Two-operand ALU op: returns (result, new rflags). The result of CMP/TEST is the
 /// destination unchanged (callers do not write it back).
-#[inline]
+#[inline(always)]
 pub fn alu(op: AluOp, size: Size, a: u64, b: u64, flags: u64) -> (u64, u64) {
     let m = size.mask();
     let (a, b) = (a & m, b & m);
@@ -103,7 +103,7 @@ pub fn alu(op: AluOp, size: Size, a: u64, b: u64, flags: u64) -> (u64, u64) {
 }
 
 /// INC/DEC/NEG/NOT: returns (result, new rflags).
-#[inline]
+#[inline(always)]
 pub fn unary(op: UnaryOp, size: Size, a: u64, flags: u64) -> (u64, u64) {
     let m = size.mask();
     let a = a & m;

@@ -263,11 +263,11 @@ pub fn validate(c: &Cluster) -> Result<(), Invalid> {
         if insn.len == 0
             || insn.len > 15
             || insn.rip < prev_end
-            || insn.rip + insn.len as u64 > c.end
+            || insn.rip.saturating_add(insn.len as u64) > c.end
         {
             return Err(Invalid::InsnPlacement(i16));
         }
-        prev_end = insn.rip + insn.len as u64;
+        prev_end = insn.rip.saturating_add(insn.len as u64);
         if !op_ok(&insn.op, b64) {
             return Err(Invalid::Operand(i16));
         }
@@ -389,10 +389,22 @@ pub fn run<G: Guest + ?Sized>(
         index: None,
         stats: RunStats::default(),
     };
-    if let Err(e) = validate(cluster) {
-        return nothing(StopReason::Invalid(e), 0);
+    // Cheap structural checks; the full `validate` runs once when a cluster is
+    // loaded. Everything else the run uses is checked where it is used.
+    let n = cluster.insns.len();
+    if n == 0 {
+        return nothing(StopReason::Invalid(Invalid::Empty), 0);
     }
-    if start >= cluster.insns.len() {
+    if cluster.end <= cluster.start || cluster.end - cluster.start > MAX_CLUSTER_BYTES {
+        return nothing(StopReason::Invalid(Invalid::TooLarge), 0);
+    }
+    if cluster.guest_bytes.len() as u64 != cluster.end - cluster.start {
+        return nothing(StopReason::Invalid(Invalid::BytesLength), 0);
+    }
+    if cluster.back_edges.len() > MAX_BACK_EDGES {
+        return nothing(StopReason::Invalid(Invalid::TooManyBackEdges), 0);
+    }
+    if start >= n {
         return nothing(StopReason::Invalid(Invalid::StartIndex), 0);
     }
     let st = guest.state();
@@ -514,6 +526,17 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
             let Some(insn) = c.insns.get(idx) else {
                 return (StopReason::Invalid(Invalid::StartIndex), self.st.rip, None);
             };
+            if insn.rip < c.start
+                || insn.rip.saturating_add(insn.len as u64) > c.end
+                || insn.len == 0
+            {
+                // Only instructions inside the checked bytes ever run.
+                return (
+                    StopReason::Invalid(Invalid::InsnPlacement(idx as u16)),
+                    self.st.rip,
+                    None,
+                );
+            }
             if self.units == 0 {
                 return (StopReason::Budget, insn.rip, Some(idx));
             }
@@ -797,16 +820,19 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn read(&mut self, o: &Operand, size: Size) -> R<u64> {
         match o {
             Operand::Reg(r) => Ok(self.reg(*r) & size.mask()),
             Operand::Imm(v) => Ok(*v & size.mask()),
-            Operand::Mem(m) => {
-                let s = self.mem_span(m, size, 0, Access::Read)?;
-                self.read_span(s)
-            }
+            Operand::Mem(m) => self.read_mem(m, size),
         }
+    }
+
+    #[inline(never)]
+    fn read_mem(&mut self, m: &MemRef, size: Size) -> R<u64> {
+        let s = self.mem_span(m, size, 0, Access::Read)?;
+        self.read_span(s)
     }
 
     /// Resolves a destination (for memory: translated for writing).
@@ -885,16 +911,32 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
     fn exec(&mut self, insn: &Insn) -> R<Flow> {
         let fl = self.st.rflags;
         match insn.op {
-            Op::Mov { size, dst, src } => {
-                let v = self.read(&src, size)?;
-                let d = self.dst(&dst, size, 0)?;
-                self.store(d, v)?;
+            Op::Mov {
+                size,
+                ref dst,
+                ref src,
+            } => {
+                let v = self.read(src, size)?;
+                if let Operand::Reg(r) = *dst {
+                    self.set_reg(r, v);
+                } else {
+                    let d = self.dst(dst, size, 0)?;
+                    self.store(d, v)?;
+                }
             }
-            Op::Movzx { dst, src, src_size } => {
+            Op::Movzx {
+                dst,
+                ref src,
+                src_size,
+            } => {
                 let v = self.read(&src, src_size)?;
                 self.set_reg(dst, v);
             }
-            Op::Movsx { dst, src, src_size } => {
+            Op::Movsx {
+                dst,
+                ref src,
+                src_size,
+            } => {
                 let v = self.read(&src, src_size)?;
                 self.set_reg(dst, sext(v, src_size));
             }
@@ -902,9 +944,22 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                 let v = self.ea(&addr, 0);
                 self.set_reg(dst, v);
             }
-            Op::Alu { op, size, dst, src } => {
-                let b = self.read(&src, size)?;
+            Op::Alu {
+                op,
+                size,
+                ref dst,
+                ref src,
+            } => {
+                let b = self.read(src, size)?;
                 let flags_only = matches!(op, AluOp::Cmp | AluOp::Test);
+                if let Operand::Reg(r) = *dst {
+                    let (res, f) = alu::alu(op, size, self.reg(r), b, fl);
+                    if !flags_only {
+                        self.set_reg(r, res);
+                    }
+                    self.st.rflags = f;
+                    return Ok(Flow::Next);
+                }
                 let d = if flags_only {
                     None
                 } else {
@@ -920,7 +975,13 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                 }
                 self.set_flags(f);
             }
-            Op::Unary { op, size, dst } => {
+            Op::Unary { op, size, ref dst } => {
+                if let Operand::Reg(r) = *dst {
+                    let (res, f) = alu::unary(op, size, self.reg(r), fl);
+                    self.set_reg(r, res);
+                    self.st.rflags = f;
+                    return Ok(Flow::Next);
+                }
                 let d = self.dst(&dst, size, 0)?;
                 let a = self.load(d, size)?;
                 let (r, f) = alu::unary(op, size, a, fl);
@@ -930,18 +991,29 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
             Op::Shift {
                 op,
                 size,
-                dst,
-                count,
+                ref dst,
+                ref count,
             } => {
-                let cnt = self.read(&count, Size::S1)?;
+                let cnt = self.read(count, Size::S1)?;
+                if let Operand::Reg(r) = *dst {
+                    let (res, f) = alu::shift(op, size, self.reg(r), cnt, fl);
+                    self.set_reg(r, res);
+                    self.st.rflags = f;
+                    return Ok(Flow::Next);
+                }
                 let d = self.dst(&dst, size, 0)?;
                 let a = self.load(d, size)?;
                 let (r, f) = alu::shift(op, size, a, cnt, fl);
                 self.store(d, r)?;
                 self.set_flags(f);
             }
-            Op::Bit { op, size, dst, bit } => self.bit(op, size, &dst, &bit)?,
-            Op::Xchg { size, a, b } => {
+            Op::Bit {
+                op,
+                size,
+                ref dst,
+                ref bit,
+            } => self.bit(op, size, &dst, &bit)?,
+            Op::Xchg { size, ref a, ref b } => {
                 // Memory first so a fault leaves everything undone.
                 let (la, lb) = match (a, b) {
                     (Operand::Mem(_), _) => {
@@ -963,7 +1035,7 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                     self.store(la, vb)?;
                 }
             }
-            Op::Push { size, src } => {
+            Op::Push { size, ref src } => {
                 let v = self.read(&src, size)?;
                 let ss = self.stack_size();
                 let sp = self.st.gpr[RSP as usize].wrapping_sub(size.bytes() as u64) & ss.mask();
@@ -972,7 +1044,7 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                 self.write_span(s, v)?;
                 write_gpr(&mut self.st.gpr[RSP as usize], ss, sp);
             }
-            Op::Pop { size, dst } => {
+            Op::Pop { size, ref dst } => {
                 let ss = self.stack_size();
                 let sp = self.st.gpr[RSP as usize] & ss.mask();
                 let la = self.seg_linear(Seg::Ss, sp, size.bytes(), false)?;
@@ -999,7 +1071,7 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                     }
                 }
             }
-            Op::Setcc { cond: c, dst } => {
+            Op::Setcc { cond: c, ref dst } => {
                 let d = self.dst(&dst, Size::S1, 0)?;
                 self.store(d, alu::cond(c, fl) as u64)?;
             }
@@ -1007,7 +1079,7 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                 cond: c,
                 size,
                 dst,
-                src,
+                ref src,
             } => {
                 let v = self.read(&src, size)?;
                 let v = if alu::cond(c, fl) { v } else { self.reg(dst) };
@@ -1146,7 +1218,7 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                 self.cpl0()?;
                 self.st.cr0 &= !CR0_TS;
             }
-            Op::Lmsw { src } => {
+            Op::Lmsw { ref src } => {
                 self.cpl0()?;
                 let v = self.read(&src, Size::S2)?;
                 let old = self.st.cr0;
