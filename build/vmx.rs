@@ -25,8 +25,14 @@ pub fn build() {
     let script = dir.join("link.ld");
     let target = freestanding::target_dir("vmx");
     // hv/vmx links hv/core: rebuild when it changes too.
-    println!("cargo:rerun-if-changed={}", root.join("hv/core/src").display());
-    println!("cargo:rerun-if-changed={}", root.join("hv/core/Cargo.toml").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("hv/core/src").display()
+    );
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("hv/core/Cargo.toml").display()
+    );
 
     let built = std::panic::catch_unwind(|| {
         freestanding::build(&freestanding::Build {
@@ -60,9 +66,17 @@ pub fn build() {
             println!("cargo:rustc-env=AVEX_VMX_BUILD_ERROR=");
         }
         Err(why) => {
-            let first = why.lines().find(|l| l.contains("error")).unwrap_or("see the build output").to_string();
+            let first = why
+                .lines()
+                .find(|l| l.contains("error"))
+                .unwrap_or("see the build output")
+                .to_string();
             println!("cargo:warning=the VT-x hypervisor (hv/vmx) did not build: {first}");
-            let reason: String = why.chars().filter(|&c| c != '\n' && c != '\r').take(400).collect();
+            let reason: String = why
+                .chars()
+                .filter(|&c| c != '\n' && c != '\r')
+                .take(400)
+                .collect();
             println!("cargo:rustc-env=AVEX_VMX_IMAGE=");
             println!("cargo:rustc-env=AVEX_VMX_ELF=");
             println!("cargo:rustc-env=AVEX_VMX_BUILD_ERROR={reason}");
@@ -97,7 +111,11 @@ fn flat_image(elf: &Path) -> Result<Vec<u8>, String> {
             segs.push((paddr, off as usize, filesz as usize));
         }
     }
-    let base = segs.iter().map(|s| s.0).min().ok_or("no loadable segment")?;
+    let base = segs
+        .iter()
+        .map(|s| s.0)
+        .min()
+        .ok_or("no loadable segment")?;
     let end = segs.iter().map(|s| s.0 + s.2 as u64).max().unwrap();
     let mut flat = vec![0u8; (end - base) as usize];
     for (paddr, off, len) in segs {
@@ -109,14 +127,20 @@ fn flat_image(elf: &Path) -> Result<Vec<u8>, String> {
         .step_by(4)
         .find(|&o| u32::from_le_bytes(flat[o..o + 4].try_into().unwrap()) == MB1_MAGIC)
         .ok_or("no multiboot header in the first 8 KiB of the image")?;
-    let word = |i: usize| u32::from_le_bytes(flat[hdr + 4 * i..hdr + 4 * i + 4].try_into().unwrap());
+    let word =
+        |i: usize| u32::from_le_bytes(flat[hdr + 4 * i..hdr + 4 * i + 4].try_into().unwrap());
     let (load_addr, load_end) = (word(4), word(5));
     if u64::from(load_addr) != base {
-        return Err(format!("multiboot load_addr {load_addr:#x} is not the image base {base:#x}"));
+        return Err(format!(
+            "multiboot load_addr {load_addr:#x} is not the image base {base:#x}"
+        ));
     }
     let want = (load_end - load_addr) as usize;
     if want < flat.len() {
-        return Err(format!("multiboot load_end_addr {load_end:#x} cuts the image ({} bytes)", flat.len()));
+        return Err(format!(
+            "multiboot load_end_addr {load_end:#x} cuts the image ({} bytes)",
+            flat.len()
+        ));
     }
     flat.resize(want, 0);
     Ok(flat)

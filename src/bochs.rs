@@ -57,19 +57,33 @@ pub fn hypervisor_image() -> anyhow::Result<Vec<u8>> {
             PathBuf::from(built)
         }
     };
-    std::fs::read(&path).with_context(|| format!("cannot read the hypervisor image {}", path.display()))
+    std::fs::read(&path)
+        .with_context(|| format!("cannot read the hypervisor image {}", path.display()))
 }
 
 /// The hypervisor's command-line words for a guest run.
 pub fn hypervisor_options(name: &str, mode: Mode, ips: u64, guest_mib: u64) -> Vec<String> {
     let safe: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+') { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+') {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(64)
         .collect();
     vec![
         format!("mode={}", mode.name()),
-        format!("guest={}", if safe.is_empty() { "guest".into() } else { safe }),
+        format!(
+            "guest={}",
+            if safe.is_empty() {
+                "guest".into()
+            } else {
+                safe
+            }
+        ),
         format!("tsc_hz={ips}"),
         format!("mem={guest_mib}"),
     ]
@@ -141,20 +155,43 @@ pub struct Summary {
 /// to their static names, and leak the (few, short) others.
 fn static_name(s: &str) -> &'static str {
     const KNOWN: &[&str] = &[
-        "io_in", "io_out", "rdmsr", "wrmsr", "cpuid", "hlt", "cr_access", "other", "ept_violation",
-        "triple_fault", "ins", "outs", "external_interrupt", "exception_nmi", "interrupt_window",
+        "io_in",
+        "io_out",
+        "rdmsr",
+        "wrmsr",
+        "cpuid",
+        "hlt",
+        "cr_access",
+        "other",
+        "ept_violation",
+        "triple_fault",
+        "ins",
+        "outs",
+        "external_interrupt",
+        "exception_nmi",
+        "interrupt_window",
     ];
-    KNOWN.iter().copied().find(|k| *k == s).unwrap_or_else(|| Box::leak(s.to_string().into_boxed_str()))
+    KNOWN
+        .iter()
+        .copied()
+        .find(|k| *k == s)
+        .unwrap_or_else(|| Box::leak(s.to_string().into_boxed_str()))
 }
 
 /// Parse the summary line (without its prefix).
 pub fn parse_summary(json: &str) -> anyhow::Result<Summary> {
-    let v: serde_json::Value = serde_json::from_str(json).context("the AVEX-SUMMARY line is not JSON")?;
-    let obj = v.as_object().context("the AVEX-SUMMARY line is not a JSON object")?;
+    let v: serde_json::Value =
+        serde_json::from_str(json).context("the AVEX-SUMMARY line is not JSON")?;
+    let obj = v
+        .as_object()
+        .context("the AVEX-SUMMARY line is not a JSON object")?;
     let num = |k: &str| obj.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
     let mut s = Summary {
         status: u8::try_from(num("status")).unwrap_or(255),
-        error: obj.get("error").and_then(|e| e.as_str()).map(str::to_string),
+        error: obj
+            .get("error")
+            .and_then(|e| e.as_str())
+            .map(str::to_string),
         ..Summary::default()
     };
     let st = &mut s.stats;
@@ -176,7 +213,10 @@ pub fn parse_summary(json: &str) -> anyhow::Result<Summary> {
     st.translate_ns = num("translate_ns");
     st.translate_insns = num("translate_insns");
     st.stale_dropped = num("stale_dropped");
-    st.translations_rejected = obj.get("translations_rejected").and_then(|r| r.as_str()).map(str::to_string);
+    st.translations_rejected = obj
+        .get("translations_rejected")
+        .and_then(|r| r.as_str())
+        .map(str::to_string);
     if let Some(m) = obj.get("early_stops").and_then(|m| m.as_object()) {
         for (k, n) in m {
             st.early_stops.insert(k.clone(), n.as_u64().unwrap_or(0));
@@ -185,7 +225,11 @@ pub fn parse_summary(json: &str) -> anyhow::Result<Summary> {
     // Consistency: exit_prone and avoided as the hypervisor computed them must match
     // the definitions applied to what was parsed.
     if obj.contains_key("exit_prone") && num("exit_prone") != st.exit_prone() {
-        bail!("inconsistent AVEX-SUMMARY: exit_prone {} but exits + in-cluster = {}", num("exit_prone"), st.exit_prone());
+        bail!(
+            "inconsistent AVEX-SUMMARY: exit_prone {} but exits + in-cluster = {}",
+            num("exit_prone"),
+            st.exit_prone()
+        );
     }
     for key in ["guest_ms", "code_page_writes"] {
         if let Some(n) = obj.get(key).and_then(|x| x.as_u64()) {
@@ -210,7 +254,9 @@ fn image_for(req: &RunRequest) -> Vec<u8> {
     match avex_linker::link(req.elf, set) {
         Ok((image, _)) => image,
         // Let the hypervisor judge (and report) a set the linker would not accept.
-        Err(_) => avex_linker::embed(req.elf, &format::encode(set)).unwrap_or_else(|_| req.elf.to_vec()),
+        Err(_) => {
+            avex_linker::embed(req.elf, &format::encode(set)).unwrap_or_else(|_| req.elf.to_vec())
+        }
     }
 }
 
@@ -251,7 +297,8 @@ fn read_new(path: &Path, pos: &mut u64) -> Vec<u8> {
 }
 
 fn summary_line(log: &str) -> Option<&str> {
-    log.lines().find_map(|l| l.trim_end_matches('\r').strip_prefix(SUMMARY_PREFIX))
+    log.lines()
+        .find_map(|l| l.trim_end_matches('\r').strip_prefix(SUMMARY_PREFIX))
 }
 
 /// Run `req` in Bochs (the seam `run_backend` calls).
@@ -260,7 +307,10 @@ pub fn run(req: &RunRequest) -> anyhow::Result<RunResult> {
 }
 
 /// Run `req` in Bochs; `console` gets the guest's console bytes as they come.
-pub fn run_with_console(req: &RunRequest, console: &mut dyn FnMut(&[u8])) -> anyhow::Result<RunResult> {
+pub fn run_with_console(
+    req: &RunRequest,
+    console: &mut dyn FnMut(&[u8]),
+) -> anyhow::Result<RunResult> {
     check_bochs()?;
     let dir = scratch_dir()?;
     let d = &dir.0;
@@ -274,7 +324,8 @@ pub fn run_with_console(req: &RunRequest, console: &mut dyn FnMut(&[u8])) -> any
         d.join("bochs.out"),
     );
     let image = image_for(req);
-    make_iso(&image, req.name, req.mode, &iso).with_context(|| format!("{}: cannot make the boot ISO", req.name))?;
+    make_iso(&image, req.name, req.mode, &iso)
+        .with_context(|| format!("{}: cannot make the boot ISO", req.name))?;
     std::fs::write(&rc, bochsrc(&iso, &com1, &com2, &log, DEFAULT_IPS))?;
     // Bochs' debugger is always compiled in: continue, and quit when the run ends.
     std::fs::write(&dbg, "c\nquit\n")?;
@@ -337,7 +388,11 @@ pub fn run_with_console(req: &RunRequest, console: &mut dyn FnMut(&[u8])) -> any
     let Some(line) = summary_line(&log_text) else {
         let tail: Vec<&str> = log_text.lines().rev().take(8).collect();
         let bochs_log = std::fs::read_to_string(&log).unwrap_or_default();
-        let panics: Vec<&str> = bochs_log.lines().filter(|l| l.contains("PANIC") || l.contains(">>")).take(4).collect();
+        let panics: Vec<&str> = bochs_log
+            .lines()
+            .filter(|l| l.contains("PANIC") || l.contains(">>"))
+            .take(4)
+            .collect();
         bail!(
             "{}: {} without a summary from the hypervisor.\nhypervisor log (last lines):\n  {}\nBochs: {}",
             req.name,
@@ -354,7 +409,10 @@ pub fn run_with_console(req: &RunRequest, console: &mut dyn FnMut(&[u8])) -> any
     if let Some(r) = &summary.stats.translations_rejected {
         notes.push(format!("translations rejected: {r}"));
     }
-    for l in log_text.lines().filter(|l| l.contains("forces on") || l.contains("cannot set")) {
+    for l in log_text
+        .lines()
+        .filter(|l| l.contains("forces on") || l.contains("cannot set"))
+    {
         notes.push(l.trim().to_string());
     }
     Ok(RunResult {
@@ -416,8 +474,21 @@ mod tests {
 
     #[test]
     fn bochsrc_has_the_essentials() {
-        let rc = bochsrc(Path::new("/t/b.iso"), Path::new("/t/1"), Path::new("/t/2"), Path::new("/t/l"), 10_000_000);
-        for k in ["rfb", "reset_on_triple_fault=0", "boot: cdrom", "com2: enabled=1", "clock: sync=none", "ips=10000000"] {
+        let rc = bochsrc(
+            Path::new("/t/b.iso"),
+            Path::new("/t/1"),
+            Path::new("/t/2"),
+            Path::new("/t/l"),
+            10_000_000,
+        );
+        for k in [
+            "rfb",
+            "reset_on_triple_fault=0",
+            "boot: cdrom",
+            "com2: enabled=1",
+            "clock: sync=none",
+            "ips=10000000",
+        ] {
             assert!(rc.contains(k), "{k}");
         }
     }

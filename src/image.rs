@@ -13,7 +13,8 @@ use avex_core::exit::Mode;
 use crate::bochs;
 
 fn parse_mode(s: &str) -> Result<Mode, String> {
-    Mode::parse(s).ok_or_else(|| format!("unknown mode {s:?}: use off, dynamic, aot or aot+dynamic"))
+    Mode::parse(s)
+        .ok_or_else(|| format!("unknown mode {s:?}: use off, dynamic, aot or aot+dynamic"))
 }
 
 #[derive(clap::Args, Debug)]
@@ -31,7 +32,11 @@ pub struct Args {
 
 pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     let guest = crate::run::load_guest(&args.guest)?;
-    let mode = args.mode.unwrap_or(if guest.translations.is_some() { Mode::AotDynamic } else { Mode::Dynamic });
+    let mode = args.mode.unwrap_or(if guest.translations.is_some() {
+        Mode::AotDynamic
+    } else {
+        Mode::Dynamic
+    });
     if let Some(Err(why)) = &guest.translations {
         eprintln!("avex: warning: {why}; the hypervisor will reject them and cluster dynamically");
     }

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 mod analyze;
+mod bochs;
 mod compare;
 mod guests;
 mod image;

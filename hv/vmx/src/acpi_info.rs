@@ -12,7 +12,11 @@ use crate::logln;
 struct Identity;
 
 impl AcpiHandler for Identity {
-    unsafe fn map_physical_region<T>(&self, physical_address: usize, size: usize) -> PhysicalMapping<Self, T> {
+    unsafe fn map_physical_region<T>(
+        &self,
+        physical_address: usize,
+        size: usize,
+    ) -> PhysicalMapping<Self, T> {
         // SAFETY: the boot page tables identity-map the first 4 GiB, where the BIOS
         // puts the ACPI tables; the pointer is non-null for every table address.
         unsafe {
@@ -52,7 +56,9 @@ pub fn report() {
         }
     };
     let (mut cpus, mut ioapics) = (0, 0);
-    logln!("acpi: local APIC at {:#x}", { madt.get().local_apic_address });
+    logln!("acpi: local APIC at {:#x}", {
+        madt.get().local_apic_address
+    });
     for entry in madt.get().entries() {
         match entry {
             MadtEntry::LocalApic(l) => {
@@ -61,12 +67,18 @@ pub fn report() {
                     "acpi: cpu {} apic id {} {}",
                     l.processor_id,
                     l.apic_id,
-                    if { l.flags } & 1 != 0 { "enabled" } else { "disabled" }
+                    if { l.flags } & 1 != 0 {
+                        "enabled"
+                    } else {
+                        "disabled"
+                    }
                 );
             }
             MadtEntry::LocalX2Apic(l) => {
                 cpus += 1;
-                logln!("acpi: cpu uid {} x2apic id {}", { l.processor_uid }, { l.x2apic_id });
+                logln!("acpi: cpu uid {} x2apic id {}", { l.processor_uid }, {
+                    l.x2apic_id
+                });
             }
             MadtEntry::IoApic(io) => {
                 ioapics += 1;
@@ -78,7 +90,9 @@ pub fn report() {
                 );
             }
             MadtEntry::InterruptSourceOverride(o) => {
-                logln!("acpi: IRQ {} -> GSI {}", o.irq, { o.global_system_interrupt });
+                logln!("acpi: IRQ {} -> GSI {}", o.irq, {
+                    o.global_system_interrupt
+                });
             }
             _ => {}
         }

@@ -3,8 +3,6 @@
 //! itself takes (vector, error code, RIP, CR2, registers) on the log port, and the
 //! way to end the Bochs run.
 
-use core::fmt;
-
 use spin::Once;
 use x86_64::instructions::port::Port;
 use x86_64::instructions::segmentation::{Segment, CS, DS, ES, FS, GS, SS};
@@ -325,7 +323,13 @@ pub fn init() {
     // SAFETY: the selectors index the descriptors just loaded.
     unsafe {
         CS::set_reg(SegmentSelector(CODE_SEL));
-        for load in [DS::set_reg, ES::set_reg, SS::set_reg, FS::set_reg, GS::set_reg] {
+        for load in [
+            DS::set_reg,
+            ES::set_reg,
+            SS::set_reg,
+            FS::set_reg,
+            GS::set_reg,
+        ] {
             load(SegmentSelector(DATA_SEL));
         }
         load_tss(SegmentSelector(TSS_SEL));
@@ -340,7 +344,10 @@ pub fn init() {
         }
         idt
     });
-    let ptr = DescriptorTablePointer { limit: (256 * 16 - 1) as u16, base: VirtAddr::new(idt.as_ptr() as u64) };
+    let ptr = DescriptorTablePointer {
+        limit: (256 * 16 - 1) as u16,
+        base: VirtAddr::new(idt.as_ptr() as u64),
+    };
     // SAFETY: the IDT is static and its entries point at the stubs above.
     unsafe { lidt(&ptr) };
 }
@@ -372,13 +379,5 @@ pub fn shutdown() -> ! {
     loop {
         x86_64::instructions::interrupts::disable();
         x86_64::instructions::hlt();
-    }
-}
-
-/// `fmt` helper: an address in hex.
-pub struct Hex(pub u64);
-impl fmt::Display for Hex {
-    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "{:#x}", self.0)
     }
 }

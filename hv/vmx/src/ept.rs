@@ -67,7 +67,7 @@ impl GuestRam {
     /// The range `gpa..gpa+len` if it lies inside guest RAM.
     pub fn range(&self, gpa: u64, len: usize) -> Option<core::ops::Range<usize>> {
         let end = gpa.checked_add(len as u64)?;
-        (end <= self.size).then(|| gpa as usize..end as usize)
+        (end <= self.size).then_some(gpa as usize..end as usize)
     }
 }
 
@@ -123,7 +123,12 @@ impl Ept {
             leaves.push(pt as *mut [u64; 512]);
             gpa += 2 << 20;
         }
-        Ept { pml4, leaves, protected: vec![false; (size / PAGE) as usize], size }
+        Ept {
+            pml4,
+            leaves,
+            protected: vec![false; (size / PAGE) as usize],
+            size,
+        }
     }
 
     /// EPT pointer: write-back paging structures, 4-level walk.
@@ -167,6 +172,9 @@ impl Ept {
     }
 
     pub fn is_protected(&self, gpa: u64) -> bool {
-        self.protected.get((gpa / PAGE) as usize).copied().unwrap_or(false)
+        self.protected
+            .get((gpa / PAGE) as usize)
+            .copied()
+            .unwrap_or(false)
     }
 }

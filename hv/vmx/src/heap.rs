@@ -36,6 +36,14 @@ pub fn init(info: &Info) {
     }
     // SAFETY: the region is usable RAM per the memory map, identity-mapped, above the
     // image, the modules and the boot information, and handed to the allocator once.
-    unsafe { HEAP.lock().init(best.0 as *mut u8, (best.1 - best.0) as usize) };
-    logln!("avex-vmx: heap {:#x}..{:#x} ({} MiB)", best.0, best.1, (best.1 - best.0) >> 20);
+    unsafe {
+        HEAP.lock()
+            .init(best.0 as *mut u8, (best.1 - best.0) as usize)
+    };
+    logln!(
+        "avex-vmx: heap {:#x}..{:#x} ({} MiB)",
+        best.0,
+        best.1,
+        (best.1 - best.0) >> 20
+    );
 }

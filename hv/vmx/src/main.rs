@@ -75,12 +75,22 @@ fn parse_options(cmdline: &str) -> Result<Options, String> {
     for word in cmdline.split_whitespace() {
         let (k, val) = word.split_once('=').unwrap_or((word, ""));
         match k {
-            "mode" => o.mode = Mode::parse(val).ok_or_else(|| format!("unknown mode {val:?} (off, dynamic, aot, aot+dynamic)"))?,
+            "mode" => {
+                o.mode = Mode::parse(val).ok_or_else(|| {
+                    format!("unknown mode {val:?} (off, dynamic, aot, aot+dynamic)")
+                })?
+            }
             "mem" => {
-                o.guest_mib = val.parse().map_err(|_| format!("mem={val}: not a number of MiB"))?;
+                o.guest_mib = val
+                    .parse()
+                    .map_err(|_| format!("mem={val}: not a number of MiB"))?;
                 o.guest_mib = (o.guest_mib.clamp(2, 2048) + 1) & !1;
             }
-            "tsc_hz" => o.tsc_hz = val.parse().map_err(|_| format!("tsc_hz={val}: not a number"))?,
+            "tsc_hz" => {
+                o.tsc_hz = val
+                    .parse()
+                    .map_err(|_| format!("tsc_hz={val}: not a number"))?
+            }
             "debug" => o.debug = true,
             "guest" => o.name = val.to_string(),
             "cmdline" => o.guest_cmdline = val.replace(',', " "),
@@ -107,10 +117,21 @@ fn json_str(s: &str) -> String {
 }
 
 /// Print the machine-readable summary line and end the run.
-fn finish(status: u8, error: Option<&str>, opts: Option<&Options>, handler: Option<&ExitHandler>, extra: &BTreeMap<&str, u64>) -> ! {
+fn finish(
+    status: u8,
+    error: Option<&str>,
+    opts: Option<&Options>,
+    handler: Option<&ExitHandler>,
+    extra: &BTreeMap<&str, u64>,
+) -> ! {
     let mut line = format!("AVEX-SUMMARY {{\"status\":{status}");
     if let Some(o) = opts {
-        let _ = write!(line, ",\"mode\":{},\"guest\":{}", json_str(o.mode.name()), json_str(&o.name));
+        let _ = write!(
+            line,
+            ",\"mode\":{},\"guest\":{}",
+            json_str(o.mode.name()),
+            json_str(&o.name)
+        );
     }
     if let Some(h) = handler {
         let s = h.stats();
@@ -192,14 +213,24 @@ extern "C" fn kmain(magic: u32, mbi: u32) -> ! {
     TSC_HZ.store(opts.tsc_hz, Ordering::Relaxed);
     let modules = info.modules();
     for m in &modules {
-        logln!("avex-vmx: module {:#x}..{:#x} {}", m.start, m.end, m.cmdline);
+        logln!(
+            "avex-vmx: module {:#x}..{:#x} {}",
+            m.start,
+            m.end,
+            m.cmdline
+        );
     }
     let Some(module) = modules.first() else {
         stop("no guest: GRUB passed no module (grub.cfg needs `module /boot/<guest>.elf`)");
     };
     // SAFETY: GRUB loaded the module at start..end in identity-mapped RAM that the
     // heap does not cover; it is only read.
-    let elf = unsafe { core::slice::from_raw_parts(module.start as *const u8, (module.end - module.start) as usize) };
+    let elf = unsafe {
+        core::slice::from_raw_parts(
+            module.start as *const u8,
+            (module.end - module.start) as usize,
+        )
+    };
 
     let caps = match vmx::enable() {
         Ok(c) => c,
@@ -208,11 +239,17 @@ extern "C" fn kmain(magic: u32, mbi: u32) -> ! {
     logln!("vmx: VMXON done");
 
     let Some(mut ram) = ept::GuestRam::new(opts.guest_mib << 20) else {
-        stop(&format!("cannot allocate {} MiB of guest RAM", opts.guest_mib));
+        stop(&format!(
+            "cannot allocate {} MiB of guest RAM",
+            opts.guest_mib
+        ));
     };
     let image = match avex_core::boot::load(elf, ram.as_mut_slice(), &opts.guest_cmdline) {
         Ok(i) => i,
-        Err(e) => stop(&format!("guest image {:?} rejected by the loader: {e}", opts.name)),
+        Err(e) => stop(&format!(
+            "guest image {:?} rejected by the loader: {e}",
+            opts.name
+        )),
     };
     logln!(
         "avex-vmx: guest {:?} loaded: {:?} entry {:#x}, image {:#x}..{:#x}, {} MiB RAM, mode {}",
@@ -234,9 +271,15 @@ extern "C" fn kmain(magic: u32, mbi: u32) -> ! {
         Err(e) => stop(&format!("VMCS setup failed: {e}")),
     };
     vcpu.debug = opts.debug;
-    protect_translated_pages(&mut vcpu, &handler);
+    let n = run::protect_translated_pages(&mut vcpu, &handler);
+    if n > 0 {
+        logln!("avex-vmx: {n} code page(s) with translations write-protected");
+    }
     let t0 = clock_ns();
-    logln!("avex-vmx: entering the guest at {} ms of machine time", t0 / 1_000_000);
+    logln!(
+        "avex-vmx: entering the guest at {} ms of machine time",
+        t0 / 1_000_000
+    );
     let outcome = run::run(&mut vcpu, &mut handler);
     let mut extra = BTreeMap::new();
     extra.insert("code_page_writes", vcpu.code_writes);
@@ -263,7 +306,11 @@ fn load_translations(elf: &[u8], opts: &Options, handler: &mut ExitHandler) {
         return;
     };
     if !opts.mode.uses_aot() {
-        logln!("avex-vmx: {TRANSLATIONS_SECTION} present ({} bytes), not used in mode {}", bytes.len(), opts.mode);
+        logln!(
+            "avex-vmx: {TRANSLATIONS_SECTION} present ({} bytes), not used in mode {}",
+            bytes.len(),
+            opts.mode
+        );
         return;
     }
     let set = match tformat::decode(bytes) {
@@ -275,43 +322,22 @@ fn load_translations(elf: &[u8], opts: &Options, handler: &mut ExitHandler) {
             return;
         }
     };
-    let digest = match avex_core::boot::parse_elf(elf) {
-        Ok(img) => tformat::identity_of_segments(img.segments.iter().map(|s| {
-            let (o, n) = (s.offset as usize, s.filesz as usize);
-            (s.paddr, &elf[o..o + n])
-        })),
-        Err(_) => [0; 32],
-    };
+    // The running guest's identity, computed as the linker and the KVM backend do.
+    let digest = tformat::identity_of_elf(elf).unwrap_or([0; 32]);
     match handler.load_translations(set, &digest) {
         Ok(n) => logln!("avex-vmx: {n} translations loaded from {TRANSLATIONS_SECTION}"),
-        Err(why) => logln!("avex-vmx: translations rejected: {why}; continuing on dynamic clustering"),
-    }
-}
-
-/// Write-protect (in the EPT) every guest page that holds translated code, so a
-/// guest write to it is seen (and counted) by the hypervisor. The guest's code is
-/// identity-mapped by the boot ABI, so a translation's RIPs are its addresses.
-fn protect_translated_pages(v: &mut vcpu::Vcpu, handler: &ExitHandler) {
-    let mut n = 0;
-    for e in handler.cache().iter() {
-        let mut page = e.cluster.start & !(ept::PAGE - 1);
-        while page < e.cluster.end {
-            if v.ept.protect(page) {
-                n += 1;
-            }
-            page += ept::PAGE;
+        Err(why) => {
+            logln!("avex-vmx: translations rejected: {why}; continuing on dynamic clustering")
         }
-    }
-    if n > 0 {
-        v.invept();
-        logln!("avex-vmx: {n} code page(s) write-protected");
     }
 }
 
 #[panic_handler]
 fn panic(info: &PanicInfo) -> ! {
     serial::log_unlocked(format_args!("\navex-vmx: PANIC: {info}\n"));
-    serial::log_unlocked(format_args!("AVEX-SUMMARY {{\"status\":255,\"error\":\"hypervisor panic\"}}\n"));
+    serial::log_unlocked(format_args!(
+        "AVEX-SUMMARY {{\"status\":255,\"error\":\"hypervisor panic\"}}\n"
+    ));
     cpu::shutdown()
 }
 

@@ -62,7 +62,11 @@ impl Info {
             // Only mem_upper: one region from 1 MiB.
             if self.flags() & 1 != 0 {
                 let upper = u64::from(rd32(self.addr + 8)) * 1024;
-                f(MemRegion { base: 0x10_0000, len: upper, kind: 1 });
+                f(MemRegion {
+                    base: 0x10_0000,
+                    len: upper,
+                    kind: 1,
+                });
             }
             return;
         }
@@ -71,7 +75,11 @@ impl Info {
         let mut p = base;
         while p + 24 <= base + len {
             let size = u64::from(rd32(p));
-            f(MemRegion { base: rd64(p + 4), len: rd64(p + 12), kind: rd32(p + 20) });
+            f(MemRegion {
+                base: rd64(p + 4),
+                len: rd64(p + 12),
+                kind: rd32(p + 20),
+            });
             p += size + 4;
         }
     }

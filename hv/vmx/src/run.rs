@@ -77,20 +77,53 @@ fn guest_where(v: &mut Vcpu) -> String {
 /// What completing an exiting instruction needs beyond advancing RIP.
 enum Complete {
     Nothing,
-    In { size: u8 },
+    In {
+        size: u8,
+    },
     Rdmsr,
-    Cpuid { leaf: u32, subleaf: u32 },
-    Cr { qual: u64 },
-    Rdtsc { aux: bool },
+    Cpuid {
+        leaf: u32,
+        subleaf: u32,
+    },
+    Cr {
+        qual: u64,
+    },
+    Rdtsc {
+        aux: bool,
+    },
     Xsetbv,
-    MovDr { qual: u64 },
+    MovDr {
+        qual: u64,
+    },
     Rdpmc,
     /// Inject #UD instead of completing (VMX instructions, VMCALL).
     Ud,
 }
 
+/// Write-protect (in the EPT) every guest page that holds translated code, so a
+/// guest write to it is seen by the hypervisor (and counted). The boot ABI
+/// identity-maps the guest's code, so a translation's RIPs are its guest-physical
+/// addresses; pages outside guest RAM are skipped. Returns how many pages changed.
+pub fn protect_translated_pages(v: &mut Vcpu, handler: &ExitHandler) -> usize {
+    let mut n = 0;
+    for e in handler.cache().iter() {
+        let mut page = e.cluster.start & !(PAGE - 1);
+        while page < e.cluster.end {
+            if v.ept.protect(page) {
+                n += 1;
+            }
+            page += PAGE;
+        }
+    }
+    if n > 0 {
+        v.invept();
+    }
+    n
+}
+
 /// Run the guest until it ends.
 pub fn run(v: &mut Vcpu, handler: &mut ExitHandler) -> Outcome {
+    let mut built = handler.stats().translations_built;
     loop {
         if let Err(e) = vmx::enter(&mut v.regs, v.launched) {
             let why = format!("VM entry failed: {e}; guest {}", guest_where(v));
@@ -134,18 +167,41 @@ pub fn run(v: &mut Vcpu, handler: &mut ExitHandler) -> Outcome {
                     _ => 0xffff_ffff,
                 };
                 (
-                    Exit::PortIo { port, size, write: !input, value: (rax & mask) as u32 },
-                    if input { Complete::In { size } } else { Complete::Nothing },
+                    Exit::PortIo {
+                        port,
+                        size,
+                        write: !input,
+                        value: (rax & mask) as u32,
+                    },
+                    if input {
+                        Complete::In { size }
+                    } else {
+                        Complete::Nothing
+                    },
                 )
             }
-            31 => (Exit::Msr { msr: rcx as u32, write: false, value: 0 }, Complete::Rdmsr),
+            31 => (
+                Exit::Msr {
+                    msr: rcx as u32,
+                    write: false,
+                    value: 0,
+                },
+                Complete::Rdmsr,
+            ),
             32 => (
-                Exit::Msr { msr: rcx as u32, write: true, value: (rdx << 32) | (rax & 0xffff_ffff) },
+                Exit::Msr {
+                    msr: rcx as u32,
+                    write: true,
+                    value: (rdx << 32) | (rax & 0xffff_ffff),
+                },
                 Complete::Nothing,
             ),
             10 => {
                 let (leaf, subleaf) = (rax as u32, rcx as u32);
-                (Exit::Cpuid { leaf, subleaf }, Complete::Cpuid { leaf, subleaf })
+                (
+                    Exit::Cpuid { leaf, subleaf },
+                    Complete::Cpuid { leaf, subleaf },
+                )
             }
             12 => (Exit::Hlt, Complete::Nothing),
             28 => {
@@ -158,7 +214,9 @@ pub fn run(v: &mut Vcpu, handler: &mut ExitHandler) -> Outcome {
             55 => (Exit::Other { reason }, Complete::Xsetbv),
             29 => (Exit::Other { reason }, Complete::MovDr { qual }),
             15 => (Exit::Other { reason }, Complete::Rdpmc),
-            13 | 14 | 36 | 39 | 40 | 54 | 57 | 58 | 61 => (Exit::Other { reason }, Complete::Nothing),
+            13 | 14 | 36 | 39 | 40 | 54 | 57 | 58 | 61 => {
+                (Exit::Other { reason }, Complete::Nothing)
+            }
             18..=27 | 50 | 53 => (Exit::Other { reason }, Complete::Ud),
             0 | 1 | 7 => {
                 // NMI or external interrupt while the guest ran (the hypervisor's own
@@ -300,6 +358,10 @@ pub fn run(v: &mut Vcpu, handler: &mut ExitHandler) -> Outcome {
                 if v.debug {
                     logln!("vmx: {end}");
                 }
+                if handler.stats().translations_built != built {
+                    built = handler.stats().translations_built;
+                    protect_translated_pages(v, handler);
+                }
                 if let Some(status) = v.bus.exit_status() {
                     return Outcome::Exited(status);
                 }
@@ -308,7 +370,11 @@ pub fn run(v: &mut Vcpu, handler: &mut ExitHandler) -> Outcome {
                 let rflags = vmread(f::GUEST_RFLAGS);
                 return Outcome::Stopped(format!(
                     "guest halted{} at {rip:#x} without writing the debug-exit port",
-                    if rflags & (1 << 9) == 0 { " with interrupts off" } else { "" }
+                    if rflags & (1 << 9) == 0 {
+                        " with interrupts off"
+                    } else {
+                        ""
+                    }
                 ));
             }
         }

@@ -23,7 +23,15 @@ impl Uart {
 
     pub fn init(&mut self) {
         let b = self.base;
-        for (off, val) in [(1, 0x00u8), (3, 0x80), (0, 0x01), (1, 0x00), (3, 0x03), (2, 0xc7), (4, 0x0b)] {
+        for (off, val) in [
+            (1, 0x00u8),
+            (3, 0x80),
+            (0, 0x01),
+            (1, 0x00),
+            (3, 0x03),
+            (2, 0xc7),
+            (4, 0x0b),
+        ] {
             // SAFETY: the UART's registers; programming them has no memory effects.
             unsafe { Port::<u8>::new(b + off).write(val) };
         }

@@ -24,16 +24,6 @@ const CR4_OSXSAVE: u64 = 1 << 18;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 
-/// Controls chosen, for the boot report.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Controls {
-    pub pin: u32,
-    pub proc: u32,
-    pub proc2: u32,
-    pub exit: u32,
-    pub entry: u32,
-}
-
 pub struct Vcpu {
     pub caps: Caps,
     pub regs: Box<GuestRegs>,
@@ -41,7 +31,6 @@ pub struct Vcpu {
     pub ept: Ept,
     pub bus: PortBus,
     pub launched: bool,
-    pub controls: Controls,
     /// Guest writes to write-protected code pages (pages holding translations).
     pub code_writes: u64,
     /// Log every cluster run.
@@ -88,7 +77,13 @@ fn passthrough_msr(msr: u32) -> bool {
 
 impl Vcpu {
     /// Make the VMCS current and program it for `boot`'s initial state under `policy`.
-    pub fn new(caps: Caps, ram: GuestRam, boot: &BootImage, policy: &ExitPolicy, tsc_hz: u64) -> Result<Vcpu, String> {
+    pub fn new(
+        caps: Caps,
+        ram: GuestRam,
+        boot: &BootImage,
+        policy: &ExitPolicy,
+        tsc_hz: u64,
+    ) -> Result<Vcpu, String> {
         let ept = Ept::new(&ram);
         let vmcs = vmx::Vmcs::new(&caps)?;
         logln!("vmx: VMCS at {:#x}, EPT pointer {:#x}", vmcs.pa, ept.eptp());
@@ -99,7 +94,6 @@ impl Vcpu {
             ept,
             bus: PortBus::standard(StandardConfig::default()),
             launched: false,
-            controls: Controls::default(),
             code_writes: 0,
             debug: false,
             msrs: BTreeMap::new(),
@@ -121,7 +115,12 @@ impl Vcpu {
         let on = |ctl: VmcsControl| policy.control_enabled(ctl);
         let pick = |ctl: VmcsControl, bit: u32| if on(ctl) { bit } else { 0 };
 
-        let (pin, _) = vmx::adjust(c.pin, ctl::PIN_EXTERNAL_INTERRUPT | ctl::PIN_NMI, 0, "pin-based controls")?;
+        let (pin, _) = vmx::adjust(
+            c.pin,
+            ctl::PIN_EXTERNAL_INTERRUPT | ctl::PIN_NMI,
+            0,
+            "pin-based controls",
+        )?;
 
         let mut want = ctl::SECONDARY | ctl::USE_MSR_BITMAPS;
         want |= pick(VmcsControl::HltExiting, ctl::HLT);
@@ -139,9 +138,18 @@ impl Vcpu {
         want |= pick(VmcsControl::PauseExiting, ctl::PAUSE);
         // Without the I/O bitmaps and without unconditional I/O exiting no port
         // access would exit; the policy decides which one it is.
-        let io = if on(VmcsControl::UseIoBitmaps) { ctl::USE_IO_BITMAPS } else { 0 };
+        let io = if on(VmcsControl::UseIoBitmaps) {
+            ctl::USE_IO_BITMAPS
+        } else {
+            0
+        };
         want |= io;
-        let (proc, missing) = vmx::adjust(c.proc, want, ctl::SECONDARY | io | ctl::USE_MSR_BITMAPS, "processor-based controls")?;
+        let (proc, missing) = vmx::adjust(
+            c.proc,
+            want,
+            ctl::SECONDARY | io | ctl::USE_MSR_BITMAPS,
+            "processor-based controls",
+        )?;
         if missing != 0 {
             logln!("vmx: policy controls the CPU cannot set: {missing:#x} (those instructions run unintercepted)");
         }
@@ -161,8 +169,12 @@ impl Vcpu {
                 want2 |= opt;
             }
         }
-        let (proc2, missing2) =
-            vmx::adjust(c.proc2, want2, ctl::EPT | ctl::UNRESTRICTED, "secondary processor-based controls")?;
+        let (proc2, missing2) = vmx::adjust(
+            c.proc2,
+            want2,
+            ctl::EPT | ctl::UNRESTRICTED,
+            "secondary processor-based controls",
+        )?;
         if missing2 != 0 {
             logln!("vmx: secondary controls the CPU cannot set: {missing2:#x}");
         }
@@ -179,15 +191,18 @@ impl Vcpu {
             ctl::EXIT_HOST_64 | ctl::EXIT_SAVE_EFER | ctl::EXIT_LOAD_EFER,
             "VM-exit controls",
         )?;
-        let (entry, _) =
-            vmx::adjust(c.entry, ctl::ENTRY_LOAD_EFER | ctl::ENTRY_LOAD_DEBUG, ctl::ENTRY_LOAD_EFER, "VM-entry controls")?;
+        let (entry, _) = vmx::adjust(
+            c.entry,
+            ctl::ENTRY_LOAD_EFER | ctl::ENTRY_LOAD_DEBUG,
+            ctl::ENTRY_LOAD_EFER,
+            "VM-entry controls",
+        )?;
 
         vmwrite(f::PIN_CONTROLS, u64::from(pin));
         vmwrite(f::PROC_CONTROLS, u64::from(proc));
         vmwrite(f::PROC_CONTROLS2, u64::from(proc2));
         vmwrite(f::EXIT_CONTROLS, u64::from(exit));
         vmwrite(f::ENTRY_CONTROLS, u64::from(entry));
-        self.controls = Controls { pin, proc, proc2, exit, entry };
         logln!(
             "vmx: controls pin {pin:#x} proc {proc:#x} proc2 {proc2:#x} exit {exit:#x} entry {entry:#x}"
         );
@@ -235,7 +250,10 @@ impl Vcpu {
         // not see or change those directly).
         let cr0_fixed = c.cr0_fixed0 | !c.cr0_fixed1;
         let cr4_fixed = c.cr4_fixed0 | !c.cr4_fixed1;
-        vmwrite(f::CR0_MASK, policy.cr0_guest_host_mask() | (cr0_fixed & !(CR0_PE | CR0_PG)));
+        vmwrite(
+            f::CR0_MASK,
+            policy.cr0_guest_host_mask() | (cr0_fixed & !(CR0_PE | CR0_PG)),
+        );
         vmwrite(f::CR4_MASK, policy.cr4_guest_host_mask() | cr4_fixed);
         Ok(())
     }
@@ -246,7 +264,13 @@ impl Vcpu {
         vmwrite(f::HOST_CR3, Cr3::read_raw().0.start_address().as_u64());
         vmwrite(f::HOST_CR4, Cr4::read_raw());
         vmwrite(f::HOST_CS_SEL, u64::from(crate::cpu::CODE_SEL));
-        for sel in [f::HOST_SS_SEL, f::HOST_DS_SEL, f::HOST_ES_SEL, f::HOST_FS_SEL, f::HOST_GS_SEL] {
+        for sel in [
+            f::HOST_SS_SEL,
+            f::HOST_DS_SEL,
+            f::HOST_ES_SEL,
+            f::HOST_FS_SEL,
+            f::HOST_GS_SEL,
+        ] {
             vmwrite(sel, u64::from(crate::cpu::DATA_SEL));
         }
         vmwrite(f::HOST_TR_SEL, u64::from(crate::cpu::TSS_SEL));
@@ -322,16 +346,30 @@ impl Vcpu {
     /// real CR0 that value with VMX's fixed bits (PE and PG are free under
     /// unrestricted guest). EFER.LMA and the IA-32e entry control follow CR0.PG.
     pub fn write_cr0(&mut self, cr0: u64) {
-        let real = vmx::fixed(cr0, self.caps.cr0_fixed0, self.caps.cr0_fixed1, CR0_PE | CR0_PG);
+        let real = vmx::fixed(
+            cr0,
+            self.caps.cr0_fixed0,
+            self.caps.cr0_fixed1,
+            CR0_PE | CR0_PG,
+        );
         vmwrite(f::CR0_READ_SHADOW, cr0);
         vmwrite(f::GUEST_CR0, real);
         let efer = vmread(f::GUEST_EFER);
         let lma = cr0 & CR0_PG != 0 && efer & EFER_LME != 0;
-        self.write_efer(if lma { efer | EFER_LMA } else { efer & !EFER_LMA });
+        self.write_efer(if lma {
+            efer | EFER_LMA
+        } else {
+            efer & !EFER_LMA
+        });
     }
 
     pub fn write_cr4(&mut self, cr4: u64) {
-        let real = vmx::fixed(cr4 | CR4_VMXE, self.caps.cr4_fixed0, self.caps.cr4_fixed1, 0);
+        let real = vmx::fixed(
+            cr4 | CR4_VMXE,
+            self.caps.cr4_fixed0,
+            self.caps.cr4_fixed1,
+            0,
+        );
         vmwrite(f::CR4_READ_SHADOW, cr4);
         vmwrite(f::GUEST_CR4, real);
     }
@@ -339,7 +377,11 @@ impl Vcpu {
     pub fn write_efer(&mut self, efer: u64) {
         vmwrite(f::GUEST_EFER, efer);
         let entry = vmread(f::ENTRY_CONTROLS) as u32;
-        let entry = if efer & EFER_LMA != 0 { entry | ctl::ENTRY_IA32E } else { entry & !ctl::ENTRY_IA32E };
+        let entry = if efer & EFER_LMA != 0 {
+            entry | ctl::ENTRY_IA32E
+        } else {
+            entry & !ctl::ENTRY_IA32E
+        };
         vmwrite(f::ENTRY_CONTROLS, u64::from(entry));
     }
 

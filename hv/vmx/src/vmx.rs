@@ -32,13 +32,9 @@ pub const IA32_VMX_TRUE_PROCBASED_CTLS: u32 = 0x48e;
 pub const IA32_VMX_TRUE_EXIT_CTLS: u32 = 0x48f;
 pub const IA32_VMX_TRUE_ENTRY_CTLS: u32 = 0x490;
 pub const IA32_EFER: u32 = 0xc000_0080;
-pub const IA32_PAT: u32 = 0x277;
-pub const IA32_FS_BASE: u32 = 0xc000_0100;
-pub const IA32_GS_BASE: u32 = 0xc000_0101;
 
 // --- VMCS fields (SDM Appendix B) --------------------------------------------------------
 pub mod field {
-    pub const VPID: u64 = 0x0000;
     pub const GUEST_ES_SEL: u64 = 0x0800;
     pub const GUEST_LDTR_SEL: u64 = 0x080c;
     pub const GUEST_TR_SEL: u64 = 0x080e;
@@ -58,7 +54,6 @@ pub mod field {
     pub const GUEST_DEBUGCTL: u64 = 0x2802;
     pub const GUEST_PAT: u64 = 0x2804;
     pub const GUEST_EFER: u64 = 0x2806;
-    pub const HOST_PAT: u64 = 0x2c00;
     pub const HOST_EFER: u64 = 0x2c02;
     pub const PIN_CONTROLS: u64 = 0x4000;
     pub const PROC_CONTROLS: u64 = 0x4002;
@@ -71,15 +66,10 @@ pub mod field {
     pub const ENTRY_MSR_LOAD_COUNT: u64 = 0x4014;
     pub const ENTRY_INTR_INFO: u64 = 0x4016;
     pub const ENTRY_EXCEPTION_ERROR: u64 = 0x4018;
-    pub const ENTRY_INSTRUCTION_LEN: u64 = 0x401a;
     pub const PROC_CONTROLS2: u64 = 0x401e;
     pub const VM_INSTRUCTION_ERROR: u64 = 0x4400;
     pub const EXIT_REASON: u64 = 0x4402;
-    pub const EXIT_INTR_INFO: u64 = 0x4404;
-    pub const EXIT_INTR_ERROR: u64 = 0x4406;
-    pub const IDT_VECTORING_INFO: u64 = 0x4408;
     pub const EXIT_INSTRUCTION_LEN: u64 = 0x440c;
-    pub const EXIT_INSTRUCTION_INFO: u64 = 0x440e;
     pub const GUEST_ES_LIMIT: u64 = 0x4800;
     pub const GUEST_LDTR_LIMIT: u64 = 0x480c;
     pub const GUEST_TR_LIMIT: u64 = 0x480e;
@@ -178,14 +168,11 @@ pub mod ctl {
     // VM-exit.
     pub const EXIT_SAVE_DEBUG: u32 = 1 << 2;
     pub const EXIT_HOST_64: u32 = 1 << 9;
-    pub const EXIT_SAVE_PAT: u32 = 1 << 18;
-    pub const EXIT_LOAD_PAT: u32 = 1 << 19;
     pub const EXIT_SAVE_EFER: u32 = 1 << 20;
     pub const EXIT_LOAD_EFER: u32 = 1 << 21;
     // VM-entry.
     pub const ENTRY_LOAD_DEBUG: u32 = 1 << 2;
     pub const ENTRY_IA32E: u32 = 1 << 9;
-    pub const ENTRY_LOAD_PAT: u32 = 1 << 14;
     pub const ENTRY_LOAD_EFER: u32 = 1 << 15;
 }
 
@@ -202,7 +189,11 @@ impl fmt::Display for VmFail {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         match self {
             VmFail::Invalid => write!(f, "VMfailInvalid"),
-            VmFail::Valid(n) => write!(f, "VMfailValid, VM-instruction error {n} ({})", instruction_error_name(*n)),
+            VmFail::Valid(n) => write!(
+                f,
+                "VMfailValid, VM-instruction error {n} ({})",
+                instruction_error_name(*n)
+            ),
         }
     }
 }
@@ -327,11 +318,20 @@ impl Caps {
                 IA32_VMX_TRUE_ENTRY_CTLS,
             )
         } else {
-            (IA32_VMX_PINBASED_CTLS, IA32_VMX_PROCBASED_CTLS, IA32_VMX_EXIT_CTLS, IA32_VMX_ENTRY_CTLS)
+            (
+                IA32_VMX_PINBASED_CTLS,
+                IA32_VMX_PROCBASED_CTLS,
+                IA32_VMX_EXIT_CTLS,
+                IA32_VMX_ENTRY_CTLS,
+            )
         };
         let proc_v = rdmsr(proc);
         let has_secondary = (proc_v >> 32) & u64::from(ctl::SECONDARY) != 0;
-        let proc2 = if has_secondary { rdmsr(IA32_VMX_PROCBASED_CTLS2) } else { 0 };
+        let proc2 = if has_secondary {
+            rdmsr(IA32_VMX_PROCBASED_CTLS2)
+        } else {
+            0
+        };
         let has_ept_vpid = (proc2 >> 32) & u64::from(ctl::EPT | ctl::VPID) != 0;
         Caps {
             basic,
@@ -341,7 +341,11 @@ impl Caps {
             proc2,
             exit: rdmsr(exit),
             entry: rdmsr(entry),
-            ept_vpid: if has_ept_vpid { rdmsr(IA32_VMX_EPT_VPID_CAP) } else { 0 },
+            ept_vpid: if has_ept_vpid {
+                rdmsr(IA32_VMX_EPT_VPID_CAP)
+            } else {
+                0
+            },
             cr0_fixed0: rdmsr(IA32_VMX_CR0_FIXED0),
             cr0_fixed1: rdmsr(IA32_VMX_CR0_FIXED1),
             cr4_fixed0: rdmsr(IA32_VMX_CR4_FIXED0),
@@ -424,7 +428,12 @@ pub fn enable() -> Result<Caps, String> {
     unsafe {
         let cr0 = fixed(Cr0::read_raw(), caps.cr0_fixed0, caps.cr0_fixed1, 0);
         Cr0::write_raw(cr0);
-        let cr4 = fixed(Cr4::read_raw() | (1 << 13), caps.cr4_fixed0, caps.cr4_fixed1, 0);
+        let cr4 = fixed(
+            Cr4::read_raw() | (1 << 13),
+            caps.cr4_fixed0,
+            caps.cr4_fixed1,
+            0,
+        );
         Cr4::write_raw(cr4);
     }
     let region = alloc_page();
@@ -489,7 +498,11 @@ pub struct GuestRegs {
 
 impl GuestRegs {
     pub fn new() -> Box<GuestRegs> {
-        let mut r = Box::new(GuestRegs { gpr: [0; 16], guest_fx: [0; 512], host_fx: [0; 512] });
+        let mut r = Box::new(GuestRegs {
+            gpr: [0; 16],
+            guest_fx: [0; 512],
+            host_fx: [0; 512],
+        });
         // Power-on x87/SSE state: FCW 0x37f, MXCSR 0x1f80.
         r.guest_fx[0..2].copy_from_slice(&0x37fu16.to_le_bytes());
         r.guest_fx[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
@@ -595,7 +608,7 @@ extern "C" {
 
 /// The host RIP the VMCS must hold.
 pub fn exit_entry_address() -> u64 {
-    vmx_exit_entry as usize as u64
+    vmx_exit_entry as *const () as u64
 }
 
 /// Enter the guest with the current VMCS; returns after the next VM exit, or the

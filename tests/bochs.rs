@@ -1,0 +1,372 @@
+//! End to end on the bare-metal VT-x hypervisor, booted by GRUB in Bochs
+//! (`avex run --backend bochs`):
+//!
+//! - every bundled guest, pre-analyzed with `avex link`, prints the same console
+//!   bytes with clustering off and in `aot+dynamic`, and takes fewer exits with
+//!   clusters;
+//! - a damaged and a stale `.avex.translations` section are each rejected with
+//!   their reason, and the guest still prints the same bytes;
+//! - a guest that writes over its own clustered code still prints the right
+//!   result (the hypervisor sees the write through EPT write protection of the
+//!   page, and the stale translation is dropped before it runs again).
+//!
+//! Needs Bochs and the GRUB tools (`.ci/install-bochs.sh`). Each run boots BIOS,
+//! GRUB and the hypervisor (about 1.1 s of Bochs time); runs go two at a time.
+
+#[path = "../src/guests.rs"]
+#[allow(dead_code)]
+mod guests;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use serde_json::Value;
+
+fn avex() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_avex"))
+}
+
+fn require_bochs() {
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg("command -v bochs && command -v grub-mkrescue && command -v xorriso")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "Bochs or the GRUB ISO tools are missing: run .ci/install-bochs.sh"
+    );
+}
+
+fn scratch(name: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "avex-test-bochs-{}-{}-{name}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// One `avex run --backend bochs` result: the JSON record and the console bytes.
+#[derive(Debug, Clone)]
+struct Run {
+    record: Value,
+    console: Vec<u8>,
+}
+
+impl Run {
+    fn exits(&self) -> u64 {
+        self.record["exits"].as_u64().unwrap()
+    }
+    fn rejected(&self) -> Option<String> {
+        self.record["translations_rejected"]
+            .as_str()
+            .map(str::to_string)
+    }
+}
+
+fn run_bochs(image: &Path, mode: &str) -> Run {
+    let json = image.with_extension(format!("{}.json", mode.replace('+', "_")));
+    let out = avex()
+        .arg("run")
+        .arg("--backend")
+        .arg("bochs")
+        .arg("--mode")
+        .arg(mode)
+        .arg("--timeout")
+        .arg("120")
+        .arg("--json")
+        .arg(&json)
+        .arg(image)
+        .output()
+        .expect("run avex");
+    assert!(
+        out.status.success(),
+        "{} in {mode}: avex failed ({}):\n{}\n{}",
+        image.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let record: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(record["backend"], "bochs");
+    assert_eq!(
+        record["status"],
+        0,
+        "{} in {mode}: guest status",
+        image.display()
+    );
+    Run {
+        record,
+        console: out.stdout,
+    }
+}
+
+fn link(elf: &Path, out: &Path) {
+    let o = avex()
+        .arg("link")
+        .arg(elf)
+        .arg("-o")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "avex link {}: {}",
+        elf.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Run `jobs` two at a time (the machines this runs on have two cores).
+fn parallel<T: Send>(jobs: Vec<Box<dyn FnOnce() -> T + Send>>) -> Vec<T> {
+    let n = jobs.len();
+    let jobs = std::sync::Mutex::new(jobs.into_iter().enumerate().collect::<Vec<_>>());
+    let results = std::sync::Mutex::new((0..n).map(|_| None).collect::<Vec<Option<T>>>());
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| loop {
+                let Some((i, job)) = jobs.lock().unwrap().pop() else {
+                    break;
+                };
+                let r = job();
+                results.lock().unwrap()[i] = Some(r);
+            });
+        }
+    });
+    results
+        .into_inner()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.expect("job ran"))
+        .collect()
+}
+
+#[test]
+fn bundled_guests_print_the_same_bytes_with_fewer_exits_in_aot_dynamic() {
+    require_bochs();
+    let dir = scratch("bundled");
+    let mut jobs: Vec<Box<dyn FnOnce() -> (String, String, Run) + Send>> = Vec::new();
+    for g in guests::bundled() {
+        let elf = dir.join(g.name);
+        std::fs::write(&elf, g.elf).unwrap();
+        let pre = dir.join(format!("{}.pre.elf", g.name));
+        link(&elf, &pre);
+        for mode in ["off", "aot+dynamic"] {
+            let pre = pre.clone();
+            let name = g.name.to_string();
+            jobs.push(Box::new(move || {
+                let r = run_bochs(&pre, mode);
+                (name, mode.to_string(), r)
+            }));
+        }
+    }
+    let results = parallel(jobs);
+    eprintln!(
+        "{:<10} {:>8} {:>12} {:>10} {:>10}",
+        "guest", "off", "aot+dynamic", "avoided", "clusters"
+    );
+    let mut failures = Vec::new();
+    for g in guests::bundled() {
+        let get = |m: &str| {
+            results
+                .iter()
+                .find(|(n, mm, _)| n == g.name && mm == m)
+                .map(|(_, _, r)| r.clone())
+                .unwrap()
+        };
+        let (off, aot) = (get("off"), get("aot+dynamic"));
+        eprintln!(
+            "{:<10} {:>8} {:>12} {:>10} {:>10}",
+            g.name,
+            off.exits(),
+            aot.exits(),
+            aot.record["avoided"],
+            aot.record["clusters_run"]
+        );
+        if off.console != aot.console {
+            failures.push(format!(
+                "{}: console differs between off and aot+dynamic:\n--- off\n{}\n--- aot+dynamic\n{}",
+                g.name,
+                String::from_utf8_lossy(&off.console),
+                String::from_utf8_lossy(&aot.console)
+            ));
+        }
+        if off.console.is_empty() {
+            failures.push(format!("{}: printed nothing", g.name));
+        }
+        if aot.exits() >= off.exits() {
+            failures.push(format!(
+                "{}: {} exits with clusters, {} without",
+                g.name,
+                aot.exits(),
+                off.exits()
+            ));
+        }
+        if let Some(r) = aot.rejected() {
+            failures.push(format!(
+                "{}: its own translations were rejected: {r}",
+                g.name
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The console guest's ELF and its pre-analyzed image, in `dir`.
+fn console_images(dir: &Path) -> (PathBuf, PathBuf) {
+    let g = guests::find("console").expect("bundled console guest");
+    let elf = dir.join("console.elf");
+    std::fs::write(&elf, g.elf).unwrap();
+    let pre = dir.join("console.pre.elf");
+    link(&elf, &pre);
+    (elf, pre)
+}
+
+#[test]
+fn damaged_and_stale_translations_are_rejected_and_the_guest_still_runs() {
+    require_bochs();
+    let dir = scratch("reject");
+    let (elf, pre) = console_images(&dir);
+    let pre_bytes = std::fs::read(&pre).unwrap();
+
+    // Damaged: one payload byte flipped (the header's checksum no longer matches).
+    let section = avex_linker::read_translations(&pre_bytes)
+        .unwrap()
+        .expect("a translations section");
+    let at = pre_bytes
+        .windows(section.len())
+        .position(|w| w == section.as_slice())
+        .expect("section bytes in the file");
+    let mut damaged = pre_bytes.clone();
+    damaged[at + section.len() - 3] ^= 0x5a;
+    let damaged_path = dir.join("console.damaged.elf");
+    std::fs::write(&damaged_path, &damaged).unwrap();
+
+    // Stale: the console guest's translations in another guest's image (as if the
+    // guest had been rebuilt since the analysis).
+    let pci = guests::find("pci").expect("bundled pci guest");
+    let stale = avex_linker::embed(pci.elf, &section).unwrap();
+    let stale_path = dir.join("pci.stale.elf");
+    std::fs::write(&stale_path, &stale).unwrap();
+    let pci_path = dir.join("pci.elf");
+    std::fs::write(&pci_path, pci.elf).unwrap();
+
+    let jobs: Vec<Box<dyn FnOnce() -> Run + Send>> = vec![
+        Box::new({
+            let p = elf.clone();
+            move || run_bochs(&p, "off")
+        }),
+        Box::new(move || run_bochs(&damaged_path, "aot+dynamic")),
+        Box::new(move || run_bochs(&pci_path, "off")),
+        Box::new(move || run_bochs(&stale_path, "aot+dynamic")),
+    ];
+    let r = parallel(jobs);
+    let (console_off, damaged, pci_off, stale) = (&r[0], &r[1], &r[2], &r[3]);
+
+    let why = damaged.rejected().expect("the damaged set is rejected");
+    assert!(why.contains("damaged"), "reason: {why}");
+    assert_eq!(damaged.record["translations_loaded"], 0);
+    assert_eq!(
+        damaged.console, console_off.console,
+        "damaged: same console bytes"
+    );
+
+    let why = stale.rejected().expect("the stale set is rejected");
+    assert!(why.contains("stale"), "reason: {why}");
+    assert_eq!(stale.record["translations_loaded"], 0);
+    assert_eq!(stale.console, pci_off.console, "stale: same console bytes");
+}
+
+/// A 64-bit guest that prints `[AA\n` with a cluster of OUTs, then increments the
+/// immediate of the `mov al, 'A'` inside that cluster, three times over: the right
+/// output is `[AA\n[BB\n[CC\n`.
+fn self_modifying_guest() -> Vec<u8> {
+    #[rustfmt::skip]
+    let code: Vec<u8> = vec![
+        0x48, 0xc7, 0xc4, 0x00, 0x00, 0x18, 0x00, //  0: mov rsp, 0x180000
+        0xb9, 0x03, 0x00, 0x00, 0x00,             //  7: mov ecx, 3
+        0xe8, 0x11, 0x00, 0x00, 0x00,             // 12: call print (34)
+        0xfe, 0x05, 0x13, 0x00, 0x00, 0x00,       // 17: inc byte [rip + 19] (42)
+        0xff, 0xc9,                               // 23: dec ecx
+        0x75, 0xf1,                               // 25: jnz 12
+        0x31, 0xc0,                               // 27: xor eax, eax
+        0xe6, 0xf4,                               // 29: out 0xf4, al
+        0xf4,                                     // 31: hlt
+        0xeb, 0xfd,                               // 32: jmp 31
+        0x66, 0xba, 0xf8, 0x03,                   // 34: print: mov dx, 0x3f8
+        0xb0, b'[',                               // 38: mov al, '['
+        0xee,                                     // 40: out dx, al
+        0xb0, b'A',                               // 41: mov al, 'A' (patched)
+        0xee,                                     // 43: out dx, al
+        0xee,                                     // 44: out dx, al
+        0xb0, b'\n',                              // 45: mov al, '\n'
+        0xee,                                     // 47: out dx, al
+        0xc3,                                     // 48: ret
+    ];
+    let mut elf = vec![0u8; 0x1000];
+    elf[..4].copy_from_slice(b"\x7fELF");
+    elf[4] = 2; // ELF64
+    elf[5] = 1; // little-endian
+    elf[6] = 1;
+    elf[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
+    elf[20..24].copy_from_slice(&1u32.to_le_bytes());
+    elf[24..32].copy_from_slice(&0x10_0000u64.to_le_bytes()); // entry
+    elf[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
+    elf[52..54].copy_from_slice(&64u16.to_le_bytes()); // ehsize
+    elf[54..56].copy_from_slice(&56u16.to_le_bytes()); // phentsize
+    elf[56..58].copy_from_slice(&1u16.to_le_bytes()); // phnum
+    elf[58..60].copy_from_slice(&64u16.to_le_bytes()); // shentsize
+    let ph = 64;
+    elf[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf[ph + 4..ph + 8].copy_from_slice(&7u32.to_le_bytes()); // RWX
+    elf[ph + 8..ph + 16].copy_from_slice(&0x1000u64.to_le_bytes()); // offset
+    elf[ph + 16..ph + 24].copy_from_slice(&0x10_0000u64.to_le_bytes()); // vaddr
+    elf[ph + 24..ph + 32].copy_from_slice(&0x10_0000u64.to_le_bytes()); // paddr
+    elf[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    elf[ph + 40..ph + 48].copy_from_slice(&0x1000u64.to_le_bytes()); // memsz
+    elf[ph + 48..ph + 56].copy_from_slice(&0x1000u64.to_le_bytes()); // align
+    elf.extend_from_slice(&code);
+    elf
+}
+
+#[test]
+fn a_guest_writing_over_its_clustered_code_prints_the_right_result() {
+    require_bochs();
+    let dir = scratch("smc");
+    let elf = dir.join("smc.elf");
+    std::fs::write(&elf, self_modifying_guest()).unwrap();
+    let pre = dir.join("smc.pre.elf");
+    link(&elf, &pre);
+    let jobs: Vec<Box<dyn FnOnce() -> Run + Send>> = vec![
+        Box::new({
+            let p = pre.clone();
+            move || run_bochs(&p, "off")
+        }),
+        Box::new(move || run_bochs(&pre, "aot+dynamic")),
+    ];
+    let r = parallel(jobs);
+    let (off, aot) = (&r[0], &r[1]);
+    assert_eq!(String::from_utf8_lossy(&off.console), "[AA\n[BB\n[CC\n");
+    assert_eq!(String::from_utf8_lossy(&aot.console), "[AA\n[BB\n[CC\n");
+    assert!(
+        aot.record["translations_loaded"].as_u64().unwrap() >= 1,
+        "the AOT pass clustered the OUTs"
+    );
+    assert!(
+        aot.record["clusters_run"].as_u64().unwrap() >= 1,
+        "the cluster ran before the write"
+    );
+    assert!(
+        aot.record["backend_stats"]["code_page_writes"]
+            .as_u64()
+            .unwrap()
+            >= 1,
+        "the hypervisor saw the write to the write-protected code page: {}",
+        aot.record
+    );
+}
