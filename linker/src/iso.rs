@@ -24,7 +24,10 @@ pub const GRUB_I386_PC: &str = "/usr/lib/grub/i386-pc";
 #[derive(Debug, thiserror::Error)]
 pub enum IsoError {
     #[error("{tool} not found: install the Debian package `{package}` (the ISO maker needs: apt-get install {PACKAGES})")]
-    MissingTool { tool: &'static str, package: &'static str },
+    MissingTool {
+        tool: &'static str,
+        package: &'static str,
+    },
     #[error("invalid hypervisor option {0:?}: options are `key=value` words without spaces, quotes or semicolons")]
     BadOption(String),
     #[error("the hypervisor image is empty or has no multiboot header")]
@@ -52,20 +55,29 @@ pub struct IsoSpec<'a> {
 
 /// Check that every tool the ISO maker runs is installed.
 pub fn check_tools() -> Result<(), IsoError> {
-    for (tool, package) in [("grub-mkrescue", "grub-common"), ("xorriso", "xorriso"), ("mformat", "mtools")] {
+    for (tool, package) in [
+        ("grub-mkrescue", "grub-common"),
+        ("xorriso", "xorriso"),
+        ("mformat", "mtools"),
+    ] {
         if find_in_path(tool).is_none() {
             return Err(IsoError::MissingTool { tool, package });
         }
     }
     if !Path::new(GRUB_I386_PC).join("multiboot.mod").is_file() {
-        return Err(IsoError::MissingTool { tool: "GRUB BIOS modules (/usr/lib/grub/i386-pc)", package: "grub-pc-bin" });
+        return Err(IsoError::MissingTool {
+            tool: "GRUB BIOS modules (/usr/lib/grub/i386-pc)",
+            package: "grub-pc-bin",
+        });
     }
     Ok(())
 }
 
 fn find_in_path(tool: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(tool)).find(|p| p.is_file())
+    std::env::split_paths(&path)
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
 }
 
 /// True if `image` has a multiboot1 header (magic, flags, checksum) in its first 8 KiB.
@@ -81,7 +93,9 @@ pub fn has_multiboot_header(image: &[u8]) -> bool {
 pub fn grub_cfg(options: &[String]) -> Result<String, IsoError> {
     for o in options {
         let ok = !o.is_empty()
-            && o.chars().all(|c| c.is_ascii_graphic() && !matches!(c, '"' | '\'' | ';' | '\\' | '$' | '{' | '}'));
+            && o.chars().all(|c| {
+                c.is_ascii_graphic() && !matches!(c, '"' | '\'' | ';' | '\\' | '$' | '{' | '}')
+            });
         if !ok {
             return Err(IsoError::BadOption(o.clone()));
         }
@@ -124,7 +138,8 @@ pub fn make_iso(spec: &IsoSpec, out: &Path) -> Result<(), IsoError> {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
-    let scratch = Scratch(std::env::temp_dir().join(format!("avex-iso-{}-{n}-{nanos}", std::process::id())));
+    let scratch =
+        Scratch(std::env::temp_dir().join(format!("avex-iso-{}-{n}-{nanos}", std::process::id())));
     let root = scratch.0.join("iso");
     let grub = root.join("boot/grub");
     std::fs::create_dir_all(&grub).map_err(io(format!("create {}", grub.display())))?;
@@ -198,14 +213,24 @@ mod tests {
     #[test]
     fn grub_cfg_refuses_options_that_could_break_the_script() {
         for bad in ["a b", "x;reboot", "\"q\"", "", "$x", "{"] {
-            assert!(matches!(grub_cfg(&[bad.to_string()]), Err(IsoError::BadOption(_))), "{bad:?}");
+            assert!(
+                matches!(grub_cfg(&[bad.to_string()]), Err(IsoError::BadOption(_))),
+                "{bad:?}"
+            );
         }
     }
 
     #[test]
     fn a_missing_tool_names_its_debian_package() {
-        let e = IsoError::MissingTool { tool: "xorriso", package: "xorriso" };
+        let e = IsoError::MissingTool {
+            tool: "xorriso",
+            package: "xorriso",
+        };
         let msg = e.to_string();
-        assert!(msg.contains("xorriso") && msg.contains("apt-get install") && msg.contains("grub-pc-bin"));
+        assert!(
+            msg.contains("xorriso")
+                && msg.contains("apt-get install")
+                && msg.contains("grub-pc-bin")
+        );
     }
 }
