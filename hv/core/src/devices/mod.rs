@@ -11,6 +11,12 @@
 //! access is absorbed the way hardware would absorb it (reads of nothing return
 //! all-ones, writes of nothing are dropped).
 //!
+//! Interrupts: each device reports its line through [`PortDevice::irq`];
+//! [`PortBus::update_irqs`] drives the 8259 pair with them (PIT OUT0 on IRQ0,
+//! COM1 on IRQ4, RTC on IRQ8), [`PortBus::pending_vector`] and
+//! [`PortBus::acknowledge`] give a backend the vector to inject, and
+//! [`PortBus::next_event_ns`] when a timer will next fire (for HLT).
+//!
 //! ```
 //! use avex_core::devices::{PortBus, StandardConfig};
 //!
