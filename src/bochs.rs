@@ -301,11 +301,6 @@ fn summary_line(log: &str) -> Option<&str> {
         .find_map(|l| l.trim_end_matches('\r').strip_prefix(SUMMARY_PREFIX))
 }
 
-/// Run `req` in Bochs (the seam `run_backend` calls).
-pub fn run(req: &RunRequest) -> anyhow::Result<RunResult> {
-    run_with_console(req, &mut |_| {})
-}
-
 /// Run `req` in Bochs; `console` gets the guest's console bytes as they come.
 pub fn run_with_console(
     req: &RunRequest,

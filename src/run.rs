@@ -210,10 +210,7 @@ pub fn run_backend(
                 notes,
             })
         }
-        Backend::Bochs => bail!(
-            "the bochs backend is not yet built: `avex run --backend bochs` needs the VT-x \
-             hypervisor's runner (src/bochs.rs); use --backend kvm"
-        ),
+        Backend::Bochs => crate::bochs::run_with_console(&req, console),
     }
 }
 
