@@ -8,7 +8,37 @@ use alloc::vec::Vec;
 
 use super::mmu::*;
 use crate::guest::{CpuState, Fault, Guest, NotRam, Segment};
-use crate::ir::Seg;
+use crate::ir::{Bitness, Cluster, Insn, Op, Seg};
+use crate::policy::ExitClass;
+
+/// Builds a cluster of `ops` from `start`, each instruction `INSN_LEN` bytes of
+/// filler code (`0x90`); load its bytes with [`TestGuest::load_code`]. Branch
+/// targets are given as `Target::Insn` directly. For engine and backend tests that
+/// need IR without an encoder.
+pub fn fake_cluster(start: u64, bitness: Bitness, ops: &[(Op, Option<ExitClass>)]) -> Cluster {
+    let insns: Vec<Insn> = ops
+        .iter()
+        .enumerate()
+        .map(|(i, (op, class))| Insn {
+            rip: start + (i as u64) * INSN_LEN as u64,
+            len: INSN_LEN,
+            op: *op,
+            exit_class: *class,
+        })
+        .collect();
+    let n = insns.len() as u64 * INSN_LEN as u64;
+    Cluster {
+        start,
+        end: start + n,
+        bitness,
+        guest_bytes: vec![0x90; n as usize],
+        insns,
+        back_edges: Vec::new(),
+    }
+}
+
+/// Length of every instruction of a [`fake_cluster`].
+pub const INSN_LEN: u8 = 4;
 
 /// Page sizes the builders can map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -332,6 +362,11 @@ impl TestGuest {
         } else {
             self.read_u64(a)
         }
+    }
+
+    /// Writes a cluster's code bytes at guest-physical `gpa`.
+    pub fn load_code(&mut self, gpa: u64, c: &Cluster) {
+        self.write_bytes(gpa, &c.guest_bytes);
     }
 
     /// Queues values for reads of `port`.
