@@ -187,7 +187,8 @@ pub fn parse(data: &[u8]) -> Result<Elf<'_>, AnalyzeError> {
         what: format!("ELF header: {e}"),
     })?;
     // Offsets of header fields (ELF32 / ELF64).
-    let (o_phoff, o_shoff, o_phentsize, _o_phnum, o_shentsize, _o_shnum, o_shstrndx) = if bits == 64 {
+    let (o_phoff, o_shoff, o_phentsize, _o_phnum, o_shentsize, _o_shnum, o_shstrndx) = if bits == 64
+    {
         (32u64, 40u64, 54u64, 56u64, 58u64, 60u64, 62u64)
     } else {
         (28, 32, 42, 44, 46, 48, 50)

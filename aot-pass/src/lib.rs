@@ -218,11 +218,7 @@ struct Planned<'a> {
 const SAMPLE: usize = 64 * 1024;
 
 fn rex_percent(s: (u32, u32, u32)) -> u32 {
-    if s.1 == 0 {
-        0
-    } else {
-        s.2 * 100 / s.1
-    }
+    (s.2 * 100).checked_div(s.1).unwrap_or(0)
 }
 
 /// Does `bytes` look like 64-bit code rather than 32-bit? `min_percent`: how many

@@ -2,6 +2,8 @@
 //! fuzz seeds: a `.text` of driver-like functions (UART polling, MSR and CR3 access,
 //! CPUID, RDTSC) among plain ones, with or without a symbol table.
 
+type Shdr = (u32, u32, u64, u64, usize, usize, u32, u32, u64);
+
 /// One driver-like function: port polling loop, OUT, RDMSR/WRMSR, CPUID, CR3, RDTSC.
 /// `rex`: 64-bit code (REX.W on the register move).
 fn exiting_function(rex: bool) -> Vec<u8> {
@@ -53,14 +55,14 @@ pub fn elf(bits: u32, code_bytes: usize, exit_every: usize, symbols: bool) -> Ve
     let mut funcs = Vec::new();
     let mut n = 0usize;
     while text.len() < code_bytes.max(1) {
-        let f = if exit_every > 0 && n % exit_every == 0 {
+        let f = if exit_every > 0 && n.is_multiple_of(exit_every) {
             exiting_function(rex)
         } else {
             plain_function(rex, n as u8)
         };
         funcs.push((text.len(), f.len()));
         text.extend_from_slice(&f);
-        while text.len() % 16 != 0 {
+        while !text.len().is_multiple_of(16) {
             text.push(0xcc);
         }
         n += 1;
@@ -106,12 +108,13 @@ pub fn elf(bits: u32, code_bytes: usize, exit_every: usize, symbols: bool) -> Ve
     out.extend_from_slice(&strtab);
     let shstr_off = out.len();
     out.extend_from_slice(&shstrtab);
-    while out.len() % 8 != 0 {
+    while !out.len().is_multiple_of(8) {
         out.push(0);
     }
     let shoff = out.len();
     // Section headers: null, .text, .symtab, .strtab, .shstrtab.
-    let sections: [(u32, u32, u64, u64, usize, usize, u32, u32, u64); 5] = [
+    // (name, type, flags, addr, offset, size, link, info, entsize)
+    let sections: [Shdr; 5] = [
         (0, 0, 0, 0, 0, 0, 0, 0, 0),
         (
             1,
