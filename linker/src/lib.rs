@@ -454,7 +454,16 @@ pub fn embed(elf: &[u8], payload: &[u8]) -> Result<Vec<u8>, LinkError> {
         out[0x30..0x32].copy_from_slice(&(shnum as u16).to_le_bytes());
         out[0x32..0x34].copy_from_slice(&(shstrndx as u16).to_le_bytes());
     }
-    Ok(out)
+    // Self-check: a damaged input (e.g. a section name table that holds no bytes)
+    // could make another section's name resolve to ours.
+    match locate(&out) {
+        Ok(Some((off, bytes))) if off == payload_off && bytes == payload => Ok(out),
+        _ => Err(malformed(
+            "section name table",
+            e.sections.get(e.shstrndx as usize).map_or(0, |s| s.offset),
+            "the input's section names are damaged: the new section would not be found unambiguously",
+        )),
+    }
 }
 
 /// Write a pre-analyzed image: check `set` (every cluster, and that it was made for
