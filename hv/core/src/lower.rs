@@ -11,6 +11,9 @@
 //!   `disp: -4`. RIP/EIP-relative operands become `base: None` with the absolute
 //!   target address in `disp` (sign-extended from `addr_size` likewise).
 //! - `Push`/`Pop` sizes are the stack slot width (2, 4 or 8).
+//! - `MovToCr`/`MovFromCr` name the register by number: its width is the code's
+//!   (64 bits in 64-bit code, 32 otherwise). `Lmsw` register sources are 16-bit.
+//! - NOP forms, ENDBR32/64 and LFENCE/MFENCE/SFENCE lower to `Nop`.
 
 use crate::ir::{
     AluOp, BitOp, Cond, GprIndex, LoopKind, MemRef, Op, Operand, PortSrc, RegRef, Seg, ShiftOp,

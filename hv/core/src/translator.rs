@@ -169,6 +169,28 @@ pub fn translate(
     policy: &ExitPolicy,
     config: &TranslatorConfig,
 ) -> Result<Cluster, NoCluster> {
+    translate_explained(code, rip, bitness, policy, config).map(|t| t.cluster)
+}
+
+/// A cluster and what kept it from growing further.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Translated {
+    pub cluster: Cluster,
+    /// Why the scan found no exiting instruction after the cluster's last one: the
+    /// window ran out (`Single`), a blocker (`Unsupported(mnemonic)`), a full gap,
+    /// a cluster end, the end of the code, or control leaving.
+    pub grows_no_further: NoCluster,
+}
+
+/// [`translate`], also saying what ended the cluster (for reports on what limits
+/// cluster size).
+pub fn translate_explained(
+    code: &[u8],
+    rip: u64,
+    bitness: Bitness,
+    policy: &ExitPolicy,
+    config: &TranslatorConfig,
+) -> Result<Translated, NoCluster> {
     // Instruction pointers do not wrap inside a cluster: only the bytes up to the top
     // of the bitness's address range count (and in 64-bit code, the last byte is
     // dropped so that `end` stays representable).
@@ -198,13 +220,16 @@ pub fn translate(
         .last()
         .map_or(rip, |last| last.rip + u64::from(last.len));
     let covered = usize::try_from(end - rip).unwrap_or(0).min(code.len());
-    Ok(Cluster {
-        start: rip,
-        end,
-        bitness,
-        guest_bytes: code[..covered].to_vec(),
-        insns,
-        back_edges,
+    Ok(Translated {
+        cluster: Cluster {
+            start: rip,
+            end,
+            bitness,
+            guest_bytes: code[..covered].to_vec(),
+            insns,
+            back_edges,
+        },
+        grows_no_further: scan.stop,
     })
 }
 
@@ -557,6 +582,33 @@ mod tests {
             postcard::from_bytes::<TranslatorConfig>(&bytes).unwrap(),
             config
         );
+    }
+
+    #[test]
+    fn explains_what_ended_a_cluster() {
+        let explained = |code: &[u8]| {
+            translate_explained(
+                code,
+                0x1000,
+                Bitness::B64,
+                &ExitPolicy::default(),
+                &TranslatorConfig::default(),
+            )
+            .unwrap()
+            .grows_no_further
+        };
+        assert_eq!(
+            explained(&asm(&[CPUID, RDTSC, STI])),
+            NoCluster::Unsupported(Mnemonic::Sti)
+        );
+        assert_eq!(explained(&asm(&[CPUID, RDTSC])), NoCluster::CodeEnds);
+        assert_eq!(
+            explained(&asm(&[CPUID, RDTSC, HLT])),
+            NoCluster::EndsCluster
+        );
+        let mut long = asm(&[CPUID, RDTSC]);
+        long.extend(core::iter::repeat_n(0x90, 20));
+        assert_eq!(explained(&long), NoCluster::Single);
     }
 
     #[test]
