@@ -1574,4 +1574,110 @@ mod tests {
             Mnemonic::Add
         );
     }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn reg_ok(r: &RegRef) -> bool {
+            r.index < 16 && (!r.high8 || (r.index < 4 && r.size == Size::S1))
+        }
+
+        fn mem_ok(m: &MemRef) -> bool {
+            matches!(m.addr_size, Size::S2 | Size::S4 | Size::S8)
+                && matches!(m.scale, 1 | 2 | 4 | 8)
+                && m.base.is_none_or(|b| b < 16)
+                && m.index.is_none_or(|i| i < 16)
+                // Displacements are sign-extended from the address size.
+                && match m.addr_size {
+                    Size::S2 => i16::try_from(m.disp).is_ok(),
+                    Size::S4 => i32::try_from(m.disp).is_ok(),
+                    _ => true,
+                }
+        }
+
+        fn operand_ok(o: &Operand) -> bool {
+            match o {
+                Operand::Reg(r) => reg_ok(r),
+                Operand::Mem(m) => mem_ok(m),
+                Operand::Imm(_) => true,
+            }
+        }
+
+        /// Structural promises of every lowered op.
+        fn op_ok(op: &Op) -> bool {
+            match op {
+                Op::Mov { dst, src, .. } | Op::Alu { dst, src, .. } => {
+                    operand_ok(dst) && operand_ok(src) && !matches!(dst, Operand::Imm(_))
+                }
+                Op::Movzx { dst, src, src_size } | Op::Movsx { dst, src, src_size } => {
+                    reg_ok(dst) && operand_ok(src) && src_size.bytes() < dst.size.bytes()
+                }
+                Op::Lea { dst, addr } => reg_ok(dst) && mem_ok(addr),
+                Op::Unary { dst, .. } | Op::Setcc { dst, .. } | Op::Pop { dst, .. } => {
+                    operand_ok(dst) && !matches!(dst, Operand::Imm(_))
+                }
+                Op::Shift { dst, count, .. } => {
+                    operand_ok(dst)
+                        && match count {
+                            Operand::Imm(_) => true,
+                            Operand::Reg(r) => r.index == crate::ir::RCX && r.size == Size::S1,
+                            Operand::Mem(_) => false,
+                        }
+                }
+                Op::Bit { dst, bit, .. } => {
+                    operand_ok(dst) && operand_ok(bit) && !matches!(bit, Operand::Mem(_))
+                }
+                Op::Xchg { a, b, .. } => operand_ok(a) && operand_ok(b),
+                Op::Push { size, src } => operand_ok(src) && *size != Size::S1,
+                Op::Cmovcc { dst, src, size, .. } => {
+                    reg_ok(dst) && operand_ok(src) && dst.size == *size
+                }
+                Op::In { size, .. } | Op::Out { size, .. } => *size != Size::S8,
+                Op::Ins {
+                    size, addr_size, ..
+                }
+                | Op::Outs {
+                    size, addr_size, ..
+                } => *size != Size::S8 && *addr_size != Size::S1,
+                Op::MovToCr { cr, src: r } | Op::MovFromCr { cr, dst: r } => {
+                    matches!(cr, 0 | 2 | 3 | 4 | 8) && *r < 16
+                }
+                Op::Lmsw { src } => match src {
+                    Operand::Reg(r) => reg_ok(r) && r.size == Size::S2,
+                    Operand::Mem(m) => mem_ok(m),
+                    Operand::Imm(_) => false,
+                },
+                Op::Invlpg { addr } => mem_ok(addr),
+                Op::Jmp { target } | Op::Jcc { target, .. } | Op::Loop { target, .. } => {
+                    matches!(target, Target::Exit(_))
+                }
+                _ => true,
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 20000, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_bytes_lower_without_panic_to_well_formed_ops(
+                bytes in proptest::collection::vec(any::<u8>(), 1..16),
+                bitness in proptest::sample::select(alloc::vec![16u32, 32, 64]),
+                ip in any::<u64>(),
+            ) {
+                let ip = match bitness {
+                    16 => ip & 0xffff,
+                    32 => ip & 0xffff_ffff,
+                    _ => ip,
+                };
+                let mut decoder = Decoder::with_ip(bitness, &bytes, ip, DecoderOptions::NONE);
+                let instr = decoder.decode();
+                if let Ok(op) = lower(&instr) {
+                    prop_assert!(!instr.is_invalid());
+                    prop_assert!(!instr.has_lock_prefix());
+                    prop_assert!(op_ok(&op), "{op:?} from {bytes:02x?} ({bitness}-bit)");
+                }
+            }
+        }
+    }
 }
