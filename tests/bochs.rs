@@ -184,8 +184,8 @@ fn bundled_guests_print_the_same_bytes_with_fewer_exits_in_aot_dynamic() {
             g.name,
             off.exits(),
             aot.exits(),
-            aot.record["avoided"],
-            aot.record["clusters_run"]
+            aot.record["avoided"].as_u64().unwrap_or(0),
+            aot.record["clusters_run"].as_u64().unwrap_or(0)
         );
         if off.console != aot.console {
             failures.push(format!(
@@ -307,6 +307,11 @@ fn self_modifying_guest() -> Vec<u8> {
         0xee,                                     // 47: out dx, al
         0xc3,                                     // 48: ret
     ];
+    elf64_at_1mib(&code)
+}
+
+/// A static ELF64 with `code` as one RWX segment at 1 MiB, entered at its start.
+fn elf64_at_1mib(code: &[u8]) -> Vec<u8> {
     let mut elf = vec![0u8; 0x1000];
     elf[..4].copy_from_slice(b"\x7fELF");
     elf[4] = 2; // ELF64
@@ -330,7 +335,7 @@ fn self_modifying_guest() -> Vec<u8> {
     elf[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
     elf[ph + 40..ph + 48].copy_from_slice(&0x1000u64.to_le_bytes()); // memsz
     elf[ph + 48..ph + 56].copy_from_slice(&0x1000u64.to_le_bytes()); // align
-    elf.extend_from_slice(&code);
+    elf.extend_from_slice(code);
     elf
 }
 
@@ -369,4 +374,79 @@ fn a_guest_writing_over_its_clustered_code_prints_the_right_result() {
         "the hypervisor saw the write to the write-protected code page: {}",
         aot.record
     );
+}
+
+/// `avex run --backend bochs` for a guest the hypervisor must stop: it fails, and
+/// its error carries the hypervisor's diagnosis.
+fn run_bochs_failing(image: &Path) -> String {
+    let out = avex()
+        .args([
+            "run",
+            "--backend",
+            "bochs",
+            "--mode",
+            "off",
+            "--timeout",
+            "120",
+        ])
+        .arg(image)
+        .output()
+        .expect("run avex");
+    assert!(
+        !out.status.success(),
+        "{} should have been stopped",
+        image.display()
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn guest_misbehaviour_stops_the_guest_with_a_diagnosis() {
+    require_bochs();
+    let dir = scratch("misbehave");
+    // A write far outside the guest's 16 MiB of RAM (inside its identity map).
+    #[rustfmt::skip]
+    let wild_write = elf64_at_1mib(&[
+        0xb8, 0x00, 0x00, 0x00, 0x40,             // mov eax, 0x40000000
+        0xc6, 0x00, 0x2a,                         // mov byte [rax], 42
+        0xf4,                                     // hlt
+    ]);
+    // An exception with no IDT: #UD, then #GP delivering it, then a triple fault.
+    let triple = elf64_at_1mib(&[0x0f, 0x0b, 0xf4]); // ud2; hlt
+    let (a, b) = (dir.join("wild.elf"), dir.join("triple.elf"));
+    std::fs::write(&a, wild_write).unwrap();
+    std::fs::write(&b, triple).unwrap();
+    let jobs: Vec<Box<dyn FnOnce() -> String + Send>> = vec![
+        Box::new(move || run_bochs_failing(&a)),
+        Box::new(move || run_bochs_failing(&b)),
+    ];
+    let r = parallel(jobs);
+    assert!(
+        r[0].contains("EPT violation") && r[0].contains("0x40000000"),
+        "{}",
+        r[0]
+    );
+    assert!(r[0].contains("write"), "{}", r[0]);
+    assert!(r[1].contains("triple fault"), "{}", r[1]);
+}
+
+#[test]
+fn avex_image_writes_a_bootable_iso() {
+    require_bochs();
+    let dir = scratch("image");
+    let iso = dir.join("boot.iso");
+    let out = avex()
+        .args(["image", "console", "--mode", "aot+dynamic", "-o"])
+        .arg(&iso)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = std::fs::read(&iso).unwrap();
+    // ISO 9660 primary volume descriptor at sector 16, and GRUB's El Torito boot record.
+    assert_eq!(&bytes[0x8001..0x8006], b"CD001");
+    assert!(bytes.windows(8).any(|w| w == b"EL TORITO"[..8].as_ref()));
 }
