@@ -14,7 +14,6 @@
 //! Statistics ([`ExitStats`]) are counted here for every backend.
 
 use alloc::string::{String, ToString};
-use alloc::vec::Vec;
 use core::fmt;
 
 use crate::cache::{Origin, TranslationCache};
@@ -25,6 +24,7 @@ use crate::ir::Bitness;
 use crate::policy::ExitPolicy;
 use crate::stats::ExitStats;
 use crate::tracker::{Tracker, TrackerConfig};
+use crate::translator::{self, TranslatorConfig};
 
 /// One VM exit, as a backend reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,7 +163,11 @@ pub struct ExitHandler {
     /// A monotonic nanosecond clock for measuring translation work, if the backend has one.
     clock: Option<fn() -> u64>,
     insn_budget: u64,
+    translator: TranslatorConfig,
 }
+
+/// Most guest code bytes fetched for one run-time translation.
+pub const MAX_FETCH: usize = 16 * 1024;
 
 impl fmt::Debug for ExitHandler {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -185,7 +189,20 @@ impl ExitHandler {
             stats: ExitStats::default(),
             clock: None,
             insn_budget: DEFAULT_INSN_BUDGET,
+            translator: TranslatorConfig::default(),
         }
+    }
+
+    /// Use these cluster rules for run-time translations.
+    pub fn with_translator_config(mut self, config: TranslatorConfig) -> Self {
+        self.translator = config;
+        self
+    }
+
+    /// Instruction budget of one cluster run.
+    pub fn with_insn_budget(mut self, budget: u64) -> Self {
+        self.insn_budget = budget.max(1);
+        self
     }
 
     /// Give the handler a monotonic clock (ns) to time run-time translation.
@@ -284,6 +301,9 @@ impl ExitHandler {
             }
             Exit::CrAccess { .. } | Exit::Other { .. } => Ok(0),
         };
+        if self.mode != Mode::Off {
+            *self.stats.by_rip.entry(rip).or_insert(0) += 1;
+        }
         let next = if value.is_ok() && self.mode != Mode::Off {
             self.cluster_for(rip, guest)
         } else {
@@ -343,11 +363,21 @@ impl ExitHandler {
         state: &CpuState,
         guest: &mut G,
     ) -> Option<crate::ir::Cluster> {
-        let mut code = Vec::new();
-        code.resize(seam::MAX_FETCH, 0);
+        // Enough bytes for `look_ahead + 1` instructions of the longest length.
+        let want = (self.translator.look_ahead.saturating_add(1))
+            .saturating_mul(15)
+            .min(MAX_FETCH);
+        let mut code = alloc::vec![0u8; want];
         let n = fetch_code(guest, state, rip, &mut code);
         code.truncate(n);
-        seam::translate(&self.policy, &code, rip, bitness_of(state))
+        translator::translate(
+            &code,
+            rip,
+            bitness_of(state),
+            &self.policy,
+            &self.translator,
+        )
+        .ok()
     }
 
     fn drop_translation(&mut self, start: u64) {
@@ -480,12 +510,8 @@ impl fmt::Display for ClusterEnd {
     }
 }
 
-/// The seams to the translator and the engine (their APIs land alongside).
 mod seam {
     use super::*;
-
-    /// Most guest code bytes fetched for one translation.
-    pub const MAX_FETCH: usize = 512;
 
     /// Length of the instruction at the start of `code`.
     pub fn insn_len(code: &[u8], bitness: Bitness, rip: u64) -> Option<usize> {
@@ -493,15 +519,5 @@ mod seam {
             iced_x86::Decoder::with_ip(bitness.bits(), code, rip, iced_x86::DecoderOptions::NONE);
         let i = d.decode();
         (!i.is_invalid()).then(|| i.len())
-    }
-
-    /// Translate the cluster starting at `rip`.
-    pub fn translate(
-        _policy: &ExitPolicy,
-        _code: &[u8],
-        _rip: u64,
-        _bitness: Bitness,
-    ) -> Option<crate::ir::Cluster> {
-        None
     }
 }

@@ -52,6 +52,9 @@ pub struct ExitStats {
     pub translate_insns: u64,
     /// Translations dropped because the guest bytes they cover changed.
     pub stale_dropped: u64,
+    /// Exits by RIP of the exiting instruction (only where the backend gave the
+    /// RIP: in modes other than `off`), for finding sites no translation covers.
+    pub by_rip: BTreeMap<u64, u64>,
 }
 
 impl ExitStats {
@@ -140,6 +143,16 @@ impl ExitStats {
             self.translate_insns,
             self.translate_ns as f64 / 1e6
         );
+        if !self.by_rip.is_empty() {
+            let mut hot: Vec<(u64, u64)> = self.by_rip.iter().map(|(r, n)| (*r, *n)).collect();
+            hot.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            let top: Vec<String> = hot
+                .iter()
+                .take(5)
+                .map(|(r, n)| alloc::format!("{r:#x} {n}"))
+                .collect();
+            let _ = writeln!(s, "hottest exit sites:     {}", top.join(", "));
+        }
         if self.stale_dropped > 0 {
             let _ = writeln!(s, "stale translations:     {}", self.stale_dropped);
         }

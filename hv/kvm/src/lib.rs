@@ -15,6 +15,7 @@
 //! Exits are counted from the vCPU's `KVM_GET_STATS_FD` statistics (`exits` and
 //! the per-kind counters), with the exits to user space counted apart.
 
+mod insn;
 mod kstats;
 mod mem;
 mod vcpu;
@@ -473,17 +474,58 @@ impl Vm {
             write,
             value,
         };
-        let rip = if self.handler.mode() == Mode::Off {
-            0
-        } else {
-            self.guest.rip()
-        };
-        let reply = self.handler.handle(&exit, rip, &mut self.guest);
+        let at = self.locate(
+            insn::Kind::Io {
+                write,
+                size,
+                imm: None,
+            },
+            io.port,
+        );
+        let reply = self
+            .handler
+            .handle(&exit, at.map_or(0, |a| a.rip), &mut self.guest);
         if !write {
             let v = (reply.value.unwrap_or(u64::MAX) as u32).to_le_bytes();
             io_data(&mut self.guest.vcpu, off, len).copy_from_slice(&v[..len]);
         }
-        self.after_reply(reply.next, rip)
+        self.after_reply(reply.next, at)
+    }
+
+    /// Where the exiting instruction is (see [`insn`]); `None` in mode `off`
+    /// (nothing needs it) or when the bytes around RIP do not show it.
+    fn locate(&mut self, kind: insn::Kind, port: u16) -> Option<At> {
+        if self.handler.mode() == Mode::Off {
+            return None;
+        }
+        let state = self.guest.state();
+        let rip = state.rip;
+        let long = avex_core::exit::bitness_of(&state) == avex_core::ir::Bitness::B64;
+        let mut code = [0u8; 30];
+        let before = if rip >= 15
+            && avex_core::exit::fetch_code(&mut self.guest, &state, rip - 15, &mut code[..15]) == 15
+        {
+            15
+        } else {
+            0
+        };
+        let n = avex_core::exit::fetch_code(
+            &mut self.guest,
+            &state,
+            rip,
+            &mut code[before..before + 15],
+        );
+        let code = &code[..before + n];
+        let (start, completed) =
+            insn::locate(code, before, rip, &kind, port, state.gpr[2] as u16, long)?;
+        // `start` is at most 15 bytes before `rip`, inside `code`.
+        let off = before - (rip - start) as usize;
+        let len = insn::decode(&code[off..], long)?.len as u64;
+        Some(At {
+            rip: start,
+            end: start + len,
+            completed,
+        })
     }
 
     fn on_msr(&mut self, index: u32, write: bool, data: u64) -> Result<(), Error> {
@@ -492,12 +534,17 @@ impl Vm {
             write,
             value: data,
         };
-        let rip = if self.handler.mode() == Mode::Off {
-            0
-        } else {
-            self.guest.rip()
-        };
-        let reply = self.handler.handle(&exit, rip, &mut self.guest);
+        let at = self.locate(
+            if write {
+                insn::Kind::Wrmsr
+            } else {
+                insn::Kind::Rdmsr
+            },
+            0,
+        );
+        let reply = self
+            .handler
+            .handle(&exit, at.map_or(0, |a| a.rip), &mut self.guest);
         let run = self.guest.vcpu.get_kvm_run();
         // Writing a union field of plain integers: no invalid value can result.
         match reply.value {
@@ -510,15 +557,15 @@ impl Vm {
         if reply.value.is_err() {
             return Ok(());
         }
-        self.after_reply(reply.next, rip)
+        self.after_reply(reply.next, at)
     }
 
     /// After the handler answered: run a cluster if it said so.
-    fn after_reply(&mut self, next: Next, exit_rip: u64) -> Result<(), Error> {
-        let Next::RunCluster { start } = next else {
+    fn after_reply(&mut self, next: Next, at: Option<At>) -> Result<(), Error> {
+        let (Next::RunCluster { start }, Some(at)) = (next, at) else {
             return Ok(());
         };
-        self.complete_instruction(exit_rip)?;
+        self.complete_instruction(&at)?;
         self.handler.run_cluster(start, &mut self.guest);
         Ok(())
     }
@@ -526,7 +573,8 @@ impl Vm {
     /// Finish the exiting instruction inside KVM (its result is in `kvm_run`)
     /// without running guest code: KVM_RUN with `immediate_exit` set returns EINTR
     /// once the pending completion is done.
-    fn complete_instruction(&mut self, exit_rip: u64) -> Result<(), Error> {
+    fn complete_instruction(&mut self, at: &At) -> Result<(), Error> {
+        let exit_rip = at.rip;
         self.guest.vcpu.set_kvm_immediate_exit(1);
         let r = self.guest.vcpu.run().map(|e| format!("{e:?}"));
         self.guest.vcpu.set_kvm_immediate_exit(0);
@@ -543,10 +591,15 @@ impl Vm {
             }
         }
         let rip = self.guest.rip();
-        if rip == exit_rip {
+        if rip != at.end {
             return Err(Error::Unexpected {
                 rip,
-                what: "KVM_RUN with immediate_exit did not complete the exiting instruction".into(),
+                what: format!(
+                    "KVM_RUN with immediate_exit did not complete the exiting instruction \
+                     at {exit_rip:#x} (RIP {rip:#x}, expected {:#x}; it was {}complete at the exit)",
+                    at.end,
+                    if at.completed { "" } else { "not " }
+                ),
             });
         }
         Ok(())
@@ -581,6 +634,15 @@ impl Vm {
             hint,
         }
     }
+}
+
+/// The exiting instruction: its address, the address after it, and whether KVM
+/// had already completed it when it exited to user space.
+#[derive(Clone, Copy, Debug)]
+struct At {
+    rip: u64,
+    end: u64,
+    completed: bool,
 }
 
 enum Event {
