@@ -7,9 +7,9 @@
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::Mutex;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use avex_aot::{analyze_bytes, policy_all, Analysis, ExitPolicy, Report, TranslatorConfig};
@@ -154,20 +154,16 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
-    let done = Arc::new(AtomicBool::new(false));
+    let (done, done_rx) = std::sync::mpsc::channel::<()>();
     let shower = {
-        let (bar, done) = (bar.clone(), done.clone());
+        let bar = bar.clone();
         std::thread::spawn(move || {
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(1) {
-                if done.load(Ordering::Relaxed) {
-                    return;
+            // Wakes at once when the work ends (the sender is dropped).
+            if let Err(RecvTimeoutError::Timeout) = done_rx.recv_timeout(Duration::from_secs(1)) {
+                if std::io::stderr().is_terminal() {
+                    bar.set_draw_target(ProgressDrawTarget::stderr());
+                    bar.enable_steady_tick(Duration::from_millis(100));
                 }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if !done.load(Ordering::Relaxed) && std::io::stderr().is_terminal() {
-                bar.set_draw_target(ProgressDrawTarget::stderr());
-                bar.enable_steady_tick(Duration::from_millis(100));
             }
         })
     };
@@ -201,7 +197,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             }
         })
         .collect();
-    done.store(true, Ordering::Relaxed);
+    drop(done);
     let _ = shower.join();
     bar.finish_and_clear();
 

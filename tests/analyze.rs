@@ -713,6 +713,21 @@ fn table_output_and_translation_set() {
         set.clusters.len() as u64,
         v["files"][0]["clusters"].as_u64().unwrap()
     );
+    // The set names the guest as the loader and linker identify it.
+    let exe = b.path("exits64");
+    let set_path = b.path("exits64.avxt");
+    run(avex().arg("analyze").arg(&exe).arg("-o").arg(&set_path));
+    let set = avex_core::format::decode(&std::fs::read(&set_path).unwrap()).unwrap();
+    let elf = std::fs::read(&exe).unwrap();
+    assert_eq!(
+        set.guest.digest,
+        avex_core::format::identity_of_elf(&elf).expect("loadable")
+    );
+    assert_eq!(
+        set.policy,
+        avex_core::policy::ExitPolicy::default().fingerprint()
+    );
+    assert!(!set.clusters.is_empty());
     let dir = b.path("sets");
     run(avex()
         .arg("analyze")
