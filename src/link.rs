@@ -37,7 +37,7 @@ fn analyze(name: &str, elf: &[u8], policy: &ExitPolicy) -> anyhow::Result<Transl
     clusters.dedup_by_key(|c| c.start);
     Ok(TranslationSet {
         guest: GuestIdentity {
-            digest: avex_linker::identity(elf).with_context(|| format!("{name}"))?,
+            digest: avex_linker::identity(elf).with_context(|| name.to_string())?,
             name: name.to_string(),
         },
         policy: policy.fingerprint(),
