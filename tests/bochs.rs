@@ -14,7 +14,6 @@
 //! GRUB and the hypervisor (about 1.1 s of Bochs time); runs go two at a time.
 
 #[path = "../src/guests.rs"]
-#[allow(dead_code)]
 mod guests;
 
 use std::path::{Path, PathBuf};
@@ -121,8 +120,11 @@ fn link(elf: &Path, out: &Path) {
     );
 }
 
+/// A job for [`parallel`].
+type Job<T> = Box<dyn FnOnce() -> T + Send>;
+
 /// Run `jobs` two at a time (the machines this runs on have two cores).
-fn parallel<T: Send>(jobs: Vec<Box<dyn FnOnce() -> T + Send>>) -> Vec<T> {
+fn parallel<T: Send>(jobs: Vec<Job<T>>) -> Vec<T> {
     let n = jobs.len();
     let jobs = std::sync::Mutex::new(jobs.into_iter().enumerate().collect::<Vec<_>>());
     let results = std::sync::Mutex::new((0..n).map(|_| None).collect::<Vec<Option<T>>>());
@@ -149,7 +151,7 @@ fn parallel<T: Send>(jobs: Vec<Box<dyn FnOnce() -> T + Send>>) -> Vec<T> {
 fn bundled_guests_print_the_same_bytes_with_fewer_exits_in_aot_dynamic() {
     require_bochs();
     let dir = scratch("bundled");
-    let mut jobs: Vec<Box<dyn FnOnce() -> (String, String, Run) + Send>> = Vec::new();
+    let mut jobs: Vec<Job<(String, String, Run)>> = Vec::new();
     for g in guests::bundled() {
         let elf = dir.join(g.name);
         std::fs::write(&elf, g.elf).unwrap();
@@ -255,7 +257,7 @@ fn damaged_and_stale_translations_are_rejected_and_the_guest_still_runs() {
     let pci_path = dir.join("pci.elf");
     std::fs::write(&pci_path, pci.elf).unwrap();
 
-    let jobs: Vec<Box<dyn FnOnce() -> Run + Send>> = vec![
+    let jobs: Vec<Job<Run>> = vec![
         Box::new({
             let p = elf.clone();
             move || run_bochs(&p, "off")
@@ -347,7 +349,7 @@ fn a_guest_writing_over_its_clustered_code_prints_the_right_result() {
     std::fs::write(&elf, self_modifying_guest()).unwrap();
     let pre = dir.join("smc.pre.elf");
     link(&elf, &pre);
-    let jobs: Vec<Box<dyn FnOnce() -> Run + Send>> = vec![
+    let jobs: Vec<Job<Run>> = vec![
         Box::new({
             let p = pre.clone();
             move || run_bochs(&p, "off")
@@ -416,7 +418,7 @@ fn guest_misbehaviour_stops_the_guest_with_a_diagnosis() {
     let (a, b) = (dir.join("wild.elf"), dir.join("triple.elf"));
     std::fs::write(&a, wild_write).unwrap();
     std::fs::write(&b, triple).unwrap();
-    let jobs: Vec<Box<dyn FnOnce() -> String + Send>> = vec![
+    let jobs: Vec<Job<String>> = vec![
         Box::new(move || run_bochs_failing(&a)),
         Box::new(move || run_bochs_failing(&b)),
     ];
