@@ -233,9 +233,10 @@ impl Vm {
 
         let msr_exits = setup_msr_exits(&kvm, &vm, &config.policy);
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        let cpuid = kvm
+        let mut cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        normalize_cpuid(cpuid.as_mut_slice());
         vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
         let mut regs = vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
@@ -673,6 +674,22 @@ fn io_data(vcpu: &mut VcpuFd, off: usize, len: usize) -> &mut [u8] {
     // `off + len <= KVM_GET_VCPU_MMAP_SIZE`. The vCPU is not running (we hold
     // `&mut VcpuFd`), so nothing else accesses the bytes during the borrow.
     unsafe { std::slice::from_raw_parts_mut(base.add(off), len) }
+}
+
+/// Make the CPUID table the same on every run: KVM's supported table carries the
+/// APIC ID of whichever host CPU answered the ioctl; the guest's one vCPU is 0.
+fn normalize_cpuid(entries: &mut [kvm_bindings::kvm_cpuid_entry2]) {
+    for e in entries {
+        match e.function {
+            // Initial APIC ID in EBX[31:24].
+            1 => e.ebx &= 0x00ff_ffff,
+            // x2APIC ID of the extended topology leaves.
+            0xb | 0x1f => e.edx = 0,
+            // AMD extended APIC ID.
+            0x8000_001e => e.eax = 0,
+            _ => {}
+        }
+    }
 }
 
 /// Ask KVM to send guest accesses to the MSRs the policy intercepts to user space.
