@@ -73,7 +73,9 @@ fn bench_cluster(cr: &mut Criterion, name: &str, c: &Cluster) {
             black_box(out.stats.insns)
         })
     });
-    grp.bench_function(format!("{name}_validate"), |b| b.iter(|| engine::validate(black_box(c)).is_ok()));
+    grp.bench_function(format!("{name}_validate"), |b| {
+        b.iter(|| engine::validate(black_box(c)).is_ok())
+    });
     grp.finish();
 }
 

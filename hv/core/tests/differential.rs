@@ -125,11 +125,11 @@ impl Native {
             core::ptr::copy_nonoverlapping(bytes.as_ptr(), self.code.add(off as usize), bytes.len())
         }
     }
-    fn buf(&self) -> &mut [u8] {
+    fn buf(&mut self) -> &mut [u8] {
         // SAFETY: the mapping is BUF_SIZE bytes, private to this test (single-threaded use).
         unsafe { core::slice::from_raw_parts_mut(self.buf, BUF_SIZE) }
     }
-    fn ctx(&self) -> &mut [u64; 18] {
+    fn ctx(&mut self) -> &mut [u64; 18] {
         // SAFETY: CTX_OFF + 18*8 is inside the code mapping, 8-byte aligned.
         unsafe { &mut *(self.code.add(CTX_OFF as usize) as *mut [u64; 18]) }
     }
@@ -197,7 +197,7 @@ impl Native {
     }
 
     /// Runs `seq` (placed at SEQ_OFF, followed by a jump to the epilogue).
-    fn run(&self, seq: &[u8], gpr: &[u64; 16], rflags: u64) -> ([u64; 16], u64) {
+    fn run(&mut self, seq: &[u8], gpr: &[u64; 16], rflags: u64) -> ([u64; 16], u64) {
         let mut code = seq.to_vec();
         let after = self.base() + SEQ_OFF + seq.len() as u64;
         code.extend(Self::enc(
@@ -880,14 +880,9 @@ impl World {
                 out.reason, out.rip, end
             );
         }
-        for i in 0..16 {
-            if st.gpr[i] != ngpr[i] {
-                diffs += &format!(
-                    "  {:?}: engine {:#x} cpu {:#x}\n",
-                    gpr64(i as u64),
-                    st.gpr[i],
-                    ngpr[i]
-                );
+        for (i, (&e, &n)) in st.gpr.iter().zip(ngpr.iter()).enumerate() {
+            if e != n {
+                diffs += &format!("  {:?}: engine {:#x} cpu {:#x}\n", gpr64(i as u64), e, n);
             }
         }
         if (st.rflags ^ nfl) & mask != 0 {
@@ -937,8 +932,8 @@ impl World {
             );
         }
         s += &format!("  inputs: rflags {fl0:#x}\n");
-        for i in 0..16 {
-            s += &format!("    {:?} = {:#x}\n", gpr64(i as u64), gpr0[i]);
+        for (i, v) in gpr0.iter().enumerate() {
+            s += &format!("    {:?} = {:#x}\n", gpr64(i as u64), v);
         }
         CaseResult::Mismatch(s + &diffs)
     }

@@ -58,14 +58,14 @@ pub fn sext(v: u64, size: Size) -> u64 {
 fn add_flags(a: u64, b: u64, r: u64, size: Size) -> u64 {
     let cf = msb((a & b) | ((a | b) & !r), size);
     let of = msb((a ^ r) & (b ^ r), size);
-    szp(r, size) | cf * CF | of * OF | ((a ^ b ^ r) & AF)
+    szp(r, size) | (cf * CF) | (of * OF) | ((a ^ b ^ r) & AF)
 }
 
 #[inline(always)]
 fn sub_flags(a: u64, b: u64, r: u64, size: Size) -> u64 {
     let cf = msb((!a & b) | ((!a | b) & r), size);
     let of = msb((a ^ b) & (a ^ r), size);
-    szp(r, size) | cf * CF | of * OF | ((a ^ b ^ r) & AF)
+    szp(r, size) | (cf * CF) | (of * OF) | ((a ^ b ^ r) & AF)
 }
 
 /// Two-operand ALU op: returns (result, new rflags). The result of CMP/TEST is the
@@ -143,19 +143,19 @@ pub fn shift(op: ShiftOp, size: Size, a: u64, count: u64, flags: u64) -> (u64, u
             let r = if c < 64 { (a << c) & m } else { 0 };
             let cf = if c <= bits { (a >> (bits - c)) & 1 } else { 0 };
             let of = msb(r, size) ^ cf;
-            (r, (flags & !STATUS) | szp(r, size) | cf * CF | of * OF)
+            (r, (flags & !STATUS) | szp(r, size) | (cf * CF) | (of * OF))
         }
         ShiftOp::Shr => {
             let r = if c < 64 { a >> c } else { 0 };
             let cf = if c - 1 < 64 { (a >> (c - 1)) & 1 } else { 0 };
             let of = msb(a, size);
-            (r, (flags & !STATUS) | szp(r, size) | cf * CF | of * OF)
+            (r, (flags & !STATUS) | szp(r, size) | (cf * CF) | (of * OF))
         }
         ShiftOp::Sar => {
             let sa = sext(a, size) as i64;
             let r = ((sa >> c.min(63)) as u64) & m;
             let cf = ((sa >> (c - 1).min(63)) as u64) & 1;
-            (r, (flags & !STATUS) | szp(r, size) | cf * CF)
+            (r, (flags & !STATUS) | szp(r, size) | (cf * CF))
         }
         ShiftOp::Rol => {
             let t = c % bits;
@@ -166,7 +166,7 @@ pub fn shift(op: ShiftOp, size: Size, a: u64, count: u64, flags: u64) -> (u64, u
             };
             let cf = r & 1;
             let of = msb(r, size) ^ cf;
-            (r, (flags & !(CF | OF)) | cf * CF | of * OF)
+            (r, (flags & !(CF | OF)) | (cf * CF) | (of * OF))
         }
         ShiftOp::Ror => {
             let t = c % bits;
@@ -177,7 +177,7 @@ pub fn shift(op: ShiftOp, size: Size, a: u64, count: u64, flags: u64) -> (u64, u
             };
             let cf = msb(r, size);
             let of = cf ^ ((r >> (bits - 2)) & 1);
-            (r, (flags & !(CF | OF)) | cf * CF | of * OF)
+            (r, (flags & !(CF | OF)) | (cf * CF) | (of * OF))
         }
         ShiftOp::Rcl | ShiftOp::Rcr => {
             let n = bits + 1;
@@ -200,7 +200,7 @@ pub fn shift(op: ShiftOp, size: Size, a: u64, count: u64, flags: u64) -> (u64, u
             } else {
                 msb(r, size) ^ ((r >> (bits - 2)) & 1)
             };
-            (r, (flags & !(CF | OF)) | cf * CF | of * OF)
+            (r, (flags & !(CF | OF)) | (cf * CF) | (of * OF))
         }
     }
 }

@@ -709,8 +709,13 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
         }
         let ty = s.attrs & 0xf;
         if self.st.cr0 & CR0_PE != 0 {
-            let code = ty & 8 != 0;
-            if (code && (write || ty & 2 == 0)) || (!code && write && ty & 2 == 0) {
+            // Code: readable (bit 1), never writable. Data: writable (bit 1).
+            let allowed = if ty & 8 != 0 {
+                !write && ty & 2 != 0
+            } else {
+                !write || ty & 2 != 0
+            };
+            if !allowed {
                 return Err(GP);
             }
         }
@@ -929,7 +934,7 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                 ref src,
                 src_size,
             } => {
-                let v = self.read(&src, src_size)?;
+                let v = self.read(src, src_size)?;
                 self.set_reg(dst, v);
             }
             Op::Movsx {
@@ -937,7 +942,7 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                 ref src,
                 src_size,
             } => {
-                let v = self.read(&src, src_size)?;
+                let v = self.read(src, src_size)?;
                 self.set_reg(dst, sext(v, src_size));
             }
             Op::Lea { dst, addr } => {
@@ -963,11 +968,11 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                 let d = if flags_only {
                     None
                 } else {
-                    Some(self.dst(&dst, size, 0)?)
+                    Some(self.dst(dst, size, 0)?)
                 };
                 let a = match d {
                     Some(l) => self.load(l, size)?,
-                    None => self.read(&dst, size)?,
+                    None => self.read(dst, size)?,
                 };
                 let (r, f) = alu::alu(op, size, a, b, fl);
                 if let Some(l) = d {
@@ -982,7 +987,7 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                     self.st.rflags = f;
                     return Ok(Flow::Next);
                 }
-                let d = self.dst(&dst, size, 0)?;
+                let d = self.dst(dst, size, 0)?;
                 let a = self.load(d, size)?;
                 let (r, f) = alu::unary(op, size, a, fl);
                 self.store(d, r)?;
@@ -1001,7 +1006,7 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                     self.st.rflags = f;
                     return Ok(Flow::Next);
                 }
-                let d = self.dst(&dst, size, 0)?;
+                let d = self.dst(dst, size, 0)?;
                 let a = self.load(d, size)?;
                 let (r, f) = alu::shift(op, size, a, cnt, fl);
                 self.store(d, r)?;
@@ -1012,17 +1017,17 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                 size,
                 ref dst,
                 ref bit,
-            } => self.bit(op, size, &dst, &bit)?,
+            } => self.bit(op, size, dst, bit)?,
             Op::Xchg { size, ref a, ref b } => {
                 // Memory first so a fault leaves everything undone.
                 let (la, lb) = match (a, b) {
                     (Operand::Mem(_), _) => {
-                        let la = self.dst(&a, size, 0)?;
-                        (la, self.dst(&b, size, 0)?)
+                        let la = self.dst(a, size, 0)?;
+                        (la, self.dst(b, size, 0)?)
                     }
                     _ => {
-                        let lb = self.dst(&b, size, 0)?;
-                        (self.dst(&a, size, 0)?, lb)
+                        let lb = self.dst(b, size, 0)?;
+                        (self.dst(a, size, 0)?, lb)
                     }
                 };
                 let va = self.load(la, size)?;
@@ -1036,7 +1041,7 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                 }
             }
             Op::Push { size, ref src } => {
-                let v = self.read(&src, size)?;
+                let v = self.read(src, size)?;
                 let ss = self.stack_size();
                 let sp = self.st.gpr[RSP as usize].wrapping_sub(size.bytes() as u64) & ss.mask();
                 let la = self.seg_linear(Seg::Ss, sp, size.bytes(), true)?;
@@ -1056,7 +1061,7 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                     Operand::Mem(_) => {
                         // The destination address uses the incremented stack pointer.
                         let old = core::mem::replace(&mut self.st.gpr[RSP as usize], rsp);
-                        let d = self.dst(&dst, size, 0);
+                        let d = self.dst(dst, size, 0);
                         self.st.gpr[RSP as usize] = old;
                         let d = d?;
                         let v = self.read_span(s)?;
@@ -1066,13 +1071,13 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                     _ => {
                         let v = self.read_span(s)?;
                         self.st.gpr[RSP as usize] = rsp;
-                        let d = self.dst(&dst, size, 0)?;
+                        let d = self.dst(dst, size, 0)?;
                         self.store(d, v)?;
                     }
                 }
             }
             Op::Setcc { cond: c, ref dst } => {
-                let d = self.dst(&dst, Size::S1, 0)?;
+                let d = self.dst(dst, Size::S1, 0)?;
                 self.store(d, alu::cond(c, fl) as u64)?;
             }
             Op::Cmovcc {
@@ -1081,7 +1086,7 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                 dst,
                 ref src,
             } => {
-                let v = self.read(&src, size)?;
+                let v = self.read(src, size)?;
                 let v = if alu::cond(c, fl) { v } else { self.reg(dst) };
                 self.set_reg(dst, v);
             }
@@ -1220,7 +1225,7 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
             }
             Op::Lmsw { ref src } => {
                 self.cpl0()?;
-                let v = self.read(&src, Size::S2)?;
+                let v = self.read(src, Size::S2)?;
                 let old = self.st.cr0;
                 let new = (old & !0xe) | (v & 0xf) | (old & 1);
                 self.st.cr0 = new;

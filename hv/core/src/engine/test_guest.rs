@@ -113,9 +113,11 @@ impl TestGuest {
     /// A guest with `ram_bytes` of zeroed RAM in real mode at 0:0.
     pub fn new(ram_bytes: usize) -> TestGuest {
         let ram_bytes = ram_bytes.max(4096) & !0xfff;
-        let mut state = CpuState::default();
-        state.rflags = 2;
-        state.cr0 = 0x10;
+        let mut state = CpuState {
+            rflags: 2,
+            cr0: 0x10,
+            ..CpuState::default()
+        };
         for s in state.seg.iter_mut() {
             *s = Segment {
                 selector: 0,
