@@ -231,7 +231,7 @@ pub fn parse_summary(json: &str) -> anyhow::Result<Summary> {
             st.exit_prone()
         );
     }
-    for key in ["guest_ms", "code_page_writes"] {
+    for key in ["guest_ms", "code_page_writes", "ticks_guest", "ticks_handler", "ticks_clusters"] {
         if let Some(n) = obj.get(key).and_then(|x| x.as_u64()) {
             s.details.insert(key.to_string(), n);
         }

@@ -283,6 +283,9 @@ extern "C" fn kmain(magic: u32, mbi: u32) -> ! {
     let outcome = run::run(&mut vcpu, &mut handler);
     let mut extra = BTreeMap::new();
     extra.insert("code_page_writes", vcpu.code_writes);
+    extra.insert("ticks_guest", vcpu.ticks_guest);
+    extra.insert("ticks_handler", vcpu.ticks_handler);
+    extra.insert("ticks_clusters", vcpu.ticks_clusters);
     let guest_ms = clock_ns().saturating_sub(t0) / 1_000_000;
     extra.insert("guest_ms", guest_ms);
     logln!("avex-vmx: the guest ran for {guest_ms} ms of machine time");

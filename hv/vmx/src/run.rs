@@ -124,8 +124,16 @@ pub fn protect_translated_pages(v: &mut Vcpu, handler: &ExitHandler) -> usize {
 /// Run the guest until it ends.
 pub fn run(v: &mut Vcpu, handler: &mut ExitHandler) -> Outcome {
     let mut built = handler.stats().translations_built;
+    let mut t = crate::vcpu::rdtsc();
+    let mut in_cluster = 0u64;
     loop {
-        if let Err(e) = vmx::enter(&mut v.regs, v.launched) {
+        let t_enter = crate::vcpu::rdtsc();
+        v.ticks_handler += t_enter.wrapping_sub(t).saturating_sub(in_cluster);
+        in_cluster = 0;
+        let entered = vmx::enter(&mut v.regs, v.launched);
+        t = crate::vcpu::rdtsc();
+        v.ticks_guest += t.wrapping_sub(t_enter);
+        if let Err(e) = entered {
             let why = format!("VM entry failed: {e}; guest {}", guest_where(v));
             return Outcome::Stopped(why);
         }
@@ -354,7 +362,11 @@ pub fn run(v: &mut Vcpu, handler: &mut ExitHandler) -> Outcome {
         match reply.next {
             Next::Resume => {}
             Next::RunCluster { start } => {
+                let t0 = crate::vcpu::rdtsc();
                 let end = handler.run_cluster(start, v);
+                let t1 = crate::vcpu::rdtsc();
+                in_cluster = t1.wrapping_sub(t0);
+                v.ticks_clusters += in_cluster;
                 if v.debug {
                     logln!("vmx: {end}");
                 }

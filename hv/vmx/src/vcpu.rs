@@ -33,6 +33,12 @@ pub struct Vcpu {
     pub launched: bool,
     /// Guest writes to write-protected code pages (pages holding translations).
     pub code_writes: u64,
+    /// Machine time (TSC ticks) spent in the guest, in the exit handler, and running
+    /// clusters (Bochs: emulated instructions, so a VM exit itself costs almost
+    /// nothing here; the real cost of an exit is the hardware's).
+    pub ticks_guest: u64,
+    pub ticks_handler: u64,
+    pub ticks_clusters: u64,
     /// Log every cluster run.
     pub debug: bool,
     /// Software-backed MSRs (those with no VMCS field and no hardware pass-through).
@@ -44,7 +50,7 @@ pub struct Vcpu {
     tsc_hz: u64,
 }
 
-fn rdtsc() -> u64 {
+pub fn rdtsc() -> u64 {
     // SAFETY: RDTSC reads the time-stamp counter; no memory effects.
     unsafe { core::arch::x86_64::_rdtsc() }
 }
@@ -95,6 +101,9 @@ impl Vcpu {
             bus: PortBus::standard(StandardConfig::default()),
             launched: false,
             code_writes: 0,
+            ticks_guest: 0,
+            ticks_handler: 0,
+            ticks_clusters: 0,
             debug: false,
             msrs: BTreeMap::new(),
             xcr0: 1,
@@ -153,7 +162,22 @@ impl Vcpu {
         if missing != 0 {
             logln!("vmx: policy controls the CPU cannot set: {missing:#x} (those instructions run unintercepted)");
         }
-        let forced = proc & !want;
+        // Exiting controls the CPU will not let us clear (reserved default-1 bits
+        // cause no exits and are not reported).
+        let exiting = ctl::HLT
+            | ctl::INVLPG
+            | ctl::MWAIT
+            | ctl::RDPMC
+            | ctl::RDTSC
+            | ctl::CR3_LOAD
+            | ctl::CR3_STORE
+            | ctl::CR8_LOAD
+            | ctl::CR8_STORE
+            | ctl::MOV_DR
+            | ctl::UNCOND_IO
+            | ctl::MONITOR
+            | ctl::PAUSE;
+        let forced = proc & !want & exiting;
         if forced != 0 {
             logln!("vmx: controls the CPU forces on beyond the policy: {forced:#x}");
         }
