@@ -210,54 +210,142 @@ pub type CrIndex = u8;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
     // --- gap fillers ------------------------------------------------------------
-    Mov { size: Size, dst: Operand, src: Operand },
+    Mov {
+        size: Size,
+        dst: Operand,
+        src: Operand,
+    },
     /// MOVZX / MOVSX / MOVSXD; `src_size` < `dst_size` (MOVSXD with 32-bit dst is a Mov).
-    Movzx { dst: RegRef, src: Operand, src_size: Size },
-    Movsx { dst: RegRef, src: Operand, src_size: Size },
+    Movzx {
+        dst: RegRef,
+        src: Operand,
+        src_size: Size,
+    },
+    Movsx {
+        dst: RegRef,
+        src: Operand,
+        src_size: Size,
+    },
     /// LEA: `dst` gets the effective address (no segment base) at `dst.size`.
-    Lea { dst: RegRef, addr: MemRef },
-    Alu { op: AluOp, size: Size, dst: Operand, src: Operand },
-    Unary { op: UnaryOp, size: Size, dst: Operand },
+    Lea {
+        dst: RegRef,
+        addr: MemRef,
+    },
+    Alu {
+        op: AluOp,
+        size: Size,
+        dst: Operand,
+        src: Operand,
+    },
+    Unary {
+        op: UnaryOp,
+        size: Size,
+        dst: Operand,
+    },
     /// `count` is Imm or CL.
-    Shift { op: ShiftOp, size: Size, dst: Operand, count: Operand },
+    Shift {
+        op: ShiftOp,
+        size: Size,
+        dst: Operand,
+        count: Operand,
+    },
     /// `bit` is Imm or a register (register bit offsets into memory may reach
     /// beyond the operand, as on hardware).
-    Bit { op: BitOp, size: Size, dst: Operand, bit: Operand },
-    Xchg { size: Size, a: Operand, b: Operand },
+    Bit {
+        op: BitOp,
+        size: Size,
+        dst: Operand,
+        bit: Operand,
+    },
+    Xchg {
+        size: Size,
+        a: Operand,
+        b: Operand,
+    },
     /// `size` is the push width (2, 4 or 8); the stack pointer width follows the
     /// stack segment (the cluster's bitness here: SS.B in 32-bit code, 64 in long mode).
-    Push { size: Size, src: Operand },
-    Pop { size: Size, dst: Operand },
-    Setcc { cond: Cond, dst: Operand },
-    Cmovcc { cond: Cond, size: Size, dst: RegRef, src: Operand },
+    Push {
+        size: Size,
+        src: Operand,
+    },
+    Pop {
+        size: Size,
+        dst: Operand,
+    },
+    Setcc {
+        cond: Cond,
+        dst: Operand,
+    },
+    Cmovcc {
+        cond: Cond,
+        size: Size,
+        dst: RegRef,
+        src: Operand,
+    },
     /// CBW/CWDE/CDQE (sign-extend the accumulator's lower half into itself).
-    SignExtendAcc { size: Size },
+    SignExtendAcc {
+        size: Size,
+    },
     /// CWD/CDQ/CQO (sign of the accumulator into DX/EDX/RDX).
-    SignExtendAccToDx { size: Size },
+    SignExtendAccToDx {
+        size: Size,
+    },
     Clc,
     Stc,
     Cmc,
     Cld,
     Std,
     Nop,
-    Jmp { target: Target },
-    Jcc { cond: Cond, target: Target },
-    Loop { kind: LoopKind, addr_size: Size, target: Target },
+    Jmp {
+        target: Target,
+    },
+    Jcc {
+        cond: Cond,
+        target: Target,
+    },
+    Loop {
+        kind: LoopKind,
+        addr_size: Size,
+        target: Target,
+    },
 
     // --- exiting instructions --------------------------------------------------------
-    In { size: Size, port: PortSrc },
-    Out { size: Size, port: PortSrc },
+    In {
+        size: Size,
+        port: PortSrc,
+    },
+    Out {
+        size: Size,
+        port: PortSrc,
+    },
     /// INS: to ES:[(E/R)DI]. `rep` repeats (E/R)CX times.
-    Ins { size: Size, addr_size: Size, rep: bool },
+    Ins {
+        size: Size,
+        addr_size: Size,
+        rep: bool,
+    },
     /// OUTS: from seg:[(E/R)SI] (DS unless overridden).
-    Outs { size: Size, addr_size: Size, rep: bool, seg: Seg },
+    Outs {
+        size: Size,
+        addr_size: Size,
+        rep: bool,
+        seg: Seg,
+    },
     Rdmsr,
     Wrmsr,
     Cpuid,
-    MovToCr { cr: CrIndex, src: GprIndex },
-    MovFromCr { cr: CrIndex, dst: GprIndex },
+    MovToCr {
+        cr: CrIndex,
+        src: GprIndex,
+    },
+    MovFromCr {
+        cr: CrIndex,
+        dst: GprIndex,
+    },
     Clts,
-    Lmsw { src: Operand },
+    Lmsw {
+        src: Operand,
+    },
     Rdtsc,
     Rdtscp,
     Rdpmc,
@@ -265,7 +353,9 @@ pub enum Op {
     Xsetbv,
     Wbinvd,
     Invd,
-    Invlpg { addr: MemRef },
+    Invlpg {
+        addr: MemRef,
+    },
     Pause,
     /// Ends the cluster: the guest resumes at the HLT and the backend handles it.
     Hlt,
@@ -295,10 +385,12 @@ pub struct BackEdge {
     pub cap: Option<u16>,
 }
 
-/// A translated cluster: from its first exiting instruction to its last one.
+/// A translated cluster: from its first exiting instruction to its last one, plus,
+/// for a loop, a loop head before the first exiting instruction and the back-edge
+/// after the last. It is entered at its first exiting instruction (`entry_index`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cluster {
-    /// RIP of the first instruction (an exiting instruction).
+    /// RIP of the first instruction: the entry, or the loop head before it.
     pub start: u64,
     /// RIP just after the last instruction in address order.
     pub end: u64,
@@ -312,6 +404,17 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// Index of the instruction the cluster is entered at: its first exiting
+    /// instruction. The ones before it form a loop head, reached only by a back-edge.
+    pub fn entry_index(&self) -> Option<usize> {
+        self.insns.iter().position(|i| i.exit_class.is_some())
+    }
+
+    /// RIP the cluster is entered at (the exit that runs it happens here).
+    pub fn entry_rip(&self) -> Option<u64> {
+        self.entry_index().map(|i| self.insns[i].rip)
+    }
+
     /// Exiting instructions in the cluster.
     pub fn exiting_count(&self) -> usize {
         self.insns.iter().filter(|i| i.exit_class.is_some()).count()

@@ -9,16 +9,23 @@
 //! The rules, in the order [`translate`] applies them:
 //! 1. The cluster starts at `rip`, which must hold a strongly exiting instruction under
 //!    the policy that the engine can run.
-//! 2. The translator examines at most `look_ahead` instructions after it, in address
-//!    order. The scan stops *before* an instruction it cannot decode or lower, before
+//! 2. The translator looks `look_ahead` instructions ahead of the last exiting
+//!    instruction found, in address order: every exiting instruction it meets opens
+//!    a new window, up to `max_cluster_insns`. The scan stops *before* an instruction it cannot decode or lower, before
 //!    one only reachable from outside (after an unconditional jump, unless an earlier
 //!    branch of the cluster jumps forward to it), before a gap filler that would bring
 //!    its gap over `max_gap_memory_accesses`, and *after* an instruction that ends any
 //!    cluster (HLT; MOV to CR0/CR4 and LMSW: translations never span a change of
 //!    paging mode; MOV to CR3 too if `end_after_cr3_load` is set).
 //! 3. The cluster covers the first exiting instruction to the last exiting one
-//!    scanned, no further. With only one, there is nothing to gain ([`NoCluster`]
-//!    says why the scan found no second one).
+//!    scanned, and no further, except for a loop: a backward branch after the last
+//!    exiting instruction is included when its loop qualifies, and when a back-edge
+//!    returns to a loop head a few instructions *before* the first exiting
+//!    instruction (the common `mov dx, port; in al, dx; ...; jnz head` shape), those
+//!    instructions are prepended. The cluster is still entered at its first exiting
+//!    instruction ([`Cluster::entry_index`]); the prefix runs only when the loop comes
+//!    round. With one exiting instruction and no loop there is nothing to gain
+//!    ([`NoCluster`] says why the scan found no second one).
 //! 4. Branches to an instruction of the cluster become `Target::Insn`; every other
 //!    target (outside the cluster, or inside an instruction) stays `Target::Exit`.
 //!    A branch to an earlier (or its own) instruction is a back-edge; see
@@ -37,9 +44,13 @@ use crate::policy::{ExitClass, ExitPolicy};
 /// The tunable cluster rules. `Default` is the paper's.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TranslatorConfig {
-    /// How many instructions after the first exiting one the translator examines (so
-    /// a cluster holds at most `look_ahead + 1` instructions). Paper: 16.
+    /// How many instructions after an exiting one the translator examines for the
+    /// next exiting one. Paper: 16.
     pub look_ahead: usize,
+    /// The most instructions one cluster may hold, prefix included.
+    pub max_cluster_insns: usize,
+    /// The most instructions prepended before the first exiting one for a loop head.
+    pub max_loop_head_insns: usize,
     /// The most memory accesses the gap fillers between two consecutive exiting
     /// instructions may make: each needs a software page walk. Paper: 4.
     pub max_gap_memory_accesses: u32,
@@ -57,6 +68,8 @@ impl Default for TranslatorConfig {
     fn default() -> Self {
         TranslatorConfig {
             look_ahead: 16,
+            max_cluster_insns: 128,
+            max_loop_head_insns: 8,
             max_gap_memory_accesses: 4,
             back_edge_cap: 10,
             end_after_cr3_load: false,
@@ -64,8 +77,8 @@ impl Default for TranslatorConfig {
     }
 }
 
-/// A bound on `look_ahead` so instruction indices always fit `Target::Insn(u16)`.
-const MAX_LOOK_AHEAD: usize = 4096;
+/// A bound on cluster length so instruction indices always fit `Target::Insn(u16)`.
+const MAX_CLUSTER_INSNS: usize = 4096;
 
 /// Why there is no cluster at a RIP. The AOT report counts these.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -80,7 +93,8 @@ pub enum NoCluster {
     /// The engine cannot run this instruction: the first exiting instruction itself,
     /// or the first blocker before a second exiting instruction.
     Unsupported(Mnemonic),
-    /// The look-ahead window holds no second exiting instruction.
+    /// The look-ahead window holds no second exiting instruction, and no loop
+    /// brings control back to the first.
     Single,
     /// A gap filler would have exceeded the memory-access limit before a second
     /// exiting instruction.
@@ -160,7 +174,7 @@ pub fn shape(cluster: &Cluster) -> Shape {
     }
 }
 
-/// Translate the cluster starting at `rip`. `code` holds the guest's bytes from `rip`
+/// Translate the cluster entered at `rip`. `code` holds the guest's bytes from `rip`
 /// on (it may end early, e.g. at the end of a section). Never panics.
 pub fn translate(
     code: &[u8],
@@ -169,7 +183,7 @@ pub fn translate(
     policy: &ExitPolicy,
     config: &TranslatorConfig,
 ) -> Result<Cluster, NoCluster> {
-    translate_explained(code, rip, bitness, policy, config).map(|t| t.cluster)
+    translate_in(code, rip, rip, bitness, policy, config).map(|t| t.cluster)
 }
 
 /// A cluster and what kept it from growing further.
@@ -191,6 +205,21 @@ pub fn translate_explained(
     policy: &ExitPolicy,
     config: &TranslatorConfig,
 ) -> Result<Translated, NoCluster> {
+    translate_in(code, rip, rip, bitness, policy, config)
+}
+
+/// Translate the cluster entered at `rip`, where `code` holds the guest's bytes from
+/// `code_rip` (at or before `rip`) on. The bytes before `rip` let the translator
+/// prepend a loop head (module docs, rule 3); with `code_rip == rip` there is none.
+/// Never panics.
+pub fn translate_in(
+    code: &[u8],
+    code_rip: u64,
+    rip: u64,
+    bitness: Bitness,
+    policy: &ExitPolicy,
+    config: &TranslatorConfig,
+) -> Result<Translated, NoCluster> {
     // Instruction pointers do not wrap inside a cluster: only the bytes up to the top
     // of the bitness's address range count (and in 64-bit code, the last byte is
     // dropped so that `end` stays representable).
@@ -199,38 +228,150 @@ pub fn translate_explained(
         Bitness::B32 => 0x1_0000_0000,
         Bitness::B64 => u64::MAX,
     };
-    if rip >= end_max {
+    if rip >= end_max || rip < code_rip {
         return Err(NoCluster::RipOutOfRange);
     }
+    let before = usize::try_from(rip - code_rip).unwrap_or(usize::MAX);
+    if before > code.len() {
+        return Err(NoCluster::RipOutOfRange);
+    }
+    let (context, code) = code.split_at(before);
     let addressable = usize::try_from(end_max - rip).unwrap_or(usize::MAX);
     let code = &code[..code.len().min(addressable)];
 
     let scan = scan(code, rip, bitness, policy, config)?;
-    let Some(last_exiting) = scan.insns.iter().rposition(|i| i.exit_class.is_some()) else {
+    if !scan.insns.iter().any(|i| i.exit_class.is_some()) {
         return Err(NoCluster::NotExiting);
-    };
-    if last_exiting == 0 {
-        return Err(scan.stop);
     }
-    let mut insns = scan.insns;
-    insns.truncate(last_exiting + 1);
+    // A loop head before `rip`, if a back-edge of the scan returns to one.
+    let head = scan
+        .insns
+        .iter()
+        .filter_map(|i| exit_target(&i.op))
+        .filter(|&t| t < rip)
+        .min()
+        .and_then(|t| loop_head(context, code_rip, t, rip, bitness, policy, config))
+        .unwrap_or_default();
 
-    let back_edges = resolve_branches(&mut insns, config);
+    // The head is worth its bytes only if a branch of the cluster goes back to it.
+    let with_head = if head.is_empty() {
+        None
+    } else {
+        assemble(head, &scan.insns, config)
+            .filter(|(insns, _, head_len)| insns.iter().any(|i| targets_below(&i.op, *head_len)))
+    };
+    let Some((mut insns, back_edges, _)) =
+        with_head.or_else(|| assemble(Vec::new(), &scan.insns, config))
+    else {
+        return Err(scan.stop);
+    };
+    insns.shrink_to_fit();
+    let start = insns.first().map_or(rip, |i| i.rip);
     let end = insns
         .last()
         .map_or(rip, |last| last.rip + u64::from(last.len));
+    let head_bytes = usize::try_from(rip - start).unwrap_or(0);
+    let mut guest_bytes = context[context.len() - head_bytes..].to_vec();
     let covered = usize::try_from(end - rip).unwrap_or(0).min(code.len());
+    guest_bytes.extend_from_slice(&code[..covered]);
     Ok(Translated {
         cluster: Cluster {
-            start: rip,
+            start,
             end,
             bitness,
-            guest_bytes: code[..covered].to_vec(),
+            guest_bytes,
             insns,
             back_edges,
         },
         grows_no_further: scan.stop,
     })
+}
+
+/// Join a loop head and the scanned instructions into a cluster: cut after the last
+/// exiting instruction, or after a later backward branch whose loop qualifies, and
+/// resolve branches. `None` when that leaves nothing to gain: one exiting
+/// instruction and no loop. Returns the instructions, back-edges and head length.
+fn assemble(
+    head: Vec<Insn>,
+    scanned: &[Insn],
+    config: &TranslatorConfig,
+) -> Option<(Vec<Insn>, Vec<BackEdge>, usize)> {
+    let head_len = head.len();
+    let mut insns = head;
+    insns.extend_from_slice(scanned);
+    let last_exiting = insns.iter().rposition(|i| i.exit_class.is_some())?;
+    // A trailing back-edge whose loop comes round through an exiting instruction.
+    let cut = (last_exiting + 1..insns.len())
+        .rev()
+        .find(|&j| {
+            exit_target(&insns[j].op)
+                .filter(|&t| t <= insns[j].rip)
+                .and_then(|t| insns.binary_search_by_key(&t, |i| i.rip).ok())
+                .is_some_and(|target| loop_qualifies(&insns, target, j))
+        })
+        .unwrap_or(last_exiting);
+    insns.truncate(cut + 1);
+    let back_edges = resolve_branches(&mut insns, config);
+    let exiting = insns.iter().filter(|i| i.exit_class.is_some()).count();
+    if exiting < 2 && back_edges.is_empty() {
+        return None;
+    }
+    Some((insns, back_edges, head_len))
+}
+
+/// Whether `op` branches to an instruction index below `limit`.
+fn targets_below(op: &Op, limit: usize) -> bool {
+    matches!(
+        op,
+        Op::Jmp { target: Target::Insn(t) }
+            | Op::Jcc { target: Target::Insn(t), .. }
+            | Op::Loop { target: Target::Insn(t), .. }
+            if usize::from(*t) < limit
+    )
+}
+
+/// The instructions from `head` up to `rip`, if they form a loop head: they decode
+/// to end exactly at `rip`, none exits, branches or ends a cluster, they lower, and
+/// they fit the gap rules. `context` holds the bytes from `code_rip` to `rip`.
+fn loop_head(
+    context: &[u8],
+    code_rip: u64,
+    head: u64,
+    rip: u64,
+    bitness: Bitness,
+    policy: &ExitPolicy,
+    config: &TranslatorConfig,
+) -> Option<Vec<Insn>> {
+    let from = usize::try_from(head.checked_sub(code_rip)?).ok()?;
+    let bytes = context.get(from..)?;
+    let mut decoder = Decoder::with_ip(bitness.bits(), bytes, head, DecoderOptions::NONE);
+    let mut instr = Instruction::default();
+    let mut insns = Vec::new();
+    let mut accesses = 0u32;
+    while decoder.ip() < rip {
+        if insns.len() >= config.max_loop_head_insns || !decoder.can_decode() {
+            return None;
+        }
+        decoder.decode_out(&mut instr);
+        if instr.is_invalid() || policy.classify(&instr).is_some() {
+            return None;
+        }
+        let op = lower(&instr).ok()?;
+        if is_branch(&op) || ends_cluster(&op, config) {
+            return None;
+        }
+        accesses = accesses.saturating_add(memory_accesses(&op));
+        if accesses > config.max_gap_memory_accesses {
+            return None;
+        }
+        insns.push(Insn {
+            rip: instr.ip(),
+            len: instr.len() as u8,
+            op,
+            exit_class: None,
+        });
+    }
+    (decoder.ip() == rip).then_some(insns)
 }
 
 /// The instructions scanned from the start, and why the scan stopped.
@@ -272,12 +413,15 @@ fn scan(
     // Addresses later instructions are reached at by forward branches of the cluster.
     let mut forward_targets = BTreeSet::new();
     forward_targets.extend(exit_target(&first.op).filter(|&t| t > rip));
-    let mut insns = Vec::with_capacity(config.look_ahead.min(MAX_LOOK_AHEAD) + 1);
+    let max_insns = config.max_cluster_insns.clamp(1, MAX_CLUSTER_INSNS);
+    let mut insns = Vec::with_capacity(config.look_ahead.min(max_insns) + 1);
     insns.push(first);
     let mut gap_accesses: u32 = 0;
+    // Instructions scanned since the last exiting one: the window slides.
+    let mut since_exit = 0usize;
 
     let mut stop = NoCluster::Single;
-    for _ in 0..config.look_ahead.min(MAX_LOOK_AHEAD) {
+    while since_exit < config.look_ahead && insns.len() < max_insns {
         if !falls_through && !forward_targets.contains(&next_rip) {
             stop = NoCluster::ControlLeaves;
             break;
@@ -303,7 +447,9 @@ fn scan(
         let exit_class = policy.classify(&instr);
         if exit_class.is_some() {
             gap_accesses = 0;
+            since_exit = 0;
         } else {
+            since_exit += 1;
             gap_accesses = gap_accesses.saturating_add(memory_accesses(&op));
             if gap_accesses > config.max_gap_memory_accesses {
                 stop = NoCluster::GapTooManyMemoryAccesses;
@@ -493,10 +639,28 @@ mod tests {
 
     /// The structural promises every cluster keeps (also checked by the proptest).
     fn check_cluster(cluster: &Cluster, code: &[u8], rip: u64, config: &TranslatorConfig) {
-        assert_eq!(cluster.start, rip);
+        check_cluster_in(cluster, code, rip, rip, config)
+    }
+
+    /// [`check_cluster`] for [`translate_in`]: `code` starts at `code_rip`.
+    fn check_cluster_in(
+        cluster: &Cluster,
+        code: &[u8],
+        code_rip: u64,
+        rip: u64,
+        config: &TranslatorConfig,
+    ) {
         let first = cluster.insns.first().expect("a cluster has instructions");
         let last = cluster.insns.last().unwrap();
-        assert_eq!(first.rip, rip);
+        assert_eq!(first.rip, cluster.start);
+        assert!(code_rip <= cluster.start && cluster.start <= rip);
+        assert_eq!(
+            cluster.entry_rip(),
+            Some(rip),
+            "entered at the exiting instruction"
+        );
+        let entry = cluster.entry_index().unwrap();
+        assert!(entry <= config.max_loop_head_insns);
         for pair in cluster.insns.windows(2) {
             assert_eq!(
                 pair[1].rip,
@@ -505,10 +669,24 @@ mod tests {
             );
         }
         assert_eq!(cluster.end, last.rip + u64::from(last.len));
-        assert_eq!(cluster.guest_bytes, code[..(cluster.end - rip) as usize]);
-        assert!(first.exit_class.is_some() && last.exit_class.is_some());
-        assert!(cluster.exiting_count() >= 2);
-        assert!(cluster.insns.len() <= config.look_ahead + 1);
+        let from = (cluster.start - code_rip) as usize;
+        let to = (cluster.end - code_rip) as usize;
+        assert_eq!(cluster.guest_bytes, code[from..to]);
+        let last_is_back_edge = cluster
+            .back_edges
+            .iter()
+            .any(|b| usize::from(b.insn) == cluster.insns.len() - 1);
+        assert!(last.exit_class.is_some() || last_is_back_edge);
+        assert!(cluster.exiting_count() >= 2 || !cluster.back_edges.is_empty());
+        if entry > 0 {
+            assert!(
+                cluster.insns.iter().any(|i| targets_below(&i.op, entry)),
+                "a loop head is only kept when a branch returns to it"
+            );
+        }
+        assert!(
+            cluster.insns.len() <= config.max_cluster_insns.max(1) + config.max_loop_head_insns
+        );
         let n = cluster.insns.len();
         for (at, insn) in cluster.insns.iter().enumerate() {
             assert!((1..=15).contains(&insn.len));
@@ -634,6 +812,136 @@ mod tests {
             translate64(&asm(&[CPUID, NOP, &[0x06], CPUID]), 0x1000),
             Err(NoCluster::CodeEnds)
         );
+    }
+
+    #[test]
+    fn the_window_slides_with_each_exiting_instruction() {
+        // CPUID, 15 NOPs, CPUID, 15 NOPs, CPUID: each exit opens a new 16-wide window.
+        let mut code = CPUID.to_vec();
+        for _ in 0..2 {
+            code.extend(core::iter::repeat_n(0x90, 15));
+            code.extend(CPUID);
+        }
+        let c = translate64(&code, 0x1000).unwrap();
+        assert_eq!(c.insns.len(), 33);
+        assert_eq!(c.exiting_count(), 3);
+        check_cluster(&c, &code, 0x1000, &TranslatorConfig::default());
+
+        let short = TranslatorConfig {
+            max_cluster_insns: 20,
+            ..TranslatorConfig::default()
+        };
+        let c = translate(&code, 0x1000, Bitness::B64, &ExitPolicy::default(), &short).unwrap();
+        assert_eq!(
+            c.insns.len(),
+            17,
+            "cut at the last exit within the size cap"
+        );
+        check_cluster(&c, &code, 0x1000, &short);
+    }
+
+    /// The 16550 transmit loop as compilers emit it: the back-edge returns to the
+    /// `mov dx` before the exiting OUT.
+    const UART_TX_LOOP: &[u8] = &[
+        0x66, 0xba, 0xf8, 0x03, // 0x100170 mov dx, 0x3f8      (loop head)
+        0x89, 0xc8, //             0x100174 mov eax, ecx
+        0xee, //                   0x100176 out dx, al         (entry)
+        0x48, 0xff, 0xc6, //       0x100177 inc rsi
+        0x66, 0xba, 0xfd, 0x03, // 0x10017a mov dx, 0x3fd
+        0xec, //                   0x10017e in al, dx
+        0xa8, 0x20, //             0x10017f test al, 0x20
+        0x75, 0xed, //             0x100181 jnz 0x100170
+    ];
+
+    #[test]
+    fn a_back_edge_to_a_loop_head_before_the_entry_takes_the_head_in() {
+        let config = TranslatorConfig::default();
+        let policy = ExitPolicy::default();
+        let t = translate_in(
+            UART_TX_LOOP,
+            0x100170,
+            0x100176,
+            Bitness::B64,
+            &policy,
+            &config,
+        )
+        .unwrap();
+        let c = &t.cluster;
+        check_cluster_in(c, UART_TX_LOOP, 0x100170, 0x100176, &config);
+        assert_eq!(c.start, 0x100170);
+        assert_eq!(c.end, 0x100183);
+        assert_eq!(c.entry_index(), Some(2));
+        assert_eq!(c.insns.len(), 8);
+        assert_eq!(
+            c.insns[7].op,
+            Op::Jcc {
+                cond: crate::ir::Cond::Ne,
+                target: Target::Insn(0)
+            }
+        );
+        assert_eq!(c.back_edges, vec![BackEdge { insn: 7, cap: None }]);
+        assert_eq!(shape(c), Shape::Looping);
+
+        // Without the bytes before the entry there is no head, and the loop's branch
+        // leaves the cluster, so the cluster ends at its last exit.
+        let c = translate64(&UART_TX_LOOP[6..], 0x100176).unwrap();
+        assert_eq!((c.start, c.end), (0x100176, 0x10017f));
+        assert!(c.back_edges.is_empty());
+    }
+
+    #[test]
+    fn a_loop_head_must_be_plain_gap_fillers_ending_at_the_entry() {
+        let config = TranslatorConfig::default();
+        let policy = ExitPolicy::default();
+        // Head holds an exiting instruction (IN): no head, the cluster starts at the entry.
+        let exiting_head: &[u8] = &[
+            0xec, //       0x2000 in al, dx
+            0x89, 0xc8, // 0x2001 mov eax, ecx
+            0xee, //       0x2003 out dx, al (entry)
+            0xec, //       0x2004 in al, dx
+            0x75, 0xf9, // 0x2005 jnz 0x2000
+        ];
+        let t = translate_in(exiting_head, 0x2000, 0x2003, Bitness::B64, &policy, &config).unwrap();
+        assert_eq!(t.cluster.start, 0x2003);
+        check_cluster_in(&t.cluster, exiting_head, 0x2000, 0x2003, &config);
+
+        // The back-edge lands inside an instruction of the head: it does not decode to
+        // the entry, so no head.
+        let misaligned: &[u8] = &[
+            0x66, 0xba, 0xf8, 0x03, // 0x3000 mov dx, 0x3f8
+            0xee, //                   0x3004 out dx, al (entry)
+            0xec, //                   0x3005 in al, dx
+            0x75, 0xf9, //             0x3006 jnz 0x3001
+        ];
+        let t = translate_in(misaligned, 0x3000, 0x3004, Bitness::B64, &policy, &config).unwrap();
+        assert_eq!(t.cluster.start, 0x3004);
+
+        // A head longer than allowed is refused.
+        let tight = TranslatorConfig {
+            max_loop_head_insns: 1,
+            ..TranslatorConfig::default()
+        };
+        let t = translate_in(
+            UART_TX_LOOP,
+            0x100170,
+            0x100176,
+            Bitness::B64,
+            &policy,
+            &tight,
+        )
+        .unwrap();
+        assert_eq!(t.cluster.start, 0x100176);
+    }
+
+    #[test]
+    fn a_poll_loop_with_one_exit_is_a_cluster() {
+        // top: in al, dx; test al, 0x20; jz top: every iteration is an exit.
+        let code = [0xec, 0xa8, 0x20, 0x74, 0xfb];
+        let c = translate64(&code, 0x5000).unwrap();
+        assert_eq!(c.exiting_count(), 1);
+        assert_eq!(c.insns.len(), 3);
+        assert_eq!(c.back_edges, vec![BackEdge { insn: 2, cap: None }]);
+        check_cluster(&c, &code, 0x5000, &TranslatorConfig::default());
     }
 
     #[test]
@@ -1334,14 +1642,24 @@ mod tests {
         }
 
         fn config() -> impl Strategy<Value = TranslatorConfig> {
-            (0usize..40, 0u32..6, 0u16..20, any::<bool>()).prop_map(
-                |(look_ahead, max_gap, cap, cr3)| TranslatorConfig {
-                    look_ahead,
-                    max_gap_memory_accesses: max_gap,
-                    back_edge_cap: cap,
-                    end_after_cr3_load: cr3,
-                },
+            (
+                0usize..40,
+                0usize..200,
+                0usize..10,
+                0u32..6,
+                0u16..20,
+                any::<bool>(),
             )
+                .prop_map(|(look_ahead, max_insns, max_head, max_gap, cap, cr3)| {
+                    TranslatorConfig {
+                        look_ahead,
+                        max_cluster_insns: max_insns,
+                        max_loop_head_insns: max_head,
+                        max_gap_memory_accesses: max_gap,
+                        back_edge_cap: cap,
+                        end_after_cr3_load: cr3,
+                    }
+                })
         }
 
         fn check(code: &[u8], rip: u64, bitness: Bitness, config: &TranslatorConfig) {
@@ -1362,6 +1680,34 @@ mod tests {
             #[test]
             fn random_bytes_never_panic(code in proptest::collection::vec(any::<u8>(), 0..80), rip in rip(), bitness in bitness()) {
                 check(&code, rip, bitness, &TranslatorConfig::default());
+            }
+
+            #[test]
+            fn loops_with_heads_keep_cluster_promises(
+                head in proptest::collection::vec(piece(), 0..5),
+                first in proptest::sample::select(vec![CPUID, RDTSC, IN_AL_DX, OUT_80_AL, WRMSR]),
+                pieces in proptest::collection::vec(piece(), 0..10),
+                back_to in any::<proptest::sample::Index>(),
+                config in config(),
+            ) {
+                let base = 0x40_0000u64;
+                let mut code: Vec<u8> = head.concat();
+                let entry = code.len();
+                code.extend(first);
+                for p in &pieces {
+                    code.extend(p);
+                }
+                // A JNZ back to a random byte at or before the entry.
+                let target = back_to.index(entry + 1);
+                let rel = target as i64 - (code.len() as i64 + 2);
+                if let Ok(rel) = i8::try_from(rel) {
+                    code.extend(jnz(rel));
+                }
+                let rip = base + entry as u64;
+                let policy = ExitPolicy::default();
+                if let Ok(t) = translate_in(&code, base, rip, Bitness::B64, &policy, &config) {
+                    check_cluster_in(&t.cluster, &code, base, rip, &config);
+                }
             }
 
             #[test]
