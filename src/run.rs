@@ -194,6 +194,9 @@ pub fn run_backend(
             details.insert("user_exits".into(), r.user_exits);
             details.insert("completions".into(), r.completions);
             details.insert("reg_ioctls".into(), r.reg_ioctls);
+            details.insert("kvm_run_ns".into(), r.time.kvm_run_ns);
+            details.insert("completion_ns".into(), r.time.completion_ns);
+            details.insert("cluster_ns".into(), r.time.cluster_ns);
             let notes = vec![match &r.msr_exits {
                 avex_kvm::MsrExits::Enabled => "MSR exits: to user space (filter)".to_string(),
                 avex_kvm::MsrExits::NotNeeded => "MSR exits: none intercepted".to_string(),

@@ -104,6 +104,8 @@ pub struct Report {
     /// Register/CPUID ioctls the backend made (registers travel in `kvm_run`
     /// when the host has KVM_CAP_SYNC_REGS, which makes this small).
     pub reg_ioctls: u64,
+    /// Where the time went.
+    pub time: TimeSplit,
     /// Changes of the vCPU's KVM statistics over the run (`exits`, `io_exits`, ...).
     pub kvm_stats: BTreeMap<String, u64>,
     pub msr_exits: MsrExits,
@@ -202,6 +204,7 @@ pub struct Vm {
     completions: u64,
     run_size: usize,
     console: Vec<u8>,
+    time: TimeSplit,
 }
 
 fn monotonic_ns() -> u64 {
@@ -276,6 +279,7 @@ impl Vm {
             completions: 0,
             run_size,
             console: Vec::new(),
+            time: TimeSplit::default(),
         })
     }
 
@@ -319,6 +323,7 @@ impl Vm {
             user_exits: self.user_exits,
             completions: self.completions,
             reg_ioctls: self.guest.reg_ioctls,
+            time: self.time,
             kvm_stats,
             msr_exits: self.msr_exits.clone(),
             console: std::mem::take(&mut self.console),
@@ -356,7 +361,9 @@ impl Vm {
                 });
             }
             self.guest.invalidate();
+            let t_run = Instant::now();
             let result = self.guest.vcpu.run();
+            self.time.kvm_run_ns += t_run.elapsed().as_nanos() as u64;
             let event = match result {
                 Ok(VcpuExit::IoIn(..)) | Ok(VcpuExit::IoOut(..)) => Event::Io,
                 Ok(VcpuExit::X86Rdmsr(m)) => Event::RdMsr { index: m.index },
@@ -566,14 +573,23 @@ impl Vm {
         let (Next::RunCluster { start }, Some(at)) = (next, at) else {
             return Ok(());
         };
-        self.complete_instruction(&at)?;
+        if !at.completed {
+            let t = Instant::now();
+            self.complete_instruction(&at)?;
+            self.time.completion_ns += t.elapsed().as_nanos() as u64;
+        }
+        let t = Instant::now();
         self.handler.run_cluster(start, &mut self.guest);
+        self.time.cluster_ns += t.elapsed().as_nanos() as u64;
         Ok(())
     }
 
     /// Finish the exiting instruction inside KVM (its result is in `kvm_run`)
     /// without running guest code: KVM_RUN with `immediate_exit` set returns EINTR
-    /// once the pending completion is done.
+    /// once the pending completion is done. Not needed (and not done) when KVM had
+    /// completed the instruction before exiting (an OUT here): nothing is pending
+    /// then, and the cluster's register changes travel in `kvm_run` to the next
+    /// KVM_RUN.
     fn complete_instruction(&mut self, at: &At) -> Result<(), Error> {
         let exit_rip = at.rip;
         self.guest.vcpu.set_kvm_immediate_exit(1);
@@ -635,6 +651,17 @@ impl Vm {
             hint,
         }
     }
+}
+
+/// Where the backend's time went (nanoseconds).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TimeSplit {
+    /// Inside KVM_RUN calls that ran the guest.
+    pub kvm_run_ns: u64,
+    /// Inside KVM_RUN calls that only completed an instruction (immediate exit).
+    pub completion_ns: u64,
+    /// Running clusters (engine, device models, register sync).
+    pub cluster_ns: u64,
 }
 
 /// The exiting instruction: its address, the address after it, and whether KVM
