@@ -452,3 +452,78 @@ fn avex_image_writes_a_bootable_iso() {
     assert_eq!(&bytes[0x8001..0x8006], b"CD001");
     assert!(bytes.windows(8).any(|w| w == b"EL TORITO"[..8].as_ref()));
 }
+
+/// A static ELF32 with `code` as one RWX segment at 1 MiB (entered in 32-bit
+/// protected mode with paging off, by the boot ABI's multiboot convention).
+fn elf32_at_1mib(code: &[u8]) -> Vec<u8> {
+    let mut elf = vec![0u8; 0x1000];
+    elf[..4].copy_from_slice(b"\x7fELF");
+    elf[4] = 1; // ELF32
+    elf[5] = 1;
+    elf[6] = 1;
+    elf[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf[18..20].copy_from_slice(&3u16.to_le_bytes()); // i386
+    elf[20..24].copy_from_slice(&1u32.to_le_bytes());
+    elf[24..28].copy_from_slice(&0x10_0000u32.to_le_bytes()); // entry
+    elf[28..32].copy_from_slice(&52u32.to_le_bytes()); // phoff
+    elf[40..42].copy_from_slice(&52u16.to_le_bytes());
+    elf[42..44].copy_from_slice(&32u16.to_le_bytes());
+    elf[44..46].copy_from_slice(&1u16.to_le_bytes());
+    elf[46..48].copy_from_slice(&40u16.to_le_bytes());
+    let ph = 52;
+    for (i, v) in [
+        1u32,
+        0x1000,
+        0x10_0000,
+        0x10_0000,
+        code.len() as u32,
+        0x1000,
+        7,
+        0x1000,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        elf[ph + 4 * i..ph + 4 * i + 4].copy_from_slice(&v.to_le_bytes());
+    }
+    elf.extend_from_slice(code);
+    elf
+}
+
+#[test]
+fn a_32_bit_guest_runs_in_protected_mode_under_unrestricted_guest() {
+    require_bochs();
+    let dir = scratch("elf32");
+    #[rustfmt::skip]
+    let code = [
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xb0, b'3', 0xee,       // mov al, '3'; out dx, al
+        0xb0, b'2', 0xee,       // mov al, '2'; out dx, al
+        0x31, 0xc0, 0x0f, 0xa2, // xor eax, eax; cpuid
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xb0, b'\n', 0xee,      // mov al, '\n'; out dx, al
+        0x31, 0xc0, 0xe6, 0xf4, // xor eax, eax; out 0xf4, al
+        0xf4,                   // hlt
+    ];
+    let elf = dir.join("g32.elf");
+    std::fs::write(&elf, elf32_at_1mib(&code)).unwrap();
+    let pre = dir.join("g32.pre.elf");
+    link(&elf, &pre);
+    let jobs: Vec<Job<Run>> = vec![
+        Box::new({
+            let p = pre.clone();
+            move || run_bochs(&p, "off")
+        }),
+        Box::new(move || run_bochs(&pre, "aot+dynamic")),
+    ];
+    let r = parallel(jobs);
+    assert_eq!(String::from_utf8_lossy(&r[0].console), "32\n");
+    assert_eq!(r[1].console, r[0].console);
+    assert_eq!(r[0].record["exits_by_reason"]["cpuid"], 1);
+    assert!(
+        r[1].exits() < r[0].exits(),
+        "{} vs {}",
+        r[1].exits(),
+        r[0].exits()
+    );
+}
