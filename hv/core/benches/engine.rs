@@ -55,7 +55,42 @@ fn guest(c: &Cluster) -> TestGuest {
     g
 }
 
+/// Thread CPU time in ns (not disturbed by other processes sharing the cores).
+fn cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// ns per instruction over `runs` runs, by thread CPU time (best of 5 rounds).
+fn cpu_time_per_insn(c: &Cluster, runs: u32) -> f64 {
+    let mut g = guest(c);
+    let limits = RunLimits {
+        max_insns: 1 << 20,
+        ..RunLimits::default()
+    };
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t0 = cpu_ns();
+        for _ in 0..runs {
+            g.state.rip = CODE_VA;
+            black_box(engine::run(black_box(c), &mut g, 0, &limits).stats.insns);
+        }
+        let dt = (cpu_ns() - t0) as f64 / runs as f64 / c.insns.len() as f64;
+        best = best.min(dt);
+    }
+    best
+}
+
 fn bench_cluster(cr: &mut Criterion, name: &str, c: &Cluster) {
+    println!(
+        "engine/{name}: {:.2} ns per instruction (thread CPU time, whole run incl. code check)",
+        cpu_time_per_insn(c, 2000)
+    );
     let mut g = guest(c);
     let limits = RunLimits {
         max_insns: 1 << 20,

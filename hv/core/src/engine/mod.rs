@@ -540,9 +540,13 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
             if self.units == 0 {
                 return (StopReason::Budget, insn.rip, Some(idx));
             }
-            let flow = match self.exec(insn) {
-                Ok(f) => f,
-                Err(r) => return (r, insn.rip, Some(idx)),
+            let flow = if self.exec_fast(&insn.op) {
+                Flow::Next
+            } else {
+                match self.exec(insn) {
+                    Ok(f) => f,
+                    Err(r) => return (r, insn.rip, Some(idx)),
+                }
             };
             self.units -= 1;
             self.stats.insns += 1;
@@ -690,6 +694,7 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
     }
 
     /// Linear address of an access of `size` bytes at `seg:off`, with segment checks.
+    #[inline(always)]
     fn seg_linear(&self, seg: Seg, off: u64, size: u32, write: bool) -> R<u64> {
         let s = &self.st.seg[seg as usize];
         if self.b64 {
@@ -734,7 +739,7 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
         Ok(s.base.wrapping_add(off) & 0xffff_ffff)
     }
 
-    #[inline]
+    #[inline(always)]
     fn xlate(&mut self, la: u64, size: u32, access: Access) -> R<Span> {
         self.stats.mem_accesses += 1;
         let p0 = self
@@ -767,12 +772,14 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
         })
     }
 
+    #[inline(always)]
     fn mem_span(&mut self, m: &MemRef, size: Size, extra: u64, access: Access) -> R<Span> {
         let off = self.ea(m, extra);
         let la = self.seg_linear(m.seg, off, size.bytes(), access == Access::Write)?;
         self.xlate(la, size.bytes(), access)
     }
 
+    #[inline(always)]
     fn read_span(&mut self, s: Span) -> R<u64> {
         let mut b = [0u8; 8];
         let size = (s.size as usize).min(8);
@@ -789,6 +796,7 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
     }
 
     /// Checks that a write to `s` can complete (so a split write is never half done).
+    #[inline(always)]
     fn probe_write(&mut self, s: Span) -> R<()> {
         let mut b = [0u8; 1];
         if s.len0 < s.size {
@@ -799,6 +807,7 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
         Ok(())
     }
 
+    #[inline(always)]
     fn write_span(&mut self, s: Span, v: u64) -> R<()> {
         let b = v.to_le_bytes();
         let size = (s.size as usize).min(8);
@@ -841,7 +850,7 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
     }
 
     /// Resolves a destination (for memory: translated for writing).
-    #[inline]
+    #[inline(always)]
     fn dst(&mut self, o: &Operand, size: Size, extra: u64) -> R<Loc> {
         match o {
             Operand::Reg(r) => Ok(Loc::Reg(*r)),
@@ -850,7 +859,7 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn load(&mut self, l: Loc, size: Size) -> R<u64> {
         match l {
             Loc::Reg(r) => Ok(self.reg(r) & size.mask()),
@@ -858,7 +867,7 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn store(&mut self, l: Loc, v: u64) -> R<()> {
         match l {
             Loc::Reg(r) => {
@@ -912,6 +921,50 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
     }
 
     // ---- one instruction ------------------------------------------------------------
+
+    /// Register/immediate-only forms of the commonest gap fillers, inlined into the
+    /// run loop. Returns false (having done nothing) for anything else.
+    #[inline(always)]
+    fn exec_fast(&mut self, op: &Op) -> bool {
+        let fl = self.st.rflags;
+        match *op {
+            Op::Mov {
+                size,
+                dst: Operand::Reg(d),
+                ref src,
+            } => {
+                let v = match *src {
+                    Operand::Reg(r) => self.reg(r),
+                    Operand::Imm(i) => i,
+                    Operand::Mem(_) => return false,
+                };
+                self.set_reg(d, v & size.mask());
+            }
+            Op::Alu {
+                op,
+                size,
+                dst: Operand::Reg(d),
+                ref src,
+            } => {
+                let b = match *src {
+                    Operand::Reg(r) => self.reg(r),
+                    Operand::Imm(i) => i,
+                    Operand::Mem(_) => return false,
+                };
+                let (res, f) = alu::alu(op, size, self.reg(d), b, fl);
+                if !matches!(op, AluOp::Cmp | AluOp::Test) {
+                    self.set_reg(d, res);
+                }
+                self.st.rflags = f;
+            }
+            Op::Lea { dst, ref addr } => {
+                let v = self.ea(addr, 0);
+                self.set_reg(dst, v);
+            }
+            _ => return false,
+        }
+        true
+    }
 
     fn exec(&mut self, insn: &Insn) -> R<Flow> {
         let fl = self.st.rflags;

@@ -427,9 +427,14 @@ impl Guest for TestGuest {
         }
         Ok(())
     }
+    #[inline]
     fn write_phys(&mut self, gpa: u64, data: &[u8]) -> Result<(), NotRam> {
         let a = self.is_ram(gpa, data.len())?;
-        self.ram[a..a + data.len()].copy_from_slice(data);
+        if let Ok(v) = <[u8; 8]>::try_from(data) {
+            self.ram[a..a + 8].copy_from_slice(&v);
+        } else {
+            self.ram[a..a + data.len()].copy_from_slice(data);
+        }
         Ok(())
     }
     fn port_in(&mut self, port: u16, size: u8) -> u32 {
