@@ -184,6 +184,9 @@ pub struct Analysis {
     pub report: Report,
     /// Clusters in address order (ET_REL: per section, in section order).
     pub clusters: Vec<Cluster>,
+    /// Every exit-prone site under the policy: (region index in `report.regions`,
+    /// RIP, class), in region then address order.
+    pub sites: Vec<(usize, u64, ExitClass)>,
     /// Guest identity inputs: loadable segments (p_paddr, file bytes); for ET_REL the
     /// allocated sections (sh_addr, bytes).
     pub segments: Vec<(u64, Vec<u8>)>,
@@ -524,6 +527,11 @@ pub fn analyze_bytes(
     Ok(Analysis {
         report,
         clusters,
+        sites: scans
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| s.sites.iter().map(move |&(rip, c)| (i, rip, c)))
+            .collect(),
         segments: elf.segments.iter().map(|(a, b)| (*a, b.to_vec())).collect(),
     })
 }

@@ -85,14 +85,19 @@ struct Chunk {
     covered: Bits,
     traversed: Bits,
     sites: Vec<(u64, ExitClass, bool)>,
-    invalid: u64,
-    far_targets: Vec<u64>,
+    /// Region offsets of undecodable positions.
+    invalid: Vec<usize>,
+    /// (region offset of the jump, target).
+    far_targets: Vec<(usize, u64)>,
     /// Traversal roots not yet visited (region offsets).
     pending: Vec<usize>,
     /// Branch targets found in other chunks (region offsets), handed over after a round.
     outgoing: Vec<usize>,
-    /// Where the gap sweep's last instruction ended (region offset, may be >= `end`).
+    /// Where the chunk's last instruction (traversed or swept) ends (region offset,
+    /// may be >= `end`): where a sequential sweep would enter the next chunk.
     sweep_exit: usize,
+    /// Where the chunk's last traversed instruction ends (region offset).
+    trav_exit: usize,
     /// End of the first gap (region offset), if the chunk starts in a gap.
     first_gap_end: Option<usize>,
 }
@@ -121,11 +126,12 @@ impl Ctx<'_, '_> {
         let rel = off - c.start;
         c.starts.set(rel);
         let len = ins.len().max(1);
+        c.sweep_exit = c.sweep_exit.max(off + len);
         for b in rel..(rel + len).min(c.end - c.start) {
             c.covered.set(b);
         }
         if ins.is_invalid() {
-            c.invalid += 1;
+            c.invalid.push(off);
             return;
         }
         if let Some(class) = exit_class_of(ins) {
@@ -140,7 +146,7 @@ impl Ctx<'_, '_> {
             } else {
                 u64::from(ins.far_branch16())
             };
-            c.far_targets.push(t);
+            c.far_targets.push((off, t));
         }
     }
 
@@ -169,6 +175,7 @@ impl Ctx<'_, '_> {
                 for b in rel..(rel + len).min(c.end - c.start) {
                     c.traversed.set(b);
                 }
+                c.trav_exit = c.trav_exit.max(off + len);
                 if ins.is_invalid() {
                     break;
                 }
@@ -219,7 +226,6 @@ impl Ctx<'_, '_> {
         let mut ins = Instruction::default();
         let n = c.end - c.start;
         let mut rel = 0;
-        c.sweep_exit = c.start;
         while rel < n {
             if c.covered.get(rel) {
                 rel += 1;
@@ -244,9 +250,6 @@ impl Ctx<'_, '_> {
                     d.set_ip(self.region.addr + off as u64);
                 }
             }
-            if gap_end == n {
-                c.sweep_exit = off;
-            }
             rel = gap_end;
         }
     }
@@ -259,6 +262,17 @@ pub fn scan_region(
     chunk_starts_hint: &[u64],
     policy: &ExitPolicy,
 ) -> RegionScan {
+    scan_region_chunked(region, roots, chunk_starts_hint, policy, CHUNK)
+}
+
+fn scan_region_chunked(
+    region: &Region<'_>,
+    roots: &[u64],
+    chunk_starts_hint: &[u64],
+    policy: &ExitPolicy,
+    chunk: usize,
+) -> RegionScan {
+    let chunk = chunk.max(16);
     let cx = Ctx { region, policy };
     let len = region.bytes.len();
     if len == 0 {
@@ -274,18 +288,18 @@ pub fn scan_region(
         .collect();
     hints.sort_unstable();
     hints.dedup();
-    let mut next = CHUNK;
-    while next + CHUNK / 4 < len {
+    let mut next = chunk;
+    while next + chunk / 4 < len {
         let i = hints.partition_point(|&h| h < next);
         match hints.get(i) {
-            Some(&h) if h < next + CHUNK / 2 => {
+            Some(&h) if h < next + chunk / 2 => {
                 bounds.push((h, true));
-                next = h + CHUNK;
+                next = h + chunk;
             }
             _ => {
                 // Keep chunk starts 64-byte aligned within the region.
                 bounds.push((next, false));
-                next += CHUNK;
+                next += chunk;
             }
         }
     }
@@ -302,11 +316,12 @@ pub fn scan_region(
                 covered: Bits::new(e - s),
                 traversed: Bits::new(e - s),
                 sites: Vec::new(),
-                invalid: 0,
+                invalid: Vec::new(),
                 far_targets: Vec::new(),
                 pending: Vec::new(),
                 outgoing: Vec::new(),
                 sweep_exit: s,
+                trav_exit: s,
                 first_gap_end: None,
             }
         })
@@ -341,8 +356,6 @@ pub fn scan_region(
     let mut ins = Instruction::default();
     for k in 1..chunks.len() {
         let p = chunks[k - 1].sweep_exit;
-        let (prev_tail_in_gap, _) = (chunks[k - 1].covered.0.is_empty(), ());
-        let _ = prev_tail_in_gap;
         let c = &mut chunks[k];
         let Some(gap_end) = c.first_gap_end else {
             continue; // starts at a traversed instruction
@@ -375,18 +388,29 @@ pub fn scan_region(
         let lo = region.addr + c.start as u64;
         let hi = region.addr + q as u64;
         c.sites.retain(|&(a, _, _)| a < lo || a >= hi);
+        c.invalid.retain(|&o| o < c.start || o >= q);
+        c.far_targets.retain(|&(o, _)| o < c.start || o >= q);
         // Records before this chunk's start already belong to the previous chunk's
         // straddling instruction; clear the bytes it covers here.
         for rel in 0..(p.min(c.end) - c.start) {
             c.covered.set(rel);
         }
-        let invalid_before = c.invalid;
         for (off, i) in &fresh {
             cx.record(c, *off, i);
         }
-        let _ = invalid_before;
         if q >= c.end {
             c.sweep_exit = q;
+        }
+    }
+    // Bytes of instructions that straddle a chunk boundary count in the next chunk.
+    for k in 1..chunks.len() {
+        let (p, t) = (chunks[k - 1].sweep_exit, chunks[k - 1].trav_exit);
+        let c = &mut chunks[k];
+        for rel in 0..(p.min(c.end).saturating_sub(c.start)) {
+            c.covered.set(rel);
+        }
+        for rel in 0..(t.min(c.end).saturating_sub(c.start)) {
+            c.traversed.set(rel);
         }
     }
     let mut out = RegionScan::default();
@@ -395,9 +419,9 @@ pub fn scan_region(
         out.instructions += c.starts.count();
         out.bytes_decoded += c.covered.count();
         out.bytes_traversed += c.traversed.count();
-        out.invalid += c.invalid;
+        out.invalid += c.invalid.len() as u64;
         all.extend(c.sites);
-        out.far_targets.extend(c.far_targets);
+        out.far_targets.extend(c.far_targets.iter().map(|f| f.1));
     }
     all.sort_unstable_by_key(|s| s.0);
     all.dedup_by_key(|s| s.0);
@@ -431,4 +455,50 @@ pub fn decode_score(bytes: &[u8], addr: u64, bitness: Bitness) -> (u32, u32, u32
         }
     }
     (invalid, n, rexlike)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Chunking (parallel traversal rounds, parallel sweep, re-synchronization at
+    /// boundaries that cut instructions) gives exactly the result of one chunk.
+    #[test]
+    fn chunk_size_does_not_change_the_result() {
+        let policy = ExitPolicy::default();
+        for bits in [32, 64] {
+            let with = crate::synth::elf(bits, 20_000, 3, true);
+            let stripped = crate::synth::elf(bits, 20_000, 3, false);
+            let syms = crate::elf::parse(&with).unwrap().syms;
+            let elf = crate::elf::parse(&stripped).unwrap();
+            let area = &elf.code[0];
+            let region = Region {
+                area: 0,
+                addr: area.addr,
+                bytes: area.bytes,
+                bitness: if bits == 64 {
+                    Bitness::B64
+                } else {
+                    Bitness::B32
+                },
+                space: 0,
+            };
+            // Traversal islands: every third function; the rest is swept.
+            let roots: Vec<u64> = syms.iter().step_by(3).map(|s| s.addr).collect();
+            let whole = scan_region_chunked(&region, &roots, &[], &policy, usize::MAX / 4);
+            assert!(whole.bytes_traversed > 0 && whole.bytes_traversed < whole.bytes_decoded);
+            assert_eq!(whole.bytes_decoded, area.bytes.len() as u64);
+            for chunk in [16, 37, 64, 100, 333, 1000, 4096] {
+                for hints in [&[][..], &roots[..]] {
+                    let r = scan_region_chunked(&region, &roots, hints, &policy, chunk);
+                    let what = format!("{bits}-bit, chunk {chunk}, {} hints", hints.len());
+                    assert_eq!(r.sites, whole.sites, "{what}");
+                    assert_eq!(r.instructions, whole.instructions, "{what}");
+                    assert_eq!(r.bytes_decoded, whole.bytes_decoded, "{what}");
+                    assert_eq!(r.bytes_traversed, whole.bytes_traversed, "{what}");
+                    assert_eq!(r.invalid, whole.invalid, "{what}");
+                }
+            }
+        }
+    }
 }
