@@ -5,6 +5,7 @@ use avex_core::engine::mmu::*;
 use avex_core::engine::test_guest::{fake_cluster, PageSize, TestGuest, INSN_LEN};
 use avex_core::engine::{self, RunLimits, RunOutcome, StopReason, DF};
 use avex_core::guest::Fault;
+use avex_core::ir::Cluster;
 use avex_core::ir::*;
 use avex_core::policy::ExitClass;
 
@@ -939,4 +940,166 @@ fn hostile_clusters_never_panic() {
         );
     }
     assert!(engine::validate(&good).is_ok());
+}
+
+fn exit_class_of(op: &Op) -> Option<ExitClass> {
+    Some(match op {
+        Op::In { .. } => ExitClass::In,
+        Op::Out { .. } => ExitClass::Out,
+        Op::Ins { .. } => ExitClass::Ins,
+        Op::Cpuid => ExitClass::Cpuid,
+        Op::Rdtsc => ExitClass::Rdtsc,
+        Op::Hlt => ExitClass::Hlt,
+        _ => return None,
+    })
+}
+
+#[test]
+fn real_exiting_instructions_through_lower() {
+    use iced_x86::{Decoder, DecoderOptions};
+    #[rustfmt::skip]
+    let bytes: &[u8] = &[
+        0xba, 0xf8, 0x03, 0x00, 0x00, // mov edx, 0x3f8
+        0xb0, 0x41,                   // mov al, 'A'
+        0xee,                         // out dx, al
+        0xec,                         // in al, dx
+        0xe6, 0x80,                   // out 0x80, al
+        0x0f, 0xa2,                   // cpuid
+        0x0f, 0x31,                   // rdtsc
+        0xf3, 0x6c,                   // rep insb
+        0xf4,                         // hlt
+    ];
+    let mut insns = Vec::new();
+    for d in Decoder::with_ip(64, bytes, CODE_VA, DecoderOptions::NONE) {
+        let op = avex_core::lower::lower(&d).expect("lowers");
+        insns.push(Insn {
+            rip: d.ip(),
+            len: d.len() as u8,
+            exit_class: exit_class_of(&op),
+            op,
+        });
+    }
+    let c = Cluster {
+        start: CODE_VA,
+        end: CODE_VA + bytes.len() as u64,
+        bitness: Bitness::B64,
+        guest_bytes: bytes.to_vec(),
+        insns,
+        back_edges: vec![],
+    };
+    assert!(engine::validate(&c).is_ok());
+    let mut g = guest();
+    g.write_bytes(CODE_GPA, bytes);
+    g.state.rip = CODE_VA;
+    g.state.gpr[RDI as usize] = DATA_VA;
+    g.script_port(0x3f8, &[0x42]);
+    g.script_port(0x60, &[7, 8]);
+    g.cpuid_leaves.insert((0x42, 0), [0, 0, 2, 0]);
+    g.tsc = 0x60_0000_0000;
+    let out = run(&mut g, &c);
+    assert_eq!(out.reason, StopReason::Hlt, "{out:?}");
+    assert_eq!(out.rip, c.end - 1);
+    assert_eq!(g.outs(), vec![(0x3f8, 1, 0x41), (0x80, 1, 0x42)]);
+    assert_eq!(g.bytes(DATA_GPA, 2), &[7, 8]);
+    assert_eq!(g.state.gpr[RDI as usize], DATA_VA + 2);
+    assert_eq!(g.state.gpr[RCX as usize], 0);
+    assert_eq!(out.stats.exiting, 6);
+    assert_eq!(out.stats.rep_iterations, 2);
+}
+
+fn mutate_and_run(g0: &TestGuest, base: &Cluster, seed: u64, rounds: u32) -> u32 {
+    let ser = postcard::to_allocvec(base).unwrap();
+    let mut rng = seed;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut g = g0.clone();
+    let mut ran = 0;
+    for round in 0..rounds {
+        if round % 500 == 0 {
+            g = g0.clone();
+        }
+        let mut b = ser.clone();
+        for _ in 0..1 + next() % 4 {
+            let k = (next() % b.len() as u64) as usize;
+            b[k] = next() as u8;
+        }
+        if let Ok(c) = postcard::from_bytes::<Cluster>(&b) {
+            g.state = g0.state.clone();
+            g.state.rip = c.insns.first().map_or(0, |i| i.rip);
+            let limits = RunLimits {
+                max_insns: 1000,
+                ..RunLimits::default()
+            };
+            let _ = engine::run(&c, &mut g, 0, &limits);
+            let _ = engine::run(&c, &mut g, 1, &limits);
+            let _ = engine::validate(&c);
+            ran += 1;
+        }
+    }
+    ran
+}
+
+#[test]
+fn mutated_clusters_never_panic() {
+    let ops = [
+        out_al(0x80),
+        gap(Op::Mov {
+            size: Size::S8,
+            dst: Operand::Mem(mem(RBX, 8)),
+            src: r64(RAX),
+        }),
+        gap(Op::Bit {
+            op: BitOp::Bts,
+            size: Size::S4,
+            dst: Operand::Mem(mem(RBX, 0)),
+            bit: Operand::Reg(reg(RCX, Size::S4)),
+        }),
+        gap(Op::Shift {
+            op: ShiftOp::Rcl,
+            size: Size::S2,
+            dst: r64(RDX),
+            count: Operand::Reg(reg(RCX, Size::S1)),
+        }),
+        gap(Op::Loop {
+            kind: LoopKind::Loop,
+            addr_size: Size::S4,
+            target: Target::Insn(0),
+        }),
+        (
+            Op::Ins {
+                size: Size::S2,
+                addr_size: Size::S8,
+                rep: true,
+            },
+            Some(ExitClass::Ins),
+        ),
+        (Op::MovToCr { cr: 3, src: RSI }, Some(ExitClass::MovToCr3)),
+    ];
+    // 64-bit long mode.
+    let mut g = guest();
+    g.state.gpr[RBX as usize] = DATA_VA;
+    g.state.gpr[RCX as usize] = 5;
+    g.state.gpr[RDI as usize] = DATA_VA;
+    g.state.gpr[RSI as usize] = g.state.cr3;
+    let mut c = prepare(&mut g, &ops);
+    c.back_edges.push(BackEdge {
+        insn: 4,
+        cap: Some(3),
+    });
+    let ran = mutate_and_run(&g, &c, 0x9e37_79b9, 20_000);
+    assert!(ran > 2_000, "only {ran} mutants deserialized");
+    // 32-bit protected mode without paging (addresses wrap at 4G, segment limits).
+    let mut g = TestGuest::protected32(1 << 20, Paging::None);
+    g.state.gpr[RBX as usize] = 0x8_0000;
+    g.state.gpr[RCX as usize] = 5;
+    g.state.seg[Seg::Ds as usize].limit = 0xf_ffff;
+    let mut c = fake_cluster(0x4000, Bitness::B32, &ops);
+    g.load_code(0x4000, &c);
+    c.back_edges.push(BackEdge { insn: 4, cap: None });
+    let ran = mutate_and_run(&g, &c, 0x1234_5678, 20_000);
+    assert!(ran > 2_000, "only {ran} mutants deserialized");
 }

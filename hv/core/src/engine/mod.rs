@@ -724,7 +724,7 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                 return Err(GP);
             }
         }
-        let last = off + size as u64 - 1;
+        let last = off.saturating_add(size as u64 - 1);
         let limit = s.limit as u64;
         let expand_down = ty & 0xc == 0x4;
         let ok = if expand_down {
