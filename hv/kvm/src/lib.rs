@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use avex_core::boot::{self, BootError};
 use avex_core::devices::{PortBus, StandardConfig};
 use avex_core::exit::{Exit, ExitHandler, Mode, Next};
-use avex_core::format::{Hex, TranslationSet};
+use avex_core::format::TranslationSet;
 use avex_core::guest::Guest;
 use avex_core::policy::{ExitPolicy, MSR_BITMAP_RANGES};
 use avex_core::stats::ExitStats;
@@ -645,7 +645,11 @@ impl Vm {
             bytes: if n == 0 {
                 "unreadable".into()
             } else {
-                Hex(&bytes[..n]).to_string()
+                bytes[..n]
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
             },
             suberror,
             hint,

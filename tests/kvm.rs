@@ -1,0 +1,462 @@
+//! The KVM backend on /dev/kvm: every bundled guest in every clustering mode prints
+//! exactly the console bytes of `off`; clustering takes fewer exits; `aot` builds
+//! nothing at run time and `dynamic` does; guest misbehaviour stops the guest with
+//! a diagnosis (internal error with RIP and bytes, triple fault, halt, timeout);
+//! stale translations are rejected with a reason and the guest still runs; the
+//! `avex run` command streams the console and returns the guest's status.
+//!
+//! Tests that need /dev/kvm say why they skip when it is unavailable.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use avex_core::exit::Mode;
+use avex_core::format::{self, GuestIdentity, TranslationSet, TranslatorStamp};
+use avex_core::policy::ExitPolicy;
+use avex_kvm::{Config, Error, Report};
+
+const GUESTS: [&str; 6] = ["console", "pci", "rtc", "pit", "cpuid", "ctxswitch"];
+
+/// KVM runs are timed and share 2 cores with everything else: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn kvm_or_skip(test: &str) -> bool {
+    match avex_kvm::available() {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("skipping {test}: {e}");
+            false
+        }
+    }
+}
+
+fn guest_elf(name: &str) -> Vec<u8> {
+    let p = PathBuf::from(env!("AVEX_GUEST_DIR")).join(name);
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn aot_set(name: &str, elf: &[u8]) -> TranslationSet {
+    let policy = ExitPolicy::default();
+    let config = avex_aot::TranslatorConfig::default();
+    let a = avex_aot::analyze_bytes(name, elf, &policy, &config).expect("analysis");
+    let mut clusters = a.clusters.clone();
+    clusters.sort_by_key(|c| c.start);
+    clusters.dedup_by_key(|c| c.start);
+    TranslationSet {
+        guest: GuestIdentity {
+            digest: format::identity_of_segments(
+                a.segments.iter().map(|(p, b)| (*p, b.as_slice())),
+            ),
+            name: name.into(),
+        },
+        policy: policy.fingerprint(),
+        translator: TranslatorStamp::default(),
+        clusters,
+    }
+}
+
+fn run(elf: &[u8], mode: Mode, set: Option<TranslationSet>, timeout: f64) -> Result<Report, Error> {
+    let config = Config {
+        mode,
+        translations: set.map(Ok),
+        timeout: Some(Duration::from_secs_f64(timeout)),
+        ..Config::default()
+    };
+    avex_kvm::run(elf, &config, &mut |_| {})
+}
+
+#[test]
+fn every_bundled_guest_prints_the_same_in_every_mode_with_fewer_exits() {
+    if !kvm_or_skip("every_bundled_guest_prints_the_same_in_every_mode_with_fewer_exits") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for name in GUESTS {
+        let elf = guest_elf(name);
+        let set = aot_set(name, &elf);
+        assert!(
+            !set.clusters.is_empty(),
+            "{name}: the AOT pass found no cluster"
+        );
+        let off = run(&elf, Mode::Off, None, 60.0).unwrap_or_else(|e| panic!("{name} off: {e}"));
+        assert_eq!(off.status, 0, "{name}: guest status in off");
+        assert!(!off.console.is_empty(), "{name}: no console output");
+        assert_eq!(off.stats.clusters_run, 0);
+        assert_eq!(off.stats.avoided(), 0);
+        let exits_off = off.stats.exits();
+        assert!(exits_off > 0, "{name}: KVM's exits statistic is zero");
+        for mode in [Mode::Dynamic, Mode::Aot, Mode::AotDynamic] {
+            let r = run(&elf, mode, mode.uses_aot().then(|| set.clone()), 60.0)
+                .unwrap_or_else(|e| panic!("{name} {mode}: {e}"));
+            assert_eq!(r.status, off.status, "{name} {mode}: status");
+            assert!(
+                r.console == off.console,
+                "{name} {mode}: console differs from off:\n--- off\n{}\n--- {mode}\n{}",
+                String::from_utf8_lossy(&off.console),
+                String::from_utf8_lossy(&r.console)
+            );
+            let s = &r.stats;
+            assert_eq!(s.exit_prone(), s.exits() + s.in_cluster_exiting);
+            match mode {
+                Mode::Aot => {
+                    assert_eq!(s.translations_built, 0, "{name}: aot built at run time");
+                    assert_eq!(s.translate_ns, 0, "{name}: aot did translation work");
+                    assert!(s.translations_loaded > 0, "{name}: nothing loaded");
+                    assert!(
+                        s.translations_rejected.is_none(),
+                        "{name}: {:?}",
+                        s.translations_rejected
+                    );
+                    assert_eq!(s.clusters_run_dynamic, 0);
+                }
+                Mode::Dynamic => {
+                    assert!(s.translations_built > 0, "{name}: dynamic built nothing");
+                    assert_eq!(s.translations_loaded, 0);
+                    assert_eq!(s.clusters_run_aot, 0);
+                }
+                Mode::AotDynamic => {
+                    assert!(
+                        s.exits() < exits_off,
+                        "{name}: aot+dynamic took {} exits, off {exits_off}",
+                        s.exits()
+                    );
+                    assert!(s.avoided() > 0, "{name}: nothing avoided");
+                    assert!(s.clusters_run_aot > 0, "{name}: no AOT cluster ran");
+                }
+                Mode::Off => unreachable!(),
+            }
+        }
+    }
+}
+
+/// A static ELF with one PT_LOAD of `code` at 1 MiB, entered at its start.
+fn tiny_elf(is64: bool, code: &[u8]) -> Vec<u8> {
+    let paddr: u64 = 0x10_0000;
+    let mut e = vec![0u8; if is64 { 64 + 56 } else { 52 + 32 }];
+    e[..4].copy_from_slice(b"\x7fELF");
+    e[4] = if is64 { 2 } else { 1 };
+    e[5] = 1;
+    e[6] = 1;
+    e[16] = 2; // ET_EXEC
+    let off = e.len() as u64;
+    let n = code.len() as u64;
+    if is64 {
+        e[18] = 62;
+        e[24..32].copy_from_slice(&paddr.to_le_bytes());
+        e[32..40].copy_from_slice(&64u64.to_le_bytes());
+        e[54..56].copy_from_slice(&56u16.to_le_bytes());
+        e[56..58].copy_from_slice(&1u16.to_le_bytes());
+        let p = 64;
+        e[p..p + 4].copy_from_slice(&1u32.to_le_bytes());
+        e[p + 4..p + 8].copy_from_slice(&5u32.to_le_bytes());
+        e[p + 8..p + 16].copy_from_slice(&off.to_le_bytes());
+        e[p + 16..p + 24].copy_from_slice(&paddr.to_le_bytes());
+        e[p + 24..p + 32].copy_from_slice(&paddr.to_le_bytes());
+        e[p + 32..p + 40].copy_from_slice(&n.to_le_bytes());
+        e[p + 40..p + 48].copy_from_slice(&n.to_le_bytes());
+    } else {
+        e[18] = 3;
+        e[24..28].copy_from_slice(&(paddr as u32).to_le_bytes());
+        e[28..32].copy_from_slice(&52u32.to_le_bytes());
+        e[42..44].copy_from_slice(&32u16.to_le_bytes());
+        e[44..46].copy_from_slice(&1u16.to_le_bytes());
+        let p = 52;
+        e[p..p + 4].copy_from_slice(&1u32.to_le_bytes());
+        e[p + 4..p + 8].copy_from_slice(&(off as u32).to_le_bytes());
+        e[p + 8..p + 12].copy_from_slice(&(paddr as u32).to_le_bytes());
+        e[p + 12..p + 16].copy_from_slice(&(paddr as u32).to_le_bytes());
+        e[p + 16..p + 20].copy_from_slice(&(n as u32).to_le_bytes());
+        e[p + 20..p + 24].copy_from_slice(&(n as u32).to_le_bytes());
+        e[p + 24..p + 28].copy_from_slice(&5u32.to_le_bytes());
+    }
+    e.extend_from_slice(code);
+    e
+}
+
+/// `mov al, status ; out 0xf4, al ; hlt`
+fn exit_with(status: u8) -> Vec<u8> {
+    vec![0xb0, status, 0xe6, 0xf4, 0xf4]
+}
+
+#[test]
+fn console_bytes_and_status_come_through() {
+    if !kvm_or_skip("console_bytes_and_status_come_through") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // mov dx,0x3f8 ; mov al,'h' ; out dx,al ; mov al,'i' ; out dx,al ; exit 7
+    let mut code = vec![0x66, 0xba, 0xf8, 0x03, 0xb0, b'h', 0xee, 0xb0, b'i', 0xee];
+    code.extend(exit_with(7));
+    let mut streamed = Vec::new();
+    let config = Config {
+        mode: Mode::Off,
+        ..Config::default()
+    };
+    let r = avex_kvm::run(&tiny_elf(true, &code), &config, &mut |b| {
+        streamed.extend_from_slice(b)
+    })
+    .unwrap();
+    assert_eq!(r.status, 7);
+    assert_eq!(r.console, b"hi");
+    assert_eq!(streamed, b"hi");
+    assert_eq!(r.stats.by_reason["io_out"], 3);
+}
+
+#[test]
+fn elf32_guests_enter_protected_mode_with_multiboot_registers() {
+    if !kvm_or_skip("elf32_guests_enter_protected_mode_with_multiboot_registers") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // cmp eax,0x2badb002 ; jne bad ; cmp dword [ebx+44],0 (mmap_length) ; je bad ;
+    // mov al,0 ; jmp out ; bad: mov al,1 ; out: out 0xf4,al ; hlt
+    let code = [
+        0x3d, 0x02, 0xb0, 0xad, 0x2b, // cmp eax, 0x2badb002
+        0x75, 0x0a, // jne bad (+10)
+        0x83, 0x7b, 0x2c, 0x00, // cmp dword [ebx+0x2c], 0
+        0x74, 0x04, // je bad (+4)
+        0xb0, 0x00, // mov al, 0
+        0xeb, 0x02, // jmp out
+        0xb0, 0x01, // bad: mov al, 1
+        0xe6, 0xf4, // out 0xf4, al
+        0xf4,
+    ];
+    let r = run(&tiny_elf(false, &code), Mode::Dynamic, None, 10.0).unwrap();
+    assert_eq!(r.status, 0, "EAX/EBX not as the multiboot ABI promises");
+}
+
+#[test]
+fn an_instruction_kvm_cannot_emulate_is_named_with_rip_and_bytes() {
+    if !kvm_or_skip("an_instruction_kvm_cannot_emulate_is_named_with_rip_and_bytes") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // nop ; pxor xmm0, xmm0 (KVM's emulator here cannot run it) ; exit 0
+    let mut code = vec![0x90, 0x66, 0x0f, 0xef, 0xc0];
+    code.extend(exit_with(0));
+    match run(&tiny_elf(true, &code), Mode::Off, None, 10.0) {
+        Err(Error::InternalError { rip, bytes, .. }) => {
+            assert_eq!(rip, 0x10_0001);
+            assert!(bytes.starts_with("66 0f ef c0"), "bytes {bytes}");
+        }
+        // A host whose KVM runs SSE natively finishes the guest instead.
+        Ok(r) => assert_eq!(r.status, 0),
+        Err(e) => panic!("unexpected error: {e}"),
+    }
+}
+
+#[test]
+fn triple_fault_halt_and_timeout_stop_the_guest_with_a_diagnosis() {
+    if !kvm_or_skip("triple_fault_halt_and_timeout_stop_the_guest_with_a_diagnosis") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // ud2 with an empty IDT: #UD -> #GP -> #DF -> shutdown.
+    match run(&tiny_elf(true, &[0x0f, 0x0b]), Mode::Off, None, 10.0) {
+        Err(Error::Shutdown { .. }) => {}
+        other => panic!("expected a triple fault, got {other:?}"),
+    }
+    // cli ; hlt without writing the debug-exit port.
+    match run(&tiny_elf(true, &[0xfa, 0xf4]), Mode::Dynamic, None, 10.0) {
+        Err(Error::Halted { rip }) => assert!((0x10_0001..=0x10_0002).contains(&rip)),
+        other => panic!("expected a halt, got {other:?}"),
+    }
+    // jmp $ forever: the timeout kicks the vCPU out of KVM_RUN.
+    let t = std::time::Instant::now();
+    match run(&tiny_elf(true, &[0xeb, 0xfe]), Mode::Off, None, 1.0) {
+        Err(e @ Error::Timeout { .. }) => {
+            assert!(e.to_string().contains("timeout"), "{e}");
+            if let Error::Timeout { rip, .. } = e {
+                assert_eq!(rip, 0x10_0000);
+            }
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "the timeout took {:?}",
+        t.elapsed()
+    );
+    // A malformed image is a clear error, not a panic.
+    match run(b"\x7fELF\x02\x01\x01", Mode::Off, None, 1.0) {
+        Err(Error::Boot(e)) => assert!(e.to_string().contains("ELF"), "{e}"),
+        other => panic!("expected a boot error, got {other:?}"),
+    }
+}
+
+#[test]
+fn stale_translations_are_rejected_and_the_guest_runs_on_dynamic() {
+    if !kvm_or_skip("stale_translations_are_rejected_and_the_guest_runs_on_dynamic") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let console = guest_elf("console");
+    let rtc = guest_elf("rtc");
+    let off = run(&rtc, Mode::Off, None, 60.0).unwrap();
+    // The console's translations offered to the rtc guest.
+    let r = run(
+        &rtc,
+        Mode::AotDynamic,
+        Some(aot_set("console", &console)),
+        60.0,
+    )
+    .unwrap();
+    assert_eq!(r.console, off.console);
+    let why = r.stats.translations_rejected.clone().expect("rejected");
+    assert!(why.contains("stale"), "{why}");
+    assert_eq!(r.stats.translations_loaded, 0);
+    assert_eq!(r.stats.clusters_run_aot, 0);
+    assert!(r.stats.translations_built > 0, "no dynamic fallback");
+    // A damaged set is rejected before decoding, with its reason.
+    let config = Config {
+        mode: Mode::AotDynamic,
+        translations: Some(Err("bad magic".into())),
+        ..Config::default()
+    };
+    let r = avex_kvm::run(&rtc, &config, &mut |_| {}).unwrap();
+    assert_eq!(r.stats.translations_rejected.as_deref(), Some("bad magic"));
+    assert_eq!(r.console, off.console);
+}
+
+#[test]
+fn msr_accesses_reach_the_exit_handler_when_the_host_allows() {
+    if !kvm_or_skip("msr_accesses_reach_the_exit_handler_when_the_host_allows") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // mov ecx,0x277 (IA32_PAT) ; rdmsr ; wrmsr ; rdmsr ; exit 0
+    let mut code = vec![
+        0xb9, 0x77, 0x02, 0x00, 0x00, 0x0f, 0x32, 0x0f, 0x30, 0x0f, 0x32,
+    ];
+    code.extend(exit_with(0));
+    let r = run(&tiny_elf(true, &code), Mode::Off, None, 10.0).unwrap();
+    assert_eq!(r.status, 0);
+    match r.msr_exits {
+        avex_kvm::MsrExits::Enabled => {
+            assert_eq!(r.stats.by_reason.get("rdmsr"), Some(&2));
+            assert_eq!(r.stats.by_reason.get("wrmsr"), Some(&1));
+        }
+        other => eprintln!("MSR exits not available here: {other:?}"),
+    }
+}
+
+fn avex() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_avex"))
+}
+
+#[test]
+fn avex_run_streams_the_console_and_writes_a_json_record() {
+    if !kvm_or_skip("avex_run_streams_the_console_and_writes_a_json_record") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("run.json");
+    let out = avex()
+        .args([
+            "run",
+            "rtc",
+            "--backend",
+            "kvm",
+            "--mode",
+            "dynamic",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for word in [
+        "exits:",
+        "exit-prone executions:",
+        "avoided:",
+        "clusters run:",
+        "translations built:",
+    ] {
+        assert!(stderr.contains(word), "summary lacks {word}: {stderr}");
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for key in [
+        "guest",
+        "mode",
+        "backend",
+        "exits",
+        "exit_prone",
+        "avoided",
+        "translations_built",
+        "console_sha256",
+        "seconds",
+    ] {
+        assert!(v.get(key).is_some(), "record lacks {key}: {v}");
+    }
+    assert_eq!(v["guest"], "rtc");
+    assert_eq!(v["mode"], "dynamic");
+    assert_eq!(v["backend"], "kvm");
+    assert_eq!(
+        v["exit_prone"].as_u64().unwrap(),
+        v["exits"].as_u64().unwrap() + v["avoided"].as_u64().unwrap()
+    );
+    // The console bytes on stdout are the ones hashed.
+    use sha2::Digest;
+    let hash: String = sha2::Sha256::digest(&out.stdout)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(v["console_sha256"], hash);
+    assert!(!out.stdout.is_empty());
+
+    // The guest's status is the process status.
+    let elf = dir.path().join("exit5.elf");
+    std::fs::write(&elf, tiny_elf(true, &exit_with(5))).unwrap();
+    let st = avex().args(["run"]).arg(&elf).status().unwrap();
+    assert_eq!(st.code(), Some(5));
+    // An unknown guest is a clear error naming the bundled ones.
+    let out = avex().args(["run", "no-such-guest"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bundled"));
+}
+
+#[test]
+fn avex_run_uses_a_pre_analyzed_images_translations() {
+    if !kvm_or_skip("avex_run_uses_a_pre_analyzed_images_translations") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let elf = guest_elf("pci");
+    let (image, _) = avex_linker::link(&elf, &aot_set("pci", &elf)).expect("link");
+    let path = dir.path().join("pci.avex");
+    std::fs::write(&path, image).unwrap();
+    let json = dir.path().join("r.json");
+    // No --mode: aot+dynamic because the image carries translations.
+    let out = avex()
+        .arg("run")
+        .arg(&path)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["mode"], "aot+dynamic");
+    assert!(v["translations_loaded"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["avoided"].as_u64().unwrap() > 0, "{v}");
+    let off = avex()
+        .args(["run", "pci", "--mode", "off"])
+        .output()
+        .unwrap();
+    assert_eq!(out.stdout, off.stdout);
+}
