@@ -211,6 +211,15 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     // Translation sets.
     if let Some(out) = &args.output {
         for a in &analyses {
+            if a.report.elf_type == "REL" {
+                failed.push(Failure {
+                    file: a.report.file.clone(),
+                    error: "no translation set written: a relocatable object has no load \
+                            addresses (link it first); the analysis is reported"
+                        .into(),
+                });
+                continue;
+            }
             let path = if several {
                 let base = Path::new(&a.report.file)
                     .file_name()

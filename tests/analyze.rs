@@ -728,6 +728,18 @@ fn table_output_and_translation_set() {
         avex_core::policy::ExitPolicy::default().fingerprint()
     );
     assert!(!set.clusters.is_empty());
+    // A relocatable object has no load addresses: reported, but no set written.
+    let obj = b.path("exits64.o");
+    let out = avex()
+        .arg("analyze")
+        .arg(&obj)
+        .arg("-o")
+        .arg(b.path("obj.avxt"))
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, &obj, &["relocatable", "link it first"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ELF64 x86-64 REL"));
+    assert!(!b.path("obj.avxt").exists());
     let dir = b.path("sets");
     run(avex()
         .arg("analyze")
@@ -833,6 +845,13 @@ fn bad_input_gets_one_clear_line_and_good_files_are_still_analyzed() {
     std::fs::write(&p, &x).unwrap();
     cases.push((p, vec!["section header table", "past the end"]));
 
+    if have("xz") {
+        let p = d.join("exits64.xz");
+        let xz = run(Command::new("xz").arg("-c").arg(b.path("exits64")));
+        std::fs::write(&p, &xz.stdout).unwrap();
+        cases.push((p, vec!["not an ELF", "xz-compressed", "xz -d"]));
+    }
+
     for (p, words) in &cases {
         let out = avex().arg("analyze").arg(p).output().unwrap();
         assert_one_line_error(&out, p, words);
@@ -878,5 +897,9 @@ fn bad_input_gets_one_clear_line_and_good_files_are_still_analyzed() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(failed, cases.len() - 1);
+    let non_elf = cases
+        .iter()
+        .filter(|c| !std::fs::read(&c.0).unwrap().starts_with(b"\x7fELF"))
+        .count();
+    assert_eq!(failed, cases.len() - non_elf);
 }

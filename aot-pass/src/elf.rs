@@ -124,6 +124,7 @@ pub fn parse(data: &[u8]) -> Result<Elf<'_>, AnalyzeError> {
     if data.len() < 4 || &data[..4] != b"\x7fELF" {
         return Err(AnalyzeError::NotElf {
             len: data.len() as u64,
+            hint: compressed_hint(data),
         });
     }
     if data.len() < 16 {
@@ -543,5 +544,21 @@ pub fn parse(data: &[u8]) -> Result<Elf<'_>, AnalyzeError> {
 impl CodeArea<'_> {
     pub fn contains(&self, addr: u64) -> bool {
         addr >= self.addr && addr - self.addr < self.bytes.len() as u64
+    }
+}
+
+/// What a non-ELF file looks like, when it is a compressed file or a kernel image.
+fn compressed_hint(data: &[u8]) -> &'static str {
+    let starts = |m: &[u8]| data.starts_with(m);
+    if starts(b"\xfd7zXZ\x00") {
+        "; it is xz-compressed: decompress it first (xz -d)"
+    } else if starts(b"\x28\xb5\x2f\xfd") {
+        "; it is zstd-compressed: decompress it first (zstd -d)"
+    } else if starts(b"\x1f\x8b") {
+        "; it is gzip-compressed: decompress it first (gzip -d)"
+    } else if data.len() > 0x206 && &data[0x202..0x206] == b"HdrS" {
+        "; it is a bzImage: extract the ELF vmlinux from it first (see scripts/linux-kernel.sh)"
+    } else {
+        ""
     }
 }

@@ -29,8 +29,8 @@ use scan::{decode_score, Region};
 /// (file offsets in bytes).
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum AnalyzeError {
-    #[error("not an ELF file (no \\x7fELF magic at offset 0; {len} bytes)")]
-    NotElf { len: u64 },
+    #[error("not an ELF file (no \\x7fELF magic at offset 0; {len} bytes){hint}")]
+    NotElf { len: u64, hint: &'static str },
     #[error("truncated: {what} needs {need} bytes at offset {offset:#x}, the file has {len}")]
     Truncated {
         what: &'static str,
@@ -352,9 +352,15 @@ pub fn analyze_bytes(
             if s.is_func && s.size >= 32 && s.name.contains("64") {
                 let a = &elf.code[s.area];
                 let lo = (s.addr - a.addr) as usize;
-                let hi = (lo as u64 + s.size).min(a.bytes.len() as u64) as usize;
+                let hi = (lo as u64).saturating_add(s.size).min(a.bytes.len() as u64) as usize;
                 if looks_64(&a.bytes[lo..hi], s.addr, 15, 8) {
-                    overrides.push((s.area, s.addr, s.addr + s.size, Bitness::B64, "symbol-name"));
+                    overrides.push((
+                        s.area,
+                        s.addr,
+                        s.addr.saturating_add(s.size),
+                        Bitness::B64,
+                        "symbol-name",
+                    ));
                 }
             }
         }
