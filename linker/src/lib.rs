@@ -387,9 +387,21 @@ pub fn embed(elf: &[u8], payload: &[u8]) -> Result<Vec<u8>, LinkError> {
         });
         shstrndx = sections.len() - 1;
     }
-    let our_name = strtab.len() as u32;
-    strtab.extend_from_slice(SECTION_NAME.as_bytes());
-    strtab.push(0);
+    // Reuse the name if the table has it (re-linking), so that the table and every
+    // other section's name stay exactly as they were.
+    let mut wanted = SECTION_NAME.as_bytes().to_vec();
+    wanted.push(0);
+    let our_name = match strtab
+        .windows(wanted.len())
+        .position(|w| w == wanted.as_slice())
+    {
+        Some(at) => at as u32,
+        None => {
+            let at = strtab.len() as u32;
+            strtab.extend_from_slice(&wanted);
+            at
+        }
+    };
 
     let mut out = elf.to_vec();
     align(&mut out, 8);

@@ -484,3 +484,20 @@ fn inspect_lists_clusters_with_disassembly() {
     assert!(text.contains("matches this image"));
     let _ = image;
 }
+
+/// Found by the `link_embed` fuzz target: an ELF32 whose section headers have garbage
+/// name offsets. Re-linking once appended the name again, where a garbage offset
+/// then resolved to it; now the existing name is reused and re-linking works.
+#[test]
+fn relinking_with_damaged_section_names() {
+    let data = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/damaged-section-names.elf"
+    ))
+    .unwrap();
+    let once = embed(&data, b"first").unwrap();
+    let twice = embed(&once, b"second").unwrap();
+    assert_eq!(read_translations(&twice).unwrap().unwrap(), b"second");
+    let thrice = embed(&twice, b"third").unwrap();
+    assert_eq!(read_translations(&thrice).unwrap().unwrap(), b"third");
+}
