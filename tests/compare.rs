@@ -1,0 +1,124 @@
+//! `avex compare` end to end on the KVM backend: every mode of each guest, the
+//! table, the JSON list and the SVG chart; a guest whose console output differs
+//! between modes makes the command fail.
+//!
+//! Needs /dev/kvm; says why it skips when it is unavailable.
+
+use std::process::Command;
+
+fn kvm_or_skip(test: &str) -> bool {
+    match avex_kvm::available() {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("skipping {test}: {e}");
+            false
+        }
+    }
+}
+
+const MODES: [&str; 4] = ["off", "dynamic", "aot", "aot+dynamic"];
+
+#[test]
+fn compare_runs_every_mode_and_writes_table_json_and_chart() {
+    if !kvm_or_skip("compare_runs_every_mode_and_writes_table_json_and_chart") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("cmp.json");
+    let chart = dir.path().join("cmp.svg");
+    let out = Command::new(env!("CARGO_BIN_EXE_avex"))
+        .args(["compare", "rtc", "pci", "--backend", "kvm", "--json"])
+        .arg(&json)
+        .arg("--chart")
+        .arg(&chart)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Table: a header and one row per guest and mode.
+    assert!(stdout.lines().next().unwrap().contains("exits"));
+    for g in ["rtc", "pci"] {
+        for m in MODES {
+            assert!(
+                stdout
+                    .lines()
+                    .any(|l| l.split_whitespace().take(2).eq([g, m])),
+                "no row for {g} {m}:\n{stdout}"
+            );
+        }
+        assert!(
+            stdout.contains(&format!("{g}: off ")),
+            "no time ratio line for {g}"
+        );
+    }
+
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let records = v.as_array().expect("a JSON list");
+    assert_eq!(records.len(), 8);
+    for r in records {
+        for key in [
+            "guest",
+            "mode",
+            "backend",
+            "exits",
+            "exit_prone",
+            "avoided",
+            "translations_built",
+            "console_sha256",
+            "seconds",
+        ] {
+            assert!(r.get(key).is_some(), "record lacks {key}: {r}");
+        }
+        assert_eq!(r["same_output_as_off"], true, "{r}");
+        assert_eq!(r["backend"], "kvm");
+    }
+    let rec = |g: &str, m: &str| {
+        records
+            .iter()
+            .find(|r| r["guest"] == g && r["mode"] == m)
+            .unwrap_or_else(|| panic!("no record {g} {m}"))
+    };
+    for g in ["rtc", "pci"] {
+        let off = rec(g, "off");
+        let both = rec(g, "aot+dynamic");
+        assert!(
+            both["exits"].as_u64() < off["exits"].as_u64(),
+            "{g}: aot+dynamic {} vs off {}",
+            both["exits"],
+            off["exits"]
+        );
+        assert_eq!(rec(g, "aot")["translations_built"], 0);
+        assert!(rec(g, "dynamic")["translations_built"].as_u64().unwrap() > 0);
+        let sha = off["console_sha256"].clone();
+        for m in MODES {
+            assert_eq!(rec(g, m)["console_sha256"], sha, "{g} {m}");
+        }
+    }
+
+    let svg = std::fs::read_to_string(&chart).unwrap();
+    assert!(svg.starts_with("<svg"), "{svg}");
+    assert!(svg.trim_end().ends_with("</svg>"));
+    // One bar per guest and mode, each titled with its exit count.
+    assert_eq!(
+        svg.matches("<rect x=").count() - 4,
+        8,
+        "bars (plus 4 legend swatches)"
+    );
+    let off_exits = rec("pci", "off")["exits"].as_u64().unwrap();
+    assert!(svg.contains(&format!("pci off: {off_exits} exits")));
+}
+
+#[test]
+fn compare_rejects_a_guest_it_cannot_find() {
+    let out = Command::new(env!("CARGO_BIN_EXE_avex"))
+        .args(["compare", "no-such-guest"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-guest"));
+}
