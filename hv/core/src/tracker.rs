@@ -306,6 +306,22 @@ mod tests {
     }
 
     #[test]
+    fn nearby_rips_spread_over_rows() {
+        // A driver's exiting instructions sit a few bytes apart: they must not pile
+        // into a few rows (8 entries each) and evict each other.
+        let mut rows = alloc::collections::BTreeSet::new();
+        for i in 0..512u64 {
+            rows.insert(row_of(0xffff_ffff_8100_0000 + i * 2, &[0xec]));
+        }
+        assert!(rows.len() > 256, "only {} rows used", rows.len());
+        let mut t = Tracker::default();
+        for i in 0..1024u64 {
+            t.observe(0x40_0000 + i * 3, &[0xee]);
+        }
+        assert!(t.stats().evictions < 100, "{:?}", t.stats());
+    }
+
+    #[test]
     fn overlong_bytes_are_cut() {
         let mut t = Tracker::default();
         let long = [0x66u8; 20];
