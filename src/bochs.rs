@@ -231,7 +231,14 @@ pub fn parse_summary(json: &str) -> anyhow::Result<Summary> {
             st.exit_prone()
         );
     }
-    for key in ["guest_ms", "code_page_writes", "ticks_guest", "ticks_handler", "ticks_clusters"] {
+    for key in [
+        "guest_ms",
+        "code_page_writes",
+        "ticks_guest",
+        "ticks_handler",
+        "ticks_clusters",
+        "interrupts",
+    ] {
         if let Some(n) = obj.get(key).and_then(|x| x.as_u64()) {
             s.details.insert(key.to_string(), n);
         }

@@ -527,3 +527,83 @@ fn a_32_bit_guest_runs_in_protected_mode_under_unrestricted_guest() {
         r[0].exits()
     );
 }
+
+/// A 64-bit guest that takes timer interrupts: it programs the PIC (IRQ0 at vector
+/// 0x20, others masked) and PIT channel 0 (mode 2, about 1 ms), then waits with
+/// `sti; hlt` until its handler has counted 5 ticks, and prints `K`.
+fn interrupt_guest() -> Vec<u8> {
+    const BASE: u64 = 0x10_0000;
+    const HANDLER: u64 = BASE + 75;
+    #[rustfmt::skip]
+    let code: [u8; 90] = [
+        0x48, 0xc7, 0xc4, 0x00, 0x00, 0x18, 0x00,       //  0: mov rsp, 0x180000
+        0x0f, 0x01, 0x1c, 0x25, 0x10, 0x04, 0x10, 0x00, //  7: lidt [0x100410]
+        0xb0, 0x11, 0xe6, 0x20,                         // 15: PIC ICW1
+        0xb0, 0x20, 0xe6, 0x21,                         // 19: ICW2: vectors 0x20..
+        0xb0, 0x04, 0xe6, 0x21,                         // 23: ICW3
+        0xb0, 0x01, 0xe6, 0x21,                         // 27: ICW4
+        0xb0, 0xfe, 0xe6, 0x21,                         // 31: mask all but IRQ0
+        0xb0, 0x34, 0xe6, 0x43,                         // 35: PIT ch0, lo/hi, mode 2
+        0xb0, 0xa9, 0xe6, 0x40,                         // 39: count 0x04a9 (1 ms)
+        0xb0, 0x04, 0xe6, 0x40,                         // 43
+        0xfb,                                           // 47: wait: sti
+        0xf4,                                           // 48: hlt
+        0x83, 0x3c, 0x25, 0x00, 0x04, 0x10, 0x00, 0x05, // 49: cmp dword [0x100400], 5
+        0x72, 0xf4,                                     // 57: jb wait
+        0xfa,                                           // 59: cli
+        0x66, 0xba, 0xf8, 0x03,                         // 60: mov dx, 0x3f8
+        0xb0, b'K', 0xee,                               // 64: out 'K'
+        0xb0, b'\n', 0xee,                              // 67: out '\n'
+        0x31, 0xc0, 0xe6, 0xf4,                         // 70: exit 0
+        0xf4,                                           // 74: hlt
+        0x50,                                           // 75: handler: push rax
+        0xff, 0x04, 0x25, 0x00, 0x04, 0x10, 0x00,       // 76: inc dword [0x100400]
+        0xb0, 0x20, 0xe6, 0x20,                         // 83: EOI
+        0x58,                                           // 87: pop rax
+        0x48, 0xcf,                                     // 88: iretq
+    ];
+    let mut seg = vec![0u8; 0x420];
+    seg[..code.len()].copy_from_slice(&code);
+    // IDT at BASE + 0x100; the gate for vector 0x20 (64-bit interrupt gate, CS 0x08).
+    let gate =
+        (HANDLER & 0xffff) | (0x08 << 16) | (0x8e << 40) | (((HANDLER >> 16) & 0xffff) << 48);
+    let at = 0x100 + 0x20 * 16;
+    seg[at..at + 8].copy_from_slice(&gate.to_le_bytes());
+    seg[at + 8..at + 16].copy_from_slice(&(HANDLER >> 32).to_le_bytes());
+    // IDTR at BASE + 0x410.
+    seg[0x410..0x412].copy_from_slice(&(0x21u16 * 16 - 1).to_le_bytes());
+    seg[0x412..0x41a].copy_from_slice(&(BASE + 0x100).to_le_bytes());
+    elf64_at_1mib(&seg)
+}
+
+#[test]
+fn a_guest_waiting_in_hlt_gets_its_timer_interrupts() {
+    require_bochs();
+    let dir = scratch("irq");
+    let elf = dir.join("irq.elf");
+    std::fs::write(&elf, interrupt_guest()).unwrap();
+    let pre = dir.join("irq.pre.elf");
+    link(&elf, &pre);
+    let jobs: Vec<Job<Run>> = vec![
+        Box::new({
+            let p = pre.clone();
+            move || run_bochs(&p, "off")
+        }),
+        Box::new(move || run_bochs(&pre, "aot+dynamic")),
+    ];
+    let r = parallel(jobs);
+    for run in &r {
+        assert_eq!(
+            String::from_utf8_lossy(&run.console),
+            "K\n",
+            "{}",
+            run.record
+        );
+        assert_eq!(
+            run.record["backend_stats"]["interrupts"], 5,
+            "{}",
+            run.record
+        );
+        assert!(run.record["exits_by_reason"]["hlt"].as_u64().unwrap() >= 1);
+    }
+}

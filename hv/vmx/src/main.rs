@@ -283,6 +283,7 @@ extern "C" fn kmain(magic: u32, mbi: u32) -> ! {
     let outcome = run::run(&mut vcpu, &mut handler);
     let mut extra = BTreeMap::new();
     extra.insert("code_page_writes", vcpu.code_writes);
+    extra.insert("interrupts", vcpu.interrupts);
     extra.insert("ticks_guest", vcpu.ticks_guest);
     extra.insert("ticks_handler", vcpu.ticks_handler);
     extra.insert("ticks_clusters", vcpu.ticks_clusters);

@@ -10,7 +10,7 @@ use avex_core::guest::{Fault, Guest};
 
 use crate::ept::PAGE;
 use crate::logln;
-use crate::vcpu::{Vcpu, CR0_TS};
+use crate::vcpu::{Vcpu, CR0_TS, RFLAGS_IF};
 use crate::vmx::{self, field as f, vmread, vmwrite};
 
 /// How the guest's run ended.
@@ -127,6 +127,7 @@ pub fn run(v: &mut Vcpu, handler: &mut ExitHandler) -> Outcome {
     let mut t = crate::vcpu::rdtsc();
     let mut in_cluster = 0u64;
     loop {
+        v.deliver_interrupts();
         let t_enter = crate::vcpu::rdtsc();
         v.ticks_handler += t_enter.wrapping_sub(t).saturating_sub(in_cluster);
         in_cluster = 0;
@@ -226,7 +227,12 @@ pub fn run(v: &mut Vcpu, handler: &mut ExitHandler) -> Outcome {
                 (Exit::Other { reason }, Complete::Nothing)
             }
             18..=27 | 50 | 53 => (Exit::Other { reason }, Complete::Ud),
-            0 | 1 | 7 => {
+            7 => {
+                // The guest can take the interrupt now: delivered before the entry.
+                handler.count_exit("interrupt_window");
+                continue;
+            }
+            0 | 1 => {
                 // NMI or external interrupt while the guest ran (the hypervisor's own
                 // interrupts are masked at the PIC): nothing to complete.
                 handler.count_exit(reason_name(reason));
@@ -379,15 +385,9 @@ pub fn run(v: &mut Vcpu, handler: &mut ExitHandler) -> Outcome {
                 }
             }
             Next::Halt => {
-                let rflags = vmread(f::GUEST_RFLAGS);
-                return Outcome::Stopped(format!(
-                    "guest halted{} at {rip:#x} without writing the debug-exit port",
-                    if rflags & (1 << 9) == 0 {
-                        " with interrupts off"
-                    } else {
-                        ""
-                    }
-                ));
+                if let Err(why) = wait_for_interrupt(v) {
+                    return Outcome::Stopped(format!("guest halted at {rip:#x}: {why}"));
+                }
             }
         }
     }
@@ -438,4 +438,25 @@ fn complete_cr(v: &mut Vcpu, qual: u64) -> Result<(), Fault> {
         }
     }
     Ok(())
+}
+
+/// HLT: the guest waits for an interrupt. With interrupts off, or with no device that
+/// will ever raise one, it would wait forever: that ends it. Otherwise the devices'
+/// virtual time jumps to their next event (no spinning through the wait) until the
+/// PIC has an interrupt, which `deliver_interrupts` injects before the next entry.
+fn wait_for_interrupt(v: &mut Vcpu) -> Result<(), String> {
+    if vmread(f::GUEST_RFLAGS) & RFLAGS_IF == 0 {
+        return Err("interrupts are off, so nothing can wake it (no debug-exit write)".into());
+    }
+    for _ in 0..64 {
+        let now = v.now_ns();
+        if v.bus.pending_vector(now).is_some() {
+            return Ok(());
+        }
+        match v.bus.next_event_ns(now) {
+            Some(t) => v.skip_time(t.saturating_sub(now).max(1)),
+            None => break,
+        }
+    }
+    Err("interrupts are on but no device will raise one".into())
 }

@@ -23,6 +23,7 @@ const CR4_VMXE: u64 = 1 << 13;
 const CR4_OSXSAVE: u64 = 1 << 18;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
+pub const RFLAGS_IF: u64 = 1 << 9;
 
 pub struct Vcpu {
     pub caps: Caps,
@@ -33,6 +34,10 @@ pub struct Vcpu {
     pub launched: bool,
     /// Guest writes to write-protected code pages (pages holding translations).
     pub code_writes: u64,
+    /// External interrupts delivered to the guest.
+    pub interrupts: u64,
+    /// Virtual time skipped while the guest was halted.
+    time_skipped_ns: u64,
     /// Machine time (TSC ticks) spent in the guest, in the exit handler, and running
     /// clusters (Bochs: emulated instructions, so a VM exit itself costs almost
     /// nothing here; the real cost of an exit is the hardware's).
@@ -101,6 +106,8 @@ impl Vcpu {
             bus: PortBus::standard(StandardConfig::default()),
             launched: false,
             code_writes: 0,
+            interrupts: 0,
+            time_skipped_ns: 0,
             ticks_guest: 0,
             ticks_handler: 0,
             ticks_clusters: 0,
@@ -343,7 +350,52 @@ impl Vcpu {
     /// The guest's TSC-derived virtual time for the device models.
     pub fn now_ns(&self) -> u64 {
         let ticks = rdtsc().wrapping_sub(self.tsc0);
-        ((u128::from(ticks) * 1_000_000_000) / u128::from(self.tsc_hz)) as u64
+        let ns = ((u128::from(ticks) * 1_000_000_000) / u128::from(self.tsc_hz)) as u64;
+        ns.wrapping_add(self.time_skipped_ns)
+    }
+
+    /// Move the devices' virtual time forward by `ns` (a halted guest waits for its
+    /// next device event without the hypervisor spinning through the wait).
+    pub fn skip_time(&mut self, ns: u64) {
+        self.time_skipped_ns = self.time_skipped_ns.wrapping_add(ns);
+    }
+
+    fn set_window_exiting(&mut self, on: bool) {
+        let proc = vmread(f::PROC_CONTROLS) as u32;
+        let want = if on {
+            proc | ctl::INTR_WINDOW
+        } else {
+            proc & !ctl::INTR_WINDOW
+        };
+        if want != proc && (!on || Caps::allowed1(self.caps.proc, ctl::INTR_WINDOW)) {
+            vmwrite(f::PROC_CONTROLS, u64::from(want));
+        }
+    }
+
+    /// Before a VM entry: deliver the PIC's pending interrupt if the guest can take
+    /// it now (RFLAGS.IF set, no STI/MOV SS blocking, no event being injected),
+    /// else ask for an interrupt-window exit for when it can.
+    pub fn deliver_interrupts(&mut self) {
+        if vmread(f::ENTRY_INTR_INFO) & (1 << 31) != 0 {
+            return;
+        }
+        let now = self.now_ns();
+        if self.bus.pending_vector(now).is_none() {
+            self.set_window_exiting(false);
+            return;
+        }
+        let can_take =
+            vmread(f::GUEST_RFLAGS) & RFLAGS_IF != 0 && vmread(f::GUEST_INTERRUPTIBILITY) & 3 == 0;
+        if can_take {
+            if let Some(vector) = self.bus.acknowledge(now) {
+                // External interrupt (type 0), valid.
+                vmwrite(f::ENTRY_INTR_INFO, u64::from(vector) | (1 << 31));
+                self.interrupts += 1;
+            }
+            self.set_window_exiting(false);
+        } else {
+            self.set_window_exiting(true);
+        }
     }
 
     fn gpr(&self, i: usize) -> u64 {
@@ -611,7 +663,11 @@ impl Guest for Vcpu {
     }
 
     fn interrupt_pending(&mut self) -> bool {
-        false
+        if vmread(f::GUEST_RFLAGS) & RFLAGS_IF == 0 {
+            return false;
+        }
+        let now = self.now_ns();
+        self.bus.pending_vector(now).is_some()
     }
 
     fn invalidate_tlb(&mut self) {}

@@ -138,6 +138,7 @@ pub mod ctl {
     pub const PIN_EXTERNAL_INTERRUPT: u32 = 1 << 0;
     pub const PIN_NMI: u32 = 1 << 3;
     // Primary processor-based.
+    pub const INTR_WINDOW: u32 = 1 << 2;
     pub const HLT: u32 = 1 << 7;
     pub const INVLPG: u32 = 1 << 9;
     pub const MWAIT: u32 = 1 << 10;
