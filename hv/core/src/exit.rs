@@ -318,6 +318,13 @@ impl ExitHandler {
         if self.cache.lookup(rip).is_some() {
             return Next::RunCluster { start: rip };
         }
+        // An exiting instruction inside a translation (not its last instruction):
+        // run the rest of that translation from there. A backend sees only some
+        // exits (KVM handles CPUID and CR moves itself), so a cluster whose first
+        // instruction never exits to the handler is still entered at its next one.
+        if let Some(start) = self.containing_exit(rip) {
+            return Next::RunCluster { start };
+        }
         if !self.mode.uses_dynamic() {
             return Next::Resume;
         }
@@ -378,6 +385,22 @@ impl ExitHandler {
             &self.translator,
         )
         .ok()
+    }
+
+    /// The start of the translation that holds an exiting instruction at `rip`
+    /// followed by more of the cluster (the one reaching furthest, if several).
+    fn containing_exit(&self, rip: u64) -> Option<u64> {
+        self.cache
+            .containing(rip)
+            .filter(|e| {
+                let insns = &e.cluster.insns;
+                insns
+                    .iter()
+                    .position(|i| i.rip == rip)
+                    .is_some_and(|k| insns[k].exit_class.is_some() && k + 1 < insns.len())
+            })
+            .max_by_key(|e| e.cluster.end)
+            .map(|e| e.cluster.start)
     }
 
     fn drop_translation(&mut self, start: u64) {
