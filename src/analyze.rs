@@ -210,6 +210,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
 
     // Translation sets.
     if let Some(out) = &args.output {
+        let mut written = std::collections::HashSet::new();
         for a in &analyses {
             if a.report.elf_type == "REL" {
                 failed.push(Failure {
@@ -224,7 +225,19 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
                 let base = Path::new(&a.report.file)
                     .file_name()
                     .map_or_else(|| "guest".into(), |n| n.to_string_lossy().into_owned());
-                out.join(format!("{base}.avxt"))
+                let path = out.join(format!("{base}.avxt"));
+                if !written.insert(path.clone()) {
+                    failed.push(Failure {
+                        file: a.report.file.clone(),
+                        error: format!(
+                            "no translation set written: {} is already written for another \
+                             input of the same file name",
+                            path.display()
+                        ),
+                    });
+                    continue;
+                }
+                path
             } else {
                 out.clone()
             };

@@ -749,6 +749,20 @@ fn table_output_and_translation_set() {
         .arg(&dir));
     assert!(dir.join("drivers64.avxt").is_file());
     assert!(dir.join("exits32.avxt").is_file());
+    // Two inputs with the same file name: the second gets no set and one line.
+    let sub = b.path("sub");
+    std::fs::create_dir_all(&sub).unwrap();
+    std::fs::copy(&f, sub.join("drivers64")).unwrap();
+    let out = avex()
+        .arg("analyze")
+        .arg(&f)
+        .arg(sub.join("drivers64"))
+        .arg("-o")
+        .arg(b.path("sets2"))
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, &sub.join("drivers64"), &["same file name"]);
+    assert!(b.path("sets2").join("drivers64.avxt").is_file());
 }
 
 // ---- bad input ------------------------------------------------------------------
