@@ -1,5 +1,11 @@
 //! Differential test of the engine against the real CPU.
 //!
+//! Three cases in four run in 64-bit mode (engine: 4-level paging), one in four in
+//! 32-bit compatibility mode (natively: a far jump to the 32-bit user code segment
+//! 0x23 with code and data mapped below 4 GiB; engine: 32-bit protected mode with
+//! non-PAE paging), where edi is the buffer base, ebp the small index, esi the bit
+//! offset and esp the stack.
+//!
 //! Random sequences of gap-filler instructions (every legacy 64-bit form iced knows
 //! for the IR's mnemonics, with random registers, immediates and memory operands) are
 //! encoded with iced, run natively in this process (an RWX page with a prologue that
@@ -22,7 +28,7 @@
 //! mismatches`; each mismatch (up to 5) is first minimized and printed with its bytes,
 //! disassembly and inputs.
 
-use avex_core::engine::{self, test_guest::TestGuest, RunLimits, StopReason};
+use avex_core::engine::{self, test_guest::TestGuest, Paging, RunLimits, StopReason};
 use avex_core::guest::Guest;
 use avex_core::ir::{Bitness, Cluster, Insn, Op, Target};
 use avex_core::lower;
@@ -76,20 +82,90 @@ impl Rng {
     }
 }
 
+/// The code size a case runs in natively and in the engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// 64-bit mode, 4-level paging.
+    M64,
+    /// 32-bit compatibility mode (CS 0x23) natively; 32-bit protected mode with
+    /// 32-bit (non-PAE) paging in the engine.
+    M32,
+}
+
+impl Mode {
+    fn bits(self) -> u32 {
+        match self {
+            Mode::M64 => 64,
+            Mode::M32 => 32,
+        }
+    }
+    fn nregs(self) -> u64 {
+        match self {
+            Mode::M64 => 16,
+            Mode::M32 => 8,
+        }
+    }
+    /// Never written except RSP by PUSH/POP: stack pointer, small index (memory
+    /// operands), small bit offset (BT* with memory), buffer base.
+    fn protected(self) -> [u64; 4] {
+        match self {
+            Mode::M64 => [4, 13, 14, 15],
+            Mode::M32 => [4, 5, 6, 7],
+        }
+    }
+    fn base(self) -> u64 {
+        self.protected()[3]
+    }
+    fn index(self) -> u64 {
+        self.protected()[1]
+    }
+    fn bitoff(self) -> u64 {
+        self.protected()[2]
+    }
+    fn mask(self) -> u64 {
+        match self {
+            Mode::M64 => u64::MAX,
+            Mode::M32 => 0xffff_ffff,
+        }
+    }
+}
+
+/// Register `i` of `size` bytes in `mode` (8-bit 4..=7 are AH..BH in 32-bit mode,
+/// SPL..DIL in 64-bit mode).
+fn reg_of(mode: Mode, size: u32, i: u64) -> Register {
+    if mode == Mode::M32 && size == 1 {
+        return Register::try_from(Register::AL as usize + i as usize).unwrap();
+    }
+    gpr(size, i)
+}
+
+const USER32_CS: u16 = 0x23;
+const USER64_CS: u16 = 0x33;
+const USER_DS: u16 = 0x2b;
+const FAR_OFF: u64 = 0x2700; // far pointers (m16:32)
+const PRO32_OFF: u64 = 0x100;
+const EPI64_OFF: u64 = 0x2400;
+
 struct Native {
+    mode: Mode,
     code: *mut u8,
     buf: *mut u8,
 }
 
 impl Native {
-    fn new() -> Native {
+    fn new(mode: Mode) -> Native {
+        let low = if mode == Mode::M32 {
+            libc::MAP_32BIT
+        } else {
+            0
+        };
         // SAFETY: anonymous private mappings with no address hint; checked for failure.
         let (code, buf) = unsafe {
             let code = libc::mmap(
                 core::ptr::null_mut(),
                 CODE_SIZE,
                 libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | low,
                 -1,
                 0,
             );
@@ -97,7 +173,7 @@ impl Native {
                 core::ptr::null_mut(),
                 BUF_SIZE,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | low,
                 -1,
                 0,
             );
@@ -107,9 +183,26 @@ impl Native {
             );
             (code as *mut u8, buf as *mut u8)
         };
-        let n = Native { code, buf };
-        n.write_code(0, &n.prologue());
-        n.write_code(EPI_OFF, &n.epilogue());
+        let n = Native { mode, code, buf };
+        if mode == Mode::M32 {
+            assert!(
+                n.base() + CODE_SIZE as u64 <= 1 << 32 && n.buf_va() + BUF_SIZE as u64 <= 1 << 32
+            );
+            n.write_code(0, &n.prologue64_to_32());
+            n.write_code(PRO32_OFF, &n.prologue32());
+            n.write_code(EPI_OFF, &n.epilogue32());
+            n.write_code(EPI64_OFF, &n.epilogue64_from_32());
+            let mut far = Vec::new();
+            far.extend(((n.base() + PRO32_OFF) as u32).to_le_bytes());
+            far.extend(USER32_CS.to_le_bytes());
+            far.extend([0, 0]);
+            far.extend(((n.base() + EPI64_OFF) as u32).to_le_bytes());
+            far.extend(USER64_CS.to_le_bytes());
+            n.write_code(FAR_OFF, &far);
+        } else {
+            n.write_code(0, &n.prologue());
+            n.write_code(EPI_OFF, &n.epilogue());
+        }
         n
     }
     fn base(&self) -> u64 {
@@ -135,7 +228,11 @@ impl Native {
     }
 
     fn enc(ip: u64, list: &[Instruction]) -> Vec<u8> {
-        let mut e = Encoder::new(64);
+        Self::enc_bits(64, ip, list)
+    }
+
+    fn enc_bits(bits: u32, ip: u64, list: &[Instruction]) -> Vec<u8> {
+        let mut e = Encoder::new(bits);
         let mut ip = ip;
         for i in list {
             let n = e.encode(i, ip).expect("harness encoding");
@@ -196,18 +293,111 @@ impl Native {
         Self::enc(self.base() + EPI_OFF, &l)
     }
 
+    /// Absolute 32-bit memory operand for a context slot.
+    fn ctx_abs(&self, slot: u64) -> MemoryOperand {
+        MemoryOperand::with_displ(self.base() + CTX_OFF + slot * 8, 4)
+    }
+
+    fn prologue64_to_32(&self) -> Vec<u8> {
+        let mut l = Vec::new();
+        for r in [
+            Register::RBX,
+            Register::RBP,
+            Register::R12,
+            Register::R13,
+            Register::R14,
+            Register::R15,
+        ] {
+            l.push(Instruction::with1(Code::Push_r64, r).unwrap());
+        }
+        l.push(Instruction::with2(Code::Mov_rm64_r64, self.ctx_mem(17), Register::RSP).unwrap());
+        let far = MemoryOperand::with_base_displ(Register::RIP, (self.base() + FAR_OFF) as i64);
+        l.push(Instruction::with1(Code::Jmp_m1632, far).unwrap());
+        Self::enc(self.base(), &l)
+    }
+
+    fn prologue32(&self) -> Vec<u8> {
+        // Compatibility mode needs usable data segments (64-bit Linux runs with DS=ES=0).
+        let mut l = vec![
+            Instruction::with2(Code::Mov_r32_imm32, Register::EAX, USER_DS as u32).unwrap(),
+            Instruction::with2(Code::Mov_Sreg_r32m16, Register::DS, Register::EAX).unwrap(),
+            Instruction::with2(Code::Mov_Sreg_r32m16, Register::ES, Register::EAX).unwrap(),
+        ];
+        l.push(
+            Instruction::with2(
+                Code::Mov_r32_imm32,
+                Register::ESP,
+                (self.base() + CTX_OFF + 16 * 8) as u32,
+            )
+            .unwrap(),
+        );
+        l.push(Instruction::with(Code::Popfd));
+        for i in 0..8u64 {
+            if i != 4 {
+                l.push(Instruction::with2(Code::Mov_r32_rm32, gpr(4, i), self.ctx_abs(i)).unwrap());
+            }
+        }
+        l.push(Instruction::with2(Code::Mov_r32_rm32, Register::ESP, self.ctx_abs(4)).unwrap());
+        l.push(Instruction::with_branch(Code::Jmp_rel32_32, self.base() + SEQ_OFF).unwrap());
+        Self::enc_bits(32, self.base() + PRO32_OFF, &l)
+    }
+
+    fn epilogue32(&self) -> Vec<u8> {
+        let mut l = Vec::new();
+        for i in 0..8u64 {
+            l.push(Instruction::with2(Code::Mov_rm32_r32, self.ctx_abs(i), gpr(4, i)).unwrap());
+        }
+        l.push(
+            Instruction::with2(
+                Code::Mov_r32_imm32,
+                Register::ESP,
+                (self.base() + CTX_OFF + 16 * 8 + 4) as u32,
+            )
+            .unwrap(),
+        );
+        l.push(Instruction::with(Code::Pushfd));
+        let far = MemoryOperand::with_displ(self.base() + FAR_OFF + 8, 4);
+        l.push(Instruction::with1(Code::Jmp_m1632, far).unwrap());
+        Self::enc_bits(32, self.base() + EPI_OFF, &l)
+    }
+
+    fn epilogue64_from_32(&self) -> Vec<u8> {
+        let mut l = Vec::new();
+        l.push(Instruction::with2(Code::Mov_r64_rm64, Register::RSP, self.ctx_mem(17)).unwrap());
+        for r in [
+            Register::R15,
+            Register::R14,
+            Register::R13,
+            Register::R12,
+            Register::RBP,
+            Register::RBX,
+        ] {
+            l.push(Instruction::with1(Code::Pop_r64, r).unwrap());
+        }
+        l.push(Instruction::with(Code::Cld));
+        l.push(Instruction::with(Code::Retnq));
+        Self::enc(self.base() + EPI64_OFF, &l)
+    }
+
     /// Runs `seq` (placed at SEQ_OFF, followed by a jump to the epilogue).
     fn run(&mut self, seq: &[u8], gpr: &[u64; 16], rflags: u64) -> ([u64; 16], u64) {
         let mut code = seq.to_vec();
         let after = self.base() + SEQ_OFF + seq.len() as u64;
-        code.extend(Self::enc(
+        let jmp = if self.mode == Mode::M32 {
+            Code::Jmp_rel32_32
+        } else {
+            Code::Jmp_rel32_64
+        };
+        code.extend(Self::enc_bits(
+            self.mode.bits(),
             after,
-            &[Instruction::with_branch(Code::Jmp_rel32_64, self.base() + EPI_OFF).unwrap()],
+            &[Instruction::with_branch(jmp, self.base() + EPI_OFF).unwrap()],
         ));
         self.write_code(SEQ_OFF, &code);
         let ctx = self.ctx();
         ctx[..16].copy_from_slice(gpr);
         ctx[16] = rflags;
+        ctx[17] = 0;
         // SAFETY: the mapping holds the prologue (saves callee-saved registers and the
         // host RSP, loads the context), the sequence (generated to touch only the
         // buffer and its scratch stack, never to branch outside itself) and the
@@ -216,9 +406,17 @@ impl Native {
             let f: extern "sysv64" fn() = core::mem::transmute(self.code);
             f();
         }
+        let mode = self.mode;
         let ctx = self.ctx();
         let mut out = [0; 16];
         out.copy_from_slice(&ctx[..16]);
+        if mode == Mode::M32 {
+            // The 32-bit epilogue stored dwords over the inputs: keep the low halves.
+            for v in out.iter_mut() {
+                *v &= 0xffff_ffff;
+            }
+            return (out, ctx[16] & 0xffff_ffff);
+        }
         (out, ctx[16])
     }
 }
@@ -261,7 +459,18 @@ fn gpr(size: u32, i: u64) -> Register {
     Register::try_from(base as usize + i as usize).unwrap()
 }
 
-const PROTECTED: [u64; 4] = [4, 13, 14, 15];
+fn is64(k: K) -> bool {
+    matches!(
+        k,
+        K::r64_or_mem
+            | K::r64_reg
+            | K::r64_opcode
+            | K::rax
+            | K::imm64
+            | K::imm8sex64
+            | K::imm32sex64
+    )
+}
 
 /// One generated instruction; branches carry their target as an index (len = end).
 #[derive(Clone)]
@@ -271,6 +480,7 @@ struct Spec {
 }
 
 struct Gen {
+    mode: Mode,
     codes: Vec<Code>,
     branch_codes: Vec<Code>,
 }
@@ -420,13 +630,17 @@ fn kind_ok(k: K) -> bool {
 }
 
 impl Gen {
-    fn new() -> Gen {
+    fn new(mode: Mode) -> Gen {
         let mut codes = Vec::new();
         let mut branch_codes = Vec::new();
         for c in Code::values() {
             let oc = c.op_code();
             if !oc.is_instruction()
-                || !oc.mode64()
+                || !(if mode == Mode::M64 {
+                    oc.mode64()
+                } else {
+                    oc.mode32()
+                })
                 || oc.encoding() != iced_x86::EncodingKind::Legacy
             {
                 continue;
@@ -434,12 +648,21 @@ impl Gen {
             let m = c.mnemonic();
             let kinds: Vec<K> = (0..oc.op_count()).map(|i| oc.op_kind(i)).collect();
             if branch_ok(m) {
-                if kinds.len() == 1 && matches!(kinds[0], K::br64_1 | K::br64_4) {
+                let br = if mode == Mode::M64 {
+                    matches!(kinds[0], K::br64_1 | K::br64_4)
+                } else {
+                    matches!(kinds[0], K::br32_1 | K::br32_4)
+                };
+                if kinds.len() == 1 && br {
                     branch_codes.push(c);
                 }
                 continue;
             }
-            if mnemonic_ok(m) && kinds.iter().all(|&k| kind_ok(k)) {
+            if mnemonic_ok(m)
+                && kinds
+                    .iter()
+                    .all(|&k| kind_ok(k) && (mode == Mode::M64 || !is64(k)))
+            {
                 // NOP with operands (0F 1F /0) is a hint, not in the IR's set.
                 if m == Mnemonic::Nop && !kinds.is_empty() {
                     continue;
@@ -448,19 +671,30 @@ impl Gen {
             }
         }
         Gen {
+            mode,
             codes,
             branch_codes,
         }
     }
 
     fn reg_for(&self, rng: &mut Rng, size: u32, dst: bool) -> Register {
+        if self.mode == Mode::M32 {
+            loop {
+                let i = rng.below(8);
+                // AH..BH (4..=7) are parts of EAX..EBX, never protected.
+                if dst && size != 1 && self.mode.protected().contains(&i) {
+                    continue;
+                }
+                return reg_of(self.mode, size, i);
+            }
+        }
         loop {
             let i = rng.below(if size == 1 { 20 } else { 16 });
             if size == 1 && i >= 16 {
                 // AH..BH
                 return [Register::AH, Register::CH, Register::DH, Register::BH][i as usize - 16];
             }
-            if dst && PROTECTED.contains(&i) {
+            if dst && self.mode.protected().contains(&i) {
                 continue;
             }
             return gpr(size, i);
@@ -471,7 +705,7 @@ impl Gen {
         if rng.chance(1, 8) {
             let d = rng.below(512) as i64 - 256;
             return MemoryOperand::with_base_displ_size(
-                Register::RSP,
+                gpr(self.mode.bits() / 8, 4),
                 d,
                 if (-128..128).contains(&d) { 1 } else { 4 },
             );
@@ -486,14 +720,14 @@ impl Gen {
         if rng.chance(1, 2) {
             let scale = 1 << rng.below(4);
             MemoryOperand::with_base_index_scale_displ_size(
-                Register::R15,
-                Register::R13,
+                gpr(self.mode.bits() / 8, self.mode.base()),
+                gpr(self.mode.bits() / 8, self.mode.index()),
                 scale,
                 d,
                 ds,
             )
         } else {
-            MemoryOperand::with_base_displ_size(Register::R15, d, ds)
+            MemoryOperand::with_base_displ_size(gpr(self.mode.bits() / 8, self.mode.base()), d, ds)
         }
     }
 
@@ -557,7 +791,7 @@ impl Gen {
         if bitop && matches!(ops.first(), Some(Arg::M(_))) {
             if let Some(Arg::R(r)) = ops.get(1) {
                 let size = r.size() as u32;
-                ops[1] = Arg::R(gpr(size, 14));
+                ops[1] = Arg::R(reg_of(self.mode, size, self.mode.bitoff()));
             }
         }
         // XCHG/MOV etc. written registers must not be protected (checked by reg_for);
@@ -582,7 +816,7 @@ impl Gen {
         };
         let instr = r.ok()?;
         // Must encode (e.g. AH with a REX prefix does not).
-        Encoder::new(64).encode(&instr, 0x1000).ok()?;
+        Encoder::new(self.mode.bits()).encode(&instr, 0x1000).ok()?;
         Some(instr)
     }
 }
@@ -707,8 +941,8 @@ fn analyze(specs: &[Spec]) -> Option<u64> {
 }
 
 /// Encodes the sequence at `ip`; returns the bytes and each instruction's address.
-fn layout(specs: &[Spec], ip: u64) -> Option<(Vec<u8>, Vec<u64>)> {
-    let mut enc = Encoder::new(64);
+fn layout(bits: u32, specs: &[Spec], ip: u64) -> Option<(Vec<u8>, Vec<u64>)> {
+    let mut enc = Encoder::new(bits);
     let mut lens = Vec::with_capacity(specs.len());
     for s in specs {
         let mut i = s.instr;
@@ -725,7 +959,7 @@ fn layout(specs: &[Spec], ip: u64) -> Option<(Vec<u8>, Vec<u64>)> {
         r += *l as u64;
     }
     rips.push(r);
-    let mut enc = Encoder::new(64);
+    let mut enc = Encoder::new(bits);
     for (k, s) in specs.iter().enumerate() {
         let mut i = s.instr;
         if let Some(t) = s.target {
@@ -782,6 +1016,7 @@ fn gen_case(g: &Gen, rng: &mut Rng) -> Vec<Spec> {
 }
 
 struct World {
+    mode: Mode,
     native: Native,
     guest: TestGuest,
     buf_snapshot: Vec<u8>,
@@ -796,13 +1031,18 @@ enum CaseResult {
 }
 
 impl World {
-    fn new() -> World {
-        let native = Native::new();
-        let mut guest = TestGuest::long_mode(1 << 20);
+    fn new(mode: Mode) -> World {
+        let native = Native::new(mode);
+        let mut guest = match mode {
+            Mode::M64 => TestGuest::long_mode(1 << 20),
+            Mode::M32 => TestGuest::protected32(1 << 20, Paging::Bits32 { pse: false }),
+        };
         let flags = 0x3; // P | RW
+        let nx = if mode == Mode::M64 { 1 << 63 } else { 0 };
         guest.map_range(native.base() & !0xfff, CODE_GPA, CODE_SIZE as u64, flags);
-        guest.map_range(native.buf_va(), BUF_GPA, BUF_SIZE as u64, flags | (1 << 63));
+        guest.map_range(native.buf_va(), BUF_GPA, BUF_SIZE as u64, flags | nx);
         World {
+            mode,
             native,
             guest,
             buf_snapshot: vec![0; BUF_SIZE],
@@ -815,7 +1055,8 @@ impl World {
 
     fn run_case(&mut self, specs: &[Spec], gpr0: &[u64; 16], fl0: u64, report: bool) -> CaseResult {
         let ip = self.seq_ip();
-        let Some((bytes, rips)) = layout(specs, ip) else {
+        let bits = self.mode.bits();
+        let Some((bytes, rips)) = layout(bits, specs, ip) else {
             return CaseResult::Skipped;
         };
         let Some(undef) = analyze(specs) else {
@@ -823,7 +1064,7 @@ impl World {
         };
         // Decode and lower (the production path).
         let end = ip + bytes.len() as u64;
-        let mut dec = Decoder::with_ip(64, &bytes, ip, DecoderOptions::NONE);
+        let mut dec = Decoder::with_ip(bits, &bytes, ip, DecoderOptions::NONE);
         let mut insns = Vec::new();
         while dec.can_decode() {
             let d = dec.decode();
@@ -855,7 +1096,11 @@ impl World {
         let cluster = Cluster {
             start: ip,
             end,
-            bitness: Bitness::B64,
+            bitness: if bits == 64 {
+                Bitness::B64
+            } else {
+                Bitness::B32
+            },
             guest_bytes: bytes.clone(),
             insns,
             back_edges: Vec::new(),
@@ -880,9 +1125,22 @@ impl World {
                 out.reason, out.rip, end
             );
         }
-        for (i, (&e, &n)) in st.gpr.iter().zip(ngpr.iter()).enumerate() {
+        let m = self.mode.mask();
+        for (i, (&e, &n)) in st
+            .gpr
+            .iter()
+            .zip(ngpr.iter())
+            .enumerate()
+            .take(self.mode.nregs() as usize)
+        {
+            let (e, n) = (e & m, n & m);
             if e != n {
-                diffs += &format!("  {:?}: engine {:#x} cpu {:#x}\n", gpr64(i as u64), e, n);
+                diffs += &format!(
+                    "  {:?}: engine {:#x} cpu {:#x}\n",
+                    reg_of(self.mode, bits / 8, i as u64),
+                    e,
+                    n
+                );
             }
         }
         if (st.rflags ^ nfl) & mask != 0 {
@@ -921,7 +1179,7 @@ impl World {
                 .join(" ")
         );
         let mut f = IntelFormatter::new();
-        let mut dec = Decoder::with_ip(64, &bytes, ip, DecoderOptions::NONE);
+        let mut dec = Decoder::with_ip(bits, &bytes, ip, DecoderOptions::NONE);
         for (k, d) in (&mut dec).into_iter().enumerate() {
             let mut t = String::new();
             f.format(&d, &mut t);
@@ -933,21 +1191,28 @@ impl World {
         }
         s += &format!("  inputs: rflags {fl0:#x}\n");
         for (i, v) in gpr0.iter().enumerate() {
-            s += &format!("    {:?} = {:#x}\n", gpr64(i as u64), v);
+            if (i as u64) < self.mode.nregs() {
+                s += &format!(
+                    "    {:?} = {:#x}\n",
+                    reg_of(self.mode, bits / 8, i as u64),
+                    v
+                );
+            }
         }
         CaseResult::Mismatch(s + &diffs)
     }
 }
 
 fn random_inputs(rng: &mut Rng, w: &World) -> ([u64; 16], u64) {
+    let mode = w.mode;
     let mut gpr = [0u64; 16];
-    for g in gpr.iter_mut() {
-        *g = rng.value();
+    for g in gpr.iter_mut().take(mode.nregs() as usize) {
+        *g = rng.value() & mode.mask();
     }
     gpr[4] = w.native.buf_va() + STACK_TOP - 8 * rng.below(8);
-    gpr[13] = rng.below(64);
-    gpr[14] = (rng.below(512) as i64 - 256) as u64;
-    gpr[15] = w.native.buf_va() + R15_OFF;
+    gpr[mode.index() as usize] = rng.below(64);
+    gpr[mode.bitoff() as usize] = (rng.below(512) as i64 - 256) as u64 & mode.mask();
+    gpr[mode.base() as usize] = w.native.buf_va() + R15_OFF;
     let fl = 0x2 | (rng.next() & STATUS) | if rng.chance(1, 8) { DF } else { 0 };
     (gpr, fl)
 }
@@ -963,27 +1228,38 @@ fn differential_against_cpu() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0x5eed_a7e5);
-    let g = Gen::new();
-    assert!(
-        g.codes.len() > 200,
-        "too few instruction forms: {}",
-        g.codes.len()
-    );
-    eprintln!(
-        "({} instruction forms, {} branch forms)",
-        g.codes.len(),
-        g.branch_codes.len()
-    );
-    let mut w = World::new();
+    let gens = [Gen::new(Mode::M64), Gen::new(Mode::M32)];
+    for g in &gens {
+        assert!(
+            g.codes.len() > 150,
+            "too few {:?} instruction forms: {}",
+            g.mode,
+            g.codes.len()
+        );
+        eprintln!(
+            "({:?}: {} instruction forms, {} branch forms)",
+            g.mode,
+            g.codes.len(),
+            g.branch_codes.len()
+        );
+    }
+    let mut worlds = [World::new(Mode::M64), World::new(Mode::M32)];
     let mut rng = Rng(seed);
-    for b in w.buf_snapshot.iter_mut() {
-        *b = rng.next() as u8;
+    for w in worlds.iter_mut() {
+        for b in w.buf_snapshot.iter_mut() {
+            *b = rng.next() as u8;
+        }
     }
     let (mut mismatches, mut skipped, mut insns) = (0u64, 0u64, 0u64);
     let mut reports = Vec::new();
+    let mut per_mode = [0u64; 2];
     for case in 0..cases {
-        let specs = gen_case(&g, &mut rng);
-        let (gpr, fl) = random_inputs(&mut rng, &w);
+        // One case in four runs in 32-bit mode.
+        let m = usize::from(rng.chance(1, 4));
+        per_mode[m] += 1;
+        let (g, w) = (&gens[m], &mut worlds[m]);
+        let specs = gen_case(g, &mut rng);
+        let (gpr, fl) = random_inputs(&mut rng, w);
         // Refresh a few buffer words so memory inputs vary.
         for _ in 0..4 {
             let k = rng.below(BUF_SIZE as u64 - 8) as usize;
@@ -1024,10 +1300,13 @@ fn differential_against_cpu() {
                     }
                     w.buf_snapshot.copy_from_slice(&snapshot);
                     if let CaseResult::Mismatch(s) = w.run_case(&cur, &gpr, fl, true) {
-                        reports.push(format!(
+                        reports.push(
+                            format!("{:?} ", w.mode,)
+                                + &format!(
                             "case {case} (seed {seed:#x}), minimized to {} instruction(s):\n{s}",
                             cur.len()
-                        ));
+                        ),
+                        );
                     }
                 }
             }
@@ -1040,7 +1319,8 @@ fn differential_against_cpu() {
         eprintln!("{r}");
     }
     eprintln!(
-        "(instructions compared: {insns}; cases skipped because lower() refused a form: {skipped})"
+        "(instructions compared: {insns}; 64-bit cases {}, 32-bit cases {}; cases skipped because lower() refused a form: {skipped})",
+        per_mode[0], per_mode[1]
     );
     assert_eq!(mismatches, 0, "engine and CPU disagree");
     assert!(
