@@ -356,6 +356,20 @@ fn write_into_own_code_stops_right_after_it() {
     assert_eq!(g.bytes(CODE_GPA + 0x800, 1), &[0xab], "the write is done");
     assert_eq!(g.state.gpr[RBX as usize], 0, "nothing after it");
     assert_eq!(g.outs().len(), 1);
+    // As the last instruction: still reported, resuming after it.
+    let mut g = guest();
+    g.map_range(CODE_VA, CODE_GPA, 0x2000, PTE_P | PTE_RW);
+    g.state.gpr[RDI as usize] = CODE_VA + 0x800;
+    let c = prepare(
+        &mut g,
+        &[gap(Op::Mov {
+            size: Size::S1,
+            dst: Operand::Mem(mem(RDI, 0)),
+            src: Operand::Imm(0xcc),
+        })],
+    );
+    let out = run(&mut g, &c);
+    assert_eq!((out.reason, out.rip), (StopReason::SelfWrite, c.end));
     // Through another virtual alias of the same frame: still caught (physical pages).
     let mut g = guest();
     g.map(DATA_VA, CODE_GPA, PageSize::K4, PTE_P | PTE_RW);

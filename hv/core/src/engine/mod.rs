@@ -561,6 +561,8 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                 Flow::Next => {
                     if idx + 1 < n && c.insns[idx + 1].rip == next_rip {
                         idx + 1
+                    } else if self.code_written {
+                        return (StopReason::SelfWrite, next_rip, None);
                     } else {
                         return (StopReason::End, next_rip, None);
                     }
