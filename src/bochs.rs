@@ -89,13 +89,25 @@ pub fn hypervisor_options(name: &str, mode: Mode, ips: u64, guest_mib: u64) -> V
     ]
 }
 
+/// Extra hypervisor command-line words from `$AVEX_VMX_OPTIONS` (e.g. `debug`, or
+/// `selftest=ud2` to check the hypervisor's exception path).
+fn extra_options() -> Vec<String> {
+    std::env::var("AVEX_VMX_OPTIONS")
+        .map(|s| s.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
 /// Make a bootable ISO for `elf` (a guest or pre-analyzed image) at `out`.
 pub fn make_iso(elf: &[u8], name: &str, mode: Mode, out: &Path) -> anyhow::Result<()> {
     let hv = hypervisor_image()?;
     let spec = avex_linker::iso::IsoSpec {
         hypervisor: &hv,
         guest: elf,
-        options: hypervisor_options(name, mode, DEFAULT_IPS, DEFAULT_GUEST_MIB),
+        options: [
+            hypervisor_options(name, mode, DEFAULT_IPS, DEFAULT_GUEST_MIB),
+            extra_options(),
+        ]
+        .concat(),
     };
     avex_linker::iso::make_iso(&spec, out).map_err(|e| anyhow::anyhow!("{e}"))
 }

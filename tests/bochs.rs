@@ -607,3 +607,31 @@ fn a_guest_waiting_in_hlt_gets_its_timer_interrupts() {
         assert!(run.record["exits_by_reason"]["hlt"].as_u64().unwrap() >= 1);
     }
 }
+
+#[test]
+fn a_fault_in_the_hypervisor_itself_is_diagnosed_by_its_exception_stubs() {
+    require_bochs();
+    let dir = scratch("selftest");
+    let elf = dir.join("smc.elf");
+    std::fs::write(&elf, self_modifying_guest()).unwrap();
+    let out = avex()
+        .args([
+            "run",
+            "--backend",
+            "bochs",
+            "--mode",
+            "off",
+            "--timeout",
+            "120",
+        ])
+        .arg(&elf)
+        .env("AVEX_VMX_OPTIONS", "selftest=ud2")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("hypervisor exception 6 (invalid opcode)"),
+        "{err}"
+    );
+}

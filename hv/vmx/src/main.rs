@@ -211,6 +211,12 @@ extern "C" fn kmain(magic: u32, mbi: u32) -> ! {
         Err(e) => stop(&format!("bad command line: {e}")),
     };
     TSC_HZ.store(opts.tsc_hz, Ordering::Relaxed);
+    if cmdline.split_whitespace().any(|w| w == "selftest=ud2") {
+        // Check the exception path: the stub must print a diagnosis and end the run.
+        logln!("avex-vmx: self-test: executing UD2 in the hypervisor");
+        // SAFETY: raises #UD, which the IDT's stub reports before ending the run.
+        unsafe { core::arch::asm!("ud2") };
+    }
     let modules = info.modules();
     for m in &modules {
         logln!(

@@ -376,7 +376,9 @@ impl Vcpu {
     /// it now (RFLAGS.IF set, no STI/MOV SS blocking, no event being injected),
     /// else ask for an interrupt-window exit for when it can.
     pub fn deliver_interrupts(&mut self) {
-        if vmread(f::ENTRY_INTR_INFO) & (1 << 31) != 0 {
+        // A guest without an IDT (the boot ABI starts it with IDTR.limit 0) cannot
+        // take interrupts: do not poll the devices for it at every entry.
+        if vmread(f::ENTRY_INTR_INFO) & (1 << 31) != 0 || vmread(f::GUEST_IDTR_LIMIT) == 0 {
             return;
         }
         let now = self.now_ns();
