@@ -482,6 +482,10 @@ struct Spec {
 
 struct Gen {
     mode: Mode,
+    /// Host (= guest virtual) address of the data buffer and of the sequence, for
+    /// RIP-relative (64-bit) and absolute (32-bit) memory operands.
+    buf_base: u64,
+    seq_ip: u64,
     codes: Vec<Code>,
     branch_codes: Vec<Code>,
 }
@@ -631,7 +635,7 @@ fn kind_ok(k: K) -> bool {
 }
 
 impl Gen {
-    fn new(mode: Mode) -> Gen {
+    fn new(mode: Mode, buf_base: u64, seq_ip: u64) -> Gen {
         let mut codes = Vec::new();
         let mut branch_codes = Vec::new();
         for c in Code::values() {
@@ -673,6 +677,8 @@ impl Gen {
         }
         Gen {
             mode,
+            buf_base,
+            seq_ip,
             codes,
             branch_codes,
         }
@@ -717,6 +723,17 @@ impl Gen {
             0 => (4096 * (1 + rng.below(3)) as i64 - 8 + rng.below(16) as i64) - R15_OFF as i64,
             _ => rng.below(max as u64) as i64,
         };
+        if rng.chance(1, 8) {
+            // RIP-relative (64-bit; lowered to an absolute address) or absolute disp32.
+            let target = self.buf_base + R15_OFF + d as u64;
+            match self.mode {
+                Mode::M64 if (target as i64 - self.seq_ip as i64).unsigned_abs() < 0x7000_0000 => {
+                    return MemoryOperand::with_base_displ(Register::RIP, target as i64);
+                }
+                Mode::M32 => return MemoryOperand::with_displ(target, 4),
+                _ => {}
+            }
+        }
         let ds = if (-128..128).contains(&d) { 1 } else { 4 };
         if rng.chance(1, 2) {
             let scale = 1 << rng.below(4);
@@ -817,7 +834,9 @@ impl Gen {
         };
         let instr = r.ok()?;
         // Must encode (e.g. AH with a REX prefix does not).
-        Encoder::new(self.mode.bits()).encode(&instr, 0x1000).ok()?;
+        Encoder::new(self.mode.bits())
+            .encode(&instr, self.seq_ip)
+            .ok()?;
         Some(instr)
     }
 }
@@ -947,10 +966,12 @@ fn layout(bits: u32, specs: &[Spec], ip: u64) -> Option<(Vec<u8>, Vec<u64>)> {
     let mut lens = Vec::with_capacity(specs.len());
     for s in specs {
         let mut i = s.instr;
+        // Lengths do not depend on the position (branches are encoded in their own
+        // fixed-size forms, RIP-relative operands always take a disp32).
         if s.target.is_some() {
-            i.set_near_branch64(0x1010);
+            i.set_near_branch64(ip + 0x10);
         }
-        lens.push(enc.encode(&i, 0x1000).ok()?);
+        lens.push(enc.encode(&i, ip).ok()?);
         let _ = enc.take_buffer();
     }
     let mut rips = Vec::with_capacity(specs.len() + 1);
@@ -1229,7 +1250,11 @@ fn differential_against_cpu() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0x5eed_a7e5);
-    let gens = [Gen::new(Mode::M64), Gen::new(Mode::M32)];
+    let mut worlds = [World::new(Mode::M64), World::new(Mode::M32)];
+    let gens = [0, 1].map(|m| {
+        let w = &worlds[m];
+        Gen::new(w.mode, w.native.buf_va(), w.seq_ip())
+    });
     for g in &gens {
         assert!(
             g.codes.len() > 150,
@@ -1238,7 +1263,6 @@ fn differential_against_cpu() {
             g.codes.len()
         );
     }
-    let mut worlds = [World::new(Mode::M64), World::new(Mode::M32)];
     let mut rng = Rng(seed);
     for w in worlds.iter_mut() {
         for b in w.buf_snapshot.iter_mut() {
