@@ -44,6 +44,8 @@ fn aot_set(name: &str, elf: &[u8]) -> TranslationSet {
     let mut clusters = a.clusters.clone();
     clusters.sort_by_key(|c| c.start);
     clusters.dedup_by_key(|c| c.start);
+    // Only what the format accepts can be linked into an image.
+    clusters.retain(|c| format::validate(c).is_ok());
     TranslationSet {
         guest: GuestIdentity {
             digest: format::identity_of_segments(

@@ -248,8 +248,10 @@ impl ExitHandler {
             self.stats.translations_rejected = Some(why.clone());
             return Err(why);
         }
+        let offered = set.clusters.len();
         let n = self.cache.load_set(set);
         self.stats.translations_loaded += n as u64;
+        self.stats.translations_invalid += (offered - n) as u64;
         Ok(n)
     }
 

@@ -40,6 +40,8 @@ pub struct ExitStats {
     pub early_stops: BTreeMap<String, u64>,
     /// Translations loaded from a pre-analyzed image (accepted into the cache).
     pub translations_loaded: u64,
+    /// Loaded translations the cache refused (failed validation).
+    pub translations_invalid: u64,
     /// Why a loaded translation set was rejected, if it was.
     pub translations_rejected: Option<String>,
     /// Translations built at run time by the dynamic tracker + translator.
@@ -132,6 +134,9 @@ impl ExitStats {
             let _ = writeln!(s, "  stopped early:        {}", stops.join(", "));
         }
         let _ = writeln!(s, "translations loaded:    {}", self.translations_loaded);
+        if self.translations_invalid > 0 {
+            let _ = writeln!(s, "  refused as invalid:   {}", self.translations_invalid);
+        }
         if let Some(r) = &self.translations_rejected {
             let _ = writeln!(s, "  rejected:             {r}");
         }
