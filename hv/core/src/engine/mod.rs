@@ -1214,13 +1214,13 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                 size,
                 addr_size,
                 rep,
-            } => return self.string_io(true, size, addr_size, rep, Seg::Es, insn),
+            } => return self.string_io(true, size, addr_size, rep, Seg::Es),
             Op::Outs {
                 size,
                 addr_size,
                 rep,
                 seg,
-            } => return self.string_io(false, size, addr_size, rep, seg, insn),
+            } => return self.string_io(false, size, addr_size, rep, seg),
             Op::Rdmsr => {
                 self.cpl0()?;
                 let msr = self.st.gpr[RCX as usize] as u32;
@@ -1399,9 +1399,7 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
         addr_size: Size,
         rep: bool,
         seg: Seg,
-        insn: &Insn,
     ) -> R<Flow> {
-        let _ = insn;
         self.io_allowed()?;
         let port = self.st.gpr[RDX as usize] as u16;
         let am = addr_size.mask();
