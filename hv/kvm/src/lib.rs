@@ -170,7 +170,12 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
 
 /// Open /dev/kvm, with a clear message when it is missing or not permitted.
 pub fn open_kvm() -> Result<Kvm, Error> {
-    match Kvm::new() {
+    open_kvm_at(c"/dev/kvm")
+}
+
+/// Open the KVM device at `path` (see [`open_kvm`]).
+pub fn open_kvm_at(path: &std::ffi::CStr) -> Result<Kvm, Error> {
+    match Kvm::new_with_path(path) {
         Ok(k) => {
             let v = k.get_api_version();
             if v != 12 {
@@ -843,4 +848,41 @@ pub fn is_unavailable(e: &Error) -> bool {
         e,
         Error::NoKvm(_) | Error::NoPermission(_) | Error::ApiVersion(_)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_kvm_device_is_a_clear_error() {
+        let e = open_kvm_at(c"/nonexistent/kvm")
+            .err()
+            .expect("no such device");
+        assert!(is_unavailable(&e));
+        let msg = e.to_string();
+        assert!(msg.contains("/dev/kvm is not available"), "{msg}");
+        assert!(msg.contains("No such file"), "{msg}");
+        // Not a KVM device at all.
+        assert!(open_kvm_at(c"/dev/null").is_err());
+    }
+
+    #[test]
+    fn cpuid_normalization_clears_apic_ids() {
+        let mut e = [
+            kvm_bindings::kvm_cpuid_entry2 {
+                function: 1,
+                ebx: 0x0302_0800,
+                ..Default::default()
+            },
+            kvm_bindings::kvm_cpuid_entry2 {
+                function: 0xb,
+                edx: 1,
+                ..Default::default()
+            },
+        ];
+        normalize_cpuid(&mut e);
+        assert_eq!(e[0].ebx, 0x0002_0800);
+        assert_eq!(e[1].edx, 0);
+    }
 }
