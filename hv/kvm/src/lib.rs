@@ -856,9 +856,9 @@ mod tests {
 
     #[test]
     fn a_missing_kvm_device_is_a_clear_error() {
-        let e = open_kvm_at(c"/nonexistent/kvm")
-            .err()
-            .expect("no such device");
+        let Err(e) = open_kvm_at(c"/nonexistent/kvm") else {
+            panic!("opened a missing device");
+        };
         assert!(is_unavailable(&e));
         let msg = e.to_string();
         assert!(msg.contains("/dev/kvm is not available"), "{msg}");

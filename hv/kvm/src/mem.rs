@@ -115,7 +115,11 @@ mod tests {
         let mut b = [0u8; 2];
         m.read(8190, &mut b).unwrap();
         assert_eq!(b, [1, 2]);
-        assert_eq!(m.read(8191, &mut b), Err(NotRam { gpa: 8192 }), "names the first byte outside");
+        assert_eq!(
+            m.read(8191, &mut b),
+            Err(NotRam { gpa: 8192 }),
+            "names the first byte outside"
+        );
         assert_eq!(m.write(u64::MAX, &[0]), Err(NotRam { gpa: u64::MAX }));
         assert!(m.read(1 << 40, &mut b).is_err());
         assert!(GuestRam::new(0).is_err());
