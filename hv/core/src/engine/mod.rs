@@ -11,11 +11,40 @@
 //! done nothing.
 //!
 //! The engine reads `guest.state()` once, and writes `guest.set_state()` once at
-//! the end if (and only if) the state changed. Before running anything it validates
-//! the cluster ([`validate`]) and checks that the guest code it covers, fetched
-//! through the guest's page tables at CS.base + RIP with the guest's CPL, equals
-//! `cluster.guest_bytes` byte by byte ([`StopReason::CodeChanged`] /
-//! [`StopReason::CodeUnreadable`], nothing done).
+//! the end if (and only if) the state changed. Before running anything it checks
+//! that the guest code it covers, fetched through the guest's page tables at
+//! CS.base + RIP with the guest's CPL, equals `cluster.guest_bytes` byte by byte
+//! ([`StopReason::CodeChanged`] / [`StopReason::CodeUnreadable`], nothing done).
+//!
+//! Untrusted clusters: [`validate`] checks every operand, index and bound and is
+//! meant to run once, when a cluster is loaded. `run` itself does only the cheap
+//! structural checks (non-empty, byte length, start index, every instruction it
+//! runs inside the checked bytes, branch targets, back-edge count) and masks or
+//! bound-checks every index it uses, so whatever a cluster holds the engine never
+//! panics and reaches nothing but the guest, through the trait.
+//!
+//! # Control flow
+//!
+//! Forward branches to `Target::Insn` continue the run; `Target::Exit` ends it
+//! ([`StopReason::ExitBranch`]). At every taken backward branch the engine counts
+//! the back-edge: with `cap: Some(n)` the (n+1)-th taking ends the run at the
+//! branch target ([`StopReason::BackEdgeCap`]; a backward branch with no
+//! `BackEdge` entry is treated as cap 0), then asks `guest.interrupt_pending()` and
+//! ends the run at the target if so. The budget ([`RunLimits::max_insns`], each REP
+//! iteration counting one) bounds every run.
+//!
+//! # Exiting instructions
+//!
+//! IN/OUT/INS/OUTS go to `port_in`/`port_out` (at CPL > IOPL in protected mode the
+//! TSS permission bitmap would decide: [`StopReason::Unsupported`]). RDMSR/WRMSR go
+//! to the guest trait, except EFER (read from the state; writes are left to the
+//! CPU) and FS/GS base (kept in the segment state as well). CPUID, RDTSC/RDTSCP
+//! (`tsc`, `tsc_aux`), XGETBV/XSETBV go to the trait. MOV to CR0/CR4 changing PE,
+//! PG or a translation bit, and MOV to CR3 in PAE mode, complete and end the run
+//! ([`StopReason::ModeChange`]); other CR3 writes invalidate the TLB and re-check
+//! the code under the new tables. Privilege and reserved-bit violations stop before
+//! the instruction with [`StopReason::Fault`]; RDPMC is unsupported; HLT ends the
+//! run at the HLT ([`StopReason::Hlt`]).
 //!
 //! Every stop is precise: [`RunOutcome::rip`] is where the guest resumes; every
 //! instruction before it is complete, none after it has any effect. A stop *before*
