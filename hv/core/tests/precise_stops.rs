@@ -954,6 +954,27 @@ fn hostile_clusters_never_panic() {
         );
     }
     assert!(engine::validate(&good).is_ok());
+    // A LOOP to an index outside the cluster stops before it, RCX untouched.
+    let mut g = guest();
+    g.state.gpr[RCX as usize] = 5;
+    let c = prepare(
+        &mut g,
+        &[
+            inc(RBX),
+            gap(Op::Loop {
+                kind: LoopKind::Loop,
+                addr_size: Size::S8,
+                target: Target::Insn(77),
+            }),
+        ],
+    );
+    let out = run(&mut g, &c);
+    assert_eq!(out.reason, StopReason::Invalid(engine::Invalid::Target(77)));
+    assert_eq!(out.rip, CODE_VA + L);
+    assert_eq!(
+        (g.state.gpr[RBX as usize], g.state.gpr[RCX as usize]),
+        (1, 5)
+    );
 }
 
 fn exit_class_of(op: &Op) -> Option<ExitClass> {

@@ -559,10 +559,11 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                 || insn.rip.saturating_add(insn.len as u64) > c.end
                 || insn.len == 0
             {
-                // Only instructions inside the checked bytes ever run.
+                // Only instructions inside the checked bytes ever run. Control
+                // reached this instruction's claimed address: resume there.
                 return (
                     StopReason::Invalid(Invalid::InsnPlacement(idx as u16)),
-                    self.st.rip,
+                    insn.rip,
                     None,
                 );
             }
@@ -951,6 +952,16 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
         }
     }
 
+    /// A branch target outside the cluster stops before the branch (nothing done).
+    fn check_target(&self, t: Target) -> R<()> {
+        match t {
+            Target::Insn(i) if i as usize >= self.c.insns.len() => {
+                Err(StopReason::Invalid(Invalid::Target(i)))
+            }
+            _ => Ok(()),
+        }
+    }
+
     // ---- one instruction ------------------------------------------------------------
 
     /// Register/immediate-only forms of the commonest gap fillers, inlined into the
@@ -1197,8 +1208,12 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
             Op::Cld => self.st.rflags &= !DF,
             Op::Std => self.st.rflags |= DF,
             Op::Nop | Op::Pause => {}
-            Op::Jmp { target } => return Ok(Self::target(target)),
+            Op::Jmp { target } => {
+                self.check_target(target)?;
+                return Ok(Self::target(target));
+            }
             Op::Jcc { cond: c, target } => {
+                self.check_target(target)?;
                 if alu::cond(c, fl) {
                     return Ok(Self::target(target));
                 }
@@ -1208,6 +1223,7 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                 addr_size,
                 target,
             } => {
+                self.check_target(target)?;
                 let rcx = self.st.gpr[RCX as usize] & addr_size.mask();
                 let zf = fl & ZF != 0;
                 let taken = if kind == LoopKind::Jcxz {
