@@ -936,6 +936,13 @@ fn hostile_clusters_never_panic() {
     c.end = u64::MAX;
     variants.push(c);
     let mut c = good.clone();
+    c.insns[1].op = Op::Xchg {
+        size: Size::S8,
+        a: Operand::Mem(mem(RBX, 0)),
+        b: Operand::Mem(mem(RCX, 0)),
+    };
+    variants.push(c);
+    let mut c = good.clone();
     c.back_edges = vec![
         BackEdge {
             insn: 500,

@@ -353,6 +353,12 @@ fn opnd_ok(o: &Operand, b64: bool, dst: bool) -> bool {
     }
 }
 
+/// x86 has no two-memory-operand forms of these; the engine relies on at most one
+/// memory write per instruction for precise stops.
+fn both_mem(a: &Operand, b: &Operand) -> bool {
+    matches!((a, b), (Operand::Mem(_), Operand::Mem(_)))
+}
+
 fn op_ok(op: &Op, b64: bool) -> bool {
     let stack = |s: Size| match s {
         Size::S2 => true,
@@ -362,12 +368,16 @@ fn op_ok(op: &Op, b64: bool) -> bool {
     };
     let io = |s: Size| s != Size::S8;
     match op {
-        Op::Mov { dst, src, .. } => opnd_ok(dst, b64, true) && opnd_ok(src, b64, false),
+        Op::Mov { dst, src, .. } => {
+            opnd_ok(dst, b64, true) && opnd_ok(src, b64, false) && !both_mem(dst, src)
+        }
         Op::Movzx { dst, src, src_size } | Op::Movsx { dst, src, src_size } => {
             reg_ok(dst) && dst.size.bytes() > src_size.bytes() && opnd_ok(src, b64, false)
         }
         Op::Lea { dst, addr } => reg_ok(dst) && dst.size != Size::S1 && mem_ok(addr, b64),
-        Op::Alu { dst, src, .. } => opnd_ok(dst, b64, true) && opnd_ok(src, b64, false),
+        Op::Alu { dst, src, .. } => {
+            opnd_ok(dst, b64, true) && opnd_ok(src, b64, false) && !both_mem(dst, src)
+        }
         Op::Unary { dst, .. } => opnd_ok(dst, b64, true),
         Op::Shift { dst, count, .. } => {
             opnd_ok(dst, b64, true)
@@ -380,7 +390,7 @@ fn op_ok(op: &Op, b64: bool) -> bool {
                 && matches!(bit, Operand::Imm(_) | Operand::Reg(_))
                 && opnd_ok(bit, b64, false)
         }
-        Op::Xchg { a, b, .. } => opnd_ok(a, b64, true) && opnd_ok(b, b64, true),
+        Op::Xchg { a, b, .. } => opnd_ok(a, b64, true) && opnd_ok(b, b64, true) && !both_mem(a, b),
         Op::Push { size, src } => stack(*size) && opnd_ok(src, b64, false),
         Op::Pop { size, dst } => stack(*size) && opnd_ok(dst, b64, true),
         Op::Setcc { dst, .. } => opnd_ok(dst, b64, true),
@@ -1163,12 +1173,12 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                         self.store(d, v)?;
                         self.st.gpr[RSP as usize] = rsp;
                     }
-                    _ => {
+                    Operand::Reg(r) => {
                         let v = self.read_span(s)?;
                         self.st.gpr[RSP as usize] = rsp;
-                        let d = self.dst(dst, size, 0)?;
-                        self.store(d, v)?;
+                        self.set_reg(*r, v);
                     }
+                    Operand::Imm(_) => return Err(StopReason::Invalid(Invalid::Operand(0))),
                 }
             }
             Op::Setcc { cond: c, ref dst } => {
