@@ -54,6 +54,9 @@ pub const MAX_DESCRIPTION_LEN: usize = 1024;
 pub const MAX_CLUSTERS: usize = 1 << 16;
 /// Most guest bytes one cluster may cover (and so at most this many instructions).
 pub const MAX_CLUSTER_BYTES: usize = 4096;
+/// Most plain gap fillers a cluster may hold before its first exiting instruction
+/// (a loop head reached only by a back-edge).
+pub const MAX_LOOP_HEAD_INSNS: usize = 8;
 /// Longest x86 instruction.
 pub const MAX_INSN_LEN: u8 = 15;
 
@@ -493,9 +496,7 @@ pub fn decode(bytes: &[u8]) -> Result<TranslationSet, FormatError> {
     let digest = r.array::<32>("guest digest")?;
     let policy = r.array::<32>("policy fingerprint")?;
     let translator_fp = r.array::<32>("translator fingerprint")?;
-    let count_off = r.pos;
     let count = r.u32("cluster count")? as u64;
-    let payload_len_off = r.pos;
     let payload_len = r.u64("payload length")?;
     let checksum = r.array::<32>("payload checksum")?;
     let name_len_off = r.pos;
@@ -548,7 +549,6 @@ pub fn decode(bytes: &[u8]) -> Result<TranslationSet, FormatError> {
         }
     })?;
     if count > MAX_CLUSTERS as u64 {
-        let _ = count_off;
         return Err(FormatError::TooManyClusters {
             count,
             max: MAX_CLUSTERS,
@@ -571,7 +571,6 @@ pub fn decode(bytes: &[u8]) -> Result<TranslationSet, FormatError> {
             count: bytes.len() - r.pos,
         });
     }
-    let _ = payload_len_off;
     let actual = sha256(payload);
     if actual != checksum {
         return Err(FormatError::ChecksumMismatch {
@@ -815,9 +814,28 @@ pub fn validate(c: &Cluster) -> Result<(), ClusterError> {
             }
         }
     }
-    let first = &c.insns[0];
-    if first.exit_class.is_none() || exit_class_of(&first.op).is_none() {
+    // The cluster is entered at its first exiting instruction. Up to
+    // MAX_LOOP_HEAD_INSNS plain gap fillers may come before it as a loop head
+    // (translator rule 3), which only a back-edge of the cluster reaches.
+    let entry = c.insns.iter().position(|i| i.exit_class.is_some());
+    let entry = match entry {
+        Some(k) if k <= MAX_LOOP_HEAD_INSNS => k,
+        _ => return Err(CE::FirstNotExiting),
+    };
+    if exit_class_of(&c.insns[entry].op).is_none() {
         return Err(CE::FirstNotExiting);
+    }
+    if entry > 0 {
+        let plain = c.insns[..entry]
+            .iter()
+            .all(|i| exit_class_of(&i.op).is_none() && branch_target(&i.op).is_none());
+        let reached = c.back_edges.iter().any(|b| {
+            matches!(branch_target(&c.insns[b.insn as usize].op),
+                Some(Target::Insn(t)) if (t as usize) < entry)
+        });
+        if !plain || !reached {
+            return Err(CE::FirstNotExiting);
+        }
     }
 
     Ok(())
