@@ -635,3 +635,46 @@ fn a_fault_in_the_hypervisor_itself_is_diagnosed_by_its_exception_stubs() {
         "{err}"
     );
 }
+
+#[test]
+fn string_port_io_is_completed_by_the_hypervisor() {
+    require_bochs();
+    let dir = scratch("stringio");
+    #[rustfmt::skip]
+    let mut code = vec![
+        0x48, 0x8d, 0x35, 0x39, 0x00, 0x00, 0x00, //  0: lea rsi, [rip + msg]
+        0xb9, 0x06, 0x00, 0x00, 0x00,             //  7: mov ecx, 6
+        0x66, 0xba, 0xf8, 0x03,                   // 12: mov dx, 0x3f8
+        0xf3, 0x6e,                               // 16: rep outsb
+        0x48, 0x8d, 0x3d, 0x37, 0x00, 0x00, 0x00, // 18: lea rdi, [rip + buf]
+        0xb9, 0x02, 0x00, 0x00, 0x00,             // 25: mov ecx, 2
+        0x66, 0xba, 0xfd, 0x03,                   // 30: mov dx, 0x3fd (LSR)
+        0xf3, 0x6c,                               // 34: rep insb
+        0x48, 0x8d, 0x35, 0x25, 0x00, 0x00, 0x00, // 36: lea rsi, [rip + buf]
+        0xb9, 0x02, 0x00, 0x00, 0x00,             // 43: mov ecx, 2
+        0x66, 0xba, 0xf8, 0x03,                   // 48: mov dx, 0x3f8
+        0xf3, 0x6e,                               // 52: rep outsb
+        0xb0, b'\n', 0xee,                        // 54: out '\n'
+        0x31, 0xc0, 0xe6, 0xf4,                   // 57: exit 0
+        0xf4,                                     // 61: hlt
+    ];
+    code.resize(96, 0);
+    code[64..70].copy_from_slice(b"hello\n"); // msg; buf at 80
+    let elf = dir.join("sio.elf");
+    std::fs::write(&elf, elf64_at_1mib(&code)).unwrap();
+    let pre = dir.join("sio.pre.elf");
+    link(&elf, &pre);
+    let jobs: Vec<Job<Run>> = vec![
+        Box::new({
+            let p = pre.clone();
+            move || run_bochs(&p, "off")
+        }),
+        Box::new(move || run_bochs(&pre, "aot+dynamic")),
+    ];
+    let r = parallel(jobs);
+    // The LSR reads back THR-empty | transmitter-empty (0x60, a backquote) twice.
+    assert_eq!(String::from_utf8_lossy(&r[0].console), "hello\n``\n");
+    assert_eq!(r[1].console, r[0].console);
+    assert_eq!(r[0].record["exits_by_reason"]["outs"], 2, "{}", r[0].record);
+    assert_eq!(r[0].record["exits_by_reason"]["ins"], 1, "{}", r[0].record);
+}

@@ -163,12 +163,30 @@ pub fn run(v: &mut Vcpu, handler: &mut ExitHandler) -> Outcome {
                 let input = qual & (1 << 3) != 0;
                 let port = (qual >> 16) as u16;
                 if qual & (1 << 4) != 0 {
+                    // INS/OUTS: one exit for the whole (REP) instruction.
                     handler.count_exit(if input { "ins" } else { "outs" });
-                    return Outcome::Stopped(format!(
-                        "string port I/O ({} port {port:#x}) is not supported by this hypervisor; guest {}",
-                        if input { "INS" } else { "OUTS" },
-                        guest_where(v)
-                    ));
+                    match string_io(v, port, size, input, qual & (1 << 5) != 0) {
+                        Ok(()) => {
+                            vmwrite(f::GUEST_RIP, rip + len);
+                            if let Some(status) = v.bus.exit_status() {
+                                return Outcome::Exited(status);
+                            }
+                        }
+                        Err(StringIoStop::Fault(fault)) => v.inject(fault),
+                        Err(StringIoStop::Outside(gpa)) => {
+                            return Outcome::Stopped(format!(
+                                "string port I/O at {rip:#x} touches guest-physical {gpa:#x}, outside its RAM; guest {}",
+                                guest_where(v)
+                            ))
+                        }
+                        Err(StringIoStop::Unsupported) => {
+                            return Outcome::Stopped(format!(
+                                "string port I/O at {rip:#x} in a paging mode the hypervisor cannot walk; guest {}",
+                                guest_where(v)
+                            ))
+                        }
+                    }
+                    continue;
                 }
                 let mask = match size {
                     1 => 0xff,
@@ -459,4 +477,106 @@ fn wait_for_interrupt(v: &mut Vcpu) -> Result<(), String> {
         }
     }
     Err("interrupts are on but no device will raise one".into())
+}
+
+enum StringIoStop {
+    Fault(Fault),
+    Outside(u64),
+    Unsupported,
+}
+
+/// Complete INS/OUTS (with REP: all of it) through the guest's page tables: data
+/// from ES:(E/R)DI for INS, DS-or-override:(E/R)SI for OUTS, by RFLAGS.DF.
+/// Registers are updated element by element, so a fault leaves them exact.
+fn string_io(
+    v: &mut Vcpu,
+    port: u16,
+    size: u8,
+    input: bool,
+    rep: bool,
+) -> Result<(), StringIoStop> {
+    let info = vmread(f::EXIT_INSTRUCTION_INFO);
+    let addr_mask: u64 = match (info >> 7) & 7 {
+        0 => 0xffff,
+        1 => 0xffff_ffff,
+        _ => u64::MAX,
+    };
+    let state = v.state();
+    let long = state.efer & (1 << 10) != 0 && state.seg[1].long();
+    // Segment: ES for INS; for OUTS the instruction's (bits 17:15: ES, CS, SS, DS, FS, GS).
+    let seg = if input {
+        0
+    } else {
+        ((info >> 15) & 7) as usize
+    };
+    let base = if long && seg < 4 {
+        0
+    } else {
+        state.seg.get(seg).map_or(0, |s| s.base)
+    };
+    let mmu = avex_core::engine::mmu::Mmu::new(&state, 52);
+    let step = if state.rflags & (1 << 10) != 0 {
+        (size as u64).wrapping_neg()
+    } else {
+        size as u64
+    };
+    let (ptr_reg, count_reg) = (if input { 7 } else { 6 }, 1);
+    let mut count = if rep {
+        state.gpr[count_reg] & addr_mask
+    } else {
+        1
+    };
+    let mut ptr = state.gpr[ptr_reg];
+    let access = if input {
+        avex_core::engine::mmu::Access::Write
+    } else {
+        avex_core::engine::mmu::Access::Read
+    };
+    while count > 0 {
+        let la = base.wrapping_add(ptr & addr_mask);
+        let mut buf = [0u8; 4];
+        let n = size as usize;
+        let mut walks = 0;
+        // Translate byte by byte so an element crossing a page boundary is right.
+        let mut gpas = [0u64; 4];
+        for (i, g) in gpas.iter_mut().enumerate().take(n) {
+            *g = match mmu.translate(v, la.wrapping_add(i as u64), access, &mut walks) {
+                Ok(pa) => pa,
+                Err(avex_core::engine::mmu::XlateError::PageFault { addr, error_code }) => {
+                    return Err(StringIoStop::Fault(Fault::PageFault { addr, error_code }))
+                }
+                Err(avex_core::engine::mmu::XlateError::NotRam { gpa }) => {
+                    return Err(StringIoStop::Outside(gpa))
+                }
+                Err(avex_core::engine::mmu::XlateError::Unsupported) => {
+                    return Err(StringIoStop::Unsupported)
+                }
+            };
+        }
+        if input {
+            let value = v.port_in(port, size);
+            buf[..n].copy_from_slice(&value.to_le_bytes()[..n]);
+            for i in 0..n {
+                v.write_phys(gpas[i], &buf[i..i + 1])
+                    .map_err(|e| StringIoStop::Outside(e.gpa))?;
+            }
+        } else {
+            for i in 0..n {
+                v.read_phys(gpas[i], &mut buf[i..i + 1])
+                    .map_err(|e| StringIoStop::Outside(e.gpa))?;
+            }
+            v.port_out(port, size, u32::from_le_bytes(buf));
+        }
+        ptr = (ptr & !addr_mask) | (ptr.wrapping_add(step) & addr_mask);
+        count -= 1;
+        v.set_gpr(ptr_reg, ptr);
+        if rep {
+            let rcx = v.gpr_value(count_reg);
+            v.set_gpr(count_reg, (rcx & !addr_mask) | (count & addr_mask));
+        }
+        if v.bus.exit_status().is_some() {
+            break;
+        }
+    }
+    Ok(())
 }

@@ -70,6 +70,7 @@ pub mod field {
     pub const VM_INSTRUCTION_ERROR: u64 = 0x4400;
     pub const EXIT_REASON: u64 = 0x4402;
     pub const EXIT_INSTRUCTION_LEN: u64 = 0x440c;
+    pub const EXIT_INSTRUCTION_INFO: u64 = 0x440e;
     pub const GUEST_ES_LIMIT: u64 = 0x4800;
     pub const GUEST_LDTR_LIMIT: u64 = 0x480c;
     pub const GUEST_TR_LIMIT: u64 = 0x480e;
