@@ -16,6 +16,8 @@ use crate::mem::GuestRam;
 
 /// IA32_TIME_STAMP_COUNTER.
 const MSR_TSC: u32 = 0x10;
+const MSR_FS_BASE: u32 = 0xc000_0100;
+const MSR_GS_BASE: u32 = 0xc000_0101;
 /// `kvm_cpuid_entry2.flags`: the entry depends on the subleaf (ECX).
 const KVM_CPUID_FLAG_SIGNIFICANT_INDEX: u32 = 1;
 
@@ -225,6 +227,67 @@ impl KvmGuest {
         (regs, sregs)
     }
 
+    /// Write registers back: into `kvm_run` for the next KVM_RUN when synced,
+    /// else by ioctl; only what changed.
+    fn write_regs(&mut self, old_r: kvm_regs, old_s: kvm_sregs, r: kvm_regs, s: kvm_sregs) {
+        if self.synced {
+            // Written back into kvm_run and loaded by KVM at the next KVM_RUN.
+            let sr = self.vcpu.sync_regs_mut();
+            if r != old_r {
+                sr.regs = r;
+            }
+            if s != old_s {
+                sr.sregs = s;
+            }
+            if r != old_r {
+                self.vcpu.set_sync_dirty_reg(SyncReg::Register);
+            }
+            if s != old_s {
+                self.vcpu.set_sync_dirty_reg(SyncReg::SystemRegister);
+            }
+        } else {
+            if r != old_r {
+                self.reg_ioctls += 1;
+                if let Err(e) = self.vcpu.set_regs(&r) {
+                    self.fail("KVM_SET_REGS", e);
+                }
+            }
+            if s != old_s {
+                self.reg_ioctls += 1;
+                if let Err(e) = self.vcpu.set_sregs(&s) {
+                    self.fail("KVM_SET_SREGS", e);
+                }
+            }
+        }
+        self.cached = Some((r, s));
+    }
+
+    /// Before an ioctl that changes vCPU state behind the synced registers (a
+    /// WRMSR): hand KVM any register changes still waiting in `kvm_run`, and read
+    /// registers by ioctl until the next KVM_RUN syncs them again.
+    fn leave_sync(&mut self) {
+        if self.synced {
+            let (r, s) = self.regs();
+            let run = self.vcpu.get_kvm_run();
+            let dirty = run.kvm_dirty_regs;
+            run.kvm_dirty_regs = 0;
+            if dirty & u64::from(kvm_bindings::KVM_SYNC_X86_REGS) != 0 {
+                self.reg_ioctls += 1;
+                if let Err(e) = self.vcpu.set_regs(&r) {
+                    self.fail("KVM_SET_REGS", e);
+                }
+            }
+            if dirty & u64::from(kvm_bindings::KVM_SYNC_X86_SREGS) != 0 {
+                self.reg_ioctls += 1;
+                if let Err(e) = self.vcpu.set_sregs(&s) {
+                    self.fail("KVM_SET_SREGS", e);
+                }
+            }
+        }
+        self.cached = None;
+        self.synced = false;
+    }
+
     /// RIP now (one KVM_GET_REGS unless cached).
     pub fn rip(&mut self) -> u64 {
         self.regs().0.rip
@@ -259,36 +322,7 @@ impl Guest for KvmGuest {
         let (old_r, old_s) = self.regs();
         let (mut r, mut s) = (old_r, old_s);
         apply_state(state, &mut r, &mut s);
-        if self.synced {
-            // Written back into kvm_run and loaded by KVM at the next KVM_RUN.
-            let sr = self.vcpu.sync_regs_mut();
-            if r != old_r {
-                sr.regs = r;
-            }
-            if s != old_s {
-                sr.sregs = s;
-            }
-            if r != old_r {
-                self.vcpu.set_sync_dirty_reg(SyncReg::Register);
-            }
-            if s != old_s {
-                self.vcpu.set_sync_dirty_reg(SyncReg::SystemRegister);
-            }
-        } else {
-            if r != old_r {
-                self.reg_ioctls += 1;
-                if let Err(e) = self.vcpu.set_regs(&r) {
-                    self.fail("KVM_SET_REGS", e);
-                }
-            }
-            if s != old_s {
-                self.reg_ioctls += 1;
-                if let Err(e) = self.vcpu.set_sregs(&s) {
-                    self.fail("KVM_SET_SREGS", e);
-                }
-            }
-        }
-        self.cached = Some((r, s));
+        self.write_regs(old_r, old_s, r, s);
     }
 
     fn read_phys(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), NotRam> {
@@ -310,6 +344,12 @@ impl Guest for KvmGuest {
     }
 
     fn rdmsr(&mut self, msr: u32) -> Result<u64, Fault> {
+        // FS and GS base are the segment bases: no ioctl needed.
+        match msr {
+            MSR_FS_BASE => return Ok(self.regs().1.fs.base),
+            MSR_GS_BASE => return Ok(self.regs().1.gs.base),
+            _ => {}
+        }
         let mut m = Msrs::from_entries(&[kvm_msr_entry {
             index: msr,
             ..Default::default()
@@ -322,6 +362,22 @@ impl Guest for KvmGuest {
     }
 
     fn wrmsr(&mut self, msr: u32, value: u64) -> Result<(), Fault> {
+        if msr == MSR_FS_BASE || msr == MSR_GS_BASE {
+            // A non-canonical base is #GP, as WRMSR does.
+            if ((value as i64) << 16 >> 16) as u64 != value {
+                return Err(Fault::GeneralProtection);
+            }
+            let (r, old_s) = self.regs();
+            let mut s = old_s;
+            if msr == MSR_FS_BASE {
+                s.fs.base = value;
+            } else {
+                s.gs.base = value;
+            }
+            self.write_regs(r, old_s, r, s);
+            return Ok(());
+        }
+        self.leave_sync();
         let m = Msrs::from_entries(&[kvm_msr_entry {
             index: msr,
             data: value,
@@ -329,13 +385,7 @@ impl Guest for KvmGuest {
         }])
         .map_err(|_| Fault::GeneralProtection)?;
         match self.vcpu.set_msrs(&m) {
-            Ok(1) => {
-                // EFER and friends live in sregs too: read them again by ioctl
-                // until the next KVM_RUN syncs them.
-                self.cached = None;
-                self.synced = false;
-                Ok(())
-            }
+            Ok(1) => Ok(()),
             _ => Err(Fault::GeneralProtection),
         }
     }
