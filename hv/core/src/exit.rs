@@ -13,6 +13,7 @@
 //!
 //! Statistics ([`ExitStats`]) are counted here for every backend.
 
+use alloc::format;
 use alloc::string::{String, ToString};
 use core::fmt;
 
@@ -393,16 +394,28 @@ impl ExitHandler {
             n = fetch_code(guest, state, rip, &mut code[..want]);
         }
         code.truncate(n);
-        translator::translate_in(
+        match translator::translate_in(
             &code,
             code_rip,
             rip,
             bitness_of(state),
             &self.policy,
             &self.translator,
-        )
-        .ok()
-        .map(|t| t.cluster)
+        ) {
+            Ok(t) => Some(t.cluster),
+            Err(why) => {
+                let name = match why.blocker() {
+                    Some(m) => format!("{}({m:?})", why.name()),
+                    None => why.name().into(),
+                };
+                *self
+                    .stats
+                    .translation_failures_by_reason
+                    .entry(name)
+                    .or_insert(0) += 1;
+                None
+            }
+        }
     }
 
     /// The start of the translation that holds an exiting instruction at `rip`

@@ -48,6 +48,8 @@ pub struct ExitStats {
     pub translations_built: u64,
     /// Dynamic translation attempts that produced no cluster.
     pub translation_failures: u64,
+    /// Why the translator made no cluster, by reason (`unsupported(Imul)`, ...).
+    pub translation_failures_by_reason: BTreeMap<String, u64>,
     /// Run-time translation work: nanoseconds spent in the translator (0 when the
     /// backend gave the handler no clock) and guest instructions decoded into IR.
     pub translate_ns: u64,
@@ -148,6 +150,14 @@ impl ExitStats {
             self.translate_insns,
             self.translate_ns as f64 / 1e6
         );
+        if !self.translation_failures_by_reason.is_empty() {
+            let why: Vec<String> = self
+                .translation_failures_by_reason
+                .iter()
+                .map(|(k, v)| alloc::format!("{k} {v}"))
+                .collect();
+            let _ = writeln!(s, "  not translated:       {}", why.join(", "));
+        }
         if !self.by_rip.is_empty() {
             let mut hot: Vec<(u64, u64)> = self.by_rip.iter().map(|(r, n)| (*r, *n)).collect();
             hot.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
