@@ -555,6 +555,10 @@ struct RegionClusters {
 /// is redone sequentially, so the result equals one pass in address order.
 const GROUP_GAP: u64 = 4096;
 
+/// Bytes before a site handed to the translator: more than a loop head of
+/// `max_loop_head_insns` (8) instructions of at most 15 bytes can need.
+const LOOP_HEAD_CONTEXT: u64 = 128;
+
 fn is_inside(c: &Cluster, rip: u64) -> bool {
     rip >= c.start && rip < c.end && c.insns.binary_search_by_key(&rip, |i| i.rip).is_ok()
 }
@@ -568,7 +572,6 @@ fn cluster_group(
 ) -> RegionClusters {
     let mut out = RegionClusters::default();
     let mut active: Vec<Cluster> = carry.to_vec();
-    let mut first_new = 0;
     for &(rip, _) in sites {
         active.retain(|c| c.end > rip);
         if active.iter().any(|c| is_inside(c, rip)) {
@@ -576,9 +579,11 @@ fn cluster_group(
             continue;
         }
         out.translated += 1;
-        let off = (rip - region.addr) as usize;
-        match api::translate(&region.bytes[off..], rip, region.bitness, policy, config) {
-            Ok(c) => {
+        // The bytes before the site let the translator take in a loop head.
+        let code_rip = rip.saturating_sub(LOOP_HEAD_CONTEXT).max(region.addr);
+        let code = &region.bytes[(code_rip - region.addr) as usize..];
+        match api::translate_in(code, code_rip, rip, region.bitness, policy, config) {
+            Ok(api::Translated { cluster: c, .. }) => {
                 active.push(c.clone());
                 out.clusters.push(c);
             }
@@ -586,9 +591,7 @@ fn cluster_group(
                 *out.reasons.entry(e.name()).or_insert(0) += 1;
             }
         }
-        first_new += 1;
     }
-    let _ = first_new;
     out
 }
 
