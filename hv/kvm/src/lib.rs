@@ -19,7 +19,7 @@
 //! - KVM_RUN with `immediate_exit` = 1 after an IN exit returns EINTR with the IN
 //!   completed (AL written, RIP after it); such completions do not count in `exits`.
 //! - An OUT has already completed (RIP after it) when it reaches user space; an IN
-//!   and RDMSR/WRMSR have not. [`insn`] finds the instruction either way, and no
+//!   and RDMSR/WRMSR have not. The `insn` module finds the instruction either way, and no
 //!   completion KVM_RUN is made when nothing is pending.
 //! - KVM_GET/SET_REGS, SREGS and MSRS cost 13-25 us each, more than the user-space
 //!   part of an exit; registers therefore travel in `kvm_run` (KVM_CAP_SYNC_REGS)
