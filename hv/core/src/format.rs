@@ -148,7 +148,9 @@ pub enum ClusterError {
     Empty,
     /// `insns[0].rip` is not `start`.
     FirstRipNotStart { rip: u64, start: u64 },
-    /// The first instruction is not an exiting instruction of its class.
+    /// The cluster does not start at an exiting instruction of its class, nor at a
+    /// loop head of at most [`MAX_LOOP_HEAD_INSNS`] plain gap fillers that one of its
+    /// back-edges reaches.
     FirstNotExiting,
     /// An instruction length outside 1..=15.
     BadLength { insn: usize, len: u8 },
@@ -191,7 +193,10 @@ impl fmt::Display for ClusterError {
             FirstRipNotStart { rip, start } => {
                 write!(f, "first instruction at {rip:#x} is not the cluster start {start:#x}")
             }
-            FirstNotExiting => write!(f, "first instruction is not an exiting instruction"),
+            FirstNotExiting => write!(
+                f,
+                "does not start at an exiting instruction (or at a loop head of at most {MAX_LOOP_HEAD_INSNS} plain gap fillers that a back-edge reaches)"
+            ),
             BadLength { insn, len } => {
                 write!(f, "instruction {insn}: length {len} is outside 1..=15")
             }

@@ -1185,3 +1185,80 @@ fn fuzz_seeds() {
         }
     }
 }
+
+/// A loop head (plain gap fillers reached only by the cluster's back-edge) may come
+/// before the first exiting instruction; anything else before it is refused.
+#[test]
+fn loop_head_before_the_first_exiting_instruction() {
+    let nop = |rip| Insn {
+        rip,
+        len: 1,
+        op: Op::Nop,
+        exit_class: None,
+    };
+    let jmp = |rip, t| Insn {
+        rip,
+        len: 2,
+        op: Op::Jmp {
+            target: Target::Insn(t),
+        },
+        exit_class: None,
+    };
+    // nop; out dx, al; jmp 0 (back to the loop head)
+    let c = Cluster {
+        start: 0x1000,
+        end: 0x1004,
+        bitness: Bitness::B64,
+        guest_bytes: vec![0x90, 0xee, 0xeb, 0xfc],
+        insns: vec![nop(0x1000), out_dx(0x1001), jmp(0x1002, 0)],
+        back_edges: vec![BackEdge {
+            insn: 2,
+            cap: Some(10),
+        }],
+    };
+    assert_eq!(validate(&c), Ok(()));
+
+    // The back-edge goes to the exiting instruction, not the head: nothing reaches it.
+    let mut d = c.clone();
+    d.insns[2].op = Op::Jmp {
+        target: Target::Insn(1),
+    };
+    assert_eq!(validate(&d), Err(ClusterError::FirstNotExiting));
+
+    // A branch in the head is not a plain gap filler.
+    let mut d = c.clone();
+    d.insns[0] = Insn {
+        len: 1,
+        ..jmp(0x1000, 1)
+    };
+    assert_eq!(validate(&d), Err(ClusterError::FirstNotExiting));
+
+    // More than MAX_LOOP_HEAD_INSNS fillers before the first exiting instruction.
+    let n = avex_core::format::MAX_LOOP_HEAD_INSNS as u64 + 1;
+    let mut insns: Vec<Insn> = (0..n).map(|i| nop(0x1000 + i)).collect();
+    insns.push(out_dx(0x1000 + n));
+    insns.push(jmp(0x1001 + n, 0));
+    let d = Cluster {
+        start: 0x1000,
+        end: 0x1003 + n,
+        bitness: Bitness::B64,
+        guest_bytes: vec![0x90; n as usize + 3],
+        back_edges: vec![BackEdge {
+            insn: n as u16 + 1,
+            cap: None,
+        }],
+        insns,
+    };
+    assert_eq!(validate(&d), Err(ClusterError::FirstNotExiting));
+
+    // No exiting instruction at all.
+    let d = Cluster {
+        start: 0x1000,
+        end: 0x1001,
+        bitness: Bitness::B64,
+        guest_bytes: vec![0x90],
+        insns: vec![nop(0x1000)],
+        back_edges: vec![],
+    };
+    assert_eq!(validate(&d), Err(ClusterError::FirstNotExiting));
+}
