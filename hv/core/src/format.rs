@@ -1032,6 +1032,15 @@ fn check_op(op: &Op, bitness: Bitness) -> Check {
             }
             operand(src, *size, b, false)
         }
+        Op::Imul { size, dst, src, .. } => {
+            wide(*size)?;
+            size_ok(*size, b)?;
+            reg(dst, b)?;
+            if dst.size != *size {
+                return Err("register width differs from the operation size");
+            }
+            operand(src, *size, b, false)
+        }
         Op::SignExtendAcc { size } | Op::SignExtendAccToDx { size } => {
             wide(*size)?;
             size_ok(*size, b)

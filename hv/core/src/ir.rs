@@ -262,6 +262,15 @@ pub enum Op {
         a: Operand,
         b: Operand,
     },
+    /// IMUL's two- and three-operand forms (16, 32, 64 bits): `dst = dst * src`, or
+    /// `dst = src * factor` when `factor` (the sign-extended immediate) is given.
+    /// CF = OF = 1 when the signed product does not fit `size`.
+    Imul {
+        size: Size,
+        dst: RegRef,
+        src: Operand,
+        factor: Option<u64>,
+    },
     /// `size` is the push width (2, 4 or 8); the stack pointer width follows the
     /// stack segment (the cluster's bitness here: SS.B in 32-bit code, 64 in long mode).
     Push {

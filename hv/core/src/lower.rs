@@ -160,6 +160,24 @@ pub fn lower(instr: &Instruction) -> Result<Op, Unsupported> {
             }
         }
 
+        // The one-operand form (RDX:RAX result) is not in the IR.
+        Mnemonic::Imul if matches!(instr.op_count(), 2 | 3) => {
+            let dst = reg_operand(instr, 0)?;
+            let factor = if instr.op_count() == 3 {
+                match operand(instr, 2)? {
+                    Operand::Imm(v) => Some(v),
+                    _ => return Err(Unsupported::Form(instr.code())),
+                }
+            } else {
+                None
+            };
+            Op::Imul {
+                size: dst.size,
+                dst,
+                src: operand(instr, 1)?,
+                factor,
+            }
+        }
         Mnemonic::Cbw => Op::SignExtendAcc { size: Size::S2 },
         Mnemonic::Cwde => Op::SignExtendAcc { size: Size::S4 },
         Mnemonic::Cdqe => Op::SignExtendAcc { size: Size::S8 },

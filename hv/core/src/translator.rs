@@ -567,7 +567,10 @@ pub fn memory_accesses(op: &Op) -> u32 {
     let mem = |o: &Operand| u32::from(matches!(o, Operand::Mem(_)));
     match op {
         Op::Mov { dst, src, .. } | Op::Alu { dst, src, .. } => mem(dst) + mem(src),
-        Op::Movzx { src, .. } | Op::Movsx { src, .. } | Op::Cmovcc { src, .. } => mem(src),
+        Op::Movzx { src, .. }
+        | Op::Movsx { src, .. }
+        | Op::Cmovcc { src, .. }
+        | Op::Imul { src, .. } => mem(src),
         Op::Unary { dst, .. } | Op::Shift { dst, .. } | Op::Bit { dst, .. } => mem(dst),
         Op::Setcc { dst, .. } => mem(dst),
         Op::Xchg { a, b, .. } => mem(a) + mem(b),

@@ -564,6 +564,7 @@ fn mnemonic_ok(m: Mnemonic) -> bool {
             | Cwd
             | Cdq
             | Cqo
+            | Imul
             | Clc
             | Stc
             | Cmc
@@ -670,6 +671,10 @@ impl Gen {
             {
                 // NOP with operands (0F 1F /0) is a hint, not in the IR's set.
                 if m == Mnemonic::Nop && !kinds.is_empty() {
+                    continue;
+                }
+                // One-operand IMUL (RDX:RAX result) is not in the IR's set.
+                if m == Mnemonic::Imul && kinds.len() == 1 {
                     continue;
                 }
                 codes.push(c);
@@ -814,6 +819,19 @@ impl Gen {
         }
         // XCHG/MOV etc. written registers must not be protected (checked by reg_for);
         // implicit RSP writers other than PUSH/POP do not exist in the set.
+        // Three operands: IMUL r, r/m, imm.
+        if let [a, b, Arg::I(imm)] = ops[..] {
+            let r = match (a, b) {
+                (Arg::R(x), Arg::R(y)) => Instruction::with3(code, x, y, imm as i32),
+                (Arg::R(x), Arg::M(y)) => Instruction::with3(code, x, y, imm as i32),
+                _ => return None,
+            };
+            let instr = r.ok()?;
+            Encoder::new(self.mode.bits())
+                .encode(&instr, self.seq_ip)
+                .ok()?;
+            return Some(instr);
+        }
         let r = match (ops.first(), ops.get(1)) {
             (None, _) => Ok(Instruction::with(code)),
             (Some(a), None) => match *a {

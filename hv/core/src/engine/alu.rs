@@ -8,6 +8,7 @@
 //!   when the count is >= the operand width (8/16-bit operands only).
 //! - ROL/ROR/RCL/RCR: OF undefined for counts other than 1 (1-bit formula used).
 //! - BT/BTS/BTR/BTC: OF, SF, AF, PF undefined (left unchanged), ZF unaffected.
+//! - IMUL: SF, ZF, AF, PF undefined (SF/ZF/PF from the truncated result, AF cleared).
 
 use crate::ir::{AluOp, Cond, ShiftOp, Size, UnaryOp};
 
@@ -100,6 +101,16 @@ pub fn alu(op: AluOp, size: Size, a: u64, b: u64, flags: u64) -> (u64, u64) {
             (r, keep | szp(r, size))
         }
     }
+}
+
+/// Two- and three-operand IMUL: returns (truncated product, new rflags).
+#[inline(always)]
+pub fn imul(size: Size, a: u64, b: u64, flags: u64) -> (u64, u64) {
+    let full = i128::from(sext(a, size) as i64) * i128::from(sext(b, size) as i64);
+    let r = (full as u64) & size.mask();
+    let fits = i128::from(sext(r, size) as i64) == full;
+    let f = if fits { 0 } else { CF | OF };
+    (r, (flags & !STATUS) | f | szp(r, size))
 }
 
 /// INC/DEC/NEG/NOT: returns (result, new rflags).

@@ -397,6 +397,9 @@ fn op_ok(op: &Op, b64: bool) -> bool {
         Op::Cmovcc { size, dst, src, .. } => {
             *size != Size::S1 && reg_ok(dst) && opnd_ok(src, b64, false)
         }
+        Op::Imul { size, dst, src, .. } => {
+            *size != Size::S1 && reg_ok(dst) && dst.size == *size && opnd_ok(src, b64, false)
+        }
         Op::SignExtendAcc { size } | Op::SignExtendAccToDx { size } => *size != Size::S1,
         Op::Loop { addr_size, .. } => *addr_size != Size::S1 && (b64 || *addr_size != Size::S8),
         Op::In { size, .. } | Op::Out { size, .. } => io(*size),
@@ -1194,6 +1197,21 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                 let v = self.read(src, size)?;
                 let v = if alu::cond(c, fl) { v } else { self.reg(dst) };
                 self.set_reg(dst, v);
+            }
+            Op::Imul {
+                size,
+                dst,
+                ref src,
+                factor,
+            } => {
+                let s = self.read(src, size)?;
+                let (a, b) = match factor {
+                    Some(imm) => (s, imm),
+                    None => (self.reg(dst), s),
+                };
+                let (r, f) = alu::imul(size, a, b, self.st.rflags);
+                self.set_reg(dst, r);
+                self.st.rflags = f;
             }
             Op::SignExtendAcc { size } => {
                 let half = match size {
