@@ -149,8 +149,8 @@ pub enum ClusterError {
     /// `insns[0].rip` is not `start`.
     FirstRipNotStart { rip: u64, start: u64 },
     /// The cluster does not start at an exiting instruction of its class, nor at a
-    /// loop head of at most [`MAX_LOOP_HEAD_INSNS`] plain gap fillers that one of its
-    /// back-edges reaches.
+    /// loop head of at most [`MAX_LOOP_HEAD_INSNS`] gap fillers (conditional branches
+    /// allowed, no exiting instruction) that one of its back-edges reaches.
     FirstNotExiting,
     /// An instruction length outside 1..=15.
     BadLength { insn: usize, len: u8 },
@@ -195,7 +195,7 @@ impl fmt::Display for ClusterError {
             }
             FirstNotExiting => write!(
                 f,
-                "does not start at an exiting instruction (or at a loop head of at most {MAX_LOOP_HEAD_INSNS} plain gap fillers that a back-edge reaches)"
+                "does not start at an exiting instruction (or at a loop head of at most {MAX_LOOP_HEAD_INSNS} gap fillers, no exiting instruction, that a back-edge reaches)"
             ),
             BadLength { insn, len } => {
                 write!(f, "instruction {insn}: length {len} is outside 1..=15")
@@ -831,9 +831,9 @@ pub fn validate(c: &Cluster) -> Result<(), ClusterError> {
         return Err(CE::FirstNotExiting);
     }
     if entry > 0 {
-        let plain = c.insns[..entry]
-            .iter()
-            .all(|i| exit_class_of(&i.op).is_none() && branch_target(&i.op).is_none());
+        let plain = c.insns[..entry].iter().all(|i| {
+            exit_class_of(&i.op).is_none() && !matches!(i.op, Op::Jmp { .. } | Op::Loop { .. })
+        });
         let reached = c.back_edges.iter().any(|b| {
             matches!(branch_target(&c.insns[b.insn as usize].op),
                 Some(Target::Insn(t)) if (t as usize) < entry)

@@ -19,7 +19,8 @@
 //!    paging mode; MOV to CR3 too if `end_after_cr3_load` is set).
 //! 3. The cluster covers the first exiting instruction to the last exiting one
 //!    scanned, and no further, except for a loop: a backward branch after the last
-//!    exiting instruction is included when its loop qualifies, and when a back-edge
+//!    exiting instruction is included when its loop holds an exiting instruction,
+//!    and when a back-edge
 //!    returns to a loop head a few instructions *before* the first exiting
 //!    instruction (the common `mov dx, port; in al, dx; ...; jnz head` shape), those
 //!    instructions are prepended. The cluster is still entered at its first exiting
@@ -257,8 +258,11 @@ pub fn translate_in(
     let with_head = if head.is_empty() {
         None
     } else {
-        assemble(head, &scan.insns, config)
-            .filter(|(insns, _, head_len)| insns.iter().any(|i| targets_below(&i.op, *head_len)))
+        assemble(head, &scan.insns, config).filter(|(insns, back_edges, head_len)| {
+            back_edges
+                .iter()
+                .any(|b| targets_below(&insns[usize::from(b.insn)].op, *head_len))
+        })
     };
     let Some((mut insns, back_edges, _)) =
         with_head.or_else(|| assemble(Vec::new(), &scan.insns, config))
@@ -300,14 +304,15 @@ fn assemble(
     let mut insns = head;
     insns.extend_from_slice(scanned);
     let last_exiting = insns.iter().rposition(|i| i.exit_class.is_some())?;
-    // A trailing back-edge whose loop comes round through an exiting instruction.
+    // A trailing back-edge whose loop holds an exiting instruction (uncapped if it
+    // qualifies, else capped: `resolve_branches` decides).
     let cut = (last_exiting + 1..insns.len())
         .rev()
         .find(|&j| {
             exit_target(&insns[j].op)
                 .filter(|&t| t <= insns[j].rip)
                 .and_then(|t| insns.binary_search_by_key(&t, |i| i.rip).ok())
-                .is_some_and(|target| loop_qualifies(&insns, target, j))
+                .is_some_and(|target| insns[target..=j].iter().any(|i| i.exit_class.is_some()))
         })
         .unwrap_or(last_exiting);
     insns.truncate(cut + 1);
@@ -331,7 +336,8 @@ fn targets_below(op: &Op, limit: usize) -> bool {
 }
 
 /// The instructions from `head` up to `rip`, if they form a loop head: they decode
-/// to end exactly at `rip`, none exits, branches or ends a cluster, they lower, and
+/// to end exactly at `rip`, none exits or ends a cluster, the only branches are
+/// conditional ones (a loop's exit test, as in `inc; cmp; je done`), they lower, and
 /// they fit the gap rules. `context` holds the bytes from `code_rip` to `rip`.
 fn loop_head(
     context: &[u8],
@@ -357,7 +363,8 @@ fn loop_head(
             return None;
         }
         let op = lower(&instr).ok()?;
-        if is_branch(&op) || ends_cluster(&op, config) {
+        let conditional = matches!(op, Op::Jcc { .. });
+        if (is_branch(&op) && !conditional) || ends_cluster(&op, config) {
             return None;
         }
         accesses = accesses.saturating_add(memory_accesses(&op));
@@ -510,17 +517,30 @@ fn resolve_branches(insns: &mut [Insn], config: &TranslatorConfig) -> Vec<BackEd
 
 /// Whether the back-edge at `branch` to `target` (`target <= branch`) qualifies to run
 /// uncapped: walking from `target` in address order, an exiting instruction comes
-/// before any branch instruction. Then every time the back-edge is taken, control has
-/// come through `target` and straight on to that exiting instruction, so each
-/// iteration does the work of an exit; the engine checks for interrupts at every
-/// back-edge and stops the cluster there when one is pending.
+/// before any branch to an instruction of the cluster. A branch out of the cluster
+/// (`Target::Exit`) does not count: taken, it ends the run. So every time the
+/// back-edge is taken and the cluster goes on, control comes straight to that
+/// exiting instruction, and each iteration does the work of an exit; the engine
+/// checks for interrupts at every back-edge and stops the cluster there when one is
+/// pending. Branches between `target` and `branch` must already be resolved.
 pub fn loop_qualifies(insns: &[Insn], target: usize, branch: usize) -> bool {
     insns
         .get(target..=branch)
         .into_iter()
         .flatten()
-        .find(|insn| insn.exit_class.is_some() || is_branch(&insn.op))
+        .find(|insn| insn.exit_class.is_some() || branches_inside(&insn.op))
         .is_some_and(|insn| insn.exit_class.is_some())
+}
+
+/// A branch that may stay inside the cluster: resolved to one of its instructions,
+/// or not yet resolved.
+fn branches_inside(op: &Op) -> bool {
+    match op {
+        Op::Jmp { target } | Op::Jcc { target, .. } | Op::Loop { target, .. } => {
+            matches!(target, Target::Insn(_))
+        }
+        _ => false,
+    }
 }
 
 fn is_branch(op: &Op) -> bool {
@@ -934,6 +954,53 @@ mod tests {
         )
         .unwrap();
         assert_eq!(t.cluster.start, 0x100176);
+    }
+
+    #[test]
+    fn a_loop_head_may_test_for_the_loop_exit() {
+        // PCI probing as compiled: the head counts and leaves when done.
+        let code: &[u8] = &[
+            0xff, 0xc3, //             0x6000 inc ebx
+            0x83, 0xfb, 0x10, //       0x6002 cmp ebx, 16
+            0x74, 0x20, //             0x6005 je 0x6027 (leaves the loop)
+            0x66, 0xba, 0xf8, 0x0c, // 0x6007 mov dx, 0xcf8
+            0xef, //                   0x600b out dx, eax (entry)
+            0x66, 0xba, 0xfc, 0x0c, // 0x600c mov dx, 0xcfc
+            0xed, //                   0x6010 in eax, dx
+            0x83, 0xf8, 0xff, //       0x6011 cmp eax, -1
+            0x74, 0xea, //             0x6014 je 0x6000
+        ];
+        let config = TranslatorConfig::default();
+        let policy = ExitPolicy::default();
+        let t = translate_in(code, 0x6000, 0x600b, Bitness::B64, &policy, &config).unwrap();
+        let c = &t.cluster;
+        check_cluster_in(c, code, 0x6000, 0x600b, &config);
+        assert_eq!(c.entry_index(), Some(4));
+        assert!(matches!(
+            c.insns[2].op,
+            Op::Jcc {
+                target: Target::Exit(0x6027),
+                ..
+            }
+        ));
+        assert_eq!(
+            c.back_edges,
+            vec![BackEdge { insn: 8, cap: None }],
+            "a branch out of the cluster does not keep the loop from qualifying"
+        );
+
+        // A head branch that stays inside can skip the exits: the loop is capped.
+        let mut inside = code.to_vec();
+        inside[6] = 0x05; // je 0x600c: into the cluster, past the OUT
+        let t = translate_in(&inside, 0x6000, 0x600b, Bitness::B64, &policy, &config).unwrap();
+        check_cluster_in(&t.cluster, &inside, 0x6000, 0x600b, &config);
+        assert_eq!(
+            t.cluster.back_edges,
+            vec![BackEdge {
+                insn: 8,
+                cap: Some(config.back_edge_cap)
+            }]
+        );
     }
 
     #[test]
