@@ -831,9 +831,11 @@ pub fn validate(c: &Cluster) -> Result<(), ClusterError> {
         return Err(CE::FirstNotExiting);
     }
     if entry > 0 {
-        let plain = c.insns[..entry].iter().all(|i| {
-            exit_class_of(&i.op).is_none() && !matches!(i.op, Op::Jmp { .. } | Op::Loop { .. })
-        });
+        // `exit_class` is what the cluster's policy makes exit (checked against the
+        // op above): PAUSE, say, is a plain gap filler when PAUSE exiting is off.
+        let plain = c.insns[..entry]
+            .iter()
+            .all(|i| i.exit_class.is_none() && !matches!(i.op, Op::Jmp { .. } | Op::Loop { .. }));
         let reached = c.back_edges.iter().any(|b| {
             matches!(branch_target(&c.insns[b.insn as usize].op),
                 Some(Target::Insn(t)) if (t as usize) < entry)

@@ -947,9 +947,17 @@ fn cluster_rule_violations() {
         cluster_error(c),
         ClusterError::ExitClassMismatch { insn: 0 }
     );
+    // No instruction marked exiting: nothing to enter the cluster at.
+    let mut c = good(0x1000);
+    for insn in &mut c.insns {
+        insn.exit_class = None;
+    }
+    assert_eq!(cluster_error(c), ClusterError::FirstNotExiting);
+    // The first OUT unmarked (a port the policy passes through): it is a gap filler
+    // in a loop head the back-edge returns to, which is allowed.
     let mut c = good(0x1000);
     c.insns[0].exit_class = None;
-    assert_eq!(cluster_error(c), ClusterError::FirstNotExiting);
+    assert!(decode(&encode_with(vec![c])).is_ok());
 }
 
 fn with_op(op: Op) -> ClusterError {
@@ -1225,7 +1233,20 @@ fn loop_head_before_the_first_exiting_instruction() {
     };
     assert_eq!(validate(&d), Err(ClusterError::FirstNotExiting));
 
-    // A branch in the head is not a plain gap filler.
+    // A conditional branch in the head (the loop's exit test) is allowed.
+    let mut d = c.clone();
+    d.insns[0] = Insn {
+        len: 1,
+        op: Op::Jcc {
+            cond: avex_core::ir::Cond::E,
+            target: Target::Exit(0x2000),
+        },
+        exit_class: None,
+        rip: 0x1000,
+    };
+    assert_eq!(validate(&d), Ok(()));
+
+    // An unconditional branch in the head is not a gap filler.
     let mut d = c.clone();
     d.insns[0] = Insn {
         len: 1,
