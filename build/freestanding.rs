@@ -283,3 +283,49 @@ fn package_name(manifest: &Path) -> String {
     }
     panic!("no [package] name in {}", manifest.display())
 }
+
+/// Write only when the content differs, so an unchanged image does not make cargo
+/// recompile the crates that `include_bytes!` it.
+pub fn write_if_changed(path: &Path, bytes: &[u8]) {
+    if std::fs::read(path).is_ok_and(|old| old == bytes) {
+        return;
+    }
+    std::fs::write(path, bytes).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+/// `objcopy -O binary` for a static ELF64 this build linked: the PT_LOAD segments'
+/// file bytes laid out from the lowest physical address (bss is not included; a
+/// multiboot header's `bss_end_addr` tells the loader to zero it). Returns that
+/// address and the bytes.
+pub fn flat_binary(elf: &Path) -> Result<(u64, Vec<u8>), String> {
+    let f = std::fs::read(elf).map_err(|e| format!("read {}: {e}", elf.display()))?;
+    if f.len() < 64 || f[..4] != *b"\x7fELF" || f[4] != 2 {
+        return Err(format!("{} is not ELF64", elf.display()));
+    }
+    let short = || format!("{}: program header past the end of the file", elf.display());
+    let bytes = |o: usize, n: usize| f.get(o..o + n).ok_or_else(short);
+    let u16_at = |o: usize| bytes(o, 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
+    let u64_at = |o: usize| bytes(o, 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
+    let (phoff, phentsize, phnum) = (u64_at(32)? as usize, u16_at(54)?, u16_at(56)?);
+    let mut segs = Vec::new();
+    for i in 0..phnum {
+        let ph = phoff + i * phentsize;
+        let p_type = u32::from_le_bytes(bytes(ph, 4)?.try_into().unwrap());
+        let (off, paddr, filesz) = (u64_at(ph + 8)?, u64_at(ph + 24)?, u64_at(ph + 32)?);
+        if p_type == 1 && filesz > 0 {
+            segs.push((paddr, off as usize, filesz as usize));
+        }
+    }
+    let base = segs
+        .iter()
+        .map(|s| s.0)
+        .min()
+        .ok_or_else(|| format!("{}: no loadable segment", elf.display()))?;
+    let end = segs.iter().map(|s| s.0 + s.2 as u64).max().unwrap_or(base);
+    let mut flat = vec![0u8; (end - base) as usize];
+    for (paddr, off, len) in segs {
+        let at = (paddr - base) as usize;
+        flat[at..at + len].copy_from_slice(bytes(off, len)?);
+    }
+    Ok((base, flat))
+}

@@ -56,7 +56,7 @@ pub fn build() {
             let elf = elfs.into_iter().next().ok_or("no ELF")?;
             let flat = flat_image(&elf)?;
             let image = out.join("avex-vmx.bin");
-            write_if_changed(&image, &flat);
+            freestanding::write_if_changed(&image, &flat);
             Ok((elf, image))
         });
     match result {
@@ -84,44 +84,11 @@ pub fn build() {
     }
 }
 
-fn write_if_changed(path: &Path, bytes: &[u8]) {
-    if std::fs::read(path).is_ok_and(|old| old == bytes) {
-        return;
-    }
-    std::fs::write(path, bytes).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
-}
-
 /// `objcopy -O binary` for the hypervisor's static ELF64: its PT_LOAD file bytes
 /// laid out from the lowest physical address, padded to the length the multiboot
 /// header's `load_end_addr - load_addr` declares.
 fn flat_image(elf: &Path) -> Result<Vec<u8>, String> {
-    let f = std::fs::read(elf).map_err(|e| format!("read {}: {e}", elf.display()))?;
-    if f.len() < 64 || f[..4] != *b"\x7fELF" || f[4] != 2 {
-        return Err(format!("{} is not ELF64", elf.display()));
-    }
-    let u16_at = |o: usize| u16::from_le_bytes([f[o], f[o + 1]]) as usize;
-    let u64_at = |o: usize| u64::from_le_bytes(f[o..o + 8].try_into().unwrap());
-    let (phoff, phentsize, phnum) = (u64_at(32) as usize, u16_at(54), u16_at(56));
-    let mut segs = Vec::new();
-    for i in 0..phnum {
-        let ph = phoff + i * phentsize;
-        let p_type = u32::from_le_bytes(f[ph..ph + 4].try_into().unwrap());
-        let (off, paddr, filesz) = (u64_at(ph + 8), u64_at(ph + 24), u64_at(ph + 32));
-        if p_type == 1 && filesz > 0 {
-            segs.push((paddr, off as usize, filesz as usize));
-        }
-    }
-    let base = segs
-        .iter()
-        .map(|s| s.0)
-        .min()
-        .ok_or("no loadable segment")?;
-    let end = segs.iter().map(|s| s.0 + s.2 as u64).max().unwrap();
-    let mut flat = vec![0u8; (end - base) as usize];
-    for (paddr, off, len) in segs {
-        let at = (paddr - base) as usize;
-        flat[at..at + len].copy_from_slice(&f[off..off + len]);
-    }
+    let (base, mut flat) = freestanding::flat_binary(elf)?;
     // The multiboot header must be in the first 8 KiB, 4-byte aligned.
     let hdr = (0..8192.min(flat.len().saturating_sub(32)))
         .step_by(4)

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use avex_aot::{analyze_bytes, policy_all, Analysis, ExitPolicy, Report, TranslatorConfig};
-use avex_core::format::{self, GuestIdentity, TranslationSet, TranslatorStamp};
+use avex_core::format;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -92,31 +92,6 @@ fn is_elf(p: &Path) -> bool {
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
         .is_ok()
         && &magic == b"\x7fELF"
-}
-
-fn translation_set(
-    analysis: &Analysis,
-    policy: &ExitPolicy,
-    config: &TranslatorConfig,
-) -> TranslationSet {
-    let description = avex_aot::api::describe_config(config);
-    let mut clusters = analysis.clusters.clone();
-    clusters.sort_by_key(|c| c.start);
-    clusters.dedup_by_key(|c| c.start);
-    TranslationSet {
-        guest: GuestIdentity {
-            digest: format::identity_of_segments(
-                analysis.segments.iter().map(|(a, b)| (*a, b.as_slice())),
-            ),
-            name: analysis.report.file.clone(),
-        },
-        policy: policy.fingerprint(),
-        translator: TranslatorStamp {
-            fingerprint: format::fingerprint_of(&description),
-            description,
-        },
-        clusters,
-    }
 }
 
 pub fn main(args: Args) -> anyhow::Result<ExitCode> {
@@ -241,7 +216,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             } else {
                 out.clone()
             };
-            let bytes = format::encode(&translation_set(a, &policy, &config));
+            let bytes = format::encode(&a.translation_set(&policy, &config));
             if let Err(e) = std::fs::write(&path, bytes) {
                 failed.push(Failure {
                     file: a.report.file.clone(),

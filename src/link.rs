@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use avex_aot::{analyze_bytes, policy_all, ExitPolicy, TranslatorConfig};
-use avex_core::format::{self, GuestIdentity, TranslationSet, TranslatorStamp};
+use avex_core::format::{self, TranslationSet};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -31,22 +31,7 @@ fn analyze(name: &str, elf: &[u8], policy: &ExitPolicy) -> anyhow::Result<Transl
     let config = TranslatorConfig::default();
     let analysis = analyze_bytes(name, elf, policy, &config)
         .map_err(|e| anyhow::anyhow!("{name}: analysis failed: {e}"))?;
-    let description = format!("{config:?}");
-    let mut clusters = analysis.clusters;
-    clusters.sort_by_key(|c| c.start);
-    clusters.dedup_by_key(|c| c.start);
-    Ok(TranslationSet {
-        guest: GuestIdentity {
-            digest: avex_linker::identity(elf).with_context(|| name.to_string())?,
-            name: name.to_string(),
-        },
-        policy: policy.fingerprint(),
-        translator: TranslatorStamp {
-            fingerprint: format::fingerprint_of(&description),
-            description,
-        },
-        clusters,
-    })
+    Ok(analysis.translation_set(policy, &config))
 }
 
 pub fn main(args: Args) -> anyhow::Result<ExitCode> {

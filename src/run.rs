@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use avex_core::exit::Mode;
-use avex_core::format::{self, GuestIdentity, TranslationSet, TranslatorStamp};
+use avex_core::format::{self, TranslationSet};
 use avex_core::policy::ExitPolicy;
 use avex_core::stats::ExitStats;
 use serde::Serialize;
@@ -129,24 +129,7 @@ pub fn analyze_guest(
     let config = avex_aot::TranslatorConfig::default();
     let analysis = avex_aot::analyze_bytes(name, elf, policy, &config)
         .map_err(|e| anyhow::anyhow!("{name}: analysis failed: {e}"))?;
-    let description = format!("{config:?}");
-    let mut clusters = analysis.clusters.clone();
-    clusters.sort_by_key(|c| c.start);
-    clusters.dedup_by_key(|c| c.start);
-    Ok(TranslationSet {
-        guest: GuestIdentity {
-            digest: format::identity_of_segments(
-                analysis.segments.iter().map(|(a, b)| (*a, b.as_slice())),
-            ),
-            name: name.to_string(),
-        },
-        policy: policy.fingerprint(),
-        translator: TranslatorStamp {
-            fingerprint: format::fingerprint_of(&description),
-            description,
-        },
-        clusters,
-    })
+    Ok(analysis.translation_set(policy, &config))
 }
 
 /// What a backend is asked to run.

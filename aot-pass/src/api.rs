@@ -10,10 +10,8 @@ pub fn class_name(c: ExitClass) -> &'static str {
     c.name()
 }
 
-/// Human-readable summary of a translator configuration, for translation sets.
+/// A translator configuration as a translation set records it: every field (its
+/// Debug form), so the stamp changes whenever a rule does.
 pub fn describe_config(c: &TranslatorConfig) -> String {
-    format!(
-        "look_ahead={} max_gap_memory_accesses={} back_edge_cap={} end_after_cr3_load={}",
-        c.look_ahead, c.max_gap_memory_accesses, c.back_edge_cap, c.end_after_cr3_load
-    )
+    format!("{c:?}")
 }

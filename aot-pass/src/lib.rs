@@ -192,6 +192,37 @@ pub struct Analysis {
     pub segments: Vec<(u64, Vec<u8>)>,
 }
 
+impl Analysis {
+    /// The translation set for this guest: its clusters (by start, one per start),
+    /// the guest's identity, and the policy and translator configuration they were
+    /// made under. `avex analyze -o`, `avex link` and `avex run` all write this.
+    pub fn translation_set(
+        &self,
+        policy: &ExitPolicy,
+        config: &TranslatorConfig,
+    ) -> avex_core::format::TranslationSet {
+        use avex_core::format::{self, GuestIdentity, TranslationSet, TranslatorStamp};
+        let description = api::describe_config(config);
+        let mut clusters = self.clusters.clone();
+        clusters.sort_by_key(|c| c.start);
+        clusters.dedup_by_key(|c| c.start);
+        TranslationSet {
+            guest: GuestIdentity {
+                digest: format::identity_of_segments(
+                    self.segments.iter().map(|(a, b)| (*a, b.as_slice())),
+                ),
+                name: self.report.file.clone(),
+            },
+            policy: policy.fingerprint(),
+            translator: TranslatorStamp {
+                fingerprint: format::fingerprint_of(&description),
+                description,
+            },
+            clusters,
+        }
+    }
+}
+
 /// Upper-case report name of an exit class.
 pub fn class_name(c: ExitClass) -> &'static str {
     api::class_name(c)
