@@ -10,16 +10,16 @@ extern crate alloc;
 #[cfg(any(test, feature = "std"))]
 extern crate std;
 
-pub mod ir;
-pub mod guest;
-pub mod policy;
-pub mod lower;
-pub mod translator;
-pub mod format;
-pub mod engine;
-pub mod devices;
-pub mod tracker;
-pub mod cache;
-pub mod exit;
 pub mod boot;
+pub mod cache;
+pub mod devices;
+pub mod engine;
+pub mod exit;
+pub mod format;
+pub mod guest;
+pub mod ir;
+pub mod lower;
+pub mod policy;
 pub mod stats;
+pub mod tracker;
+pub mod translator;
