@@ -12,10 +12,7 @@ use avex_core::exit::Mode;
 
 use crate::bochs;
 
-fn parse_mode(s: &str) -> Result<Mode, String> {
-    Mode::parse(s)
-        .ok_or_else(|| format!("unknown mode {s:?}: use off, dynamic, aot or aot+dynamic"))
-}
+use crate::run::parse_mode;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {

@@ -44,7 +44,8 @@ impl Backend {
     }
 }
 
-fn parse_mode(s: &str) -> Result<Mode, String> {
+/// `--mode` for `avex run` and `avex image`.
+pub(crate) fn parse_mode(s: &str) -> Result<Mode, String> {
     Mode::parse(s)
         .ok_or_else(|| format!("unknown mode {s:?}: use off, dynamic, aot or aot+dynamic"))
 }
