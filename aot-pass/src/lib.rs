@@ -586,10 +586,6 @@ struct RegionClusters {
 /// is redone sequentially, so the result equals one pass in address order.
 const GROUP_GAP: u64 = 4096;
 
-/// Bytes before a site handed to the translator: more than a loop head of
-/// `max_loop_head_insns` (8) instructions of at most 15 bytes can need.
-const LOOP_HEAD_CONTEXT: u64 = 128;
-
 fn is_inside(c: &Cluster, rip: u64) -> bool {
     rip >= c.start && rip < c.end && c.insns.binary_search_by_key(&rip, |i| i.rip).is_ok()
 }
@@ -611,7 +607,9 @@ fn cluster_group(
         }
         out.translated += 1;
         // The bytes before the site let the translator take in a loop head.
-        let code_rip = rip.saturating_sub(LOOP_HEAD_CONTEXT).max(region.addr);
+        let code_rip = rip
+            .saturating_sub(config.loop_head_context_bytes())
+            .max(region.addr);
         let code = &region.bytes[(code_rip - region.addr) as usize..];
         match api::translate_in(code, code_rip, rip, region.bitness, policy, config) {
             Ok(api::Translated { cluster: c, .. }) => {

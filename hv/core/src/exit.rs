@@ -169,9 +169,6 @@ pub struct ExitHandler {
 
 /// Most guest code bytes fetched for one run-time translation.
 pub const MAX_FETCH: usize = 16 * 1024;
-/// Guest code bytes before the exiting instruction given to the translator, for a
-/// loop head (at most 8 instructions of up to 15 bytes).
-pub const CONTEXT_BYTES: u64 = 128;
 
 impl fmt::Debug for ExitHandler {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -382,13 +379,17 @@ impl ExitHandler {
         let want = (self.translator.look_ahead.saturating_add(1))
             .saturating_mul(15 * 4)
             .min(MAX_FETCH);
-        let mut code = alloc::vec![0u8; CONTEXT_BYTES as usize + want];
-        let mut code_rip = rip.wrapping_sub(CONTEXT_BYTES);
+        let context = self
+            .translator
+            .loop_head_context_bytes()
+            .min(MAX_FETCH as u64);
+        let mut code = alloc::vec![0u8; context as usize + want];
+        let mut code_rip = rip.wrapping_sub(context);
         let mut n = 0;
-        if rip >= CONTEXT_BYTES {
+        if rip >= context {
             n = fetch_code(guest, state, code_rip, &mut code);
         }
-        if n <= CONTEXT_BYTES as usize {
+        if n <= context as usize {
             // No readable context (start of memory or an unmapped page before).
             code_rip = rip;
             n = fetch_code(guest, state, rip, &mut code[..want]);

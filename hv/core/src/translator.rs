@@ -65,6 +65,15 @@ pub struct TranslatorConfig {
     pub end_after_cr3_load: bool,
 }
 
+impl TranslatorConfig {
+    /// Guest code bytes before an exiting instruction a caller should hand to
+    /// [`translate_in`]: enough for the longest loop head this config allows
+    /// (`max_loop_head_insns` instructions of at most 15 bytes).
+    pub fn loop_head_context_bytes(&self) -> u64 {
+        (self.max_loop_head_insns as u64).saturating_mul(15)
+    }
+}
+
 impl Default for TranslatorConfig {
     fn default() -> Self {
         TranslatorConfig {
