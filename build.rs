@@ -6,10 +6,13 @@
 mod freestanding;
 #[path = "build/guests.rs"]
 mod guests;
+#[path = "build/tools.rs"]
+mod tools;
 #[path = "build/vmx.rs"]
 mod vmx;
 
 fn main() {
     guests::build();
     vmx::build();
+    tools::detect();
 }

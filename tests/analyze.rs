@@ -12,25 +12,6 @@ fn avex() -> Command {
     Command::new(env!("CARGO_BIN_EXE_avex"))
 }
 
-fn have(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-fn tools() -> bool {
-    if have("gcc") && have("objdump") {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "gcc and objdump are required in CI"
-    );
-    eprintln!("skipping: gcc or objdump missing");
-    false
-}
-
 fn run(cmd: &mut Command) -> Output {
     let out = cmd.output().expect("spawn");
     assert!(
@@ -493,10 +474,8 @@ fn check_against(file: &Path, report: &Value, objdump: &BTreeMap<String, u64>) {
 }
 
 #[test]
+#[cfg_attr(not(avex_gcc), ignore = "needs gcc with 32-bit support and objdump")]
 fn counts_agree_with_objdump_for_every_class() {
-    if !tools() {
-        return;
-    }
     let b = build();
     let names = [
         "exits32",
@@ -626,10 +605,8 @@ fn section_range(file: &Path, name: &str) -> (u64, u64) {
 }
 
 #[test]
+#[cfg_attr(not(avex_gcc), ignore = "needs gcc with 32-bit support and objdump")]
 fn mixed_16_32_64_bit_code_in_an_elf32() {
-    if !tools() {
-        return;
-    }
     let b = build();
     let f = b.path("mixed32");
     let (v, out) = analyze_json(&[&f], "all");
@@ -692,10 +669,8 @@ fn mixed_16_32_64_bit_code_in_an_elf32() {
 }
 
 #[test]
+#[cfg_attr(not(avex_gcc), ignore = "needs gcc with 32-bit support and objdump")]
 fn table_output_and_translation_set() {
-    if !tools() {
-        return;
-    }
     let b = build();
     let f = b.path("drivers64");
     let out = run(avex().arg("analyze").arg(&f));
@@ -808,10 +783,8 @@ fn assert_one_line_error(out: &Output, file: &Path, words: &[&str]) {
 }
 
 #[test]
+#[cfg_attr(not(avex_gcc), ignore = "needs gcc with 32-bit support and objdump")]
 fn bad_input_gets_one_clear_line_and_good_files_are_still_analyzed() {
-    if !tools() {
-        return;
-    }
     let b = build();
     let good = std::fs::read(b.path("exits64")).unwrap();
     let d = b.dir.path();
@@ -859,12 +832,10 @@ fn bad_input_gets_one_clear_line_and_good_files_are_still_analyzed() {
     std::fs::write(&p, &x).unwrap();
     cases.push((p, vec!["section header table", "past the end"]));
 
-    if have("xz") {
-        let p = d.join("exits64.xz");
-        let xz = run(Command::new("xz").arg("-c").arg(b.path("exits64")));
-        std::fs::write(&p, &xz.stdout).unwrap();
-        cases.push((p, vec!["not an ELF", "xz-compressed", "xz -d"]));
-    }
+    let p = d.join("exits64.xz");
+    let xz = run(Command::new("xz").arg("-c").arg(b.path("exits64")));
+    std::fs::write(&p, &xz.stdout).unwrap();
+    cases.push((p, vec!["not an ELF", "xz-compressed", "xz -d"]));
 
     for (p, words) in &cases {
         let out = avex().arg("analyze").arg(p).output().unwrap();

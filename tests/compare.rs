@@ -6,23 +6,11 @@
 
 use std::process::Command;
 
-fn kvm_or_skip(test: &str) -> bool {
-    match avex_kvm::available() {
-        Ok(()) => true,
-        Err(e) => {
-            eprintln!("skipping {test}: {e}");
-            false
-        }
-    }
-}
-
 const MODES: [&str; 4] = ["off", "dynamic", "aot", "aot+dynamic"];
 
 #[test]
+#[cfg_attr(not(avex_kvm), ignore = "needs /dev/kvm")]
 fn compare_runs_every_mode_and_writes_table_json_and_chart() {
-    if !kvm_or_skip("compare_runs_every_mode_and_writes_table_json_and_chart") {
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("cmp.json");
     let chart = dir.path().join("cmp.svg");

@@ -1,9 +1,8 @@
 //! The bundled guest kernels, checked without a VMM: each is a static ELF64 loaded
 //! at its physical addresses, has no undefined symbols and no SSE/AVX (KVM here
 //! cannot emulate them), and contains the exiting instructions it exists for.
-//! If QEMU is installed, each guest is also booted under QEMU TCG through the
-//! `mbloader` trampoline and its output checked (set `AVEX_REQUIRE_QEMU=1` to make
-//! a missing QEMU a failure instead of a skip).
+//! Each guest is also booted under QEMU TCG through the `mbloader` trampoline and
+//! its output checked (ignored where QEMU is missing, a failure under CI).
 
 #[path = "../src/guests.rs"]
 mod guests;
@@ -353,21 +352,6 @@ fn mbloader_is_a_multiboot1_kernel_with_address_fields() {
 
 // ---- Booting the guests under QEMU TCG, when QEMU is installed ----
 
-fn qemu() -> Option<&'static str> {
-    let found = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if found {
-        return Some("qemu-system-x86_64");
-    }
-    if std::env::var_os("AVEX_REQUIRE_QEMU").is_some() {
-        panic!("AVEX_REQUIRE_QEMU is set but qemu-system-x86_64 is not installed");
-    }
-    eprintln!("skipped: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)");
-    None
-}
-
 /// Boot `g` under QEMU through mbloader; return (guest exit status, serial output).
 fn boot(qemu: &str, g: &BundledGuest) -> (i32, String) {
     let dir = tempfile::tempdir().unwrap();
@@ -450,8 +434,9 @@ fn ctxswitch_checksum() -> u64 {
 }
 
 #[test]
+#[cfg_attr(not(avex_qemu), ignore = "needs qemu-system-x86_64")]
 fn guests_run_under_qemu_deterministically_and_print_what_they_computed() {
-    let Some(qemu) = qemu() else { return };
+    let qemu = "qemu-system-x86_64";
     for g in bundled() {
         let (status, out) = boot(qemu, g);
         assert_eq!(

@@ -22,16 +22,6 @@ const GUESTS: [&str; 6] = ["console", "pci", "rtc", "pit", "cpuid", "ctxswitch"]
 /// KVM runs are timed and share 2 cores with everything else: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn kvm_or_skip(test: &str) -> bool {
-    match avex_kvm::available() {
-        Ok(()) => true,
-        Err(e) => {
-            eprintln!("skipping {test}: {e}");
-            false
-        }
-    }
-}
-
 fn guest_elf(name: &str) -> Vec<u8> {
     let p = PathBuf::from(env!("AVEX_GUEST_DIR")).join(name);
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
@@ -70,10 +60,8 @@ fn run(elf: &[u8], mode: Mode, set: Option<TranslationSet>, timeout: f64) -> Res
 }
 
 #[test]
+#[cfg_attr(not(avex_kvm), ignore = "needs /dev/kvm")]
 fn every_bundled_guest_prints_the_same_in_every_mode_with_fewer_exits() {
-    if !kvm_or_skip("every_bundled_guest_prints_the_same_in_every_mode_with_fewer_exits") {
-        return;
-    }
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     for name in GUESTS {
         let elf = guest_elf(name);
@@ -183,10 +171,8 @@ fn exit_with(status: u8) -> Vec<u8> {
 }
 
 #[test]
+#[cfg_attr(not(avex_kvm), ignore = "needs /dev/kvm")]
 fn console_bytes_and_status_come_through() {
-    if !kvm_or_skip("console_bytes_and_status_come_through") {
-        return;
-    }
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     // mov dx,0x3f8 ; mov al,'h' ; out dx,al ; mov al,'i' ; out dx,al ; exit 7
     let mut code = vec![0x66, 0xba, 0xf8, 0x03, 0xb0, b'h', 0xee, 0xb0, b'i', 0xee];
@@ -207,10 +193,8 @@ fn console_bytes_and_status_come_through() {
 }
 
 #[test]
+#[cfg_attr(not(avex_kvm), ignore = "needs /dev/kvm")]
 fn elf32_guests_enter_protected_mode_with_multiboot_registers() {
-    if !kvm_or_skip("elf32_guests_enter_protected_mode_with_multiboot_registers") {
-        return;
-    }
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     // cmp eax,0x2badb002 ; jne bad ; cmp dword [ebx+44],0 (mmap_length) ; je bad ;
     // mov al,0 ; jmp out ; bad: mov al,1 ; out: out 0xf4,al ; hlt
@@ -230,10 +214,8 @@ fn elf32_guests_enter_protected_mode_with_multiboot_registers() {
 }
 
 #[test]
+#[cfg_attr(not(avex_kvm), ignore = "needs /dev/kvm")]
 fn an_instruction_kvm_cannot_emulate_is_named_with_rip_and_bytes() {
-    if !kvm_or_skip("an_instruction_kvm_cannot_emulate_is_named_with_rip_and_bytes") {
-        return;
-    }
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     // nop ; pxor xmm0, xmm0 (KVM's emulator here cannot run it) ; exit 0
     let mut code = vec![0x90, 0x66, 0x0f, 0xef, 0xc0];
@@ -250,10 +232,8 @@ fn an_instruction_kvm_cannot_emulate_is_named_with_rip_and_bytes() {
 }
 
 #[test]
+#[cfg_attr(not(avex_kvm), ignore = "needs /dev/kvm")]
 fn triple_fault_halt_and_timeout_stop_the_guest_with_a_diagnosis() {
-    if !kvm_or_skip("triple_fault_halt_and_timeout_stop_the_guest_with_a_diagnosis") {
-        return;
-    }
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     // ud2 with an empty IDT: #UD -> #GP -> #DF -> shutdown.
     match run(&tiny_elf(true, &[0x0f, 0x0b]), Mode::Off, None, 10.0) {
@@ -289,10 +269,8 @@ fn triple_fault_halt_and_timeout_stop_the_guest_with_a_diagnosis() {
 }
 
 #[test]
+#[cfg_attr(not(avex_kvm), ignore = "needs /dev/kvm")]
 fn stale_translations_are_rejected_and_the_guest_runs_on_dynamic() {
-    if !kvm_or_skip("stale_translations_are_rejected_and_the_guest_runs_on_dynamic") {
-        return;
-    }
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let console = guest_elf("console");
     let rtc = guest_elf("rtc");
@@ -323,10 +301,8 @@ fn stale_translations_are_rejected_and_the_guest_runs_on_dynamic() {
 }
 
 #[test]
+#[cfg_attr(not(avex_kvm), ignore = "needs /dev/kvm")]
 fn msr_accesses_reach_the_exit_handler_when_the_host_allows() {
-    if !kvm_or_skip("msr_accesses_reach_the_exit_handler_when_the_host_allows") {
-        return;
-    }
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     // mov ecx,0x277 (IA32_PAT) ; rdmsr ; wrmsr ; rdmsr ; exit 0
     let mut code = vec![
@@ -349,10 +325,8 @@ fn avex() -> Command {
 }
 
 #[test]
+#[cfg_attr(not(avex_kvm), ignore = "needs /dev/kvm")]
 fn avex_run_streams_the_console_and_writes_a_json_record() {
-    if !kvm_or_skip("avex_run_streams_the_console_and_writes_a_json_record") {
-        return;
-    }
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("run.json");
@@ -427,10 +401,8 @@ fn avex_run_streams_the_console_and_writes_a_json_record() {
 }
 
 #[test]
+#[cfg_attr(not(avex_kvm), ignore = "needs /dev/kvm")]
 fn avex_run_uses_a_pre_analyzed_images_translations() {
-    if !kvm_or_skip("avex_run_uses_a_pre_analyzed_images_translations") {
-        return;
-    }
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let elf = guest_elf("pci");
