@@ -44,6 +44,13 @@ pub struct CpuState {
     pub efer: u64,
     /// ES, CS, SS, DS, FS, GS in `Seg` order.
     pub seg: [Segment; 6],
+    /// The four PDPTE registers of PAE paging, loaded by the CPU at the last MOV to
+    /// CR3 (or the CR0/CR4 write that enabled PAE paging); PAE walks use them, not
+    /// memory. `None`: the backend does not supply them, and the engine's walks read
+    /// them from memory at CR3 until the engine itself loads them (it does at every
+    /// MOV to CR3/CR0/CR4 it runs in PAE mode). A backend that receives `Some` in
+    /// `set_state` must make the vCPU use exactly these values.
+    pub pdpte: Option<[u64; 4]>,
 }
 
 impl CpuState {
@@ -56,6 +63,87 @@ impl CpuState {
     /// Current privilege level (CS.DPL, which equals SS.DPL outside transitions).
     pub fn cpl(&self) -> u8 {
         self.seg[Seg::Cs as usize].dpl()
+    }
+}
+
+/// What the guest's CPUID says the vCPU supports, as far as the checks of control
+/// register and MSR writes need it (see [`crate::engine::cr`]). Derived once from
+/// CPUID by [`CpuCaps::from_cpuid`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuCaps {
+    /// Physical-address width (CPUID 0x80000008 EAX[7:0]; 36 with PAE, else 32,
+    /// when that leaf is absent).
+    pub maxphyaddr: u8,
+    /// 5-level paging (CPUID 7.0 ECX[16]): linear addresses are 57 bits wide.
+    pub la57: bool,
+    pub vmx: bool,
+    pub smx: bool,
+    pub pcid: bool,
+    pub xsave: bool,
+    pub fsgsbase: bool,
+    pub smep: bool,
+    pub smap: bool,
+    pub umip: bool,
+    pub pku: bool,
+    pub pks: bool,
+    /// CET: shadow stacks (7.0 ECX[7]) or indirect-branch tracking (7.0 EDX[20]).
+    pub cet: bool,
+    pub keylocker: bool,
+    pub uintr: bool,
+    pub lam: bool,
+    pub fred: bool,
+}
+
+impl CpuCaps {
+    /// Reads the leaves it needs through `cpuid(leaf, subleaf)`, honouring the
+    /// maximum basic and extended leaves.
+    pub fn from_cpuid(mut cpuid: impl FnMut(u32, u32) -> [u32; 4]) -> CpuCaps {
+        let bit = |r: u32, n: u32| r >> n & 1 != 0;
+        let max = cpuid(0, 0)[0];
+        let l1 = if max >= 1 { cpuid(1, 0) } else { [0; 4] };
+        let l7 = if max >= 7 { cpuid(7, 0) } else { [0; 4] };
+        let l7_1 = if max >= 7 && l7[0] >= 1 {
+            cpuid(7, 1)
+        } else {
+            [0; 4]
+        };
+        let max_ext = cpuid(0x8000_0000, 0)[0];
+        let maxphyaddr = if (0x8000_0008..0x8000_ffff).contains(&max_ext) {
+            (cpuid(0x8000_0008, 0)[0] & 0xff) as u8
+        } else if bit(l1[3], 6) {
+            36
+        } else {
+            32
+        };
+        CpuCaps {
+            maxphyaddr: maxphyaddr.clamp(32, 52),
+            la57: bit(l7[2], 16),
+            vmx: bit(l1[2], 5),
+            smx: bit(l1[2], 6),
+            pcid: bit(l1[2], 17),
+            xsave: bit(l1[2], 26),
+            fsgsbase: bit(l7[1], 0),
+            smep: bit(l7[1], 7),
+            smap: bit(l7[1], 20),
+            umip: bit(l7[2], 2),
+            pku: bit(l7[2], 3),
+            pks: bit(l7[2], 31),
+            cet: bit(l7[2], 7) || bit(l7[3], 20),
+            keylocker: bit(l7[2], 23),
+            uintr: bit(l7[3], 5),
+            lam: bit(l7_1[0], 26),
+            fred: bit(l7_1[0], 17),
+        }
+    }
+
+    /// Width of a canonical linear address (57 with 5-level paging support: MSRs
+    /// holding linear addresses are checked against the widest the CPU has).
+    pub fn linear_bits(&self) -> u32 {
+        if self.la57 {
+            57
+        } else {
+            48
+        }
     }
 }
 
@@ -89,11 +177,23 @@ pub trait Guest {
     /// Port I/O to the device models. `size` is 1, 2 or 4 bytes.
     fn port_in(&mut self, port: u16, size: u8) -> u32;
     fn port_out(&mut self, port: u16, size: u8, value: u32);
+    /// True once a device has asked the VMM to stop the guest (the debug-exit port
+    /// was written). The engine asks after every port write and ends the cluster
+    /// right after that instruction, so nothing the guest does later happens.
+    fn stop_requested(&mut self) -> bool {
+        false
+    }
 
     fn rdmsr(&mut self, msr: u32) -> Result<u64, Fault>;
     fn wrmsr(&mut self, msr: u32, value: u64) -> Result<(), Fault>;
     /// CPUID as the guest should see it (the backend's configured leaves).
     fn cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4];
+    /// The features control-register and MSR writes are checked against. The
+    /// engine asks at most once per run, and only when it runs such a write; a
+    /// backend may cache the answer (CPUID's feature bits do not change at run time).
+    fn cpu_caps(&mut self) -> CpuCaps {
+        CpuCaps::from_cpuid(|leaf, subleaf| self.cpuid(leaf, subleaf))
+    }
     /// The guest's TSC now (RDTSC/RDTSCP inside a cluster read this).
     fn tsc(&mut self) -> u64;
     fn xgetbv(&mut self, index: u32) -> Result<u64, Fault>;

@@ -662,3 +662,98 @@ fn user_mode_segment_attrs_and_five_level_paging_unsupported() {
     g.state.seg[Seg::Cs as usize].attrs = attrs::CODE64 | attrs::DPL3;
     assert_eq!(g.state().cpl(), 3);
 }
+
+/// A PAE guest whose code is in the first GiB (PDPTE 0) and whose data page at
+/// 0x4000_0000 (PDPTE 1) reads 0x1111_1111; a second page directory, not in use,
+/// maps the same address to a page reading 0x2222_2222. The PDPT is mapped at
+/// PDPT_VA so the guest can rewrite it. Returns the second PD's address.
+fn pae_two_tables(g: &mut TestGuest) -> u64 {
+    const PDPT_VA: u64 = 0x60_0000;
+    g.map(CODE_VA, CODE_GPA, PageSize::K4, PTE_P);
+    g.map(0x4000_0000, DATA_GPA, PageSize::K4, PTE_P | PTE_RW);
+    g.map(PDPT_VA, g.state.cr3 & !0xfff, PageSize::K4, PTE_P | PTE_RW);
+    g.write_bytes(DATA_GPA, &0x1111_1111u32.to_le_bytes());
+    g.write_bytes(DATA_GPA + 0x1000, &0x2222_2222u32.to_le_bytes());
+    let pd = g.alloc_table();
+    let pt = g.alloc_table();
+    g.write_bytes(pd, &(pt | PTE_P | PTE_RW).to_le_bytes());
+    g.write_bytes(pt, &((DATA_GPA + 0x1000) | PTE_P | PTE_RW).to_le_bytes());
+    g.state.gpr[RDI as usize] = PDPT_VA + (g.state.cr3 & 0xfe0) + 8;
+    g.state.gpr[RSI as usize] = 0x4000_0000;
+    pd
+}
+
+#[test]
+fn pae_walks_use_the_pdptes_loaded_at_the_last_cr3_write() {
+    let mut g = TestGuest::protected32(RAM, Paging::Pae);
+    let pd = pae_two_tables(&mut g);
+    // MOV to CR3 (same tables) loads the PDPTE registers and ends the run.
+    g.state.gpr[RAX as usize] = g.state.cr3;
+    let out = run(&mut g, Bitness::B32, &[Op::MovToCr { cr: 3, src: RAX }]);
+    assert_eq!(out.reason, StopReason::ModeChange, "{out:?}");
+    let base = g.state.cr3 & 0xffff_ffe0;
+    let in_memory: Vec<u64> = (0..4).map(|i| g.read_u64(base + 8 * i)).collect();
+    assert_eq!(g.state.pdpte.map(|p| p.to_vec()), Some(in_memory));
+    // The guest points PDPTE 1 at the other page directory without reloading CR3:
+    // the CPU keeps translating through the old PDPTE.
+    g.state.gpr[RAX as usize] = pd | PTE_P;
+    let out = run(
+        &mut g,
+        Bitness::B32,
+        &[
+            store(Size::S4, mem(RDI, 0, Size::S4), RAX),
+            load(Size::S4, RBX, mem(RSI, 0, Size::S4)),
+        ],
+    );
+    assert_eq!(out.reason, StopReason::End, "{out:?}");
+    assert_eq!(g.read_u64(base + 8), pd | PTE_P, "memory was rewritten");
+    assert_eq!(g.state.gpr[RBX as usize], 0x1111_1111, "old PDPTE used");
+    // The next MOV to CR3 picks the new one up.
+    g.state.gpr[RAX as usize] = g.state.cr3;
+    run(&mut g, Bitness::B32, &[Op::MovToCr { cr: 3, src: RAX }]);
+    let out = run(
+        &mut g,
+        Bitness::B32,
+        &[load(Size::S4, RBX, mem(RSI, 0, Size::S4))],
+    );
+    assert_eq!(out.reason, StopReason::End);
+    assert_eq!(g.state.gpr[RBX as usize], 0x2222_2222);
+}
+
+#[test]
+fn pae_cr3_write_with_a_reserved_pdpte_bit_raises_gp() {
+    let mut g = TestGuest::protected32(RAM, Paging::Pae);
+    pae_two_tables(&mut g);
+    g.load_pdptes();
+    let base = g.state.cr3 & 0xffff_ffe0;
+    let e = g.read_u64(base + 8);
+    g.write_bytes(base + 8, &(e | 1 << 2).to_le_bytes()); // U/S: reserved in a PDPTE
+    let before = g.state.clone();
+    g.state.gpr[RAX as usize] = g.state.cr3;
+    let out = run(&mut g, Bitness::B32, &[Op::MovToCr { cr: 3, src: RAX }]);
+    assert_eq!(
+        out.reason,
+        StopReason::Fault(avex_core::guest::Fault::GeneralProtection)
+    );
+    assert_eq!(out.rip, CODE_VA);
+    assert_eq!((g.state.cr3, g.state.pdpte), (before.cr3, before.pdpte));
+}
+
+#[test]
+fn enabling_pae_paging_loads_the_pdptes() {
+    let mut g = TestGuest::protected32(RAM, Paging::Pae);
+    pae_two_tables(&mut g);
+    // Identity-map the code too so it stays the same across the switch.
+    g.map(CODE_GPA, CODE_GPA, PageSize::K4, PTE_P);
+    let cr0 = g.state.cr0;
+    g.state.cr0 &= !CR0_PG;
+    g.state.gpr[RAX as usize] = cr0;
+    let ops = [(Op::MovToCr { cr: 0, src: RAX }, None)];
+    let c = fake_cluster(CODE_GPA, Bitness::B32, &ops);
+    g.load_code(CODE_GPA, &c);
+    g.state.rip = CODE_GPA;
+    let out = engine::run(&c, &mut g, 0, &RunLimits::default());
+    assert_eq!(out.reason, StopReason::ModeChange, "{out:?}");
+    let base = g.state.cr3 & 0xffff_ffe0;
+    assert_eq!(g.state.pdpte.map(|p| p[1]), Some(g.read_u64(base + 8)));
+}

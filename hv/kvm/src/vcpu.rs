@@ -116,6 +116,7 @@ pub(crate) fn read_state(regs: &kvm_regs, sregs: &kvm_sregs) -> CpuState {
             from_kvm_segment(&sregs.fs),
             from_kvm_segment(&sregs.gs),
         ],
+        pdpte: None,
     }
 }
 
@@ -341,6 +342,10 @@ impl Guest for KvmGuest {
     fn port_out(&mut self, port: u16, size: u8, value: u32) {
         let now = self.now_ns();
         self.bus.write(port, size, value, now)
+    }
+
+    fn stop_requested(&mut self) -> bool {
+        self.bus.exit_status().is_some()
     }
 
     fn rdmsr(&mut self, msr: u32) -> Result<u64, Fault> {

@@ -528,6 +528,7 @@ impl Guest for Vcpu {
             cr8: self.cr8,
             efer: vmread(f::GUEST_EFER),
             seg,
+            pdpte: None,
         }
     }
 
@@ -578,6 +579,10 @@ impl Guest for Vcpu {
         if !out.is_empty() {
             crate::serial::console_write(&out);
         }
+    }
+
+    fn stop_requested(&mut self) -> bool {
+        self.bus.exit_status().is_some()
     }
 
     fn rdmsr(&mut self, msr: u32) -> Result<u64, Fault> {

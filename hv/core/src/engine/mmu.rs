@@ -2,7 +2,8 @@
 //!
 //! Paging modes: none (real mode or protected mode with CR0.PG=0: linear =
 //! physical, 32 bits), 32-bit (4K pages, 4M pages with CR4.PSE, PSE-36 high bits),
-//! PAE (PDPTEs read from memory at CR3, 2M pages) and 4-level long mode (2M and 1G
+//! PAE (the PDPTE registers of `CpuState::pdpte`, or memory at CR3 when the
+//! backend does not supply them; 2M pages) and 4-level long mode (2M and 1G
 //! pages). 5-level paging (CR4.LA57) is not supported (walks fail with
 //! `Unsupported`). Permissions: R/W with CR0.WP, U/S by CPL, NX with EFER.NXE, SMEP
 //! and SMAP (with EFLAGS.AC). Protection keys are not modelled: with CR4.PKE a data
@@ -26,18 +27,38 @@ pub const PTE_NX: u64 = 1 << 63;
 
 pub const CR0_PE: u64 = 1 << 0;
 pub const CR0_TS: u64 = 1 << 3;
+pub const CR0_ET: u64 = 1 << 4;
 pub const CR0_WP: u64 = 1 << 16;
+pub const CR0_NW: u64 = 1 << 29;
+pub const CR0_CD: u64 = 1 << 30;
 pub const CR0_PG: u64 = 1 << 31;
+pub const CR4_VME: u64 = 1 << 0;
+pub const CR4_PVI: u64 = 1 << 1;
 pub const CR4_TSD: u64 = 1 << 2;
+pub const CR4_DE: u64 = 1 << 3;
 pub const CR4_PSE: u64 = 1 << 4;
 pub const CR4_PAE: u64 = 1 << 5;
+pub const CR4_MCE: u64 = 1 << 6;
 pub const CR4_PGE: u64 = 1 << 7;
+pub const CR4_PCE: u64 = 1 << 8;
+pub const CR4_OSFXSR: u64 = 1 << 9;
+pub const CR4_OSXMMEXCPT: u64 = 1 << 10;
+pub const CR4_UMIP: u64 = 1 << 11;
 pub const CR4_LA57: u64 = 1 << 12;
+pub const CR4_VMXE: u64 = 1 << 13;
+pub const CR4_SMXE: u64 = 1 << 14;
+pub const CR4_FSGSBASE: u64 = 1 << 16;
 pub const CR4_PCIDE: u64 = 1 << 17;
 pub const CR4_OSXSAVE: u64 = 1 << 18;
+pub const CR4_KL: u64 = 1 << 19;
 pub const CR4_SMEP: u64 = 1 << 20;
 pub const CR4_SMAP: u64 = 1 << 21;
 pub const CR4_PKE: u64 = 1 << 22;
+pub const CR4_CET: u64 = 1 << 23;
+pub const CR4_PKS: u64 = 1 << 24;
+pub const CR4_UINTR: u64 = 1 << 25;
+pub const CR4_LAM_SUP: u64 = 1 << 28;
+pub const CR4_FRED: u64 = 1 << 32;
 pub const EFER_LME: u64 = 1 << 8;
 pub const EFER_LMA: u64 = 1 << 10;
 pub const EFER_NXE: u64 = 1 << 11;
@@ -114,6 +135,8 @@ pub struct Mmu {
     pub addr_mask: u64,
     /// Bits of an entry that must be zero above MAXPHYADDR (bits MAXPHYADDR..52).
     pub high_rsvd: u64,
+    /// The PDPTE registers (PAE paging), when known.
+    pub pdpte: Option<[u64; 4]>,
 }
 
 impl Mmu {
@@ -132,6 +155,7 @@ impl Mmu {
             pke: st.cr4 & CR4_PKE != 0,
             addr_mask: phys & !0xfff,
             high_rsvd: ((1u64 << 52) - 1) & !phys,
+            pdpte: st.pdpte,
         }
     }
 
@@ -251,9 +275,13 @@ impl Mmu {
         let mut table;
         let mut level; // 3 = PML4, 2 = PDPT, 1 = PD, 0 = PT
         if levels == 3 {
-            // PAE: the PDPTE (no A bit, no R/W or U/S).
-            let pdpte_addr = (self.cr3 & 0xffff_ffe0) + ((la >> 30) & 3) * 8;
-            let e = Self::read_entry(g, pdpte_addr, true)?;
+            // PAE: the PDPTE register (no A bit, no R/W or U/S), as loaded at the
+            // last CR3 write; from memory only when the backend did not supply it.
+            let i = ((la >> 30) & 3) as usize;
+            let e = match self.pdpte {
+                Some(p) => p[i],
+                None => Self::read_entry(g, (self.cr3 & 0xffff_ffe0) + i as u64 * 8, true)?,
+            };
             if e & PTE_P == 0 {
                 return Err(self.fault(la, access, false, false));
             }

@@ -36,15 +36,22 @@
 //! # Exiting instructions
 //!
 //! IN/OUT/INS/OUTS go to `port_in`/`port_out` (at CPL > IOPL in protected mode the
-//! TSS permission bitmap would decide: [`StopReason::Unsupported`]). RDMSR/WRMSR go
-//! to the guest trait, except EFER (read from the state; writes are left to the
-//! CPU) and FS/GS base (kept in the segment state as well). CPUID, RDTSC/RDTSCP
-//! (`tsc`, `tsc_aux`), XGETBV/XSETBV go to the trait. MOV to CR0/CR4 changing PE,
-//! PG or a translation bit, and MOV to CR3 in PAE mode, complete and end the run
-//! ([`StopReason::ModeChange`]); other CR3 writes invalidate the TLB and re-check
-//! the code under the new tables. Privilege and reserved-bit violations stop before
-//! the instruction with [`StopReason::Fault`]; RDPMC is unsupported; HLT ends the
-//! run at the HLT ([`StopReason::Hlt`]).
+//! TSS permission bitmap would decide: [`StopReason::Unsupported`]); after every
+//! port write the engine asks `stop_requested` and ends the run right after the
+//! write if a device asked the VMM to stop the guest ([`StopReason::StopRequested`]).
+//! RDMSR/WRMSR go to the guest trait, except EFER (read from the state; writes are
+//! left to the CPU) and FS/GS base (kept in the segment state as well); a
+//! non-canonical value for an MSR holding a linear address raises #GP
+//! ([`cr::check_wrmsr`]). CPUID, RDTSC/RDTSCP (`tsc`, `tsc_aux`), XGETBV/XSETBV go
+//! to the trait. A MOV to a control register is first checked as the CPU checks it
+//! ([`cr::check_write`], against `Guest::cpu_caps`, asked once per run), then, in
+//! PAE paging, loads the PDPTE registers into `CpuState::pdpte` where the CPU does
+//! ([`cr::loads_pdptes`]; a reserved bit in a PDPTE is #GP). MOV to CR0/CR4
+//! changing PE, PG or a translation bit, and MOV to CR3 in PAE mode, complete and
+//! end the run ([`StopReason::ModeChange`]); other CR3 writes invalidate the TLB
+//! and re-check the code under the new tables. Privilege and reserved-bit
+//! violations stop before the instruction with [`StopReason::Fault`]; RDPMC is
+//! unsupported; HLT ends the run at the HLT ([`StopReason::Hlt`]).
 //!
 //! Every stop is precise: [`RunOutcome::rip`] is where the guest resumes; every
 //! instruction before it is complete, none after it has any effect. A stop *before*
@@ -56,13 +63,14 @@
 //! instruction and takes the fault (or the exit) natively.
 
 pub mod alu;
+pub mod cr;
 pub mod mmu;
 pub mod test_guest;
 
 pub use alu::{cond, sext, AF, CF, DF, OF, PF, SF, STATUS, ZF};
 pub use mmu::{Access, Mmu, Paging, XlateError};
 
-use crate::guest::{CpuState, Fault, Guest};
+use crate::guest::{CpuCaps, CpuState, Fault, Guest};
 use crate::ir::*;
 use crate::policy::ExitClass;
 use alloc::string::String;
@@ -148,6 +156,10 @@ pub enum StopReason {
     Budget,
     /// An instruction wrote into the cluster's own code pages; it completed.
     SelfWrite,
+    /// A port write made a device ask the VMM to stop the guest (the debug-exit
+    /// port, see [`Guest::stop_requested`]); the write completed, nothing after it
+    /// ran. A REP OUTS stops between iterations, as when interrupted.
+    StopRequested,
     /// A control-register or LMSW write changed the paging mode, PE, PG, PAE, PCIDE
     /// or another translation-affecting bit; it completed.
     ModeChange,
@@ -237,6 +249,7 @@ impl StopReason {
             StopReason::BackEdgeCap => "BACK_EDGE_CAP",
             StopReason::Budget => "BUDGET",
             StopReason::SelfWrite => "SELF_WRITE",
+            StopReason::StopRequested => "STOP_REQUESTED",
             StopReason::ModeChange => "MODE_CHANGE",
             StopReason::Unsupported => "UNSUPPORTED",
             StopReason::Invalid(_) => "INVALID",
@@ -454,6 +467,9 @@ pub fn run<G: Guest + ?Sized>(
     if st.rip != cluster.insns[start].rip || code_bitness(&st) != Some(cluster.bitness) {
         return nothing(StopReason::StateMismatch, rip0);
     }
+    if guest.stop_requested() {
+        return nothing(StopReason::StopRequested, rip0);
+    }
     let initial = st.clone();
     let mut e = Engine {
         mmu: Mmu::new(&st, limits.maxphyaddr),
@@ -467,6 +483,7 @@ pub fn run<G: Guest + ?Sized>(
         stats: RunStats::default(),
         units: limits.max_insns,
         be_counts: [0; MAX_BACK_EDGES],
+        caps: None,
     };
     if let Err(r) = e.check_code() {
         let stats = e.stats;
@@ -544,6 +561,8 @@ struct Engine<'a, G: Guest + ?Sized> {
     stats: RunStats,
     units: u64,
     be_counts: [u32; MAX_BACK_EDGES],
+    /// The vCPU's features, once a write that is checked against them ran.
+    caps: Option<CpuCaps>,
 }
 
 fn xerr(e: XlateError) -> StopReason {
@@ -1282,6 +1301,9 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                 let p = self.port(port);
                 let v = self.st.gpr[0] & size.mask();
                 self.g.port_out(p, size.bytes() as u8, v as u32);
+                if self.g.stop_requested() {
+                    return Ok(Flow::StopAfter(StopReason::StopRequested));
+                }
             }
             Op::Ins {
                 size,
@@ -1293,7 +1315,13 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                 addr_size,
                 rep,
                 seg,
-            } => return self.string_io(false, size, addr_size, rep, seg),
+            } => {
+                let f = self.string_io(false, size, addr_size, rep, seg)?;
+                if self.g.stop_requested() {
+                    return Ok(Flow::StopAfter(StopReason::StopRequested));
+                }
+                return Ok(f);
+            }
             Op::Rdmsr => {
                 self.cpl0()?;
                 let msr = self.st.gpr[RCX as usize] as u32;
@@ -1313,15 +1341,18 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                 match msr {
                     // EFER changes the paging mode and NX: leave it to the CPU.
                     MSR_EFER => return Err(StopReason::Unsupported),
-                    MSR_FS_BASE | MSR_GS_BASE => {
-                        if !canonical(v) {
-                            return Err(GP);
+                    _ => {
+                        if cr::LINEAR_ADDRESS_MSRS.contains(&msr) {
+                            let caps = self.caps();
+                            cr::check_wrmsr(msr, v, &caps).map_err(StopReason::Fault)?;
                         }
                         self.g.wrmsr(msr, v).map_err(StopReason::Fault)?;
-                        let s = if msr == MSR_FS_BASE { Seg::Fs } else { Seg::Gs };
-                        self.st.seg[s as usize].base = v;
+                        match msr {
+                            MSR_FS_BASE => self.st.seg[Seg::Fs as usize].base = v,
+                            MSR_GS_BASE => self.st.seg[Seg::Gs as usize].base = v,
+                            _ => {}
+                        }
                     }
-                    _ => self.g.wrmsr(msr, v).map_err(StopReason::Fault)?,
                 }
             }
             Op::Cpuid => {
@@ -1491,6 +1522,9 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                 if self.code_written {
                     return Err(StopReason::SelfWrite);
                 }
+                if !input && self.g.stop_requested() {
+                    return Err(StopReason::StopRequested);
+                }
                 self.units -= 1;
             }
             first = false;
@@ -1526,89 +1560,75 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
         }
     }
 
+    /// The vCPU's features, read from the guest once per run, when first needed.
+    fn caps(&mut self) -> CpuCaps {
+        match self.caps {
+            Some(c) => c,
+            None => {
+                let c = self.g.cpu_caps();
+                self.caps = Some(c);
+                c
+            }
+        }
+    }
+
     fn mov_to_cr(&mut self, cr: CrIndex, src: GprIndex) -> R<Flow> {
         self.cpl0()?;
         let mut v = self.gpr(src);
         if !self.b64 {
             v &= 0xffff_ffff;
         }
+        if cr == 8 && !self.b64 {
+            return Err(UD);
+        }
+        let caps = self.caps();
+        cr::check_write(cr, v, &self.st, &caps).map_err(StopReason::Fault)?;
+        let before = self.st.clone();
         let lma = self.st.efer & EFER_LMA != 0;
+        // What the write does beyond the register (the CPU's checks passed).
+        let mut stop = None;
         match cr {
             0 => {
                 let old = self.st.cr0;
-                if v >> 32 != 0 {
-                    return Err(GP);
-                }
-                let v = v | 0x10; // ET is hardwired.
-                if (v & CR0_PG != 0 && v & CR0_PE == 0)
-                    || (v & (1 << 29) != 0 && v & (1 << 30) == 0)
-                {
-                    return Err(GP);
-                }
+                let v = v | CR0_ET; // ET is hardwired.
                 let pg_on = v & CR0_PG != 0 && old & CR0_PG == 0;
-                if pg_on && self.st.efer & EFER_LME != 0 && self.st.cr4 & CR4_PAE == 0 {
-                    return Err(GP);
-                }
                 if lma && v & CR0_PG == 0 {
-                    // Leaving long mode: only from compatibility mode; let the CPU do it.
+                    // Leaving long mode (from compatibility mode): let the CPU do it.
                     return Err(StopReason::Unsupported);
                 }
                 self.st.cr0 = v;
+                if pg_on && self.st.efer & EFER_LME != 0 {
+                    self.st.efer |= EFER_LMA;
+                }
                 let changed = old ^ v;
-                if changed & (CR0_PG | CR0_WP | (1 << 30)) != 0 {
+                if changed & (CR0_PG | CR0_WP | CR0_CD) != 0 {
                     self.g.invalidate_tlb();
                 }
                 if changed & (CR0_PG | CR0_PE) != 0 {
-                    if pg_on && self.st.efer & EFER_LME != 0 {
-                        self.st.efer |= EFER_LMA;
-                    }
-                    self.refresh_mmu();
-                    return Ok(Flow::StopAfter(StopReason::ModeChange));
+                    stop = Some(StopReason::ModeChange);
                 }
-                self.refresh_mmu();
             }
             2 => self.st.cr2 = v,
             3 => {
                 let pcide = self.st.cr4 & CR4_PCIDE != 0;
-                let no_flush = pcide && v >> 63 != 0;
-                let v = if pcide { v & !(1 << 63) } else { v };
-                if lma && v & !((1u64 << self.limits.maxphyaddr.clamp(32, 52)) - 1) != 0 {
-                    return Err(GP);
-                }
-                self.st.cr3 = v;
+                let no_flush = pcide && v & cr::CR3_NOFLUSH != 0;
+                self.st.cr3 = if pcide { v & !cr::CR3_NOFLUSH } else { v };
                 if !no_flush {
                     self.g.invalidate_tlb();
                 }
-                self.refresh_mmu();
-                if self.mmu.paging == Paging::Pae {
-                    // PDPTEs are loaded from the new CR3: the backend's business.
-                    return Ok(Flow::StopAfter(StopReason::ModeChange));
-                }
-                if self.mmu.paging != Paging::None {
-                    // The code must still be the cluster's under the new tables.
-                    self.code_pages = [u64::MAX; MAX_CODE_PAGES];
-                    if let Err(r) = self.check_code() {
-                        let r = if r == StopReason::CodeUnreadable {
-                            StopReason::CodeChanged
-                        } else {
-                            r
-                        };
-                        return Ok(Flow::StopAfter(r));
-                    }
+                if cr::pae_paging(&self.st) {
+                    // New PDPTE registers: end the run right after, so a backend
+                    // that reloads them from memory still sees what was loaded.
+                    stop = Some(StopReason::ModeChange);
                 }
             }
             4 => {
-                const KNOWN: u64 = 0x1ff_7fff | (1 << 28);
+                // Bits the engine does not model (CET changes CALL/RET, LAM and
+                // FRED change addressing and events): the CPU runs the write.
+                const MODELLED: u64 = (1 << 23) - 1;
                 let old = self.st.cr4;
-                if v & !KNOWN != 0 {
+                if (v ^ old) & !MODELLED != 0 {
                     return Err(StopReason::Unsupported);
-                }
-                if lma && (v & CR4_PAE == 0 || (v ^ old) & CR4_LA57 != 0) {
-                    return Err(GP);
-                }
-                if v & CR4_PCIDE != 0 && old & CR4_PCIDE == 0 && (!lma || self.st.cr3 & 0xfff != 0)
-                {
-                    return Err(GP);
                 }
                 self.st.cr4 = v;
                 const PAGING: u64 = CR4_PSE
@@ -1621,29 +1641,52 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                     | CR4_PKE;
                 if (old ^ v) & PAGING != 0 {
                     self.g.invalidate_tlb();
-                    self.refresh_mmu();
-                    return Ok(Flow::StopAfter(StopReason::ModeChange));
+                    stop = Some(StopReason::ModeChange);
                 }
             }
-            8 if self.b64 => {
-                if v >> 4 != 0 {
-                    return Err(GP);
-                }
+            8 => {
                 let lowered = v < self.st.cr8;
                 self.st.cr8 = v;
                 if lowered && self.g.interrupt_pending() {
-                    return Ok(Flow::StopAfter(StopReason::InterruptPending));
+                    stop = Some(StopReason::InterruptPending);
                 }
             }
             _ => return Err(UD),
+        }
+        if cr::loads_pdptes(cr, &before, &self.st) {
+            match cr::load_pdptes(self.g, self.st.cr3, &caps) {
+                Ok(p) => self.st.pdpte = Some(p),
+                Err(e) => {
+                    // The instruction faults (or cannot be done here): undo it.
+                    self.st = before;
+                    return Err(match e {
+                        cr::PdpteError::Fault(f) => StopReason::Fault(f),
+                        cr::PdpteError::NotRam { gpa } => StopReason::NotRam { gpa },
+                    });
+                }
+            }
+        }
+        self.refresh_mmu();
+        if let Some(r) = stop {
+            return Ok(Flow::StopAfter(r));
+        }
+        if cr == 3 && self.mmu.paging != Paging::None {
+            // The code must still be the cluster's under the new tables.
+            self.code_pages = [u64::MAX; MAX_CODE_PAGES];
+            if let Err(r) = self.check_code() {
+                let r = if r == StopReason::CodeUnreadable {
+                    StopReason::CodeChanged
+                } else {
+                    r
+                };
+                return Ok(Flow::StopAfter(r));
+            }
         }
         Ok(Flow::Next)
     }
 }
 
-const MSR_EFER: u32 = 0xc000_0080;
-const MSR_FS_BASE: u32 = 0xc000_0100;
-const MSR_GS_BASE: u32 = 0xc000_0101;
+use cr::{MSR_EFER, MSR_FS_BASE, MSR_GS_BASE};
 
 /// x86 register-write rules: 32-bit writes zero-extend, 8/16-bit writes merge.
 #[inline(always)]

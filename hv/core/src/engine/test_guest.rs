@@ -7,7 +7,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use super::mmu::*;
-use crate::guest::{CpuState, Fault, Guest, NotRam, Segment};
+use crate::guest::{CpuCaps, CpuState, Fault, Guest, NotRam, Segment};
 use crate::ir::{Bitness, Cluster, Insn, Op, Seg};
 use crate::policy::ExitClass;
 
@@ -93,8 +93,13 @@ pub struct TestGuest {
     /// MSRs whose access raises #GP (also: any MSR absent from `msrs` on read).
     pub msr_faults: BTreeSet<u32>,
     pub msr_writes: Vec<(u32, u64)>,
+    /// CPUID leaves by (leaf, subleaf); starts as [`TestGuest::DEFAULT_CPUID`].
     pub cpuid_leaves: BTreeMap<(u32, u32), [u32; 4]>,
     pub cpuid_calls: u32,
+    /// A write to this port asks the VMM to stop the guest (debug-exit).
+    pub debug_exit_port: u16,
+    /// The status of the first debug-exit write.
+    pub exit_status: Option<u8>,
     pub tsc: u64,
     /// Added to `tsc` at every read.
     pub tsc_step: u64,
@@ -110,6 +115,21 @@ pub struct TestGuest {
 }
 
 impl TestGuest {
+    /// The CPUID a test guest starts with: an x86-64 CPU with PAE, PGE, PCID,
+    /// XSAVE, FSGSBASE, SMEP, SMAP and UMIP, 46-bit physical and 48-bit linear
+    /// addresses, and neither VMX, SMX, PKU, CET nor 5-level paging.
+    pub const DEFAULT_CPUID: [((u32, u32), [u32; 4]); 6] = [
+        ((0, 0), [0xd, 0x756e_6547, 0x6c65_746e, 0x4965_6e69]),
+        // ECX: SSE3, PCID (17), XSAVE (26). EDX: FPU..SSE2 with PAE (6), PGE (13).
+        ((1, 0), [0x000a_0655, 0, 0x0402_0001, 0x078b_fbff]),
+        // EBX: FSGSBASE (0), SMEP (7), SMAP (20). ECX: UMIP (2).
+        ((7, 0), [0, 0x0010_0081, 0x4, 0]),
+        ((0x8000_0000, 0), [0x8000_0008, 0, 0, 0]),
+        // EDX: SYSCALL, NX, LM.
+        ((0x8000_0001, 0), [0, 0, 0, 0x2010_0800]),
+        ((0x8000_0008, 0), [0x302e, 0, 0, 0]),
+    ];
+
     /// A guest with `ram_bytes` of zeroed RAM in real mode at 0:0.
     pub fn new(ram_bytes: usize) -> TestGuest {
         let ram_bytes = ram_bytes.max(4096) & !0xfff;
@@ -138,8 +158,10 @@ impl TestGuest {
             msrs: BTreeMap::new(),
             msr_faults: BTreeSet::new(),
             msr_writes: Vec::new(),
-            cpuid_leaves: BTreeMap::new(),
+            cpuid_leaves: TestGuest::DEFAULT_CPUID.iter().copied().collect(),
             cpuid_calls: 0,
+            debug_exit_port: 0xf4,
+            exit_status: None,
             tsc: 0,
             tsc_step: 0,
             xcr0: 1,
@@ -371,6 +393,26 @@ impl TestGuest {
         self.write_bytes(gpa, &c.guest_bytes);
     }
 
+    /// Loads the PDPTE registers from memory at CR3, as a MOV to CR3 does in PAE
+    /// mode (after building the tables with [`TestGuest::map`]).
+    pub fn load_pdptes(&mut self) {
+        let base = self.state.cr3 & 0xffff_ffe0;
+        let mut p = [0u64; 4];
+        for (i, e) in p.iter_mut().enumerate() {
+            *e = self.read_u64(base + 8 * i as u64);
+        }
+        self.state.pdpte = Some(p);
+    }
+
+    /// Looks up a CPUID leaf (the subleaf's, else subleaf 0's, else zeros).
+    fn cpuid_leaf(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        self.cpuid_leaves
+            .get(&(leaf, subleaf))
+            .or_else(|| self.cpuid_leaves.get(&(leaf, 0)))
+            .copied()
+            .unwrap_or([0; 4])
+    }
+
     /// Queues values for reads of `port`.
     pub fn script_port(&mut self, port: u16, values: &[u32]) {
         self.port_script
@@ -464,6 +506,12 @@ impl Guest for TestGuest {
             size,
             value,
         });
+        if port == self.debug_exit_port {
+            self.exit_status.get_or_insert(value as u8);
+        }
+    }
+    fn stop_requested(&mut self) -> bool {
+        self.exit_status.is_some()
     }
     fn rdmsr(&mut self, msr: u32) -> Result<u64, Fault> {
         if self.msr_faults.contains(&msr) {
@@ -481,11 +529,12 @@ impl Guest for TestGuest {
     }
     fn cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
         self.cpuid_calls += 1;
-        self.cpuid_leaves
-            .get(&(leaf, subleaf))
-            .or_else(|| self.cpuid_leaves.get(&(leaf, 0)))
-            .copied()
-            .unwrap_or([0; 4])
+        self.cpuid_leaf(leaf, subleaf)
+    }
+    /// From the CPUID table, without counting calls (`cpuid_calls` counts the
+    /// guest's CPUID instructions).
+    fn cpu_caps(&mut self) -> CpuCaps {
+        CpuCaps::from_cpuid(|leaf, subleaf| self.cpuid_leaf(leaf, subleaf))
     }
     fn tsc(&mut self) -> u64 {
         self.tsc = self.tsc.wrapping_add(self.tsc_step);
