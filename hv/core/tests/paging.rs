@@ -737,6 +737,7 @@ fn pae_cr3_write_with_a_reserved_pdpte_bit_raises_gp() {
     );
     assert_eq!(out.rip, CODE_VA);
     assert_eq!((g.state.cr3, g.state.pdpte), (before.cr3, before.pdpte));
+    assert_eq!(g.tlb_flushes, 0, "nothing done");
 }
 
 #[test]

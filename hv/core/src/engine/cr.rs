@@ -85,7 +85,8 @@ fn mode64(st: &CpuState) -> bool {
 /// features: `Err(#GP)` where the CPU raises it, `Err(#UD)` for a control register
 /// that does not exist. `value` is the source operand as the instruction reads it
 /// (32 bits outside 64-bit mode). Only the architectural faults are checked here;
-/// CPL is the caller's (MOV CR is privileged before anything else).
+/// CPL is the caller's (MOV CR is privileged before anything else). The CR0, CR2
+/// and CR8 rules do not read `caps`.
 pub fn check_write(cr: u8, value: u64, st: &CpuState, caps: &CpuCaps) -> Result<(), Fault> {
     let lma = st.efer & EFER_LMA != 0;
     match cr {

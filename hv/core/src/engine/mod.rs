@@ -1581,12 +1581,20 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
         if cr == 8 && !self.b64 {
             return Err(UD);
         }
-        let caps = self.caps();
+        // Only the CR3 and CR4 rules depend on features: CR0/CR8 writes (TPR
+        // updates are frequent) do not ask the guest for them.
+        let caps = if matches!(cr, 3 | 4) {
+            self.caps()
+        } else {
+            CpuCaps::default()
+        };
         cr::check_write(cr, v, &self.st, &caps).map_err(StopReason::Fault)?;
         let before = self.st.clone();
         let lma = self.st.efer & EFER_LMA != 0;
-        // What the write does beyond the register (the CPU's checks passed).
+        // What the write does beyond the register (the CPU's checks passed); guest
+        // side effects (TLB flush, interrupt check) only once nothing can fault.
         let mut stop = None;
+        let mut flush = false;
         match cr {
             0 => {
                 let old = self.st.cr0;
@@ -1601,9 +1609,7 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                     self.st.efer |= EFER_LMA;
                 }
                 let changed = old ^ v;
-                if changed & (CR0_PG | CR0_WP | CR0_CD) != 0 {
-                    self.g.invalidate_tlb();
-                }
+                flush = changed & (CR0_PG | CR0_WP | CR0_CD) != 0;
                 if changed & (CR0_PG | CR0_PE) != 0 {
                     stop = Some(StopReason::ModeChange);
                 }
@@ -1611,16 +1617,8 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
             2 => self.st.cr2 = v,
             3 => {
                 let pcide = self.st.cr4 & CR4_PCIDE != 0;
-                let no_flush = pcide && v & cr::CR3_NOFLUSH != 0;
+                flush = !(pcide && v & cr::CR3_NOFLUSH != 0);
                 self.st.cr3 = if pcide { v & !cr::CR3_NOFLUSH } else { v };
-                if !no_flush {
-                    self.g.invalidate_tlb();
-                }
-                if cr::pae_paging(&self.st) {
-                    // New PDPTE registers: end the run right after, so a backend
-                    // that reloads them from memory still sees what was loaded.
-                    stop = Some(StopReason::ModeChange);
-                }
             }
             4 => {
                 // Bits the engine does not model (CET changes CALL/RET, LAM and
@@ -1640,20 +1638,15 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                     | CR4_SMAP
                     | CR4_PKE;
                 if (old ^ v) & PAGING != 0 {
-                    self.g.invalidate_tlb();
+                    flush = true;
                     stop = Some(StopReason::ModeChange);
                 }
             }
-            8 => {
-                let lowered = v < self.st.cr8;
-                self.st.cr8 = v;
-                if lowered && self.g.interrupt_pending() {
-                    stop = Some(StopReason::InterruptPending);
-                }
-            }
+            8 => self.st.cr8 = v,
             _ => return Err(UD),
         }
         if cr::loads_pdptes(cr, &before, &self.st) {
+            let caps = self.caps();
             match cr::load_pdptes(self.g, self.st.cr3, &caps) {
                 Ok(p) => self.st.pdpte = Some(p),
                 Err(e) => {
@@ -1665,6 +1658,15 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                     });
                 }
             }
+            // New PDPTE registers: end the run right after, so a backend that
+            // reloads them from memory at CR3 still gets what was loaded.
+            stop = stop.or(Some(StopReason::ModeChange));
+        }
+        if flush {
+            self.g.invalidate_tlb();
+        }
+        if cr == 8 && self.st.cr8 < before.cr8 && self.g.interrupt_pending() {
+            stop = Some(StopReason::InterruptPending);
         }
         self.refresh_mmu();
         if let Some(r) = stop {
