@@ -1128,7 +1128,12 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
             } => {
                 let cnt = self.read(count, Size::S1)?;
                 if let Operand::Reg(r) = *dst {
-                    let (res, f) = alu::shift(op, size, self.reg(r), cnt, fl);
+                    let shift = if matches!(count, Operand::Imm(_)) {
+                        alu::shift_reg_imm
+                    } else {
+                        alu::shift
+                    };
+                    let (res, f) = shift(op, size, self.reg(r), cnt, fl);
                     self.set_reg(r, res);
                     self.st.rflags = f;
                     return Ok(Flow::Next);
