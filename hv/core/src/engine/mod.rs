@@ -1128,12 +1128,12 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
             } => {
                 let cnt = self.read(count, Size::S1)?;
                 if let Operand::Reg(r) = *dst {
-                    let shift = if matches!(count, Operand::Imm(_)) {
-                        alu::shift_reg_imm
+                    let v = self.reg(r);
+                    let (res, f) = if matches!(count, Operand::Imm(_)) {
+                        alu::shift_reg_imm(op, size, v, cnt, fl)
                     } else {
-                        alu::shift
+                        alu::shift(op, size, v, cnt, fl)
                     };
-                    let (res, f) = shift(op, size, self.reg(r), cnt, fl);
                     self.set_reg(r, res);
                     self.st.rflags = f;
                     return Ok(Flow::Next);
