@@ -696,7 +696,7 @@ fn table_output_and_translation_set() {
     let elf = std::fs::read(&exe).unwrap();
     assert_eq!(
         set.guest.digest,
-        avex_core::format::identity_of_elf(&elf).expect("loadable")
+        avex_core::identity::of_elf(&elf).expect("loadable")
     );
     assert_eq!(
         set.policy,

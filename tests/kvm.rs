@@ -38,7 +38,7 @@ fn aot_set(name: &str, elf: &[u8]) -> TranslationSet {
     clusters.retain(|c| format::validate(c).is_ok());
     TranslationSet {
         guest: GuestIdentity {
-            digest: format::identity_of_segments(
+            digest: avex_core::identity::of_segments(
                 a.segments.iter().map(|(p, b)| (*p, b.as_slice())),
             ),
             name: name.into(),

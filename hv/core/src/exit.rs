@@ -229,7 +229,7 @@ impl ExitHandler {
     }
 
     /// Load a decoded translation set made ahead of time. It is checked against the
-    /// running guest's identity ([`tformat::identity_of_segments`]) and the policy;
+    /// running guest's identity ([`crate::identity::of_segments`]) and the policy;
     /// a rejected set leaves the guest on dynamic clustering (if the mode has it)
     /// and the reason is kept in the statistics and returned. In modes without AOT
     /// nothing is loaded.

@@ -16,7 +16,7 @@
 //! | 8 | 2 | format version (1) |
 //! | 10 | 2 | header length: offset of the payload |
 //! | 12 | 4 | flags (must be 0) |
-//! | 16 | 32 | guest digest ([`identity_of_segments`]) |
+//! | 16 | 32 | guest digest ([`crate::identity::of_segments`]) |
 //! | 48 | 32 | exit-policy fingerprint |
 //! | 80 | 32 | translator-config fingerprint |
 //! | 112 | 4 | cluster count |
@@ -63,7 +63,7 @@ pub const MAX_INSN_LEN: u8 = 15;
 /// Which guest build a translation set was made for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestIdentity {
-    /// [`identity_of_segments`] over the guest's loadable segments.
+    /// [`crate::identity::of_segments`] over the guest's loadable segments.
     pub digest: [u8; 32],
     /// Informative only (e.g. the ELF's file name); never compared.
     pub name: String,
@@ -87,43 +87,6 @@ pub struct TranslationSet {
     pub translator: TranslatorStamp,
     /// Sorted by `start`, starts unique.
     pub clusters: Vec<Cluster>,
-}
-
-/// SHA-256 over the guest's loadable segments: for each segment in order of
-/// physical address (ties keep the given order), its address as u64 LE, its length
-/// as u64 LE, then its bytes (the file bytes, `p_filesz` of them), after the
-/// domain tag `avex-guest-identity-v1`. Segments with no file bytes (pure `.bss`)
-/// are skipped, so callers may list them or not. The linker, the KVM backend and the
-/// bare-metal hypervisor all compute a guest's identity with this function.
-pub fn identity_of_segments<'a>(segments: impl IntoIterator<Item = (u64, &'a [u8])>) -> [u8; 32] {
-    let mut segs: Vec<(u64, &[u8])> = segments
-        .into_iter()
-        .filter(|(_, bytes)| !bytes.is_empty())
-        .collect();
-    segs.sort_by_key(|(paddr, _)| *paddr);
-    let mut h = Sha256::new();
-    h.update(b"avex-guest-identity-v1");
-    for (paddr, bytes) in segs {
-        h.update(paddr.to_le_bytes());
-        h.update((bytes.len() as u64).to_le_bytes());
-        h.update(bytes);
-    }
-    h.finalize().into()
-}
-
-/// The identity of a guest ELF image: [`identity_of_segments`] over its loadable
-/// segments as [`crate::boot::parse_elf`] lists them (`PT_LOAD` with a non-zero
-/// memory size), each as (`p_paddr`, its `p_filesz` file bytes). A backend that
-/// loads the image computes the same value from the same bytes.
-pub fn identity_of_elf(elf: &[u8]) -> Result<[u8; 32], crate::boot::BootError> {
-    let image = crate::boot::parse_elf(elf)?;
-    let mut segs = Vec::with_capacity(image.segments.len());
-    for s in &image.segments {
-        // parse_elf checked offset + filesz <= elf.len().
-        let (start, len) = (s.offset as usize, s.filesz as usize);
-        segs.push((s.paddr, &elf[start..start + len]));
-    }
-    Ok(identity_of_segments(segs))
 }
 
 /// SHA-256 of a value's postcard encoding: a stable fingerprint for configuration
@@ -655,7 +618,7 @@ pub fn validate_set(set: &TranslationSet) -> Result<(), FormatError> {
 }
 
 /// Reject a well-formed set made for another guest build or another exit policy.
-/// `guest_digest` is the running guest's [`identity_of_segments`].
+/// `guest_digest` is the running guest's [`crate::identity::of_segments`].
 pub fn check_against(
     set: &TranslationSet,
     guest_digest: &[u8; 32],

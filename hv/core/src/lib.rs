@@ -17,6 +17,7 @@ pub mod engine;
 pub mod exit;
 pub mod format;
 pub mod guest;
+pub mod identity;
 pub mod ir;
 pub mod lower;
 pub mod policy;

@@ -282,7 +282,7 @@ impl Vm {
             None => {}
             Some(Err(why)) => handler.reject_translations(why.clone()),
             Some(Ok(set)) => {
-                let digest = boot::identity(elf).map_err(Error::Boot)?;
+                let digest = avex_core::identity::of_elf(elf).map_err(Error::Boot)?;
                 // A rejected set is recorded in the statistics; the guest runs on.
                 let _ = handler.load_translations(set.clone(), &digest);
             }

@@ -333,7 +333,7 @@ fn load_translations(elf: &[u8], opts: &Options, handler: &mut ExitHandler) {
         }
     };
     // The running guest's identity, computed as the linker and the KVM backend do.
-    let digest = tformat::identity_of_elf(elf).unwrap_or([0; 32]);
+    let digest = avex_core::identity::of_elf(elf).unwrap_or([0; 32]);
     match handler.load_translations(set, &digest) {
         Ok(n) => logln!("avex-vmx: {n} translations loaded from {TRANSLATIONS_SECTION}"),
         Err(why) => {
