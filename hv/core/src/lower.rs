@@ -1667,10 +1667,7 @@ mod tests {
                     Operand::Imm(_) => false,
                 },
                 Op::Invlpg { addr } => mem_ok(addr),
-                Op::Jmp { target } | Op::Jcc { target, .. } | Op::Loop { target, .. } => {
-                    matches!(target, Target::Exit(_))
-                }
-                _ => true,
+                op => op.target().is_none_or(|t| matches!(t, Target::Exit(_))),
             }
         }
 

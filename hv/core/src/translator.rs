@@ -38,7 +38,7 @@ use core::fmt;
 use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic};
 use serde::{Deserialize, Serialize};
 
-use crate::ir::{BackEdge, Bitness, Cluster, Insn, Op, Operand, Target};
+use crate::ir::{limits, BackEdge, Bitness, Cluster, Insn, Op, Operand, Target};
 use crate::lower::lower;
 use crate::policy::{ExitClass, ExitPolicy};
 
@@ -70,7 +70,14 @@ impl TranslatorConfig {
     /// [`translate_in`]: enough for the longest loop head this config allows
     /// (`max_loop_head_insns` instructions of at most 15 bytes).
     pub fn loop_head_context_bytes(&self) -> u64 {
-        (self.max_loop_head_insns as u64).saturating_mul(15)
+        (self.loop_head_insns() as u64).saturating_mul(u64::from(limits::MAX_INSN_LEN))
+    }
+
+    /// `max_loop_head_insns` within what the IR accepts
+    /// ([`limits::MAX_LOOP_HEAD_INSNS`]): a larger setting would build clusters
+    /// the validator refuses.
+    pub fn loop_head_insns(&self) -> usize {
+        self.max_loop_head_insns.min(limits::MAX_LOOP_HEAD_INSNS)
     }
 }
 
@@ -86,9 +93,6 @@ impl Default for TranslatorConfig {
         }
     }
 }
-
-/// A bound on cluster length so instruction indices always fit `Target::Insn(u16)`.
-const MAX_CLUSTER_INSNS: usize = 4096;
 
 /// Why there is no cluster at a RIP. The AOT report counts these.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -364,7 +368,7 @@ fn loop_head(
     let mut insns = Vec::new();
     let mut accesses = 0u32;
     while decoder.ip() < rip {
-        if insns.len() >= config.max_loop_head_insns || !decoder.can_decode() {
+        if insns.len() >= config.loop_head_insns() || !decoder.can_decode() {
             return None;
         }
         decoder.decode_out(&mut instr);
@@ -429,7 +433,7 @@ fn scan(
     // Addresses later instructions are reached at by forward branches of the cluster.
     let mut forward_targets = BTreeSet::new();
     forward_targets.extend(exit_target(&first.op).filter(|&t| t > rip));
-    let max_insns = config.max_cluster_insns.clamp(1, MAX_CLUSTER_INSNS);
+    let max_insns = config.max_cluster_insns.clamp(1, limits::MAX_CLUSTER_INSNS);
     let mut insns = Vec::with_capacity(config.look_ahead.min(max_insns) + 1);
     insns.push(first);
     let mut gap_accesses: u32 = 0;
@@ -544,31 +548,23 @@ pub fn loop_qualifies(insns: &[Insn], target: usize, branch: usize) -> bool {
 /// A branch that may stay inside the cluster: resolved to one of its instructions,
 /// or not yet resolved.
 fn branches_inside(op: &Op) -> bool {
-    match op {
-        Op::Jmp { target } | Op::Jcc { target, .. } | Op::Loop { target, .. } => {
-            matches!(target, Target::Insn(_))
-        }
-        _ => false,
-    }
+    matches!(op.target(), Some(Target::Insn(_)))
 }
 
 fn is_branch(op: &Op) -> bool {
-    matches!(op, Op::Jmp { .. } | Op::Jcc { .. } | Op::Loop { .. })
+    op.target().is_some()
 }
 
 /// The absolute target of a branch op aimed at `Target::Exit` (as lowered).
 fn exit_target(op: &Op) -> Option<u64> {
-    match op {
-        Op::Jmp { target } | Op::Jcc { target, .. } | Op::Loop { target, .. } => match target {
-            Target::Exit(addr) => Some(*addr),
-            Target::Insn(_) => None,
-        },
-        _ => None,
+    match op.target()? {
+        Target::Exit(addr) => Some(addr),
+        Target::Insn(_) => None,
     }
 }
 
 fn set_branch_target(op: &mut Op, new: Target) {
-    if let Op::Jmp { target } | Op::Jcc { target, .. } | Op::Loop { target, .. } = op {
+    if let Some(target) = op.target_mut() {
         *target = new;
     }
 }
@@ -692,7 +688,11 @@ mod tests {
             "entered at the exiting instruction"
         );
         let entry = cluster.entry_index().unwrap();
-        assert!(entry <= config.max_loop_head_insns);
+        assert!(entry <= config.loop_head_insns());
+        // Whatever the config, the translator builds only what the IR accepts.
+        if let Err(e) = crate::ir::validate(cluster) {
+            panic!("the translator built a cluster the validator refuses: {e}");
+        }
         for pair in cluster.insns.windows(2) {
             assert_eq!(
                 pair[1].rip,
@@ -716,13 +716,11 @@ mod tests {
                 "a loop head is only kept when a branch returns to it"
             );
         }
-        assert!(
-            cluster.insns.len() <= config.max_cluster_insns.max(1) + config.max_loop_head_insns
-        );
+        assert!(cluster.insns.len() <= config.max_cluster_insns.max(1) + config.loop_head_insns());
         let n = cluster.insns.len();
         for (at, insn) in cluster.insns.iter().enumerate() {
             assert!((1..=15).contains(&insn.len));
-            if let Op::Jmp { target } | Op::Jcc { target, .. } | Op::Loop { target, .. } = insn.op {
+            if let Some(target) = insn.op.target() {
                 match target {
                     Target::Insn(k) => {
                         assert!(usize::from(k) < n);
@@ -963,6 +961,24 @@ mod tests {
         )
         .unwrap();
         assert_eq!(t.cluster.start, 0x100176);
+    }
+
+    #[test]
+    fn a_loop_head_setting_past_the_ir_limit_builds_only_valid_clusters() {
+        // Ten gap fillers, then `out; in; jnz head`: a head longer than the IR allows.
+        let mut code = [0xff, 0xc1].repeat(10); // 0x7000.. inc ecx
+        code.extend_from_slice(&[0xee, 0xec, 0x75, 0xe8]); // 0x7014 out; in; jnz 0x7000
+        let wide = TranslatorConfig {
+            max_loop_head_insns: 20,
+            ..TranslatorConfig::default()
+        };
+        let policy = ExitPolicy::default();
+        let t = translate_in(&code, 0x7000, 0x7014, Bitness::B64, &policy, &wide).unwrap();
+        if let Err(e) = crate::ir::validate(&t.cluster) {
+            panic!("built a cluster the validator refuses: {e}");
+        }
+        assert_eq!(t.cluster.start, 0x7014, "no head beyond the IR's limit");
+        assert_eq!(wide.loop_head_context_bytes(), 8 * 15);
     }
 
     #[test]
@@ -1724,7 +1740,8 @@ mod tests {
             (
                 0usize..40,
                 0usize..200,
-                0usize..10,
+                // Past the IR's limit too: the config is clamped to it.
+                0usize..20,
                 0u32..6,
                 0u16..20,
                 any::<bool>(),

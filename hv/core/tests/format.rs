@@ -338,17 +338,13 @@ fn cluster() -> BoxedStrategy<Cluster> {
             let mut insns = vec![Insn {
                 rip: start,
                 len: first_len,
-                exit_class: avex_core::format::exit_class_of(&first),
+                exit_class: first.exit_class(),
                 op: first,
             }];
             let mut caps = vec![None];
             for (op, classify, len, cap) in rest {
                 let rip = insns.last().map(|i| i.rip + i.len as u64).unwrap();
-                let exit_class = if classify {
-                    avex_core::format::exit_class_of(&op)
-                } else {
-                    None
-                };
+                let exit_class = if classify { op.exit_class() } else { None };
                 insns.push(Insn {
                     rip,
                     len,
