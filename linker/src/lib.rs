@@ -63,8 +63,6 @@ pub enum LinkError {
     Duplicate { first: usize, second: usize },
     #[error("the image would be larger than ELF32 offsets can address")]
     TooLarge,
-    #[error("analysis failed: {0}")]
-    Analysis(String),
 }
 
 fn malformed(what: impl Into<String>, offset: u64, reason: impl Into<String>) -> LinkError {
