@@ -8,9 +8,8 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-fn avex() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_avex"))
-}
+mod support;
+use support::avex;
 
 fn run(cmd: &mut Command) -> Output {
     let out = cmd.output().expect("spawn");
