@@ -253,7 +253,7 @@ pub fn table(rows: &[Row]) -> String {
     s
 }
 
-/// Exits that reached avex's exit handler, by reason, per guest and mode; `other`
+/// Exits that reached avex's exit handler, by reason, per guest and mode; `unseen`
 /// is the exits the hardware counted that never reached it (KVM: exits it handled
 /// in the kernel, host interrupts).
 pub fn reason_table(rows: &[Row]) -> String {
@@ -270,12 +270,15 @@ pub fn reason_table(rows: &[Row]) -> String {
         }
     }
     reasons.sort_unstable();
-    let mut s = String::from("exits by reason (as avex's exit handler saw them)\n");
+    let mut s = String::from(
+        "exits by reason (as avex's exit handler saw them; unseen: counted in exits, \
+         never reached it)\n",
+    );
     let _ = write!(s, "{:<10} {:<12}", "guest", "mode");
     for k in &reasons {
         let _ = write!(s, " {:>9}", k);
     }
-    let _ = writeln!(s, " {:>7}", "other");
+    let _ = writeln!(s, " {:>7}", "unseen");
     for (r, rec) in recs {
         let _ = write!(s, "{:<10} {:<12}", r.guest, r.mode.name());
         for k in &reasons {
