@@ -231,7 +231,8 @@ pub fn exits_counted(backend: Backend, stats: &ExitStats) -> &'static str {
 /// Where a KVM run's wall time went, apart: time in user space is time handling
 /// exits (avex's handler, device models, clusters); time in KVM_RUN is KVM running
 /// the guest, which on this host means its instruction emulator (about 0.5 us a
-/// guest instruction) plus the exits it handles in the kernel. The time ratio of
+/// guest instruction), the exits it handles in the kernel and the kernel's side of
+/// each exit to user space. The time ratio of
 /// two modes mixes both, so it is never the benefit of avoided exits alone.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct TimeSplit {
@@ -412,8 +413,9 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(t) = &record.time_split {
         eprintln!(
             "time apart:             {:.1} ms in KVM_RUN (KVM running the guest: its \
-             emulator, {} instructions, and the exits it handles itself), {:.1} ms in user \
-             space handling exits ({:.1} ms of it in clusters, {} instructions)",
+             emulator, {} instructions, the exits it handles itself and its side of the \
+             exits to user space), {:.1} ms in user space handling exits ({:.1} ms of it in \
+             clusters, {} instructions)",
             t.kvm_run_ms,
             t.kvm_emulated_insns
                 .map_or("count unknown".to_string(), |n| n.to_string()),
