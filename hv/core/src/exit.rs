@@ -22,8 +22,8 @@ use crate::engine;
 use crate::format::{self as tformat, TranslationSet};
 use crate::guest::{CpuState, Fault, Guest};
 use crate::ir::Bitness;
-use crate::policy::ExitPolicy;
-use crate::stats::ExitStats;
+use crate::policy::{ExitClass, ExitPolicy};
+use crate::stats::{BackendExits, ExitStats};
 use crate::tracker::{Tracker, TrackerConfig};
 use crate::translator::{self, TranslatorConfig};
 
@@ -143,7 +143,7 @@ pub struct Reply {
 pub struct ClusterEnd {
     /// Where the guest resumes.
     pub rip: u64,
-    /// Exiting instructions the run executed (each an exit avoided).
+    /// Instructions the run executed that exit on this backend (each an exit avoided).
     pub exiting: u64,
     /// Guest instructions the engine ran.
     pub insns: u64,
@@ -158,6 +158,8 @@ pub const DEFAULT_INSN_BUDGET: u64 = 4096;
 pub struct ExitHandler {
     mode: Mode,
     policy: ExitPolicy,
+    /// What exits on this backend: only these count as avoided inside clusters.
+    backend_exits: BackendExits,
     cache: TranslationCache,
     tracker: Tracker,
     stats: ExitStats,
@@ -182,12 +184,17 @@ impl fmt::Debug for ExitHandler {
 
 impl ExitHandler {
     pub fn new(mode: Mode, policy: ExitPolicy) -> Self {
+        let backend_exits = BackendExits::of_policy(&policy);
         ExitHandler {
             mode,
             policy,
+            stats: ExitStats {
+                exit_set: backend_exits.names().collect(),
+                ..ExitStats::default()
+            },
+            backend_exits,
             cache: TranslationCache::new(),
             tracker: Tracker::new(TrackerConfig::default()),
-            stats: ExitStats::default(),
             clock: None,
             insn_budget: DEFAULT_INSN_BUDGET,
             translator: TranslatorConfig::default(),
@@ -197,6 +204,15 @@ impl ExitHandler {
     /// Use these cluster rules for run-time translations.
     pub fn with_translator_config(mut self, config: TranslatorConfig) -> Self {
         self.translator = config;
+        self
+    }
+
+    /// The exit classes that reach this handler on the backend, as configured
+    /// (default: every class the policy intercepts, as on VT-x). Instructions of
+    /// other classes run inside clusters are counted apart, never as avoided.
+    pub fn with_backend_exits(mut self, exits: BackendExits) -> Self {
+        self.stats.exit_set = exits.names().collect();
+        self.backend_exits = exits;
         self
     }
 
@@ -490,9 +506,9 @@ impl ExitHandler {
             Origin::Dynamic => self.stats.clusters_run_dynamic += 1,
         }
         let mut exiting = 0;
-        for (class, n) in out.exiting_by_class() {
-            self.stats.count_in_cluster(class, n);
-            exiting += n;
+        for class in ExitClass::ALL {
+            let n = u64::from(out.stats.exits_of(class));
+            exiting += self.stats.count_in_cluster(class, n, &self.backend_exits);
         }
         let insns = out.insns();
         self.stats.cluster_insns += insns;

@@ -47,7 +47,7 @@ use avex_core::exit::{Exit, ExitHandler, Mode, Next};
 use avex_core::format::TranslationSet;
 use avex_core::guest::Guest;
 use avex_core::policy::{ExitPolicy, MSR_BITMAP_RANGES};
-use avex_core::stats::ExitStats;
+use avex_core::stats::{BackendExits, ExitStats};
 use kvm_bindings::{
     kvm_enable_cap, kvm_userspace_memory_region, KVM_CAP_X86_USER_SPACE_MSR,
     KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_IO, KVM_EXIT_IO_OUT, KVM_MAX_CPUID_ENTRIES,
@@ -276,8 +276,9 @@ impl Vm {
             .get_vcpu_mmap_size()
             .map_err(kvm_err("KVM_GET_VCPU_MMAP_SIZE"))?;
 
-        let mut handler =
-            ExitHandler::new(config.mode, config.policy.clone()).with_clock(monotonic_ns);
+        let mut handler = ExitHandler::new(config.mode, config.policy.clone())
+            .with_clock(monotonic_ns)
+            .with_backend_exits(user_space_exits(&msr_exits));
         match &config.translations {
             None => {}
             Some(Err(why)) => handler.reject_translations(why.clone()),
@@ -742,6 +743,19 @@ fn normalize_cpuid(entries: &mut [kvm_bindings::kvm_cpuid_entry2]) {
             _ => {}
         }
     }
+}
+
+/// The exit classes that reach avex here: port I/O (string or not), HLT (there is
+/// no in-kernel irqchip) and, with the MSR filter, the MSRs the policy intercepts.
+/// KVM handles CPUID, CR moves, RDTSC, XSETBV, INVLPG... in the kernel.
+fn user_space_exits(msr_exits: &MsrExits) -> BackendExits {
+    use avex_core::policy::ExitClass as C;
+    let msrs = (*msr_exits == MsrExits::Enabled).then_some([C::Rdmsr, C::Wrmsr]);
+    BackendExits::only(
+        [C::In, C::Out, C::Ins, C::Outs, C::Hlt]
+            .into_iter()
+            .chain(msrs.into_iter().flatten()),
+    )
 }
 
 /// Ask KVM to send guest accesses to the MSRs the policy intercepts to user space.

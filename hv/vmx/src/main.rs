@@ -162,6 +162,25 @@ fn finish(
             }
             None => line.push_str(",\"translations_rejected\":null"),
         }
+        // What exits here, and what ran in clusters by class (exiting here or not).
+        for (key, m) in [
+            ("in_cluster_by_class", &s.in_cluster_by_class),
+            (
+                "in_cluster_not_exiting_by_class",
+                &s.in_cluster_not_exiting_by_class,
+            ),
+        ] {
+            let _ = write!(line, ",{}:{{", json_str(key));
+            for (i, (k, n)) in m.iter().enumerate() {
+                let _ = write!(line, "{}{}:{n}", if i > 0 { "," } else { "" }, json_str(k));
+            }
+            line.push('}');
+        }
+        line.push_str(",\"exit_set\":[");
+        for (i, c) in s.exit_set.iter().enumerate() {
+            let _ = write!(line, "{}{}", if i > 0 { "," } else { "" }, json_str(c));
+        }
+        line.push(']');
         if !s.early_stops.is_empty() {
             line.push_str(",\"early_stops\":{");
             for (i, (k, n)) in s.early_stops.iter().enumerate() {
