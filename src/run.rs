@@ -177,6 +177,7 @@ pub fn run_backend(
             let mut details = r.kvm_stats.clone();
             details.insert("user_exits".into(), r.user_exits);
             details.insert("completions".into(), r.completions);
+            details.insert("unattributed_exits".into(), r.unattributed_exits);
             details.insert("reg_ioctls".into(), r.reg_ioctls);
             details.insert("kvm_run_ns".into(), r.time.kvm_run_ns);
             details.insert("completion_ns".into(), r.time.completion_ns);

@@ -6,11 +6,12 @@
 //! `KVM_X86_SET_MSR_FILTER`) for the MSRs the exit policy intercepts.
 //!
 //! Exits to user space become [`avex_core::exit::Exit`]s for the backend-neutral
-//! [`ExitHandler`]. When the handler says an exit's RIP starts a translation, the
-//! backend completes the pending I/O or MSR access per `kvm_run` (IN data, RDMSR
-//! value), completes the instruction without running guest code (`immediate_exit`
-//! = 1: KVM_RUN returns EINTR with RIP after the instruction — checked every time),
-//! and lets the handler run the rest of the cluster through the [`Guest`] trait.
+//! [`ExitHandler`]. In clustered modes the backend writes the handler's result
+//! (IN data, RDMSR value) into `kvm_run`, always completes the exiting instruction
+//! without running guest code (`immediate_exit` = 1: KVM_RUN returns EINTR), and
+//! finds that instruction exactly from RIP before and after (the [`attribute`]
+//! module); the handler then names the cluster to run after it, if any, and runs
+//! it through the [`Guest`] trait.
 //!
 //! Exits are counted from the vCPU's `KVM_GET_STATS_FD` statistics (`exits` and
 //! the per-kind counters), with the exits to user space counted apart.
@@ -19,8 +20,9 @@
 //! - KVM_RUN with `immediate_exit` = 1 after an IN exit returns EINTR with the IN
 //!   completed (AL written, RIP after it); such completions do not count in `exits`.
 //! - An OUT has already completed (RIP after it) when it reaches user space; an IN
-//!   and RDMSR/WRMSR have not. The `insn` module finds the instruction either way, and no
-//!   completion KVM_RUN is made when nothing is pending.
+//!   and RDMSR/WRMSR have not (on hardware KVM none has): the completion KVM_RUN
+//!   then leaves RIP where it is, and [`attribute`] takes the one instruction that
+//!   ends there and matches the exit.
 //! - KVM_GET/SET_REGS, SREGS and MSRS cost 13-25 us each, more than the user-space
 //!   part of an exit; registers therefore travel in `kvm_run` (KVM_CAP_SYNC_REGS)
 //!   and FS/GS base MSRs go through the segment bases.
@@ -31,6 +33,7 @@
 //! - KVM's supported CPUID table carries the APIC ID of the host CPU that answered;
 //!   it is normalized to 0 so that runs are deterministic.
 
+mod attribute;
 mod insn;
 mod kstats;
 mod mem;
@@ -41,6 +44,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Once};
 use std::time::{Duration, Instant};
 
+use attribute::Attribution;
 use avex_core::boot::{self, BootError};
 use avex_core::devices::{PortBus, StandardConfig};
 use avex_core::exit::{Exit, ExitHandler, Mode, Next};
@@ -115,8 +119,12 @@ pub struct Report {
     /// KVM_RUN calls that returned to user space with an exit (immediate-exit
     /// completions not included).
     pub user_exits: u64,
-    /// KVM_RUN calls made only to complete an instruction before a cluster.
+    /// KVM_RUN calls made only to complete an exiting instruction (immediate
+    /// exit), one per exit in clustered modes (see the `attribute` module).
     pub completions: u64,
+    /// Exits whose instruction could not be identified exactly (no candidate, or
+    /// several): each was handled singly, without a cluster.
+    pub unattributed_exits: u64,
     /// Register/CPUID ioctls the backend made (registers travel in `kvm_run`
     /// when the host has KVM_CAP_SYNC_REGS, which makes this small).
     pub reg_ioctls: u64,
@@ -223,6 +231,7 @@ pub struct Vm {
     msr_exits: MsrExits,
     user_exits: u64,
     completions: u64,
+    unattributed_exits: u64,
     run_size: usize,
     console: Vec<u8>,
     time: TimeSplit,
@@ -298,6 +307,7 @@ impl Vm {
             msr_exits,
             user_exits: 0,
             completions: 0,
+            unattributed_exits: 0,
             run_size,
             console: Vec::new(),
             time: TimeSplit::default(),
@@ -343,6 +353,7 @@ impl Vm {
             stats,
             user_exits: self.user_exits,
             completions: self.completions,
+            unattributed_exits: self.unattributed_exits,
             reg_ioctls: self.guest.reg_ioctls,
             time: self.time,
             kvm_stats,
@@ -467,11 +478,7 @@ impl Vm {
         }
         if io.count != 1 || !matches!(size, 1 | 2 | 4) {
             // String I/O (INS/OUTS): every element goes to the bus; handled singly.
-            self.handler.count_exit(if write {
-                "io_out_string"
-            } else {
-                "io_in_string"
-            });
+            self.handler.count_exit(string_reason(write));
             let data = io_data(&mut self.guest.vcpu, off, len);
             let mut buf = data.to_vec();
             for chunk in buf.chunks_mut(size as usize) {
@@ -497,150 +504,85 @@ impl Vm {
         } else {
             0
         };
+        let before = (self.handler.mode() != Mode::Off).then(|| self.guest.state());
         let exit = Exit::PortIo {
             port: io.port,
             size,
             write,
             value,
         };
-        let at = self.locate(
-            insn::Kind::Io {
-                write,
-                size,
-                imm: None,
-            },
-            io.port,
-        );
-        let reply = self
-            .handler
-            .handle(&exit, at.map_or(0, |a| a.rip), &mut self.guest);
+        let result = self.handler.perform(&exit, &mut self.guest);
         if !write {
-            let v = (reply.value.unwrap_or(u64::MAX) as u32).to_le_bytes();
+            let v = (result.unwrap_or(u64::MAX) as u32).to_le_bytes();
             io_data(&mut self.guest.vcpu, off, len).copy_from_slice(&v[..len]);
         }
-        self.after_reply(reply.next, at)
-    }
-
-    /// Where the exiting instruction is (see [`insn`]); `None` in mode `off`
-    /// (nothing needs it) or when the bytes around RIP do not show it.
-    fn locate(&mut self, kind: insn::Kind, port: u16) -> Option<At> {
-        if self.handler.mode() == Mode::Off {
-            return None;
-        }
-        let state = self.guest.state();
-        let rip = state.rip;
-        let long = avex_core::exit::bitness_of(&state) == avex_core::ir::Bitness::B64;
-        let mut code = [0u8; 30];
-        let before = if rip >= 15
-            && avex_core::exit::fetch_code(&mut self.guest, &state, rip - 15, &mut code[..15]) == 15
-        {
-            15
-        } else {
-            0
+        let Some(before) = before else {
+            self.handler.count_exit(exit.reason());
+            return Ok(());
         };
-        let n = avex_core::exit::fetch_code(
-            &mut self.guest,
-            &state,
-            rip,
-            &mut code[before..before + 15],
-        );
-        let code = &code[..before + n];
-        let (start, completed) =
-            insn::locate(code, before, rip, &kind, port, state.gpr[2] as u16, long)?;
-        // `start` is at most 15 bytes before `rip`, inside `code`.
-        let off = before - (rip - start) as usize;
-        let len = insn::decode(&code[off..], long)?.len as u64;
-        Some(At {
-            rip: start,
-            end: start + len,
-            completed,
-        })
+        let access = insn::Access::Io {
+            write,
+            size,
+            port: io.port,
+        };
+        match self.complete_and_attribute(access, &before)? {
+            Attribution::Exact { start, insn } if !insn.kind.is_string() => {
+                self.handler.count_exit(exit.reason());
+                self.cluster_after(start);
+            }
+            Attribution::Exact { .. } | Attribution::String => {
+                self.handler.count_exit(string_reason(write));
+            }
+            Attribution::Unattributed(_) => {
+                self.handler.count_exit(exit.reason());
+                self.unattributed_exits += 1;
+            }
+        }
+        Ok(())
     }
 
     fn on_msr(&mut self, index: u32, write: bool, data: u64) -> Result<(), Error> {
+        let before = (self.handler.mode() != Mode::Off).then(|| self.guest.state());
         let exit = Exit::Msr {
             msr: index,
             write,
             value: data,
         };
-        let at = self.locate(
-            if write {
-                insn::Kind::Wrmsr
-            } else {
-                insn::Kind::Rdmsr
-            },
-            0,
-        );
-        let reply = self
-            .handler
-            .handle(&exit, at.map_or(0, |a| a.rip), &mut self.guest);
+        self.handler.count_exit(exit.reason());
+        let result = self.handler.perform(&exit, &mut self.guest);
         let run = self.guest.vcpu.get_kvm_run();
         // Writing a union field of plain integers: no invalid value can result.
-        match reply.value {
+        match result {
             Ok(v) => {
                 run.__bindgen_anon_1.msr.data = if write { data } else { v };
                 run.__bindgen_anon_1.msr.error = 0;
             }
+            // KVM injects #GP at the next KVM_RUN; no cluster follows a fault.
             Err(_) => run.__bindgen_anon_1.msr.error = 1,
         }
-        if reply.value.is_err() {
-            return Ok(());
-        }
-        self.after_reply(reply.next, at)
-    }
-
-    /// After the handler answered: run a cluster if it said so.
-    fn after_reply(&mut self, next: Next, at: Option<At>) -> Result<(), Error> {
-        let (Next::RunCluster { start }, Some(at)) = (next, at) else {
+        let (Ok(_), Some(before)) = (result, before) else {
             return Ok(());
         };
-        if !at.completed {
-            let t = Instant::now();
-            self.complete_instruction(&at)?;
-            self.time.completion_ns += t.elapsed().as_nanos() as u64;
+        let access = if write {
+            insn::Access::Wrmsr
+        } else {
+            insn::Access::Rdmsr
+        };
+        match self.complete_and_attribute(access, &before)? {
+            Attribution::Exact { start, .. } => self.cluster_after(start),
+            Attribution::String | Attribution::Unattributed(_) => self.unattributed_exits += 1,
         }
-        let t = Instant::now();
-        self.handler.run_cluster(start, &mut self.guest);
-        self.time.cluster_ns += t.elapsed().as_nanos() as u64;
         Ok(())
     }
 
-    /// Finish the exiting instruction inside KVM (its result is in `kvm_run`)
-    /// without running guest code: KVM_RUN with `immediate_exit` set returns EINTR
-    /// once the pending completion is done. Not needed (and not done) when KVM had
-    /// completed the instruction before exiting (an OUT here): nothing is pending
-    /// then, and the cluster's register changes travel in `kvm_run` to the next
-    /// KVM_RUN.
-    fn complete_instruction(&mut self, at: &At) -> Result<(), Error> {
-        let exit_rip = at.rip;
-        self.guest.vcpu.set_kvm_immediate_exit(1);
-        let r = self.guest.vcpu.run().map(|e| format!("{e:?}"));
-        self.guest.vcpu.set_kvm_immediate_exit(0);
-        self.completions += 1;
-        self.guest.ran();
-        match r {
-            Err(e) if e.errno() == libc::EINTR => {}
-            Err(e) => return Err(kvm_err("KVM_RUN (completing an instruction)")(e)),
-            Ok(what) => {
-                return Err(Error::Unexpected {
-                    rip: exit_rip,
-                    what: format!("KVM_RUN with immediate_exit ran the guest: {what}"),
-                })
-            }
+    /// After the exiting instruction at `start` completed: run the cluster the
+    /// handler names, if any.
+    fn cluster_after(&mut self, start: u64) {
+        if let Next::RunCluster { start } = self.handler.next_after(start, &mut self.guest) {
+            let t = Instant::now();
+            self.handler.run_cluster(start, &mut self.guest);
+            self.time.cluster_ns += t.elapsed().as_nanos() as u64;
         }
-        let rip = self.guest.rip();
-        if rip != at.end {
-            return Err(Error::Unexpected {
-                rip,
-                what: format!(
-                    "KVM_RUN with immediate_exit did not complete the exiting instruction \
-                     at {exit_rip:#x} (RIP {rip:#x}, expected {:#x}; it was {}complete at the exit)",
-                    at.end,
-                    if at.completed { "" } else { "not " }
-                ),
-            });
-        }
-        Ok(())
     }
 
     fn internal_error(&mut self) -> Error {
@@ -689,15 +631,6 @@ pub struct TimeSplit {
     pub cluster_ns: u64,
 }
 
-/// The exiting instruction: its address, the address after it, and whether KVM
-/// had already completed it when it exited to user space.
-#[derive(Clone, Copy, Debug)]
-struct At {
-    rip: u64,
-    end: u64,
-    completed: bool,
-}
-
 enum Event {
     Io,
     RdMsr { index: u32 },
@@ -708,6 +641,15 @@ enum Event {
     Mmio,
     Interrupted,
     Other(String),
+}
+
+/// The reason string I/O exits are counted under.
+fn string_reason(write: bool) -> &'static str {
+    if write {
+        "io_out_string"
+    } else {
+        "io_in_string"
+    }
 }
 
 fn io_info(vcpu: &mut VcpuFd) -> kvm_bindings::kvm_run__bindgen_ty_1__bindgen_ty_4 {
