@@ -8,14 +8,15 @@
 //! Tests that need /dev/kvm say why they skip when it is unavailable.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use avex_core::exit::Mode;
-use avex_core::format::{self, GuestIdentity, TranslationSet, TranslatorStamp};
-use avex_core::policy::ExitPolicy;
+use avex_core::format::TranslationSet;
 use avex_kvm::{Config, Error, Report};
+use support::aot::aot_set;
+
+mod support;
 
 const GUESTS: [&str; 6] = ["console", "pci", "rtc", "pit", "cpuid", "ctxswitch"];
 
@@ -25,28 +26,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 fn guest_elf(name: &str) -> Vec<u8> {
     let p = PathBuf::from(env!("AVEX_GUEST_DIR")).join(name);
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
-fn aot_set(name: &str, elf: &[u8]) -> TranslationSet {
-    let policy = ExitPolicy::default();
-    let config = avex_aot::TranslatorConfig::default();
-    let a = avex_aot::analyze_bytes(name, elf, &policy, &config).expect("analysis");
-    let mut clusters = a.clusters.clone();
-    clusters.sort_by_key(|c| c.start);
-    clusters.dedup_by_key(|c| c.start);
-    // Only what the format accepts can be linked into an image.
-    clusters.retain(|c| format::validate(c).is_ok());
-    TranslationSet {
-        guest: GuestIdentity {
-            digest: format::identity_of_segments(
-                a.segments.iter().map(|(p, b)| (*p, b.as_slice())),
-            ),
-            name: name.into(),
-        },
-        policy: policy.fingerprint(),
-        translator: TranslatorStamp::default(),
-        clusters,
-    }
 }
 
 fn run(elf: &[u8], mode: Mode, set: Option<TranslationSet>, timeout: f64) -> Result<Report, Error> {
@@ -320,17 +299,13 @@ fn msr_accesses_reach_the_exit_handler_when_the_host_allows() {
     }
 }
 
-fn avex() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_avex"))
-}
-
 #[test]
 #[cfg_attr(not(avex_kvm), ignore = "needs /dev/kvm")]
 fn avex_run_streams_the_console_and_writes_a_json_record() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("run.json");
-    let out = avex()
+    let out = support::avex()
         .args([
             "run",
             "rtc",
@@ -392,10 +367,13 @@ fn avex_run_streams_the_console_and_writes_a_json_record() {
     // The guest's status is the process status.
     let elf = dir.path().join("exit5.elf");
     std::fs::write(&elf, tiny_elf(true, &exit_with(5))).unwrap();
-    let st = avex().args(["run"]).arg(&elf).status().unwrap();
+    let st = support::avex().args(["run"]).arg(&elf).status().unwrap();
     assert_eq!(st.code(), Some(5));
     // An unknown guest is a clear error naming the bundled ones.
-    let out = avex().args(["run", "no-such-guest"]).output().unwrap();
+    let out = support::avex()
+        .args(["run", "no-such-guest"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("bundled"));
 }
@@ -411,7 +389,7 @@ fn avex_run_uses_a_pre_analyzed_images_translations() {
     std::fs::write(&path, image).unwrap();
     let json = dir.path().join("r.json");
     // No --mode: aot+dynamic because the image carries translations.
-    let out = avex()
+    let out = support::avex()
         .arg("run")
         .arg(&path)
         .arg("--json")
@@ -428,7 +406,7 @@ fn avex_run_uses_a_pre_analyzed_images_translations() {
     assert_eq!(v["mode"], "aot+dynamic");
     assert!(v["translations_loaded"].as_u64().unwrap() > 0, "{v}");
     assert!(v["avoided"].as_u64().unwrap() > 0, "{v}");
-    let off = avex()
+    let off = support::avex()
         .args(["run", "pci", "--mode", "off"])
         .output()
         .unwrap();
