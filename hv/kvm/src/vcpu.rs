@@ -230,6 +230,10 @@ impl KvmGuest {
     /// Write registers back: into `kvm_run` for the next KVM_RUN when synced,
     /// else by ioctl; only what changed.
     fn write_regs(&mut self, old_r: kvm_regs, old_s: kvm_sregs, r: kvm_regs, s: kvm_sregs) {
+        // Without an in-kernel APIC, KVM loads CR8 from kvm_run's `cr8` at every
+        // KVM_RUN (after the synced or ioctl-set sregs): hand the new value there
+        // too, or the next KVM_RUN reverts it.
+        self.vcpu.get_kvm_run().cr8 = s.cr8;
         if self.synced {
             // Written back into kvm_run and loaded by KVM at the next KVM_RUN.
             let sr = self.vcpu.sync_regs_mut();
