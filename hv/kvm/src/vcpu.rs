@@ -132,9 +132,9 @@ pub struct KvmGuest {
     start: Instant,
     /// KVM's register state as last read or written (invalid once the vCPU ran).
     cached: Option<(kvm_regs, kvm_sregs)>,
-    /// The vCPU's CPUID table as last read, with the CR4 it was read under (KVM
-    /// updates OSXSAVE/OSPKE bits as CR4 changes).
-    cpuid: Option<(u64, Vec<kvm_cpuid_entry2>)>,
+    /// The vCPU's CPUID table as last read, with the state it was read under (see
+    /// [`CpuidKey`]).
+    cpuid: Option<(CpuidKey, Vec<kvm_cpuid_entry2>)>,
     pub(crate) error: Option<DeferredError>,
     /// KVM_CAP_SYNC_REGS in use: registers travel in `kvm_run` (register ioctls
     /// cost 13-25 us each on this host's software KVM; an exit costs less).
@@ -298,9 +298,14 @@ impl KvmGuest {
     }
 
     fn cpuid_table(&mut self, leaf: u32) -> &[kvm_cpuid_entry2] {
-        let cr4 = self.regs().1.cr4;
-        // Leaf 0xD depends on XCR0, which the guest may change without exiting to us.
-        let fresh = matches!(&self.cpuid, Some((c, _)) if *c == cr4) && leaf != 0xd;
+        let s = self.regs().1;
+        let key = CpuidKey {
+            cr4: s.cr4,
+            apic_base: s.apic_base,
+        };
+        // Leaf 0xD depends on XCR0 and IA32_XSS, which the guest may change
+        // without exiting to us: never from the cache.
+        let fresh = matches!(&self.cpuid, Some((k, _)) if *k == key) && leaf != 0xd;
         if !fresh {
             self.reg_ioctls += 1;
             let t = match self.vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES) {
@@ -310,10 +315,23 @@ impl KvmGuest {
                     Vec::new()
                 }
             };
-            self.cpuid = Some((cr4, t));
+            self.cpuid = Some((key, t));
         }
         self.cpuid.as_ref().map_or(&[], |(_, t)| t.as_slice())
     }
+}
+
+/// What KVM's runtime CPUID bits depend on (`kvm_update_cpuid_runtime`), as far
+/// as the backend sees it without an ioctl: CR4 (OSXSAVE, OSPKE) and
+/// IA32_APIC_BASE (APIC, EN bit), both in the sregs the exit brought. XCR0 and
+/// IA32_XSS change only leaf 0xD (never cached); IA32_MISC_ENABLE changes MWAIT
+/// only with KVM_X86_QUIRK_MISC_ENABLE_NO_MWAIT disabled, which this backend
+/// never does. Any MSR write or XSETBV made through the backend drops the cache
+/// as well.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct CpuidKey {
+    cr4: u64,
+    apic_base: u64,
 }
 
 impl Guest for KvmGuest {
@@ -382,6 +400,8 @@ impl Guest for KvmGuest {
             return Ok(());
         }
         self.leave_sync();
+        // KVM derives CPUID bits from some MSRs (IA32_APIC_BASE.EN, ...).
+        self.cpuid = None;
         let m = Msrs::from_entries(&[kvm_msr_entry {
             index: msr,
             data: value,
