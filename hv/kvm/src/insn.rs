@@ -47,7 +47,8 @@ pub enum Access {
 }
 
 /// Decode an IN/OUT/INS/OUTS/RDMSR/WRMSR at the start of `b` (legacy prefixes
-/// and, in 64-bit code, one REX prefix allowed). `None` for anything else.
+/// and, in 64-bit code, one REX prefix allowed). `None` for anything else, and
+/// with a LOCK prefix (#UD on these instructions: such bytes never exited).
 pub fn decode(b: &[u8], long_mode: bool) -> Option<Decoded> {
     let mut i = 0;
     let mut opsize16 = false;
@@ -56,7 +57,8 @@ pub fn decode(b: &[u8], long_mode: bool) -> Option<Decoded> {
         match b[i] {
             0x66 => opsize16 = true,
             0xf2 | 0xf3 => rep = true,
-            0x67 | 0x2e | 0x3e | 0x26 | 0x36 | 0x64 | 0x65 | 0xf0 => {}
+            0x67 | 0x2e | 0x3e | 0x26 | 0x36 | 0x64 | 0x65 => {}
+            0xf0 => return None,
             _ => break,
         }
         i += 1;
@@ -261,6 +263,14 @@ mod tests {
         let c = ending_at(&code, 2, &OUT_DX, 0x3f8, true);
         assert_eq!(c.len(), 2);
         assert!(c.iter().all(|(_, d)| d.kind.is_string()));
+    }
+
+    #[test]
+    fn a_lock_prefix_is_no_candidate() {
+        // mov eax,esi ; out dx,al: `f0 ee` would be LOCK OUT, which is #UD.
+        let code = [0x89, 0xf0, 0xee];
+        assert_eq!(ending_at(&code, 3, &OUT_DX, 0x3f8, true).len(), 1);
+        assert_eq!(decode(&[0xf0, 0xee], true), None);
     }
 
     #[test]
