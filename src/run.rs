@@ -178,6 +178,7 @@ pub fn run_backend(
             details.insert("user_exits".into(), r.user_exits);
             details.insert("completions".into(), r.completions);
             details.insert("unattributed_exits".into(), r.unattributed_exits);
+            details.insert("tlb_flushes".into(), r.tlb_flushes);
             details.insert("reg_ioctls".into(), r.reg_ioctls);
             details.insert("kvm_run_ns".into(), r.time.kvm_run_ns);
             details.insert("completion_ns".into(), r.time.completion_ns);

@@ -412,3 +412,28 @@ fn avex_run_uses_a_pre_analyzed_images_translations() {
         .unwrap();
     assert_eq!(out.stdout, off.stdout);
 }
+
+#[test]
+#[cfg_attr(not(avex_gcc), ignore = "needs gcc")]
+#[cfg_attr(not(avex_kvm), ignore = "needs /dev/kvm")]
+fn an_invlpg_run_inside_a_cluster_makes_kvm_flush_the_guest_tlb() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // On this host every guest access is walked in software by KVM's emulator, so
+    // a stale translation cannot be observed; KVM's own statistics show whether
+    // it flushed. In `off` KVM runs every INVLPG itself (`invlpg` statistic).
+    let elf = support::shapes::elf("kvm_invlpg_remap");
+    let off = run(&elf, Mode::Off, None, 60.0).unwrap();
+    let dynamic = run(&elf, Mode::Dynamic, None, 60.0).unwrap();
+    assert_eq!(dynamic.console, off.console);
+    let stat = |r: &Report, name: &str| r.kvm_stats.get(name).copied().unwrap_or(0);
+    let in_engine = stat(&off, "invlpg") - stat(&dynamic, "invlpg");
+    assert!(in_engine > 0, "no INVLPG ran inside a cluster");
+    assert!(dynamic.tlb_flushes > 0, "the backend asked for no flush");
+    assert!(
+        stat(&dynamic, "tlb_flush") > stat(&off, "tlb_flush"),
+        "{in_engine} INVLPGs ran in the engine but KVM flushed no more than in off \
+         ({} vs {})",
+        stat(&dynamic, "tlb_flush"),
+        stat(&off, "tlb_flush")
+    );
+}

@@ -125,6 +125,9 @@ pub struct Report {
     /// Exits whose instruction could not be identified exactly (no candidate, or
     /// several): each was handled singly, without a cluster.
     pub unattributed_exits: u64,
+    /// Guest TLB flushes the backend made KVM do after clusters that invalidated
+    /// translations (INVLPG, MOV CR3...) where KVM would not have flushed itself.
+    pub tlb_flushes: u64,
     /// Register/CPUID ioctls the backend made (registers travel in `kvm_run`
     /// when the host has KVM_CAP_SYNC_REGS, which makes this small).
     pub reg_ioctls: u64,
@@ -232,6 +235,7 @@ pub struct Vm {
     user_exits: u64,
     completions: u64,
     unattributed_exits: u64,
+    tlb_flushes: u64,
     run_size: usize,
     console: Vec<u8>,
     time: TimeSplit,
@@ -308,6 +312,7 @@ impl Vm {
             user_exits: 0,
             completions: 0,
             unattributed_exits: 0,
+            tlb_flushes: 0,
             run_size,
             console: Vec::new(),
             time: TimeSplit::default(),
@@ -354,6 +359,7 @@ impl Vm {
             user_exits: self.user_exits,
             completions: self.completions,
             unattributed_exits: self.unattributed_exits,
+            tlb_flushes: self.tlb_flushes,
             reg_ioctls: self.guest.reg_ioctls,
             time: self.time,
             kvm_stats,
@@ -392,6 +398,7 @@ impl Vm {
                     rip,
                 });
             }
+            self.flush_guest_tlb()?;
             self.guest.invalidate();
             let t_run = Instant::now();
             let result = self.guest.vcpu.run();
@@ -583,6 +590,30 @@ impl Vm {
             self.handler.run_cluster(start, &mut self.guest);
             self.time.cluster_ns += t.elapsed().as_nanos() as u64;
         }
+    }
+
+    /// Flush the guest TLB if the engine invalidated translations that KVM will
+    /// not flush by itself. KVM resets its MMU and requests a guest TLB flush
+    /// (KVM_REQ_TLB_FLUSH_GUEST) when KVM_SET_SREGS, or sregs synced through
+    /// `kvm_run`, change CR0, CR3, CR4 or EFER: so load the sregs once with CR3's
+    /// PWT bit flipped (applied by an immediate-exit KVM_RUN, no guest code runs)
+    /// and then as they are, which the next KVM_RUN applies (a second flush).
+    /// KVM offers user space no other way to flush a vCPU's TLB.
+    fn flush_guest_tlb(&mut self) -> Result<(), Error> {
+        if !self.guest.take_tlb_flush() {
+            return Ok(());
+        }
+        const CR3_PWT: u64 = 1 << 3;
+        let s = self.guest.state_sregs();
+        let mut toggled = s;
+        toggled.cr3 ^= CR3_PWT;
+        self.guest.put_sregs(toggled);
+        if self.guest.synced() {
+            self.immediate_run()?;
+        }
+        self.guest.put_sregs(s);
+        self.tlb_flushes += 1;
+        Ok(())
     }
 
     fn internal_error(&mut self) -> Error {

@@ -143,6 +143,17 @@ pub struct KvmGuest {
     synced: bool,
     /// Register ioctls made (for the statistics).
     pub(crate) reg_ioctls: u64,
+    /// The engine invalidated translations (INVLPG, MOV CR3, paging bits of
+    /// CR0/CR4): the guest TLB must be flushed before the guest runs again.
+    tlb_flush_pending: bool,
+    /// CR0, CR3, CR4 and EFER as KVM has them (from the last KVM_RUN or
+    /// KVM_SET_SREGS), when known: KVM resets its MMU and flushes the guest TLB
+    /// itself when synced or set sregs change one of them.
+    kvm_paging: Option<[u64; 4]>,
+}
+
+fn paging_of(s: &kvm_sregs) -> [u64; 4] {
+    [s.cr0, s.cr3, s.cr4, s.efer]
 }
 
 impl KvmGuest {
@@ -162,6 +173,8 @@ impl KvmGuest {
             sync,
             synced: false,
             reg_ioctls: 0,
+            tlb_flush_pending: false,
+            kvm_paging: None,
         }
     }
 
@@ -190,7 +203,38 @@ impl KvmGuest {
         self.cached = None;
         if self.sync {
             self.synced = true;
+            self.kvm_paging = Some(paging_of(&self.vcpu.sync_regs().sregs));
+        } else {
+            self.kvm_paging = None;
         }
+    }
+
+    /// Whether the guest TLB needs an explicit flush before the guest runs again:
+    /// the engine invalidated translations and KVM will not flush by itself (the
+    /// sregs it loads next leave CR0, CR3, CR4 and EFER as they are). Clears the
+    /// request.
+    pub(crate) fn take_tlb_flush(&mut self) -> bool {
+        if !std::mem::take(&mut self.tlb_flush_pending) {
+            return false;
+        }
+        let s = self.regs().1;
+        self.kvm_paging.is_none_or(|k| k == paging_of(&s))
+    }
+
+    /// Load `sregs` into the vCPU: into `kvm_run` for the next KVM_RUN when
+    /// synced, else by ioctl now.
+    pub(crate) fn put_sregs(&mut self, sregs: kvm_sregs) {
+        let (r, s) = self.regs();
+        self.write_regs(r, s, r, sregs);
+    }
+
+    /// The special registers as the vCPU will run with them.
+    pub(crate) fn state_sregs(&mut self) -> kvm_sregs {
+        self.regs().1
+    }
+
+    pub(crate) fn synced(&self) -> bool {
+        self.synced
     }
 
     fn fail(&mut self, what: &str, e: impl std::fmt::Display) {
@@ -258,8 +302,9 @@ impl KvmGuest {
             }
             if s != old_s {
                 self.reg_ioctls += 1;
-                if let Err(e) = self.vcpu.set_sregs(&s) {
-                    self.fail("KVM_SET_SREGS", e);
+                match self.vcpu.set_sregs(&s) {
+                    Ok(()) => self.kvm_paging = Some(paging_of(&s)),
+                    Err(e) => self.fail("KVM_SET_SREGS", e),
                 }
             }
         }
@@ -283,8 +328,9 @@ impl KvmGuest {
             }
             if dirty & u64::from(kvm_bindings::KVM_SYNC_X86_SREGS) != 0 {
                 self.reg_ioctls += 1;
-                if let Err(e) = self.vcpu.set_sregs(&s) {
-                    self.fail("KVM_SET_SREGS", e);
+                match self.vcpu.set_sregs(&s) {
+                    Ok(()) => self.kvm_paging = Some(paging_of(&s)),
+                    Err(e) => self.fail("KVM_SET_SREGS", e),
                 }
             }
         }
@@ -481,6 +527,12 @@ impl Guest for KvmGuest {
     fn interrupt_pending(&mut self) -> bool {
         // No interrupt controller is wired to the vCPU: nothing is ever pending.
         false
+    }
+
+    fn invalidate_tlb(&mut self) {
+        // Done before the next KVM_RUN (`Vm::flush_guest_tlb`), once per cluster
+        // run however many INVLPGs it ran.
+        self.tlb_flush_pending = true;
     }
 }
 
