@@ -436,6 +436,7 @@ pub fn run_with_console(
         seconds,
         details: summary.details,
         notes,
+        exit_statistics_unreadable: None,
     })
 }
 

@@ -389,6 +389,7 @@ mod tests {
             seconds,
             details: Default::default(),
             notes: vec![],
+            exit_statistics_unreadable: None,
         };
         Row {
             guest: guest.into(),

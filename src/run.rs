@@ -155,6 +155,9 @@ pub struct RunResult {
     pub details: BTreeMap<String, u64>,
     /// Backend notes (e.g. whether MSR exits reach the handler).
     pub notes: Vec<String>,
+    /// Why the backend's exit statistic could not be read (KVM), if so: `exits`
+    /// then counts only the exits that reached the handler.
+    pub exit_statistics_unreadable: Option<String>,
 }
 
 /// Run a guest on a backend; `console` gets console bytes as they come.
@@ -183,13 +186,14 @@ pub fn run_backend(
             details.insert("kvm_run_ns".into(), r.time.kvm_run_ns);
             details.insert("completion_ns".into(), r.time.completion_ns);
             details.insert("cluster_ns".into(), r.time.cluster_ns);
-            let notes = vec![match &r.msr_exits {
+            let mut notes = vec![match &r.msr_exits {
                 avex_kvm::MsrExits::Enabled => "MSR exits: to user space (filter)".to_string(),
                 avex_kvm::MsrExits::NotNeeded => "MSR exits: none intercepted".to_string(),
                 avex_kvm::MsrExits::Unsupported(why) => {
                     format!("MSR exits: handled inside KVM ({why})")
                 }
             }];
+            notes.extend(r.exit_statistics_unreadable.clone());
             Ok(RunResult {
                 status: r.status,
                 stats: r.stats,
@@ -197,6 +201,7 @@ pub fn run_backend(
                 seconds: r.seconds,
                 details,
                 notes,
+                exit_statistics_unreadable: r.exit_statistics_unreadable,
             })
         }
         Backend::Bochs => crate::bochs::run_with_console(&req, console),
@@ -233,6 +238,9 @@ pub struct RunRecord {
     pub seconds: f64,
     pub backend_stats: BTreeMap<String, u64>,
     pub notes: Vec<String>,
+    /// Why the exit statistic (KVM's `exits`) could not be read; `exits` then
+    /// counts only handled exits. `null` when it was read.
+    pub exit_statistics_unreadable: Option<String>,
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -276,6 +284,7 @@ impl RunRecord {
             seconds: r.seconds,
             backend_stats: r.details.clone(),
             notes: r.notes.clone(),
+            exit_statistics_unreadable: r.exit_statistics_unreadable.clone(),
         }
     }
 }
