@@ -443,3 +443,19 @@ fn an_invlpg_run_inside_a_cluster_makes_kvm_flush_the_guest_tlb() {
         stat(&off, "tlb_flush")
     );
 }
+
+#[test]
+#[cfg_attr(not(avex_gcc), ignore = "needs gcc")]
+#[cfg_attr(not(avex_kvm), ignore = "needs /dev/kvm")]
+fn identical_port_writes_back_to_back_are_each_attributed_exactly() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // Two `out %al,(%dx)` and four `out %al,$0x80` back to back: KVM completed
+    // each OUT before exiting, and only the one that ends at RIP is it.
+    let elf = support::shapes::elf("back_to_back_out");
+    let off = run(&elf, Mode::Off, None, 60.0).unwrap();
+    let r = run(&elf, Mode::Dynamic, None, 60.0).unwrap();
+    assert_eq!(r.console, off.console);
+    assert_eq!(r.unattributed_exits, 0);
+    assert_eq!(r.completions, r.stats.handled, "one completion per exit");
+    assert!(r.stats.clusters_run > 0, "nothing clustered");
+}
