@@ -29,7 +29,6 @@ use std::time::Instant;
 
 use avex_core::exit::{bitness_of, fetch_code};
 use avex_core::guest::{CpuState, Guest};
-use avex_core::ir::Bitness;
 
 use crate::insn::{self, Access, Decoded};
 use crate::{kvm_err, Error, Vm};
@@ -58,7 +57,7 @@ impl Vm {
         self.time.completion_ns += t.elapsed().as_nanos() as u64;
         done?;
         let after = self.guest.state();
-        let long = bitness_of(&after) == Bitness::B64;
+        let bits = bitness_of(&after);
         let dx = before.gpr[2] as u16;
         if after.rip != before.rip {
             let len = after.rip.wrapping_sub(before.rip);
@@ -75,7 +74,7 @@ impl Vm {
                 &mut code[..len as usize],
             );
             return Ok(
-                match insn::decode(&code[..n], long)
+                match insn::decode(&code[..n], bits)
                     .filter(|d| d.len as u64 == len && insn::matches(d, &access, dx))
                 {
                     Some(d) => Attribution::Exact {
@@ -102,7 +101,7 @@ impl Vm {
         let code = &code[..n];
         let at_rip = code
             .get(end..)
-            .and_then(|c| insn::decode(c, long))
+            .and_then(|c| insn::decode(c, bits))
             .filter(|d| insn::matches(d, &access, dx));
         let worked = before.gpr != after.gpr;
         let faulted = if matches!(access, Access::Io { write: false, .. }) && !worked {
@@ -129,7 +128,7 @@ impl Vm {
             });
         }
         let mut candidates: Vec<(u64, Decoded)> = if end == (rip - lo) as usize {
-            insn::ending_at(code, end, &access, dx, long)
+            insn::ending_at(code, end, &access, dx, bits)
                 .into_iter()
                 .map(|(off, d)| (lo + off as u64, d))
                 .collect()

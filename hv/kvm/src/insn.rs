@@ -10,6 +10,8 @@
 //! every start 1..=15 bytes before RIP whose instruction ends exactly at RIP and
 //! matches the exit.
 
+use avex_core::ir::Bitness;
+
 /// An IN/OUT/INS/OUTS or RDMSR/WRMSR as decoded from guest bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Decoded {
@@ -46,10 +48,11 @@ pub enum Access {
     Wrmsr,
 }
 
-/// Decode an IN/OUT/INS/OUTS/RDMSR/WRMSR at the start of `b` (legacy prefixes
-/// and, in 64-bit code, one REX prefix allowed). `None` for anything else, and
-/// with a LOCK prefix (#UD on these instructions: such bytes never exited).
-pub fn decode(b: &[u8], long_mode: bool) -> Option<Decoded> {
+/// Decode an IN/OUT/INS/OUTS/RDMSR/WRMSR at the start of `b`, in code of
+/// `bits` (legacy prefixes and, in 64-bit code, one REX prefix allowed). `None`
+/// for anything else, and with a LOCK prefix (#UD on these instructions: such
+/// bytes never exited).
+pub fn decode(b: &[u8], bits: Bitness) -> Option<Decoded> {
     let mut i = 0;
     let mut opsize16 = false;
     let mut rep = false;
@@ -63,11 +66,16 @@ pub fn decode(b: &[u8], long_mode: bool) -> Option<Decoded> {
         }
         i += 1;
     }
-    if long_mode && i < b.len() && (0x40..=0x4f).contains(&b[i]) {
+    if bits == Bitness::B64 && i < b.len() && (0x40..=0x4f).contains(&b[i]) {
         i += 1;
     }
     let op = *b.get(i)?;
-    let wide = if opsize16 { 2 } else { 4 };
+    // 0x66 selects the other operand size: 16 bits in 32/64-bit code, 32 in 16.
+    let wide = if opsize16 == (bits == Bitness::B16) {
+        4
+    } else {
+        2
+    };
     let io = |write: bool, size: u8, imm: bool, string: bool| -> Option<Decoded> {
         let (imm, len) = if imm {
             (Some(*b.get(i + 1)?), i + 2)
@@ -140,12 +148,12 @@ pub fn ending_at(
     end: usize,
     want: &Access,
     dx: u16,
-    long_mode: bool,
+    bits: Bitness,
 ) -> Vec<(usize, Decoded)> {
     (1..=end.min(15))
         .filter_map(|k| {
             let start = end - k;
-            let d = decode(&code[start..end], long_mode)?;
+            let d = decode(&code[start..end], bits)?;
             (d.len == k && matches(&d, want, dx)).then_some((start, d))
         })
         .collect()
@@ -154,6 +162,7 @@ pub fn ending_at(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use Bitness::{B16, B32, B64};
 
     const OUT_DX: Access = Access::Io {
         write: true,
@@ -163,9 +172,9 @@ mod tests {
 
     #[test]
     fn decodes_the_io_string_and_msr_forms() {
-        assert_eq!(decode(&[0xee], true).unwrap().len, 1);
+        assert_eq!(decode(&[0xee], B64).unwrap().len, 1);
         assert_eq!(
-            decode(&[0x66, 0xef], true).unwrap().kind,
+            decode(&[0x66, 0xef], B64).unwrap().kind,
             Kind::Io {
                 write: true,
                 size: 2,
@@ -175,7 +184,7 @@ mod tests {
             }
         );
         assert_eq!(
-            decode(&[0xe4, 0x71], true).unwrap(),
+            decode(&[0xe4, 0x71], B64).unwrap(),
             Decoded {
                 len: 2,
                 kind: Kind::Io {
@@ -187,10 +196,10 @@ mod tests {
                 }
             }
         );
-        let insb = decode(&[0x6c], true).unwrap();
+        let insb = decode(&[0x6c], B64).unwrap();
         assert!(insb.kind.is_string());
         assert_eq!(
-            decode(&[0xf3, 0x66, 0x6f], true).unwrap().kind,
+            decode(&[0xf3, 0x66, 0x6f], B64).unwrap().kind,
             Kind::Io {
                 write: true,
                 size: 2,
@@ -199,16 +208,16 @@ mod tests {
                 rep: true
             }
         );
-        assert_eq!(decode(&[0x0f, 0x32], true).unwrap().kind, Kind::Rdmsr);
-        assert_eq!(decode(&[0x48, 0x0f, 0x30], true).unwrap().len, 3);
-        assert_eq!(decode(&[0x90], true), None);
-        assert_eq!(decode(&[0xe4], true), None, "truncated immediate");
-        assert_eq!(decode(&[], true), None);
+        assert_eq!(decode(&[0x0f, 0x32], B64).unwrap().kind, Kind::Rdmsr);
+        assert_eq!(decode(&[0x48, 0x0f, 0x30], B64).unwrap().len, 3);
+        assert_eq!(decode(&[0x90], B64), None);
+        assert_eq!(decode(&[0xe4], B64), None, "truncated immediate");
+        assert_eq!(decode(&[], B64), None);
     }
 
     #[test]
     fn the_port_size_and_direction_must_match() {
-        let out80 = decode(&[0xe6, 0x80], true).unwrap();
+        let out80 = decode(&[0xe6, 0x80], B64).unwrap();
         let at = |port| Access::Io {
             write: true,
             size: 1,
@@ -216,7 +225,7 @@ mod tests {
         };
         assert!(matches(&out80, &at(0x80), 0x3f8));
         assert!(!matches(&out80, &at(0x81), 0x81), "the immediate, not DX");
-        let out_dx = decode(&[0xee], true).unwrap();
+        let out_dx = decode(&[0xee], B64).unwrap();
         assert!(matches(&out_dx, &OUT_DX, 0x3f8));
         assert!(!matches(&out_dx, &OUT_DX, 0x3f9), "DX must be the port");
         let wide = Access::Io {
@@ -225,7 +234,7 @@ mod tests {
             port: 0x3f8,
         };
         assert!(!matches(&out_dx, &wide, 0x3f8));
-        let in_dx = decode(&[0xec], true).unwrap();
+        let in_dx = decode(&[0xec], B64).unwrap();
         assert!(!matches(&in_dx, &OUT_DX, 0x3f8));
     }
 
@@ -239,11 +248,11 @@ mod tests {
             size: 1,
             port: 0x3ff,
         };
-        let c = ending_at(&code, 5, &want, 0x3ff, true);
+        let c = ending_at(&code, 5, &want, 0x3ff, B64);
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].0, 4);
         // The second OUT, completed: it ends at 6.
-        assert_eq!(ending_at(&code, 6, &want, 0x3ff, true)[0].0, 5);
+        assert_eq!(ending_at(&code, 6, &want, 0x3ff, B64)[0].0, 5);
     }
 
     #[test]
@@ -255,28 +264,41 @@ mod tests {
             size: 4,
             port: 0x3f8,
         };
-        assert_eq!(ending_at(&code, 3, &want, 0x3f8, true).len(), 2);
+        assert_eq!(ending_at(&code, 3, &want, 0x3f8, B64).len(), 2);
         // Not in 32-bit code, where 0x48 is DEC EAX.
-        assert_eq!(ending_at(&code, 3, &want, 0x3f8, false).len(), 1);
+        assert_eq!(ending_at(&code, 3, &want, 0x3f8, B32).len(), 1);
         // rep outsb: `f3 6e` and `6e` both end there; both are string I/O.
         let code = [0xf3, 0x6e];
-        let c = ending_at(&code, 2, &OUT_DX, 0x3f8, true);
+        let c = ending_at(&code, 2, &OUT_DX, 0x3f8, B64);
         assert_eq!(c.len(), 2);
         assert!(c.iter().all(|(_, d)| d.kind.is_string()));
+    }
+
+    #[test]
+    fn the_operand_size_follows_the_code_size() {
+        let size = |b: &[u8], bits| match decode(b, bits).unwrap().kind {
+            Kind::Io { size, .. } => size,
+            _ => 0,
+        };
+        assert_eq!(size(&[0xed], B64), 4);
+        assert_eq!(size(&[0xed], B16), 2);
+        assert_eq!(size(&[0x66, 0xed], B32), 2);
+        assert_eq!(size(&[0x66, 0xed], B16), 4);
+        assert_eq!(size(&[0xec], B16), 1);
     }
 
     #[test]
     fn a_lock_prefix_is_no_candidate() {
         // mov eax,esi ; out dx,al: `f0 ee` would be LOCK OUT, which is #UD.
         let code = [0x89, 0xf0, 0xee];
-        assert_eq!(ending_at(&code, 3, &OUT_DX, 0x3f8, true).len(), 1);
-        assert_eq!(decode(&[0xf0, 0xee], true), None);
+        assert_eq!(ending_at(&code, 3, &OUT_DX, 0x3f8, B64).len(), 1);
+        assert_eq!(decode(&[0xf0, 0xee], B64), None);
     }
 
     #[test]
     fn msr_candidates() {
         let code = [0x90, 0x0f, 0x32];
-        assert_eq!(ending_at(&code, 3, &Access::Rdmsr, 0, true).len(), 1);
-        assert!(ending_at(&code, 3, &Access::Wrmsr, 0, true).is_empty());
+        assert_eq!(ending_at(&code, 3, &Access::Rdmsr, 0, B64).len(), 1);
+        assert!(ending_at(&code, 3, &Access::Wrmsr, 0, B64).is_empty());
     }
 }
