@@ -465,6 +465,7 @@ pub fn run_with_console(
         seconds,
         details: summary.details,
         notes,
+        exit_statistics_unreadable: None,
     })
 }
 

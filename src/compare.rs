@@ -536,6 +536,7 @@ mod tests {
             seconds,
             details: Default::default(),
             notes: vec![],
+            exit_statistics_unreadable: None,
         };
         Row {
             guest: guest.into(),
@@ -572,6 +573,7 @@ mod tests {
                 seconds: rec.seconds,
                 details: d,
                 notes: vec![],
+                exit_statistics_unreadable: None,
             };
             rec.time_split = run::TimeSplit::of_kvm(&run);
         }

@@ -155,6 +155,9 @@ pub struct RunResult {
     pub details: BTreeMap<String, u64>,
     /// Backend notes (e.g. whether MSR exits reach the handler).
     pub notes: Vec<String>,
+    /// Why the backend's exit statistic could not be read (KVM), if so: `exits`
+    /// then counts only the exits that reached the handler.
+    pub exit_statistics_unreadable: Option<String>,
 }
 
 /// Run a guest on a backend; `console` gets console bytes as they come.
@@ -177,6 +180,8 @@ pub fn run_backend(
             let mut details = r.kvm_stats.clone();
             details.insert("user_exits".into(), r.user_exits);
             details.insert("completions".into(), r.completions);
+            details.insert("unattributed_exits".into(), r.unattributed_exits);
+            details.insert("tlb_flushes".into(), r.tlb_flushes);
             details.insert("reg_ioctls".into(), r.reg_ioctls);
             details.insert("kvm_run_ns".into(), r.time.kvm_run_ns);
             details.insert("completion_ns".into(), r.time.completion_ns);
@@ -188,13 +193,7 @@ pub fn run_backend(
                     format!("MSR exits: handled inside KVM ({why})")
                 }
             }];
-            if r.stats.hardware_exits.is_none() {
-                notes.push(
-                    "KVM's statistics could not be read (KVM_GET_STATS_FD): exits are the \
-                     exits to user space only"
-                        .to_string(),
-                );
-            }
+            notes.extend(r.exit_statistics_unreadable.clone());
             Ok(RunResult {
                 status: r.status,
                 stats: r.stats,
@@ -202,6 +201,7 @@ pub fn run_backend(
                 seconds: r.seconds,
                 details,
                 notes,
+                exit_statistics_unreadable: r.exit_statistics_unreadable,
             })
         }
         Backend::Bochs => crate::bochs::run_with_console(&req, console),
@@ -315,6 +315,9 @@ pub struct RunRecord {
     pub seconds: f64,
     pub backend_stats: BTreeMap<String, u64>,
     pub notes: Vec<String>,
+    /// Why the exit statistic (KVM's `exits`) could not be read; `exits` then
+    /// counts only handled exits. `null` when it was read.
+    pub exit_statistics_unreadable: Option<String>,
 }
 
 fn owned(m: &BTreeMap<&'static str, u64>) -> BTreeMap<String, u64> {
@@ -367,6 +370,7 @@ impl RunRecord {
             seconds: r.seconds,
             backend_stats: r.details.clone(),
             notes: r.notes.clone(),
+            exit_statistics_unreadable: r.exit_statistics_unreadable.clone(),
         }
     }
 }

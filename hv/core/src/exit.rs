@@ -279,10 +279,37 @@ impl ExitHandler {
         self.stats.count_exit(reason);
     }
 
-    /// Handle one exit of the instruction at `rip`.
+    /// Handle one exit of the instruction at `rip`: count it, [`perform`] it and,
+    /// when it succeeded, ask [`next_after`] what follows.
+    ///
+    /// [`perform`]: ExitHandler::perform
+    /// [`next_after`]: ExitHandler::next_after
     pub fn handle<G: Guest + ?Sized>(&mut self, exit: &Exit, rip: u64, guest: &mut G) -> Reply {
         self.stats.count_exit(exit.reason());
-        let value = match *exit {
+        if *exit == Exit::Hlt {
+            return Reply {
+                value: Ok(0),
+                next: Next::Halt,
+            };
+        }
+        let value = self.perform(exit, guest);
+        let next = match value {
+            Ok(_) => self.next_after(rip, guest),
+            Err(_) => {
+                if self.mode != Mode::Off {
+                    *self.stats.by_rip.entry(rip).or_insert(0) += 1;
+                }
+                Next::Resume
+            }
+        };
+        Reply { value, next }
+    }
+
+    /// The exit's own work (device access, MSR, CPUID), without counting it or
+    /// looking for a cluster: for a backend that learns where the exiting
+    /// instruction is only after completing it with this result (KVM).
+    pub fn perform<G: Guest + ?Sized>(&mut self, exit: &Exit, guest: &mut G) -> Result<u64, Fault> {
+        match *exit {
             Exit::PortIo {
                 port,
                 size,
@@ -312,23 +339,19 @@ impl ExitHandler {
                 // registers itself through `Guest::cpuid`; report EAX.
                 Ok(u64::from(r[0]))
             }
-            Exit::Hlt => {
-                return Reply {
-                    value: Ok(0),
-                    next: Next::Halt,
-                }
-            }
-            Exit::CrAccess { .. } | Exit::Other { .. } => Ok(0),
-        };
-        if self.mode != Mode::Off {
-            *self.stats.by_rip.entry(rip).or_insert(0) += 1;
+            Exit::Hlt | Exit::CrAccess { .. } | Exit::Other { .. } => Ok(0),
         }
-        let next = if value.is_ok() && self.mode != Mode::Off {
-            self.cluster_for(rip, guest)
-        } else {
-            Next::Resume
-        };
-        Reply { value, next }
+    }
+
+    /// What follows a performed exit of the instruction that starts at `rip` (its
+    /// exact address): a cluster to run after it, or nothing. In mode `off`,
+    /// always [`Next::Resume`].
+    pub fn next_after<G: Guest + ?Sized>(&mut self, rip: u64, guest: &mut G) -> Next {
+        if self.mode == Mode::Off {
+            return Next::Resume;
+        }
+        *self.stats.by_rip.entry(rip).or_insert(0) += 1;
+        self.cluster_for(rip, guest)
     }
 
     /// The translation to run after the exit at `rip`, building one at the
