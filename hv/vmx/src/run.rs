@@ -5,12 +5,13 @@
 use alloc::format;
 use alloc::string::String;
 
+use avex_core::emulate::{self, Completion};
 use avex_core::exit::{Exit, ExitHandler, Next};
 use avex_core::guest::{Fault, Guest};
 
 use crate::ept::PAGE;
 use crate::logln;
-use crate::vcpu::{Vcpu, CR0_TS, RFLAGS_IF};
+use crate::vcpu::{Vcpu, RFLAGS_IF};
 use crate::vmx::{self, field as f, vmread, vmwrite};
 
 /// How the guest's run ended.
@@ -68,10 +69,14 @@ pub fn reason_name(r: u32) -> &'static str {
 
 fn guest_where(v: &mut Vcpu) -> String {
     let s = v.state();
-    format!(
+    let mut w = format!(
         "rip={:#x} rsp={:#x} rflags={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}",
         s.rip, s.gpr[4], s.rflags, s.cr0, s.cr3, s.cr4, s.efer, s.seg[1].selector
-    )
+    );
+    if s.cr0 & (1 << 31) != 0 && s.cr4 & (1 << 5) != 0 && s.efer & (1 << 10) == 0 {
+        w += &format!(" pdptes={:x?}", v.pdptes());
+    }
+    w
 }
 
 /// What completing an exiting instruction needs beyond advancing RIP.
@@ -85,9 +90,8 @@ enum Complete {
         leaf: u32,
         subleaf: u32,
     },
-    Cr {
-        qual: u64,
-    },
+    /// Run by the engine as a one-instruction translation (MOV CR, CLTS, LMSW).
+    Engine,
     Rdtsc {
         aux: bool,
     },
@@ -128,6 +132,9 @@ pub fn run(v: &mut Vcpu, handler: &mut ExitHandler) -> Outcome {
     let mut in_cluster = 0u64;
     loop {
         v.deliver_interrupts();
+        if let Err(why) = v.load_pdptes_if_stale() {
+            return Outcome::Stopped(format!("{why}; guest {}", guest_where(v)));
+        }
         let t_enter = crate::vcpu::rdtsc();
         v.ticks_handler += t_enter.wrapping_sub(t).saturating_sub(in_cluster);
         in_cluster = 0;
@@ -163,28 +170,14 @@ pub fn run(v: &mut Vcpu, handler: &mut ExitHandler) -> Outcome {
                 let input = qual & (1 << 3) != 0;
                 let port = (qual >> 16) as u16;
                 if qual & (1 << 4) != 0 {
-                    // INS/OUTS: one exit for the whole (REP) instruction.
+                    // INS/OUTS: one exit for the whole (REP) instruction, run by the
+                    // engine (an interrupted REP resumes at itself and exits again).
                     handler.count_exit(if input { "ins" } else { "outs" });
-                    match string_io(v, port, size, input, qual & (1 << 5) != 0) {
-                        Ok(()) => {
-                            vmwrite(f::GUEST_RIP, rip + len);
-                            if let Some(status) = v.bus.exit_status() {
-                                return Outcome::Exited(status);
-                            }
-                        }
-                        Err(StringIoStop::Fault(fault)) => v.inject(fault),
-                        Err(StringIoStop::Outside(gpa)) => {
-                            return Outcome::Stopped(format!(
-                                "string port I/O at {rip:#x} touches guest-physical {gpa:#x}, outside its RAM; guest {}",
-                                guest_where(v)
-                            ))
-                        }
-                        Err(StringIoStop::Unsupported) => {
-                            return Outcome::Stopped(format!(
-                                "string port I/O at {rip:#x} in a paging mode the hypervisor cannot walk; guest {}",
-                                guest_where(v)
-                            ))
-                        }
+                    if let Err(stop) = complete_with_engine(v, rip) {
+                        return stop;
+                    }
+                    if let Some(status) = v.bus.exit_status() {
+                        return Outcome::Exited(status);
                     }
                     continue;
                 }
@@ -234,7 +227,7 @@ pub fn run(v: &mut Vcpu, handler: &mut ExitHandler) -> Outcome {
             28 => {
                 let cr = (qual & 0xf) as u8;
                 let write = matches!((qual >> 4) & 3, 0 | 2 | 3);
-                (Exit::CrAccess { cr, write }, Complete::Cr { qual })
+                (Exit::CrAccess { cr, write }, Complete::Engine)
             }
             16 => (Exit::Other { reason }, Complete::Rdtsc { aux: false }),
             51 => (Exit::Other { reason }, Complete::Rdtsc { aux: true }),
@@ -309,6 +302,7 @@ pub fn run(v: &mut Vcpu, handler: &mut ExitHandler) -> Outcome {
                 continue;
             }
         };
+        let mut advanced = false;
         match complete {
             Complete::Nothing => {}
             Complete::In { size } => {
@@ -329,11 +323,13 @@ pub fn run(v: &mut Vcpu, handler: &mut ExitHandler) -> Outcome {
                     v.set_gpr(reg, u64::from(r[i]));
                 }
             }
-            Complete::Cr { qual } => {
-                if let Err(fault) = complete_cr(v, qual) {
-                    v.inject(fault);
-                    continue;
+            Complete::Engine => {
+                match complete_with_engine(v, rip) {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(stop) => return stop,
                 }
+                advanced = true;
             }
             Complete::Rdtsc { aux } => {
                 let t = v.tsc();
@@ -373,7 +369,9 @@ pub fn run(v: &mut Vcpu, handler: &mut ExitHandler) -> Outcome {
                 continue;
             }
         }
-        vmwrite(f::GUEST_RIP, rip + len);
+        if !advanced {
+            vmwrite(f::GUEST_RIP, rip + len);
+        }
         // A completed instruction ends MOV SS / STI blocking.
         let intr = vmread(f::GUEST_INTERRUPTIBILITY);
         if intr & 3 != 0 {
@@ -390,6 +388,9 @@ pub fn run(v: &mut Vcpu, handler: &mut ExitHandler) -> Outcome {
                 let end = handler.run_cluster(start, v);
                 let t1 = crate::vcpu::rdtsc();
                 in_cluster = t1.wrapping_sub(t0);
+                if end.early.as_deref() == Some("MODE_CHANGE") {
+                    v.note_mode_change();
+                }
                 v.ticks_clusters += in_cluster;
                 if v.debug {
                     logln!("vmx: {end}");
@@ -411,51 +412,30 @@ pub fn run(v: &mut Vcpu, handler: &mut ExitHandler) -> Outcome {
     }
 }
 
-/// Complete MOV to/from CRn, CLTS and LMSW.
-fn complete_cr(v: &mut Vcpu, qual: u64) -> Result<(), Fault> {
-    let cr = qual & 0xf;
-    let kind = (qual >> 4) & 3;
-    let reg = ((qual >> 8) & 0xf) as usize;
-    let s = v.state();
-    match kind {
-        0 => {
-            let val = v.gpr_value(reg);
-            match cr {
-                0 => {
-                    if val >> 32 != 0 || (val & (1 << 31) != 0 && val & 1 == 0) {
-                        return Err(Fault::GeneralProtection);
-                    }
-                    v.write_cr0(val);
-                }
-                3 => vmwrite(f::GUEST_CR3, val & !(1 << 63)),
-                4 => {
-                    if val & (1 << 13) != 0 {
-                        // The guest may not turn VMX on (no nested VMX).
-                        return Err(Fault::GeneralProtection);
-                    }
-                    v.write_cr4(val);
-                }
-                8 => v.set_cr8(val),
-                _ => return Err(Fault::InvalidOpcode),
+/// Complete the exiting instruction at `rip` with the engine (hv/core's
+/// `emulate`): `Ok(true)` when it completed, `Ok(false)` when it raised a fault
+/// (injected), `Err` when the guest must stop.
+fn complete_with_engine(v: &mut Vcpu, rip: u64) -> Result<bool, Outcome> {
+    match emulate::complete(v) {
+        Completion::Done { mode_change, .. } => {
+            if mode_change {
+                v.note_mode_change();
             }
+            Ok(true)
         }
-        1 => {
-            let val = match cr {
-                3 => s.cr3,
-                8 => v.cr8(),
-                _ => return Err(Fault::InvalidOpcode),
-            };
-            v.set_gpr(reg, val);
+        Completion::Fault(fault) => {
+            v.inject(fault);
+            Ok(false)
         }
-        2 => v.write_cr0(s.cr0 & !CR0_TS),
-        _ => {
-            // LMSW: loads PE, MP, EM, TS; cannot clear PE.
-            let src = (qual >> 16) & 0xf;
-            let cr0 = (s.cr0 & !0xe) | (src & 0xe) | ((s.cr0 | src) & 1);
-            v.write_cr0(cr0);
-        }
+        Completion::NotRam { gpa } => Err(Outcome::Stopped(format!(
+            "the instruction at {rip:#x} touches guest-physical {gpa:#x}, outside its RAM; guest {}",
+            guest_where(v)
+        ))),
+        Completion::Cannot(why) => Err(Outcome::Stopped(format!(
+            "the engine cannot complete the exiting instruction at {rip:#x} ({why}); guest {}",
+            guest_where(v)
+        ))),
     }
-    Ok(())
 }
 
 /// HLT: the guest waits for an interrupt. With interrupts off, or with no device that
@@ -477,106 +457,4 @@ fn wait_for_interrupt(v: &mut Vcpu) -> Result<(), String> {
         }
     }
     Err("interrupts are on but no device will raise one".into())
-}
-
-enum StringIoStop {
-    Fault(Fault),
-    Outside(u64),
-    Unsupported,
-}
-
-/// Complete INS/OUTS (with REP: all of it) through the guest's page tables: data
-/// from ES:(E/R)DI for INS, DS-or-override:(E/R)SI for OUTS, by RFLAGS.DF.
-/// Registers are updated element by element, so a fault leaves them exact.
-fn string_io(
-    v: &mut Vcpu,
-    port: u16,
-    size: u8,
-    input: bool,
-    rep: bool,
-) -> Result<(), StringIoStop> {
-    let info = vmread(f::EXIT_INSTRUCTION_INFO);
-    let addr_mask: u64 = match (info >> 7) & 7 {
-        0 => 0xffff,
-        1 => 0xffff_ffff,
-        _ => u64::MAX,
-    };
-    let state = v.state();
-    let long = state.efer & (1 << 10) != 0 && state.seg[1].long();
-    // Segment: ES for INS; for OUTS the instruction's (bits 17:15: ES, CS, SS, DS, FS, GS).
-    let seg = if input {
-        0
-    } else {
-        ((info >> 15) & 7) as usize
-    };
-    let base = if long && seg < 4 {
-        0
-    } else {
-        state.seg.get(seg).map_or(0, |s| s.base)
-    };
-    let mmu = avex_core::engine::mmu::Mmu::new(&state, 52);
-    let step = if state.rflags & (1 << 10) != 0 {
-        (size as u64).wrapping_neg()
-    } else {
-        size as u64
-    };
-    let (ptr_reg, count_reg) = (if input { 7 } else { 6 }, 1);
-    let mut count = if rep {
-        state.gpr[count_reg] & addr_mask
-    } else {
-        1
-    };
-    let mut ptr = state.gpr[ptr_reg];
-    let access = if input {
-        avex_core::engine::mmu::Access::Write
-    } else {
-        avex_core::engine::mmu::Access::Read
-    };
-    while count > 0 {
-        let la = base.wrapping_add(ptr & addr_mask);
-        let mut buf = [0u8; 4];
-        let n = size as usize;
-        let mut walks = 0;
-        // Translate byte by byte so an element crossing a page boundary is right.
-        let mut gpas = [0u64; 4];
-        for (i, g) in gpas.iter_mut().enumerate().take(n) {
-            *g = match mmu.translate(v, la.wrapping_add(i as u64), access, &mut walks) {
-                Ok(pa) => pa,
-                Err(avex_core::engine::mmu::XlateError::PageFault { addr, error_code }) => {
-                    return Err(StringIoStop::Fault(Fault::PageFault { addr, error_code }))
-                }
-                Err(avex_core::engine::mmu::XlateError::NotRam { gpa }) => {
-                    return Err(StringIoStop::Outside(gpa))
-                }
-                Err(avex_core::engine::mmu::XlateError::Unsupported) => {
-                    return Err(StringIoStop::Unsupported)
-                }
-            };
-        }
-        if input {
-            let value = v.port_in(port, size);
-            buf[..n].copy_from_slice(&value.to_le_bytes()[..n]);
-            for i in 0..n {
-                v.write_phys(gpas[i], &buf[i..i + 1])
-                    .map_err(|e| StringIoStop::Outside(e.gpa))?;
-            }
-        } else {
-            for i in 0..n {
-                v.read_phys(gpas[i], &mut buf[i..i + 1])
-                    .map_err(|e| StringIoStop::Outside(e.gpa))?;
-            }
-            v.port_out(port, size, u32::from_le_bytes(buf));
-        }
-        ptr = (ptr & !addr_mask) | (ptr.wrapping_add(step) & addr_mask);
-        count -= 1;
-        v.set_gpr(ptr_reg, ptr);
-        if rep {
-            let rcx = v.gpr_value(count_reg);
-            v.set_gpr(count_reg, (rcx & !addr_mask) | (count & addr_mask));
-        }
-        if v.bus.exit_status().is_some() {
-            break;
-        }
-    }
-    Ok(())
 }

@@ -17,8 +17,8 @@ use crate::logln;
 use crate::vmx::{self, alloc_page, ctl, field as f, phys, vmread, vmwrite, Caps, GuestRegs};
 
 const CR0_PE: u64 = 1 << 0;
-pub const CR0_TS: u64 = 1 << 3;
 const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
 const CR4_VMXE: u64 = 1 << 13;
 const CR4_OSXSAVE: u64 = 1 << 18;
 const EFER_LME: u64 = 1 << 8;
@@ -49,7 +49,12 @@ pub struct Vcpu {
     /// Software-backed MSRs (those with no VMCS field and no hardware pass-through).
     msrs: BTreeMap<u32, u64>,
     xcr0: u64,
-    cr8: u64,
+    /// The PDPTE fields must be loaded from guest memory before the next entry: the
+    /// hypervisor completed a write to CR0, CR3 or CR4 that makes the CPU load them
+    /// (SDM 4.4.1), and with EPT VM entry loads PAE paging's PDPTEs from the VMCS.
+    pdptes_stale: bool,
+    /// VPID in use (0: none, so every VM entry and exit flushes the guest's TLB).
+    vpid: u16,
     /// TSC at guest start and the TSC's rate, for the devices' virtual time.
     tsc0: u64,
     tsc_hz: u64,
@@ -71,6 +76,46 @@ fn write_cr2(v: u64) {
     // SAFETY: CR2 is the guest's (the hypervisor takes no page faults); writing it
     // only changes what the guest reads.
     unsafe { asm!("mov cr2, {}", in(reg) v, options(nomem, nostack)) };
+}
+
+/// The guest's TPR is the processor's own CR8. With neither "CR8-load exiting",
+/// "CR8-store exiting" nor "use TPR shadow", MOV to or from CR8 in VMX non-root
+/// operation reads and writes the processor's TPR (SDM 26.3, "MOV to CR8"), and
+/// TPR is not switched at VM entry or exit; the hypervisor uses no local-APIC
+/// interrupts (its own are off), so the TPR is the guest's alone. The engine's
+/// CR8 (through `state`/`set_state`) and CR8 in native guest code are then one
+/// register. Were CR8 exiting enabled by a policy, its exits complete through the
+/// engine and land here too; a TPR shadow would move this to the virtual-APIC page.
+fn read_tpr() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR8 has no side effects.
+    unsafe { asm!("mov {}, cr8", out(reg) v, options(nomem, nostack)) };
+    v
+}
+
+fn write_tpr(v: u64) {
+    // SAFETY: CR8 holds the guest's TPR only (see `read_tpr`); bits above 3 are
+    // masked off, which would otherwise #GP in the hypervisor.
+    unsafe { asm!("mov cr8, {}", in(reg) v & 0xf, options(nomem, nostack)) };
+}
+
+/// MSRs that hold linear addresses: WRMSR of a non-canonical value raises #GP
+/// (SDM, WRMSR: DS_AREA, FS/GS base, kernel GS base, LSTAR, SYSENTER_ESP/EIP; CSTAR
+/// as AMD, KVM and Bochs check it). Installing one instead would make the next VM
+/// entry fail (VMCS fields) or fault in the hypervisor (MSRs it passes through).
+const LINEAR_ADDRESS_MSRS: [u32; 8] = [
+    0x175,
+    0x176,
+    0x600,
+    0xc000_0082,
+    0xc000_0083,
+    0xc000_0100,
+    0xc000_0101,
+    0xc000_0102,
+];
+
+fn canonical(a: u64) -> bool {
+    ((a as i64) << 16 >> 16) as u64 == a
 }
 
 fn sgdt_base() -> u64 {
@@ -114,7 +159,8 @@ impl Vcpu {
             debug: false,
             msrs: BTreeMap::new(),
             xcr0: 1,
-            cr8: 0,
+            pdptes_stale: true,
+            vpid: 0,
             tsc0: rdtsc(),
             tsc_hz: tsc_hz.max(1),
         };
@@ -194,6 +240,13 @@ impl Vcpu {
         want2 |= pick(VmcsControl::WbinvdExiting, ctl::WBINVD);
         want2 |= pick(VmcsControl::RdrandExiting, ctl::RDRAND);
         want2 |= pick(VmcsControl::RdseedExiting, ctl::RDSEED);
+        // VPID: the guest's TLB entries survive VM exits and entries, so the
+        // hypervisor flushes them (INVVPID) when the engine changes the guest's
+        // mappings (`invalidate_tlb`). Used only with single-context INVVPID.
+        let vpid = Caps::allowed1(c.proc2, ctl::VPID) && vmx::invvpid_supported(&c);
+        if vpid {
+            want2 |= ctl::VPID;
+        }
         // Instructions that #UD unless enabled: enable them where the CPU can.
         for opt in [ctl::RDTSCP, ctl::INVPCID, ctl::XSAVES] {
             if Caps::allowed1(c.proc2, opt) {
@@ -232,6 +285,16 @@ impl Vcpu {
         vmwrite(f::PIN_CONTROLS, u64::from(pin));
         vmwrite(f::PROC_CONTROLS, u64::from(proc));
         vmwrite(f::PROC_CONTROLS2, u64::from(proc2));
+        if proc2 & ctl::VPID != 0 {
+            self.vpid = 1;
+            vmwrite(f::VPID, u64::from(self.vpid));
+            // Nothing of a previous user of this VPID may survive.
+            vmx::invvpid_single(self.vpid);
+        }
+        logln!(
+            "vmx: VPID {}",
+            if self.vpid != 0 { "on" } else { "off (entries and exits flush the guest's TLB)" }
+        );
         vmwrite(f::EXIT_CONTROLS, u64::from(exit));
         vmwrite(f::ENTRY_CONTROLS, u64::from(entry));
         logln!(
@@ -469,11 +532,44 @@ impl Vcpu {
         vmwrite(f::ENTRY_CONTROLS, u64::from(entry));
     }
 
-    pub fn cr8(&self) -> u64 {
-        self.cr8
+    /// Note that the engine completed a write to CR0, CR3 or CR4 that changed the
+    /// paging mode or reloads PAE paging's PDPTEs on the CPU.
+    pub fn note_mode_change(&mut self) {
+        self.pdptes_stale = true;
     }
-    pub fn set_cr8(&mut self, v: u64) {
-        self.cr8 = v & 0xf;
+
+    /// Before a VM entry: with EPT, VM entry loads PAE paging's PDPTEs from the
+    /// VMCS (SDM 27.3.2.4), so when the hypervisor changed CR0/CR3/CR4 and the guest
+    /// now uses PAE paging (CR0.PG, CR4.PAE, not IA-32e mode), load them from the
+    /// PDPT at CR3 as the CPU does at such a write. The CPU saves them at each exit,
+    /// so a PAE guest that changes CR3 natively keeps its own.
+    pub fn load_pdptes_if_stale(&mut self) -> Result<(), String> {
+        if !self.pdptes_stale {
+            return Ok(());
+        }
+        self.pdptes_stale = false;
+        let cr0 = vmread(f::GUEST_CR0);
+        let cr4 = vmread(f::GUEST_CR4);
+        let ia32e = vmread(f::ENTRY_CONTROLS) as u32 & ctl::ENTRY_IA32E != 0;
+        if cr0 & CR0_PG == 0 || cr4 & CR4_PAE == 0 || ia32e {
+            return Ok(());
+        }
+        let pdpt = vmread(f::GUEST_CR3) & 0xffff_ffe0;
+        let mut raw = [0u8; 32];
+        self.read_phys(pdpt, &mut raw).map_err(|e| {
+            alloc::format!("PAE paging with its PDPT at {pdpt:#x}, outside guest RAM ({:#x})", e.gpa)
+        })?;
+        for (i, e) in raw.chunks_exact(8).enumerate() {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(e);
+            vmwrite(f::GUEST_PDPTE0 + 2 * i as u64, u64::from_le_bytes(b));
+        }
+        Ok(())
+    }
+
+    /// The PDPTEs the CPU uses now (saved by it at the last exit under PAE paging).
+    pub fn pdptes(&self) -> [u64; 4] {
+        core::array::from_fn(|i| vmread(f::GUEST_PDPTE0 + 2 * i as u64))
     }
 
     /// Make the guest take `fault` at the next VM entry instead of completing the
@@ -525,7 +621,7 @@ impl Guest for Vcpu {
             cr2: read_cr2(),
             cr3: vmread(f::GUEST_CR3),
             cr4: vmread(f::CR4_READ_SHADOW),
-            cr8: self.cr8,
+            cr8: read_tpr(),
             efer: vmread(f::GUEST_EFER),
             seg,
         }
@@ -544,7 +640,9 @@ impl Guest for Vcpu {
         self.write_cr4(s.cr4);
         vmwrite(f::GUEST_EFER, s.efer);
         self.write_cr0(s.cr0);
-        self.cr8 = s.cr8;
+        if s.cr8 != read_tpr() {
+            write_tpr(s.cr8);
+        }
         for (i, sg) in s.seg.iter().enumerate() {
             let i = i as u64;
             vmwrite(f::seg_sel(i), u64::from(sg.selector));
@@ -603,6 +701,9 @@ impl Guest for Vcpu {
     }
 
     fn wrmsr(&mut self, msr: u32, value: u64) -> Result<(), Fault> {
+        if LINEAR_ADDRESS_MSRS.contains(&msr) && !canonical(value) {
+            return Err(Fault::GeneralProtection);
+        }
         match msr {
             0x10 | 0x1b => {}
             0x174 => vmwrite(f::GUEST_SYSENTER_CS, value),
@@ -678,5 +779,14 @@ impl Guest for Vcpu {
         self.bus.pending_vector(now).is_some()
     }
 
-    fn invalidate_tlb(&mut self) {}
+    /// The engine changed the guest's mappings (MOV CR3, INVLPG, a paging bit of
+    /// CR0/CR4): with VPID the CPU keeps the guest's TLB entries across exits and
+    /// entries, so flush them (single-context: INVLPG's address is not passed, and
+    /// flushing more is always correct). Without VPID every VM entry and exit
+    /// flushes them already. EPT permission changes flush with INVEPT (`invept`).
+    fn invalidate_tlb(&mut self) {
+        if self.vpid != 0 {
+            vmx::invvpid_single(self.vpid);
+        }
+    }
 }
