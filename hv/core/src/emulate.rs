@@ -87,21 +87,22 @@ pub fn complete<G: Guest + ?Sized>(guest: &mut G) -> Completion {
         maxphyaddr: maxphyaddr(guest),
     };
     let out = engine::run(&cluster, guest, 0, &limits);
+    let done = |mode_change| Completion::Done {
+        rip: out.rip,
+        mode_change,
+    };
     match out.reason {
-        StopReason::End | StopReason::Budget | StopReason::InterruptPending => Completion::Done {
-            rip: out.rip,
-            mode_change: false,
-        },
+        // Completed, or a REP stopped between iterations (the budget, or an INS
+        // that wrote into its own code page) with the done ones committed: the
+        // guest resumes at `out.rip`, at the instruction for the rest.
+        StopReason::End
+        | StopReason::Budget
+        | StopReason::InterruptPending
+        | StopReason::SelfWrite => done(false),
+        StopReason::ModeChange => done(true),
         // A MOV to CR3 whose code check under the new tables failed: the
         // instruction completed all the same.
-        StopReason::ModeChange | StopReason::CodeChanged | StopReason::SelfWrite
-            if out.stats.insns == 1 =>
-        {
-            Completion::Done {
-                rip: out.rip,
-                mode_change: out.reason == StopReason::ModeChange,
-            }
-        }
+        StopReason::CodeChanged if out.stats.insns == 1 => done(false),
         StopReason::Fault(f) => Completion::Fault(f),
         StopReason::PageFault { addr, error_code } => {
             Completion::Fault(Fault::PageFault { addr, error_code })
@@ -166,6 +167,25 @@ mod tests {
         assert!(done > 0 && done <= REP_BUDGET);
         assert_eq!(g.state.gpr[RCX as usize], REP_BUDGET + 10 - done);
         assert_eq!(g.state.gpr[RSI as usize], 0x2000 + done);
+    }
+
+    #[test]
+    fn a_rep_ins_into_its_own_code_page_completes_an_element_per_call() {
+        let mut g = long_guest(&[0xf3, 0x6c]); // rep insb
+        g.state.gpr[7] = 0x1800; // RDI: the code's page
+        g.state.gpr[RCX as usize] = 3;
+        g.state.gpr[2] = 0x3fd;
+        g.default_port_in = 0x60;
+        let mut calls = 0;
+        while g.state.rip == 0x1000 && calls < 10 {
+            let r = complete(&mut g);
+            assert!(matches!(r, Completion::Done { .. }), "{r:?}");
+            calls += 1;
+        }
+        assert_eq!(g.state.rip, 0x1002);
+        assert_eq!(g.bytes(0x1800, 3), &[0x60; 3]);
+        assert_eq!(g.state.gpr[RCX as usize], 0);
+        assert!(calls > 1, "stopped between iterations after the self-write");
     }
 
     #[test]
