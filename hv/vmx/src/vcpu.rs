@@ -23,29 +23,35 @@ const CR4_VMXE: u64 = 1 << 13;
 const CR4_OSXSAVE: u64 = 1 << 18;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
-pub const RFLAGS_IF: u64 = 1 << 9;
+const RFLAGS_IF: u64 = 1 << 9;
 
-pub struct Vcpu {
-    pub caps: Caps,
-    pub regs: Box<GuestRegs>,
-    pub ram: GuestRam,
-    pub ept: Ept,
-    pub bus: PortBus,
-    pub launched: bool,
+/// What the vCPU counted, for the run's summary.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Counters {
     /// Guest writes to write-protected code pages (pages holding translations).
-    pub code_writes: u64,
+    pub code_page_writes: u64,
     /// External interrupts delivered to the guest.
     pub interrupts: u64,
-    /// Virtual time skipped while the guest was halted.
-    time_skipped_ns: u64,
     /// Machine time (TSC ticks) spent in the guest, in the exit handler, and running
     /// clusters (Bochs: emulated instructions, so a VM exit itself costs almost
     /// nothing here; the real cost of an exit is the hardware's).
     pub ticks_guest: u64,
     pub ticks_handler: u64,
     pub ticks_clusters: u64,
+}
+
+pub struct Vcpu {
+    caps: Caps,
+    regs: Box<GuestRegs>,
+    ram: GuestRam,
+    ept: Ept,
+    bus: PortBus,
+    launched: bool,
+    counters: Counters,
+    /// Virtual time skipped while the guest was halted.
+    time_skipped_ns: u64,
     /// Log every cluster run.
-    pub debug: bool,
+    debug: bool,
     /// Software-backed MSRs (those with no VMCS field and no hardware pass-through).
     msrs: BTreeMap<u32, u64>,
     xcr0: u64,
@@ -150,12 +156,8 @@ impl Vcpu {
             ept,
             bus: PortBus::standard(StandardConfig::default()),
             launched: false,
-            code_writes: 0,
-            interrupts: 0,
+            counters: Counters::default(),
             time_skipped_ns: 0,
-            ticks_guest: 0,
-            ticks_handler: 0,
-            ticks_clusters: 0,
             debug: false,
             msrs: BTreeMap::new(),
             xcr0: 1,
@@ -410,8 +412,89 @@ impl Vcpu {
         self.set_state(&boot.state);
     }
 
+    /// Enter the guest; returns at its next VM exit (or the entry's failure).
+    pub fn enter(&mut self) -> Result<(), vmx::VmFail> {
+        let t0 = rdtsc();
+        let r = vmx::enter(&mut self.regs, self.launched);
+        self.counters.ticks_guest += rdtsc().wrapping_sub(t0);
+        if r.is_ok() {
+            self.launched = true;
+        }
+        r
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// Machine time spent in the exit handler and in clusters (see [`Counters`]).
+    pub fn account(&mut self, handler_ticks: u64, cluster_ticks: u64) {
+        self.counters.ticks_handler += handler_ticks;
+        self.counters.ticks_clusters += cluster_ticks;
+    }
+
+    pub fn set_debug(&mut self, on: bool) {
+        self.debug = on;
+    }
+
+    pub fn debug(&self) -> bool {
+        self.debug
+    }
+
+    pub fn ram_size(&self) -> u64 {
+        self.ram.size()
+    }
+
+    /// The status the guest wrote to the debug-exit port, if it did.
+    pub fn exit_status(&self) -> Option<u8> {
+        self.bus.exit_status()
+    }
+
+    /// Write-protect the guest page at `gpa` in the EPT (it holds translated code);
+    /// true if it changed. The caller flushes with [`Vcpu::invept`].
+    pub fn protect_code_page(&mut self, gpa: u64) -> bool {
+        self.ept.protect(gpa)
+    }
+
+    /// A guest write hit `gpa`: if it is a write-protected code page, give it back
+    /// its write permission (translations on it are checked byte by byte before
+    /// their next run), count it and return true.
+    pub fn code_page_written(&mut self, gpa: u64) -> bool {
+        if gpa >= self.ram.size() || !self.ept.is_protected(gpa) {
+            return false;
+        }
+        self.ept.unprotect(gpa & !(crate::ept::PAGE - 1));
+        self.invept();
+        self.counters.code_page_writes += 1;
+        true
+    }
+
+    /// HLT: the guest waits for an interrupt. With interrupts off, or with no device
+    /// that will ever raise one, it would wait forever: that ends it (the reason).
+    /// Otherwise the devices' virtual time jumps to their next event (no spinning
+    /// through the wait) until the PIC has an interrupt, which `deliver_interrupts`
+    /// injects before the next entry.
+    pub fn wait_for_interrupt(&mut self) -> Result<(), String> {
+        if vmread(f::GUEST_RFLAGS) & RFLAGS_IF == 0 {
+            return Err(
+                "interrupts are off, so nothing can wake it (no debug-exit write)".into(),
+            );
+        }
+        for _ in 0..64 {
+            let now = self.now_ns();
+            if self.bus.pending_vector(now).is_some() {
+                return Ok(());
+            }
+            match self.bus.next_event_ns(now) {
+                Some(t) => self.skip_time(t.saturating_sub(now).max(1)),
+                None => break,
+            }
+        }
+        Err("interrupts are on but no device will raise one".into())
+    }
+
     /// The guest's TSC-derived virtual time for the device models.
-    pub fn now_ns(&self) -> u64 {
+    fn now_ns(&self) -> u64 {
         let ticks = rdtsc().wrapping_sub(self.tsc0);
         // Bochs' rates divide 10^9 evenly: multiply instead of a 128-bit division
         // on every port access.
@@ -425,7 +508,7 @@ impl Vcpu {
 
     /// Move the devices' virtual time forward by `ns` (a halted guest waits for its
     /// next device event without the hypervisor spinning through the wait).
-    pub fn skip_time(&mut self, ns: u64) {
+    fn skip_time(&mut self, ns: u64) {
         self.time_skipped_ns = self.time_skipped_ns.wrapping_add(ns);
     }
 
@@ -461,7 +544,7 @@ impl Vcpu {
             if let Some(vector) = self.bus.acknowledge(now) {
                 // External interrupt (type 0), valid.
                 vmwrite(f::ENTRY_INTR_INFO, u64::from(vector) | (1 << 31));
-                self.interrupts += 1;
+                self.counters.interrupts += 1;
             }
             self.set_window_exiting(false);
         } else {
@@ -469,7 +552,7 @@ impl Vcpu {
         }
     }
 
-    fn gpr(&self, i: usize) -> u64 {
+    pub fn gpr(&self, i: usize) -> u64 {
         if i == 4 {
             vmread(f::GUEST_RSP)
         } else {
@@ -485,14 +568,10 @@ impl Vcpu {
         }
     }
 
-    pub fn gpr_value(&self, i: usize) -> u64 {
-        self.gpr(i)
-    }
-
     /// Write CR0 as the guest sees it: the read shadow holds the guest's value, the
     /// real CR0 that value with VMX's fixed bits (PE and PG are free under
     /// unrestricted guest). EFER.LMA and the IA-32e entry control follow CR0.PG.
-    pub fn write_cr0(&mut self, cr0: u64) {
+    fn write_cr0(&mut self, cr0: u64) {
         let real = vmx::fixed(
             cr0,
             self.caps.cr0_fixed0,
@@ -510,7 +589,7 @@ impl Vcpu {
         });
     }
 
-    pub fn write_cr4(&mut self, cr4: u64) {
+    fn write_cr4(&mut self, cr4: u64) {
         let real = vmx::fixed(
             cr4 | CR4_VMXE,
             self.caps.cr4_fixed0,
@@ -521,7 +600,7 @@ impl Vcpu {
         vmwrite(f::GUEST_CR4, real);
     }
 
-    pub fn write_efer(&mut self, efer: u64) {
+    fn write_efer(&mut self, efer: u64) {
         vmwrite(f::GUEST_EFER, efer);
         let entry = vmread(f::ENTRY_CONTROLS) as u32;
         let entry = if efer & EFER_LMA != 0 {
@@ -548,10 +627,7 @@ impl Vcpu {
             return Ok(());
         }
         self.pdptes_stale = false;
-        let cr0 = vmread(f::GUEST_CR0);
-        let cr4 = vmread(f::GUEST_CR4);
-        let ia32e = vmread(f::ENTRY_CONTROLS) as u32 & ctl::ENTRY_IA32E != 0;
-        if cr0 & CR0_PG == 0 || cr4 & CR4_PAE == 0 || ia32e {
+        if !self.pae_paging() {
             return Ok(());
         }
         let pdpt = vmread(f::GUEST_CR3) & 0xffff_ffe0;
@@ -559,12 +635,28 @@ impl Vcpu {
         self.read_phys(pdpt, &mut raw).map_err(|e| {
             alloc::format!("PAE paging with its PDPT at {pdpt:#x}, outside guest RAM ({:#x})", e.gpa)
         })?;
-        for (i, e) in raw.chunks_exact(8).enumerate() {
+        let mut pdptes = [0u64; 4];
+        for (p, e) in pdptes.iter_mut().zip(raw.chunks_exact(8)) {
             let mut b = [0u8; 8];
             b.copy_from_slice(e);
-            vmwrite(f::GUEST_PDPTE0 + 2 * i as u64, u64::from_le_bytes(b));
+            *p = u64::from_le_bytes(b);
         }
+        self.set_pdptes(pdptes);
         Ok(())
+    }
+
+    /// The guest uses PAE paging (CR0.PG, CR4.PAE, not IA-32e mode): the PDPTE
+    /// fields are in use.
+    pub fn pae_paging(&self) -> bool {
+        let ia32e = vmread(f::ENTRY_CONTROLS) as u32 & ctl::ENTRY_IA32E != 0;
+        vmread(f::GUEST_CR0) & CR0_PG != 0 && vmread(f::GUEST_CR4) & CR4_PAE != 0 && !ia32e
+    }
+
+    /// Make the CPU use these PDPTEs from the next VM entry.
+    fn set_pdptes(&mut self, pdptes: [u64; 4]) {
+        for (i, p) in pdptes.into_iter().enumerate() {
+            vmwrite(f::GUEST_PDPTE0 + 2 * i as u64, p);
+        }
     }
 
     /// The PDPTEs the CPU uses now (saved by it at the last exit under PAE paging).
