@@ -13,6 +13,7 @@ extern crate std;
 pub mod boot;
 pub mod cache;
 pub mod devices;
+pub mod emulate;
 pub mod engine;
 pub mod exit;
 pub mod format;

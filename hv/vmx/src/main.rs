@@ -18,6 +18,7 @@ mod boot;
 mod cpu;
 mod elf;
 mod ept;
+mod exit_reason;
 mod heap;
 mod mem;
 mod multiboot;
@@ -295,7 +296,7 @@ extern "C" fn kmain(magic: u32, mbi: u32) -> ! {
         Ok(v) => v,
         Err(e) => stop(&format!("VMCS setup failed: {e}")),
     };
-    vcpu.debug = opts.debug;
+    vcpu.set_debug(opts.debug);
     let n = run::protect_translated_pages(&mut vcpu, &handler);
     if n > 0 {
         logln!("avex-vmx: {n} code page(s) with translations write-protected");
@@ -307,11 +308,12 @@ extern "C" fn kmain(magic: u32, mbi: u32) -> ! {
     );
     let outcome = run::run(&mut vcpu, &mut handler);
     let mut extra = BTreeMap::new();
-    extra.insert("code_page_writes", vcpu.code_writes);
-    extra.insert("interrupts", vcpu.interrupts);
-    extra.insert("ticks_guest", vcpu.ticks_guest);
-    extra.insert("ticks_handler", vcpu.ticks_handler);
-    extra.insert("ticks_clusters", vcpu.ticks_clusters);
+    let c = vcpu.counters();
+    extra.insert("code_page_writes", c.code_page_writes);
+    extra.insert("interrupts", c.interrupts);
+    extra.insert("ticks_guest", c.ticks_guest);
+    extra.insert("ticks_handler", c.ticks_handler);
+    extra.insert("ticks_clusters", c.ticks_clusters);
     let guest_ms = clock_ns().saturating_sub(t0) / 1_000_000;
     extra.insert("guest_ms", guest_ms);
     logln!("avex-vmx: the guest ran for {guest_ms} ms of machine time");
