@@ -176,6 +176,17 @@ impl World {
         self.native_buf().to_vec()
     }
 
+    pub fn snapshot_into(&self, out: &mut [u8]) {
+        out.copy_from_slice(self.native_buf());
+    }
+
+    /// Writes `data` at buffer offset `off` in both copies.
+    pub fn poke(&mut self, off: usize, data: &[u8]) {
+        self.native.buf()[off..off + data.len()].copy_from_slice(data);
+        let va = self.native.buf_va() + off as u64;
+        self.put(va, data);
+    }
+
     /// Runs one case on the CPU and in the engine and compares. Both copies of the
     /// buffer must be equal before; they are after a case that matches.
     pub fn run_case(
