@@ -307,6 +307,12 @@ impl Gen {
                     Mode::M16 => (Register::BX, Register::SI),
                     _ => (Register::DI, Register::BP),
                 };
+                let mut rel = rel;
+                if mode == Mode::M16 && o.fault && rng.chance(1, 6) {
+                    // At the 64K limit: wider accesses cross it (#GP), a byte does
+                    // not (and faults on the page above the buffer).
+                    rel = 0xfffd + rng.below(3);
+                }
                 let b16 = o.base_val & 0xffff;
                 let d = (rel.wrapping_sub(b16) as u16) as i16 as i64;
                 match rng.below(3) {

@@ -25,11 +25,12 @@
 //! - `jcxz`: JCXZ/JECXZ/JRCXZ and LOOP forms with counters whose low parts are zero.
 //! - `moffs`: MOV A0-A3 with every address size and segment.
 //! - `rsp`: writes to the stack pointer (MOV, XCHG, LEA, ADD, AND, PUSH RSP; 32- and
-//!   16-bit writes).
+//!   16-bit writes; in 16-bit code SP near 0, so pushes wrap around the segment).
 //! - `split`: every data access straddles a page boundary.
 //! - `fault`: accesses to an inaccessible page, writes to a read-only page,
-//!   non-canonical addresses, 16-bit segment limit violations: the CPU's SIGSEGV
-//!   (RIP, #PF/#GP, CR2, W bit) against the engine's precise stop.
+//!   non-canonical addresses, 16-bit segment limit violations: the CPU's SIGSEGV or
+//!   SIGBUS (RIP, #PF/#GP/#SS, CR2, W bit) against the engine's precise stop (same
+//!   RIP, every earlier instruction's effects, nothing of the faulting one).
 //! - `loop`: back-edges (LOOPcc, DEC+JNZ, JCXZ+JMP), with random caps the harness
 //!   resumes after as a backend would; the iteration register is compared.
 //!
@@ -272,6 +273,11 @@ fn inputs(rng: &mut Rng, w: &World, cat: Cat, fixed: &[(usize, u64)]) -> ([u64; 
     if cat == Cat::Rsp {
         let alt = shapes::alt_stack_reg(mode) as usize;
         gpr[alt] = gpr[4] - 64 - 8 * rng.below(8);
+        if mode == Mode::M16 && rng.chance(1, 4) {
+            // SP near 0: a push wraps to the top of the 64K stack segment (not
+            // mapped: both sides fault there, at the same address).
+            gpr[4] = (gpr[4] & 0xffff_0000) | rng.below(8);
+        }
     }
     let fl = 0x2 | (rng.next() & STATUS) | if rng.chance(1, 8) { DF } else { 0 };
     (gpr, fl)

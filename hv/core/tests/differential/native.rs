@@ -61,7 +61,7 @@ pub struct Segs {
 pub struct NativeFault {
     /// RIP (IP in 16-bit code) of the faulting instruction.
     pub rip: u64,
-    /// 13 (#GP) or 14 (#PF).
+    /// 12 (#SS), 13 (#GP) or 14 (#PF).
     pub trapno: u64,
     pub err: u64,
     pub cr2: u64,
@@ -529,7 +529,7 @@ extern "C" fn on_segv(_sig: i32, _info: *mut libc::siginfo_t, uc: *mut libc::c_v
     if !ours {
         // Not a sequence's fault: let it kill the process as it would have.
         // SAFETY: resetting a signal disposition is async-signal-safe.
-        unsafe { libc::signal(libc::SIGSEGV, libc::SIG_DFL) };
+        unsafe { libc::signal(_sig, libc::SIG_DFL) };
         return;
     }
     FAULT_RIP.store(rip, SeqCst);
@@ -545,9 +545,11 @@ extern "C" fn on_segv(_sig: i32, _info: *mut libc::siginfo_t, uc: *mut libc::c_v
     }
 }
 
-/// The SIGSEGV handler and alternate stack, installed for the test's lifetime.
+/// The SIGSEGV/SIGBUS handler (#SS is a SIGBUS) and alternate stack, installed for
+/// the test's lifetime.
 pub struct FaultCatcher {
     old_action: libc::sigaction,
+    old_bus: libc::sigaction,
     old_stack: libc::stack_t,
     _stack: Vec<u8>,
 }
@@ -571,8 +573,11 @@ impl FaultCatcher {
             libc::sigemptyset(&mut sa.sa_mask);
             let mut old_action: libc::sigaction = core::mem::zeroed();
             assert_eq!(libc::sigaction(libc::SIGSEGV, &sa, &mut old_action), 0);
+            let mut old_bus: libc::sigaction = core::mem::zeroed();
+            assert_eq!(libc::sigaction(libc::SIGBUS, &sa, &mut old_bus), 0);
             FaultCatcher {
                 old_action,
+                old_bus,
                 old_stack,
                 _stack: stack,
             }
@@ -585,6 +590,7 @@ impl Drop for FaultCatcher {
         // SAFETY: restores what `install` replaced.
         unsafe {
             libc::sigaction(libc::SIGSEGV, &self.old_action, core::ptr::null_mut());
+            libc::sigaction(libc::SIGBUS, &self.old_bus, core::ptr::null_mut());
             libc::sigaltstack(&self.old_stack, core::ptr::null_mut());
         }
     }

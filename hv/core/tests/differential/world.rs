@@ -398,7 +398,9 @@ fn fault_diff(f: &NativeFault, reason: StopReason, rip: u64) -> Option<String> {
         StopReason::PageFault { addr, error_code } => {
             f.trapno == 14 && f.cr2 == addr && (f.err ^ error_code as u64) & 2 == 0
         }
-        StopReason::Fault(Fault::GeneralProtection) => f.trapno == 13,
+        // The engine stops before a segment-limit violation without naming #SS
+        // apart from #GP: the guest takes the exact exception when it resumes.
+        StopReason::Fault(Fault::GeneralProtection) => matches!(f.trapno, 12 | 13),
         _ => false,
     };
     if same && rip == f.rip {
