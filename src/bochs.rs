@@ -190,6 +190,11 @@ fn static_name(s: &str) -> &'static str {
         .unwrap_or_else(|| Box::leak(s.to_string().into_boxed_str()))
 }
 
+/// An exit class's static name (the hypervisor prints `ExitClass::name`s).
+fn class_name(s: &str) -> &'static str {
+    avex_core::policy::ExitClass::from_name(s).map_or_else(|| static_name(s), |c| c.name())
+}
+
 /// Parse the summary line (without its prefix).
 pub fn parse_summary(json: &str) -> anyhow::Result<Summary> {
     let v: serde_json::Value =
@@ -229,6 +234,30 @@ pub fn parse_summary(json: &str) -> anyhow::Result<Summary> {
         .get("translations_rejected")
         .and_then(|r| r.as_str())
         .map(str::to_string);
+    for (key, into) in [
+        ("in_cluster_by_class", &mut st.in_cluster_by_class),
+        (
+            "in_cluster_not_exiting_by_class",
+            &mut st.in_cluster_not_exiting_by_class,
+        ),
+    ] {
+        for (k, n) in obj
+            .get(key)
+            .and_then(|m| m.as_object())
+            .into_iter()
+            .flatten()
+        {
+            into.insert(class_name(k), n.as_u64().unwrap_or(0));
+        }
+    }
+    st.exit_set = obj
+        .get("exit_set")
+        .and_then(|a| a.as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.as_str())
+        .map(class_name)
+        .collect();
     if let Some(m) = obj.get("early_stops").and_then(|m| m.as_object()) {
         for (k, n) in m {
             st.early_stops.insert(k.clone(), n.as_u64().unwrap_or(0));
@@ -436,6 +465,7 @@ pub fn run_with_console(
         seconds,
         details: summary.details,
         notes,
+        exit_statistics_unreadable: None,
     })
 }
 
@@ -455,6 +485,15 @@ mod tests {
         assert_eq!(s.stats.translations_built, 1);
         assert_eq!(s.details["guest_ms"], 7);
         assert!(s.error.is_none());
+    }
+
+    #[test]
+    fn parses_what_exits_here_and_the_in_cluster_classes() {
+        let line = r#"{"status":0,"exits":2,"exit_prone":5,"in_cluster_exiting":3,"in_cluster_by_class":{"OUT":2,"CPUID":1},"in_cluster_not_exiting_by_class":{"XGETBV":4},"exit_set":["OUT","CPUID"]}"#;
+        let s = parse_summary(line).unwrap().stats;
+        assert_eq!(s.in_cluster_by_class["CPUID"], 1);
+        assert_eq!(s.in_cluster_not_exiting(), 4);
+        assert_eq!(s.exit_set, ["OUT", "CPUID"]);
     }
 
     #[test]

@@ -8,9 +8,8 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-fn avex() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_avex"))
-}
+mod support;
+use support::avex;
 
 fn run(cmd: &mut Command) -> Output {
     let out = cmd.output().expect("spawn");
@@ -696,7 +695,7 @@ fn table_output_and_translation_set() {
     let elf = std::fs::read(&exe).unwrap();
     assert_eq!(
         set.guest.digest,
-        avex_core::format::identity_of_elf(&elf).expect("loadable")
+        avex_core::identity::of_elf(&elf).expect("loadable")
     );
     assert_eq!(
         set.policy,

@@ -39,10 +39,19 @@ fn compare_runs_every_mode_and_writes_table_json_and_chart() {
             );
         }
         assert!(
-            stdout.contains(&format!("{g}: off ")),
-            "no time ratio line for {g}"
+            stdout.contains(&format!("{g}: exits off ")),
+            "no summary line for {g}"
         );
     }
+    // Exits by reason, and the time apart (KVM_RUN, user space), never a ratio
+    // presented as the benefit of avoided exits.
+    assert!(stdout.contains("exits by reason"), "{stdout}");
+    assert!(stdout.contains("KVM_RUN ms") && stdout.contains("user space ms"));
+    assert!(!stdout.contains("faster"), "{stdout}");
+    assert!(
+        stdout.contains("exits on kvm: KVM's `exits` statistic"),
+        "{stdout}"
+    );
 
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
@@ -59,11 +68,20 @@ fn compare_runs_every_mode_and_writes_table_json_and_chart() {
             "translations_built",
             "console_sha256",
             "seconds",
+            "exits_counted",
+            "exits_by_reason",
+            "exit_set",
+            "in_cluster_exiting_by_class",
+            "in_cluster_not_exiting_by_class",
         ] {
             assert!(r.get(key).is_some(), "record lacks {key}: {r}");
         }
         assert_eq!(r["same_output_as_off"], true, "{r}");
         assert_eq!(r["backend"], "kvm");
+        let t = &r["time_split"];
+        for key in ["kvm_run_ms", "user_space_ms", "kvm_emulated_insns"] {
+            assert!(t[key].is_number(), "time_split lacks {key}: {r}");
+        }
     }
     let rec = |g: &str, m: &str| {
         records

@@ -8,14 +8,15 @@
 //! Tests that need /dev/kvm say why they skip when it is unavailable.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use avex_core::exit::Mode;
-use avex_core::format::{self, GuestIdentity, TranslationSet, TranslatorStamp};
-use avex_core::policy::ExitPolicy;
+use avex_core::format::TranslationSet;
 use avex_kvm::{Config, Error, Report};
+use support::aot::aot_set;
+
+mod support;
 
 const GUESTS: [&str; 6] = ["console", "pci", "rtc", "pit", "cpuid", "ctxswitch"];
 
@@ -25,28 +26,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 fn guest_elf(name: &str) -> Vec<u8> {
     let p = PathBuf::from(env!("AVEX_GUEST_DIR")).join(name);
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
-fn aot_set(name: &str, elf: &[u8]) -> TranslationSet {
-    let policy = ExitPolicy::default();
-    let config = avex_aot::TranslatorConfig::default();
-    let a = avex_aot::analyze_bytes(name, elf, &policy, &config).expect("analysis");
-    let mut clusters = a.clusters.clone();
-    clusters.sort_by_key(|c| c.start);
-    clusters.dedup_by_key(|c| c.start);
-    // Only what the format accepts can be linked into an image.
-    clusters.retain(|c| format::validate(c).is_ok());
-    TranslationSet {
-        guest: GuestIdentity {
-            digest: format::identity_of_segments(
-                a.segments.iter().map(|(p, b)| (*p, b.as_slice())),
-            ),
-            name: name.into(),
-        },
-        policy: policy.fingerprint(),
-        translator: TranslatorStamp::default(),
-        clusters,
-    }
 }
 
 fn run(elf: &[u8], mode: Mode, set: Option<TranslationSet>, timeout: f64) -> Result<Report, Error> {
@@ -320,17 +299,13 @@ fn msr_accesses_reach_the_exit_handler_when_the_host_allows() {
     }
 }
 
-fn avex() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_avex"))
-}
-
 #[test]
 #[cfg_attr(not(avex_kvm), ignore = "needs /dev/kvm")]
 fn avex_run_streams_the_console_and_writes_a_json_record() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("run.json");
-    let out = avex()
+    let out = support::avex()
         .args([
             "run",
             "rtc",
@@ -376,6 +351,12 @@ fn avex_run_streams_the_console_and_writes_a_json_record() {
     assert_eq!(v["guest"], "rtc");
     assert_eq!(v["mode"], "dynamic");
     assert_eq!(v["backend"], "kvm");
+    // KVM's statistics are readable here: the record says so with null.
+    assert!(
+        v.get("exit_statistics_unreadable")
+            .is_some_and(|u| u.is_null()),
+        "{v}"
+    );
     assert_eq!(
         v["exit_prone"].as_u64().unwrap(),
         v["exits"].as_u64().unwrap() + v["avoided"].as_u64().unwrap()
@@ -392,10 +373,13 @@ fn avex_run_streams_the_console_and_writes_a_json_record() {
     // The guest's status is the process status.
     let elf = dir.path().join("exit5.elf");
     std::fs::write(&elf, tiny_elf(true, &exit_with(5))).unwrap();
-    let st = avex().args(["run"]).arg(&elf).status().unwrap();
+    let st = support::avex().args(["run"]).arg(&elf).status().unwrap();
     assert_eq!(st.code(), Some(5));
     // An unknown guest is a clear error naming the bundled ones.
-    let out = avex().args(["run", "no-such-guest"]).output().unwrap();
+    let out = support::avex()
+        .args(["run", "no-such-guest"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("bundled"));
 }
@@ -411,7 +395,7 @@ fn avex_run_uses_a_pre_analyzed_images_translations() {
     std::fs::write(&path, image).unwrap();
     let json = dir.path().join("r.json");
     // No --mode: aot+dynamic because the image carries translations.
-    let out = avex()
+    let out = support::avex()
         .arg("run")
         .arg(&path)
         .arg("--json")
@@ -428,9 +412,50 @@ fn avex_run_uses_a_pre_analyzed_images_translations() {
     assert_eq!(v["mode"], "aot+dynamic");
     assert!(v["translations_loaded"].as_u64().unwrap() > 0, "{v}");
     assert!(v["avoided"].as_u64().unwrap() > 0, "{v}");
-    let off = avex()
+    let off = support::avex()
         .args(["run", "pci", "--mode", "off"])
         .output()
         .unwrap();
     assert_eq!(out.stdout, off.stdout);
+}
+
+#[test]
+#[cfg_attr(not(avex_gcc), ignore = "needs gcc")]
+#[cfg_attr(not(avex_kvm), ignore = "needs /dev/kvm")]
+fn an_invlpg_run_inside_a_cluster_makes_kvm_flush_the_guest_tlb() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // On this host every guest access is walked in software by KVM's emulator, so
+    // a stale translation cannot be observed; KVM's own statistics show whether
+    // it flushed. In `off` KVM runs every INVLPG itself (`invlpg` statistic).
+    let elf = support::shapes::elf("kvm_invlpg_remap");
+    let off = run(&elf, Mode::Off, None, 60.0).unwrap();
+    let dynamic = run(&elf, Mode::Dynamic, None, 60.0).unwrap();
+    assert_eq!(dynamic.console, off.console);
+    let stat = |r: &Report, name: &str| r.kvm_stats.get(name).copied().unwrap_or(0);
+    let in_engine = stat(&off, "invlpg") - stat(&dynamic, "invlpg");
+    assert!(in_engine > 0, "no INVLPG ran inside a cluster");
+    assert!(dynamic.tlb_flushes > 0, "the backend asked for no flush");
+    assert!(
+        stat(&dynamic, "tlb_flush") > stat(&off, "tlb_flush"),
+        "{in_engine} INVLPGs ran in the engine but KVM flushed no more than in off \
+         ({} vs {})",
+        stat(&dynamic, "tlb_flush"),
+        stat(&off, "tlb_flush")
+    );
+}
+
+#[test]
+#[cfg_attr(not(avex_gcc), ignore = "needs gcc")]
+#[cfg_attr(not(avex_kvm), ignore = "needs /dev/kvm")]
+fn identical_port_writes_back_to_back_are_each_attributed_exactly() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // Two `out %al,(%dx)` and four `out %al,$0x80` back to back: KVM completed
+    // each OUT before exiting, and only the one that ends at RIP is it.
+    let elf = support::shapes::elf("back_to_back_out");
+    let off = run(&elf, Mode::Off, None, 60.0).unwrap();
+    let r = run(&elf, Mode::Dynamic, None, 60.0).unwrap();
+    assert_eq!(r.console, off.console);
+    assert_eq!(r.unattributed_exits, 0);
+    assert_eq!(r.completions, r.stats.handled, "one completion per exit");
+    assert!(r.stats.clusters_run > 0, "nothing clustered");
 }

@@ -1,7 +1,12 @@
-//! The shape guests build and run correctly in mode `off` on KVM (what every other
-//! mode and backend is compared against; see tests/support/shapes.rs).
+//! The shape guests (tests/support/shapes.rs) build, run in mode `off`, and print
+//! exactly the bytes of `off`, with its status, in every clustering mode on KVM.
+//! Every `.c` file in tests/shapes/ is run, so a shape added later is covered.
 
 mod support;
+
+use std::time::Duration;
+
+use avex_core::exit::Mode;
 
 #[test]
 #[cfg_attr(not(avex_gcc), ignore = "needs gcc")]
@@ -24,4 +29,58 @@ fn every_shape_builds_and_ends_with_status_0_in_mode_off() {
         );
         assert!(!out.stdout.is_empty(), "shape {name} printed nothing");
     }
+}
+
+fn run_kvm(
+    elf: &[u8],
+    mode: Mode,
+    set: Option<&avex_core::format::TranslationSet>,
+) -> Result<avex_kvm::Report, avex_kvm::Error> {
+    let config = avex_kvm::Config {
+        mode,
+        translations: set.map(|s| Ok(s.clone())),
+        timeout: Some(Duration::from_secs(60)),
+        ..avex_kvm::Config::default()
+    };
+    avex_kvm::run(elf, &config, &mut |_| {})
+}
+
+#[test]
+#[cfg_attr(not(avex_gcc), ignore = "needs gcc")]
+#[cfg_attr(not(avex_kvm), ignore = "needs /dev/kvm")]
+fn every_shape_prints_the_bytes_of_off_in_every_mode_on_kvm() {
+    let mut failures = Vec::new();
+    for name in support::shapes::all() {
+        let elf = support::shapes::elf(&name);
+        let set = support::aot::aot_set(&name, &elf);
+        let off = match run_kvm(&elf, Mode::Off, None) {
+            Ok(r) => r,
+            Err(e) => {
+                failures.push(format!("{name} off: {e}"));
+                continue;
+            }
+        };
+        for mode in [Mode::Dynamic, Mode::Aot, Mode::AotDynamic] {
+            let r = match run_kvm(&elf, mode, mode.uses_aot().then_some(&set)) {
+                Ok(r) => r,
+                Err(e) => {
+                    failures.push(format!("{name} {mode}: {e}"));
+                    continue;
+                }
+            };
+            if let Some(why) = &r.stats.translations_rejected {
+                failures.push(format!("{name} {mode}: translations rejected: {why}"));
+            }
+            if r.status != off.status || r.console != off.console {
+                failures.push(format!(
+                    "{name} {mode}: status {} (off {}), console differs from off:\n--- off\n{}--- {mode}\n{}",
+                    r.status,
+                    off.status,
+                    String::from_utf8_lossy(&off.console),
+                    String::from_utf8_lossy(&r.console)
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -208,7 +208,7 @@ impl Analysis {
         clusters.dedup_by_key(|c| c.start);
         TranslationSet {
             guest: GuestIdentity {
-                digest: format::identity_of_segments(
+                digest: avex_core::identity::of_segments(
                     self.segments.iter().map(|(a, b)| (*a, b.as_slice())),
                 ),
                 name: self.report.file.clone(),

@@ -23,6 +23,7 @@ pub mod inspect;
 pub mod iso;
 
 use avex_core::format::{self, FormatError, Hex, TranslationSet};
+use avex_core::identity;
 
 /// The section that holds the translations.
 pub const SECTION_NAME: &str = ".avex.translations";
@@ -62,8 +63,6 @@ pub enum LinkError {
     Duplicate { first: usize, second: usize },
     #[error("the image would be larger than ELF32 offsets can address")]
     TooLarge,
-    #[error("analysis failed: {0}")]
-    Analysis(String),
 }
 
 fn malformed(what: impl Into<String>, offset: u64, reason: impl Into<String>) -> LinkError {
@@ -321,9 +320,9 @@ pub fn read_translation_set(elf: &[u8]) -> Result<Option<TranslationSet>, LinkEr
         })
 }
 
-/// The guest identity of an ELF image ([`avex_core::format::identity_of_elf`]).
+/// The guest identity of an ELF image ([`avex_core::identity::of_elf`]).
 pub fn identity(elf: &[u8]) -> Result<[u8; 32], LinkError> {
-    format::identity_of_elf(elf).map_err(|e| LinkError::Identity(e.to_string()))
+    identity::of_elf(elf).map_err(|e| LinkError::Identity(e.to_string()))
 }
 
 fn align(v: &mut Vec<u8>, to: usize) {

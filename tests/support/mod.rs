@@ -2,6 +2,7 @@
 //! with `mod support;`; not every file uses every helper).
 #![allow(dead_code)]
 
+pub mod aot;
 pub mod shapes;
 
 use std::process::Command;

@@ -1,8 +1,11 @@
 //! `rtc`: read the MC146818 RTC through 0x70 (index) / 0x71 (data) as Linux's
 //! `mc146818_get_time` does: wait while register A's update-in-progress bit is
 //! set, read every time field, and read them all again until two reads agree;
-//! decode BCD or binary and 12/24-hour mode per register B. Prints the date only
-//! (the device model starts at a fixed date; seconds would depend on speed).
+//! decode BCD or binary and 12/24-hour mode per register B. It reads the clock
+//! `READS` times (a kernel reads it at boot, at each resume and for hwclock), so
+//! that its exits are RTC accesses rather than console output, and prints the date
+//! of the last read only (the device model starts at a fixed date; seconds would
+//! depend on speed).
 #![no_std]
 #![no_main]
 
@@ -36,6 +39,8 @@ const RTC_VRT: u8 = 0x80;
 /// Bound on the update-in-progress wait (an update takes under 2 ms).
 const MAX_UIP_POLLS: u32 = 1_000_000;
 const MAX_ATTEMPTS: u32 = 100;
+/// Times the whole clock is read.
+const READS: u32 = 16;
 
 fn cmos_read(reg: u8) -> u8 {
     outb(RTC_INDEX, reg);
@@ -85,28 +90,39 @@ fn bcd2bin(v: u8) -> u8 {
     (v & 0x0f) + (v >> 4) * 10
 }
 
-fn main() -> u8 {
-    let valid = cmos_read(RTC_REG_D) & RTC_VRT != 0;
-    // Read until two consecutive reads, each outside an update, agree.
-    let mut raw = None;
+/// One read of the clock as `mc146818_get_time` does it: `None` (said on the
+/// console) if UIP never cleared or no two reads agreed.
+fn read_agreed() -> Option<Raw> {
     for _ in 0..MAX_ATTEMPTS {
         if !wait_uip() {
             println("rtc: update-in-progress never cleared");
-            return rt::EXIT_FAILED;
+            return None;
         }
         let first = read_raw();
         if !wait_uip() {
             println("rtc: update-in-progress never cleared");
-            return rt::EXIT_FAILED;
+            return None;
         }
         let second = read_raw();
         if first == second {
-            raw = Some(second);
+            return Some(second);
+        }
+    }
+    println("rtc: no two reads agreed");
+    None
+}
+
+fn main() -> u8 {
+    let valid = cmos_read(RTC_REG_D) & RTC_VRT != 0;
+    // Each read: until two consecutive reads, each outside an update, agree.
+    let mut raw = None;
+    for _ in 0..READS {
+        raw = read_agreed();
+        if raw.is_none() {
             break;
         }
     }
     let Some(r) = raw else {
-        println("rtc: no two reads agreed");
         return rt::EXIT_FAILED;
     };
 

@@ -406,22 +406,6 @@ pub fn parse_elf(elf: &[u8]) -> Result<ElfImage, BootError> {
     })
 }
 
-/// The guest's identity for translation sets
-/// ([`crate::format::identity_of_segments`] over its `PT_LOAD` segments' file bytes
-/// at their physical addresses). Every loader of a guest computes it this way.
-pub fn identity(elf: &[u8]) -> Result<[u8; 32], BootError> {
-    let img = parse_elf(elf)?;
-    // parse_elf checked offset + filesz <= elf.len() for every segment.
-    Ok(crate::format::identity_of_segments(
-        img.segments.iter().map(|s| {
-            (
-                s.paddr,
-                &elf[s.offset as usize..(s.offset + s.filesz) as usize],
-            )
-        }),
-    ))
-}
-
 fn ram_range(ram: &[u8], gpa: u64, len: u64) -> Option<core::ops::Range<usize>> {
     let end = gpa.checked_add(len)?;
     if end > ram.len() as u64 {

@@ -2,18 +2,16 @@
 //! RIP of its first instruction, whether it was loaded from a pre-analyzed image
 //! (AOT) or built at run time (dynamic).
 //!
-//! Entries are validated ([`crate::format::validate`]) on the way in, so the engine
-//! never sees a malformed cluster. Writes to guest code pages invalidate every
-//! translation whose guest bytes overlap the page.
+//! Entries are validated ([`crate::ir::validate`]) on the way in, so the engine
+//! never sees a malformed cluster. A translation whose guest bytes changed is found
+//! by the engine's byte check before it runs and removed ([`TranslationCache::remove`]);
+//! the counts of what came and went are the exit handler's ([`crate::stats`]).
 
 use alloc::collections::BTreeMap;
-use alloc::vec::Vec;
 
-use crate::format::{self, ClusterError, TranslationSet, MAX_CLUSTER_BYTES};
-use crate::ir::Cluster;
-
-/// Size of a guest page for [`TranslationCache::invalidate_page`].
-pub const PAGE_SIZE: u64 = 4096;
+use crate::format::TranslationSet;
+use crate::ir::limits::MAX_CLUSTER_BYTES;
+use crate::ir::{validate, Cluster, ClusterError};
 
 /// Where a translation came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -31,25 +29,11 @@ pub struct Entry {
     pub origin: Origin,
 }
 
-/// Counters for reports.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CacheStats {
-    /// AOT translations accepted.
-    pub loaded: u64,
-    /// Dynamic translations accepted.
-    pub built: u64,
-    /// Translations removed (stale bytes, invalidated pages, replaced, cleared).
-    pub dropped: u64,
-    /// Insertions refused because the cluster failed validation.
-    pub rejected: u64,
-}
-
 /// The cache. Clusters are at most [`MAX_CLUSTER_BYTES`] long, which bounds the
 /// search for overlapping translations.
 #[derive(Clone, Debug, Default)]
 pub struct TranslationCache {
     map: BTreeMap<u64, Entry>,
-    stats: CacheStats,
 }
 
 impl TranslationCache {
@@ -58,26 +42,14 @@ impl TranslationCache {
     }
 
     /// Insert one cluster, replacing any translation with the same start (the
-    /// replaced one is returned and counted as dropped). A cluster that fails
-    /// validation is refused and counted as rejected.
+    /// replaced one is returned). A cluster that fails validation is refused.
     pub fn insert(
         &mut self,
         cluster: Cluster,
         origin: Origin,
     ) -> Result<Option<Entry>, ClusterError> {
-        if let Err(e) = format::validate(&cluster) {
-            self.stats.rejected += 1;
-            return Err(e);
-        }
-        match origin {
-            Origin::Aot => self.stats.loaded += 1,
-            Origin::Dynamic => self.stats.built += 1,
-        }
-        let old = self.map.insert(cluster.start, Entry { cluster, origin });
-        if old.is_some() {
-            self.stats.dropped += 1;
-        }
-        Ok(old)
+        validate(&cluster)?;
+        Ok(self.map.insert(cluster.start, Entry { cluster, origin }))
     }
 
     /// Insert every cluster of a decoded (so already validated) set as AOT
@@ -113,30 +85,7 @@ impl TranslationCache {
 
     /// Remove the translation that starts at `rip` (e.g. its guest bytes changed).
     pub fn remove(&mut self, rip: u64) -> Option<Entry> {
-        let e = self.map.remove(&rip);
-        if e.is_some() {
-            self.stats.dropped += 1;
-        }
-        e
-    }
-
-    /// Remove every translation whose guest bytes overlap `[lo, hi)`; returns them.
-    pub fn invalidate_range(&mut self, lo: u64, hi: u64) -> Vec<Entry> {
-        let starts: Vec<u64> = self.overlapping(lo, hi).map(|e| e.cluster.start).collect();
-        starts.into_iter().filter_map(|s| self.remove(s)).collect()
-    }
-
-    /// A guest write hit the page holding `addr` (in the address space the
-    /// clusters' RIPs are in): drop every translation overlapping that 4 KiB page.
-    pub fn invalidate_page(&mut self, addr: u64) -> Vec<Entry> {
-        let lo = addr & !(PAGE_SIZE - 1);
-        self.invalidate_range(lo, lo.saturating_add(PAGE_SIZE))
-    }
-
-    /// Drop everything (e.g. at a change of paging mode).
-    pub fn clear(&mut self) {
-        self.stats.dropped += self.map.len() as u64;
-        self.map.clear();
+        self.map.remove(&rip)
     }
 
     pub fn len(&self) -> usize {
@@ -145,15 +94,6 @@ impl TranslationCache {
 
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
-    }
-
-    /// Translations held now from `origin`.
-    pub fn count_from(&self, origin: Origin) -> usize {
-        self.map.values().filter(|e| e.origin == origin).count()
-    }
-
-    pub fn stats(&self) -> CacheStats {
-        self.stats
     }
 
     /// Every translation in start order.
@@ -168,6 +108,7 @@ mod tests {
     use crate::ir::{Bitness, Insn, Op, PortSrc, Size};
     use crate::policy::ExitClass;
     use alloc::vec;
+    use alloc::vec::Vec;
 
     /// A cluster of `n` one-byte `out dx, al` at `start`.
     fn outs(start: u64, n: usize) -> Cluster {
@@ -202,24 +143,18 @@ mod tests {
         assert_eq!(c.lookup(0x1000).unwrap().origin, Origin::Aot);
         assert_eq!(c.lookup(0x2000).unwrap().origin, Origin::Dynamic);
         assert!(c.lookup(0x1001).is_none());
-        assert_eq!(
-            (c.count_from(Origin::Aot), c.count_from(Origin::Dynamic)),
-            (1, 1)
-        );
         assert_eq!(c.remove(0x1000).unwrap().cluster.end, 0x1003);
         assert!(c.remove(0x1000).is_none());
-        let s = c.stats();
-        assert_eq!((s.loaded, s.built, s.dropped, s.rejected), (1, 1, 1, 0));
+        assert_eq!(c.len(), 1);
     }
 
     #[test]
-    fn replacing_counts_a_drop() {
+    fn inserting_at_the_same_start_replaces() {
         let mut c = TranslationCache::new();
         c.insert(outs(0x1000, 3), Origin::Aot).unwrap();
         let old = c.insert(outs(0x1000, 5), Origin::Dynamic).unwrap().unwrap();
         assert_eq!(old.origin, Origin::Aot);
         assert_eq!(c.lookup(0x1000).unwrap().cluster.end, 0x1005);
-        assert_eq!(c.stats().dropped, 1);
         assert_eq!(c.len(), 1);
     }
 
@@ -228,33 +163,14 @@ mod tests {
         let mut c = TranslationCache::new();
         let mut bad = outs(0x1000, 3);
         bad.end = 0x1004;
-        assert!(c.insert(bad, Origin::Dynamic).is_err());
+        assert_eq!(
+            c.insert(bad, Origin::Dynamic),
+            Err(ClusterError::EndMismatch {
+                end: 0x1004,
+                expected: 0x1003
+            })
+        );
         assert!(c.is_empty());
-        assert_eq!(c.stats().rejected, 1);
-        assert_eq!(c.stats().built, 0);
-    }
-
-    #[test]
-    fn page_invalidation_drops_exactly_the_overlapping() {
-        let mut c = TranslationCache::new();
-        c.insert(outs(0x0ff0, 0x20), Origin::Aot).unwrap(); // spans 0x0ff0..0x1010
-        c.insert(outs(0x0fe0, 0x10), Origin::Aot).unwrap(); // ends at 0x0ff0: page 0 only
-        c.insert(outs(0x1800, 4), Origin::Dynamic).unwrap();
-        c.insert(outs(0x1ffc, 4), Origin::Aot).unwrap(); // ends exactly at 0x2000
-        c.insert(outs(0x2000, 4), Origin::Aot).unwrap(); // next page
-        let dropped: Vec<u64> = c
-            .invalidate_page(0x1234)
-            .iter()
-            .map(|e| e.cluster.start)
-            .collect();
-        assert_eq!(dropped, vec![0x0ff0, 0x1800, 0x1ffc]);
-        let left: Vec<u64> = c.iter().map(|e| e.cluster.start).collect();
-        assert_eq!(left, vec![0x0fe0, 0x2000]);
-        assert_eq!(c.stats().dropped, 3);
-        // A cluster of the maximum size that starts a full page before still overlaps.
-        c.insert(outs(0x3001, MAX_CLUSTER_BYTES), Origin::Aot)
-            .unwrap();
-        assert_eq!(c.invalidate_page(0x4000).len(), 1);
     }
 
     #[test]
@@ -267,25 +183,37 @@ mod tests {
         assert_eq!(at(0x108), vec![0x104]);
         assert_eq!(at(0x10c), Vec::<u64>::new());
         assert_eq!(at(0xff), Vec::<u64>::new());
+        // A cluster of the largest size is found from its last byte.
+        c.insert(outs(0x3001, MAX_CLUSTER_BYTES), Origin::Aot)
+            .unwrap();
+        let last = 0x3000 + MAX_CLUSTER_BYTES as u64;
+        assert_eq!(
+            c.containing(last).next().map(|e| e.cluster.start),
+            Some(0x3001)
+        );
     }
 
     #[test]
-    fn load_set_marks_aot_and_clear_drops_all() {
+    fn load_set_marks_aot_and_refuses_invalid_clusters() {
         let mut c = TranslationCache::new();
         let set = TranslationSet {
-            guest: format::GuestIdentity {
+            guest: crate::format::GuestIdentity {
                 digest: [0; 32],
                 name: "g".into(),
             },
             policy: [0; 32],
             translator: Default::default(),
-            clusters: vec![outs(0x10, 1), outs(0x20, 2)],
+            clusters: vec![
+                outs(0x10, 1),
+                outs(0x20, 2),
+                Cluster {
+                    end: 0,
+                    ..outs(0x30, 1)
+                },
+            ],
         };
         assert_eq!(c.load_set(set), 2);
-        assert_eq!(c.count_from(Origin::Aot), 2);
-        assert_eq!(c.stats().loaded, 2);
-        c.clear();
-        assert!(c.is_empty());
-        assert_eq!(c.stats().dropped, 2);
+        assert!(c.iter().all(|e| e.origin == Origin::Aot));
+        assert!(c.lookup(0x30).is_none());
     }
 }

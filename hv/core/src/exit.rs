@@ -22,8 +22,8 @@ use crate::engine;
 use crate::format::{self as tformat, TranslationSet};
 use crate::guest::{CpuState, Fault, Guest};
 use crate::ir::Bitness;
-use crate::policy::ExitPolicy;
-use crate::stats::ExitStats;
+use crate::policy::{ExitClass, ExitPolicy};
+use crate::stats::{BackendExits, ExitStats};
 use crate::tracker::{Tracker, TrackerConfig};
 use crate::translator::{self, TranslatorConfig};
 
@@ -143,7 +143,7 @@ pub struct Reply {
 pub struct ClusterEnd {
     /// Where the guest resumes.
     pub rip: u64,
-    /// Exiting instructions the run executed (each an exit avoided).
+    /// Instructions the run executed that exit on this backend (each an exit avoided).
     pub exiting: u64,
     /// Guest instructions the engine ran.
     pub insns: u64,
@@ -158,6 +158,8 @@ pub const DEFAULT_INSN_BUDGET: u64 = 4096;
 pub struct ExitHandler {
     mode: Mode,
     policy: ExitPolicy,
+    /// What exits on this backend: only these count as avoided inside clusters.
+    backend_exits: BackendExits,
     cache: TranslationCache,
     tracker: Tracker,
     stats: ExitStats,
@@ -182,12 +184,17 @@ impl fmt::Debug for ExitHandler {
 
 impl ExitHandler {
     pub fn new(mode: Mode, policy: ExitPolicy) -> Self {
+        let backend_exits = BackendExits::of_policy(&policy);
         ExitHandler {
             mode,
             policy,
+            stats: ExitStats {
+                exit_set: backend_exits.names().collect(),
+                ..ExitStats::default()
+            },
+            backend_exits,
             cache: TranslationCache::new(),
             tracker: Tracker::new(TrackerConfig::default()),
-            stats: ExitStats::default(),
             clock: None,
             insn_budget: DEFAULT_INSN_BUDGET,
             translator: TranslatorConfig::default(),
@@ -197,6 +204,15 @@ impl ExitHandler {
     /// Use these cluster rules for run-time translations.
     pub fn with_translator_config(mut self, config: TranslatorConfig) -> Self {
         self.translator = config;
+        self
+    }
+
+    /// The exit classes that reach this handler on the backend, as configured
+    /// (default: every class the policy intercepts, as on VT-x). Instructions of
+    /// other classes run inside clusters are counted apart, never as avoided.
+    pub fn with_backend_exits(mut self, exits: BackendExits) -> Self {
+        self.stats.exit_set = exits.names().collect();
+        self.backend_exits = exits;
         self
     }
 
@@ -229,7 +245,7 @@ impl ExitHandler {
     }
 
     /// Load a decoded translation set made ahead of time. It is checked against the
-    /// running guest's identity ([`tformat::identity_of_segments`]) and the policy;
+    /// running guest's identity ([`crate::identity::of_segments`]) and the policy;
     /// a rejected set leaves the guest on dynamic clustering (if the mode has it)
     /// and the reason is kept in the statistics and returned. In modes without AOT
     /// nothing is loaded.
@@ -263,10 +279,37 @@ impl ExitHandler {
         self.stats.count_exit(reason);
     }
 
-    /// Handle one exit of the instruction at `rip`.
+    /// Handle one exit of the instruction at `rip`: count it, [`perform`] it and,
+    /// when it succeeded, ask [`next_after`] what follows.
+    ///
+    /// [`perform`]: ExitHandler::perform
+    /// [`next_after`]: ExitHandler::next_after
     pub fn handle<G: Guest + ?Sized>(&mut self, exit: &Exit, rip: u64, guest: &mut G) -> Reply {
         self.stats.count_exit(exit.reason());
-        let value = match *exit {
+        if *exit == Exit::Hlt {
+            return Reply {
+                value: Ok(0),
+                next: Next::Halt,
+            };
+        }
+        let value = self.perform(exit, guest);
+        let next = match value {
+            Ok(_) => self.next_after(rip, guest),
+            Err(_) => {
+                if self.mode != Mode::Off {
+                    *self.stats.by_rip.entry(rip).or_insert(0) += 1;
+                }
+                Next::Resume
+            }
+        };
+        Reply { value, next }
+    }
+
+    /// The exit's own work (device access, MSR, CPUID), without counting it or
+    /// looking for a cluster: for a backend that learns where the exiting
+    /// instruction is only after completing it with this result (KVM).
+    pub fn perform<G: Guest + ?Sized>(&mut self, exit: &Exit, guest: &mut G) -> Result<u64, Fault> {
+        match *exit {
             Exit::PortIo {
                 port,
                 size,
@@ -296,23 +339,19 @@ impl ExitHandler {
                 // registers itself through `Guest::cpuid`; report EAX.
                 Ok(u64::from(r[0]))
             }
-            Exit::Hlt => {
-                return Reply {
-                    value: Ok(0),
-                    next: Next::Halt,
-                }
-            }
-            Exit::CrAccess { .. } | Exit::Other { .. } => Ok(0),
-        };
-        if self.mode != Mode::Off {
-            *self.stats.by_rip.entry(rip).or_insert(0) += 1;
+            Exit::Hlt | Exit::CrAccess { .. } | Exit::Other { .. } => Ok(0),
         }
-        let next = if value.is_ok() && self.mode != Mode::Off {
-            self.cluster_for(rip, guest)
-        } else {
-            Next::Resume
-        };
-        Reply { value, next }
+    }
+
+    /// What follows a performed exit of the instruction that starts at `rip` (its
+    /// exact address): a cluster to run after it, or nothing. In mode `off`,
+    /// always [`Next::Resume`].
+    pub fn next_after<G: Guest + ?Sized>(&mut self, rip: u64, guest: &mut G) -> Next {
+        if self.mode == Mode::Off {
+            return Next::Resume;
+        }
+        *self.stats.by_rip.entry(rip).or_insert(0) += 1;
+        self.cluster_for(rip, guest)
     }
 
     /// The translation to run after the exit at `rip`, building one at the
@@ -490,9 +529,9 @@ impl ExitHandler {
             Origin::Dynamic => self.stats.clusters_run_dynamic += 1,
         }
         let mut exiting = 0;
-        for (class, n) in out.exiting_by_class() {
-            self.stats.count_in_cluster(class, n);
-            exiting += n;
+        for class in ExitClass::ALL {
+            let n = u64::from(out.stats.exits_of(class));
+            exiting += self.stats.count_in_cluster(class, n, &self.backend_exits);
         }
         let insns = out.insns();
         self.stats.cluster_insns += insns;

@@ -5,13 +5,52 @@
 //!   handler sees; the KVM backend reads the vCPU's `exits` statistic from
 //!   `KVM_GET_STATS_FD` and keeps the exits to user space apart
 //!   ([`ExitStats::hardware_exits`] and [`ExitStats::handled`]).
-//! - **exit-prone executions**: exits plus exiting instructions run inside clusters.
+//! - **exit-prone executions**: exits plus the instructions run inside clusters that
+//!   would have exited *on that backend, as configured* ([`BackendExits`]). The
+//!   others (CPUID on KVM, which KVM handles in the kernel) are counted apart and
+//!   are never "avoided".
 //! - **avoided**: exit-prone executions minus exits.
 //! - **reduction**: avoided / exit-prone executions.
 
-use alloc::collections::BTreeMap;
+use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::string::String;
 use alloc::vec::Vec;
+
+use crate::policy::{ExitClass, ExitPolicy};
+
+/// The exit classes that reach the hypervisor on a backend, as configured. Each
+/// backend states its own: on VT-x, every class the exit policy intercepts
+/// ([`BackendExits::of_policy`]); a hosted backend sees only what its kernel sends
+/// to user space. An instruction run inside a cluster counts as an avoided exit only
+/// if its class is in the set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendExits {
+    classes: BTreeSet<ExitClass>,
+}
+
+impl BackendExits {
+    /// Every class the policy makes exit (what VT-x configured from it takes).
+    pub fn of_policy(policy: &ExitPolicy) -> Self {
+        Self::only(
+            ExitClass::ALL
+                .into_iter()
+                .filter(|&c| policy.class_exits(c)),
+        )
+    }
+    /// Exactly these classes.
+    pub fn only(classes: impl IntoIterator<Item = ExitClass>) -> Self {
+        BackendExits {
+            classes: classes.into_iter().collect(),
+        }
+    }
+    pub fn contains(&self, class: ExitClass) -> bool {
+        self.classes.contains(&class)
+    }
+    /// The classes' names (`IN`, `OUT`, ...), in declaration order.
+    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.classes.iter().map(|c| c.name())
+    }
+}
 
 /// Counters kept by the exit handler (backend-neutral) plus the hardware exit count
 /// the backend fills in.
@@ -24,10 +63,18 @@ pub struct ExitStats {
     /// VM exits the hardware took, when the backend knows a number beyond the
     /// handled ones (KVM: the `exits` statistic). `None`: `handled` is the count.
     pub hardware_exits: Option<u64>,
-    /// Exiting instructions run inside clusters (each would have been an exit).
+    /// Instructions run inside clusters that would have exited on this backend
+    /// (their class is in [`ExitStats::exit_set`]): each an exit avoided.
     pub in_cluster_exiting: u64,
-    /// The same, by exit-class name (`IN`, `OUT`, `CPUID`, ...).
+    /// The same, by exit-class name (`IN`, `OUT`, `RDMSR`, ...).
     pub in_cluster_by_class: BTreeMap<&'static str, u64>,
+    /// Instructions of an exit class run inside clusters that would *not* have
+    /// exited on this backend (KVM runs CPUID, RDTSC and CR moves in the kernel):
+    /// by class name. Never counted as avoided.
+    pub in_cluster_not_exiting_by_class: BTreeMap<&'static str, u64>,
+    /// The names of the exit classes that exit on this backend, as configured
+    /// ([`BackendExits`]); empty when the handler was given none.
+    pub exit_set: Vec<&'static str>,
     /// Cluster runs started.
     pub clusters_run: u64,
     /// Cluster runs by where the translation came from.
@@ -87,12 +134,33 @@ impl ExitStats {
         *self.by_reason.entry(reason).or_insert(0) += 1;
     }
 
-    pub(crate) fn count_in_cluster(&mut self, class: &'static str, n: u64) {
+    /// Instructions of an exit class run inside clusters that would not have exited
+    /// on this backend.
+    pub fn in_cluster_not_exiting(&self) -> u64 {
+        self.in_cluster_not_exiting_by_class.values().sum()
+    }
+
+    /// Count `n` instructions of `class` run inside a cluster: as avoided exits if
+    /// the backend exits on the class, apart otherwise. Returns the avoided ones.
+    pub(crate) fn count_in_cluster(
+        &mut self,
+        class: ExitClass,
+        n: u64,
+        backend: &BackendExits,
+    ) -> u64 {
         if n == 0 {
-            return;
+            return 0;
+        }
+        if !backend.contains(class) {
+            *self
+                .in_cluster_not_exiting_by_class
+                .entry(class.name())
+                .or_insert(0) += n;
+            return 0;
         }
         self.in_cluster_exiting += n;
-        *self.in_cluster_by_class.entry(class).or_insert(0) += n;
+        *self.in_cluster_by_class.entry(class.name()).or_insert(0) += n;
+        n
     }
 
     pub(crate) fn count_early_stop(&mut self, why: String) {
@@ -115,6 +183,9 @@ impl ExitStats {
         if !reasons.is_empty() {
             let _ = writeln!(s, "  by reason:            {}", reasons.join(", "));
         }
+        if !self.exit_set.is_empty() {
+            let _ = writeln!(s, "exit classes here:      {}", self.exit_set.join(", "));
+        }
         let _ = writeln!(s, "exit-prone executions:  {}", self.exit_prone());
         let _ = writeln!(
             s,
@@ -122,6 +193,20 @@ impl ExitStats {
             self.avoided(),
             self.reduction() * 100.0
         );
+        if !self.in_cluster_by_class.is_empty() {
+            let _ = writeln!(
+                s,
+                "  in clusters, by class: {}",
+                counts(&self.in_cluster_by_class)
+            );
+        }
+        if !self.in_cluster_not_exiting_by_class.is_empty() {
+            let _ = writeln!(
+                s,
+                "not exiting here, run in clusters (not avoided): {}",
+                counts(&self.in_cluster_not_exiting_by_class)
+            );
+        }
         let _ = writeln!(
             s,
             "clusters run:           {} (aot {}, dynamic {}), {} instructions inside",
@@ -175,6 +260,12 @@ impl ExitStats {
     }
 }
 
+/// "K v, K v" for a report line.
+fn counts(m: &BTreeMap<&'static str, u64>) -> String {
+    let v: Vec<String> = m.iter().map(|(k, v)| alloc::format!("{k} {v}")).collect();
+    v.join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,7 +276,8 @@ mod tests {
         s.count_exit("io_out");
         s.count_exit("io_out");
         s.count_exit("io_in");
-        s.count_in_cluster("OUT", 7);
+        let all = BackendExits::of_policy(&ExitPolicy::default());
+        assert_eq!(s.count_in_cluster(ExitClass::Out, 7, &all), 7);
         assert_eq!(s.exits(), 3);
         assert_eq!(s.exit_prone(), 10);
         assert_eq!(s.avoided(), 7);
@@ -197,6 +289,68 @@ mod tests {
         assert_eq!(s.exit_prone(), 12);
         assert_eq!(s.avoided(), 7);
         assert!(s.summary().contains("avoided:                7"));
+    }
+
+    /// `out dx,al; cpuid; rdtsc; in al,dx` as one cluster entered at the OUT's
+    /// exit, in dynamic mode (built at the third exit): what the run counts as
+    /// avoided depends on the backend's exit set.
+    fn run_out_cpuid_rdtsc_in(exits: Option<BackendExits>) -> ExitStats {
+        use crate::engine::test_guest::TestGuest;
+        use crate::engine::Paging;
+        use crate::exit::{Exit, ExitHandler, Mode, Next};
+        let mut h = ExitHandler::new(Mode::Dynamic, ExitPolicy::default());
+        if let Some(e) = exits {
+            h = h.with_backend_exits(e);
+        }
+        let mut g = TestGuest::protected32(1 << 20, Paging::None);
+        g.write_bytes(0x1000, &[0xee, 0x0f, 0xa2, 0x0f, 0x31, 0xec, 0x90]);
+        g.state.gpr[2] = 0x3f8;
+        let out = Exit::PortIo {
+            port: 0x3f8,
+            size: 1,
+            write: true,
+            value: 0,
+        };
+        let mut next = Next::Resume;
+        for _ in 0..3 {
+            g.state.rip = 0x1000;
+            next = h.handle(&out, 0x1000, &mut g).next;
+        }
+        assert_eq!(next, Next::RunCluster { start: 0x1000 }, "{:?}", h.stats());
+        g.state.rip = 0x1001;
+        let end = h.run_cluster(0x1000, &mut g);
+        assert_eq!(end.rip, 0x1006, "{end}");
+        assert_eq!(end.insns, 3, "{end}");
+        h.stats().clone()
+    }
+
+    #[test]
+    fn only_what_exits_on_the_backend_counts_as_avoided() {
+        // VT-x (the default, the policy's set): CPUID, RDTSC and IN all exit there.
+        let vtx = run_out_cpuid_rdtsc_in(None);
+        assert_eq!(vtx.in_cluster_exiting, 3);
+        assert_eq!(vtx.avoided(), 3);
+        assert!(vtx.in_cluster_not_exiting_by_class.is_empty());
+        assert!(vtx.exit_set.contains(&"CPUID") && vtx.exit_set.contains(&"RDTSC"));
+        // KVM here: only port I/O, HLT and the filtered MSRs reach avex.
+        let kvm = BackendExits::only([
+            ExitClass::In,
+            ExitClass::Out,
+            ExitClass::Ins,
+            ExitClass::Outs,
+            ExitClass::Hlt,
+        ]);
+        let s = run_out_cpuid_rdtsc_in(Some(kvm));
+        assert_eq!(s.in_cluster_exiting, 1);
+        assert_eq!(s.in_cluster_by_class.get("IN"), Some(&1));
+        assert_eq!(s.avoided(), 1);
+        assert_eq!(s.exit_prone(), s.exits() + 1);
+        assert_eq!(s.in_cluster_not_exiting_by_class.get("CPUID"), Some(&1));
+        assert_eq!(s.in_cluster_not_exiting_by_class.get("RDTSC"), Some(&1));
+        assert_eq!(s.in_cluster_not_exiting(), 2);
+        assert_eq!(s.exit_set, ["IN", "OUT", "INS", "OUTS", "HLT"]);
+        let text = s.summary();
+        assert!(text.contains("not avoided): CPUID 1, RDTSC 1"), "{text}");
     }
 
     #[test]

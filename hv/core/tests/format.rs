@@ -2,10 +2,11 @@
 //! `decode` on arbitrary and mutated input, and one test per rejection reason.
 
 use avex_core::format::{
-    check_against, decode, encode, identity_of_segments, validate, validate_set, ClusterError,
-    FormatError, GuestIdentity, Rejection, TranslationSet, TranslatorStamp, FIXED_HEADER_LEN,
-    MAGIC, MAX_CLUSTERS, MAX_CLUSTER_BYTES, VERSION,
+    check_against, decode, encode, validate, validate_set, ClusterError, FormatError,
+    GuestIdentity, Rejection, TranslationSet, TranslatorStamp, FIXED_HEADER_LEN, MAGIC,
+    MAX_CLUSTERS, MAX_CLUSTER_BYTES, VERSION,
 };
+use avex_core::identity::of_segments;
 use avex_core::ir::*;
 use avex_core::policy::ExitClass;
 use proptest::prelude::*;
@@ -337,17 +338,13 @@ fn cluster() -> BoxedStrategy<Cluster> {
             let mut insns = vec![Insn {
                 rip: start,
                 len: first_len,
-                exit_class: avex_core::format::exit_class_of(&first),
+                exit_class: first.exit_class(),
                 op: first,
             }];
             let mut caps = vec![None];
             for (op, classify, len, cap) in rest {
                 let rip = insns.last().map(|i| i.rip + i.len as u64).unwrap();
-                let exit_class = if classify {
-                    avex_core::format::exit_class_of(&op)
-                } else {
-                    None
-                };
+                let exit_class = if classify { op.exit_class() } else { None };
                 insns.push(Insn {
                     rip,
                     len,
@@ -1118,22 +1115,19 @@ fn error_messages_name_cluster_and_start() {
 fn identity_depends_on_addresses_and_bytes_not_order() {
     let a: &[u8] = &[1, 2, 3];
     let b: &[u8] = &[4, 5];
-    let id = identity_of_segments([(0x1000, a), (0x2000, b)]);
-    assert_eq!(id, identity_of_segments([(0x2000, b), (0x1000, a)]));
-    assert_ne!(id, identity_of_segments([(0x1000, a), (0x3000, b)]));
-    assert_ne!(
-        id,
-        identity_of_segments([(0x1000, a), (0x2000, &[4u8, 6][..])])
-    );
+    let id = of_segments([(0x1000, a), (0x2000, b)]);
+    assert_eq!(id, of_segments([(0x2000, b), (0x1000, a)]));
+    assert_ne!(id, of_segments([(0x1000, a), (0x3000, b)]));
+    assert_ne!(id, of_segments([(0x1000, a), (0x2000, &[4u8, 6][..])]));
     // Moving a byte across a segment boundary changes the identity.
     assert_ne!(
-        identity_of_segments([(0x1000, &[1u8, 2][..]), (0x2000, &[3u8, 4, 5][..])]),
+        of_segments([(0x1000, &[1u8, 2][..]), (0x2000, &[3u8, 4, 5][..])]),
         id
     );
-    assert_ne!(identity_of_segments([]), id);
+    assert_ne!(of_segments([]), id);
     // Segments without file bytes do not count.
     assert_eq!(
-        identity_of_segments([(0x1000, a), (0x8000, &[][..]), (0x2000, b)]),
+        of_segments([(0x1000, a), (0x8000, &[][..]), (0x2000, b)]),
         id
     );
 }

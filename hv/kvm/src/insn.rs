@@ -1,15 +1,18 @@
-//! Where the exiting instruction is.
+//! Which instruction exited: decoding IN/OUT/INS/OUTS and RDMSR/WRMSR, and the
+//! candidates for an exiting instruction that KVM had completed before exiting.
 //!
 //! KVM does not say whether RIP at an exit to user space is at the exiting
-//! instruction or already past it, and it differs by path: on this host's software
-//! KVM an OUT has completed (RIP after it) when user space sees it, an IN has not
-//! (KVM writes the data and advances RIP at the next KVM_RUN); RDMSR/WRMSR exits
-//! leave RIP at the instruction. The exit handler needs the instruction's own
-//! address (translations and the dynamic tracker are keyed by it), so the backend
-//! matches the bytes at RIP, and failing that just before it, against the access
-//! KVM reported.
+//! instruction or already past it (on this host an OUT has completed, an IN has
+//! not; on hardware KVM neither has). The backend therefore always completes the
+//! exit (`attribute` module) and compares RIP before and after: when RIP moved,
+//! the instruction is exactly [before, after); when it did not, KVM had completed
+//! the instruction before exiting and it *ends* at RIP, and this module lists
+//! every start 1..=15 bytes before RIP whose instruction ends exactly at RIP and
+//! matches the exit.
 
-/// An IN/OUT or RDMSR/WRMSR as decoded from guest bytes.
+use avex_core::ir::Bitness;
+
+/// An IN/OUT/INS/OUTS or RDMSR/WRMSR as decoded from guest bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Decoded {
     pub len: usize,
@@ -18,35 +21,62 @@ pub struct Decoded {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
-    /// IN/OUT: direction, size, immediate port (None: DX).
+    /// IN/OUT (or INS/OUTS when `string`): direction, size, immediate port (None:
+    /// DX), REP prefix.
     Io {
         write: bool,
         size: u8,
         imm: Option<u8>,
+        string: bool,
+        rep: bool,
     },
     Rdmsr,
     Wrmsr,
 }
 
-/// Decode an IN/OUT/RDMSR/WRMSR at the start of `b` (legacy prefixes and, in 64-bit
-/// code, one REX prefix allowed). `None` for anything else.
-pub fn decode(b: &[u8], long_mode: bool) -> Option<Decoded> {
+impl Kind {
+    pub fn is_string(&self) -> bool {
+        matches!(self, Kind::Io { string: true, .. })
+    }
+}
+
+/// What KVM reported for an exit, to match decoded instructions against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    Io { write: bool, size: u8, port: u16 },
+    Rdmsr,
+    Wrmsr,
+}
+
+/// Decode an IN/OUT/INS/OUTS/RDMSR/WRMSR at the start of `b`, in code of
+/// `bits` (legacy prefixes and, in 64-bit code, one REX prefix allowed). `None`
+/// for anything else, and with a LOCK prefix (#UD on these instructions: such
+/// bytes never exited).
+pub fn decode(b: &[u8], bits: Bitness) -> Option<Decoded> {
     let mut i = 0;
     let mut opsize16 = false;
+    let mut rep = false;
     while i < b.len() && i < 14 {
         match b[i] {
             0x66 => opsize16 = true,
-            0x67 | 0x2e | 0x3e | 0x26 | 0x36 | 0x64 | 0x65 | 0xf0 | 0xf2 | 0xf3 => {}
+            0xf2 | 0xf3 => rep = true,
+            0x67 | 0x2e | 0x3e | 0x26 | 0x36 | 0x64 | 0x65 => {}
+            0xf0 => return None,
             _ => break,
         }
         i += 1;
     }
-    if long_mode && i < b.len() && (0x40..=0x4f).contains(&b[i]) {
+    if bits == Bitness::B64 && i < b.len() && (0x40..=0x4f).contains(&b[i]) {
         i += 1;
     }
     let op = *b.get(i)?;
-    let wide = if opsize16 { 2 } else { 4 };
-    let io = |write: bool, size: u8, imm: bool| -> Option<Decoded> {
+    // 0x66 selects the other operand size: 16 bits in 32/64-bit code, 32 in 16.
+    let wide = if opsize16 == (bits == Bitness::B16) {
+        4
+    } else {
+        2
+    };
+    let io = |write: bool, size: u8, imm: bool, string: bool| -> Option<Decoded> {
         let (imm, len) = if imm {
             (Some(*b.get(i + 1)?), i + 2)
         } else {
@@ -54,18 +84,28 @@ pub fn decode(b: &[u8], long_mode: bool) -> Option<Decoded> {
         };
         Some(Decoded {
             len,
-            kind: Kind::Io { write, size, imm },
+            kind: Kind::Io {
+                write,
+                size,
+                imm,
+                string,
+                rep: string && rep,
+            },
         })
     };
     match op {
-        0xe4 => io(false, 1, true),
-        0xe5 => io(false, wide, true),
-        0xe6 => io(true, 1, true),
-        0xe7 => io(true, wide, true),
-        0xec => io(false, 1, false),
-        0xed => io(false, wide, false),
-        0xee => io(true, 1, false),
-        0xef => io(true, wide, false),
+        0xe4 => io(false, 1, true, false),
+        0xe5 => io(false, wide, true, false),
+        0xe6 => io(true, 1, true, false),
+        0xe7 => io(true, wide, true, false),
+        0xec => io(false, 1, false, false),
+        0xed => io(false, wide, false, false),
+        0xee => io(true, 1, false, false),
+        0xef => io(true, wide, false, false),
+        0x6c => io(false, 1, false, true),
+        0x6d => io(false, wide, false, true),
+        0x6e => io(true, 1, false, true),
+        0x6f => io(true, wide, false, true),
         0x0f => match b.get(i + 1)? {
             0x32 => Some(Decoded {
                 len: i + 2,
@@ -81,155 +121,184 @@ pub fn decode(b: &[u8], long_mode: bool) -> Option<Decoded> {
     }
 }
 
-/// Same kind of access (direction and size for IN/OUT)?
-fn same_access(d: &Decoded, want: &Kind) -> bool {
+/// Does the decoded instruction make the access KVM reported? Direction, size,
+/// and the port: the immediate, or DX (= `dx`) for the DX and string forms.
+pub fn matches(d: &Decoded, want: &Access, dx: u16) -> bool {
     match (d.kind, *want) {
         (
-            Kind::Io { write, size, .. },
             Kind::Io {
-                write: w, size: s, ..
+                write, size, imm, ..
             },
-        ) => write == w && size == s,
-        (Kind::Rdmsr, Kind::Rdmsr) | (Kind::Wrmsr, Kind::Wrmsr) => true,
+            Access::Io {
+                write: w,
+                size: s,
+                port,
+            },
+        ) => write == w && size == s && imm.map_or(dx, u16::from) == port,
+        (Kind::Rdmsr, Access::Rdmsr) | (Kind::Wrmsr, Access::Wrmsr) => true,
         _ => false,
     }
 }
 
-/// Where the exiting instruction is, given the guest code around RIP.
-///
-/// `code` holds guest bytes from `rip - before` on (`before` ≤ 15 bytes before
-/// RIP, fewer at the start of memory). Returns `(instruction address, completed)`:
-/// `completed` is true when RIP is already past the instruction.
-pub fn locate(
+/// The instructions that end exactly at `code[end]` and match `want`, as (offset
+/// in `code`, decoded). Each is decoded from `code[start..end]` only, so no
+/// candidate reads past the end.
+pub fn ending_at(
     code: &[u8],
-    before: usize,
-    rip: u64,
-    want: &Kind,
-    port: u16,
+    end: usize,
+    want: &Access,
     dx: u16,
-    long_mode: bool,
-) -> Option<(u64, bool)> {
-    // The port must be the immediate, or DX for the DX forms.
-    let port_ok = |d: &Decoded| match d.kind {
-        Kind::Io { imm: Some(p), .. } => u16::from(p) == port,
-        Kind::Io { imm: None, .. } => dx == port,
-        _ => true,
-    };
-    let ok = |d: &Decoded| same_access(d, want) && port_ok(d);
-    if let Some(d) = code.get(before..).and_then(|c| decode(c, long_mode)) {
-        if ok(&d) {
-            return Some((rip, false));
-        }
-    }
-    for k in 1..=before.min(15) {
-        if let Some(d) = decode(&code[before - k..], long_mode) {
-            if d.len == k && ok(&d) {
-                return Some((rip - k as u64, true));
-            }
-        }
-    }
-    None
+    bits: Bitness,
+) -> Vec<(usize, Decoded)> {
+    (1..=end.min(15))
+        .filter_map(|k| {
+            let start = end - k;
+            let d = decode(&code[start..end], bits)?;
+            (d.len == k && matches(&d, want, dx)).then_some((start, d))
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use Bitness::{B16, B32, B64};
 
-    fn out(size: u8) -> Kind {
-        Kind::Io {
-            write: true,
-            size,
-            imm: None,
-        }
-    }
-    fn inp(size: u8) -> Kind {
-        Kind::Io {
-            write: false,
-            size,
-            imm: None,
-        }
-    }
+    const OUT_DX: Access = Access::Io {
+        write: true,
+        size: 1,
+        port: 0x3f8,
+    };
 
     #[test]
-    fn decodes_the_io_and_msr_forms() {
-        assert_eq!(decode(&[0xee], true).unwrap().len, 1);
+    fn decodes_the_io_string_and_msr_forms() {
+        assert_eq!(decode(&[0xee], B64).unwrap().len, 1);
         assert_eq!(
-            decode(&[0x66, 0xef], true).unwrap().kind,
+            decode(&[0x66, 0xef], B64).unwrap().kind,
             Kind::Io {
                 write: true,
                 size: 2,
-                imm: None
+                imm: None,
+                string: false,
+                rep: false
             }
         );
         assert_eq!(
-            decode(&[0xe4, 0x71], true).unwrap(),
+            decode(&[0xe4, 0x71], B64).unwrap(),
             Decoded {
                 len: 2,
                 kind: Kind::Io {
                     write: false,
                     size: 1,
-                    imm: Some(0x71)
+                    imm: Some(0x71),
+                    string: false,
+                    rep: false
                 }
             }
         );
-        assert_eq!(decode(&[0x0f, 0x32], true).unwrap().kind, Kind::Rdmsr);
-        assert_eq!(decode(&[0x48, 0x0f, 0x30], true).unwrap().len, 3);
-        assert_eq!(decode(&[0x90], true), None);
-        assert_eq!(decode(&[0xe4], true), None, "truncated immediate");
-        assert_eq!(decode(&[], true), None);
+        let insb = decode(&[0x6c], B64).unwrap();
+        assert!(insb.kind.is_string());
+        assert_eq!(
+            decode(&[0xf3, 0x66, 0x6f], B64).unwrap().kind,
+            Kind::Io {
+                write: true,
+                size: 2,
+                imm: None,
+                string: true,
+                rep: true
+            }
+        );
+        assert_eq!(decode(&[0x0f, 0x32], B64).unwrap().kind, Kind::Rdmsr);
+        assert_eq!(decode(&[0x48, 0x0f, 0x30], B64).unwrap().len, 3);
+        assert_eq!(decode(&[0x90], B64), None);
+        assert_eq!(decode(&[0xe4], B64), None, "truncated immediate");
+        assert_eq!(decode(&[], B64), None);
     }
 
     #[test]
-    fn finds_an_in_at_rip_and_an_out_just_before_it() {
-        // 0x1000: mov dx,0x3fd ; in al,dx ; test al,0x20
-        let code = [0x66, 0xba, 0xfd, 0x03, 0xec, 0xa8, 0x20];
-        // RIP at the IN (not completed): 4 bytes before it are available.
-        assert_eq!(
-            locate(&code, 4, 0x1004, &inp(1), 0x3fd, 0x3fd, true),
-            Some((0x1004, false))
-        );
-        // 0x2000: mov dx,0x3f8 ; mov eax,ecx ; out dx,al ; cmp r10,r8
-        let code = [0x66, 0xba, 0xf8, 0x03, 0x89, 0xc8, 0xee, 0x4d, 0x39, 0xc2];
-        // RIP already after the OUT.
-        assert_eq!(
-            locate(&code, 7, 0x2007, &out(1), 0x3f8, 0x3f8, true),
-            Some((0x2006, true))
-        );
-        // Same bytes, RIP at the OUT.
-        assert_eq!(
-            locate(&code, 6, 0x2006, &out(1), 0x3f8, 0x3f8, true),
-            Some((0x2006, false))
-        );
+    fn the_port_size_and_direction_must_match() {
+        let out80 = decode(&[0xe6, 0x80], B64).unwrap();
+        let at = |port| Access::Io {
+            write: true,
+            size: 1,
+            port,
+        };
+        assert!(matches(&out80, &at(0x80), 0x3f8));
+        assert!(!matches(&out80, &at(0x81), 0x81), "the immediate, not DX");
+        let out_dx = decode(&[0xee], B64).unwrap();
+        assert!(matches(&out_dx, &OUT_DX, 0x3f8));
+        assert!(!matches(&out_dx, &OUT_DX, 0x3f9), "DX must be the port");
+        let wide = Access::Io {
+            write: true,
+            size: 2,
+            port: 0x3f8,
+        };
+        assert!(!matches(&out_dx, &wide, 0x3f8));
+        let in_dx = decode(&[0xec], B64).unwrap();
+        assert!(!matches(&in_dx, &OUT_DX, 0x3f8));
     }
 
     #[test]
-    fn immediate_port_forms_need_the_right_port() {
-        // out 0x80, al ; nop
-        let code = [0xe6, 0x80, 0x90];
-        assert_eq!(
-            locate(&code, 2, 0x3002, &out(1), 0x80, 0x3f8, true),
-            Some((0x3000, true))
-        );
-        // Wrong port: no match.
-        assert_eq!(locate(&code, 2, 0x3002, &out(1), 0x81, 0x3f8, true), None);
-        // A DX form needs DX = port.
-        let code = [0xee, 0x90];
-        assert_eq!(locate(&code, 1, 0x4001, &out(1), 0x3f8, 0x3f9, true), None);
-        assert_eq!(
-            locate(&code, 1, 0x4001, &out(1), 0x3f8, 0x3f8, true),
-            Some((0x4000, true))
-        );
-        // Size must match.
-        assert_eq!(locate(&code, 1, 0x4001, &out(2), 0x3f8, 0x3f8, true), None);
+    fn one_candidate_ends_at_rip_after_two_identical_outs() {
+        // mov dx,0x3ff ; out dx,al ; out dx,al ; nop: KVM completed the first OUT
+        // and exits with RIP at the second.
+        let code = [0x66, 0xba, 0xff, 0x03, 0xee, 0xee, 0x90];
+        let want = Access::Io {
+            write: true,
+            size: 1,
+            port: 0x3ff,
+        };
+        let c = ending_at(&code, 5, &want, 0x3ff, B64);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].0, 4);
+        // The second OUT, completed: it ends at 6.
+        assert_eq!(ending_at(&code, 6, &want, 0x3ff, B64)[0].0, 5);
     }
 
     #[test]
-    fn msr_at_rip() {
-        let code = [0x90, 0x0f, 0x32, 0x90];
-        assert_eq!(
-            locate(&code, 1, 0x5001, &Kind::Rdmsr, 0, 0, true),
-            Some((0x5001, false))
-        );
-        assert_eq!(locate(&code, 1, 0x5001, &Kind::Wrmsr, 0, 0, true), None);
+    fn a_prefix_before_the_opcode_makes_several_candidates() {
+        // mov al,0x48 ; out dx,eax: 0x48 may be a REX prefix of the OUT.
+        let code = [0xb0, 0x48, 0xef];
+        let want = Access::Io {
+            write: true,
+            size: 4,
+            port: 0x3f8,
+        };
+        assert_eq!(ending_at(&code, 3, &want, 0x3f8, B64).len(), 2);
+        // Not in 32-bit code, where 0x48 is DEC EAX.
+        assert_eq!(ending_at(&code, 3, &want, 0x3f8, B32).len(), 1);
+        // rep outsb: `f3 6e` and `6e` both end there; both are string I/O.
+        let code = [0xf3, 0x6e];
+        let c = ending_at(&code, 2, &OUT_DX, 0x3f8, B64);
+        assert_eq!(c.len(), 2);
+        assert!(c.iter().all(|(_, d)| d.kind.is_string()));
+    }
+
+    #[test]
+    fn the_operand_size_follows_the_code_size() {
+        let size = |b: &[u8], bits| match decode(b, bits).unwrap().kind {
+            Kind::Io { size, .. } => size,
+            _ => 0,
+        };
+        assert_eq!(size(&[0xed], B64), 4);
+        assert_eq!(size(&[0xed], B16), 2);
+        assert_eq!(size(&[0x66, 0xed], B32), 2);
+        assert_eq!(size(&[0x66, 0xed], B16), 4);
+        assert_eq!(size(&[0xec], B16), 1);
+    }
+
+    #[test]
+    fn a_lock_prefix_is_no_candidate() {
+        // mov eax,esi ; out dx,al: `f0 ee` would be LOCK OUT, which is #UD.
+        let code = [0x89, 0xf0, 0xee];
+        assert_eq!(ending_at(&code, 3, &OUT_DX, 0x3f8, B64).len(), 1);
+        assert_eq!(decode(&[0xf0, 0xee], B64), None);
+    }
+
+    #[test]
+    fn msr_candidates() {
+        let code = [0x90, 0x0f, 0x32];
+        assert_eq!(ending_at(&code, 3, &Access::Rdmsr, 0, B64).len(), 1);
+        assert!(ending_at(&code, 3, &Access::Wrmsr, 0, B64).is_empty());
     }
 }

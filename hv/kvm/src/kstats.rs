@@ -25,26 +25,33 @@ pub struct VcpuStats {
 }
 
 impl VcpuStats {
-    /// Open the vCPU's statistics. `None` if the host does not offer them.
-    pub fn open(vcpu: &VcpuFd) -> Option<VcpuStats> {
+    /// Open the vCPU's statistics; `Err` says why they cannot be read.
+    pub fn open(vcpu: &VcpuFd) -> Result<VcpuStats, String> {
         // SAFETY: KVM_GET_STATS_FD takes no argument and returns a new file
         // descriptor or -1; it reads or writes no memory of this process.
         let fd = unsafe { vmm_sys_util::ioctl::ioctl(vcpu, KVM_GET_STATS_FD()) };
         if fd < 0 {
-            return None;
+            return Err(format!(
+                "KVM_GET_STATS_FD failed: {}",
+                std::io::Error::last_os_error()
+            ));
         }
         // SAFETY: `fd` was just returned by the kernel and is owned by nobody else.
         let file = unsafe { File::from_raw_fd(fd) };
         let mut h = [0u8; 24];
-        file.read_exact_at(&mut h, 0).ok()?;
+        file.read_exact_at(&mut h, 0)
+            .map_err(|e| format!("reading the statistics header: {e}"))?;
         let u = |o: usize| u32::from_le_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
         let (name_size, num, desc_off, data_off) = (u(4) as usize, u(8) as usize, u(16), u(20));
         if name_size > 4096 || num > 4096 {
-            return None;
+            return Err(format!(
+                "implausible statistics header ({num} descriptors, names of {name_size} bytes)"
+            ));
         }
         let dsz = 16 + name_size;
         let mut d = vec![0u8; dsz * num];
-        file.read_exact_at(&mut d, u64::from(desc_off)).ok()?;
+        file.read_exact_at(&mut d, u64::from(desc_off))
+            .map_err(|e| format!("reading the statistics descriptors: {e}"))?;
         let descs = d
             .chunks_exact(dsz)
             .map(|x| Desc {
@@ -55,7 +62,7 @@ impl VcpuStats {
                     .to_string(),
             })
             .collect();
-        Some(VcpuStats {
+        Ok(VcpuStats {
             file,
             data_offset: u64::from(data_off),
             descs,

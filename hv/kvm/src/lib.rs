@@ -6,11 +6,12 @@
 //! `KVM_X86_SET_MSR_FILTER`) for the MSRs the exit policy intercepts.
 //!
 //! Exits to user space become [`avex_core::exit::Exit`]s for the backend-neutral
-//! [`ExitHandler`]. When the handler says an exit's RIP starts a translation, the
-//! backend completes the pending I/O or MSR access per `kvm_run` (IN data, RDMSR
-//! value), completes the instruction without running guest code (`immediate_exit`
-//! = 1: KVM_RUN returns EINTR with RIP after the instruction — checked every time),
-//! and lets the handler run the rest of the cluster through the [`Guest`] trait.
+//! [`ExitHandler`]. In clustered modes the backend writes the handler's result
+//! (IN data, RDMSR value) into `kvm_run`, always completes the exiting instruction
+//! without running guest code (`immediate_exit` = 1: KVM_RUN returns EINTR), and
+//! finds that instruction exactly from RIP before and after (the [`attribute`]
+//! module); the handler then names the cluster to run after it, if any, and runs
+//! it through the [`Guest`] trait.
 //!
 //! Exits are counted from the vCPU's `KVM_GET_STATS_FD` statistics (`exits` and
 //! the per-kind counters), with the exits to user space counted apart.
@@ -19,8 +20,9 @@
 //! - KVM_RUN with `immediate_exit` = 1 after an IN exit returns EINTR with the IN
 //!   completed (AL written, RIP after it); such completions do not count in `exits`.
 //! - An OUT has already completed (RIP after it) when it reaches user space; an IN
-//!   and RDMSR/WRMSR have not. The `insn` module finds the instruction either way, and no
-//!   completion KVM_RUN is made when nothing is pending.
+//!   and RDMSR/WRMSR have not (on hardware KVM none has): the completion KVM_RUN
+//!   then leaves RIP where it is, and [`attribute`] takes the one instruction that
+//!   ends there and matches the exit.
 //! - KVM_GET/SET_REGS, SREGS and MSRS cost 13-25 us each, more than the user-space
 //!   part of an exit; registers therefore travel in `kvm_run` (KVM_CAP_SYNC_REGS)
 //!   and FS/GS base MSRs go through the segment bases.
@@ -31,6 +33,8 @@
 //! - KVM's supported CPUID table carries the APIC ID of the host CPU that answered;
 //!   it is normalized to 0 so that runs are deterministic.
 
+mod attribute;
+mod exits;
 mod insn;
 mod kstats;
 mod mem;
@@ -43,18 +47,17 @@ use std::time::{Duration, Instant};
 
 use avex_core::boot::{self, BootError};
 use avex_core::devices::{PortBus, StandardConfig};
-use avex_core::exit::{Exit, ExitHandler, Mode, Next};
+use avex_core::exit::{ExitHandler, Mode};
 use avex_core::format::TranslationSet;
 use avex_core::guest::Guest;
 use avex_core::policy::{ExitPolicy, MSR_BITMAP_RANGES};
-use avex_core::stats::ExitStats;
+use avex_core::stats::{BackendExits, ExitStats};
 use kvm_bindings::{
     kvm_enable_cap, kvm_userspace_memory_region, KVM_CAP_X86_USER_SPACE_MSR,
-    KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_IO, KVM_EXIT_IO_OUT, KVM_MAX_CPUID_ENTRIES,
-    KVM_MSR_EXIT_REASON_FILTER,
+    KVM_EXIT_INTERNAL_ERROR, KVM_MAX_CPUID_ENTRIES, KVM_MSR_EXIT_REASON_FILTER,
 };
 use kvm_ioctls::{
-    Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuExit, VcpuFd, VmFd,
+    Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuExit, VmFd,
 };
 
 pub use kstats::VcpuStats;
@@ -115,8 +118,15 @@ pub struct Report {
     /// KVM_RUN calls that returned to user space with an exit (immediate-exit
     /// completions not included).
     pub user_exits: u64,
-    /// KVM_RUN calls made only to complete an instruction before a cluster.
+    /// KVM_RUN calls made only to complete an exiting instruction (immediate
+    /// exit), one per exit in clustered modes (see the `attribute` module).
     pub completions: u64,
+    /// Exits whose instruction could not be identified exactly (no candidate, or
+    /// several): each was handled singly, without a cluster.
+    pub unattributed_exits: u64,
+    /// Guest TLB flushes the backend made KVM do after clusters that invalidated
+    /// translations (INVLPG, MOV CR3...) where KVM would not have flushed itself.
+    pub tlb_flushes: u64,
     /// Register/CPUID ioctls the backend made (registers travel in `kvm_run`
     /// when the host has KVM_CAP_SYNC_REGS, which makes this small).
     pub reg_ioctls: u64,
@@ -125,6 +135,10 @@ pub struct Report {
     /// Changes of the vCPU's KVM statistics over the run (`exits`, `io_exits`, ...).
     pub kvm_stats: BTreeMap<String, u64>,
     pub msr_exits: MsrExits,
+    /// Why KVM's `exits` statistic could not be read, when it could not: then
+    /// `stats.hardware_exits` is `None` and `stats.exits()` counts only the exits
+    /// that reached user space.
+    pub exit_statistics_unreadable: Option<String>,
     /// Every console byte the guest wrote.
     pub console: Vec<u8>,
     /// Wall time of the run (boot to debug exit).
@@ -219,10 +233,12 @@ pub struct Vm {
     _vm: VmFd,
     _kvm: Kvm,
     handler: ExitHandler,
-    stats: Option<VcpuStats>,
+    stats: Result<VcpuStats, String>,
     msr_exits: MsrExits,
     user_exits: u64,
     completions: u64,
+    unattributed_exits: u64,
+    tlb_flushes: u64,
     run_size: usize,
     console: Vec<u8>,
     time: TimeSplit,
@@ -276,13 +292,14 @@ impl Vm {
             .get_vcpu_mmap_size()
             .map_err(kvm_err("KVM_GET_VCPU_MMAP_SIZE"))?;
 
-        let mut handler =
-            ExitHandler::new(config.mode, config.policy.clone()).with_clock(monotonic_ns);
+        let mut handler = ExitHandler::new(config.mode, config.policy.clone())
+            .with_clock(monotonic_ns)
+            .with_backend_exits(user_space_exits(&msr_exits));
         match &config.translations {
             None => {}
             Some(Err(why)) => handler.reject_translations(why.clone()),
             Some(Ok(set)) => {
-                let digest = boot::identity(elf).map_err(Error::Boot)?;
+                let digest = avex_core::identity::of_elf(elf).map_err(Error::Boot)?;
                 // A rejected set is recorded in the statistics; the guest runs on.
                 let _ = handler.load_translations(set.clone(), &digest);
             }
@@ -298,6 +315,8 @@ impl Vm {
             msr_exits,
             user_exits: 0,
             completions: 0,
+            unattributed_exits: 0,
+            tlb_flushes: 0,
             run_size,
             console: Vec::new(),
             time: TimeSplit::default(),
@@ -337,16 +356,23 @@ impl Vm {
         let kvm_stats = kstats::delta(&before, &after);
         let mut stats = self.handler.stats().clone();
         stats.hardware_exits = kvm_stats.get("exits").copied();
+        let exit_statistics_unreadable = statistics_unreadable(
+            self.stats.as_ref().map(|_| ()).map_err(String::as_str),
+            stats.hardware_exits,
+        );
         Ok(Report {
             status,
             mode: self.handler.mode(),
             stats,
             user_exits: self.user_exits,
             completions: self.completions,
+            unattributed_exits: self.unattributed_exits,
+            tlb_flushes: self.tlb_flushes,
             reg_ioctls: self.guest.reg_ioctls,
             time: self.time,
             kvm_stats,
             msr_exits: self.msr_exits.clone(),
+            exit_statistics_unreadable,
             console: std::mem::take(&mut self.console),
             seconds,
         })
@@ -381,6 +407,7 @@ impl Vm {
                     rip,
                 });
             }
+            self.flush_guest_tlb()?;
             self.guest.invalidate();
             let t_run = Instant::now();
             let result = self.guest.vcpu.run();
@@ -451,198 +478,6 @@ impl Vm {
         }
     }
 
-    /// The I/O exit now in `kvm_run`.
-    fn on_io(&mut self) -> Result<(), Error> {
-        let io = io_info(&mut self.guest.vcpu);
-        let write = u32::from(io.direction) == KVM_EXIT_IO_OUT;
-        let size = io.size;
-        let len = io.count as usize * size as usize;
-        let off = io.data_offset as usize;
-        if off.checked_add(len).is_none_or(|end| end > self.run_size) || len == 0 {
-            let rip = self.guest.rip();
-            return Err(Error::Unexpected {
-                rip,
-                what: format!("I/O data at offset {off:#x}, {len} bytes, outside kvm_run"),
-            });
-        }
-        if io.count != 1 || !matches!(size, 1 | 2 | 4) {
-            // String I/O (INS/OUTS): every element goes to the bus; handled singly.
-            self.handler.count_exit(if write {
-                "io_out_string"
-            } else {
-                "io_in_string"
-            });
-            let data = io_data(&mut self.guest.vcpu, off, len);
-            let mut buf = data.to_vec();
-            for chunk in buf.chunks_mut(size as usize) {
-                if write {
-                    let mut v = [0u8; 4];
-                    v[..chunk.len()].copy_from_slice(chunk);
-                    self.guest.port_out(io.port, size, u32::from_le_bytes(v));
-                } else {
-                    let v = self.guest.port_in(io.port, size).to_le_bytes();
-                    chunk.copy_from_slice(&v[..chunk.len()]);
-                }
-            }
-            if !write {
-                io_data(&mut self.guest.vcpu, off, len).copy_from_slice(&buf);
-            }
-            return Ok(());
-        }
-        let value = if write {
-            let data = io_data(&mut self.guest.vcpu, off, len);
-            let mut v = [0u8; 4];
-            v[..len].copy_from_slice(data);
-            u32::from_le_bytes(v)
-        } else {
-            0
-        };
-        let exit = Exit::PortIo {
-            port: io.port,
-            size,
-            write,
-            value,
-        };
-        let at = self.locate(
-            insn::Kind::Io {
-                write,
-                size,
-                imm: None,
-            },
-            io.port,
-        );
-        let reply = self
-            .handler
-            .handle(&exit, at.map_or(0, |a| a.rip), &mut self.guest);
-        if !write {
-            let v = (reply.value.unwrap_or(u64::MAX) as u32).to_le_bytes();
-            io_data(&mut self.guest.vcpu, off, len).copy_from_slice(&v[..len]);
-        }
-        self.after_reply(reply.next, at)
-    }
-
-    /// Where the exiting instruction is (see [`insn`]); `None` in mode `off`
-    /// (nothing needs it) or when the bytes around RIP do not show it.
-    fn locate(&mut self, kind: insn::Kind, port: u16) -> Option<At> {
-        if self.handler.mode() == Mode::Off {
-            return None;
-        }
-        let state = self.guest.state();
-        let rip = state.rip;
-        let long = avex_core::exit::bitness_of(&state) == avex_core::ir::Bitness::B64;
-        let mut code = [0u8; 30];
-        let before = if rip >= 15
-            && avex_core::exit::fetch_code(&mut self.guest, &state, rip - 15, &mut code[..15]) == 15
-        {
-            15
-        } else {
-            0
-        };
-        let n = avex_core::exit::fetch_code(
-            &mut self.guest,
-            &state,
-            rip,
-            &mut code[before..before + 15],
-        );
-        let code = &code[..before + n];
-        let (start, completed) =
-            insn::locate(code, before, rip, &kind, port, state.gpr[2] as u16, long)?;
-        // `start` is at most 15 bytes before `rip`, inside `code`.
-        let off = before - (rip - start) as usize;
-        let len = insn::decode(&code[off..], long)?.len as u64;
-        Some(At {
-            rip: start,
-            end: start + len,
-            completed,
-        })
-    }
-
-    fn on_msr(&mut self, index: u32, write: bool, data: u64) -> Result<(), Error> {
-        let exit = Exit::Msr {
-            msr: index,
-            write,
-            value: data,
-        };
-        let at = self.locate(
-            if write {
-                insn::Kind::Wrmsr
-            } else {
-                insn::Kind::Rdmsr
-            },
-            0,
-        );
-        let reply = self
-            .handler
-            .handle(&exit, at.map_or(0, |a| a.rip), &mut self.guest);
-        let run = self.guest.vcpu.get_kvm_run();
-        // Writing a union field of plain integers: no invalid value can result.
-        match reply.value {
-            Ok(v) => {
-                run.__bindgen_anon_1.msr.data = if write { data } else { v };
-                run.__bindgen_anon_1.msr.error = 0;
-            }
-            Err(_) => run.__bindgen_anon_1.msr.error = 1,
-        }
-        if reply.value.is_err() {
-            return Ok(());
-        }
-        self.after_reply(reply.next, at)
-    }
-
-    /// After the handler answered: run a cluster if it said so.
-    fn after_reply(&mut self, next: Next, at: Option<At>) -> Result<(), Error> {
-        let (Next::RunCluster { start }, Some(at)) = (next, at) else {
-            return Ok(());
-        };
-        if !at.completed {
-            let t = Instant::now();
-            self.complete_instruction(&at)?;
-            self.time.completion_ns += t.elapsed().as_nanos() as u64;
-        }
-        let t = Instant::now();
-        self.handler.run_cluster(start, &mut self.guest);
-        self.time.cluster_ns += t.elapsed().as_nanos() as u64;
-        Ok(())
-    }
-
-    /// Finish the exiting instruction inside KVM (its result is in `kvm_run`)
-    /// without running guest code: KVM_RUN with `immediate_exit` set returns EINTR
-    /// once the pending completion is done. Not needed (and not done) when KVM had
-    /// completed the instruction before exiting (an OUT here): nothing is pending
-    /// then, and the cluster's register changes travel in `kvm_run` to the next
-    /// KVM_RUN.
-    fn complete_instruction(&mut self, at: &At) -> Result<(), Error> {
-        let exit_rip = at.rip;
-        self.guest.vcpu.set_kvm_immediate_exit(1);
-        let r = self.guest.vcpu.run().map(|e| format!("{e:?}"));
-        self.guest.vcpu.set_kvm_immediate_exit(0);
-        self.completions += 1;
-        self.guest.ran();
-        match r {
-            Err(e) if e.errno() == libc::EINTR => {}
-            Err(e) => return Err(kvm_err("KVM_RUN (completing an instruction)")(e)),
-            Ok(what) => {
-                return Err(Error::Unexpected {
-                    rip: exit_rip,
-                    what: format!("KVM_RUN with immediate_exit ran the guest: {what}"),
-                })
-            }
-        }
-        let rip = self.guest.rip();
-        if rip != at.end {
-            return Err(Error::Unexpected {
-                rip,
-                what: format!(
-                    "KVM_RUN with immediate_exit did not complete the exiting instruction \
-                     at {exit_rip:#x} (RIP {rip:#x}, expected {:#x}; it was {}complete at the exit)",
-                    at.end,
-                    if at.completed { "" } else { "not " }
-                ),
-            });
-        }
-        Ok(())
-    }
-
     fn internal_error(&mut self) -> Error {
         let run = self.guest.vcpu.get_kvm_run();
         let suberror = if run.exit_reason == KVM_EXIT_INTERNAL_ERROR {
@@ -678,6 +513,16 @@ impl Vm {
     }
 }
 
+/// Why KVM's `exits` statistic is missing from a run's record, if it is: said,
+/// never silently replaced by the handled exits.
+fn statistics_unreadable(opened: Result<(), &str>, exits: Option<u64>) -> Option<String> {
+    match (opened, exits) {
+        (Err(why), _) => Some(format!("KVM's vCPU statistics cannot be read: {why}")),
+        (Ok(()), None) => Some("KVM's vCPU statistics have no readable `exits`".into()),
+        (Ok(()), Some(_)) => None,
+    }
+}
+
 /// Where the backend's time went (nanoseconds).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TimeSplit {
@@ -687,15 +532,6 @@ pub struct TimeSplit {
     pub completion_ns: u64,
     /// Running clusters (engine, device models, register sync).
     pub cluster_ns: u64,
-}
-
-/// The exiting instruction: its address, the address after it, and whether KVM
-/// had already completed it when it exited to user space.
-#[derive(Clone, Copy, Debug)]
-struct At {
-    rip: u64,
-    end: u64,
-    completed: bool,
 }
 
 enum Event {
@@ -708,24 +544,6 @@ enum Event {
     Mmio,
     Interrupted,
     Other(String),
-}
-
-fn io_info(vcpu: &mut VcpuFd) -> kvm_bindings::kvm_run__bindgen_ty_1__bindgen_ty_4 {
-    let run = vcpu.get_kvm_run();
-    debug_assert_eq!(run.exit_reason, KVM_EXIT_IO);
-    // SAFETY: called only right after KVM_RUN returned KVM_EXIT_IO, so `io` is the
-    // union member KVM wrote; it is plain integers.
-    unsafe { run.__bindgen_anon_1.io }
-}
-
-/// The I/O data area of the vCPU's `kvm_run` mapping.
-fn io_data(vcpu: &mut VcpuFd, off: usize, len: usize) -> &mut [u8] {
-    let base = vcpu.get_kvm_run() as *mut kvm_bindings::kvm_run as *mut u8;
-    // SAFETY: KVM's `data_offset` points into the vCPU's kvm_run mapping, which
-    // stays mapped as long as the VcpuFd borrowed here; the caller checked
-    // `off + len <= KVM_GET_VCPU_MMAP_SIZE`. The vCPU is not running (we hold
-    // `&mut VcpuFd`), so nothing else accesses the bytes during the borrow.
-    unsafe { std::slice::from_raw_parts_mut(base.add(off), len) }
 }
 
 /// Make the CPUID table the same on every run: KVM's supported table carries the
@@ -742,6 +560,19 @@ fn normalize_cpuid(entries: &mut [kvm_bindings::kvm_cpuid_entry2]) {
             _ => {}
         }
     }
+}
+
+/// The exit classes that reach avex here: port I/O (string or not), HLT (there is
+/// no in-kernel irqchip) and, with the MSR filter, the MSRs the policy intercepts.
+/// KVM handles CPUID, CR moves, RDTSC, XSETBV, INVLPG... in the kernel.
+fn user_space_exits(msr_exits: &MsrExits) -> BackendExits {
+    use avex_core::policy::ExitClass as C;
+    let msrs = (*msr_exits == MsrExits::Enabled).then_some([C::Rdmsr, C::Wrmsr]);
+    BackendExits::only(
+        [C::In, C::Out, C::Ins, C::Outs, C::Hlt]
+            .into_iter()
+            .chain(msrs.into_iter().flatten()),
+    )
 }
 
 /// Ask KVM to send guest accesses to the MSRs the policy intercepts to user space.
@@ -881,6 +712,16 @@ mod tests {
         assert!(msg.contains("No such file"), "{msg}");
         // Not a KVM device at all.
         assert!(open_kvm_at(c"/dev/null").is_err());
+    }
+
+    #[test]
+    fn unreadable_statistics_are_said_with_the_reason() {
+        assert_eq!(statistics_unreadable(Ok(()), Some(7)), None);
+        let why = statistics_unreadable(Err("KVM_GET_STATS_FD failed: ENOTTY"), None).unwrap();
+        assert!(why.contains("ENOTTY"), "{why}");
+        assert!(statistics_unreadable(Ok(()), None)
+            .unwrap()
+            .contains("exits"));
     }
 
     #[test]

@@ -133,9 +133,9 @@ pub struct KvmGuest {
     start: Instant,
     /// KVM's register state as last read or written (invalid once the vCPU ran).
     cached: Option<(kvm_regs, kvm_sregs)>,
-    /// The vCPU's CPUID table as last read, with the CR4 it was read under (KVM
-    /// updates OSXSAVE/OSPKE bits as CR4 changes).
-    cpuid: Option<(u64, Vec<kvm_cpuid_entry2>)>,
+    /// The vCPU's CPUID table as last read, with the state it was read under (see
+    /// [`CpuidKey`]).
+    cpuid: Option<(CpuidKey, Vec<kvm_cpuid_entry2>)>,
     pub(crate) error: Option<DeferredError>,
     /// KVM_CAP_SYNC_REGS in use: registers travel in `kvm_run` (register ioctls
     /// cost 13-25 us each on this host's software KVM; an exit costs less).
@@ -144,6 +144,17 @@ pub struct KvmGuest {
     synced: bool,
     /// Register ioctls made (for the statistics).
     pub(crate) reg_ioctls: u64,
+    /// The engine invalidated translations (INVLPG, MOV CR3, paging bits of
+    /// CR0/CR4): the guest TLB must be flushed before the guest runs again.
+    tlb_flush_pending: bool,
+    /// CR0, CR3, CR4 and EFER as KVM has them (from the last KVM_RUN or
+    /// KVM_SET_SREGS), when known: KVM resets its MMU and flushes the guest TLB
+    /// itself when synced or set sregs change one of them.
+    kvm_paging: Option<[u64; 4]>,
+}
+
+fn paging_of(s: &kvm_sregs) -> [u64; 4] {
+    [s.cr0, s.cr3, s.cr4, s.efer]
 }
 
 impl KvmGuest {
@@ -163,6 +174,8 @@ impl KvmGuest {
             sync,
             synced: false,
             reg_ioctls: 0,
+            tlb_flush_pending: false,
+            kvm_paging: None,
         }
     }
 
@@ -191,7 +204,38 @@ impl KvmGuest {
         self.cached = None;
         if self.sync {
             self.synced = true;
+            self.kvm_paging = Some(paging_of(&self.vcpu.sync_regs().sregs));
+        } else {
+            self.kvm_paging = None;
         }
+    }
+
+    /// Whether the guest TLB needs an explicit flush before the guest runs again:
+    /// the engine invalidated translations and KVM will not flush by itself (the
+    /// sregs it loads next leave CR0, CR3, CR4 and EFER as they are). Clears the
+    /// request.
+    pub(crate) fn take_tlb_flush(&mut self) -> bool {
+        if !std::mem::take(&mut self.tlb_flush_pending) {
+            return false;
+        }
+        let s = self.regs().1;
+        self.kvm_paging.is_none_or(|k| k == paging_of(&s))
+    }
+
+    /// Load `sregs` into the vCPU: into `kvm_run` for the next KVM_RUN when
+    /// synced, else by ioctl now.
+    pub(crate) fn put_sregs(&mut self, sregs: kvm_sregs) {
+        let (r, s) = self.regs();
+        self.write_regs(r, s, r, sregs);
+    }
+
+    /// The special registers as the vCPU will run with them.
+    pub(crate) fn state_sregs(&mut self) -> kvm_sregs {
+        self.regs().1
+    }
+
+    pub(crate) fn synced(&self) -> bool {
+        self.synced
     }
 
     fn fail(&mut self, what: &str, e: impl std::fmt::Display) {
@@ -231,6 +275,10 @@ impl KvmGuest {
     /// Write registers back: into `kvm_run` for the next KVM_RUN when synced,
     /// else by ioctl; only what changed.
     fn write_regs(&mut self, old_r: kvm_regs, old_s: kvm_sregs, r: kvm_regs, s: kvm_sregs) {
+        // Without an in-kernel APIC, KVM loads CR8 from kvm_run's `cr8` at every
+        // KVM_RUN (after the synced or ioctl-set sregs): hand the new value there
+        // too, or the next KVM_RUN reverts it.
+        self.vcpu.get_kvm_run().cr8 = s.cr8;
         if self.synced {
             // Written back into kvm_run and loaded by KVM at the next KVM_RUN.
             let sr = self.vcpu.sync_regs_mut();
@@ -255,8 +303,9 @@ impl KvmGuest {
             }
             if s != old_s {
                 self.reg_ioctls += 1;
-                if let Err(e) = self.vcpu.set_sregs(&s) {
-                    self.fail("KVM_SET_SREGS", e);
+                match self.vcpu.set_sregs(&s) {
+                    Ok(()) => self.kvm_paging = Some(paging_of(&s)),
+                    Err(e) => self.fail("KVM_SET_SREGS", e),
                 }
             }
         }
@@ -280,8 +329,9 @@ impl KvmGuest {
             }
             if dirty & u64::from(kvm_bindings::KVM_SYNC_X86_SREGS) != 0 {
                 self.reg_ioctls += 1;
-                if let Err(e) = self.vcpu.set_sregs(&s) {
-                    self.fail("KVM_SET_SREGS", e);
+                match self.vcpu.set_sregs(&s) {
+                    Ok(()) => self.kvm_paging = Some(paging_of(&s)),
+                    Err(e) => self.fail("KVM_SET_SREGS", e),
                 }
             }
         }
@@ -295,9 +345,14 @@ impl KvmGuest {
     }
 
     fn cpuid_table(&mut self, leaf: u32) -> &[kvm_cpuid_entry2] {
-        let cr4 = self.regs().1.cr4;
-        // Leaf 0xD depends on XCR0, which the guest may change without exiting to us.
-        let fresh = matches!(&self.cpuid, Some((c, _)) if *c == cr4) && leaf != 0xd;
+        let s = self.regs().1;
+        let key = CpuidKey {
+            cr4: s.cr4,
+            apic_base: s.apic_base,
+        };
+        // Leaf 0xD depends on XCR0 and IA32_XSS, which the guest may change
+        // without exiting to us: never from the cache.
+        let fresh = matches!(&self.cpuid, Some((k, _)) if *k == key) && leaf != 0xd;
         if !fresh {
             self.reg_ioctls += 1;
             let t = match self.vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES) {
@@ -307,10 +362,23 @@ impl KvmGuest {
                     Vec::new()
                 }
             };
-            self.cpuid = Some((cr4, t));
+            self.cpuid = Some((key, t));
         }
         self.cpuid.as_ref().map_or(&[], |(_, t)| t.as_slice())
     }
+}
+
+/// What KVM's runtime CPUID bits depend on (`kvm_update_cpuid_runtime`), as far
+/// as the backend sees it without an ioctl: CR4 (OSXSAVE, OSPKE) and
+/// IA32_APIC_BASE (APIC, EN bit), both in the sregs the exit brought. XCR0 and
+/// IA32_XSS change only leaf 0xD (never cached); IA32_MISC_ENABLE changes MWAIT
+/// only with KVM_X86_QUIRK_MISC_ENABLE_NO_MWAIT disabled, which this backend
+/// never does. Any MSR write or XSETBV made through the backend drops the cache
+/// as well.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct CpuidKey {
+    cr4: u64,
+    apic_base: u64,
 }
 
 impl Guest for KvmGuest {
@@ -383,6 +451,8 @@ impl Guest for KvmGuest {
             return Ok(());
         }
         self.leave_sync();
+        // KVM derives CPUID bits from some MSRs (IA32_APIC_BASE.EN, ...).
+        self.cpuid = None;
         let m = Msrs::from_entries(&[kvm_msr_entry {
             index: msr,
             data: value,
@@ -462,6 +532,12 @@ impl Guest for KvmGuest {
     fn interrupt_pending(&mut self) -> bool {
         // No interrupt controller is wired to the vCPU: nothing is ever pending.
         false
+    }
+
+    fn invalidate_tlb(&mut self) {
+        // Done before the next KVM_RUN (`Vm::flush_guest_tlb`), once per cluster
+        // run however many INVLPGs it ran.
+        self.tlb_flush_pending = true;
     }
 }
 

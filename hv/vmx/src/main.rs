@@ -18,6 +18,7 @@ mod boot;
 mod cpu;
 mod elf;
 mod ept;
+mod exit_reason;
 mod heap;
 mod mem;
 mod multiboot;
@@ -162,6 +163,25 @@ fn finish(
             }
             None => line.push_str(",\"translations_rejected\":null"),
         }
+        // What exits here, and what ran in clusters by class (exiting here or not).
+        for (key, m) in [
+            ("in_cluster_by_class", &s.in_cluster_by_class),
+            (
+                "in_cluster_not_exiting_by_class",
+                &s.in_cluster_not_exiting_by_class,
+            ),
+        ] {
+            let _ = write!(line, ",{}:{{", json_str(key));
+            for (i, (k, n)) in m.iter().enumerate() {
+                let _ = write!(line, "{}{}:{n}", if i > 0 { "," } else { "" }, json_str(k));
+            }
+            line.push('}');
+        }
+        line.push_str(",\"exit_set\":[");
+        for (i, c) in s.exit_set.iter().enumerate() {
+            let _ = write!(line, "{}{}", if i > 0 { "," } else { "" }, json_str(c));
+        }
+        line.push(']');
         if !s.early_stops.is_empty() {
             line.push_str(",\"early_stops\":{");
             for (i, (k, n)) in s.early_stops.iter().enumerate() {
@@ -276,7 +296,7 @@ extern "C" fn kmain(magic: u32, mbi: u32) -> ! {
         Ok(v) => v,
         Err(e) => stop(&format!("VMCS setup failed: {e}")),
     };
-    vcpu.debug = opts.debug;
+    vcpu.set_debug(opts.debug);
     let n = run::protect_translated_pages(&mut vcpu, &handler);
     if n > 0 {
         logln!("avex-vmx: {n} code page(s) with translations write-protected");
@@ -288,11 +308,12 @@ extern "C" fn kmain(magic: u32, mbi: u32) -> ! {
     );
     let outcome = run::run(&mut vcpu, &mut handler);
     let mut extra = BTreeMap::new();
-    extra.insert("code_page_writes", vcpu.code_writes);
-    extra.insert("interrupts", vcpu.interrupts);
-    extra.insert("ticks_guest", vcpu.ticks_guest);
-    extra.insert("ticks_handler", vcpu.ticks_handler);
-    extra.insert("ticks_clusters", vcpu.ticks_clusters);
+    let c = vcpu.counters();
+    extra.insert("code_page_writes", c.code_page_writes);
+    extra.insert("interrupts", c.interrupts);
+    extra.insert("ticks_guest", c.ticks_guest);
+    extra.insert("ticks_handler", c.ticks_handler);
+    extra.insert("ticks_clusters", c.ticks_clusters);
     let guest_ms = clock_ns().saturating_sub(t0) / 1_000_000;
     extra.insert("guest_ms", guest_ms);
     logln!("avex-vmx: the guest ran for {guest_ms} ms of machine time");
@@ -333,7 +354,7 @@ fn load_translations(elf: &[u8], opts: &Options, handler: &mut ExitHandler) {
         }
     };
     // The running guest's identity, computed as the linker and the KVM backend do.
-    let digest = tformat::identity_of_elf(elf).unwrap_or([0; 32]);
+    let digest = avex_core::identity::of_elf(elf).unwrap_or([0; 32]);
     match handler.load_translations(set, &digest) {
         Ok(n) => logln!("avex-vmx: {n} translations loaded from {TRANSLATIONS_SECTION}"),
         Err(why) => {

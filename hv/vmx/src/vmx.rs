@@ -35,6 +35,7 @@ pub const IA32_EFER: u32 = 0xc000_0080;
 
 // --- VMCS fields (SDM Appendix B) --------------------------------------------------------
 pub mod field {
+    pub const VPID: u64 = 0x0000;
     pub const GUEST_ES_SEL: u64 = 0x0800;
     pub const GUEST_LDTR_SEL: u64 = 0x080c;
     pub const GUEST_TR_SEL: u64 = 0x080e;
@@ -54,6 +55,8 @@ pub mod field {
     pub const GUEST_DEBUGCTL: u64 = 0x2802;
     pub const GUEST_PAT: u64 = 0x2804;
     pub const GUEST_EFER: u64 = 0x2806;
+    /// GUEST_PDPTE0; PDPTE1..3 follow at +2, +4, +6.
+    pub const GUEST_PDPTE0: u64 = 0x280a;
     pub const HOST_EFER: u64 = 0x2c02;
     pub const PIN_CONTROLS: u64 = 0x4000;
     pub const PROC_CONTROLS: u64 = 0x4002;
@@ -70,7 +73,6 @@ pub mod field {
     pub const VM_INSTRUCTION_ERROR: u64 = 0x4400;
     pub const EXIT_REASON: u64 = 0x4402;
     pub const EXIT_INSTRUCTION_LEN: u64 = 0x440c;
-    pub const EXIT_INSTRUCTION_INFO: u64 = 0x440e;
     pub const GUEST_ES_LIMIT: u64 = 0x4800;
     pub const GUEST_LDTR_LIMIT: u64 = 0x480c;
     pub const GUEST_TR_LIMIT: u64 = 0x480e;
@@ -484,6 +486,22 @@ pub fn invept(caps: &Caps, eptp: u64) {
     // SAFETY: INVEPT only invalidates cached translations; the descriptor is valid.
     unsafe {
         asm!("invept {k}, [{d}]", k = in(reg) kind, d = in(reg) desc.as_ptr(), options(nostack));
+    }
+}
+
+/// INVVPID with the single-context type is supported (IA32_VMX_EPT_VPID_CAP bits
+/// 32 and 41).
+pub fn invvpid_supported(caps: &Caps) -> bool {
+    caps.ept_vpid & (1 << 32) != 0 && caps.ept_vpid & (1 << 41) != 0
+}
+
+/// INVVPID, single-context: every linear and combined mapping tagged `vpid`.
+pub fn invvpid_single(vpid: u16) {
+    let desc: [u64; 2] = [u64::from(vpid), 0];
+    // SAFETY: INVVPID only invalidates cached translations of the guest; the
+    // descriptor is valid and the type supported (`invvpid_supported`).
+    unsafe {
+        asm!("invvpid {k}, [{d}]", k = in(reg) 1u64, d = in(reg) desc.as_ptr(), options(nostack));
     }
 }
 

@@ -7,7 +7,7 @@
 //!
 //! Also here: [`PostCode`], the POST code port 0x80.
 
-use super::bus::PortDevice;
+use super::device::PortDevice;
 
 #[derive(Clone, Debug)]
 pub struct DebugExit {
@@ -102,7 +102,7 @@ impl PortDevice for PostCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::bus::{PortBus, PortRange};
+    use crate::devices::{PortBus, PortRange};
 
     #[test]
     fn first_write_records_the_status() {

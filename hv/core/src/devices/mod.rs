@@ -31,7 +31,9 @@
 //! assert_eq!(bus.exit_status(), Some(0));
 //! ```
 //!
-//! - [`bus`]: [`PortBus`], dispatch by port range, and the standard PC set.
+//! - [`device`]: what a device is to the bus ([`PortDevice`], [`InterruptController`]).
+//! - [`bus`]: [`PortBus`], dispatch by port range.
+//! - [`board`]: the standard PC set ([`PortBus::standard`]) and typed access to it.
 //! - [`uart`]: 16550A UART.
 //! - [`pit`]: 8254 PIT and system control port B (0x61).
 //! - [`pic`]: the cascaded 8259A pair.
@@ -39,16 +41,20 @@
 //! - [`pci`]: PCI configuration mechanism #1 and configurable type-0 functions.
 //! - [`debug_exit`]: isa-debug-exit style port, and the POST code port 0x80.
 
+pub mod board;
 pub mod bus;
 pub mod debug_exit;
+pub mod device;
 pub mod pci;
 pub mod pic;
 pub mod pit;
 pub mod rtc;
 pub mod uart;
 
-pub use bus::{BusError, DeviceId, IrqOutput, PortBus, PortDevice, PortRange, StandardConfig};
+pub use board::StandardConfig;
+pub use bus::{BusError, DeviceId, PortBus};
 pub use debug_exit::{DebugExit, PostCode};
+pub use device::{InterruptController, IrqOutput, PortDevice, PortRange};
 pub use pci::{Bar, PciBus, PciConfig, PciFunction};
 pub use pic::Pic;
 pub use pit::Pit;

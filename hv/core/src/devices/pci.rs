@@ -11,7 +11,7 @@
 
 use alloc::collections::BTreeMap;
 
-use super::bus::PortDevice;
+use super::device::PortDevice;
 use super::{size_mask, valid_size};
 
 /// A base address register.

@@ -12,7 +12,7 @@
 //! level. The PIIX edge/level control registers (ELCR, 0x4d0/0x4d1) make single
 //! IRQs level triggered.
 
-use super::bus::PortDevice;
+use super::device::{InterruptController, PortDevice};
 
 #[derive(Clone, Debug, Default)]
 struct Chip {
@@ -391,6 +391,21 @@ impl PortDevice for Pic {
     }
     fn write(&mut self, port: u16, _size: u8, value: u32, _now_ns: u64) {
         self.write_port(port, value as u8)
+    }
+    fn interrupt_controller(&mut self) -> Option<&mut dyn InterruptController> {
+        Some(self)
+    }
+}
+
+impl InterruptController for Pic {
+    fn set_irq(&mut self, irq: u8, level: bool) {
+        Pic::set_irq(self, irq, level)
+    }
+    fn pending_vector(&self) -> Option<u8> {
+        Pic::pending_vector(self)
+    }
+    fn acknowledge(&mut self) -> Option<u8> {
+        Pic::acknowledge(self)
     }
 }
 

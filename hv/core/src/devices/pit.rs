@@ -16,7 +16,7 @@
 
 use alloc::borrow::Cow;
 
-use super::bus::{IrqOutput, PortDevice};
+use super::device::{IrqOutput, PortDevice};
 
 /// The PIT's input clock.
 pub const PIT_HZ: u64 = 1_193_182;

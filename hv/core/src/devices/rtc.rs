@@ -13,7 +13,7 @@
 //! updates, alarm matches and the periodic rate, IRQF summarises the enabled ones,
 //! and reading C clears them. The other CMOS bytes (0x0e..=0x7f) are plain RAM.
 
-use super::bus::{IrqOutput, PortDevice};
+use super::device::{IrqOutput, PortDevice};
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 /// UIP is set this long before each update.

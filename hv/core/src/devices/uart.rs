@@ -10,7 +10,7 @@
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 
-use super::bus::{IrqOutput, PortDevice};
+use super::device::{IrqOutput, PortDevice};
 
 // Register offsets.
 const DATA: u16 = 0; // RBR / THR, DLL with DLAB

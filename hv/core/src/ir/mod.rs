@@ -3,13 +3,17 @@
 //! The translator lowers decoded x86 instructions (iced-x86) into these ops once,
 //! ahead of time or at the third exit of a RIP; the engine interprets them without
 //! decoding x86 again. The IR is serialized in translation files (see `format`), so
-//! every value here can come from untrusted input: `Cluster::validate` checks every
+//! every value here can come from untrusted input: [`validate()`] checks every
 //! index and bound before the engine may run it.
 
 use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
 use crate::policy::ExitClass;
+
+pub mod validate;
+
+pub use validate::{validate, ClusterError};
 
 /// Code size the instructions were decoded in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -368,6 +372,81 @@ pub enum Op {
     Pause,
     /// Ends the cluster: the guest resumes at the HLT and the backend handles it.
     Hlt,
+}
+
+impl Op {
+    /// Where the op branches to, for the branches (JMP, Jcc, LOOP/JCXZ).
+    pub fn target(&self) -> Option<Target> {
+        match self {
+            Op::Jmp { target } | Op::Jcc { target, .. } | Op::Loop { target, .. } => Some(*target),
+            _ => None,
+        }
+    }
+
+    /// The branch target, mutably (the translator resolves targets in place).
+    pub fn target_mut(&mut self) -> Option<&mut Target> {
+        match self {
+            Op::Jmp { target } | Op::Jcc { target, .. } | Op::Loop { target, .. } => Some(target),
+            _ => None,
+        }
+    }
+
+    /// The exit class an op has when it exits, or `None` for ops that never exit
+    /// (gap fillers, and MOV to/from CR2, which VT-x never intercepts).
+    pub fn exit_class(&self) -> Option<ExitClass> {
+        use ExitClass as E;
+        Some(match self {
+            Op::In { .. } => E::In,
+            Op::Out { .. } => E::Out,
+            Op::Ins { .. } => E::Ins,
+            Op::Outs { .. } => E::Outs,
+            Op::Rdmsr => E::Rdmsr,
+            Op::Wrmsr => E::Wrmsr,
+            Op::Cpuid => E::Cpuid,
+            Op::MovToCr { cr, .. } => match cr {
+                0 => E::MovToCr0,
+                3 => E::MovToCr3,
+                4 => E::MovToCr4,
+                8 => E::MovToCr8,
+                _ => return None,
+            },
+            Op::MovFromCr { cr, .. } => match cr {
+                0 => E::MovFromCr0,
+                3 => E::MovFromCr3,
+                4 => E::MovFromCr4,
+                8 => E::MovFromCr8,
+                _ => return None,
+            },
+            Op::Clts => E::Clts,
+            Op::Lmsw { .. } => E::Lmsw,
+            Op::Rdtsc => E::Rdtsc,
+            Op::Rdtscp => E::Rdtscp,
+            Op::Rdpmc => E::Rdpmc,
+            Op::Xgetbv => E::Xgetbv,
+            Op::Xsetbv => E::Xsetbv,
+            Op::Wbinvd => E::Wbinvd,
+            Op::Invd => E::Invd,
+            Op::Invlpg { .. } => E::Invlpg,
+            Op::Pause => E::Pause,
+            Op::Hlt => E::Hlt,
+            _ => return None,
+        })
+    }
+}
+
+/// The bounds every cluster stays within, whoever made it: the validator enforces
+/// them and `TranslatorConfig` is clamped to them.
+pub mod limits {
+    /// The longest x86 instruction.
+    pub const MAX_INSN_LEN: u8 = 15;
+    /// The most guest code bytes one cluster covers (a translation's code pages
+    /// are checked byte by byte before each run).
+    pub const MAX_CLUSTER_BYTES: usize = 4096;
+    /// The most gap fillers before the entry that a cluster may take in as a loop
+    /// head (translator rule 3).
+    pub const MAX_LOOP_HEAD_INSNS: usize = 8;
+    /// The most instructions in a cluster (indices fit `Target::Insn(u16)`).
+    pub const MAX_CLUSTER_INSNS: usize = 4096;
 }
 
 /// One instruction of a cluster.

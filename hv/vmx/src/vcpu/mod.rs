@@ -1,6 +1,7 @@
 //! The one virtual CPU: its VMCS (controls chosen from the exit policy and the CPU's
 //! capabilities), its guest RAM and EPT, its device models, and the
-//! [`avex_core::guest::Guest`] implementation hv/core's exit handler and engine use.
+//! [`avex_core::guest::Guest`] implementation hv/core's exit handler and engine use
+//! (in `guest`).
 
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
@@ -9,47 +10,60 @@ use core::arch::asm;
 
 use avex_core::boot::BootImage;
 use avex_core::devices::{PortBus, StandardConfig};
-use avex_core::guest::{CpuState, Fault, Guest, NotRam, Segment};
+use avex_core::guest::{Fault, Guest};
 use avex_core::policy::{ExitPolicy, VmcsControl, MSR_BITMAP_RANGES};
 
 use crate::ept::{Ept, GuestRam};
 use crate::logln;
 use crate::vmx::{self, alloc_page, ctl, field as f, phys, vmread, vmwrite, Caps, GuestRegs};
 
+mod guest;
+
 const CR0_PE: u64 = 1 << 0;
-pub const CR0_TS: u64 = 1 << 3;
 const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
 const CR4_VMXE: u64 = 1 << 13;
 const CR4_OSXSAVE: u64 = 1 << 18;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
-pub const RFLAGS_IF: u64 = 1 << 9;
+const RFLAGS_IF: u64 = 1 << 9;
 
-pub struct Vcpu {
-    pub caps: Caps,
-    pub regs: Box<GuestRegs>,
-    pub ram: GuestRam,
-    pub ept: Ept,
-    pub bus: PortBus,
-    pub launched: bool,
+/// What the vCPU counted, for the run's summary.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Counters {
     /// Guest writes to write-protected code pages (pages holding translations).
-    pub code_writes: u64,
+    pub code_page_writes: u64,
     /// External interrupts delivered to the guest.
     pub interrupts: u64,
-    /// Virtual time skipped while the guest was halted.
-    time_skipped_ns: u64,
     /// Machine time (TSC ticks) spent in the guest, in the exit handler, and running
     /// clusters (Bochs: emulated instructions, so a VM exit itself costs almost
     /// nothing here; the real cost of an exit is the hardware's).
     pub ticks_guest: u64,
     pub ticks_handler: u64,
     pub ticks_clusters: u64,
+}
+
+pub struct Vcpu {
+    caps: Caps,
+    regs: Box<GuestRegs>,
+    ram: GuestRam,
+    ept: Ept,
+    bus: PortBus,
+    launched: bool,
+    counters: Counters,
+    /// Virtual time skipped while the guest was halted.
+    time_skipped_ns: u64,
     /// Log every cluster run.
-    pub debug: bool,
+    debug: bool,
     /// Software-backed MSRs (those with no VMCS field and no hardware pass-through).
     msrs: BTreeMap<u32, u64>,
     xcr0: u64,
-    cr8: u64,
+    /// The PDPTE fields must be loaded from guest memory before the next entry: the
+    /// hypervisor completed a write to CR0, CR3 or CR4 that makes the CPU load them
+    /// (SDM 4.4.1), and with EPT VM entry loads PAE paging's PDPTEs from the VMCS.
+    pdptes_stale: bool,
+    /// VPID in use (0: none, so every VM entry and exit flushes the guest's TLB).
+    vpid: u16,
     /// TSC at guest start and the TSC's rate, for the devices' virtual time.
     tsc0: u64,
     tsc_hz: u64,
@@ -60,14 +74,14 @@ pub fn rdtsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
-fn read_cr2() -> u64 {
+pub(crate) fn read_cr2() -> u64 {
     let v: u64;
     // SAFETY: reading CR2 has no side effects.
     unsafe { asm!("mov {}, cr2", out(reg) v, options(nomem, nostack)) };
     v
 }
 
-fn write_cr2(v: u64) {
+pub(crate) fn write_cr2(v: u64) {
     // SAFETY: CR2 is the guest's (the hypervisor takes no page faults); writing it
     // only changes what the guest reads.
     unsafe { asm!("mov cr2, {}", in(reg) v, options(nomem, nostack)) };
@@ -79,11 +93,6 @@ fn sgdt_base() -> u64 {
 
 fn sidt_base() -> u64 {
     x86_64::instructions::tables::sidt().base.as_u64()
-}
-
-/// MSRs the guest may use on the real CPU: the host never uses them.
-fn passthrough_msr(msr: u32) -> bool {
-    matches!(msr, 0xc000_0081..=0xc000_0084 | 0xc000_0102 | 0xc000_0103)
 }
 
 impl Vcpu {
@@ -105,16 +114,13 @@ impl Vcpu {
             ept,
             bus: PortBus::standard(StandardConfig::default()),
             launched: false,
-            code_writes: 0,
-            interrupts: 0,
+            counters: Counters::default(),
             time_skipped_ns: 0,
-            ticks_guest: 0,
-            ticks_handler: 0,
-            ticks_clusters: 0,
             debug: false,
             msrs: BTreeMap::new(),
             xcr0: 1,
-            cr8: 0,
+            pdptes_stale: true,
+            vpid: 0,
             tsc0: rdtsc(),
             tsc_hz: tsc_hz.max(1),
         };
@@ -194,6 +200,13 @@ impl Vcpu {
         want2 |= pick(VmcsControl::WbinvdExiting, ctl::WBINVD);
         want2 |= pick(VmcsControl::RdrandExiting, ctl::RDRAND);
         want2 |= pick(VmcsControl::RdseedExiting, ctl::RDSEED);
+        // VPID: the guest's TLB entries survive VM exits and entries, so the
+        // hypervisor flushes them (INVVPID) when the engine changes the guest's
+        // mappings (`invalidate_tlb`). Used only with single-context INVVPID.
+        let vpid = Caps::allowed1(c.proc2, ctl::VPID) && vmx::invvpid_supported(&c);
+        if vpid {
+            want2 |= ctl::VPID;
+        }
         // Instructions that #UD unless enabled: enable them where the CPU can.
         for opt in [ctl::RDTSCP, ctl::INVPCID, ctl::XSAVES] {
             if Caps::allowed1(c.proc2, opt) {
@@ -232,6 +245,20 @@ impl Vcpu {
         vmwrite(f::PIN_CONTROLS, u64::from(pin));
         vmwrite(f::PROC_CONTROLS, u64::from(proc));
         vmwrite(f::PROC_CONTROLS2, u64::from(proc2));
+        if proc2 & ctl::VPID != 0 {
+            self.vpid = 1;
+            vmwrite(f::VPID, u64::from(self.vpid));
+            // Nothing of a previous user of this VPID may survive.
+            vmx::invvpid_single(self.vpid);
+        }
+        logln!(
+            "vmx: VPID {}",
+            if self.vpid != 0 {
+                "on"
+            } else {
+                "off (entries and exits flush the guest's TLB)"
+            }
+        );
         vmwrite(f::EXIT_CONTROLS, u64::from(exit));
         vmwrite(f::ENTRY_CONTROLS, u64::from(entry));
         logln!(
@@ -347,8 +374,87 @@ impl Vcpu {
         self.set_state(&boot.state);
     }
 
+    /// Enter the guest; returns at its next VM exit (or the entry's failure).
+    pub fn enter(&mut self) -> Result<(), vmx::VmFail> {
+        let t0 = rdtsc();
+        let r = vmx::enter(&mut self.regs, self.launched);
+        self.counters.ticks_guest += rdtsc().wrapping_sub(t0);
+        if r.is_ok() {
+            self.launched = true;
+        }
+        r
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// Machine time spent in the exit handler and in clusters (see [`Counters`]).
+    pub fn account(&mut self, handler_ticks: u64, cluster_ticks: u64) {
+        self.counters.ticks_handler += handler_ticks;
+        self.counters.ticks_clusters += cluster_ticks;
+    }
+
+    pub fn set_debug(&mut self, on: bool) {
+        self.debug = on;
+    }
+
+    pub fn debug(&self) -> bool {
+        self.debug
+    }
+
+    pub fn ram_size(&self) -> u64 {
+        self.ram.size()
+    }
+
+    /// The status the guest wrote to the debug-exit port, if it did.
+    pub fn exit_status(&self) -> Option<u8> {
+        self.bus.exit_status()
+    }
+
+    /// Write-protect the guest page at `gpa` in the EPT (it holds translated code);
+    /// true if it changed. The caller flushes with [`Vcpu::invept`].
+    pub fn protect_code_page(&mut self, gpa: u64) -> bool {
+        self.ept.protect(gpa)
+    }
+
+    /// A guest write hit `gpa`: if it is a write-protected code page, give it back
+    /// its write permission (translations on it are checked byte by byte before
+    /// their next run), count it and return true.
+    pub fn code_page_written(&mut self, gpa: u64) -> bool {
+        if gpa >= self.ram.size() || !self.ept.is_protected(gpa) {
+            return false;
+        }
+        self.ept.unprotect(gpa & !(crate::ept::PAGE - 1));
+        self.invept();
+        self.counters.code_page_writes += 1;
+        true
+    }
+
+    /// HLT: the guest waits for an interrupt. With interrupts off, or with no device
+    /// that will ever raise one, it would wait forever: that ends it (the reason).
+    /// Otherwise the devices' virtual time jumps to their next event (no spinning
+    /// through the wait) until the PIC has an interrupt, which `deliver_interrupts`
+    /// injects before the next entry.
+    pub fn wait_for_interrupt(&mut self) -> Result<(), String> {
+        if vmread(f::GUEST_RFLAGS) & RFLAGS_IF == 0 {
+            return Err("interrupts are off, so nothing can wake it (no debug-exit write)".into());
+        }
+        for _ in 0..64 {
+            let now = self.now_ns();
+            if self.bus.pending_vector(now).is_some() {
+                return Ok(());
+            }
+            match self.bus.next_event_ns(now) {
+                Some(t) => self.skip_time(t.saturating_sub(now).max(1)),
+                None => break,
+            }
+        }
+        Err("interrupts are on but no device will raise one".into())
+    }
+
     /// The guest's TSC-derived virtual time for the device models.
-    pub fn now_ns(&self) -> u64 {
+    fn now_ns(&self) -> u64 {
         let ticks = rdtsc().wrapping_sub(self.tsc0);
         // Bochs' rates divide 10^9 evenly: multiply instead of a 128-bit division
         // on every port access.
@@ -362,7 +468,7 @@ impl Vcpu {
 
     /// Move the devices' virtual time forward by `ns` (a halted guest waits for its
     /// next device event without the hypervisor spinning through the wait).
-    pub fn skip_time(&mut self, ns: u64) {
+    fn skip_time(&mut self, ns: u64) {
         self.time_skipped_ns = self.time_skipped_ns.wrapping_add(ns);
     }
 
@@ -398,7 +504,7 @@ impl Vcpu {
             if let Some(vector) = self.bus.acknowledge(now) {
                 // External interrupt (type 0), valid.
                 vmwrite(f::ENTRY_INTR_INFO, u64::from(vector) | (1 << 31));
-                self.interrupts += 1;
+                self.counters.interrupts += 1;
             }
             self.set_window_exiting(false);
         } else {
@@ -406,7 +512,7 @@ impl Vcpu {
         }
     }
 
-    fn gpr(&self, i: usize) -> u64 {
+    pub fn gpr(&self, i: usize) -> u64 {
         if i == 4 {
             vmread(f::GUEST_RSP)
         } else {
@@ -422,14 +528,10 @@ impl Vcpu {
         }
     }
 
-    pub fn gpr_value(&self, i: usize) -> u64 {
-        self.gpr(i)
-    }
-
     /// Write CR0 as the guest sees it: the read shadow holds the guest's value, the
     /// real CR0 that value with VMX's fixed bits (PE and PG are free under
     /// unrestricted guest). EFER.LMA and the IA-32e entry control follow CR0.PG.
-    pub fn write_cr0(&mut self, cr0: u64) {
+    fn write_cr0(&mut self, cr0: u64) {
         let real = vmx::fixed(
             cr0,
             self.caps.cr0_fixed0,
@@ -447,7 +549,7 @@ impl Vcpu {
         });
     }
 
-    pub fn write_cr4(&mut self, cr4: u64) {
+    fn write_cr4(&mut self, cr4: u64) {
         let real = vmx::fixed(
             cr4 | CR4_VMXE,
             self.caps.cr4_fixed0,
@@ -458,7 +560,7 @@ impl Vcpu {
         vmwrite(f::GUEST_CR4, real);
     }
 
-    pub fn write_efer(&mut self, efer: u64) {
+    fn write_efer(&mut self, efer: u64) {
         vmwrite(f::GUEST_EFER, efer);
         let entry = vmread(f::ENTRY_CONTROLS) as u32;
         let entry = if efer & EFER_LMA != 0 {
@@ -469,11 +571,60 @@ impl Vcpu {
         vmwrite(f::ENTRY_CONTROLS, u64::from(entry));
     }
 
-    pub fn cr8(&self) -> u64 {
-        self.cr8
+    /// Note that the engine completed a write to CR0, CR3 or CR4 that changed the
+    /// paging mode or reloads PAE paging's PDPTEs on the CPU.
+    pub fn note_mode_change(&mut self) {
+        self.pdptes_stale = true;
     }
-    pub fn set_cr8(&mut self, v: u64) {
-        self.cr8 = v & 0xf;
+
+    /// Before a VM entry: with EPT, VM entry loads PAE paging's PDPTEs from the
+    /// VMCS (SDM 27.3.2.4), so when the hypervisor changed CR0/CR3/CR4 and the guest
+    /// now uses PAE paging (CR0.PG, CR4.PAE, not IA-32e mode), load them from the
+    /// PDPT at CR3 as the CPU does at such a write. The CPU saves them at each exit,
+    /// so a PAE guest that changes CR3 natively keeps its own.
+    pub fn load_pdptes_if_stale(&mut self) -> Result<(), String> {
+        if !self.pdptes_stale {
+            return Ok(());
+        }
+        self.pdptes_stale = false;
+        if !self.pae_paging() {
+            return Ok(());
+        }
+        let pdpt = vmread(f::GUEST_CR3) & 0xffff_ffe0;
+        let mut raw = [0u8; 32];
+        self.read_phys(pdpt, &mut raw).map_err(|e| {
+            alloc::format!(
+                "PAE paging with its PDPT at {pdpt:#x}, outside guest RAM ({:#x})",
+                e.gpa
+            )
+        })?;
+        let mut pdptes = [0u64; 4];
+        for (p, e) in pdptes.iter_mut().zip(raw.chunks_exact(8)) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(e);
+            *p = u64::from_le_bytes(b);
+        }
+        self.set_pdptes(pdptes);
+        Ok(())
+    }
+
+    /// The guest uses PAE paging (CR0.PG, CR4.PAE, not IA-32e mode): the PDPTE
+    /// fields are in use.
+    pub fn pae_paging(&self) -> bool {
+        let ia32e = vmread(f::ENTRY_CONTROLS) as u32 & ctl::ENTRY_IA32E != 0;
+        vmread(f::GUEST_CR0) & CR0_PG != 0 && vmread(f::GUEST_CR4) & CR4_PAE != 0 && !ia32e
+    }
+
+    /// Make the CPU use these PDPTEs from the next VM entry.
+    fn set_pdptes(&mut self, pdptes: [u64; 4]) {
+        for (i, p) in pdptes.into_iter().enumerate() {
+            vmwrite(f::GUEST_PDPTE0 + 2 * i as u64, p);
+        }
+    }
+
+    /// The PDPTEs the CPU uses now (saved by it at the last exit under PAE paging).
+    pub fn pdptes(&self) -> [u64; 4] {
+        core::array::from_fn(|i| vmread(f::GUEST_PDPTE0 + 2 * i as u64))
     }
 
     /// Make the guest take `fault` at the next VM entry instead of completing the
@@ -499,189 +650,4 @@ impl Vcpu {
     pub fn invept(&self) {
         vmx::invept(&self.caps, self.ept.eptp());
     }
-}
-
-impl Guest for Vcpu {
-    fn state(&mut self) -> CpuState {
-        let mut gpr = [0u64; 16];
-        for (i, g) in gpr.iter_mut().enumerate() {
-            *g = self.gpr(i);
-        }
-        let mut seg = [Segment::default(); 6];
-        for (i, s) in seg.iter_mut().enumerate() {
-            let i = i as u64;
-            *s = Segment {
-                selector: vmread(f::seg_sel(i)) as u16,
-                base: vmread(f::seg_base(i)),
-                limit: vmread(f::seg_limit(i)) as u32,
-                attrs: vmread(f::seg_ar(i)) as u32,
-            };
-        }
-        CpuState {
-            gpr,
-            rip: vmread(f::GUEST_RIP),
-            rflags: vmread(f::GUEST_RFLAGS),
-            cr0: vmread(f::CR0_READ_SHADOW),
-            cr2: read_cr2(),
-            cr3: vmread(f::GUEST_CR3),
-            cr4: vmread(f::CR4_READ_SHADOW),
-            cr8: self.cr8,
-            efer: vmread(f::GUEST_EFER),
-            seg,
-            pdpte: None,
-        }
-    }
-
-    fn set_state(&mut self, s: &CpuState) {
-        for i in 0..16 {
-            self.set_gpr(i, s.gpr[i]);
-        }
-        vmwrite(f::GUEST_RIP, s.rip);
-        vmwrite(f::GUEST_RFLAGS, s.rflags | 2);
-        if s.cr2 != read_cr2() {
-            write_cr2(s.cr2);
-        }
-        vmwrite(f::GUEST_CR3, s.cr3);
-        self.write_cr4(s.cr4);
-        vmwrite(f::GUEST_EFER, s.efer);
-        self.write_cr0(s.cr0);
-        self.cr8 = s.cr8;
-        for (i, sg) in s.seg.iter().enumerate() {
-            let i = i as u64;
-            vmwrite(f::seg_sel(i), u64::from(sg.selector));
-            vmwrite(f::seg_base(i), sg.base);
-            vmwrite(f::seg_limit(i), u64::from(sg.limit));
-            vmwrite(f::seg_ar(i), u64::from(sg.attrs));
-        }
-    }
-
-    fn read_phys(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), NotRam> {
-        let r = self.ram.range(gpa, buf.len()).ok_or(NotRam { gpa })?;
-        buf.copy_from_slice(&self.ram.as_slice()[r]);
-        Ok(())
-    }
-
-    fn write_phys(&mut self, gpa: u64, data: &[u8]) -> Result<(), NotRam> {
-        let r = self.ram.range(gpa, data.len()).ok_or(NotRam { gpa })?;
-        self.ram.as_mut_slice()[r].copy_from_slice(data);
-        Ok(())
-    }
-
-    fn port_in(&mut self, port: u16, size: u8) -> u32 {
-        let now = self.now_ns();
-        self.bus.read(port, size, now)
-    }
-
-    fn port_out(&mut self, port: u16, size: u8, value: u32) {
-        let now = self.now_ns();
-        self.bus.write(port, size, value, now);
-        let out = self.bus.take_console_output();
-        if !out.is_empty() {
-            crate::serial::console_write(&out);
-        }
-    }
-
-    fn stop_requested(&mut self) -> bool {
-        self.bus.exit_status().is_some()
-    }
-
-    fn rdmsr(&mut self, msr: u32) -> Result<u64, Fault> {
-        Ok(match msr {
-            0x10 => rdtsc(),
-            0x1b => 0xfee0_0900,
-            0x174 => vmread(f::GUEST_SYSENTER_CS),
-            0x175 => vmread(f::GUEST_SYSENTER_ESP),
-            0x176 => vmread(f::GUEST_SYSENTER_EIP),
-            0xc000_0080 => vmread(f::GUEST_EFER),
-            0xc000_0100 => vmread(f::seg_base(4)),
-            0xc000_0101 => vmread(f::seg_base(5)),
-            m if passthrough_msr(m) => {
-                // SAFETY: syscall/swapgs MSRs the hypervisor never uses; reading them
-                // has no effect on the host.
-                unsafe { x86_64::registers::model_specific::Msr::new(m).read() }
-            }
-            m => match self.msrs.get(&m) {
-                Some(&v) => v,
-                None => return Err(Fault::GeneralProtection),
-            },
-        })
-    }
-
-    fn wrmsr(&mut self, msr: u32, value: u64) -> Result<(), Fault> {
-        match msr {
-            0x10 | 0x1b => {}
-            0x174 => vmwrite(f::GUEST_SYSENTER_CS, value),
-            0x175 => vmwrite(f::GUEST_SYSENTER_ESP, value),
-            0x176 => vmwrite(f::GUEST_SYSENTER_EIP, value),
-            0xc000_0080 => {
-                // LMA is read-only; it follows LME and CR0.PG.
-                if value & !(0xd01) != 0 {
-                    return Err(Fault::GeneralProtection);
-                }
-                let lma = vmread(f::GUEST_EFER) & EFER_LMA;
-                self.write_efer((value & !EFER_LMA) | lma);
-            }
-            0xc000_0100 => vmwrite(f::seg_base(4), value),
-            0xc000_0101 => vmwrite(f::seg_base(5), value),
-            m if passthrough_msr(m) => {
-                // SAFETY: as in rdmsr; the value is the guest's own and only the
-                // guest's SYSCALL/SWAPGS/RDTSCP use it.
-                unsafe { x86_64::registers::model_specific::Msr::new(m).write(value) }
-            }
-            0x277 | 0x1a0 | 0x2ff | 0x200..=0x21f | 0x250..=0x26f => {
-                self.msrs.insert(msr, value);
-            }
-            _ => {
-                // Other MSRs: remembered, so a later read returns what was written.
-                self.msrs.insert(msr, value);
-            }
-        }
-        Ok(())
-    }
-
-    fn cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
-        let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
-        let (eax, ebx, mut ecx, edx) = (r.eax, r.ebx, r.ecx, r.edx);
-        if leaf == 1 {
-            ecx &= !(1 << 5); // no nested VMX
-            ecx |= 1 << 31; // running under a hypervisor
-            ecx &= !(1 << 27);
-            if vmread(f::CR4_READ_SHADOW) & CR4_OSXSAVE != 0 {
-                ecx |= 1 << 27;
-            }
-        }
-        [eax, ebx, ecx, edx]
-    }
-
-    fn tsc(&mut self) -> u64 {
-        rdtsc()
-    }
-
-    fn xgetbv(&mut self, index: u32) -> Result<u64, Fault> {
-        if index == 0 && vmread(f::CR4_READ_SHADOW) & CR4_OSXSAVE != 0 {
-            Ok(self.xcr0)
-        } else if index == 0 {
-            Err(Fault::InvalidOpcode)
-        } else {
-            Err(Fault::GeneralProtection)
-        }
-    }
-
-    fn xsetbv(&mut self, index: u32, value: u64) -> Result<(), Fault> {
-        if index != 0 || value & 1 == 0 || value & !0x7 != 0 || (value & 4 != 0 && value & 2 == 0) {
-            return Err(Fault::GeneralProtection);
-        }
-        self.xcr0 = value;
-        Ok(())
-    }
-
-    fn interrupt_pending(&mut self) -> bool {
-        if vmread(f::GUEST_RFLAGS) & RFLAGS_IF == 0 {
-            return false;
-        }
-        let now = self.now_ns();
-        self.bus.pending_vector(now).is_some()
-    }
-
-    fn invalidate_tlb(&mut self) {}
 }

@@ -1,0 +1,1207 @@
+//! Tests of [`super`].
+use super::*;
+use crate::ir::{PortSrc, Size};
+use crate::policy::{ExitPolicy, VmcsControl};
+use alloc::string::ToString;
+use alloc::vec;
+
+/// Concatenated encodings.
+fn asm(parts: &[&[u8]]) -> Vec<u8> {
+    parts.concat()
+}
+
+fn translate64(code: &[u8], rip: u64) -> Result<Cluster, NoCluster> {
+    translate(
+        code,
+        rip,
+        Bitness::B64,
+        &ExitPolicy::default(),
+        &TranslatorConfig::default(),
+    )
+}
+
+// Encodings used below (64-bit unless noted).
+const CPUID: &[u8] = &[0x0f, 0xa2];
+const RDTSC: &[u8] = &[0x0f, 0x31];
+const WRMSR: &[u8] = &[0x0f, 0x30];
+const HLT: &[u8] = &[0xf4];
+const NOP: &[u8] = &[0x90];
+const STI: &[u8] = &[0xfb];
+const IN_AL_DX: &[u8] = &[0xec];
+const OUT_DX_AL: &[u8] = &[0xee];
+const OUT_80_AL: &[u8] = &[0xe6, 0x80];
+const LOAD_EAX_RBX: &[u8] = &[0x8b, 0x03]; // mov eax, [rbx]
+const STORE_RBX_EAX: &[u8] = &[0x89, 0x03]; // mov [rbx], eax
+const PUSH_RAX: &[u8] = &[0x50];
+const POP_RAX: &[u8] = &[0x58];
+const TEST_AL_20: &[u8] = &[0xa8, 0x20];
+const DEC_ECX: &[u8] = &[0xff, 0xc9];
+const MOV_CR3_RAX: &[u8] = &[0x0f, 0x22, 0xd8];
+const MOV_CR0_RAX: &[u8] = &[0x0f, 0x22, 0xc0];
+
+fn jz(rel: i8) -> Vec<u8> {
+    vec![0x74, rel as u8]
+}
+fn jnz(rel: i8) -> Vec<u8> {
+    vec![0x75, rel as u8]
+}
+fn jmp(rel: i8) -> Vec<u8> {
+    vec![0xeb, rel as u8]
+}
+
+/// The structural promises every cluster keeps (also checked by the proptest).
+fn check_cluster(cluster: &Cluster, code: &[u8], rip: u64, config: &TranslatorConfig) {
+    check_cluster_in(cluster, code, rip, rip, config)
+}
+
+/// [`check_cluster`] for [`translate_in`]: `code` starts at `code_rip`.
+fn check_cluster_in(
+    cluster: &Cluster,
+    code: &[u8],
+    code_rip: u64,
+    rip: u64,
+    config: &TranslatorConfig,
+) {
+    let first = cluster.insns.first().expect("a cluster has instructions");
+    let last = cluster.insns.last().unwrap();
+    assert_eq!(first.rip, cluster.start);
+    assert!(code_rip <= cluster.start && cluster.start <= rip);
+    assert_eq!(
+        cluster.entry_rip(),
+        Some(rip),
+        "entered at the exiting instruction"
+    );
+    let entry = cluster.entry_index().unwrap();
+    assert!(entry <= config.loop_head_insns());
+    // Whatever the config, the translator builds only what the IR accepts.
+    if let Err(e) = crate::ir::validate(cluster) {
+        panic!("the translator built a cluster the validator refuses: {e}");
+    }
+    for pair in cluster.insns.windows(2) {
+        assert_eq!(
+            pair[1].rip,
+            pair[0].rip + u64::from(pair[0].len),
+            "contiguous"
+        );
+    }
+    assert_eq!(cluster.end, last.rip + u64::from(last.len));
+    let from = (cluster.start - code_rip) as usize;
+    let to = (cluster.end - code_rip) as usize;
+    assert_eq!(cluster.guest_bytes, code[from..to]);
+    let last_is_back_edge = cluster
+        .back_edges
+        .iter()
+        .any(|b| usize::from(b.insn) == cluster.insns.len() - 1);
+    assert!(last.exit_class.is_some() || last_is_back_edge);
+    assert!(cluster.exiting_count() >= 2 || !cluster.back_edges.is_empty());
+    if entry > 0 {
+        assert!(
+            cluster.insns.iter().any(|i| targets_below(&i.op, entry)),
+            "a loop head is only kept when a branch returns to it"
+        );
+    }
+    assert!(cluster.insns.len() <= config.max_cluster_insns.max(1) + config.loop_head_insns());
+    let n = cluster.insns.len();
+    for (at, insn) in cluster.insns.iter().enumerate() {
+        assert!((1..=15).contains(&insn.len));
+        if let Some(target) = insn.op.target() {
+            match target {
+                Target::Insn(k) => {
+                    assert!(usize::from(k) < n);
+                    let backward = usize::from(k) <= at;
+                    let listed = cluster.back_edges.iter().any(|b| usize::from(b.insn) == at);
+                    assert_eq!(backward, listed, "back-edges are the backward branches");
+                }
+                Target::Exit(addr) => {
+                    assert!(
+                        cluster.insns.iter().all(|i| i.rip != addr),
+                        "inside targets resolved"
+                    );
+                }
+            }
+        }
+    }
+    for edge in &cluster.back_edges {
+        assert!(usize::from(edge.insn) < n);
+    }
+}
+
+#[test]
+fn starts_only_at_an_exiting_instruction() {
+    assert_eq!(
+        translate64(&asm(&[NOP, CPUID, CPUID]), 0x1000),
+        Err(NoCluster::NotExiting)
+    );
+    assert_eq!(translate64(&[], 0x1000), Err(NoCluster::Undecodable));
+    assert_eq!(translate64(&[0x0f], 0x1000), Err(NoCluster::Undecodable));
+    // push es is invalid in 64-bit code
+    assert_eq!(
+        translate64(&[0x06, 0x0f, 0xa2], 0x1000),
+        Err(NoCluster::Undecodable)
+    );
+    // VMCALL always exits but the engine cannot run it
+    assert_eq!(
+        translate64(&asm(&[&[0x0f, 0x01, 0xc1], CPUID]), 0x1000),
+        Err(NoCluster::Unsupported(Mnemonic::Vmcall))
+    );
+    // HLT and paging-mode changes end every cluster
+    assert_eq!(
+        translate64(&asm(&[HLT, CPUID]), 0x1000),
+        Err(NoCluster::EndsCluster)
+    );
+    assert_eq!(
+        translate64(&asm(&[MOV_CR0_RAX, CPUID]), 0x1000),
+        Err(NoCluster::EndsCluster)
+    );
+}
+
+#[test]
+fn reasons_have_names_for_reports() {
+    assert_eq!(
+        NoCluster::Unsupported(Mnemonic::Sti).to_string(),
+        "unsupported (Sti)"
+    );
+    assert_eq!(
+        NoCluster::Unsupported(Mnemonic::Sti).blocker(),
+        Some(Mnemonic::Sti)
+    );
+    assert_eq!(NoCluster::Single.to_string(), "single");
+    assert_eq!(NoCluster::Single.blocker(), None);
+    assert_eq!(Shape::Looping.name(), "looping");
+    let config = TranslatorConfig::default();
+    let bytes = postcard::to_allocvec(&config).unwrap();
+    assert_eq!(
+        postcard::from_bytes::<TranslatorConfig>(&bytes).unwrap(),
+        config
+    );
+}
+
+#[test]
+fn explains_what_ended_a_cluster() {
+    let explained = |code: &[u8]| {
+        translate_explained(
+            code,
+            0x1000,
+            Bitness::B64,
+            &ExitPolicy::default(),
+            &TranslatorConfig::default(),
+        )
+        .unwrap()
+        .grows_no_further
+    };
+    assert_eq!(
+        explained(&asm(&[CPUID, RDTSC, STI])),
+        NoCluster::Unsupported(Mnemonic::Sti)
+    );
+    assert_eq!(explained(&asm(&[CPUID, RDTSC])), NoCluster::CodeEnds);
+    assert_eq!(
+        explained(&asm(&[CPUID, RDTSC, HLT])),
+        NoCluster::EndsCluster
+    );
+    let mut long = asm(&[CPUID, RDTSC]);
+    long.extend(core::iter::repeat_n(0x90, 20));
+    assert_eq!(explained(&long), NoCluster::Single);
+}
+
+#[test]
+fn two_exits_make_a_cluster_one_does_not() {
+    let code = asm(&[CPUID, NOP, RDTSC, NOP, NOP]);
+    let c = translate64(&code, 0x1000).unwrap();
+    check_cluster(&c, &code, 0x1000, &TranslatorConfig::default());
+    assert_eq!(c.insns.len(), 3, "ends at the last exiting instruction");
+    assert_eq!(c.end, 0x1005);
+    assert_eq!(exit_classes(&c), vec![ExitClass::Cpuid, ExitClass::Rdtsc]);
+    assert_eq!(c.insns[1].exit_class, None);
+    assert_eq!(shape(&c), Shape::StraightLine);
+
+    assert_eq!(
+        translate64(&asm(&[CPUID, NOP, NOP]), 0x1000),
+        Err(NoCluster::CodeEnds)
+    );
+    assert_eq!(
+        translate64(&asm(&[CPUID, &[0x0f]]), 0x1000),
+        Err(NoCluster::CodeEnds)
+    );
+    assert_eq!(
+        translate64(&asm(&[CPUID, NOP, &[0x06], CPUID]), 0x1000),
+        Err(NoCluster::CodeEnds)
+    );
+}
+
+#[test]
+fn the_window_slides_with_each_exiting_instruction() {
+    // CPUID, 15 NOPs, CPUID, 15 NOPs, CPUID: each exit opens a new 16-wide window.
+    let mut code = CPUID.to_vec();
+    for _ in 0..2 {
+        code.extend(core::iter::repeat_n(0x90, 15));
+        code.extend(CPUID);
+    }
+    let c = translate64(&code, 0x1000).unwrap();
+    assert_eq!(c.insns.len(), 33);
+    assert_eq!(c.exiting_count(), 3);
+    check_cluster(&c, &code, 0x1000, &TranslatorConfig::default());
+
+    let short = TranslatorConfig {
+        max_cluster_insns: 20,
+        ..TranslatorConfig::default()
+    };
+    let c = translate(&code, 0x1000, Bitness::B64, &ExitPolicy::default(), &short).unwrap();
+    assert_eq!(
+        c.insns.len(),
+        17,
+        "cut at the last exit within the size cap"
+    );
+    check_cluster(&c, &code, 0x1000, &short);
+}
+
+/// The 16550 transmit loop as compilers emit it: the back-edge returns to the
+/// `mov dx` before the exiting OUT.
+const UART_TX_LOOP: &[u8] = &[
+    0x66, 0xba, 0xf8, 0x03, // 0x100170 mov dx, 0x3f8      (loop head)
+    0x89, 0xc8, //             0x100174 mov eax, ecx
+    0xee, //                   0x100176 out dx, al         (entry)
+    0x48, 0xff, 0xc6, //       0x100177 inc rsi
+    0x66, 0xba, 0xfd, 0x03, // 0x10017a mov dx, 0x3fd
+    0xec, //                   0x10017e in al, dx
+    0xa8, 0x20, //             0x10017f test al, 0x20
+    0x75, 0xed, //             0x100181 jnz 0x100170
+];
+
+#[test]
+fn a_back_edge_to_a_loop_head_before_the_entry_takes_the_head_in() {
+    let config = TranslatorConfig::default();
+    let policy = ExitPolicy::default();
+    let t = translate_in(
+        UART_TX_LOOP,
+        0x100170,
+        0x100176,
+        Bitness::B64,
+        &policy,
+        &config,
+    )
+    .unwrap();
+    let c = &t.cluster;
+    check_cluster_in(c, UART_TX_LOOP, 0x100170, 0x100176, &config);
+    assert_eq!(c.start, 0x100170);
+    assert_eq!(c.end, 0x100183);
+    assert_eq!(c.entry_index(), Some(2));
+    assert_eq!(c.insns.len(), 8);
+    assert_eq!(
+        c.insns[7].op,
+        Op::Jcc {
+            cond: crate::ir::Cond::Ne,
+            target: Target::Insn(0)
+        }
+    );
+    assert_eq!(c.back_edges, vec![BackEdge { insn: 7, cap: None }]);
+    assert_eq!(shape(c), Shape::Looping);
+
+    // Without the bytes before the entry there is no head, and the loop's branch
+    // leaves the cluster, so the cluster ends at its last exit.
+    let c = translate64(&UART_TX_LOOP[6..], 0x100176).unwrap();
+    assert_eq!((c.start, c.end), (0x100176, 0x10017f));
+    assert!(c.back_edges.is_empty());
+}
+
+#[test]
+fn a_loop_head_must_be_plain_gap_fillers_ending_at_the_entry() {
+    let config = TranslatorConfig::default();
+    let policy = ExitPolicy::default();
+    // Head holds an exiting instruction (IN): no head, the cluster starts at the entry.
+    let exiting_head: &[u8] = &[
+        0xec, //       0x2000 in al, dx
+        0x89, 0xc8, // 0x2001 mov eax, ecx
+        0xee, //       0x2003 out dx, al (entry)
+        0xec, //       0x2004 in al, dx
+        0x75, 0xf9, // 0x2005 jnz 0x2000
+    ];
+    let t = translate_in(exiting_head, 0x2000, 0x2003, Bitness::B64, &policy, &config).unwrap();
+    assert_eq!(t.cluster.start, 0x2003);
+    check_cluster_in(&t.cluster, exiting_head, 0x2000, 0x2003, &config);
+
+    // The back-edge lands inside an instruction of the head: it does not decode to
+    // the entry, so no head.
+    let misaligned: &[u8] = &[
+        0x66, 0xba, 0xf8, 0x03, // 0x3000 mov dx, 0x3f8
+        0xee, //                   0x3004 out dx, al (entry)
+        0xec, //                   0x3005 in al, dx
+        0x75, 0xf9, //             0x3006 jnz 0x3001
+    ];
+    let t = translate_in(misaligned, 0x3000, 0x3004, Bitness::B64, &policy, &config).unwrap();
+    assert_eq!(t.cluster.start, 0x3004);
+
+    // A head longer than allowed is refused.
+    let tight = TranslatorConfig {
+        max_loop_head_insns: 1,
+        ..TranslatorConfig::default()
+    };
+    let t = translate_in(
+        UART_TX_LOOP,
+        0x100170,
+        0x100176,
+        Bitness::B64,
+        &policy,
+        &tight,
+    )
+    .unwrap();
+    assert_eq!(t.cluster.start, 0x100176);
+}
+
+#[test]
+fn a_loop_head_setting_past_the_ir_limit_builds_only_valid_clusters() {
+    // Ten gap fillers, then `out; in; jnz head`: a head longer than the IR allows.
+    let mut code = [0xff, 0xc1].repeat(10); // 0x7000.. inc ecx
+    code.extend_from_slice(&[0xee, 0xec, 0x75, 0xe8]); // 0x7014 out; in; jnz 0x7000
+    let wide = TranslatorConfig {
+        max_loop_head_insns: 20,
+        ..TranslatorConfig::default()
+    };
+    let policy = ExitPolicy::default();
+    let t = translate_in(&code, 0x7000, 0x7014, Bitness::B64, &policy, &wide).unwrap();
+    if let Err(e) = crate::ir::validate(&t.cluster) {
+        panic!("built a cluster the validator refuses: {e}");
+    }
+    assert_eq!(t.cluster.start, 0x7014, "no head beyond the IR's limit");
+    assert_eq!(wide.loop_head_context_bytes(), 8 * 15);
+}
+
+#[test]
+fn a_loop_head_may_test_for_the_loop_exit() {
+    // PCI probing as compiled: the head counts and leaves when done.
+    let code: &[u8] = &[
+        0xff, 0xc3, //             0x6000 inc ebx
+        0x83, 0xfb, 0x10, //       0x6002 cmp ebx, 16
+        0x74, 0x20, //             0x6005 je 0x6027 (leaves the loop)
+        0x66, 0xba, 0xf8, 0x0c, // 0x6007 mov dx, 0xcf8
+        0xef, //                   0x600b out dx, eax (entry)
+        0x66, 0xba, 0xfc, 0x0c, // 0x600c mov dx, 0xcfc
+        0xed, //                   0x6010 in eax, dx
+        0x83, 0xf8, 0xff, //       0x6011 cmp eax, -1
+        0x74, 0xea, //             0x6014 je 0x6000
+    ];
+    let config = TranslatorConfig::default();
+    let policy = ExitPolicy::default();
+    let t = translate_in(code, 0x6000, 0x600b, Bitness::B64, &policy, &config).unwrap();
+    let c = &t.cluster;
+    check_cluster_in(c, code, 0x6000, 0x600b, &config);
+    assert_eq!(c.entry_index(), Some(4));
+    assert!(matches!(
+        c.insns[2].op,
+        Op::Jcc {
+            target: Target::Exit(0x6027),
+            ..
+        }
+    ));
+    assert_eq!(
+        c.back_edges,
+        vec![BackEdge { insn: 8, cap: None }],
+        "a branch out of the cluster does not keep the loop from qualifying"
+    );
+
+    // A head branch that stays inside can skip the exits: the loop is capped.
+    let mut inside = code.to_vec();
+    inside[6] = 0x05; // je 0x600c: into the cluster, past the OUT
+    let t = translate_in(&inside, 0x6000, 0x600b, Bitness::B64, &policy, &config).unwrap();
+    check_cluster_in(&t.cluster, &inside, 0x6000, 0x600b, &config);
+    assert_eq!(
+        t.cluster.back_edges,
+        vec![BackEdge {
+            insn: 8,
+            cap: Some(config.back_edge_cap)
+        }]
+    );
+}
+
+#[test]
+fn a_poll_loop_with_one_exit_is_a_cluster() {
+    // top: in al, dx; test al, 0x20; jz top: every iteration is an exit.
+    let code = [0xec, 0xa8, 0x20, 0x74, 0xfb];
+    let c = translate64(&code, 0x5000).unwrap();
+    assert_eq!(c.exiting_count(), 1);
+    assert_eq!(c.insns.len(), 3);
+    assert_eq!(c.back_edges, vec![BackEdge { insn: 2, cap: None }]);
+    check_cluster(&c, &code, 0x5000, &TranslatorConfig::default());
+}
+
+#[test]
+fn looks_sixteen_instructions_ahead() {
+    let mut reaches = CPUID.to_vec();
+    reaches.extend(core::iter::repeat_n(0x90, 15));
+    reaches.extend(CPUID); // 16th instruction after the first
+    let c = translate64(&reaches, 0x1000).unwrap();
+    assert_eq!(c.insns.len(), 17);
+    check_cluster(&c, &reaches, 0x1000, &TranslatorConfig::default());
+
+    let mut beyond = CPUID.to_vec();
+    beyond.extend(core::iter::repeat_n(0x90, 16));
+    beyond.extend(CPUID); // 17th: outside the window
+    assert_eq!(translate64(&beyond, 0x1000), Err(NoCluster::Single));
+
+    let wide = TranslatorConfig {
+        look_ahead: 17,
+        ..TranslatorConfig::default()
+    };
+    let c = translate(&beyond, 0x1000, Bitness::B64, &ExitPolicy::default(), &wide).unwrap();
+    assert_eq!(c.insns.len(), 18);
+}
+
+#[test]
+fn a_gap_holds_at_most_four_memory_accesses() {
+    let four = asm(&[
+        OUT_80_AL,
+        LOAD_EAX_RBX,
+        STORE_RBX_EAX,
+        LOAD_EAX_RBX,
+        STORE_RBX_EAX,
+        OUT_80_AL,
+    ]);
+    let c = translate64(&four, 0x1000).unwrap();
+    assert_eq!(c.insns.len(), 6);
+
+    let five = asm(&[
+        OUT_80_AL,
+        LOAD_EAX_RBX,
+        LOAD_EAX_RBX,
+        LOAD_EAX_RBX,
+        LOAD_EAX_RBX,
+        LOAD_EAX_RBX,
+        OUT_80_AL,
+    ]);
+    assert_eq!(
+        translate64(&five, 0x1000),
+        Err(NoCluster::GapTooManyMemoryAccesses)
+    );
+
+    // Each gap has its own budget.
+    let two_gaps = asm(&[
+        OUT_80_AL,
+        LOAD_EAX_RBX,
+        LOAD_EAX_RBX,
+        LOAD_EAX_RBX,
+        LOAD_EAX_RBX,
+        OUT_80_AL,
+        LOAD_EAX_RBX,
+        LOAD_EAX_RBX,
+        LOAD_EAX_RBX,
+        LOAD_EAX_RBX,
+        OUT_80_AL,
+    ]);
+    let c = translate64(&two_gaps, 0x1000).unwrap();
+    assert_eq!(c.exiting_count(), 3);
+
+    // The scan stops at the fifth access; the cluster keeps what came before.
+    let cut = asm(&[
+        OUT_80_AL, OUT_80_AL, PUSH_RAX, POP_RAX, PUSH_RAX, POP_RAX, PUSH_RAX, OUT_80_AL,
+    ]);
+    let c = translate64(&cut, 0x1000).unwrap();
+    assert_eq!(c.insns.len(), 2);
+
+    // Register-only fillers cost nothing.
+    let mut free = OUT_80_AL.to_vec();
+    for _ in 0..10 {
+        free.extend([0x01, 0xc8]); // add eax, ecx
+    }
+    free.extend(OUT_80_AL);
+    assert_eq!(translate64(&free, 0x1000).unwrap().insns.len(), 12);
+
+    let tight = TranslatorConfig {
+        max_gap_memory_accesses: 1,
+        ..TranslatorConfig::default()
+    };
+    let policy = ExitPolicy::default();
+    assert_eq!(
+        translate(&four, 0x1000, Bitness::B64, &policy, &tight),
+        Err(NoCluster::GapTooManyMemoryAccesses)
+    );
+}
+
+#[test]
+fn memory_access_counting() {
+    let lowered = |bytes: &[u8]| {
+        let mut d = Decoder::with_ip(64, bytes, 0, DecoderOptions::NONE);
+        lower(&d.decode()).unwrap()
+    };
+    assert_eq!(memory_accesses(&lowered(LOAD_EAX_RBX)), 1);
+    assert_eq!(memory_accesses(&lowered(&[0x83, 0x03, 0x01])), 1); // add [rbx], 1
+    assert_eq!(memory_accesses(&lowered(PUSH_RAX)), 1);
+    assert_eq!(memory_accesses(&lowered(&[0xff, 0x33])), 2); // push [rbx]
+    assert_eq!(memory_accesses(&lowered(&[0x8f, 0x03])), 2); // pop [rbx]
+    assert_eq!(memory_accesses(&lowered(&[0x8d, 0x03])), 0); // lea
+    assert_eq!(memory_accesses(&lowered(&[0x6c])), 1); // insb
+    assert_eq!(memory_accesses(&lowered(&[0xf3, 0x6c])), u32::MAX); // rep insb
+    assert_eq!(memory_accesses(&lowered(&[0x01, 0xc8])), 0);
+}
+
+#[test]
+fn a_loop_through_an_exiting_instruction_qualifies() {
+    // L: in al, dx ; test al, 0x20 ; jz L ; out dx, al
+    let code = asm(&[IN_AL_DX, TEST_AL_20, &jz(-5), OUT_DX_AL]);
+    let c = translate64(&code, 0x2000).unwrap();
+    check_cluster(&c, &code, 0x2000, &TranslatorConfig::default());
+    assert_eq!(
+        c.insns[2].op,
+        Op::Jcc {
+            cond: crate::ir::Cond::E,
+            target: Target::Insn(0)
+        }
+    );
+    assert_eq!(c.back_edges, vec![BackEdge { insn: 2, cap: None }]);
+    assert_eq!(shape(&c), Shape::Looping);
+}
+
+#[test]
+fn a_loop_not_sure_to_exit_is_capped() {
+    // out 0x80, al ; L: dec ecx ; jnz L ; out 0x80, al
+    let code = asm(&[OUT_80_AL, DEC_ECX, &jnz(-4), OUT_80_AL]);
+    let c = translate64(&code, 0x1000).unwrap();
+    check_cluster(&c, &code, 0x1000, &TranslatorConfig::default());
+    assert_eq!(
+        c.back_edges,
+        vec![BackEdge {
+            insn: 2,
+            cap: Some(10)
+        }]
+    );
+
+    let config = TranslatorConfig {
+        back_edge_cap: 3,
+        ..TranslatorConfig::default()
+    };
+    let c = translate(&code, 0x1000, Bitness::B64, &ExitPolicy::default(), &config).unwrap();
+    assert_eq!(
+        c.back_edges,
+        vec![BackEdge {
+            insn: 2,
+            cap: Some(3)
+        }]
+    );
+
+    // An exit behind a branch is not on the straight-line path: capped.
+    // in al,dx ; L: test al,1 ; jz M ; in al,dx ; M: dec ecx ; jnz L ; out dx,al
+    let code = asm(&[
+        IN_AL_DX,
+        &[0xa8, 0x01],
+        &jz(1),
+        IN_AL_DX,
+        DEC_ECX,
+        &jnz(-9),
+        OUT_DX_AL,
+    ]);
+    let c = translate64(&code, 0x1000).unwrap();
+    check_cluster(&c, &code, 0x1000, &TranslatorConfig::default());
+    assert_eq!(
+        c.insns[2].op,
+        Op::Jcc {
+            cond: crate::ir::Cond::E,
+            target: Target::Insn(4)
+        }
+    );
+    assert_eq!(
+        c.insns[5].op,
+        Op::Jcc {
+            cond: crate::ir::Cond::Ne,
+            target: Target::Insn(1)
+        }
+    );
+    assert_eq!(
+        c.back_edges,
+        vec![BackEdge {
+            insn: 5,
+            cap: Some(10)
+        }]
+    );
+
+    // A self-loop (jmp $ would leave nothing after it; loop $ counts down).
+    let code = asm(&[OUT_80_AL, &[0xe2, 0xfe], OUT_80_AL]);
+    let c = translate64(&code, 0x1000).unwrap();
+    assert_eq!(
+        c.back_edges,
+        vec![BackEdge {
+            insn: 1,
+            cap: Some(10)
+        }]
+    );
+    assert_eq!(
+        c.insns[1].op,
+        Op::Loop {
+            kind: crate::ir::LoopKind::Loop,
+            addr_size: Size::S8,
+            target: Target::Insn(1)
+        }
+    );
+}
+
+#[test]
+fn forward_branches_inside_resolve_and_others_exit() {
+    // in al,dx ; test al,1 ; jz over ; mov al,1 ; over: out dx,al
+    let code = asm(&[IN_AL_DX, &[0xa8, 0x01], &jz(2), &[0xb0, 0x01], OUT_DX_AL]);
+    let c = translate64(&code, 0x1000).unwrap();
+    check_cluster(&c, &code, 0x1000, &TranslatorConfig::default());
+    assert_eq!(
+        c.insns[2].op,
+        Op::Jcc {
+            cond: crate::ir::Cond::E,
+            target: Target::Insn(4)
+        }
+    );
+    assert!(c.back_edges.is_empty());
+    assert_eq!(shape(&c), Shape::Branching);
+
+    // A target past the last exiting instruction, or inside an instruction, exits.
+    // in al,dx ; jz +1 (just past the out) ; out dx,al ; nop ; nop ; nop
+    let code = asm(&[IN_AL_DX, &jz(1), OUT_DX_AL, NOP, NOP, NOP]);
+    let c = translate64(&code, 0x1000).unwrap();
+    assert_eq!(c.insns.len(), 3);
+    assert_eq!(
+        c.insns[1].op,
+        Op::Jcc {
+            cond: crate::ir::Cond::E,
+            target: Target::Exit(0x1004)
+        }
+    );
+    // in al,dx ; jz into the middle of `out 0x80, al` ; out 0x80, al
+    let code = asm(&[IN_AL_DX, &jz(1), OUT_80_AL]);
+    let c = translate64(&code, 0x1000).unwrap();
+    assert_eq!(
+        c.insns[1].op,
+        Op::Jcc {
+            cond: crate::ir::Cond::E,
+            target: Target::Exit(0x1004)
+        }
+    );
+}
+
+#[test]
+fn code_after_an_unconditional_jump_needs_a_branch_into_it() {
+    // cpuid ; jmp away ; cpuid: the second cpuid is not reachable from the cluster
+    let code = asm(&[CPUID, &jmp(0x40), CPUID]);
+    assert_eq!(translate64(&code, 0x1000), Err(NoCluster::ControlLeaves));
+
+    // in al,dx ; jz else ; out dx,al ; jmp done ; else: out 0x80,al ; done: rdtsc
+    let code = asm(&[IN_AL_DX, &jz(3), OUT_DX_AL, &jmp(2), OUT_80_AL, RDTSC]);
+    let c = translate64(&code, 0x1000).unwrap();
+    check_cluster(&c, &code, 0x1000, &TranslatorConfig::default());
+    assert_eq!(c.insns.len(), 6);
+    assert_eq!(
+        c.insns[1].op,
+        Op::Jcc {
+            cond: crate::ir::Cond::E,
+            target: Target::Insn(4)
+        }
+    );
+    assert_eq!(
+        c.insns[3].op,
+        Op::Jmp {
+            target: Target::Insn(5)
+        }
+    );
+    assert_eq!(c.exiting_count(), 4);
+}
+
+#[test]
+fn the_cluster_ends_before_what_the_engine_cannot_run() {
+    let code = asm(&[CPUID, RDTSC, STI, CPUID]);
+    let c = translate64(&code, 0x1000).unwrap();
+    assert_eq!(c.insns.len(), 2);
+    assert_eq!(c.end, 0x1004);
+    assert_eq!(c.guest_bytes, code[..4].to_vec());
+
+    assert_eq!(
+        translate64(&asm(&[CPUID, STI, CPUID]), 0x1000),
+        Err(NoCluster::Unsupported(Mnemonic::Sti))
+    );
+    // lock inc dword [rax]
+    assert_eq!(
+        translate64(&asm(&[CPUID, &[0xf0, 0xff, 0x00], CPUID]), 0x1000),
+        Err(NoCluster::Unsupported(Mnemonic::Inc))
+    );
+    // call rel32
+    assert_eq!(
+        translate64(&asm(&[CPUID, &[0xe8, 0, 0, 0, 0], CPUID]), 0x1000),
+        Err(NoCluster::Unsupported(Mnemonic::Call))
+    );
+}
+
+#[test]
+fn hlt_and_paging_changes_end_the_cluster_after_them() {
+    let code = asm(&[OUT_80_AL, HLT, OUT_80_AL]);
+    let c = translate64(&code, 0x1000).unwrap();
+    assert_eq!(c.insns.len(), 2);
+    assert_eq!(c.insns[1].op, Op::Hlt);
+
+    // wrmsr ; wrmsr ; mov cr3, rax ; rdtsc: a CR3 load ends the cluster only when
+    // configured to.
+    let code = asm(&[WRMSR, WRMSR, MOV_CR3_RAX, RDTSC]);
+    let c = translate64(&code, 0x1000).unwrap();
+    assert_eq!(c.insns.len(), 4);
+    let end_at_cr3 = TranslatorConfig {
+        end_after_cr3_load: true,
+        ..TranslatorConfig::default()
+    };
+    let c = translate(
+        &code,
+        0x1000,
+        Bitness::B64,
+        &ExitPolicy::default(),
+        &end_at_cr3,
+    )
+    .unwrap();
+    assert_eq!(
+        exit_classes(&c),
+        vec![ExitClass::Wrmsr, ExitClass::Wrmsr, ExitClass::MovToCr3]
+    );
+    assert_eq!(
+        translate(
+            &asm(&[MOV_CR3_RAX, RDTSC]),
+            0x1000,
+            Bitness::B64,
+            &ExitPolicy::default(),
+            &end_at_cr3
+        ),
+        Err(NoCluster::EndsCluster)
+    );
+    // CR4 writes and LMSW always end it.
+    let code = asm(&[RDTSC, &[0x0f, 0x22, 0xe0], RDTSC]);
+    assert_eq!(translate64(&code, 0x1000).unwrap().insns.len(), 2);
+    let code = asm(&[RDTSC, &[0x0f, 0x01, 0xf0], RDTSC]);
+    assert_eq!(translate64(&code, 0x1000).unwrap().insns.len(), 2);
+
+    // A CR0 write that does not exit under the policy still ends the scan.
+    let policy = ExitPolicy::builder().intercept_all_ports().build();
+    let code = asm(&[OUT_80_AL, MOV_CR0_RAX, OUT_80_AL]);
+    assert_eq!(
+        translate(
+            &code,
+            0x1000,
+            Bitness::B64,
+            &policy,
+            &TranslatorConfig::default()
+        ),
+        Err(NoCluster::EndsCluster)
+    );
+}
+
+#[test]
+fn the_policy_decides_what_exits() {
+    // With port 0x80 passed through, `out 0x80, al` is a gap filler.
+    let policy = ExitPolicy::default()
+        .to_builder()
+        .pass_through_ports(0x80, 0x80)
+        .build();
+    let code = asm(&[CPUID, OUT_80_AL, NOP]);
+    assert_eq!(
+        translate(
+            &code,
+            0x1000,
+            Bitness::B64,
+            &policy,
+            &TranslatorConfig::default()
+        ),
+        Err(NoCluster::CodeEnds)
+    );
+    let code = asm(&[CPUID, OUT_80_AL, CPUID]);
+    let c = translate(
+        &code,
+        0x1000,
+        Bitness::B64,
+        &policy,
+        &TranslatorConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(c.insns[1].exit_class, None);
+    assert_eq!(
+        c.insns[1].op,
+        Op::Out {
+            size: Size::S1,
+            port: PortSrc::Imm(0x80)
+        }
+    );
+    // RDTSC exiting off: rdtsc is no start.
+    let policy = ExitPolicy::default()
+        .to_builder()
+        .disable(VmcsControl::RdtscExiting)
+        .build();
+    assert_eq!(
+        translate(
+            &asm(&[RDTSC, CPUID]),
+            0x1000,
+            Bitness::B64,
+            &policy,
+            &TranslatorConfig::default()
+        ),
+        Err(NoCluster::NotExiting)
+    );
+}
+
+#[test]
+fn serial_line_status_polling_16550() {
+    // mov dx,0x3fd ; in al,dx ; test al,0x20 ; jz back ; mov dx,0x3f8 ; out dx,al
+    let code = asm(&[
+        &[0x66, 0xba, 0xfd, 0x03],
+        IN_AL_DX,
+        TEST_AL_20,
+        &jz(-9),
+        &[0x66, 0xba, 0xf8, 0x03],
+        OUT_DX_AL,
+    ]);
+    let base = 0xffff_ffff_8100_0000;
+    assert_eq!(translate64(&code, base), Err(NoCluster::NotExiting));
+    let c = translate64(&code[4..], base + 4).unwrap();
+    check_cluster(&c, &code[4..], base + 4, &TranslatorConfig::default());
+    assert_eq!(c.insns.len(), 5);
+    // The poll's back-edge targets the `mov dx` before the cluster: it leaves.
+    assert_eq!(
+        c.insns[2].op,
+        Op::Jcc {
+            cond: crate::ir::Cond::E,
+            target: Target::Exit(base)
+        }
+    );
+    assert!(c.back_edges.is_empty());
+    assert_eq!(shape(&c), Shape::Branching);
+    assert_eq!(exit_classes(&c), vec![ExitClass::In, ExitClass::Out]);
+
+    // The same driver in 16-bit real-mode code (no operand-size prefix on mov dx).
+    let code16 = asm(&[
+        &[0xba, 0xfd, 0x03],
+        IN_AL_DX,
+        TEST_AL_20,
+        &jz(-8),
+        &[0xba, 0xf8, 0x03],
+        OUT_DX_AL,
+    ]);
+    let c = translate(
+        &code16[3..],
+        0x7c03,
+        Bitness::B16,
+        &ExitPolicy::default(),
+        &TranslatorConfig::default(),
+    )
+    .unwrap();
+    check_cluster(&c, &code16[3..], 0x7c03, &TranslatorConfig::default());
+    assert_eq!(
+        c.insns[2].op,
+        Op::Jcc {
+            cond: crate::ir::Cond::E,
+            target: Target::Exit(0x7c00)
+        }
+    );
+    assert_eq!(
+        c.insns[3].op,
+        Op::Mov {
+            size: Size::S2,
+            dst: Operand::Reg(crate::ir::RegRef {
+                index: crate::ir::RDX,
+                size: Size::S2,
+                high8: false
+            }),
+            src: Operand::Imm(0x3f8),
+        }
+    );
+    assert_eq!(c.end, 0x7c0c);
+}
+
+#[test]
+fn pci_config_read_32_bit() {
+    // mov eax,0x80001008 ; mov dx,0xcf8 ; out dx,eax ; mov dx,0xcfc ; in eax,dx
+    let code = asm(&[
+        &[0xb8, 0x08, 0x10, 0x00, 0x80],
+        &[0x66, 0xba, 0xf8, 0x0c],
+        &[0xef],
+        &[0x66, 0xba, 0xfc, 0x0c],
+        &[0xed],
+    ]);
+    let rip = 0x0010_0000 + 9;
+    let c = translate(
+        &code[9..],
+        rip,
+        Bitness::B32,
+        &ExitPolicy::default(),
+        &TranslatorConfig::default(),
+    )
+    .unwrap();
+    check_cluster(&c, &code[9..], rip, &TranslatorConfig::default());
+    assert_eq!(c.insns.len(), 3);
+    assert_eq!(
+        c.insns[0].op,
+        Op::Out {
+            size: Size::S4,
+            port: PortSrc::Dx
+        }
+    );
+    assert_eq!(
+        c.insns[2].op,
+        Op::In {
+            size: Size::S4,
+            port: PortSrc::Dx
+        }
+    );
+    assert_eq!(shape(&c), Shape::StraightLine);
+    assert_eq!(c.bitness, Bitness::B32);
+}
+
+#[test]
+fn context_switch_cr3_msrs_and_tsc() {
+    // mov cr3, rax ; mov ecx, 0xc0000100 ; mov rax, rsi ; mov rdx, rsi ;
+    // shr rdx, 32 ; wrmsr ; mov ecx, 0xc0000101 ; wrmsr ; mov rax, cr3 ;
+    // rdmsr ; rdtsc
+    let code = asm(&[
+        MOV_CR3_RAX,
+        &[0xb9, 0x00, 0x01, 0x00, 0xc0],
+        &[0x48, 0x89, 0xf0],
+        &[0x48, 0x89, 0xf2],
+        &[0x48, 0xc1, 0xea, 0x20],
+        WRMSR,
+        &[0xb9, 0x01, 0x01, 0x00, 0xc0],
+        WRMSR,
+        &[0x0f, 0x20, 0xd8],
+        &[0x0f, 0x32],
+        RDTSC,
+    ]);
+    let c = translate64(&code, 0xffff_ffff_8000_0000).unwrap();
+    check_cluster(
+        &c,
+        &code,
+        0xffff_ffff_8000_0000,
+        &TranslatorConfig::default(),
+    );
+    assert_eq!(
+        exit_classes(&c),
+        vec![
+            ExitClass::MovToCr3,
+            ExitClass::Wrmsr,
+            ExitClass::Wrmsr,
+            ExitClass::Rdmsr,
+            ExitClass::Rdtsc
+        ]
+    );
+    // `mov rax, cr3` does not exit by default (no CR3-store exiting): a filler.
+    assert_eq!(c.insns[8].op, Op::MovFromCr { cr: 3, dst: 0 });
+    assert_eq!(c.insns[8].exit_class, None);
+    assert_eq!(c.insns.len(), 11);
+}
+
+#[test]
+fn rtc_read_with_update_in_progress_wait() {
+    // L: mov al,0x0a ; out 0x70,al ; in al,0x71 ; test al,0x80 ; jnz L ; mov al,0 ; out 0x70,al ; in al,0x71
+    // The cluster starts at `out 0x70,al`; the back-edge leaves to `mov al,0x0a`.
+    let code = asm(&[
+        &[0xb0, 0x0a],
+        &[0xe6, 0x70],
+        &[0xe4, 0x71],
+        &[0xa8, 0x80],
+        &jnz(-10),
+        &[0xb0, 0x00],
+        &[0xe6, 0x70],
+        &[0xe4, 0x71],
+    ]);
+    let c = translate64(&code[2..], 0x1002).unwrap();
+    check_cluster(&c, &code[2..], 0x1002, &TranslatorConfig::default());
+    assert_eq!(c.exiting_count(), 4);
+    assert_eq!(
+        c.insns[3].op,
+        Op::Jcc {
+            cond: crate::ir::Cond::Ne,
+            target: Target::Exit(0x1000)
+        }
+    );
+}
+
+#[test]
+fn instruction_pointers_do_not_wrap() {
+    // 16-bit code at the top of the segment: the second cpuid would wrap.
+    let code = asm(&[CPUID, CPUID]);
+    assert_eq!(
+        translate(
+            &code,
+            0xfffe,
+            Bitness::B16,
+            &ExitPolicy::default(),
+            &TranslatorConfig::default()
+        ),
+        Err(NoCluster::CodeEnds)
+    );
+    let c = translate(
+        &code,
+        0xfffc,
+        Bitness::B16,
+        &ExitPolicy::default(),
+        &TranslatorConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(c.end, 0x10000);
+    assert_eq!(
+        translate(
+            &code,
+            0x10000,
+            Bitness::B16,
+            &ExitPolicy::default(),
+            &TranslatorConfig::default()
+        ),
+        Err(NoCluster::RipOutOfRange)
+    );
+    assert_eq!(translate64(&code, u64::MAX - 3), Err(NoCluster::CodeEnds));
+    assert_eq!(
+        translate64(&code, u64::MAX - 1),
+        Err(NoCluster::Undecodable)
+    );
+    assert!(translate64(&code, u64::MAX - 4).is_ok());
+}
+
+mod prop {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Encodings that make clusters likely: exits, branches both ways, fillers,
+    /// memory accesses, blockers.
+    fn piece() -> impl Strategy<Value = Vec<u8>> {
+        let fixed: Vec<Vec<u8>> = vec![
+            CPUID.to_vec(),
+            RDTSC.to_vec(),
+            WRMSR.to_vec(),
+            HLT.to_vec(),
+            NOP.to_vec(),
+            STI.to_vec(),
+            IN_AL_DX.to_vec(),
+            OUT_DX_AL.to_vec(),
+            OUT_80_AL.to_vec(),
+            LOAD_EAX_RBX.to_vec(),
+            STORE_RBX_EAX.to_vec(),
+            PUSH_RAX.to_vec(),
+            POP_RAX.to_vec(),
+            TEST_AL_20.to_vec(),
+            DEC_ECX.to_vec(),
+            MOV_CR3_RAX.to_vec(),
+            MOV_CR0_RAX.to_vec(),
+            vec![0xf3, 0x6c],
+            vec![0x6e],
+            vec![0xe4, 0x71],
+            vec![0x0f, 0x32],
+        ];
+        prop_oneof![
+            4 => proptest::sample::select(fixed),
+            1 => any::<i8>().prop_map(jz),
+            2 => (-24i8..0).prop_map(jnz),
+            1 => any::<i8>().prop_map(jmp),
+            1 => any::<i8>().prop_map(|r| vec![0xe2, r as u8]),
+            1 => any::<i32>().prop_map(|r| {
+                let mut v = vec![0x0f, 0x85];
+                v.extend(r.to_le_bytes());
+                v
+            }),
+            1 => proptest::collection::vec(any::<u8>(), 0..6),
+        ]
+    }
+
+    fn rip() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            any::<u64>(),
+            0u64..0x2_0000,
+            (0u64..64).prop_map(|d| 0xffffu64.wrapping_sub(d)),
+            (0u64..64).prop_map(|d| 0xffff_ffffu64.wrapping_sub(d)),
+            (0u64..64).prop_map(|d| u64::MAX - d),
+        ]
+    }
+
+    /// A RIP the bitness can address: low, or close to the top of its range.
+    fn rip_in(bitness: Bitness) -> impl Strategy<Value = u64> {
+        let top: u64 = match bitness {
+            Bitness::B16 => 0xffff,
+            Bitness::B32 => 0xffff_ffff,
+            Bitness::B64 => u64::MAX,
+        };
+        prop_oneof![
+            3 => 0u64..0x1000,
+            1 => (0u64..48).prop_map(move |d| top - d),
+        ]
+    }
+
+    fn bitness() -> impl Strategy<Value = Bitness> {
+        proptest::sample::select(vec![Bitness::B16, Bitness::B32, Bitness::B64])
+    }
+
+    fn config() -> impl Strategy<Value = TranslatorConfig> {
+        (
+            0usize..40,
+            0usize..200,
+            // Past the IR's limit too: the config is clamped to it.
+            0usize..20,
+            0u32..6,
+            0u16..20,
+            any::<bool>(),
+        )
+            .prop_map(|(look_ahead, max_insns, max_head, max_gap, cap, cr3)| {
+                TranslatorConfig {
+                    look_ahead,
+                    max_cluster_insns: max_insns,
+                    max_loop_head_insns: max_head,
+                    max_gap_memory_accesses: max_gap,
+                    back_edge_cap: cap,
+                    end_after_cr3_load: cr3,
+                }
+            })
+    }
+
+    fn check(code: &[u8], rip: u64, bitness: Bitness, config: &TranslatorConfig) {
+        if let Ok(c) = translate(code, rip, bitness, &ExitPolicy::default(), config) {
+            check_cluster(&c, code, rip, config);
+            assert_eq!(c.bitness, bitness);
+            for edge in &c.back_edges {
+                if edge.cap.is_some() {
+                    assert_eq!(edge.cap, Some(config.back_edge_cap));
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn random_bytes_never_panic(code in proptest::collection::vec(any::<u8>(), 0..80), rip in rip(), bitness in bitness()) {
+            check(&code, rip, bitness, &TranslatorConfig::default());
+        }
+
+        #[test]
+        fn loops_with_heads_keep_cluster_promises(
+            head in proptest::collection::vec(piece(), 0..5),
+            first in proptest::sample::select(vec![CPUID, RDTSC, IN_AL_DX, OUT_80_AL, WRMSR]),
+            pieces in proptest::collection::vec(piece(), 0..10),
+            back_to in any::<proptest::sample::Index>(),
+            config in config(),
+        ) {
+            let base = 0x40_0000u64;
+            let mut code: Vec<u8> = head.concat();
+            let entry = code.len();
+            code.extend(first);
+            for p in &pieces {
+                code.extend(p);
+            }
+            // A JNZ back to a random byte at or before the entry.
+            let target = back_to.index(entry + 1);
+            let rel = target as i64 - (code.len() as i64 + 2);
+            if let Ok(rel) = i8::try_from(rel) {
+                code.extend(jnz(rel));
+            }
+            let rip = base + entry as u64;
+            let policy = ExitPolicy::default();
+            if let Ok(t) = translate_in(&code, base, rip, Bitness::B64, &policy, &config) {
+                check_cluster_in(&t.cluster, &code, base, rip, &config);
+            }
+        }
+
+        #[test]
+        fn instruction_soup_keeps_cluster_promises(
+            first in proptest::sample::select(vec![CPUID, RDTSC, IN_AL_DX, OUT_80_AL, WRMSR]),
+            pieces in proptest::collection::vec(piece(), 0..24),
+            (bitness, rip) in bitness().prop_flat_map(|b| (Just(b), rip_in(b))),
+            config in config(),
+        ) {
+            let mut code = first.to_vec();
+            for p in &pieces {
+                code.extend(p);
+            }
+            check(&code, rip, bitness, &config);
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! The [`Guest`] implementation hv/core's exit handler and engine use: the vCPU's
+//! state in the VMCS, guest RAM, the device models' ports, the MSRs and CPUID the
+//! guest sees.
+
+use core::arch::asm;
+
+use avex_core::guest::{CpuState, Fault, Guest, NotRam, Segment};
+
+use super::{rdtsc, read_cr2, write_cr2, Vcpu, CR4_OSXSAVE, EFER_LMA, RFLAGS_IF};
+use crate::vmx::{self, field as f, vmread, vmwrite};
+
+/// The guest's TPR is the processor's own CR8. With neither "CR8-load exiting",
+/// "CR8-store exiting" nor "use TPR shadow", MOV to or from CR8 in VMX non-root
+/// operation reads and writes the processor's TPR (SDM 26.3, "MOV to CR8"), and
+/// TPR is not switched at VM entry or exit; the hypervisor uses no local-APIC
+/// interrupts (its own are off), so the TPR is the guest's alone. The engine's
+/// CR8 (through `state`/`set_state`) and CR8 in native guest code are then one
+/// register. Were CR8 exiting enabled by a policy, its exits complete through the
+/// engine and land here too; a TPR shadow would move this to the virtual-APIC page.
+fn read_tpr() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR8 has no side effects.
+    unsafe { asm!("mov {}, cr8", out(reg) v, options(nomem, nostack)) };
+    v
+}
+
+fn write_tpr(v: u64) {
+    // SAFETY: CR8 holds the guest's TPR only (see `read_tpr`); bits above 3 are
+    // masked off, which would otherwise #GP in the hypervisor.
+    unsafe { asm!("mov cr8, {}", in(reg) v & 0xf, options(nomem, nostack)) };
+}
+
+/// MSRs that hold linear addresses: WRMSR of a non-canonical value raises #GP
+/// (SDM, WRMSR: DS_AREA, FS/GS base, kernel GS base, LSTAR, SYSENTER_ESP/EIP; CSTAR
+/// as AMD, KVM and Bochs check it). Installing one instead would make the next VM
+/// entry fail (VMCS fields) or fault in the hypervisor (MSRs it passes through).
+const LINEAR_ADDRESS_MSRS: [u32; 8] = [
+    0x175,
+    0x176,
+    0x600,
+    0xc000_0082,
+    0xc000_0083,
+    0xc000_0100,
+    0xc000_0101,
+    0xc000_0102,
+];
+
+fn canonical(a: u64) -> bool {
+    ((a as i64) << 16 >> 16) as u64 == a
+}
+
+/// MSRs the guest may use on the real CPU: the host never uses them.
+fn passthrough_msr(msr: u32) -> bool {
+    matches!(msr, 0xc000_0081..=0xc000_0084 | 0xc000_0102 | 0xc000_0103)
+}
+
+impl Guest for Vcpu {
+    fn state(&mut self) -> CpuState {
+        let mut gpr = [0u64; 16];
+        for (i, g) in gpr.iter_mut().enumerate() {
+            *g = self.gpr(i);
+        }
+        let mut seg = [Segment::default(); 6];
+        for (i, s) in seg.iter_mut().enumerate() {
+            let i = i as u64;
+            *s = Segment {
+                selector: vmread(f::seg_sel(i)) as u16,
+                base: vmread(f::seg_base(i)),
+                limit: vmread(f::seg_limit(i)) as u32,
+                attrs: vmread(f::seg_ar(i)) as u32,
+            };
+        }
+        CpuState {
+            gpr,
+            rip: vmread(f::GUEST_RIP),
+            rflags: vmread(f::GUEST_RFLAGS),
+            cr0: vmread(f::CR0_READ_SHADOW),
+            cr2: read_cr2(),
+            cr3: vmread(f::GUEST_CR3),
+            cr4: vmread(f::CR4_READ_SHADOW),
+            cr8: read_tpr(),
+            efer: vmread(f::GUEST_EFER),
+            seg,
+            pdpte: None,
+        }
+    }
+
+    fn set_state(&mut self, s: &CpuState) {
+        for i in 0..16 {
+            self.set_gpr(i, s.gpr[i]);
+        }
+        vmwrite(f::GUEST_RIP, s.rip);
+        vmwrite(f::GUEST_RFLAGS, s.rflags | 2);
+        if s.cr2 != read_cr2() {
+            write_cr2(s.cr2);
+        }
+        vmwrite(f::GUEST_CR3, s.cr3);
+        self.write_cr4(s.cr4);
+        vmwrite(f::GUEST_EFER, s.efer);
+        self.write_cr0(s.cr0);
+        if s.cr8 != read_tpr() {
+            write_tpr(s.cr8);
+        }
+        for (i, sg) in s.seg.iter().enumerate() {
+            let i = i as u64;
+            vmwrite(f::seg_sel(i), u64::from(sg.selector));
+            vmwrite(f::seg_base(i), sg.base);
+            vmwrite(f::seg_limit(i), u64::from(sg.limit));
+            vmwrite(f::seg_ar(i), u64::from(sg.attrs));
+        }
+    }
+
+    fn read_phys(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), NotRam> {
+        let r = self.ram.range(gpa, buf.len()).ok_or(NotRam { gpa })?;
+        buf.copy_from_slice(&self.ram.as_slice()[r]);
+        Ok(())
+    }
+
+    fn write_phys(&mut self, gpa: u64, data: &[u8]) -> Result<(), NotRam> {
+        let r = self.ram.range(gpa, data.len()).ok_or(NotRam { gpa })?;
+        self.ram.as_mut_slice()[r].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn port_in(&mut self, port: u16, size: u8) -> u32 {
+        let now = self.now_ns();
+        self.bus.read(port, size, now)
+    }
+
+    fn port_out(&mut self, port: u16, size: u8, value: u32) {
+        let now = self.now_ns();
+        self.bus.write(port, size, value, now);
+        let out = self.bus.take_console_output();
+        if !out.is_empty() {
+            crate::serial::console_write(&out);
+        }
+    }
+
+    fn stop_requested(&mut self) -> bool {
+        self.bus.exit_status().is_some()
+    }
+
+    fn rdmsr(&mut self, msr: u32) -> Result<u64, Fault> {
+        Ok(match msr {
+            0x10 => rdtsc(),
+            0x1b => 0xfee0_0900,
+            0x174 => vmread(f::GUEST_SYSENTER_CS),
+            0x175 => vmread(f::GUEST_SYSENTER_ESP),
+            0x176 => vmread(f::GUEST_SYSENTER_EIP),
+            0xc000_0080 => vmread(f::GUEST_EFER),
+            0xc000_0100 => vmread(f::seg_base(4)),
+            0xc000_0101 => vmread(f::seg_base(5)),
+            m if passthrough_msr(m) => {
+                // SAFETY: syscall/swapgs MSRs the hypervisor never uses; reading them
+                // has no effect on the host.
+                unsafe { x86_64::registers::model_specific::Msr::new(m).read() }
+            }
+            m => match self.msrs.get(&m) {
+                Some(&v) => v,
+                None => return Err(Fault::GeneralProtection),
+            },
+        })
+    }
+
+    fn wrmsr(&mut self, msr: u32, value: u64) -> Result<(), Fault> {
+        if LINEAR_ADDRESS_MSRS.contains(&msr) && !canonical(value) {
+            return Err(Fault::GeneralProtection);
+        }
+        match msr {
+            0x10 | 0x1b => {}
+            0x174 => vmwrite(f::GUEST_SYSENTER_CS, value),
+            0x175 => vmwrite(f::GUEST_SYSENTER_ESP, value),
+            0x176 => vmwrite(f::GUEST_SYSENTER_EIP, value),
+            0xc000_0080 => {
+                // LMA is read-only; it follows LME and CR0.PG.
+                if value & !(0xd01) != 0 {
+                    return Err(Fault::GeneralProtection);
+                }
+                let lma = vmread(f::GUEST_EFER) & EFER_LMA;
+                self.write_efer((value & !EFER_LMA) | lma);
+            }
+            0xc000_0100 => vmwrite(f::seg_base(4), value),
+            0xc000_0101 => vmwrite(f::seg_base(5), value),
+            m if passthrough_msr(m) => {
+                // SAFETY: as in rdmsr; the value is the guest's own and only the
+                // guest's SYSCALL/SWAPGS/RDTSCP use it.
+                unsafe { x86_64::registers::model_specific::Msr::new(m).write(value) }
+            }
+            0x277 | 0x1a0 | 0x2ff | 0x200..=0x21f | 0x250..=0x26f => {
+                self.msrs.insert(msr, value);
+            }
+            _ => {
+                // Other MSRs: remembered, so a later read returns what was written.
+                self.msrs.insert(msr, value);
+            }
+        }
+        Ok(())
+    }
+
+    fn cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+        let (eax, ebx, mut ecx, edx) = (r.eax, r.ebx, r.ecx, r.edx);
+        if leaf == 1 {
+            ecx &= !(1 << 5); // no nested VMX
+            ecx |= 1 << 31; // running under a hypervisor
+            ecx &= !(1 << 27);
+            if vmread(f::CR4_READ_SHADOW) & CR4_OSXSAVE != 0 {
+                ecx |= 1 << 27;
+            }
+        }
+        [eax, ebx, ecx, edx]
+    }
+
+    fn tsc(&mut self) -> u64 {
+        rdtsc()
+    }
+
+    fn xgetbv(&mut self, index: u32) -> Result<u64, Fault> {
+        if index == 0 && vmread(f::CR4_READ_SHADOW) & CR4_OSXSAVE != 0 {
+            Ok(self.xcr0)
+        } else if index == 0 {
+            Err(Fault::InvalidOpcode)
+        } else {
+            Err(Fault::GeneralProtection)
+        }
+    }
+
+    fn xsetbv(&mut self, index: u32, value: u64) -> Result<(), Fault> {
+        if index != 0 || value & 1 == 0 || value & !0x7 != 0 || (value & 4 != 0 && value & 2 == 0) {
+            return Err(Fault::GeneralProtection);
+        }
+        self.xcr0 = value;
+        Ok(())
+    }
+
+    fn interrupt_pending(&mut self) -> bool {
+        if vmread(f::GUEST_RFLAGS) & RFLAGS_IF == 0 {
+            return false;
+        }
+        let now = self.now_ns();
+        self.bus.pending_vector(now).is_some()
+    }
+
+    /// The engine changed the guest's mappings (MOV CR3, INVLPG, a paging bit of
+    /// CR0/CR4): with VPID the CPU keeps the guest's TLB entries across exits and
+    /// entries, so flush them (single-context: INVLPG's address is not passed, and
+    /// flushing more is always correct). Without VPID every VM entry and exit
+    /// flushes them already. EPT permission changes flush with INVEPT (`invept`).
+    fn invalidate_tlb(&mut self) {
+        if self.vpid != 0 {
+            vmx::invvpid_single(self.vpid);
+        }
+    }
+}
