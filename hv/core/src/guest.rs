@@ -47,9 +47,10 @@ pub struct CpuState {
     /// The four PDPTE registers of PAE paging, loaded by the CPU at the last MOV to
     /// CR3 (or the CR0/CR4 write that enabled PAE paging); PAE walks use them, not
     /// memory. `None`: the backend does not supply them, and the engine's walks read
-    /// them from memory at CR3 until the engine itself loads them (it does at every
-    /// MOV to CR3/CR0/CR4 it runs in PAE mode). A backend that receives `Some` in
-    /// `set_state` must make the vCPU use exactly these values.
+    /// them from memory at CR3 until the engine itself loads them (at every MOV to
+    /// CR3/CR0/CR4 that loads them on the CPU: `engine::cr::loads_pdptes`). A
+    /// backend that receives `Some` in `set_state` must make the vCPU use exactly
+    /// these values.
     pub pdpte: Option<[u64; 4]>,
 }
 
