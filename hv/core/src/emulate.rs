@@ -39,16 +39,6 @@ pub enum Completion {
     Cannot(&'static str),
 }
 
-/// The guest's MAXPHYADDR from its own CPUID (leaf 0x80000008), 36 if absent.
-pub fn maxphyaddr<G: Guest + ?Sized>(guest: &mut G) -> u8 {
-    let max_ext = guest.cpuid(0x8000_0000, 0)[0];
-    if max_ext >= 0x8000_0008 {
-        (guest.cpuid(0x8000_0008, 0)[0] & 0xff) as u8
-    } else {
-        36
-    }
-}
-
 /// Complete the instruction at the guest's RIP with the engine.
 pub fn complete<G: Guest + ?Sized>(guest: &mut G) -> Completion {
     let mut spent = 0;
@@ -128,7 +118,7 @@ fn run_one<G: Guest + ?Sized>(guest: &mut G, max_insns: u64) -> Result<RunOutcom
     };
     let limits = RunLimits {
         max_insns: max_insns.max(1),
-        maxphyaddr: maxphyaddr(guest),
+        maxphyaddr: guest.cpu_caps().maxphyaddr,
     };
     Ok(engine::run(&cluster, guest, 0, &limits))
 }

@@ -167,6 +167,10 @@ pub struct ExitHandler {
     clock: Option<fn() -> u64>,
     insn_budget: u64,
     translator: TranslatorConfig,
+    /// The guest's physical-address width (from its CPUID, which does not change
+    /// it at run time), read at the first cluster run: page walks check reserved
+    /// bits against it.
+    maxphyaddr: Option<u8>,
 }
 
 /// Most guest code bytes fetched for one run-time translation.
@@ -198,6 +202,7 @@ impl ExitHandler {
             clock: None,
             insn_budget: DEFAULT_INSN_BUDGET,
             translator: TranslatorConfig::default(),
+            maxphyaddr: None,
         }
     }
 
@@ -488,6 +493,9 @@ impl ExitHandler {
     /// exiting instruction (the guest's RIP is now after it). The guest state is left
     /// where the cluster ended.
     pub fn run_cluster<G: Guest + ?Sized>(&mut self, start: u64, guest: &mut G) -> ClusterEnd {
+        let maxphyaddr = *self
+            .maxphyaddr
+            .get_or_insert_with(|| guest.cpu_caps().maxphyaddr);
         let Some(entry) = self.cache.lookup(start) else {
             let rip = guest.state().rip;
             return ClusterEnd {
@@ -511,7 +519,7 @@ impl ExitHandler {
         };
         let limits = engine::RunLimits {
             max_insns: self.insn_budget,
-            ..engine::RunLimits::default()
+            maxphyaddr,
         };
         let out = engine::run(cluster, guest, index, &limits);
         if matches!(

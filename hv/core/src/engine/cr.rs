@@ -211,7 +211,7 @@ pub fn load_pdptes<G: Guest + ?Sized>(
 }
 
 /// MSRs that hold a linear address and refuse (#GP) a non-canonical one on WRMSR.
-pub const LINEAR_ADDRESS_MSRS: [u32; 7] = [
+pub const LINEAR_ADDRESS_MSRS: [u32; 8] = [
     MSR_SYSENTER_ESP,
     MSR_SYSENTER_EIP,
     MSR_LSTAR,
@@ -219,10 +219,12 @@ pub const LINEAR_ADDRESS_MSRS: [u32; 7] = [
     MSR_FS_BASE,
     MSR_GS_BASE,
     MSR_KERNEL_GS_BASE,
+    MSR_DS_AREA,
 ];
 
 pub const MSR_SYSENTER_ESP: u32 = 0x175;
 pub const MSR_SYSENTER_EIP: u32 = 0x176;
+pub const MSR_DS_AREA: u32 = 0x600;
 pub const MSR_EFER: u32 = 0xc000_0080;
 pub const MSR_LSTAR: u32 = 0xc000_0082;
 pub const MSR_CSTAR: u32 = 0xc000_0083;

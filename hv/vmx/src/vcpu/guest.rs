@@ -4,6 +4,7 @@
 
 use core::arch::asm;
 
+use avex_core::engine::cr;
 use avex_core::guest::{CpuState, Fault, Guest, NotRam, Segment};
 
 use super::{rdtsc, read_cr2, write_cr2, Vcpu, CR4_OSXSAVE, EFER_LMA, RFLAGS_IF};
@@ -28,25 +29,6 @@ fn write_tpr(v: u64) {
     // SAFETY: CR8 holds the guest's TPR only (see `read_tpr`); bits above 3 are
     // masked off, which would otherwise #GP in the hypervisor.
     unsafe { asm!("mov cr8, {}", in(reg) v & 0xf, options(nomem, nostack)) };
-}
-
-/// MSRs that hold linear addresses: WRMSR of a non-canonical value raises #GP
-/// (SDM, WRMSR: DS_AREA, FS/GS base, kernel GS base, LSTAR, SYSENTER_ESP/EIP; CSTAR
-/// as AMD, KVM and Bochs check it). Installing one instead would make the next VM
-/// entry fail (VMCS fields) or fault in the hypervisor (MSRs it passes through).
-const LINEAR_ADDRESS_MSRS: [u32; 8] = [
-    0x175,
-    0x176,
-    0x600,
-    0xc000_0082,
-    0xc000_0083,
-    0xc000_0100,
-    0xc000_0101,
-    0xc000_0102,
-];
-
-fn canonical(a: u64) -> bool {
-    ((a as i64) << 16 >> 16) as u64 == a
 }
 
 /// MSRs the guest may use on the real CPU: the host never uses them.
@@ -81,7 +63,9 @@ impl Guest for Vcpu {
             cr8: read_tpr(),
             efer: vmread(f::GUEST_EFER),
             seg,
-            pdpte: None,
+            // Under PAE paging the CPU walks with the PDPTEs loaded at the last
+            // CR3/CR0/CR4 write (saved in the VMCS at each exit), not memory.
+            pdpte: self.pae_paging().then(|| self.pdptes()),
         }
     }
 
@@ -100,6 +84,9 @@ impl Guest for Vcpu {
         self.write_cr0(s.cr0);
         if s.cr8 != read_tpr() {
             write_tpr(s.cr8);
+        }
+        if let Some(p) = s.pdpte.filter(|_| self.pae_paging()) {
+            self.set_pdptes(p);
         }
         for (i, sg) in s.seg.iter().enumerate() {
             let i = i as u64;
@@ -163,8 +150,11 @@ impl Guest for Vcpu {
     }
 
     fn wrmsr(&mut self, msr: u32, value: u64) -> Result<(), Fault> {
-        if LINEAR_ADDRESS_MSRS.contains(&msr) && !canonical(value) {
-            return Err(Fault::GeneralProtection);
+        // A non-canonical linear address would make the next VM entry fail (VMCS
+        // fields) or fault in the hypervisor (MSRs it passes through): #GP, as the
+        // CPU raises.
+        if cr::LINEAR_ADDRESS_MSRS.contains(&msr) {
+            cr::check_wrmsr(msr, value, &self.cpu_caps())?;
         }
         match msr {
             0x10 | 0x1b => {}

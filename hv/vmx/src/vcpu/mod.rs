@@ -616,7 +616,7 @@ impl Vcpu {
     }
 
     /// Make the CPU use these PDPTEs from the next VM entry.
-    fn set_pdptes(&mut self, pdptes: [u64; 4]) {
+    pub(super) fn set_pdptes(&mut self, pdptes: [u64; 4]) {
         for (i, p) in pdptes.into_iter().enumerate() {
             vmwrite(f::GUEST_PDPTE0 + 2 * i as u64, p);
         }
