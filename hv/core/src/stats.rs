@@ -344,7 +344,6 @@ mod tests {
         assert_eq!(s.in_cluster_exiting, 1);
         assert_eq!(s.in_cluster_by_class.get("IN"), Some(&1));
         assert_eq!(s.avoided(), 1);
-        assert_eq!(s.exit_prone(), s.exits() + 1);
         assert_eq!(s.in_cluster_not_exiting_by_class.get("CPUID"), Some(&1));
         assert_eq!(s.in_cluster_not_exiting_by_class.get("RDTSC"), Some(&1));
         assert_eq!(s.in_cluster_not_exiting(), 2);

@@ -40,6 +40,7 @@ mod kstats;
 mod mem;
 mod vcpu;
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Once};
@@ -398,8 +399,9 @@ impl Vm {
         stop: &AtomicBool,
         timeout_secs: f64,
     ) -> Result<u8, Error> {
+        let _kick = KickTarget::set(self.guest.vcpu.get_kvm_run());
         loop {
-            if stop.load(Ordering::Relaxed) {
+            if stop.load(Ordering::SeqCst) {
                 self.guest.invalidate();
                 let rip = self.guest.rip();
                 return Err(Error::Timeout {
@@ -629,7 +631,44 @@ fn setup_msr_exits(kvm: &Kvm, vm: &VmFd, policy: &ExitPolicy) -> MsrExits {
     }
 }
 
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+thread_local! {
+    /// This thread's vCPU `kvm_run` mapping while [`Vm::run`] runs it, for the kick
+    /// signal's handler (const-initialised, no destructor: a plain TLS slot that a
+    /// signal handler may read).
+    static KVM_RUN: Cell<*mut kvm_bindings::kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Publishes the vCPU's `kvm_run` to [`kick_handler`] for as long as it lives.
+struct KickTarget;
+
+impl KickTarget {
+    fn set(run: *mut kvm_bindings::kvm_run) -> KickTarget {
+        KVM_RUN.with(|r| r.set(run));
+        KickTarget
+    }
+}
+
+impl Drop for KickTarget {
+    fn drop(&mut self) {
+        KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+    }
+}
+
+/// The kick: sets `immediate_exit`, so a KVM_RUN entered after the run loop
+/// checked its stop flag returns at once (EINTR) instead of running the guest; a
+/// KVM_RUN already running returns EINTR because of the signal itself. One kick is
+/// never lost (Firecracker kicks its vCPUs the same way).
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(|r| r.get());
+    if !run.is_null() {
+        // SAFETY: `run` is this thread's live kvm_run mapping: `KickTarget` set it
+        // before the run loop and clears it before the mapping (owned by the VcpuFd
+        // that outlives the loop) can go. The signal was sent to this thread, so the
+        // write happens between two of its instructions; `immediate_exit` is a
+        // plain u8 that KVM reads at KVM_RUN, written volatile so it is not elided.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
 
 fn kick_signal() -> libc::c_int {
     vmm_sys_util::signal::SIGRTMIN() + 2
@@ -665,6 +704,7 @@ pub fn run(elf: &[u8], config: &Config, console: &mut dyn FnMut(&[u8])) -> Resul
             vm.run(&mut sink, &stop2, timeout_secs)
         })
         .map_err(|e| Error::Thread(e.to_string()))?;
+    let mut kicked = false;
     loop {
         let wait = match deadline {
             Some(d) => d
@@ -676,10 +716,13 @@ pub fn run(elf: &[u8], config: &Config, console: &mut dyn FnMut(&[u8])) -> Resul
             Ok(Msg::Console(b)) => console(&b),
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    stop.store(true, Ordering::Relaxed);
+                if !kicked && deadline.is_some_and(|d| Instant::now() >= d) {
+                    // Stop first, then kick: the vCPU thread sees the flag at its
+                    // next loop, and the kick's immediate_exit makes sure there is one.
+                    stop.store(true, Ordering::SeqCst);
                     use vmm_sys_util::signal::Killable;
                     let _ = handle.kill(kick_signal());
+                    kicked = true;
                 }
             }
         }
