@@ -955,12 +955,9 @@ fn hostile_clusters_never_panic() {
         g.state.rip = CODE_VA;
         let _ = engine::run(c, &mut g, 0, &RunLimits::default());
         let _ = engine::run(c, &mut g, 1, &RunLimits::default());
-        assert!(
-            engine::validate(c).is_err(),
-            "variant {k} must fail validation"
-        );
+        assert!(validate(c).is_err(), "variant {k} must fail validation");
     }
-    assert!(engine::validate(&good).is_ok());
+    assert!(validate(&good).is_ok());
     // A LOOP to an index outside the cluster stops before it, RCX untouched.
     let mut g = guest();
     g.state.gpr[RCX as usize] = 5;
@@ -984,26 +981,12 @@ fn hostile_clusters_never_panic() {
     );
 }
 
-fn exit_class_of(op: &Op) -> Option<ExitClass> {
-    Some(match op {
-        Op::In { .. } => ExitClass::In,
-        Op::Out { .. } => ExitClass::Out,
-        Op::Ins { .. } => ExitClass::Ins,
-        Op::Cpuid => ExitClass::Cpuid,
-        Op::Rdtsc => ExitClass::Rdtsc,
-        Op::Hlt => ExitClass::Hlt,
-        _ => return None,
-    })
-}
-
 #[test]
 fn real_exiting_instructions_through_lower() {
     use iced_x86::{Decoder, DecoderOptions};
     #[rustfmt::skip]
     let bytes: &[u8] = &[
-        0xba, 0xf8, 0x03, 0x00, 0x00, // mov edx, 0x3f8
-        0xb0, 0x41,                   // mov al, 'A'
-        0xee,                         // out dx, al
+        0xee,                         // out dx, al (a cluster starts at an exiting instruction)
         0xec,                         // in al, dx
         0xe6, 0x80,                   // out 0x80, al
         0x0f, 0xa2,                   // cpuid
@@ -1017,7 +1000,7 @@ fn real_exiting_instructions_through_lower() {
         insns.push(Insn {
             rip: d.ip(),
             len: d.len() as u8,
-            exit_class: exit_class_of(&op),
+            exit_class: op.exit_class(),
             op,
         });
     }
@@ -1029,10 +1012,12 @@ fn real_exiting_instructions_through_lower() {
         insns,
         back_edges: vec![],
     };
-    assert!(engine::validate(&c).is_ok());
+    assert!(validate(&c).is_ok());
     let mut g = guest();
     g.write_bytes(CODE_GPA, bytes);
     g.state.rip = CODE_VA;
+    g.state.gpr[RDX as usize] = 0x3f8;
+    g.state.gpr[RAX as usize] = 0x41;
     g.state.gpr[RDI as usize] = DATA_VA;
     g.script_port(0x3f8, &[0x42]);
     g.script_port(0x60, &[7, 8]);
@@ -1078,7 +1063,7 @@ fn mutate_and_run(g0: &TestGuest, base: &Cluster, seed: u64, rounds: u32) -> u32
             };
             let _ = engine::run(&c, &mut g, 0, &limits);
             let _ = engine::run(&c, &mut g, 1, &limits);
-            let _ = engine::validate(&c);
+            let _ = validate(&c);
             ran += 1;
         }
     }
