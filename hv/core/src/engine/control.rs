@@ -1,0 +1,198 @@
+//! Control flow: the run loop (budget, self-writes, back-edge caps and the
+//! interrupt check at back-edges), the code check before a run, and the branches.
+
+use super::*;
+
+impl<G: Guest + ?Sized> Engine<'_, G> {
+    pub(super) fn run_from(&mut self, start: usize) -> (StopReason, u64, Option<usize>) {
+        let c = self.c;
+        let n = c.insns.len();
+        let mut idx = start;
+        loop {
+            let Some(insn) = c.insns.get(idx) else {
+                return (StopReason::Invalid(Invalid::StartIndex), self.st.rip, None);
+            };
+            if insn.rip < c.start
+                || insn.rip.saturating_add(insn.len as u64) > c.end
+                || insn.len == 0
+            {
+                // Only instructions inside the checked bytes ever run. Control
+                // reached this instruction's claimed address: resume there.
+                return (
+                    StopReason::Invalid(Invalid::InsnPlacement(idx as u16)),
+                    insn.rip,
+                    None,
+                );
+            }
+            if self.units == 0 {
+                return (StopReason::Budget, insn.rip, Some(idx));
+            }
+            let flow = if self.exec_fast(&insn.op) {
+                Flow::Next
+            } else {
+                match self.exec(insn) {
+                    Ok(f) => f,
+                    Err(r) => return (r, insn.rip, Some(idx)),
+                }
+            };
+            self.units -= 1;
+            self.stats.insns += 1;
+            if let Some(cl) = insn.exit_class {
+                self.stats.exiting += 1;
+                if let Some(s) = self.stats.by_class.get_mut(cl as usize) {
+                    *s += 1;
+                }
+            }
+            let next_rip = insn.rip + insn.len as u64;
+            let next = match flow {
+                Flow::Next => {
+                    if idx + 1 < n && c.insns[idx + 1].rip == next_rip {
+                        idx + 1
+                    } else if self.code_written {
+                        return (StopReason::SelfWrite, next_rip, None);
+                    } else {
+                        return (StopReason::End, next_rip, None);
+                    }
+                }
+                Flow::Exit(rip) => return (StopReason::ExitBranch, rip, None),
+                Flow::StopAfter(r) => {
+                    let at = (idx + 1 < n && c.insns[idx + 1].rip == next_rip).then_some(idx + 1);
+                    return (r, next_rip, at);
+                }
+                Flow::Jump(t) => {
+                    let t = t as usize;
+                    let Some(tgt) = c.insns.get(t) else {
+                        return (
+                            StopReason::Invalid(Invalid::Target(idx as u16)),
+                            insn.rip,
+                            Some(idx),
+                        );
+                    };
+                    if t <= idx {
+                        self.stats.back_edges += 1;
+                        let slot = c.back_edges.iter().position(|b| b.insn as usize == idx);
+                        let capped = match slot {
+                            Some(k) => {
+                                let cnt = &mut self.be_counts[k % MAX_BACK_EDGES];
+                                *cnt += 1;
+                                matches!(c.back_edges[k].cap, Some(cap) if *cnt > cap as u32)
+                            }
+                            None => true,
+                        };
+                        if capped {
+                            return (StopReason::BackEdgeCap, tgt.rip, Some(t));
+                        }
+                        if self.g.interrupt_pending() {
+                            return (StopReason::InterruptPending, tgt.rip, Some(t));
+                        }
+                    }
+                    t
+                }
+            };
+            if self.code_written {
+                let rip = c.insns[next].rip;
+                return (StopReason::SelfWrite, rip, Some(next));
+            }
+            idx = next;
+        }
+    }
+
+    /// Compares the guest's code with the cluster's bytes, recording the code pages.
+    pub(super) fn check_code(&mut self) -> R<()> {
+        let c = self.c;
+        let cs = self.st.seg[Seg::Cs as usize];
+        if !self.b64 && (c.end - 1 > cs.limit as u64 || cs.attrs & (1 << 16) != 0) {
+            return Err(StopReason::CodeUnreadable);
+        }
+        let base = if self.b64 { 0 } else { cs.base };
+        let mut off = 0usize;
+        let mut page = 0;
+        let mut buf = [0u8; 256];
+        while off < c.guest_bytes.len() {
+            let mut la = base.wrapping_add(c.start).wrapping_add(off as u64);
+            if !self.b64 {
+                la &= 0xffff_ffff;
+            } else if !canonical(la) {
+                return Err(StopReason::CodeUnreadable);
+            }
+            let gpa = self
+                .mmu
+                .translate(self.g, la, Access::Fetch, &mut self.stats.page_walks)
+                .map_err(|_| StopReason::CodeUnreadable)?;
+            let in_page = (4096 - (la & 0xfff)) as usize;
+            let chunk = in_page.min(c.guest_bytes.len() - off);
+            if page < MAX_CODE_PAGES {
+                self.code_pages[page] = gpa >> 12;
+                page += 1;
+            }
+            let mut done = 0;
+            while done < chunk {
+                let k = (chunk - done).min(buf.len());
+                self.g
+                    .read_phys(gpa + done as u64, &mut buf[..k])
+                    .map_err(|_| StopReason::CodeUnreadable)?;
+                if buf[..k] != c.guest_bytes[off + done..off + done + k] {
+                    return Err(StopReason::CodeChanged);
+                }
+                done += k;
+            }
+            off += chunk;
+        }
+        Ok(())
+    }
+
+    // ---- branches -------------------------------------------------------------------
+
+    fn target(t: Target) -> Flow {
+        match t {
+            Target::Insn(i) => Flow::Jump(i),
+            Target::Exit(r) => Flow::Exit(r),
+        }
+    }
+
+    /// A branch target outside the cluster stops before the branch (nothing done).
+    fn check_target(&self, t: Target) -> R<()> {
+        match t {
+            Target::Insn(i) if i as usize >= self.c.insns.len() => {
+                Err(StopReason::Invalid(Invalid::Target(i)))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub(super) fn jmp(&self, target: Target) -> R<Flow> {
+        self.check_target(target)?;
+        Ok(Self::target(target))
+    }
+
+    pub(super) fn jcc(&mut self, c: Cond, target: Target) -> R<Flow> {
+        self.check_target(target)?;
+        if alu::cond(c, self.st.rflags) {
+            return Ok(Self::target(target));
+        }
+        Ok(Flow::Next)
+    }
+
+    /// LOOP/LOOPE/LOOPNE count (R/E)CX down at `addr_size`; JCXZ only tests it.
+    pub(super) fn loop_(&mut self, kind: LoopKind, addr_size: Size, target: Target) -> R<Flow> {
+        self.check_target(target)?;
+        let rcx = self.st.gpr[RCX as usize] & addr_size.mask();
+        let zf = self.st.rflags & ZF != 0;
+        let taken = if kind == LoopKind::Jcxz {
+            rcx == 0
+        } else {
+            let n = rcx.wrapping_sub(1) & addr_size.mask();
+            write_gpr(&mut self.st.gpr[RCX as usize], addr_size, n);
+            n != 0
+                && match kind {
+                    LoopKind::Loope => zf,
+                    LoopKind::Loopne => !zf,
+                    _ => true,
+                }
+        };
+        if taken {
+            return Ok(Self::target(target));
+        }
+        Ok(Flow::Next)
+    }
+}

@@ -1,0 +1,332 @@
+//! One instruction: the gap fillers (data movement, ALU, shifts, bit tests, flags)
+//! and the dispatch of every op to the module that runs it.
+
+use super::operand::Loc;
+use super::*;
+
+impl<G: Guest + ?Sized> Engine<'_, G> {
+    /// Register/immediate-only forms of the commonest gap fillers, inlined into the
+    /// run loop. Returns false (having done nothing) for anything else.
+    #[inline(always)]
+    pub(super) fn exec_fast(&mut self, op: &Op) -> bool {
+        let fl = self.st.rflags;
+        match *op {
+            Op::Mov {
+                size,
+                dst: Operand::Reg(d),
+                ref src,
+            } => {
+                let v = match *src {
+                    Operand::Reg(r) => self.reg(r),
+                    Operand::Imm(i) => i,
+                    Operand::Mem(_) => return false,
+                };
+                self.set_reg(d, v & size.mask());
+            }
+            Op::Alu {
+                op,
+                size,
+                dst: Operand::Reg(d),
+                ref src,
+            } => {
+                let b = match *src {
+                    Operand::Reg(r) => self.reg(r),
+                    Operand::Imm(i) => i,
+                    Operand::Mem(_) => return false,
+                };
+                let (res, f) = alu::alu(op, size, self.reg(d), b, fl);
+                if !matches!(op, AluOp::Cmp | AluOp::Test) {
+                    self.set_reg(d, res);
+                }
+                self.st.rflags = f;
+            }
+            Op::Lea { dst, ref addr } => {
+                let v = self.ea(addr, 0);
+                self.set_reg(dst, v);
+            }
+            _ => return false,
+        }
+        true
+    }
+
+    /// One instruction, the slow path (everything [`Self::exec_fast`] does not
+    /// do): the gap fillers' rules are here; branches are in `control`, exiting
+    /// instructions in `exiting`, stack and memory access in `operand`.
+    pub(super) fn exec(&mut self, insn: &Insn) -> R<Flow> {
+        let fl = self.st.rflags;
+        match insn.op {
+            Op::Mov {
+                size,
+                ref dst,
+                ref src,
+            } => {
+                let v = self.read(src, size)?;
+                if let Operand::Reg(r) = *dst {
+                    self.set_reg(r, v);
+                } else {
+                    let d = self.dst(dst, size, 0)?;
+                    self.store(d, v)?;
+                }
+            }
+            Op::Movzx {
+                dst,
+                ref src,
+                src_size,
+            } => {
+                let v = self.read(src, src_size)?;
+                self.set_reg(dst, v);
+            }
+            Op::Movsx {
+                dst,
+                ref src,
+                src_size,
+            } => {
+                let v = self.read(src, src_size)?;
+                self.set_reg(dst, sext(v, src_size));
+            }
+            Op::Lea { dst, addr } => {
+                let v = self.ea(&addr, 0);
+                self.set_reg(dst, v);
+            }
+            Op::Alu {
+                op,
+                size,
+                ref dst,
+                ref src,
+            } => {
+                let b = self.read(src, size)?;
+                let flags_only = matches!(op, AluOp::Cmp | AluOp::Test);
+                if let Operand::Reg(r) = *dst {
+                    let (res, f) = alu::alu(op, size, self.reg(r), b, fl);
+                    if !flags_only {
+                        self.set_reg(r, res);
+                    }
+                    self.st.rflags = f;
+                    return Ok(Flow::Next);
+                }
+                let d = if flags_only {
+                    None
+                } else {
+                    Some(self.dst(dst, size, 0)?)
+                };
+                let a = match d {
+                    Some(l) => self.load(l, size)?,
+                    None => self.read(dst, size)?,
+                };
+                let (r, f) = alu::alu(op, size, a, b, fl);
+                if let Some(l) = d {
+                    self.store(l, r)?;
+                }
+                self.set_flags(f);
+            }
+            Op::Unary { op, size, ref dst } => {
+                if let Operand::Reg(r) = *dst {
+                    let (res, f) = alu::unary(op, size, self.reg(r), fl);
+                    self.set_reg(r, res);
+                    self.st.rflags = f;
+                    return Ok(Flow::Next);
+                }
+                let d = self.dst(dst, size, 0)?;
+                let a = self.load(d, size)?;
+                let (r, f) = alu::unary(op, size, a, fl);
+                self.store(d, r)?;
+                self.set_flags(f);
+            }
+            Op::Shift {
+                op,
+                size,
+                ref dst,
+                ref count,
+            } => {
+                let cnt = self.read(count, Size::S1)?;
+                if let Operand::Reg(r) = *dst {
+                    let v = self.reg(r);
+                    let (res, f) = if matches!(count, Operand::Imm(_)) {
+                        alu::shift_reg_imm(op, size, v, cnt, fl)
+                    } else {
+                        alu::shift(op, size, v, cnt, fl)
+                    };
+                    self.set_reg(r, res);
+                    self.st.rflags = f;
+                    return Ok(Flow::Next);
+                }
+                let d = self.dst(dst, size, 0)?;
+                let a = self.load(d, size)?;
+                let (r, f) = alu::shift(op, size, a, cnt, fl);
+                self.store(d, r)?;
+                self.set_flags(f);
+            }
+            Op::Bit {
+                op,
+                size,
+                ref dst,
+                ref bit,
+            } => self.bit(op, size, dst, bit)?,
+            Op::Xchg { size, ref a, ref b } => {
+                // Memory first so a fault leaves everything undone.
+                let (la, lb) = match (a, b) {
+                    (Operand::Mem(_), _) => {
+                        let la = self.dst(a, size, 0)?;
+                        (la, self.dst(b, size, 0)?)
+                    }
+                    _ => {
+                        let lb = self.dst(b, size, 0)?;
+                        (self.dst(a, size, 0)?, lb)
+                    }
+                };
+                let va = self.load(la, size)?;
+                let vb = self.load(lb, size)?;
+                if let Loc::Mem(_) = la {
+                    self.store(la, vb)?;
+                    self.store(lb, va)?;
+                } else {
+                    self.store(lb, va)?;
+                    self.store(la, vb)?;
+                }
+            }
+            Op::Push { size, ref src } => self.push(size, src)?,
+            Op::Pop { size, ref dst } => self.pop(size, dst)?,
+            Op::Setcc { cond: c, ref dst } => {
+                let d = self.dst(dst, Size::S1, 0)?;
+                self.store(d, alu::cond(c, fl) as u64)?;
+            }
+            Op::Cmovcc {
+                cond: c,
+                size,
+                dst,
+                ref src,
+            } => {
+                let v = self.read(src, size)?;
+                let v = if alu::cond(c, fl) { v } else { self.reg(dst) };
+                self.set_reg(dst, v);
+            }
+            Op::Imul {
+                size,
+                dst,
+                ref src,
+                factor,
+            } => {
+                let s = self.read(src, size)?;
+                let (a, b) = match factor {
+                    Some(imm) => (s, imm),
+                    None => (self.reg(dst), s),
+                };
+                let (r, f) = alu::imul(size, a, b, self.st.rflags);
+                self.set_reg(dst, r);
+                self.st.rflags = f;
+            }
+            Op::SignExtendAcc { size } => {
+                let half = match size {
+                    Size::S8 => Size::S4,
+                    Size::S4 => Size::S2,
+                    _ => Size::S1,
+                };
+                let v = sext(self.st.gpr[0], half);
+                write_gpr(&mut self.st.gpr[0], size, v);
+            }
+            Op::SignExtendAccToDx { size } => {
+                let neg = (self.st.gpr[0] >> (size.bits() - 1)) & 1 != 0;
+                write_gpr(
+                    &mut self.st.gpr[RDX as usize],
+                    size,
+                    if neg { u64::MAX } else { 0 },
+                );
+            }
+            Op::Clc => self.st.rflags &= !CF,
+            Op::Stc => self.st.rflags |= CF,
+            Op::Cmc => self.st.rflags ^= CF,
+            Op::Cld => self.st.rflags &= !DF,
+            Op::Std => self.st.rflags |= DF,
+            Op::Nop | Op::Pause => {}
+            Op::Jmp { target } => return self.jmp(target),
+            Op::Jcc { cond: c, target } => return self.jcc(c, target),
+            Op::Loop {
+                kind,
+                addr_size,
+                target,
+            } => return self.loop_(kind, addr_size, target),
+            // ---- exiting instructions (exiting.rs) ----
+            Op::In { size, port } => return self.io_in(size, port),
+            Op::Out { size, port } => return self.io_out(size, port),
+            Op::Ins {
+                size,
+                addr_size,
+                rep,
+            } => return self.string_io(true, size, addr_size, rep, Seg::Es),
+            Op::Outs {
+                size,
+                addr_size,
+                rep,
+                seg,
+            } => return self.outs(size, addr_size, rep, seg),
+            Op::Rdmsr => return self.rdmsr(),
+            Op::Wrmsr => return self.wrmsr(),
+            Op::Cpuid => return self.cpuid(),
+            Op::MovToCr { cr, src } => return self.mov_to_cr(cr, src),
+            Op::MovFromCr { cr, dst } => return self.mov_from_cr(cr, dst),
+            Op::Clts => return self.clts(),
+            Op::Lmsw { ref src } => return self.lmsw(src),
+            Op::Rdtsc => return self.rdtsc(false),
+            Op::Rdtscp => return self.rdtsc(true),
+            Op::Rdpmc => return Err(StopReason::Unsupported),
+            Op::Xgetbv => return self.xgetbv(),
+            Op::Xsetbv => return self.xsetbv(),
+            Op::Wbinvd | Op::Invd => self.cpl0()?,
+            Op::Invlpg { .. } => return self.invlpg(),
+            Op::Hlt => {
+                self.cpl0()?;
+                return Err(StopReason::Hlt);
+            }
+        }
+        Ok(Flow::Next)
+    }
+
+    fn set_flags(&mut self, f: u64) {
+        self.st.rflags = f;
+    }
+
+    fn bit(&mut self, op: BitOp, size: Size, dst: &Operand, bit: &Operand) -> R<()> {
+        let bits = size.bits() as u64;
+        let (off, extra) = match bit {
+            Operand::Imm(v) => (*v & (bits - 1), 0),
+            Operand::Reg(r) => {
+                let raw = self.reg(*r) & size.mask();
+                match dst {
+                    Operand::Mem(_) => {
+                        let s = sext(raw, size) as i64;
+                        let words = s >> size.bits().trailing_zeros();
+                        (
+                            raw & (bits - 1),
+                            (words as u64).wrapping_mul(size.bytes() as u64),
+                        )
+                    }
+                    _ => (raw & (bits - 1), 0),
+                }
+            }
+            Operand::Mem(_) => return Err(StopReason::Invalid(Invalid::Operand(0))),
+        };
+        let access = if op == BitOp::Bt {
+            Access::Read
+        } else {
+            Access::Write
+        };
+        let loc = match dst {
+            Operand::Reg(r) => Loc::Reg(*r),
+            Operand::Mem(m) => Loc::Mem(self.mem_span(m, size, extra, access)?),
+            Operand::Imm(_) => return Err(StopReason::Invalid(Invalid::Operand(0))),
+        };
+        let v = self.load(loc, size)?;
+        let cf = (v >> off) & 1;
+        let nv = match op {
+            BitOp::Bt => v,
+            BitOp::Bts => v | (1 << off),
+            BitOp::Btr => v & !(1 << off),
+            BitOp::Btc => v ^ (1 << off),
+        };
+        if op != BitOp::Bt {
+            self.store(loc, nv)?;
+        }
+        self.st.rflags = (self.st.rflags & !CF) | cf;
+        Ok(())
+    }
+}
