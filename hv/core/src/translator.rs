@@ -331,7 +331,7 @@ fn assemble(
     insns.truncate(cut + 1);
     let back_edges = resolve_branches(&mut insns, config);
     let exiting = insns.iter().filter(|i| i.exit_class.is_some()).count();
-    if exiting < 2 && back_edges.is_empty() {
+    if (exiting < 2 && back_edges.is_empty()) || back_edges.len() > limits::MAX_BACK_EDGES {
         return None;
     }
     Some((insns, back_edges, head_len))

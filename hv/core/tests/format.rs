@@ -1277,3 +1277,38 @@ fn loop_head_before_the_first_exiting_instruction() {
     };
     assert_eq!(validate(&d), Err(ClusterError::FirstNotExiting));
 }
+
+#[test]
+fn more_back_edges_than_the_engine_counts_are_refused() {
+    // `out dx, al` then N `jmp` back to it: each a back-edge record.
+    let cluster = |n: u64| {
+        let mut insns = vec![out_dx(0x1000)];
+        insns.extend((0..n).map(|i| Insn {
+            rip: 0x1001 + i,
+            len: 1,
+            op: Op::Jmp {
+                target: Target::Insn(0),
+            },
+            exit_class: None,
+        }));
+        Cluster {
+            start: 0x1000,
+            end: 0x1001 + n,
+            bitness: Bitness::B64,
+            guest_bytes: vec![0x90; n as usize + 1],
+            back_edges: (1..=n)
+                .map(|i| BackEdge {
+                    insn: i as u16,
+                    cap: Some(10),
+                })
+                .collect(),
+            insns,
+        }
+    };
+    let limit = avex_core::ir::limits::MAX_BACK_EDGES as u64;
+    assert_eq!(validate(&cluster(limit)), Ok(()));
+    assert!(matches!(
+        validate(&cluster(limit + 1)),
+        Err(ClusterError::BadBackEdge { .. })
+    ));
+}

@@ -92,8 +92,7 @@ use crate::ir::limits::MAX_CLUSTER_BYTES;
 use crate::ir::*;
 use mmu::*;
 
-/// Largest number of back-edges per cluster.
-pub const MAX_BACK_EDGES: usize = 64;
+pub use crate::ir::limits::MAX_BACK_EDGES;
 /// Code pages a cluster can span (recorded by the code check for the self-write
 /// check).
 const MAX_CODE_PAGES: usize = MAX_CLUSTER_BYTES / 4096 + 1;

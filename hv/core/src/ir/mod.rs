@@ -447,6 +447,9 @@ pub mod limits {
     pub const MAX_LOOP_HEAD_INSNS: usize = 8;
     /// The most instructions in a cluster (indices fit `Target::Insn(u16)`).
     pub const MAX_CLUSTER_INSNS: usize = 4096;
+    /// The most back-edge records in a cluster (the engine counts each edge's
+    /// iterations in a fixed table).
+    pub const MAX_BACK_EDGES: usize = 64;
 }
 
 /// One instruction of a cluster.

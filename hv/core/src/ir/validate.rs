@@ -4,7 +4,7 @@
 
 use core::fmt;
 
-use super::limits::{MAX_CLUSTER_BYTES, MAX_INSN_LEN, MAX_LOOP_HEAD_INSNS};
+use super::limits::{MAX_BACK_EDGES, MAX_CLUSTER_BYTES, MAX_INSN_LEN, MAX_LOOP_HEAD_INSNS};
 use super::*;
 
 /// Why a cluster is not acceptable to the engine.
@@ -157,6 +157,12 @@ pub fn validate(c: &Cluster) -> Result<(), ClusterError> {
         });
     }
 
+    if c.back_edges.len() > MAX_BACK_EDGES {
+        return Err(CE::BadBackEdge {
+            index: MAX_BACK_EDGES,
+            reason: "more back-edge records than the limit (64)",
+        });
+    }
     let mut prev: Option<u16> = None;
     for (k, b) in c.back_edges.iter().enumerate() {
         let bad = |reason| CE::BadBackEdge { index: k, reason };
