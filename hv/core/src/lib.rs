@@ -10,6 +10,7 @@ extern crate alloc;
 #[cfg(any(test, feature = "std"))]
 extern crate std;
 
+pub mod arch;
 pub mod boot;
 pub mod cache;
 pub mod devices;

@@ -1,7 +1,8 @@
 //! Every way a cluster run ends: the resume RIP is exact, every earlier effect is
 //! done and no later one. Also the exiting instructions' effects through `Guest`.
 
-use avex_core::engine::mmu::*;
+use avex_core::arch::{cr0, cr4, msr, pfec, pte};
+use avex_core::engine::mmu::Paging;
 use avex_core::engine::test_guest::{fake_cluster, PageSize, TestGuest, INSN_LEN};
 use avex_core::engine::{self, RunLimits, RunOutcome, StopReason, DF};
 use avex_core::guest::Fault;
@@ -68,8 +69,8 @@ fn inc(r: u8) -> (Op, Option<ExitClass>) {
 
 fn guest() -> TestGuest {
     let mut g = TestGuest::long_mode(4 << 20);
-    g.map_range(CODE_VA, CODE_GPA, 0x2000, PTE_P);
-    g.map(DATA_VA, DATA_GPA, PageSize::K4, PTE_P | PTE_RW);
+    g.map_range(CODE_VA, CODE_GPA, 0x2000, pte::P);
+    g.map(DATA_VA, DATA_GPA, PageSize::K4, pte::P | pte::RW);
     g
 }
 
@@ -333,7 +334,7 @@ fn code_changed_does_nothing() {
 #[test]
 fn write_into_own_code_stops_right_after_it() {
     let mut g = guest();
-    g.map_range(CODE_VA, CODE_GPA, 0x2000, PTE_P | PTE_RW);
+    g.map_range(CODE_VA, CODE_GPA, 0x2000, pte::P | pte::RW);
     g.state.gpr[RDI as usize] = CODE_VA + 0x800; // same page, beyond the cluster
     g.state.gpr[RAX as usize] = 0xab;
     let c = prepare(
@@ -358,7 +359,7 @@ fn write_into_own_code_stops_right_after_it() {
     assert_eq!(g.outs().len(), 1);
     // As the last instruction: still reported, resuming after it.
     let mut g = guest();
-    g.map_range(CODE_VA, CODE_GPA, 0x2000, PTE_P | PTE_RW);
+    g.map_range(CODE_VA, CODE_GPA, 0x2000, pte::P | pte::RW);
     g.state.gpr[RDI as usize] = CODE_VA + 0x800;
     let c = prepare(
         &mut g,
@@ -372,7 +373,7 @@ fn write_into_own_code_stops_right_after_it() {
     assert_eq!((out.reason, out.rip), (StopReason::SelfWrite, c.end));
     // Through another virtual alias of the same frame: still caught (physical pages).
     let mut g = guest();
-    g.map(DATA_VA, CODE_GPA, PageSize::K4, PTE_P | PTE_RW);
+    g.map(DATA_VA, CODE_GPA, PageSize::K4, pte::P | pte::RW);
     g.state.gpr[RDI as usize] = DATA_VA + 0x900;
     let c = prepare(
         &mut g,
@@ -443,7 +444,7 @@ fn hlt_and_unsupported_and_faults_stop_before() {
         Op::Invlpg { addr: mem(RAX, 0) },
     ] {
         let mut g = guest();
-        g.map_range(CODE_VA, CODE_GPA, 0x2000, PTE_P | PTE_US);
+        g.map_range(CODE_VA, CODE_GPA, 0x2000, pte::P | pte::US);
         g.set_cpl(3);
         g.msrs.insert(0, 0);
         let c = prepare(&mut g, &[gap(op)]);
@@ -458,7 +459,7 @@ fn hlt_and_unsupported_and_faults_stop_before() {
     }
     // Port I/O at CPL 3 with IOPL 0 needs the TSS bitmap: left to the CPU.
     let mut g = guest();
-    g.map_range(CODE_VA, CODE_GPA, 0x2000, PTE_P | PTE_US);
+    g.map_range(CODE_VA, CODE_GPA, 0x2000, pte::P | pte::US);
     g.set_cpl(3);
     let c = prepare(&mut g, &[out_al(0x80)]);
     assert_eq!(run(&mut g, &c).reason, StopReason::Unsupported);
@@ -469,7 +470,7 @@ fn hlt_and_unsupported_and_faults_stop_before() {
     assert_eq!(g.outs().len(), 1);
     // XGETBV without CR4.OSXSAVE: #UD.
     let mut g = guest();
-    g.state.cr4 &= !CR4_OSXSAVE;
+    g.state.cr4 &= !cr4::OSXSAVE;
     let c = prepare(&mut g, &[(Op::Xgetbv, Some(ExitClass::Xgetbv))]);
     assert_eq!(
         run(&mut g, &c).reason,
@@ -482,8 +483,8 @@ fn exiting_instructions_do_their_work_through_the_guest() {
     let mut g = guest();
     g.script_port(0x71, &[0x12345678]);
     g.cpuid_leaves.insert((7, 0), [1, 2, 3, 4]);
-    g.msrs.insert(0x1b, 0xfee0_0900);
-    g.msrs.insert(0xc000_0103, 5);
+    g.msrs.insert(msr::APIC_BASE, msr::APIC_BASE_RESET);
+    g.msrs.insert(msr::TSC_AUX, 5);
     g.tsc = 0x1_0000_0000;
     g.tsc_step = 10;
     g.state.gpr[RAX as usize] = 0xffff_ffff_ffff_ffff;
@@ -511,14 +512,14 @@ fn exiting_instructions_do_their_work_through_the_guest() {
                 dst: r64(R9),
                 src: r64(RDX),
             }),
-            mov_imm(RCX, 0x1b),
+            mov_imm(RCX, msr::APIC_BASE.into()),
             (Op::Rdmsr, Some(ExitClass::Rdmsr)),
             gap(Op::Mov {
                 size: Size::S8,
                 dst: r64(R10),
                 src: r64(RAX),
             }),
-            mov_imm(RCX, 0xc000_0100),
+            mov_imm(RCX, msr::FS_BASE.into()),
             mov_imm(RAX, 0x5000),
             mov_imm(RDX, 0x7fff),
             (Op::Wrmsr, Some(ExitClass::Wrmsr)),
@@ -537,7 +538,7 @@ fn exiting_instructions_do_their_work_through_the_guest() {
             (Op::Invlpg { addr: mem(RAX, 0) }, Some(ExitClass::Invlpg)),
         ],
     );
-    g.state.cr0 |= CR0_TS;
+    g.state.cr0 |= cr0::TS;
     let out = run(&mut g, &c);
     assert_eq!(out.reason, StopReason::End, "{out:?}");
     assert_eq!(
@@ -546,8 +547,8 @@ fn exiting_instructions_do_their_work_through_the_guest() {
     );
     assert_eq!(g.state.gpr[R9 as usize], 4);
     assert_eq!(g.state.gpr[RBX as usize], 2);
-    assert_eq!(g.state.gpr[R10 as usize], 0xfee0_0900);
-    assert_eq!(g.msr_writes, vec![(0xc000_0100, 0x7fff_0000_5000)]);
+    assert_eq!(g.state.gpr[R10 as usize], msr::APIC_BASE_RESET);
+    assert_eq!(g.msr_writes, vec![(msr::FS_BASE, 0x7fff_0000_5000)]);
     assert_eq!(
         g.state.seg[Seg::Fs as usize].base,
         0x7fff_0000_5000,
@@ -558,11 +559,11 @@ fn exiting_instructions_do_their_work_through_the_guest() {
         "RDTSCP's ECX was overwritten by the mov"
     );
     assert_eq!(
-        g.state.gpr[R11 as usize] & CR0_TS,
-        CR0_TS,
+        g.state.gpr[R11 as usize] & cr0::TS,
+        cr0::TS,
         "read before CLTS"
     );
-    assert_eq!(g.state.cr0 & CR0_TS, 0);
+    assert_eq!(g.state.cr0 & cr0::TS, 0);
     assert_eq!(g.xcr0, 7);
     assert_eq!(g.tlb_flushes, 1);
     assert_eq!(out.stats.exiting, 11);
@@ -573,7 +574,7 @@ fn exiting_instructions_do_their_work_through_the_guest() {
     let mut g = guest();
     g.tsc = 0x1_0000_0000;
     g.tsc_step = 10;
-    g.msrs.insert(0xc000_0103, 5);
+    g.msrs.insert(msr::TSC_AUX, 5);
     let c = prepare(&mut g, &[(Op::Rdtscp, Some(ExitClass::Rdtscp))]);
     run(&mut g, &c);
     assert_eq!(g.state.gpr[RAX as usize], 10);
@@ -616,7 +617,7 @@ fn control_register_writes() {
     assert_eq!(g.state.gpr[RBX as usize], 0);
     // CR4 paging bits: done, then the cluster ends.
     let mut g = guest();
-    g.state.gpr[RAX as usize] = g.state.cr4 | CR4_PGE;
+    g.state.gpr[RAX as usize] = g.state.cr4 | cr4::PGE;
     let c = prepare(
         &mut g,
         &[
@@ -627,12 +628,12 @@ fn control_register_writes() {
     let out = run(&mut g, &c);
     assert_eq!(out.reason, StopReason::ModeChange);
     assert_eq!(out.rip, CODE_VA + L);
-    assert_ne!(g.state.cr4 & CR4_PGE, 0);
+    assert_ne!(g.state.cr4 & cr4::PGE, 0);
     assert_eq!(g.tlb_flushes, 1);
     assert_eq!(g.state.gpr[RBX as usize], 0);
     // CR4 bits that do not affect translation: the run continues.
     let mut g = guest();
-    g.state.gpr[RAX as usize] = g.state.cr4 | CR4_TSD;
+    g.state.gpr[RAX as usize] = g.state.cr4 | cr4::TSD;
     let c = prepare(
         &mut g,
         &[
@@ -644,7 +645,7 @@ fn control_register_writes() {
     assert_eq!(g.state.gpr[RBX as usize], 1);
     // Clearing CR4.PAE in long mode: #GP before.
     let mut g = guest();
-    g.state.gpr[RAX as usize] = g.state.cr4 & !CR4_PAE;
+    g.state.gpr[RAX as usize] = g.state.cr4 & !cr4::PAE;
     let c = prepare(
         &mut g,
         &[(Op::MovToCr { cr: 4, src: RAX }, Some(ExitClass::MovToCr4))],
@@ -655,7 +656,7 @@ fn control_register_writes() {
     );
     // CR0 with PG set and PE clear: #GP. Reserved CR0 bits 63:32: #GP.
     let mut g = guest();
-    g.state.gpr[RAX as usize] = CR0_PG;
+    g.state.gpr[RAX as usize] = cr0::PG;
     g.state.gpr[RCX as usize] = g.state.cr0 | 1 << 40;
     let c = prepare(
         &mut g,
@@ -675,7 +676,7 @@ fn control_register_writes() {
     );
     // CR0.WP toggle: done, TLB invalidated, run continues with the new WP.
     let mut g = guest();
-    g.state.gpr[RAX as usize] = g.state.cr0 & !CR0_WP;
+    g.state.gpr[RAX as usize] = g.state.cr0 & !cr0::WP;
     let c = prepare(
         &mut g,
         &[
@@ -684,7 +685,7 @@ fn control_register_writes() {
         ],
     );
     assert_eq!(run(&mut g, &c).reason, StopReason::End);
-    assert_eq!(g.state.cr0 & CR0_WP, 0);
+    assert_eq!(g.state.cr0 & cr0::WP, 0);
     // CR8 lowered with an interrupt pending: stop right after.
     let mut g = guest();
     g.state.cr8 = 0xf;
@@ -708,7 +709,7 @@ fn control_register_writes() {
         &[(Op::Lmsw { src: r64(RAX) }, Some(ExitClass::Lmsw))],
     );
     assert_eq!(run(&mut g, &c).reason, StopReason::End);
-    assert_eq!(g.state.cr0 & 0xf, CR0_TS | CR0_PE);
+    assert_eq!(g.state.cr0 & 0xf, cr0::TS | cr0::PE);
 }
 
 #[test]
@@ -716,7 +717,7 @@ fn rep_ins_and_outs_are_precise_per_iteration() {
     // REP INSB into a buffer whose second page is not present: the iterations on the
     // first page are done, RCX/RDI say where to continue, the stop names the page.
     let mut g = guest();
-    g.map(DATA_VA + 0x1000, DATA_GPA + 0x1000, PageSize::K4, PTE_RW);
+    g.map(DATA_VA + 0x1000, DATA_GPA + 0x1000, PageSize::K4, pte::RW);
     g.script_port(0x60, &[1, 2, 3, 4, 5, 6]);
     g.state.gpr[RDX as usize] = 0x60;
     g.state.gpr[RDI as usize] = DATA_VA + 0xffc;
@@ -737,7 +738,7 @@ fn rep_ins_and_outs_are_precise_per_iteration() {
         out.reason,
         StopReason::PageFault {
             addr: DATA_VA + 0x1000,
-            error_code: PF_W
+            error_code: pfec::W
         }
     );
     assert_eq!(out.rip, CODE_VA, "resume at the REP INS");
@@ -750,7 +751,7 @@ fn rep_ins_and_outs_are_precise_per_iteration() {
 
     // REP OUTSW backwards (DF=1), 32-bit address size wraps ESI, budget mid-way.
     let mut g = guest();
-    g.map(0, DATA_GPA + 0x2000, PageSize::K4, PTE_P);
+    g.map(0, DATA_GPA + 0x2000, PageSize::K4, pte::P);
     g.write_bytes(DATA_GPA + 0x2000, &[0x11, 0x22, 0x33, 0x44]);
     g.state.rflags |= DF;
     g.state.gpr[RSI as usize] = 0xdead_0000_0000_0002;
