@@ -236,6 +236,14 @@ pub mod cpuid {
     pub const L7_1_EAX_LAM: u32 = 1 << 26;
 }
 
+/// XCR0 state-component bits (SDM 13.3).
+pub mod xcr0 {
+    /// x87 state (always set).
+    pub const X87: u64 = 1 << 0;
+    pub const SSE: u64 = 1 << 1;
+    pub const AVX: u64 = 1 << 2;
+}
+
 /// Paging-structure entry bits (SDM 4.3, 4.4, 4.5).
 pub mod pte {
     pub const P: u64 = 1 << 0;
