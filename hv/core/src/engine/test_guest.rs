@@ -62,12 +62,12 @@ pub struct PortIo {
 
 /// Segment attributes (VMCS layout) for common descriptors.
 pub mod attrs {
-    /// 64-bit code, DPL 0.
-    pub const CODE64: u32 = 0xa09b;
+    /// 64-bit code, DPL 0 (the boot loader's).
+    pub const CODE64: u32 = crate::boot::ATTR_CODE64;
     /// 32-bit code, DPL 0.
-    pub const CODE32: u32 = 0xc09b;
+    pub const CODE32: u32 = crate::boot::ATTR_CODE32;
     /// 32-bit read/write data, DPL 0, 4G limit.
-    pub const DATA32: u32 = 0xc093;
+    pub const DATA32: u32 = crate::boot::ATTR_DATA;
     /// Real-mode code / data (16-bit, present, DPL 0).
     pub const REAL_CODE: u32 = 0x9b;
     pub const REAL_DATA: u32 = 0x93;
