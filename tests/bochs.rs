@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use avex_core::arch::msr;
 use serde_json::Value;
 
 use support::avex;
@@ -820,14 +821,14 @@ fn cr8_written_in_a_cluster_is_the_cr8_native_code_reads() {
 fn wrmsr_of_a_non_canonical_address_raises_gp_in_every_mode() {
     let mut want = String::new();
     for msr in [
-        0xc000_0100,
-        0xc000_0101,
-        0xc000_0102,
-        0xc000_0082,
-        0x175,
-        0x176,
+        msr::FS_BASE,
+        msr::GS_BASE,
+        msr::KERNEL_GS_BASE,
+        msr::LSTAR,
+        msr::SYSENTER_ESP,
+        msr::SYSENTER_EIP,
     ] {
-        want += &line("msr", msr);
+        want += &line("msr", msr.into());
         want += &line("gp", 1);
         want += &line("kept", 1);
     }

@@ -30,6 +30,7 @@
 use alloc::vec::Vec;
 use core::fmt;
 
+use crate::arch::{cr0, cr4, efer, pte, rflags};
 use crate::guest::{CpuState, Segment};
 
 /// First byte of guest RAM the loader reserves for itself.
@@ -74,19 +75,6 @@ const GDT: [u64; 4] = [
     0x00CF_9300_0000_FFFF, // flat 4 GiB data
     0x00CF_9B00_0000_FFFF, // flat 4 GiB 32-bit code
 ];
-
-// CR0 / CR4 / EFER bits.
-const CR0_PE: u64 = 1 << 0;
-const CR0_MP: u64 = 1 << 1;
-const CR0_ET: u64 = 1 << 4;
-const CR0_NE: u64 = 1 << 5;
-const CR0_WP: u64 = 1 << 16;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const CR4_OSFXSR: u64 = 1 << 9;
-const CR4_OSXMMEXCPT: u64 = 1 << 10;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
 
 const PT_LOAD: u32 = 1;
 const PT_DYNAMIC: u32 = 2;
@@ -487,25 +475,37 @@ pub fn load(elf: &[u8], ram: &mut [u8], cmdline: &str) -> Result<BootImage, Boot
     put(ram, CMDLINE_ADDR, cmdline.as_bytes());
 
     let mut state = CpuState {
-        rflags: 0x2,
+        rflags: rflags::FIXED,
         ..CpuState::default()
     };
     state.rip = img.entry;
     let mode = if img.class_bits == 64 {
         // Identity map of the first 4 GiB with 2 MiB pages (P, RW, PS).
-        put(ram, PML4_ADDR, &(PDPT_ADDR | 0x3).to_le_bytes());
+        put(
+            ram,
+            PML4_ADDR,
+            &(PDPT_ADDR | pte::P | pte::RW).to_le_bytes(),
+        );
         for gib in 0..4u64 {
             let pd = PD_ADDR + gib * 0x1000;
-            put(ram, PDPT_ADDR + gib * 8, &(pd | 0x3).to_le_bytes());
+            put(
+                ram,
+                PDPT_ADDR + gib * 8,
+                &(pd | pte::P | pte::RW).to_le_bytes(),
+            );
             for i in 0..512u64 {
                 let page = (gib << 30) | (i << 21);
-                put(ram, pd + i * 8, &(page | 0x83).to_le_bytes());
+                put(
+                    ram,
+                    pd + i * 8,
+                    &(page | pte::P | pte::RW | pte::PS).to_le_bytes(),
+                );
             }
         }
-        state.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
+        state.cr0 = cr0::PE | cr0::MP | cr0::ET | cr0::NE | cr0::WP | cr0::PG;
         state.cr3 = PML4_ADDR;
-        state.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
-        state.efer = EFER_LME | EFER_LMA;
+        state.cr4 = cr4::PAE | cr4::OSFXSR | cr4::OSXMMEXCPT;
+        state.efer = efer::LME | efer::LMA;
         let data = flat(SEL_DATA, ATTR_DATA);
         state.seg = [data, flat(SEL_CODE64, ATTR_CODE64), data, data, data, data];
         EntryMode::Long64
@@ -520,7 +520,7 @@ pub fn load(elf: &[u8], ram: &mut [u8], cmdline: &str) -> Result<BootImage, Boot
             mmap.extend_from_slice(&kind.to_le_bytes());
         }
         put(ram, MULTIBOOT_MMAP_ADDR, &mmap);
-        state.cr0 = CR0_PE | CR0_ET;
+        state.cr0 = cr0::PE | cr0::ET;
         state.gpr[crate::ir::RAX as usize] = u64::from(MULTIBOOT_MAGIC);
         state.gpr[crate::ir::RBX as usize] = MULTIBOOT_INFO_ADDR;
         let data = flat(SEL_DATA, ATTR_DATA);
@@ -633,21 +633,21 @@ mod tests {
     /// Walk the loader's page tables the way the MMU would.
     fn walk(ram: &[u8], cr3: u64, va: u64) -> Option<u64> {
         let pml4e = rd64(ram, (cr3 & !0xfff) + ((va >> 39) & 511) * 8);
-        if pml4e & 1 == 0 {
+        if pml4e & pte::P == 0 {
             return None;
         }
         let pdpte = rd64(
             ram,
             (pml4e & 0x000f_ffff_ffff_f000) + ((va >> 30) & 511) * 8,
         );
-        if pdpte & 1 == 0 {
+        if pdpte & pte::P == 0 {
             return None;
         }
         let pde = rd64(
             ram,
             (pdpte & 0x000f_ffff_ffff_f000) + ((va >> 21) & 511) * 8,
         );
-        if pde & 1 == 0 || pde & 0x80 == 0 {
+        if pde & pte::P == 0 || pde & pte::PS == 0 {
             return None;
         }
         Some((pde & 0x000f_ffff_ffe0_0000) | (va & 0x1f_ffff))
@@ -666,10 +666,10 @@ mod tests {
         assert!(ram[0x10_0003..0x10_0103].iter().all(|&x| x == 0));
         assert_eq!(ram[0x10_0103], 0xAA);
         assert_eq!(b.state.cr3, PML4_ADDR);
-        assert_ne!(b.state.cr0 & CR0_PG, 0);
-        assert_eq!(b.state.efer, EFER_LME | EFER_LMA);
+        assert_ne!(b.state.cr0 & cr0::PG, 0);
+        assert_eq!(b.state.efer, efer::LME | efer::LMA);
         assert!(b.state.segment(crate::ir::Seg::Cs).long());
-        assert_eq!(b.state.rflags & (1 << 9), 0, "interrupts off");
+        assert_eq!(b.state.rflags & rflags::IF, 0, "interrupts off");
         for va in [0u64, 0x10_0000, 0x1234_5678, 0xffff_f123, 0x8000_0000] {
             assert_eq!(walk(&ram, b.state.cr3, va), Some(va), "va {va:#x}");
         }
@@ -694,8 +694,8 @@ mod tests {
         assert_eq!(b.mode, EntryMode::Protected32);
         assert_eq!(b.state.gpr[0], 0x2BAD_B002);
         assert_eq!(b.state.gpr[3], MULTIBOOT_INFO_ADDR);
-        assert_eq!(b.state.cr0 & CR0_PG, 0);
-        assert_eq!(b.state.cr0 & CR0_PE, 1);
+        assert_eq!(b.state.cr0 & cr0::PG, 0);
+        assert_eq!(b.state.cr0 & cr0::PE, 1);
         assert!(b.state.segment(crate::ir::Seg::Cs).db());
         let info = MULTIBOOT_INFO_ADDR;
         assert_eq!(rd32(&ram, info) & 0x45, 0x45);

@@ -559,7 +559,7 @@ impl ExitHandler {
 /// The code size of the guest's current mode.
 pub fn bitness_of(state: &CpuState) -> Bitness {
     let cs = state.segment(crate::ir::Seg::Cs);
-    if state.efer & (1 << 10) != 0 && cs.long() {
+    if state.efer & crate::arch::efer::LMA != 0 && cs.long() {
         Bitness::B64
     } else if state.cr0 & 1 != 0 && cs.db() {
         Bitness::B32

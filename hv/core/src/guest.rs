@@ -99,41 +99,50 @@ impl CpuCaps {
     /// Reads the leaves it needs through `cpuid(leaf, subleaf)`, honouring the
     /// maximum basic and extended leaves.
     pub fn from_cpuid(mut cpuid: impl FnMut(u32, u32) -> [u32; 4]) -> CpuCaps {
-        let bit = |r: u32, n: u32| r >> n & 1 != 0;
-        let max = cpuid(0, 0)[0];
-        let l1 = if max >= 1 { cpuid(1, 0) } else { [0; 4] };
-        let l7 = if max >= 7 { cpuid(7, 0) } else { [0; 4] };
-        let l7_1 = if max >= 7 && l7[0] >= 1 {
-            cpuid(7, 1)
+        use crate::arch::cpuid::*;
+        let has = |r: u32, bit: u32| r & bit != 0;
+        let max = cpuid(LEAF_MAX, 0)[0];
+        let l1 = if max >= LEAF_FEATURES {
+            cpuid(LEAF_FEATURES, 0)
         } else {
             [0; 4]
         };
-        let max_ext = cpuid(0x8000_0000, 0)[0];
-        let maxphyaddr = if (0x8000_0008..0x8000_ffff).contains(&max_ext) {
-            (cpuid(0x8000_0008, 0)[0] & 0xff) as u8
-        } else if bit(l1[3], 6) {
+        let l7 = if max >= LEAF_EXT_FEATURES {
+            cpuid(LEAF_EXT_FEATURES, 0)
+        } else {
+            [0; 4]
+        };
+        let l7_1 = if max >= LEAF_EXT_FEATURES && l7[0] >= 1 {
+            cpuid(LEAF_EXT_FEATURES, 1)
+        } else {
+            [0; 4]
+        };
+        let max_ext = cpuid(LEAF_EXT_MAX, 0)[0];
+        let maxphyaddr = if (LEAF_ADDRESS_SIZES..0x8000_ffff).contains(&max_ext) {
+            (cpuid(LEAF_ADDRESS_SIZES, 0)[0] & 0xff) as u8
+        } else if has(l1[3], L1_EDX_PAE) {
             36
         } else {
             32
         };
         CpuCaps {
             maxphyaddr: maxphyaddr.clamp(32, 52),
-            la57: bit(l7[2], 16),
-            vmx: bit(l1[2], 5),
-            smx: bit(l1[2], 6),
-            pcid: bit(l1[2], 17),
-            xsave: bit(l1[2], 26),
-            fsgsbase: bit(l7[1], 0),
-            smep: bit(l7[1], 7),
-            smap: bit(l7[1], 20),
-            umip: bit(l7[2], 2),
-            pku: bit(l7[2], 3),
-            pks: bit(l7[2], 31),
-            cet: bit(l7[2], 7) || bit(l7[3], 20),
-            keylocker: bit(l7[2], 23),
-            uintr: bit(l7[3], 5),
-            lam: bit(l7_1[0], 26),
-            fred: bit(l7_1[0], 17),
+            la57: has(l7[2], L7_ECX_LA57),
+            vmx: has(l1[2], L1_ECX_VMX),
+            smx: has(l1[2], L1_ECX_SMX),
+            pcid: has(l1[2], L1_ECX_PCID),
+            xsave: has(l1[2], L1_ECX_XSAVE),
+            fsgsbase: has(l7[1], L7_EBX_FSGSBASE),
+            smep: has(l7[1], L7_EBX_SMEP),
+            smap: has(l7[1], L7_EBX_SMAP),
+            umip: has(l7[2], L7_ECX_UMIP),
+            pku: has(l7[2], L7_ECX_PKU),
+            pks: has(l7[2], L7_ECX_PKS),
+            cet: has(l7[2], L7_ECX_CET_SS) || has(l7[3], L7_EDX_CET_IBT),
+            keylocker: has(l7[2], L7_ECX_KEYLOCKER),
+            uintr: has(l7[3], L7_EDX_UINTR),
+            lam: has(l7_1[0], L7_1_EAX_LAM),
+            fred: has(l7_1[0], L7_1_EAX_FRED),
         }
     }
 
@@ -201,7 +210,7 @@ pub trait Guest {
     fn xsetbv(&mut self, index: u32, value: u64) -> Result<(), Fault>;
     /// IA32_TSC_AUX for RDTSCP.
     fn tsc_aux(&mut self) -> u64 {
-        self.rdmsr(0xc000_0103).unwrap_or(0)
+        self.rdmsr(crate::arch::msr::TSC_AUX).unwrap_or(0)
     }
     /// True when an interrupt is waiting that the guest could take now; the engine
     /// checks it at back-edges and stops the cluster so it is delivered.

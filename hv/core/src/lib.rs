@@ -2,7 +2,9 @@
 //!
 //! `no_std` + `alloc`: the bare-metal VT-x hypervisor links this crate too.
 //! Nothing here knows about VMCS fields or `kvm_run`; backends implement
-//! [`guest::Guest`] and turn their hardware's exits into [`exit::Exit`].
+//! [`guest::Guest`] and turn their hardware's exits into [`exit::Exit`]. The x86
+//! architectural facts every crate uses (register bits, MSR numbers, CPUID bits)
+//! are in [`arch`], once.
 #![no_std]
 #![forbid(unsafe_code)]
 
@@ -10,6 +12,7 @@ extern crate alloc;
 #[cfg(any(test, feature = "std"))]
 extern crate std;
 
+pub mod arch;
 pub mod boot;
 pub mod cache;
 pub mod devices;

@@ -16,6 +16,8 @@ use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::arch::cr0;
+
 /// Every x86 instruction class that can exit under VT-x. `name()` gives the upper-case
 /// name used in reports and JSON (`OUT`, `MOV_TO_CR3`, ...).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -400,11 +402,6 @@ impl RangeSet {
 /// MSR bitmaps are in use (SDM 26.1.3).
 pub const MSR_BITMAP_RANGES: [(u32, u32); 2] = [(0, 0x1fff), (0xc000_0000, 0xc000_1fff)];
 
-/// CR0.TS: CLTS exits when the hypervisor owns it.
-const CR0_TS: u64 = 1 << 3;
-/// CR0.PE, MP, EM, TS: the bits LMSW can write.
-const CR0_LMSW_BITS: u64 = 0xf;
-
 /// Which instructions exit: the hypervisor configures VT-x (or KVM) from this value,
 /// and the AOT pass clusters by it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -521,8 +518,8 @@ impl ExitPolicy {
                 self.any_port_exits()
             }
             ExitClass::Rdmsr | ExitClass::Wrmsr => self.any_msr_exits(),
-            ExitClass::Clts => self.cr0_guest_host_mask & CR0_TS != 0,
-            ExitClass::Lmsw => self.cr0_guest_host_mask & CR0_LMSW_BITS != 0,
+            ExitClass::Clts => self.cr0_guest_host_mask & cr0::TS != 0,
+            ExitClass::Lmsw => self.cr0_guest_host_mask & cr0::LMSW_BITS != 0,
             _ => match class.exit_kind() {
                 ExitKind::Always => true,
                 ExitKind::Control(control) => self.control_enabled(control),

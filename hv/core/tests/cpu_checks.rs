@@ -2,8 +2,9 @@
 //! (`engine::cr`), one case per rule, and the features they are checked against
 //! (`CpuCaps` from CPUID).
 
+use avex_core::arch::{cr0, cr4, efer, msr};
 use avex_core::engine::cr::{self, PdpteError};
-use avex_core::engine::mmu::*;
+use avex_core::engine::mmu::Paging;
 use avex_core::engine::test_guest::{attrs, TestGuest};
 use avex_core::guest::{CpuCaps, CpuState, Fault};
 use avex_core::ir::Seg;
@@ -109,47 +110,47 @@ fn cr0_rules() {
     assert_eq!(cr::check_write(0, cr0, &s, &c), OK);
     assert_eq!(cr::check_write(0, cr0 | 1 << 32, &s, &c), GP, "bits 63:32");
     assert_eq!(
-        cr::check_write(0, cr0 | CR0_NW, &s, &c),
+        cr::check_write(0, cr0 | cr0::NW, &s, &c),
         GP,
         "NW without CD"
     );
-    assert_eq!(cr::check_write(0, cr0 | CR0_NW | CR0_CD, &s, &c), OK);
+    assert_eq!(cr::check_write(0, cr0 | cr0::NW | cr0::CD, &s, &c), OK);
     assert_eq!(
-        cr::check_write(0, cr0 & !CR0_PG, &s, &c),
+        cr::check_write(0, cr0 & !cr0::PG, &s, &c),
         GP,
         "clearing PG in 64-bit mode"
     );
     assert_eq!(
-        cr::check_write(0, cr0 & !CR0_PG, &compat(), &c),
+        cr::check_write(0, cr0 & !cr0::PG, &compat(), &c),
         OK,
         "compatibility mode may leave IA-32e mode"
     );
     let p = prot32();
     assert_eq!(
-        cr::check_write(0, CR0_PG | 0x10, &p, &c),
+        cr::check_write(0, cr0::PG | cr0::ET, &p, &c),
         GP,
         "PG without PE"
     );
-    assert_eq!(cr::check_write(0, p.cr0 | CR0_PG, &p, &c), OK);
+    assert_eq!(cr::check_write(0, p.cr0 | cr0::PG, &p, &c), OK);
     // Enabling paging with EFER.LME: needs CR4.PAE, and CS.L clear.
     let mut p = prot32();
-    p.efer |= EFER_LME;
+    p.efer |= efer::LME;
     assert_eq!(
-        cr::check_write(0, p.cr0 | CR0_PG, &p, &c),
+        cr::check_write(0, p.cr0 | cr0::PG, &p, &c),
         GP,
         "LME without PAE"
     );
-    p.cr4 |= CR4_PAE;
-    assert_eq!(cr::check_write(0, p.cr0 | CR0_PG, &p, &c), OK);
+    p.cr4 |= cr4::PAE;
+    assert_eq!(cr::check_write(0, p.cr0 | cr0::PG, &p, &c), OK);
     p.seg[Seg::Cs as usize].attrs = attrs::CODE64;
-    assert_eq!(cr::check_write(0, p.cr0 | CR0_PG, &p, &c), GP, "CS.L set");
+    assert_eq!(cr::check_write(0, p.cr0 | cr0::PG, &p, &c), GP, "CS.L set");
     // Clearing PG with CR4.PCIDE set; clearing WP with CR4.CET set.
     let mut p = compat();
-    p.cr4 |= CR4_PCIDE;
-    assert_eq!(cr::check_write(0, p.cr0 & !CR0_PG, &p, &c), GP);
+    p.cr4 |= cr4::PCIDE;
+    assert_eq!(cr::check_write(0, p.cr0 & !cr0::PG, &p, &c), GP);
     let mut s = long64();
-    s.cr4 |= CR4_CET;
-    assert_eq!(cr::check_write(0, s.cr0 & !CR0_WP, &s, &c), GP);
+    s.cr4 |= cr4::CET;
+    assert_eq!(cr::check_write(0, s.cr0 & !cr0::WP, &s, &c), GP);
 }
 
 #[test]
@@ -166,22 +167,22 @@ fn cr4_reserved_and_feature_bits() {
         );
     }
     let features = [
-        ("VMXE", CR4_VMXE),
-        ("SMXE", CR4_SMXE),
-        ("UMIP", CR4_UMIP),
-        ("FSGSBASE", CR4_FSGSBASE),
-        ("OSXSAVE", CR4_OSXSAVE),
-        ("KL", CR4_KL),
-        ("SMEP", CR4_SMEP),
-        ("SMAP", CR4_SMAP),
-        ("PKE", CR4_PKE),
-        ("CET", CR4_CET),
-        ("PKS", CR4_PKS),
-        ("UINTR", CR4_UINTR),
-        ("LAM_SUP", CR4_LAM_SUP),
-        ("FRED", CR4_FRED),
+        ("VMXE", cr4::VMXE),
+        ("SMXE", cr4::SMXE),
+        ("UMIP", cr4::UMIP),
+        ("FSGSBASE", cr4::FSGSBASE),
+        ("OSXSAVE", cr4::OSXSAVE),
+        ("KL", cr4::KL),
+        ("SMEP", cr4::SMEP),
+        ("SMAP", cr4::SMAP),
+        ("PKE", cr4::PKE),
+        ("CET", cr4::CET),
+        ("PKS", cr4::PKS),
+        ("UINTR", cr4::UINTR),
+        ("LAM_SUP", cr4::LAM_SUP),
+        ("FRED", cr4::FRED),
     ];
-    let base = base & !CR4_OSXSAVE;
+    let base = base & !cr4::OSXSAVE;
     for (name, bit) in features {
         assert_eq!(
             cr::check_write(4, base | bit, &s, &c),
@@ -195,14 +196,14 @@ fn cr4_reserved_and_feature_bits() {
         );
     }
     // Legacy bits are not tied to CPUID (as on KVM).
-    let legacy = CR4_VME | CR4_PVI | CR4_TSD | CR4_DE | CR4_PSE | CR4_MCE | CR4_PGE;
-    let legacy = legacy | CR4_PCE | CR4_OSFXSR | CR4_OSXMMEXCPT;
+    let legacy = cr4::VME | cr4::PVI | cr4::TSD | cr4::DE | cr4::PSE | cr4::MCE | cr4::PGE;
+    let legacy = legacy | cr4::PCE | cr4::OSFXSR | cr4::OSXMMEXCPT;
     assert_eq!(cr::check_write(4, base | legacy, &s, &none), OK);
     // VMXE on the test guest's default CPUID (no VMX).
     let mut g = TestGuest::long_mode(1 << 20);
     let caps = avex_core::guest::Guest::cpu_caps(&mut g);
     assert_eq!(
-        cr::check_write(4, g.state.cr4 | CR4_VMXE, &g.state, &caps),
+        cr::check_write(4, g.state.cr4 | cr4::VMXE, &g.state, &caps),
         GP
     );
 }
@@ -212,33 +213,33 @@ fn cr4_mode_rules() {
     let c = all_caps();
     let s = long64();
     assert_eq!(
-        cr::check_write(4, s.cr4 & !CR4_PAE, &s, &c),
+        cr::check_write(4, s.cr4 & !cr4::PAE, &s, &c),
         GP,
         "clearing PAE in IA-32e mode"
     );
     assert_eq!(
-        cr::check_write(4, s.cr4 | CR4_LA57, &s, &c),
+        cr::check_write(4, s.cr4 | cr4::LA57, &s, &c),
         GP,
         "changing LA57 in IA-32e mode"
     );
     // PCIDE: only in IA-32e mode, only with CR3[11:0] = 0, only on a 0-to-1 change.
-    assert_eq!(cr::check_write(4, s.cr4 | CR4_PCIDE, &s, &c), OK);
+    assert_eq!(cr::check_write(4, s.cr4 | cr4::PCIDE, &s, &c), OK);
     let mut t = long64();
     t.cr3 |= 0x8;
-    assert_eq!(cr::check_write(4, t.cr4 | CR4_PCIDE, &t, &c), GP);
-    t.cr4 |= CR4_PCIDE;
+    assert_eq!(cr::check_write(4, t.cr4 | cr4::PCIDE, &t, &c), GP);
+    t.cr4 |= cr4::PCIDE;
     assert_eq!(cr::check_write(4, t.cr4, &t, &c), OK, "already set");
     let p = prot32();
     assert_eq!(
-        cr::check_write(4, p.cr4 | CR4_PCIDE, &p, &c),
+        cr::check_write(4, p.cr4 | cr4::PCIDE, &p, &c),
         GP,
         "not IA-32e"
     );
-    assert_eq!(cr::check_write(4, p.cr4 | CR4_LA57 | CR4_PAE, &p, &c), OK);
+    assert_eq!(cr::check_write(4, p.cr4 | cr4::LA57 | cr4::PAE, &p, &c), OK);
     // CET needs CR0.WP.
     let mut p = prot32();
-    p.cr0 &= !CR0_WP;
-    assert_eq!(cr::check_write(4, p.cr4 | CR4_CET, &p, &c), GP);
+    p.cr0 &= !cr0::WP;
+    assert_eq!(cr::check_write(4, p.cr4 | cr4::CET, &p, &c), GP);
 }
 
 #[test]
@@ -253,7 +254,7 @@ fn cr3_rules() {
         "bit 63 without PCIDE"
     );
     let mut p = long64();
-    p.cr4 |= CR4_PCIDE;
+    p.cr4 |= cr4::PCIDE;
     assert_eq!(
         cr::check_write(3, 1 << 63 | 0x1001, &p, &c),
         OK,
@@ -303,10 +304,14 @@ fn linear_address_msrs_refuse_non_canonical_values() {
         assert_eq!(cr::check_wrmsr(msr, non57, &c57), GP, "{msr:#x}, LA57");
     }
     assert!(
-        cr::LINEAR_ADDRESS_MSRS.contains(&0xc000_0102),
+        cr::LINEAR_ADDRESS_MSRS.contains(&msr::KERNEL_GS_BASE),
         "KERNEL_GS_BASE"
     );
-    assert_eq!(cr::check_wrmsr(0x1b, non57, &c48), OK, "not an address MSR");
+    assert_eq!(
+        cr::check_wrmsr(msr::APIC_BASE, non57, &c48),
+        OK,
+        "not an address MSR"
+    );
 }
 
 #[test]
@@ -337,15 +342,15 @@ fn pdpte_loading_checks_reserved_bits_of_present_entries() {
     let mut pae = TestGuest::protected32(1 << 20, Paging::Pae).state;
     let before = pae.clone();
     assert!(cr::loads_pdptes(3, &before, &pae));
-    pae.cr4 |= CR4_PGE;
+    pae.cr4 |= cr4::PGE;
     assert!(cr::loads_pdptes(4, &before, &pae));
     let mut tsd = before.clone();
-    tsd.cr4 |= CR4_TSD;
+    tsd.cr4 |= cr4::TSD;
     assert!(!cr::loads_pdptes(4, &before, &tsd));
     let off = prot32();
     let mut on = off.clone();
-    on.cr4 |= CR4_PAE;
-    on.cr0 |= CR0_PG;
+    on.cr4 |= cr4::PAE;
+    on.cr0 |= cr0::PG;
     assert!(cr::loads_pdptes(0, &off, &on), "enabling PAE paging");
     assert!(!cr::loads_pdptes(3, &long64(), &long64()), "4-level paging");
 }

@@ -4,6 +4,7 @@
 
 mod engine_support;
 
+use avex_core::arch::{pfec, pte};
 use avex_core::engine::mmu::*;
 use avex_core::engine::test_guest::PageSize;
 use avex_core::engine::{self, RunLimits, StopReason, DF};
@@ -252,7 +253,7 @@ fn rep_ins_and_outs_are_precise_per_iteration() {
     // REP INSB into a buffer whose second page is not present: the iterations on the
     // first page are done, RCX/RDI say where to continue, the stop names the page.
     let mut g = guest();
-    g.map(DATA_VA + 0x1000, DATA_GPA + 0x1000, PageSize::K4, PTE_RW);
+    g.map(DATA_VA + 0x1000, DATA_GPA + 0x1000, PageSize::K4, pte::RW);
     g.script_port(0x60, &[1, 2, 3, 4, 5, 6]);
     g.state.gpr[RDX as usize] = 0x60;
     g.state.gpr[RDI as usize] = DATA_VA + 0xffc;
@@ -273,7 +274,7 @@ fn rep_ins_and_outs_are_precise_per_iteration() {
         out.reason,
         StopReason::PageFault {
             addr: DATA_VA + 0x1000,
-            error_code: PF_W
+            error_code: pfec::W
         }
     );
     assert_eq!(out.rip, CODE_VA, "resume at the REP INS");
@@ -286,7 +287,7 @@ fn rep_ins_and_outs_are_precise_per_iteration() {
 
     // REP OUTSW backwards (DF=1), 32-bit address size wraps ESI, budget mid-way.
     let mut g = guest();
-    g.map(0, DATA_GPA + 0x2000, PageSize::K4, PTE_P);
+    g.map(0, DATA_GPA + 0x2000, PageSize::K4, pte::P);
     g.write_bytes(DATA_GPA + 0x2000, &[0x11, 0x22, 0x33, 0x44]);
     g.state.rflags |= DF;
     g.state.gpr[RSI as usize] = 0xdead_0000_0000_0002;

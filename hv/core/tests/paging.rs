@@ -1,7 +1,8 @@
 //! Page walks in every paging mode, every fault kind, accessed/dirty updates,
 //! page-crossing accesses and not-RAM, through the engine and through `Mmu`.
 
-use avex_core::engine::mmu::*;
+use avex_core::arch::{cr0, cr4, efer, pfec, pte};
+use avex_core::engine::mmu::{Access, Mmu, Paging, XlateError};
 use avex_core::engine::test_guest::{attrs, fake_cluster, PageSize, TestGuest};
 use avex_core::engine::{self, RunLimits, RunOutcome, StopReason};
 use avex_core::guest::Guest;
@@ -59,7 +60,7 @@ fn run(g: &mut TestGuest, bitness: Bitness, ops: &[Op]) -> RunOutcome {
 
 fn long_guest() -> TestGuest {
     let mut g = TestGuest::long_mode(RAM);
-    g.map(CODE_VA, CODE_GPA, PageSize::K4, PTE_P);
+    g.map(CODE_VA, CODE_GPA, PageSize::K4, pte::P);
     g
 }
 
@@ -76,7 +77,7 @@ fn assert_pf(out: &RunOutcome, addr: u64, error_code: u32) {
 #[test]
 fn long_mode_4k_read_sets_accessed_bits_write_sets_dirty() {
     let mut g = long_guest();
-    g.map(DATA_VA, DATA_GPA, PageSize::K4, PTE_P | PTE_RW | PTE_NX);
+    g.map(DATA_VA, DATA_GPA, PageSize::K4, pte::P | pte::RW | pte::NX);
     g.write_bytes(DATA_GPA + 0x10, &0x1122_3344_5566_7788u64.to_le_bytes());
     g.state.gpr[RBX as usize] = DATA_VA;
     let entries = g.entries(DATA_VA);
@@ -89,9 +90,9 @@ fn long_mode_4k_read_sets_accessed_bits_write_sets_dirty() {
     assert_eq!(out.reason, StopReason::End);
     assert_eq!(g.state.gpr[RAX as usize], 0x1122_3344_5566_7788);
     for &e in &entries {
-        assert_ne!(g.read_u64(e) & PTE_A, 0, "A set in every level");
+        assert_ne!(g.read_u64(e) & pte::A, 0, "A set in every level");
     }
-    assert_eq!(g.leaf(DATA_VA) & PTE_D, 0, "a read does not set D");
+    assert_eq!(g.leaf(DATA_VA) & pte::D, 0, "a read does not set D");
     assert!(out.stats.page_walks >= 2, "code check and data access walk");
     assert_eq!(out.stats.mem_accesses, 1);
 
@@ -104,13 +105,13 @@ fn long_mode_4k_read_sets_accessed_bits_write_sets_dirty() {
     assert_eq!(out.reason, StopReason::End);
     assert_eq!(g.bytes(DATA_GPA + 0x20, 2), &[0xcd, 0xab]);
     assert_ne!(
-        g.leaf(DATA_VA) & PTE_D,
+        g.leaf(DATA_VA) & pte::D,
         0,
         "a write sets D in the final entry"
     );
     // D only in the leaf.
     let pde = g.read_u64(entries[2]);
-    assert_eq!(pde & PTE_D, 0);
+    assert_eq!(pde & pte::D, 0);
 }
 
 #[test]
@@ -120,9 +121,9 @@ fn long_mode_2m_and_1g_pages() {
         0x4000_0000 + 0x20_0000,
         0x20_0000,
         PageSize::Large,
-        PTE_P | PTE_RW,
+        pte::P | pte::RW,
     );
-    g.map(0x80_0000_0000, 0, PageSize::G1, PTE_P | PTE_RW);
+    g.map(0x80_0000_0000, 0, PageSize::G1, pte::P | pte::RW);
     g.write_bytes(0x20_0000 + 0x1_2345, &[0x5a]);
     g.write_bytes(0x30_1234, &[0xa5]);
     g.state.gpr[RBX as usize] = 0x4020_0000 + 0x1_2345;
@@ -142,16 +143,16 @@ fn long_mode_2m_and_1g_pages() {
     assert_eq!(g.bytes(0x30_1235, 1), &[0x5a]);
     let e2m = g.entries(0x4020_0000);
     assert_eq!(e2m.len(), 3, "PML4E, PDPTE, PDE(PS)");
-    assert_eq!(g.read_u64(*e2m.last().unwrap()) & (PTE_A | PTE_D), PTE_A);
+    assert_eq!(g.read_u64(*e2m.last().unwrap()) & (pte::A | pte::D), pte::A);
     let e1g = g.entries(0x80_0000_0000);
     assert_eq!(e1g.len(), 2, "PML4E, PDPTE(PS)");
-    assert_eq!(g.read_u64(e1g[1]) & (PTE_A | PTE_D), PTE_A | PTE_D);
+    assert_eq!(g.read_u64(e1g[1]) & (pte::A | pte::D), pte::A | pte::D);
 }
 
 #[test]
 fn not_present_faults_and_sets_no_accessed_bits() {
     let mut g = long_guest();
-    g.map(DATA_VA, DATA_GPA, PageSize::K4, PTE_RW); // not present
+    g.map(DATA_VA, DATA_GPA, PageSize::K4, pte::RW); // not present
     g.state.gpr[RBX as usize] = DATA_VA + 8;
     g.state.gpr[RAX as usize] = 77;
     // (The PML4E and PDPTE are shared with the code page, which the code check walks.)
@@ -176,7 +177,7 @@ fn not_present_faults_and_sets_no_accessed_bits() {
         Bitness::B64,
         &[store(Size::S8, mem(RBX, 0, Size::S8), RAX)],
     );
-    assert_pf(&out, DATA_VA + 8, PF_W);
+    assert_pf(&out, DATA_VA + 8, pfec::W);
     // A missing intermediate level faults too.
     g.state.gpr[RBX as usize] = 0x7000_0000_0000;
     let out = run(
@@ -190,7 +191,7 @@ fn not_present_faults_and_sets_no_accessed_bits() {
 #[test]
 fn write_to_read_only_honours_cr0_wp() {
     let mut g = long_guest();
-    g.map(DATA_VA, DATA_GPA, PageSize::K4, PTE_P);
+    g.map(DATA_VA, DATA_GPA, PageSize::K4, pte::P);
     g.state.gpr[RBX as usize] = DATA_VA;
     g.state.gpr[RAX as usize] = 0x42;
     let out = run(
@@ -198,9 +199,9 @@ fn write_to_read_only_honours_cr0_wp() {
         Bitness::B64,
         &[store(Size::S1, mem(RBX, 0, Size::S8), RAX)],
     );
-    assert_pf(&out, DATA_VA, PF_P | PF_W);
+    assert_pf(&out, DATA_VA, pfec::P | pfec::W);
     assert_eq!(g.bytes(DATA_GPA, 1), &[0]);
-    g.state.cr0 &= !CR0_WP;
+    g.state.cr0 &= !cr0::WP;
     let out = run(
         &mut g,
         Bitness::B64,
@@ -213,22 +214,22 @@ fn write_to_read_only_honours_cr0_wp() {
     );
     assert_eq!(g.bytes(DATA_GPA, 1), &[0x42]);
     // A user write to a read-only user page faults whatever WP says.
-    g.map(CODE_VA, CODE_GPA, PageSize::K4, PTE_P | PTE_US);
-    g.map(DATA_VA, DATA_GPA, PageSize::K4, PTE_P | PTE_US);
+    g.map(CODE_VA, CODE_GPA, PageSize::K4, pte::P | pte::US);
+    g.map(DATA_VA, DATA_GPA, PageSize::K4, pte::P | pte::US);
     g.set_cpl(3);
     let out = run(
         &mut g,
         Bitness::B64,
         &[store(Size::S1, mem(RBX, 0, Size::S8), RAX)],
     );
-    assert_pf(&out, DATA_VA, PF_P | PF_W | PF_U);
+    assert_pf(&out, DATA_VA, pfec::P | pfec::W | pfec::U);
 }
 
 #[test]
 fn user_access_to_supervisor_page_faults() {
     let mut g = long_guest();
-    g.map(CODE_VA, CODE_GPA, PageSize::K4, PTE_P | PTE_US);
-    g.map(DATA_VA, DATA_GPA, PageSize::K4, PTE_P | PTE_RW);
+    g.map(CODE_VA, CODE_GPA, PageSize::K4, pte::P | pte::US);
+    g.map(DATA_VA, DATA_GPA, PageSize::K4, pte::P | pte::RW);
     g.set_cpl(3);
     g.state.gpr[RBX as usize] = DATA_VA;
     let out = run(
@@ -236,15 +237,15 @@ fn user_access_to_supervisor_page_faults() {
         Bitness::B64,
         &[load(Size::S4, RAX, mem(RBX, 0, Size::S8))],
     );
-    assert_pf(&out, DATA_VA, PF_P | PF_U);
+    assert_pf(&out, DATA_VA, pfec::P | pfec::U);
     let out = run(
         &mut g,
         Bitness::B64,
         &[store(Size::S4, mem(RBX, 0, Size::S8), RAX)],
     );
-    assert_pf(&out, DATA_VA, PF_P | PF_U | PF_W);
+    assert_pf(&out, DATA_VA, pfec::P | pfec::U | pfec::W);
     // User code on a supervisor code page cannot even be fetched.
-    g.map(CODE_VA, CODE_GPA, PageSize::K4, PTE_P);
+    g.map(CODE_VA, CODE_GPA, PageSize::K4, pte::P);
     let out = run(&mut g, Bitness::B64, &[Op::Nop]);
     assert_eq!(out.reason, StopReason::CodeUnreadable);
     assert_eq!(out.stats.insns, 0);
@@ -253,7 +254,7 @@ fn user_access_to_supervisor_page_faults() {
 #[test]
 fn nx_fetch_faults_with_instruction_fetch_bit() {
     let mut g = long_guest();
-    g.map(CODE_VA, CODE_GPA, PageSize::K4, PTE_P | PTE_NX);
+    g.map(CODE_VA, CODE_GPA, PageSize::K4, pte::P | pte::NX);
     let out = run(&mut g, Bitness::B64, &[Op::Nop]);
     assert_eq!(
         out.reason,
@@ -266,7 +267,7 @@ fn nx_fetch_faults_with_instruction_fetch_bit() {
         mmu.translate(&mut g, CODE_VA, Access::Fetch, &mut walks),
         Err(XlateError::PageFault {
             addr: CODE_VA,
-            error_code: PF_P | PF_ID
+            error_code: pfec::P | pfec::ID
         })
     );
     // Reads of an NX page are fine.
@@ -275,13 +276,13 @@ fn nx_fetch_faults_with_instruction_fetch_bit() {
         Ok(CODE_GPA + 5)
     );
     // Without EFER.NXE the NX bit is reserved.
-    g.state.efer &= !EFER_NXE;
+    g.state.efer &= !efer::NXE;
     let mmu = Mmu::new(&g.state, 52);
     assert_eq!(
         mmu.translate(&mut g, CODE_VA, Access::Read, &mut walks),
         Err(XlateError::PageFault {
             addr: CODE_VA,
-            error_code: PF_P | PF_RSVD
+            error_code: pfec::P | pfec::RSVD
         })
     );
 }
@@ -289,15 +290,15 @@ fn nx_fetch_faults_with_instruction_fetch_bit() {
 #[test]
 fn smep_and_smap() {
     let mut g = long_guest();
-    g.map(DATA_VA, DATA_GPA, PageSize::K4, PTE_P | PTE_RW | PTE_US);
-    g.state.cr4 |= CR4_SMAP | CR4_SMEP;
+    g.map(DATA_VA, DATA_GPA, PageSize::K4, pte::P | pte::RW | pte::US);
+    g.state.cr4 |= cr4::SMAP | cr4::SMEP;
     g.state.gpr[RBX as usize] = DATA_VA;
     let out = run(
         &mut g,
         Bitness::B64,
         &[load(Size::S1, RAX, mem(RBX, 0, Size::S8))],
     );
-    assert_pf(&out, DATA_VA, PF_P);
+    assert_pf(&out, DATA_VA, pfec::P);
     g.state.rflags |= 1 << 18; // AC: SMAP off for explicit accesses
     let out = run(
         &mut g,
@@ -311,7 +312,7 @@ fn smep_and_smap() {
         mmu.translate(&mut g, DATA_VA, Access::Fetch, &mut w),
         Err(XlateError::PageFault {
             addr: DATA_VA,
-            error_code: PF_P | PF_ID
+            error_code: pfec::P | pfec::ID
         }),
         "SMEP: supervisor fetch from a user page"
     );
@@ -320,7 +321,7 @@ fn smep_and_smap() {
 #[test]
 fn reserved_bits_fault_with_rsvd() {
     let mut g = long_guest();
-    g.map(DATA_VA, DATA_GPA, PageSize::K4, PTE_P | PTE_RW);
+    g.map(DATA_VA, DATA_GPA, PageSize::K4, pte::P | pte::RW);
     g.state.gpr[RBX as usize] = DATA_VA;
     let leaf = *g.entries(DATA_VA).last().unwrap();
     let good = g.read_u64(leaf);
@@ -336,7 +337,7 @@ fn reserved_bits_fault_with_rsvd() {
         ..RunLimits::default()
     };
     let out = engine::run(&c, &mut g, 0, &limits);
-    assert_pf(&out, DATA_VA, PF_P | PF_W | PF_RSVD);
+    assert_pf(&out, DATA_VA, pfec::P | pfec::W | pfec::RSVD);
     // With a larger MAXPHYADDR that bit is an address bit: not RAM here.
     let out = engine::run(&c, &mut g, 0, &RunLimits::default());
     assert_eq!(
@@ -349,7 +350,7 @@ fn reserved_bits_fault_with_rsvd() {
     // PS in a PML4E is reserved.
     let pml4e = g.entries(DATA_VA)[0];
     let e = g.read_u64(pml4e);
-    g.write_bytes(pml4e, &(e | PTE_PS).to_le_bytes());
+    g.write_bytes(pml4e, &(e | pte::PS).to_le_bytes());
     let out = run(
         &mut g,
         Bitness::B64,
@@ -363,7 +364,7 @@ fn reserved_bits_fault_with_rsvd() {
         mmu.translate(&mut g, DATA_VA, Access::Read, &mut w),
         Err(XlateError::PageFault {
             addr: DATA_VA,
-            error_code: PF_P | PF_RSVD
+            error_code: pfec::P | pfec::RSVD
         })
     );
     g.write_bytes(pml4e, &e.to_le_bytes());
@@ -372,13 +373,13 @@ fn reserved_bits_fault_with_rsvd() {
         0x4000_0000,
         0x20_0000,
         PageSize::Large,
-        PTE_P | PTE_RW | 1 << 13,
+        pte::P | pte::RW | 1 << 13,
     );
     assert_eq!(
         mmu.translate(&mut g, 0x4000_0000, Access::Read, &mut w),
         Err(XlateError::PageFault {
             addr: 0x4000_0000,
-            error_code: PF_P | PF_RSVD
+            error_code: pfec::P | pfec::RSVD
         })
     );
     // Bit 12 there is PAT, not reserved.
@@ -386,7 +387,7 @@ fn reserved_bits_fault_with_rsvd() {
         0x4000_0000,
         0x20_0000,
         PageSize::Large,
-        PTE_P | PTE_RW | 1 << 12,
+        pte::P | pte::RW | 1 << 12,
     );
     assert_eq!(
         mmu.translate(&mut g, 0x4000_0000, Access::Read, &mut w),
@@ -398,12 +399,12 @@ fn reserved_bits_fault_with_rsvd() {
 fn page_crossing_accesses() {
     let mut g = long_guest();
     // Two adjacent virtual pages on non-adjacent frames.
-    g.map(DATA_VA, DATA_GPA, PageSize::K4, PTE_P | PTE_RW);
+    g.map(DATA_VA, DATA_GPA, PageSize::K4, pte::P | pte::RW);
     g.map(
         DATA_VA + 0x1000,
         DATA_GPA + 0x5000,
         PageSize::K4,
-        PTE_P | PTE_RW,
+        pte::P | pte::RW,
     );
     g.write_bytes(DATA_GPA + 0xffd, &[1, 2, 3]);
     g.write_bytes(DATA_GPA + 0x5000, &[4, 5, 6, 7, 8]);
@@ -425,21 +426,21 @@ fn page_crossing_accesses() {
         &[0x33, 0x33, 0x22, 0x22, 0x11, 0x11]
     );
     assert_eq!(out.stats.mem_accesses, 2);
-    assert_ne!(g.leaf(DATA_VA + 0x1000) & PTE_D, 0);
+    assert_ne!(g.leaf(DATA_VA + 0x1000) & pte::D, 0);
 
     // Second page not present: the fault names it and the first page is untouched.
-    g.map(DATA_VA + 0x1000, DATA_GPA + 0x5000, PageSize::K4, PTE_RW);
+    g.map(DATA_VA + 0x1000, DATA_GPA + 0x5000, PageSize::K4, pte::RW);
     let before = g.bytes(DATA_GPA + 0xff8, 8).to_vec();
     let out = run(
         &mut g,
         Bitness::B64,
         &[store(Size::S8, mem(RBX, 1, Size::S8), RCX)],
     );
-    assert_pf(&out, DATA_VA + 0x1000, PF_W);
+    assert_pf(&out, DATA_VA + 0x1000, pfec::W);
     assert_eq!(g.bytes(DATA_GPA + 0xff8, 8), &before[..]);
 
     // Second page on MMIO: not RAM, nothing written.
-    g.map(DATA_VA + 0x1000, 0x3f_0000, PageSize::K4, PTE_P | PTE_RW);
+    g.map(DATA_VA + 0x1000, 0x3f_0000, PageSize::K4, pte::P | pte::RW);
     g.mmio.push((0x3f_0000, 0x1000));
     let out = run(
         &mut g,
@@ -454,9 +455,9 @@ fn page_crossing_accesses() {
 #[test]
 fn pae_paging_4k_and_2m() {
     let mut g = TestGuest::protected32(RAM, Paging::Pae);
-    g.map(CODE_VA, CODE_GPA, PageSize::K4, PTE_P);
-    g.map(DATA_VA, DATA_GPA, PageSize::K4, PTE_P | PTE_RW | PTE_NX);
-    g.map(0x8000_0000, 0x20_0000, PageSize::Large, PTE_P | PTE_RW);
+    g.map(CODE_VA, CODE_GPA, PageSize::K4, pte::P);
+    g.map(DATA_VA, DATA_GPA, PageSize::K4, pte::P | pte::RW | pte::NX);
+    g.map(0x8000_0000, 0x20_0000, PageSize::Large, pte::P | pte::RW);
     g.write_bytes(DATA_GPA + 4, &0xdead_beefu32.to_le_bytes());
     g.state.gpr[RBX as usize] = DATA_VA + 4;
     g.state.gpr[RSI as usize] = 0x8000_0000 + 0x1_0000;
@@ -473,9 +474,9 @@ fn pae_paging_4k_and_2m() {
     assert_eq!(g.bytes(0x21_0000, 4), &0xdead_beefu32.to_le_bytes());
     let e = g.entries(0x8000_0000);
     assert_eq!(e.len(), 2, "PDPTE, PDE(PS)");
-    assert_eq!(g.read_u64(e[1]) & (PTE_A | PTE_D), PTE_A | PTE_D);
+    assert_eq!(g.read_u64(e[1]) & (pte::A | pte::D), pte::A | pte::D);
     assert_eq!(
-        g.read_u64(e[0]) & PTE_A,
+        g.read_u64(e[0]) & pte::A,
         0,
         "PAE PDPTEs have no accessed bit"
     );
@@ -486,7 +487,7 @@ fn pae_paging_4k_and_2m() {
         mmu.translate(&mut g, DATA_VA, Access::Fetch, &mut w),
         Err(XlateError::PageFault {
             addr: DATA_VA,
-            error_code: PF_P | PF_ID
+            error_code: pfec::P | pfec::ID
         })
     );
     // Not-present PDE.
@@ -502,9 +503,9 @@ fn pae_paging_4k_and_2m() {
 #[test]
 fn legacy_32bit_paging_4k_and_4m() {
     let mut g = TestGuest::protected32(RAM, Paging::Bits32 { pse: true });
-    g.map(CODE_VA, CODE_GPA, PageSize::K4, PTE_P);
-    g.map(DATA_VA, DATA_GPA, PageSize::K4, PTE_P | PTE_RW);
-    g.map(0xc000_0000, 0, PageSize::Large, PTE_P | PTE_RW);
+    g.map(CODE_VA, CODE_GPA, PageSize::K4, pte::P);
+    g.map(DATA_VA, DATA_GPA, PageSize::K4, pte::P | pte::RW);
+    g.map(0xc000_0000, 0, PageSize::Large, pte::P | pte::RW);
     g.write_bytes(0x2_0000, &[0x99]);
     g.state.gpr[RBX as usize] = DATA_VA;
     g.state.gpr[RSI as usize] = 0xc002_0000;
@@ -523,19 +524,24 @@ fn legacy_32bit_paging_4k_and_4m() {
     let e = g.entries(DATA_VA);
     assert_eq!(e.len(), 2);
     assert_eq!(
-        g.read_u32(e[0]) as u64 & (PTE_A | PTE_D),
-        PTE_A,
+        g.read_u32(e[0]) as u64 & (pte::A | pte::D),
+        pte::A,
         "PDE: A only"
     );
-    assert_eq!(g.read_u32(e[1]) as u64 & (PTE_A | PTE_D), PTE_A | PTE_D);
+    assert_eq!(g.read_u32(e[1]) as u64 & (pte::A | pte::D), pte::A | pte::D);
     let big = g.entries(0xc000_0000);
     assert_eq!(
-        g.read_u32(big[0]) as u64 & (PTE_A | PTE_D),
-        PTE_A,
+        g.read_u32(big[0]) as u64 & (pte::A | pte::D),
+        pte::A,
         "4M PDE read: A"
     );
     // PSE-36: PDE bits 20:13 are physical bits 39:32.
-    g.map(0xc040_0000, 0x1_0000_0000, PageSize::Large, PTE_P | PTE_RW);
+    g.map(
+        0xc040_0000,
+        0x1_0000_0000,
+        PageSize::Large,
+        pte::P | pte::RW,
+    );
     g.state.gpr[RSI as usize] = 0xc040_0010;
     let out = run(
         &mut g,
@@ -544,16 +550,16 @@ fn legacy_32bit_paging_4k_and_4m() {
     );
     assert_eq!(out.reason, StopReason::NotRam { gpa: 0x1_0000_0010 });
     // Bit 21 of a 4M PDE is reserved.
-    g.map(0xc040_0000, 0x40_0000, PageSize::Large, PTE_P | 1 << 21);
+    g.map(0xc040_0000, 0x40_0000, PageSize::Large, pte::P | 1 << 21);
     let out = run(
         &mut g,
         Bitness::B32,
         &[load(Size::S1, RCX, mem(RSI, 0, Size::S4))],
     );
-    assert_pf(&out, 0xc040_0010, PF_P | PF_RSVD);
+    assert_pf(&out, 0xc040_0010, pfec::P | pfec::RSVD);
     // Without CR4.PSE the PS bit is ignored: the PDE points at a page table (frame
     // 0, all zeros here), so the walk finds a not-present PTE.
-    g.state.cr4 &= !CR4_PSE;
+    g.state.cr4 &= !cr4::PSE;
     let mmu = Mmu::new(&g.state, 52);
     let mut w = 0;
     assert_eq!(mmu.paging, Paging::Bits32 { pse: false });
@@ -627,7 +633,7 @@ fn unpaged_protected_and_real_mode_use_segment_bases() {
 #[test]
 fn not_ram_stops_before_the_instruction() {
     let mut g = long_guest();
-    g.map(DATA_VA, 0x3f_0000, PageSize::K4, PTE_P | PTE_RW);
+    g.map(DATA_VA, 0x3f_0000, PageSize::K4, pte::P | pte::RW);
     g.mmio.push((0x3f_0000, 0x1000));
     g.state.gpr[RBX as usize] = DATA_VA + 4;
     g.state.gpr[RCX as usize] = 5;
@@ -653,7 +659,7 @@ fn not_ram_stops_before_the_instruction() {
 #[test]
 fn user_mode_segment_attrs_and_five_level_paging_unsupported() {
     let mut g = long_guest();
-    g.state.cr4 |= CR4_LA57;
+    g.state.cr4 |= cr4::LA57;
     let out = run(&mut g, Bitness::B64, &[Op::Nop]);
     assert_eq!(out.reason, StopReason::CodeUnreadable);
     assert_eq!(Paging::of(&g.state), Paging::Unsupported);
@@ -669,15 +675,20 @@ fn user_mode_segment_attrs_and_five_level_paging_unsupported() {
 /// PDPT_VA so the guest can rewrite it. Returns the second PD's address.
 fn pae_two_tables(g: &mut TestGuest) -> u64 {
     const PDPT_VA: u64 = 0x60_0000;
-    g.map(CODE_VA, CODE_GPA, PageSize::K4, PTE_P);
-    g.map(0x4000_0000, DATA_GPA, PageSize::K4, PTE_P | PTE_RW);
-    g.map(PDPT_VA, g.state.cr3 & !0xfff, PageSize::K4, PTE_P | PTE_RW);
+    g.map(CODE_VA, CODE_GPA, PageSize::K4, pte::P);
+    g.map(0x4000_0000, DATA_GPA, PageSize::K4, pte::P | pte::RW);
+    g.map(
+        PDPT_VA,
+        g.state.cr3 & !0xfff,
+        PageSize::K4,
+        pte::P | pte::RW,
+    );
     g.write_bytes(DATA_GPA, &0x1111_1111u32.to_le_bytes());
     g.write_bytes(DATA_GPA + 0x1000, &0x2222_2222u32.to_le_bytes());
     let pd = g.alloc_table();
     let pt = g.alloc_table();
-    g.write_bytes(pd, &(pt | PTE_P | PTE_RW).to_le_bytes());
-    g.write_bytes(pt, &((DATA_GPA + 0x1000) | PTE_P | PTE_RW).to_le_bytes());
+    g.write_bytes(pd, &(pt | pte::P | pte::RW).to_le_bytes());
+    g.write_bytes(pt, &((DATA_GPA + 0x1000) | pte::P | pte::RW).to_le_bytes());
     g.state.gpr[RDI as usize] = PDPT_VA + (g.state.cr3 & 0xfe0) + 8;
     g.state.gpr[RSI as usize] = 0x4000_0000;
     pd
@@ -696,7 +707,7 @@ fn pae_walks_use_the_pdptes_loaded_at_the_last_cr3_write() {
     assert_eq!(g.state.pdpte.map(|p| p.to_vec()), Some(in_memory));
     // The guest points PDPTE 1 at the other page directory without reloading CR3:
     // the CPU keeps translating through the old PDPTE.
-    g.state.gpr[RAX as usize] = pd | PTE_P;
+    g.state.gpr[RAX as usize] = pd | pte::P;
     let out = run(
         &mut g,
         Bitness::B32,
@@ -706,7 +717,7 @@ fn pae_walks_use_the_pdptes_loaded_at_the_last_cr3_write() {
         ],
     );
     assert_eq!(out.reason, StopReason::End, "{out:?}");
-    assert_eq!(g.read_u64(base + 8), pd | PTE_P, "memory was rewritten");
+    assert_eq!(g.read_u64(base + 8), pd | pte::P, "memory was rewritten");
     assert_eq!(g.state.gpr[RBX as usize], 0x1111_1111, "old PDPTE used");
     // The next MOV to CR3 picks the new one up.
     g.state.gpr[RAX as usize] = g.state.cr3;
@@ -745,9 +756,9 @@ fn enabling_pae_paging_loads_the_pdptes() {
     let mut g = TestGuest::protected32(RAM, Paging::Pae);
     pae_two_tables(&mut g);
     // Identity-map the code too so it stays the same across the switch.
-    g.map(CODE_GPA, CODE_GPA, PageSize::K4, PTE_P);
+    g.map(CODE_GPA, CODE_GPA, PageSize::K4, pte::P);
     let cr0 = g.state.cr0;
-    g.state.cr0 &= !CR0_PG;
+    g.state.cr0 &= !cr0::PG;
     g.state.gpr[RAX as usize] = cr0;
     let ops = [(Op::MovToCr { cr: 0, src: RAX }, None)];
     let c = fake_cluster(CODE_GPA, Bitness::B32, &ops);

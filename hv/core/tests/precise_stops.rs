@@ -4,6 +4,7 @@
 
 mod engine_support;
 
+use avex_core::arch::pte;
 use avex_core::engine::mmu::*;
 use avex_core::engine::test_guest::{fake_cluster, PageSize, TestGuest, INSN_LEN};
 use avex_core::engine::{self, RunLimits, StopReason};
@@ -262,7 +263,7 @@ fn code_changed_does_nothing() {
 #[test]
 fn write_into_own_code_stops_right_after_it() {
     let mut g = guest();
-    g.map_range(CODE_VA, CODE_GPA, 0x2000, PTE_P | PTE_RW);
+    g.map_range(CODE_VA, CODE_GPA, 0x2000, pte::P | pte::RW);
     g.state.gpr[RDI as usize] = CODE_VA + 0x800; // same page, beyond the cluster
     g.state.gpr[RAX as usize] = 0xab;
     let c = prepare(
@@ -287,7 +288,7 @@ fn write_into_own_code_stops_right_after_it() {
     assert_eq!(g.outs().len(), 1);
     // As the last instruction: still reported, resuming after it.
     let mut g = guest();
-    g.map_range(CODE_VA, CODE_GPA, 0x2000, PTE_P | PTE_RW);
+    g.map_range(CODE_VA, CODE_GPA, 0x2000, pte::P | pte::RW);
     g.state.gpr[RDI as usize] = CODE_VA + 0x800;
     let c = prepare(
         &mut g,
@@ -301,7 +302,7 @@ fn write_into_own_code_stops_right_after_it() {
     assert_eq!((out.reason, out.rip), (StopReason::SelfWrite, c.end));
     // Through another virtual alias of the same frame: still caught (physical pages).
     let mut g = guest();
-    g.map(DATA_VA, CODE_GPA, PageSize::K4, PTE_P | PTE_RW);
+    g.map(DATA_VA, CODE_GPA, PageSize::K4, pte::P | pte::RW);
     g.state.gpr[RDI as usize] = DATA_VA + 0x900;
     let c = prepare(
         &mut g,
@@ -372,7 +373,7 @@ fn hlt_and_unsupported_and_faults_stop_before() {
         Op::Invlpg { addr: mem(RAX, 0) },
     ] {
         let mut g = guest();
-        g.map_range(CODE_VA, CODE_GPA, 0x2000, PTE_P | PTE_US);
+        g.map_range(CODE_VA, CODE_GPA, 0x2000, pte::P | pte::US);
         g.set_cpl(3);
         g.msrs.insert(0, 0);
         let c = prepare(&mut g, &[gap(op)]);
@@ -387,7 +388,7 @@ fn hlt_and_unsupported_and_faults_stop_before() {
     }
     // Port I/O at CPL 3 with IOPL 0 needs the TSS bitmap: left to the CPU.
     let mut g = guest();
-    g.map_range(CODE_VA, CODE_GPA, 0x2000, PTE_P | PTE_US);
+    g.map_range(CODE_VA, CODE_GPA, 0x2000, pte::P | pte::US);
     g.set_cpl(3);
     let c = prepare(&mut g, &[out_al(0x80)]);
     assert_eq!(run(&mut g, &c).reason, StopReason::Unsupported);

@@ -4,7 +4,8 @@
 //! stop the guest (debug-exit) ends the cluster right after it; CR8 written and
 //! read back inside one cluster goes through `CpuState::cr8`.
 
-use avex_core::engine::mmu::*;
+use avex_core::arch::{cr0, cr4, msr, pte};
+use avex_core::engine::mmu::Paging;
 use avex_core::engine::test_guest::{fake_cluster, PageSize, TestGuest, INSN_LEN};
 use avex_core::engine::{self, RunLimits, RunOutcome, StopReason};
 use avex_core::guest::Fault;
@@ -68,8 +69,8 @@ fn mov_to_cr(cr: u8, src: u8) -> Step {
 
 fn guest() -> TestGuest {
     let mut g = TestGuest::long_mode(4 << 20);
-    g.map_range(CODE_VA, CODE_GPA, 0x2000, PTE_P);
-    g.map(DATA_VA, DATA_GPA, PageSize::K4, PTE_P | PTE_RW);
+    g.map_range(CODE_VA, CODE_GPA, 0x2000, pte::P);
+    g.map(DATA_VA, DATA_GPA, PageSize::K4, pte::P | pte::RW);
     g
 }
 
@@ -85,7 +86,7 @@ fn mov_cr4_setting_vmxe_raises_gp_after_every_earlier_effect() {
     let mut g = guest();
     let cr4 = g.state.cr4;
     g.state.gpr[RAX as usize] = 0x41;
-    g.state.gpr[RCX as usize] = cr4 | CR4_VMXE; // the test guest's CPUID: no VMX
+    g.state.gpr[RCX as usize] = cr4 | cr4::VMXE; // the test guest's CPUID: no VMX
     let out = run(
         &mut g,
         &[
@@ -111,13 +112,13 @@ fn refused_control_register_writes_fault_before_the_instruction() {
     // (register, value from the state) for writes the CPU refuses in 64-bit mode.
     type Case = (u8, fn(&TestGuest) -> u64);
     let cases: [Case; 7] = [
-        (4, |g| g.state.cr4 | 1 << 15),                   // reserved
-        (4, |g| g.state.cr4 | CR4_PKE),                   // no PKU in CPUID
-        (4, |g| (g.state.cr4 & !CR4_OSXSAVE) | CR4_SMXE), // no SMX
-        (0, |g| g.state.cr0 | CR0_NW),                    // NW without CD
-        (0, |g| g.state.cr0 & !CR0_PG),                   // 64-bit mode
-        (3, |_| 1 << 46),                                 // above MAXPHYADDR 46
-        (8, |_| 0x10),                                    // CR8 bits 63:4
+        (4, |g| g.state.cr4 | 1 << 15),                     // reserved
+        (4, |g| g.state.cr4 | cr4::PKE),                    // no PKU in CPUID
+        (4, |g| (g.state.cr4 & !cr4::OSXSAVE) | cr4::SMXE), // no SMX
+        (0, |g| g.state.cr0 | cr0::NW),                     // NW without CD
+        (0, |g| g.state.cr0 & !cr0::PG),                    // 64-bit mode
+        (3, |_| 1 << 46),                                   // above MAXPHYADDR 46
+        (8, |_| 0x10),                                      // CR8 bits 63:4
     ];
     for (i, (cr, value)) in cases.iter().enumerate() {
         let mut g = guest();
@@ -136,23 +137,29 @@ fn refused_control_register_writes_fault_before_the_instruction() {
     let mut g = guest();
     g.cpuid_leaves
         .insert((7, 0), [0, 0x0010_0081, 0x4 | 1 << 3, 0]);
-    g.state.gpr[RCX as usize] = g.state.cr4 | CR4_PKE;
+    g.state.gpr[RCX as usize] = g.state.cr4 | cr4::PKE;
     let out = run(&mut g, &[mov_to_cr(4, RCX)]);
     assert_eq!(out.reason, StopReason::ModeChange);
-    assert_ne!(g.state.cr4 & CR4_PKE, 0);
+    assert_ne!(g.state.cr4 & cr4::PKE, 0);
 }
 
 #[test]
 fn wrmsr_of_a_non_canonical_address_raises_gp() {
-    for msr in [0xc000_0100u64, 0xc000_0101, 0xc000_0102, 0xc000_0082, 0x176] {
+    for msr in [
+        msr::FS_BASE,
+        msr::GS_BASE,
+        msr::KERNEL_GS_BASE,
+        msr::LSTAR,
+        msr::SYSENTER_EIP,
+    ] {
         let mut g = guest();
-        g.msrs.insert(msr as u32, 0);
+        g.msrs.insert(msr, 0);
         let fs = g.state.seg[Seg::Fs as usize];
         let out = run(
             &mut g,
             &[
                 mov_imm(RBX, 1),
-                mov_imm(RCX, msr),
+                mov_imm(RCX, msr.into()),
                 mov_imm(RAX, 0),
                 mov_imm(RDX, 0x0000_8000), // 0x0000_8000_0000_0000
                 (Op::Wrmsr, Some(ExitClass::Wrmsr)),
@@ -169,14 +176,17 @@ fn wrmsr_of_a_non_canonical_address_raises_gp() {
     let out = run(
         &mut g,
         &[
-            mov_imm(RCX, 0xc000_0102),
+            mov_imm(RCX, msr::KERNEL_GS_BASE.into()),
             mov_imm(RAX, 0),
             mov_imm(RDX, 0xffff_8000),
             (Op::Wrmsr, Some(ExitClass::Wrmsr)),
         ],
     );
     assert_eq!(out.reason, StopReason::End);
-    assert_eq!(g.msr_writes, vec![(0xc000_0102, 0xffff_8000_0000_0000)]);
+    assert_eq!(
+        g.msr_writes,
+        vec![(msr::KERNEL_GS_BASE, 0xffff_8000_0000_0000)]
+    );
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! between lowering/cluster formation and the engine end to end (targets, back-edge
 //! caps, operand sizes in each code size), not the engine's semantics in detail.
 
-use avex_core::engine::mmu::{PTE_P, PTE_RW};
+use avex_core::arch::pte;
 use avex_core::engine::test_guest::TestGuest;
 use avex_core::engine::{run, RunLimits, StopReason};
 use avex_core::ir::{Bitness, Cluster, RAX, RCX, RDX};
@@ -84,7 +84,7 @@ fn a_capped_back_edge_stops_the_cluster_at_its_target() {
     assert_eq!(c.back_edges[0].cap, Some(10));
 
     let mut guest = TestGuest::long_mode(0x40_0000);
-    guest.map_range(rip, 0x3000, 0x1000, PTE_P | PTE_RW);
+    guest.map_range(rip, 0x3000, 0x1000, pte::P | pte::RW);
     guest.write_bytes(0x3000, &code);
     guest.state.rip = rip;
     guest.state.gpr[RCX as usize] = 100;
@@ -101,7 +101,7 @@ fn a_capped_back_edge_stops_the_cluster_at_its_target() {
 
     // With few iterations the loop finishes inside the cluster.
     let mut guest = TestGuest::long_mode(0x40_0000);
-    guest.map_range(rip, 0x3000, 0x1000, PTE_P | PTE_RW);
+    guest.map_range(rip, 0x3000, 0x1000, pte::P | pte::RW);
     guest.write_bytes(0x3000, &code);
     guest.state.rip = rip;
     guest.state.gpr[RCX as usize] = 3;

@@ -148,10 +148,9 @@ impl Vm {
         if !self.guest.take_tlb_flush() {
             return Ok(());
         }
-        const CR3_PWT: u64 = 1 << 3;
         let s = self.guest.state_sregs();
         let mut toggled = s;
-        toggled.cr3 ^= CR3_PWT;
+        toggled.cr3 ^= avex_core::arch::cr3::PWT;
         self.guest.put_sregs(toggled);
         if self.guest.synced() {
             self.immediate_run()?;

@@ -551,14 +551,13 @@ enum Event {
 /// Make the CPUID table the same on every run: KVM's supported table carries the
 /// APIC ID of whichever host CPU answered the ioctl; the guest's one vCPU is 0.
 fn normalize_cpuid(entries: &mut [kvm_bindings::kvm_cpuid_entry2]) {
+    use avex_core::arch::cpuid::*;
     for e in entries {
         match e.function {
-            // Initial APIC ID in EBX[31:24].
-            1 => e.ebx &= 0x00ff_ffff,
-            // x2APIC ID of the extended topology leaves.
-            0xb | 0x1f => e.edx = 0,
-            // AMD extended APIC ID.
-            0x8000_001e => e.eax = 0,
+            LEAF_FEATURES => e.ebx &= !L1_EBX_APIC_ID,
+            // x2APIC ID.
+            LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => e.edx = 0,
+            LEAF_AMD_EXT_APIC_ID => e.eax = 0,
             _ => {}
         }
     }

@@ -5,6 +5,7 @@
 
 use std::time::Instant;
 
+use avex_core::arch::{cpuid, msr};
 use avex_core::devices::PortBus;
 use avex_core::guest::{CpuState, Fault, Guest, NotRam, Segment};
 use kvm_bindings::{
@@ -14,10 +15,6 @@ use kvm_ioctls::{SyncReg, VcpuFd};
 
 use crate::mem::GuestRam;
 
-/// IA32_TIME_STAMP_COUNTER.
-const MSR_TSC: u32 = 0x10;
-const MSR_FS_BASE: u32 = 0xc000_0100;
-const MSR_GS_BASE: u32 = 0xc000_0101;
 /// `kvm_cpuid_entry2.flags`: the entry depends on the subleaf (ECX).
 const KVM_CPUID_FLAG_SIGNIFICANT_INDEX: u32 = 1;
 
@@ -419,8 +416,8 @@ impl Guest for KvmGuest {
     fn rdmsr(&mut self, msr: u32) -> Result<u64, Fault> {
         // FS and GS base are the segment bases: no ioctl needed.
         match msr {
-            MSR_FS_BASE => return Ok(self.regs().1.fs.base),
-            MSR_GS_BASE => return Ok(self.regs().1.gs.base),
+            msr::FS_BASE => return Ok(self.regs().1.fs.base),
+            msr::GS_BASE => return Ok(self.regs().1.gs.base),
             _ => {}
         }
         let mut m = Msrs::from_entries(&[kvm_msr_entry {
@@ -435,14 +432,14 @@ impl Guest for KvmGuest {
     }
 
     fn wrmsr(&mut self, msr: u32, value: u64) -> Result<(), Fault> {
-        if msr == MSR_FS_BASE || msr == MSR_GS_BASE {
+        if msr == msr::FS_BASE || msr == msr::GS_BASE {
             // A non-canonical base is #GP, as WRMSR does.
             if ((value as i64) << 16 >> 16) as u64 != value {
                 return Err(Fault::GeneralProtection);
             }
             let (r, old_s) = self.regs();
             let mut s = old_s;
-            if msr == MSR_FS_BASE {
+            if msr == msr::FS_BASE {
                 s.fs.base = value;
             } else {
                 s.gs.base = value;
@@ -476,11 +473,14 @@ impl Guest for KvmGuest {
         }
         // Past the last basic leaf, Intel CPUs answer with the highest basic leaf;
         // KVM does the same (kvm_cpuid with the out-of-range rule).
-        let max_basic = table.iter().find(|e| e.function == 0).map_or(0, |e| e.eax);
-        let in_range = if leaf >= 0x8000_0000 {
+        let max_basic = table
+            .iter()
+            .find(|e| e.function == cpuid::LEAF_MAX)
+            .map_or(0, |e| e.eax);
+        let in_range = if leaf >= cpuid::LEAF_EXT_MAX {
             table
                 .iter()
-                .find(|e| e.function == 0x8000_0000)
+                .find(|e| e.function == cpuid::LEAF_EXT_MAX)
                 .is_some_and(|e| leaf <= e.eax)
         } else {
             leaf <= max_basic
@@ -497,7 +497,7 @@ impl Guest for KvmGuest {
     }
 
     fn tsc(&mut self) -> u64 {
-        match self.rdmsr(MSR_TSC) {
+        match self.rdmsr(msr::TSC) {
             Ok(v) => v,
             Err(_) => {
                 self.fail("reading the TSC", "KVM_GET_MSRS failed");
@@ -544,6 +544,7 @@ impl Guest for KvmGuest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use avex_core::arch::{cr0, cr4, efer, rflags};
     use avex_core::boot::{ATTR_CODE32, ATTR_CODE64, ATTR_DATA};
 
     #[test]
@@ -572,11 +573,11 @@ mod tests {
             *g = 0x1111 * (i as u64 + 1);
         }
         st.rip = 0x10_0000;
-        st.rflags = 0x202;
-        st.cr0 = 0x8000_0011;
+        st.rflags = rflags::FIXED | rflags::IF;
+        st.cr0 = cr0::PG | cr0::ET | cr0::PE;
         st.cr3 = 0x9000;
-        st.cr4 = 0x20;
-        st.efer = 0x500;
+        st.cr4 = cr4::PAE;
+        st.efer = efer::LME | efer::LMA;
         st.seg[1].attrs = ATTR_CODE64;
         let (mut r, mut s) = (kvm_regs::default(), kvm_sregs::default());
         s.tr.selector = 0x77; // kept

@@ -6,6 +6,8 @@
 //! bit 16, the "a.out kludge"), zeroes `.bss` up to `__bss_end` and enters `_start`
 //! in 32-bit protected mode with EAX = 0x2BADB002 and EBX = the multiboot info.
 
+use avex_core::arch::{cr0, cr4, efer, msr, pte};
+
 core::arch::global_asm!(
     ".section .multiboot, \"a\"",
     ".align 4",
@@ -52,10 +54,10 @@ core::arch::global_asm!(
     "    mov ecx, 6 * 1024",
     "    rep stosd",
     "    mov eax, offset boot_pdpt",
-    "    or eax, 3",
+    "    or eax, {table}",
     "    mov dword ptr [boot_pml4], eax",
     "    mov eax, offset boot_pd",
-    "    or eax, 3",
+    "    or eax, {table}",
     "    mov dword ptr [boot_pdpt], eax",
     "    add eax, 4096",
     "    mov dword ptr [boot_pdpt + 8], eax",
@@ -67,26 +69,23 @@ core::arch::global_asm!(
     "2:",
     "    mov eax, ecx",
     "    shl eax, 21",
-    "    or eax, 0x83",
+    "    or eax, {large}",
     "    mov dword ptr [boot_pd + ecx * 8], eax",
     "    inc ecx",
     "    cmp ecx, 2048",
     "    jb 2b",
     "    mov eax, offset boot_pml4",
     "    mov cr3, eax",
-    // CR4: PAE, OSFXSR, OSXMMEXCPT.
     "    mov eax, cr4",
-    "    or eax, 0x620",
+    "    or eax, {cr4}",
     "    mov cr4, eax",
-    // EFER.LME
-    "    mov ecx, 0xC0000080",
+    "    mov ecx, {msr_efer}",
     "    rdmsr",
-    "    or eax, 0x100",
+    "    or eax, {efer_lme}",
     "    wrmsr",
-    // CR0: PG, WP, NE, MP, PE; EM off.
     "    mov eax, cr0",
-    "    and eax, 0xFFFFFFFB",
-    "    or eax, 0x80010023",
+    "    and eax, {cr0_clear}",
+    "    or eax, {cr0_set}",
     "    mov cr0, eax",
     "    lgdt [boot_gdt_ptr]",
     // ljmp 0x08:long_entry (encoded by hand: far jumps are spelled differently by
@@ -112,4 +111,11 @@ core::arch::global_asm!(
     "    hlt",
     "    jmp 3b",
     ".section .text",
+    table = const pte::P | pte::RW,
+    large = const pte::P | pte::RW | pte::PS,
+    cr4 = const cr4::PAE | cr4::OSFXSR | cr4::OSXMMEXCPT,
+    msr_efer = const msr::EFER,
+    efer_lme = const efer::LME,
+    cr0_clear = const !cr0::EM as u32,
+    cr0_set = const cr0::PG | cr0::WP | cr0::NE | cr0::MP | cr0::PE,
 );

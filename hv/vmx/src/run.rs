@@ -7,6 +7,7 @@
 use alloc::format;
 use alloc::string::String;
 
+use avex_core::arch::dr;
 use avex_core::emulate::{self, Completion};
 use avex_core::exit::{Exit, ExitHandler, Next};
 use avex_core::guest::{Fault, Guest};
@@ -421,8 +422,8 @@ fn complete_instruction(
             // (the hypervisor offers no hardware breakpoints).
             if (qual >> 4) & 1 == 1 {
                 let val = match qual & 7 {
-                    6 => 0xffff_0ff0,
-                    7 => 0x400,
+                    6 => dr::DR6_RESET,
+                    7 => dr::DR7_RESET,
                     _ => 0,
                 };
                 v.set_gpr(((qual >> 8) & 0xf) as usize, val);

@@ -14,8 +14,10 @@ use core::fmt;
 use x86_64::registers::control::{Cr0, Cr4};
 use x86_64::registers::model_specific::Msr;
 
-// --- MSRs -----------------------------------------------------------------------------
-pub const IA32_FEATURE_CONTROL: u32 = 0x3a;
+use avex_core::arch::msr::{feature_control, FEATURE_CONTROL};
+use avex_core::arch::{cpuid, cr4};
+
+// --- VMX capability MSRs (SDM Appendix A); the x86 ones are in avex_core::arch::msr ----
 pub const IA32_VMX_BASIC: u32 = 0x480;
 pub const IA32_VMX_PINBASED_CTLS: u32 = 0x481;
 pub const IA32_VMX_PROCBASED_CTLS: u32 = 0x482;
@@ -31,7 +33,6 @@ pub const IA32_VMX_TRUE_PINBASED_CTLS: u32 = 0x48d;
 pub const IA32_VMX_TRUE_PROCBASED_CTLS: u32 = 0x48e;
 pub const IA32_VMX_TRUE_EXIT_CTLS: u32 = 0x48f;
 pub const IA32_VMX_TRUE_ENTRY_CTLS: u32 = 0x490;
-pub const IA32_EFER: u32 = 0xc000_0080;
 
 // --- VMCS fields (SDM Appendix B) --------------------------------------------------------
 pub mod field {
@@ -405,15 +406,18 @@ pub fn phys<T>(p: &T) -> u64 {
 
 /// Check VMX support, enable it in IA32_FEATURE_CONTROL and CR4, and run VMXON.
 pub fn enable() -> Result<Caps, String> {
-    let cpuid = core::arch::x86_64::__cpuid(1);
-    if cpuid.ecx & (1 << 5) == 0 {
+    let l1 = core::arch::x86_64::__cpuid(cpuid::LEAF_FEATURES);
+    if l1.ecx & cpuid::L1_ECX_VMX == 0 {
         return Err("CPUID.1:ECX.VMX[bit 5] is clear: this CPU has no VMX".into());
     }
-    let fc = rdmsr(IA32_FEATURE_CONTROL);
-    if fc & 1 == 0 {
+    let fc = rdmsr(FEATURE_CONTROL);
+    if fc & feature_control::LOCK == 0 {
         // Unlocked: enable VMX outside SMX and lock.
-        wrmsr(IA32_FEATURE_CONTROL, fc | 1 | (1 << 2));
-    } else if fc & (1 << 2) == 0 {
+        wrmsr(
+            FEATURE_CONTROL,
+            fc | feature_control::LOCK | feature_control::VMX_OUTSIDE_SMX,
+        );
+    } else if fc & feature_control::VMX_OUTSIDE_SMX == 0 {
         return Err(alloc::format!(
             "IA32_FEATURE_CONTROL is locked ({fc:#x}) with VMX outside SMX disabled (firmware setting)"
         ));
@@ -433,7 +437,7 @@ pub fn enable() -> Result<Caps, String> {
         let cr0 = fixed(Cr0::read_raw(), caps.cr0_fixed0, caps.cr0_fixed1, 0);
         Cr0::write_raw(cr0);
         let cr4 = fixed(
-            Cr4::read_raw() | (1 << 13),
+            Cr4::read_raw() | cr4::VMXE,
             caps.cr4_fixed0,
             caps.cr4_fixed1,
             0,

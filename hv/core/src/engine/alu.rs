@@ -22,19 +22,8 @@
 
 use crate::ir::{AluOp, Cond, ShiftOp, Size, UnaryOp};
 
-pub const CF: u64 = 1 << 0;
-pub const PF: u64 = 1 << 2;
-pub const AF: u64 = 1 << 4;
-pub const ZF: u64 = 1 << 6;
-pub const SF: u64 = 1 << 7;
-pub const TF: u64 = 1 << 8;
-pub const IF: u64 = 1 << 9;
-pub const DF: u64 = 1 << 10;
-pub const OF: u64 = 1 << 11;
-pub const AC: u64 = 1 << 18;
-pub const VM: u64 = 1 << 17;
-/// The six arithmetic status flags.
-pub const STATUS: u64 = CF | PF | AF | ZF | SF | OF;
+// engine/mod.rs re-exports these as `engine::CF` etc.
+pub use crate::arch::rflags::{AF, CF, DF, OF, PF, SF, STATUS, VM, ZF};
 
 #[inline(always)]
 fn msb(v: u64, size: Size) -> u64 {

@@ -8,66 +8,37 @@
 //! for a feature the guest's CPUID does not report is reserved. Legacy CR4 bits
 //! (VME..OSXMMEXCPT) are not tied to CPUID, as on KVM.
 
-use super::mmu::*;
+use crate::arch::{cr0, cr3, cr4, efer, msr, pte};
 use crate::guest::{CpuCaps, CpuState, Fault, Guest};
 use crate::ir::Seg;
 
 const GP: Fault = Fault::GeneralProtection;
 
-/// CR4 bits that exist on some CPU; every other bit is reserved everywhere.
-const CR4_DEFINED: u64 = CR4_VME
-    | CR4_PVI
-    | CR4_TSD
-    | CR4_DE
-    | CR4_PSE
-    | CR4_PAE
-    | CR4_MCE
-    | CR4_PGE
-    | CR4_PCE
-    | CR4_OSFXSR
-    | CR4_OSXMMEXCPT
-    | CR4_UMIP
-    | CR4_LA57
-    | CR4_VMXE
-    | CR4_SMXE
-    | CR4_FSGSBASE
-    | CR4_PCIDE
-    | CR4_OSXSAVE
-    | CR4_KL
-    | CR4_SMEP
-    | CR4_SMAP
-    | CR4_PKE
-    | CR4_CET
-    | CR4_PKS
-    | CR4_UINTR
-    | CR4_LAM_SUP
-    | CR4_FRED;
-
-/// CR3 bits 62:61 (LAM_U57, LAM_U48) where LAM is supported.
-const CR3_LAM: u64 = 3 << 61;
-/// CR3 bit 63 with CR4.PCIDE: "do not flush", not part of the value.
-pub const CR3_NOFLUSH: u64 = 1 << 63;
+// engine/mod.rs names these as they were when defined here; new code imports
+// `crate::arch` directly.
+pub use crate::arch::cr3::NOFLUSH as CR3_NOFLUSH;
+pub use crate::arch::msr::{EFER as MSR_EFER, FS_BASE as MSR_FS_BASE, GS_BASE as MSR_GS_BASE};
 
 /// CR4 bits reserved on a vCPU with these features.
 pub fn cr4_reserved(caps: &CpuCaps) -> u64 {
-    let mut r = !CR4_DEFINED;
+    let mut r = !cr4::DEFINED;
     for (has, bit) in [
-        (caps.vmx, CR4_VMXE),
-        (caps.smx, CR4_SMXE),
-        (caps.umip, CR4_UMIP),
-        (caps.la57, CR4_LA57),
-        (caps.fsgsbase, CR4_FSGSBASE),
-        (caps.pcid, CR4_PCIDE),
-        (caps.xsave, CR4_OSXSAVE),
-        (caps.keylocker, CR4_KL),
-        (caps.smep, CR4_SMEP),
-        (caps.smap, CR4_SMAP),
-        (caps.pku, CR4_PKE),
-        (caps.cet, CR4_CET),
-        (caps.pks, CR4_PKS),
-        (caps.uintr, CR4_UINTR),
-        (caps.lam, CR4_LAM_SUP),
-        (caps.fred, CR4_FRED),
+        (caps.vmx, cr4::VMXE),
+        (caps.smx, cr4::SMXE),
+        (caps.umip, cr4::UMIP),
+        (caps.la57, cr4::LA57),
+        (caps.fsgsbase, cr4::FSGSBASE),
+        (caps.pcid, cr4::PCIDE),
+        (caps.xsave, cr4::OSXSAVE),
+        (caps.keylocker, cr4::KL),
+        (caps.smep, cr4::SMEP),
+        (caps.smap, cr4::SMAP),
+        (caps.pku, cr4::PKE),
+        (caps.cet, cr4::CET),
+        (caps.pks, cr4::PKS),
+        (caps.uintr, cr4::UINTR),
+        (caps.lam, cr4::LAM_SUP),
+        (caps.fred, cr4::FRED),
     ] {
         if !has {
             r |= bit;
@@ -78,7 +49,7 @@ pub fn cr4_reserved(caps: &CpuCaps) -> u64 {
 
 /// True in 64-bit mode (IA-32e mode with a 64-bit code segment).
 fn mode64(st: &CpuState) -> bool {
-    st.efer & EFER_LMA != 0 && st.seg[Seg::Cs as usize].long()
+    st.efer & efer::LMA != 0 && st.seg[Seg::Cs as usize].long()
 }
 
 /// Checks a MOV of `value` to CR`cr` against the vCPU's current state `st` and its
@@ -88,27 +59,27 @@ fn mode64(st: &CpuState) -> bool {
 /// CPL is the caller's (MOV CR is privileged before anything else). The CR0, CR2
 /// and CR8 rules do not read `caps`.
 pub fn check_write(cr: u8, value: u64, st: &CpuState, caps: &CpuCaps) -> Result<(), Fault> {
-    let lma = st.efer & EFER_LMA != 0;
+    let lma = st.efer & efer::LMA != 0;
     match cr {
         0 => {
             let v = value;
-            if v >> 32 != 0 || (v & CR0_PG != 0 && v & CR0_PE == 0) {
+            if v >> 32 != 0 || (v & cr0::PG != 0 && v & cr0::PE == 0) {
                 return Err(GP);
             }
-            if v & CR0_NW != 0 && v & CR0_CD == 0 {
+            if v & cr0::NW != 0 && v & cr0::CD == 0 {
                 return Err(GP);
             }
-            let pg_on = v & CR0_PG != 0 && st.cr0 & CR0_PG == 0;
-            if pg_on && st.efer & EFER_LME != 0 {
+            let pg_on = v & cr0::PG != 0 && st.cr0 & cr0::PG == 0;
+            if pg_on && st.efer & efer::LME != 0 {
                 // Entering IA-32e mode needs PAE and a code segment that is not 64-bit.
-                if st.cr4 & CR4_PAE == 0 || st.seg[Seg::Cs as usize].long() {
+                if st.cr4 & cr4::PAE == 0 || st.seg[Seg::Cs as usize].long() {
                     return Err(GP);
                 }
             }
-            if v & CR0_PG == 0 && (mode64(st) || st.cr4 & CR4_PCIDE != 0) {
+            if v & cr0::PG == 0 && (mode64(st) || st.cr4 & cr4::PCIDE != 0) {
                 return Err(GP);
             }
-            if v & CR0_WP == 0 && st.cr4 & CR4_CET != 0 {
+            if v & cr0::WP == 0 && st.cr4 & cr4::CET != 0 {
                 return Err(GP);
             }
             Ok(())
@@ -116,11 +87,11 @@ pub fn check_write(cr: u8, value: u64, st: &CpuState, caps: &CpuCaps) -> Result<
         2 => Ok(()),
         3 => {
             let mut v = value;
-            if st.cr4 & CR4_PCIDE != 0 {
-                v &= !CR3_NOFLUSH;
+            if st.cr4 & cr4::PCIDE != 0 {
+                v &= !cr3::NOFLUSH;
             }
             if caps.lam {
-                v &= !CR3_LAM;
+                v &= !cr3::LAM;
             }
             let mp = caps.maxphyaddr.clamp(32, 52);
             if lma && v >> mp != 0 {
@@ -133,13 +104,13 @@ pub fn check_write(cr: u8, value: u64, st: &CpuState, caps: &CpuCaps) -> Result<
             if v & cr4_reserved(caps) != 0 {
                 return Err(GP);
             }
-            if lma && (v & CR4_PAE == 0 || (v ^ st.cr4) & CR4_LA57 != 0) {
+            if lma && (v & cr4::PAE == 0 || (v ^ st.cr4) & cr4::LA57 != 0) {
                 return Err(GP);
             }
-            if v & CR4_PCIDE != 0 && st.cr4 & CR4_PCIDE == 0 && (!lma || st.cr3 & 0xfff != 0) {
+            if v & cr4::PCIDE != 0 && st.cr4 & cr4::PCIDE == 0 && (!lma || st.cr3 & 0xfff != 0) {
                 return Err(GP);
             }
-            if v & CR4_CET != 0 && st.cr0 & CR0_WP == 0 {
+            if v & cr4::CET != 0 && st.cr0 & cr0::WP == 0 {
                 return Err(GP);
             }
             Ok(())
@@ -156,7 +127,7 @@ pub fn check_write(cr: u8, value: u64, st: &CpuState, caps: &CpuCaps) -> Result<
 
 /// True in PAE paging (CR0.PG, CR4.PAE, not IA-32e mode).
 pub fn pae_paging(st: &CpuState) -> bool {
-    st.cr0 & CR0_PG != 0 && st.cr4 & CR4_PAE != 0 && st.efer & EFER_LMA == 0
+    st.cr0 & cr0::PG != 0 && st.cr4 & cr4::PAE != 0 && st.efer & efer::LMA == 0
 }
 
 /// Whether a write to CR`cr` that took the vCPU from `before` to `after` loads
@@ -168,9 +139,9 @@ pub fn loads_pdptes(cr: u8, before: &CpuState, after: &CpuState) -> bool {
         return false;
     }
     match cr {
-        0 => (before.cr0 ^ after.cr0) & (CR0_CD | CR0_NW | CR0_PG) != 0,
+        0 => (before.cr0 ^ after.cr0) & (cr0::CD | cr0::NW | cr0::PG) != 0,
         3 => true,
-        4 => (before.cr4 ^ after.cr4) & (CR4_PAE | CR4_PGE | CR4_PSE | CR4_SMEP) != 0,
+        4 => (before.cr4 ^ after.cr4) & (cr4::PAE | cr4::PGE | cr4::PSE | cr4::SMEP) != 0,
         _ => false,
     }
 }
@@ -192,18 +163,18 @@ pub fn load_pdptes<G: Guest + ?Sized>(
     cr3: u64,
     caps: &CpuCaps,
 ) -> Result<[u64; 4], PdpteError> {
-    let base = cr3 & 0xffff_ffe0;
+    let base = cr3 & cr3::PAE_PDPT;
     let mut raw = [0u8; 32];
     g.read_phys(base, &mut raw)
         .map_err(|e| PdpteError::NotRam { gpa: e.gpa })?;
     let mp = caps.maxphyaddr.clamp(32, 52);
-    let rsvd = (u64::MAX << mp) | 0x1e6;
+    let rsvd = (u64::MAX << mp) | pte::PDPTE_RSVD;
     let mut out = [0u64; 4];
     for (i, e) in out.iter_mut().enumerate() {
         let mut b = [0u8; 8];
         b.copy_from_slice(&raw[i * 8..i * 8 + 8]);
         *e = u64::from_le_bytes(b);
-        if *e & PTE_P != 0 && *e & rsvd != 0 {
+        if *e & pte::P != 0 && *e & rsvd != 0 {
             return Err(PdpteError::Fault(GP));
         }
     }
@@ -212,25 +183,15 @@ pub fn load_pdptes<G: Guest + ?Sized>(
 
 /// MSRs that hold a linear address and refuse (#GP) a non-canonical one on WRMSR.
 pub const LINEAR_ADDRESS_MSRS: [u32; 8] = [
-    MSR_SYSENTER_ESP,
-    MSR_SYSENTER_EIP,
-    MSR_LSTAR,
-    MSR_CSTAR,
-    MSR_FS_BASE,
-    MSR_GS_BASE,
-    MSR_KERNEL_GS_BASE,
-    MSR_DS_AREA,
+    msr::SYSENTER_ESP,
+    msr::SYSENTER_EIP,
+    msr::LSTAR,
+    msr::CSTAR,
+    msr::FS_BASE,
+    msr::GS_BASE,
+    msr::KERNEL_GS_BASE,
+    msr::DS_AREA,
 ];
-
-pub const MSR_SYSENTER_ESP: u32 = 0x175;
-pub const MSR_SYSENTER_EIP: u32 = 0x176;
-pub const MSR_DS_AREA: u32 = 0x600;
-pub const MSR_EFER: u32 = 0xc000_0080;
-pub const MSR_LSTAR: u32 = 0xc000_0082;
-pub const MSR_CSTAR: u32 = 0xc000_0083;
-pub const MSR_FS_BASE: u32 = 0xc000_0100;
-pub const MSR_GS_BASE: u32 = 0xc000_0101;
-pub const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 
 /// True when `a` is canonical for a linear-address width of `bits`.
 pub fn canonical(a: u64, bits: u32) -> bool {

@@ -14,61 +14,19 @@
 //! in the final entry for a write, as the hardware does. A translation that faults
 //! sets no bits.
 
-use super::alu::AC;
+use crate::arch::{cr0, cr3, cr4, efer, pfec, pte, rflags};
 use crate::guest::{CpuState, Guest};
 
-pub const PTE_P: u64 = 1 << 0;
-pub const PTE_RW: u64 = 1 << 1;
-pub const PTE_US: u64 = 1 << 2;
-pub const PTE_A: u64 = 1 << 5;
-pub const PTE_D: u64 = 1 << 6;
-pub const PTE_PS: u64 = 1 << 7;
-pub const PTE_NX: u64 = 1 << 63;
-
-pub const CR0_PE: u64 = 1 << 0;
-pub const CR0_TS: u64 = 1 << 3;
-pub const CR0_ET: u64 = 1 << 4;
-pub const CR0_WP: u64 = 1 << 16;
-pub const CR0_NW: u64 = 1 << 29;
-pub const CR0_CD: u64 = 1 << 30;
-pub const CR0_PG: u64 = 1 << 31;
-pub const CR4_VME: u64 = 1 << 0;
-pub const CR4_PVI: u64 = 1 << 1;
-pub const CR4_TSD: u64 = 1 << 2;
-pub const CR4_DE: u64 = 1 << 3;
-pub const CR4_PSE: u64 = 1 << 4;
-pub const CR4_PAE: u64 = 1 << 5;
-pub const CR4_MCE: u64 = 1 << 6;
-pub const CR4_PGE: u64 = 1 << 7;
-pub const CR4_PCE: u64 = 1 << 8;
-pub const CR4_OSFXSR: u64 = 1 << 9;
-pub const CR4_OSXMMEXCPT: u64 = 1 << 10;
-pub const CR4_UMIP: u64 = 1 << 11;
-pub const CR4_LA57: u64 = 1 << 12;
-pub const CR4_VMXE: u64 = 1 << 13;
-pub const CR4_SMXE: u64 = 1 << 14;
-pub const CR4_FSGSBASE: u64 = 1 << 16;
-pub const CR4_PCIDE: u64 = 1 << 17;
-pub const CR4_OSXSAVE: u64 = 1 << 18;
-pub const CR4_KL: u64 = 1 << 19;
-pub const CR4_SMEP: u64 = 1 << 20;
-pub const CR4_SMAP: u64 = 1 << 21;
-pub const CR4_PKE: u64 = 1 << 22;
-pub const CR4_CET: u64 = 1 << 23;
-pub const CR4_PKS: u64 = 1 << 24;
-pub const CR4_UINTR: u64 = 1 << 25;
-pub const CR4_LAM_SUP: u64 = 1 << 28;
-pub const CR4_FRED: u64 = 1 << 32;
-pub const EFER_LME: u64 = 1 << 8;
-pub const EFER_LMA: u64 = 1 << 10;
-pub const EFER_NXE: u64 = 1 << 11;
-
-/// Page-fault error code bits.
-pub const PF_P: u32 = 1 << 0;
-pub const PF_W: u32 = 1 << 1;
-pub const PF_U: u32 = 1 << 2;
-pub const PF_RSVD: u32 = 1 << 3;
-pub const PF_ID: u32 = 1 << 4;
+// The engine's modules (engine/mod.rs, test_guest.rs) name these as they did when
+// they were defined here; new code imports `crate::arch` directly.
+pub use crate::arch::cr0::{
+    CD as CR0_CD, ET as CR0_ET, PE as CR0_PE, PG as CR0_PG, TS as CR0_TS, WP as CR0_WP,
+};
+pub use crate::arch::cr4::{
+    LA57 as CR4_LA57, OSXSAVE as CR4_OSXSAVE, PAE as CR4_PAE, PCIDE as CR4_PCIDE, PGE as CR4_PGE,
+    PKE as CR4_PKE, PSE as CR4_PSE, SMAP as CR4_SMAP, SMEP as CR4_SMEP, TSD as CR4_TSD,
+};
+pub use crate::arch::efer::{LMA as EFER_LMA, LME as EFER_LME};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {
@@ -93,14 +51,14 @@ pub enum Paging {
 
 impl Paging {
     pub fn of(st: &CpuState) -> Paging {
-        if st.cr0 & CR0_PG == 0 {
+        if st.cr0 & cr0::PG == 0 {
             Paging::None
-        } else if st.cr4 & CR4_PAE == 0 {
+        } else if st.cr4 & cr4::PAE == 0 {
             Paging::Bits32 {
-                pse: st.cr4 & CR4_PSE != 0,
+                pse: st.cr4 & cr4::PSE != 0,
             }
-        } else if st.efer & EFER_LMA != 0 {
-            if st.cr4 & CR4_LA57 != 0 {
+        } else if st.efer & efer::LMA != 0 {
+            if st.cr4 & cr4::LA57 != 0 {
                 Paging::Unsupported
             } else {
                 Paging::Long4
@@ -147,12 +105,12 @@ impl Mmu {
             paging: Paging::of(st),
             cr3: st.cr3,
             user: st.cpl() == 3,
-            wp: st.cr0 & CR0_WP != 0,
-            nxe: st.efer & EFER_NXE != 0,
-            smep: st.cr4 & CR4_SMEP != 0,
-            smap: st.cr4 & CR4_SMAP != 0,
-            ac: st.rflags & AC != 0,
-            pke: st.cr4 & CR4_PKE != 0,
+            wp: st.cr0 & cr0::WP != 0,
+            nxe: st.efer & efer::NXE != 0,
+            smep: st.cr4 & cr4::SMEP != 0,
+            smap: st.cr4 & cr4::SMAP != 0,
+            ac: st.rflags & rflags::AC != 0,
+            pke: st.cr4 & cr4::PKE != 0,
             addr_mask: phys & !0xfff,
             high_rsvd: ((1u64 << 52) - 1) & !phys,
             pdpte: st.pdpte,
@@ -162,23 +120,23 @@ impl Mmu {
     fn fault(&self, la: u64, access: Access, present: bool, rsvd: bool) -> XlateError {
         let mut ec = 0;
         if present {
-            ec |= PF_P;
+            ec |= pfec::P;
         }
         if access == Access::Write {
-            ec |= PF_W;
+            ec |= pfec::W;
         }
         if self.user {
-            ec |= PF_U;
+            ec |= pfec::U;
         }
         if rsvd {
-            ec |= PF_RSVD;
+            ec |= pfec::RSVD;
         }
         let id_reported = match self.paging {
             Paging::Bits32 { .. } => self.smep,
             _ => self.nxe || self.smep,
         };
         if access == Access::Fetch && id_reported {
-            ec |= PF_ID;
+            ec |= pfec::ID;
         }
         XlateError::PageFault {
             addr: la,
@@ -271,7 +229,7 @@ impl Mmu {
         let mut writable = true;
         let mut user_page = true;
         let mut nx = false;
-        let nx_rsvd = if self.nxe { 0 } else { PTE_NX };
+        let nx_rsvd = if self.nxe { 0 } else { pte::NX };
         let mut table;
         let mut level; // 3 = PML4, 2 = PDPT, 1 = PD, 0 = PT
         if levels == 3 {
@@ -280,12 +238,12 @@ impl Mmu {
             let i = ((la >> 30) & 3) as usize;
             let e = match self.pdpte {
                 Some(p) => p[i],
-                None => Self::read_entry(g, (self.cr3 & 0xffff_ffe0) + i as u64 * 8, true)?,
+                None => Self::read_entry(g, (self.cr3 & cr3::PAE_PDPT) + i as u64 * 8, true)?,
             };
-            if e & PTE_P == 0 {
+            if e & pte::P == 0 {
                 return Err(self.fault(la, access, false, false));
             }
-            if e & (self.high_rsvd | 0x1e6 | PTE_NX) != 0 {
+            if e & (self.high_rsvd | pte::PDPTE_RSVD | pte::NX) != 0 {
                 // Reserved PDPTE bits fault at CR3 load on hardware; do not guess.
                 return Err(XlateError::Unsupported);
             }
@@ -299,12 +257,12 @@ impl Mmu {
             let shift = 12 + 9 * level;
             let ea = table + ((la >> shift) & 0x1ff) * 8;
             let e = Self::read_entry(g, ea, true)?;
-            if e & PTE_P == 0 {
+            if e & pte::P == 0 {
                 return Err(self.fault(la, access, false, false));
             }
             let mut rsvd = e & (self.high_rsvd | nx_rsvd) != 0;
-            let large = e & PTE_PS != 0 && (level == 1 || level == 2);
-            if level == 3 && e & PTE_PS != 0 {
+            let large = e & pte::PS != 0 && (level == 1 || level == 2);
+            if level == 3 && e & pte::PS != 0 {
                 rsvd = true;
             }
             if large {
@@ -317,9 +275,9 @@ impl Mmu {
             if rsvd {
                 return Err(self.fault(la, access, true, true));
             }
-            writable &= e & PTE_RW != 0;
-            user_page &= e & PTE_US != 0;
-            nx |= self.nxe && e & PTE_NX != 0;
+            writable &= e & pte::RW != 0;
+            user_page &= e & pte::US != 0;
+            nx |= self.nxe && e & pte::NX != 0;
             entries[n] = (ea, e);
             n += 1;
             if level == 0 || large {
@@ -343,10 +301,10 @@ impl Mmu {
     ) -> Result<u64, XlateError> {
         let pde_addr = (self.cr3 & 0xffff_f000) + ((la >> 22) & 0x3ff) * 4;
         let pde = Self::read_entry(g, pde_addr, false)?;
-        if pde & PTE_P == 0 {
+        if pde & pte::P == 0 {
             return Err(self.fault(la, access, false, false));
         }
-        if pse && pde & PTE_PS != 0 {
+        if pse && pde & pte::PS != 0 {
             // 4M page; bits 20:13 hold physical address bits 39:32 (PSE-36), bit 21
             // is reserved, as are high bits beyond MAXPHYADDR (capped at 40 here).
             let high = ((pde >> 13) & 0xff) << 32;
@@ -354,18 +312,18 @@ impl Mmu {
             if pde & (1 << 21) != 0 || high & !phys_limit != 0 {
                 return Err(self.fault(la, access, true, true));
             }
-            let (w, u) = (pde & PTE_RW != 0, pde & PTE_US != 0);
+            let (w, u) = (pde & pte::RW != 0, pde & pte::US != 0);
             self.check(la, access, w, u, false)?;
             self.set_ad(g, &[(pde_addr, pde)], access, false)?;
             return Ok((pde & 0xffc0_0000) | high | (la & 0x3f_ffff));
         }
         let pte_addr = (pde & 0xffff_f000) + ((la >> 12) & 0x3ff) * 4;
         let pte = Self::read_entry(g, pte_addr, false)?;
-        if pte & PTE_P == 0 {
+        if pte & pte::P == 0 {
             return Err(self.fault(la, access, false, false));
         }
-        let w = pde & pte & PTE_RW != 0;
-        let u = pde & pte & PTE_US != 0;
+        let w = pde & pte & pte::RW != 0;
+        let u = pde & pte & pte::US != 0;
         self.check(la, access, w, u, false)?;
         self.set_ad(g, &[(pde_addr, pde), (pte_addr, pte)], access, false)?;
         Ok((pte & 0xffff_f000) | (la & 0xfff))
@@ -381,9 +339,9 @@ impl Mmu {
     ) -> Result<(), XlateError> {
         let last = entries.len().saturating_sub(1);
         for (i, &(addr, e)) in entries.iter().enumerate() {
-            let mut want = PTE_A;
+            let mut want = pte::A;
             if i == last && access == Access::Write {
-                want |= PTE_D;
+                want |= pte::D;
             }
             if e & want != want {
                 let ne = e | want;

@@ -6,7 +6,8 @@ use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::vec;
 use alloc::vec::Vec;
 
-use super::mmu::*;
+use super::mmu::Paging;
+use crate::arch::{cr0, cr4, efer, pte};
 use crate::guest::{CpuCaps, CpuState, Fault, Guest, NotRam, Segment};
 use crate::ir::{Bitness, Cluster, Insn, Op, Seg};
 use crate::policy::ExitClass;
@@ -61,12 +62,12 @@ pub struct PortIo {
 
 /// Segment attributes (VMCS layout) for common descriptors.
 pub mod attrs {
-    /// 64-bit code, DPL 0.
-    pub const CODE64: u32 = 0xa09b;
+    /// 64-bit code, DPL 0 (the boot loader's).
+    pub const CODE64: u32 = crate::boot::ATTR_CODE64;
     /// 32-bit code, DPL 0.
-    pub const CODE32: u32 = 0xc09b;
+    pub const CODE32: u32 = crate::boot::ATTR_CODE32;
     /// 32-bit read/write data, DPL 0, 4G limit.
-    pub const DATA32: u32 = 0xc093;
+    pub const DATA32: u32 = crate::boot::ATTR_DATA;
     /// Real-mode code / data (16-bit, present, DPL 0).
     pub const REAL_CODE: u32 = 0x9b;
     pub const REAL_DATA: u32 = 0x93;
@@ -179,9 +180,9 @@ impl TestGuest {
         let mut g = TestGuest::new(ram_bytes);
         let pml4 = g.alloc_table();
         let s = &mut g.state;
-        s.cr0 = CR0_PE | CR0_PG | CR0_WP | 0x10;
-        s.cr4 = CR4_PAE | CR4_OSXSAVE;
-        s.efer = EFER_LME | EFER_LMA | EFER_NXE;
+        s.cr0 = cr0::PE | cr0::PG | cr0::WP | cr0::ET;
+        s.cr4 = cr4::PAE | cr4::OSXSAVE;
+        s.efer = efer::LME | efer::LMA | efer::NXE;
         s.cr3 = pml4;
         g.flat_segments(attrs::CODE64, attrs::DATA32);
         g
@@ -192,21 +193,21 @@ impl TestGuest {
     pub fn protected32(ram_bytes: usize, paging: Paging) -> TestGuest {
         let mut g = TestGuest::new(ram_bytes);
         g.flat_segments(attrs::CODE32, attrs::DATA32);
-        g.state.cr0 = CR0_PE | CR0_WP | 0x10;
+        g.state.cr0 = cr0::PE | cr0::WP | cr0::ET;
         match paging {
             Paging::Bits32 { pse } => {
                 g.state.cr3 = g.alloc_table();
-                g.state.cr0 |= CR0_PG;
+                g.state.cr0 |= cr0::PG;
                 if pse {
-                    g.state.cr4 |= CR4_PSE;
+                    g.state.cr4 |= cr4::PSE;
                 }
             }
             Paging::Pae => {
                 // The PDPT (32 bytes, 32-byte aligned) lives in a table frame.
                 g.state.cr3 = g.alloc_table();
-                g.state.cr0 |= CR0_PG;
-                g.state.cr4 |= CR4_PAE;
-                g.state.efer |= EFER_NXE;
+                g.state.cr0 |= cr0::PG;
+                g.state.cr4 |= cr4::PAE;
+                g.state.efer |= efer::NXE;
             }
             _ => {}
         }
@@ -267,7 +268,7 @@ impl TestGuest {
     /// intermediate tables (present, writable, user) as needed. `flags` are the
     /// final entry's flags (P, RW, US, NX, ...; PS is added for large pages).
     pub fn map(&mut self, va: u64, pa: u64, size: PageSize, flags: u64) {
-        let inter = PTE_P | PTE_RW | PTE_US;
+        let inter = pte::P | pte::RW | pte::US;
         match Paging::of(&self.state) {
             Paging::Long4 => {
                 let mut table = self.state.cr3 & !0xfff;
@@ -281,18 +282,18 @@ impl TestGuest {
                     table = self.table_at(ea, inter, true);
                 }
                 let ea = table + ((va >> (12 + 9 * last)) & 0x1ff) * 8;
-                let ps = if last > 0 { PTE_PS } else { 0 };
+                let ps = if last > 0 { pte::PS } else { 0 };
                 self.write_entry(ea, pa | flags | ps, true);
             }
             Paging::Pae => {
                 let pdpte = (self.state.cr3 & 0xffff_ffe0) + ((va >> 30) & 3) * 8;
-                let pd = self.table_at(pdpte, PTE_P, true);
+                let pd = self.table_at(pdpte, pte::P, true);
                 let pde = pd + ((va >> 21) & 0x1ff) * 8;
                 if size == PageSize::K4 {
                     let pt = self.table_at(pde, inter, true);
                     self.write_entry(pt + ((va >> 12) & 0x1ff) * 8, pa | flags, true);
                 } else {
-                    self.write_entry(pde, pa | flags | PTE_PS, true);
+                    self.write_entry(pde, pa | flags | pte::PS, true);
                 }
             }
             Paging::Bits32 { .. } => {
@@ -302,7 +303,7 @@ impl TestGuest {
                     self.write_entry(pt + ((va >> 12) & 0x3ff) * 4, pa | flags, false);
                 } else {
                     // PSE-36: physical bits 39:32 go to PDE bits 20:13.
-                    let e = (pa & 0xffc0_0000) | (((pa >> 32) & 0xff) << 13) | flags | PTE_PS;
+                    let e = (pa & 0xffc0_0000) | (((pa >> 32) & 0xff) << 13) | flags | pte::PS;
                     self.write_entry(pde, e, false);
                 }
             }
@@ -326,7 +327,7 @@ impl TestGuest {
         } else {
             self.read_u32(ea) as u64
         };
-        if e & PTE_P != 0 {
+        if e & pte::P != 0 {
             return e & 0x000f_ffff_ffff_f000;
         }
         let t = self.alloc_table();
@@ -346,7 +347,7 @@ impl TestGuest {
                     let pdpte = (self.state.cr3 & 0xffff_ffe0) + ((va >> 30) & 3) * 8;
                     out.push(pdpte);
                     let e = self.read_u64(pdpte);
-                    if e & PTE_P == 0 {
+                    if e & pte::P == 0 {
                         return out;
                     }
                     (e & 0x000f_ffff_ffff_f000, 1)
@@ -357,7 +358,7 @@ impl TestGuest {
                     let ea = table + ((va >> (12 + 9 * level)) & 0x1ff) * 8;
                     out.push(ea);
                     let e = self.read_u64(ea);
-                    if level == 0 || e & PTE_P == 0 || e & PTE_PS != 0 {
+                    if level == 0 || e & pte::P == 0 || e & pte::PS != 0 {
                         return out;
                     }
                     table = e & 0x000f_ffff_ffff_f000;
@@ -368,7 +369,7 @@ impl TestGuest {
                 let pde = (self.state.cr3 & 0xffff_f000) + ((va >> 22) & 0x3ff) * 4;
                 out.push(pde);
                 let e = self.read_u32(pde) as u64;
-                if e & PTE_P != 0 && e & PTE_PS == 0 {
+                if e & pte::P != 0 && e & pte::PS == 0 {
                     out.push((e & 0xffff_f000) + ((va >> 12) & 0x3ff) * 4);
                 }
             }

@@ -170,7 +170,7 @@ fn msrs_controls_and_cr_masks() {
     );
     assert_eq!(classify64(&pg_only, &[0x0f, 0x06]), None);
     assert_eq!(classify64(&pg_only, &[0x0f, 0x01, 0xf0]), None);
-    let ts = ExitPolicy::builder().cr0_guest_host_mask(CR0_TS).build();
+    let ts = ExitPolicy::builder().cr0_guest_host_mask(cr0::TS).build();
     assert_eq!(classify64(&ts, &[0x0f, 0x06]), Some(ExitClass::Clts));
     assert_eq!(classify64(&ts, &[0x0f, 0x01, 0xf0]), Some(ExitClass::Lmsw));
     let cr4 = ExitPolicy::builder().cr4_guest_host_mask(1 << 5).build();

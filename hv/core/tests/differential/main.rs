@@ -49,8 +49,8 @@ use iced_x86::Instruction;
 use native::{FaultCatcher, BUF_SIZE};
 use world::{CaseResult, World};
 
-const STATUS: u64 = 0x8d5; // CF PF AF ZF SF OF
-const DF: u64 = 0x400;
+use avex_core::arch::rflags::{DF, STATUS};
+
 /// Offset of the base register's target in the buffer.
 const R15_OFF: u64 = 256;
 const STACK_TOP: u64 = BUF_SIZE as u64 - 1024;

@@ -7,6 +7,7 @@ use super::flags::{analyze, layout};
 use super::gen::{reg_of, Place};
 use super::native::{Native, NativeFault, BUF_PAGES, BUF_SIZE, GUARD_PAGE, RO_PAGE, SEQ_OFF};
 use super::{Case, Mode, DF, STATUS};
+use avex_core::arch::{pte, rflags};
 use avex_core::engine::{self, test_guest::TestGuest, Paging, RunLimits, StopReason};
 use avex_core::guest::{Fault, Guest, Segment};
 use avex_core::ir::{BackEdge, Bitness, Cluster, Insn, Op, Seg, Target};
@@ -15,8 +16,6 @@ use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
 
 const CODE_GPA: u64 = 0x10000;
 const BUF_GPA: u64 = 0x40000;
-const PTE_P: u64 = 1;
-const PTE_RW: u64 = 2;
 
 pub struct World {
     pub mode: Mode,
@@ -79,7 +78,7 @@ impl World {
                 st.seg[Seg::Gs as usize] = seg(s.gs, 0xffff, 0x93, s.gs_sel);
             }
         }
-        let nx = if mode == Mode::M64 { 1 << 63 } else { 0 };
+        let nx = if mode == Mode::M64 { pte::NX } else { 0 };
         let mut pages = Vec::new();
         // Code: three pages, out of order, two frames apart.
         for (k, f) in [2u64, 0, 1].iter().enumerate() {
@@ -97,9 +96,9 @@ impl World {
         for &(va, pa) in &pages {
             let buf_page = (va.wrapping_sub(native.buf_va())) / 4096;
             let flags = match va >= native.buf_va() && buf_page < BUF_PAGES {
-                true if buf_page == RO_PAGE => PTE_P | nx,
-                true => PTE_P | PTE_RW | nx,
-                false => PTE_P | PTE_RW,
+                true if buf_page == RO_PAGE => pte::P | nx,
+                true => pte::P | pte::RW | nx,
+                false => pte::P | pte::RW,
             };
             guest.map(va, pa, engine::test_guest::PageSize::K4, flags);
         }
@@ -262,7 +261,7 @@ impl World {
         let code_va = self.native.base() + SEQ_OFF;
         self.put(code_va, &bytes);
         self.guest.state.gpr = *gpr0;
-        self.guest.state.rflags = fl0 | 0x202;
+        self.guest.state.rflags = fl0 | rflags::IF | rflags::FIXED;
         self.guest.state.rip = ip;
         let mut start = 0;
         let mut back_edges = 0u64;

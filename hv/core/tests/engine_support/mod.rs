@@ -2,7 +2,7 @@
 //! long-mode test guest with code and data mapped, and builders for the ops they use.
 #![allow(dead_code)] // each test crate uses a part
 
-use avex_core::engine::mmu::*;
+use avex_core::arch::pte;
 use avex_core::engine::test_guest::{fake_cluster, PageSize, TestGuest, INSN_LEN};
 use avex_core::engine::{self, RunLimits, RunOutcome};
 use avex_core::ir::*;
@@ -67,8 +67,8 @@ pub fn inc(r: u8) -> (Op, Option<ExitClass>) {
 
 pub fn guest() -> TestGuest {
     let mut g = TestGuest::long_mode(4 << 20);
-    g.map_range(CODE_VA, CODE_GPA, 0x2000, PTE_P);
-    g.map(DATA_VA, DATA_GPA, PageSize::K4, PTE_P | PTE_RW);
+    g.map_range(CODE_VA, CODE_GPA, 0x2000, pte::P);
+    g.map(DATA_VA, DATA_GPA, PageSize::K4, pte::P | pte::RW);
     g
 }
 

@@ -4,10 +4,11 @@
 
 use core::arch::asm;
 
+use avex_core::arch::{cpuid, cr4, efer, msr, rflags, xcr0};
 use avex_core::engine::cr;
 use avex_core::guest::{CpuState, Fault, Guest, NotRam, Segment};
 
-use super::{rdtsc, read_cr2, write_cr2, Vcpu, CR4_OSXSAVE, EFER_LMA, RFLAGS_IF};
+use super::{rdtsc, read_cr2, write_cr2, Vcpu};
 use crate::vmx::{self, field as f, vmread, vmwrite};
 
 /// The guest's TPR is the processor's own CR8. With neither "CR8-load exiting",
@@ -33,7 +34,10 @@ fn write_tpr(v: u64) {
 
 /// MSRs the guest may use on the real CPU: the host never uses them.
 fn passthrough_msr(msr: u32) -> bool {
-    matches!(msr, 0xc000_0081..=0xc000_0084 | 0xc000_0102 | 0xc000_0103)
+    matches!(
+        msr,
+        msr::STAR..=msr::FMASK | msr::KERNEL_GS_BASE | msr::TSC_AUX
+    )
 }
 
 impl Guest for Vcpu {
@@ -129,14 +133,14 @@ impl Guest for Vcpu {
 
     fn rdmsr(&mut self, msr: u32) -> Result<u64, Fault> {
         Ok(match msr {
-            0x10 => rdtsc(),
-            0x1b => 0xfee0_0900,
-            0x174 => vmread(f::GUEST_SYSENTER_CS),
-            0x175 => vmread(f::GUEST_SYSENTER_ESP),
-            0x176 => vmread(f::GUEST_SYSENTER_EIP),
-            0xc000_0080 => vmread(f::GUEST_EFER),
-            0xc000_0100 => vmread(f::seg_base(4)),
-            0xc000_0101 => vmread(f::seg_base(5)),
+            msr::TSC => rdtsc(),
+            msr::APIC_BASE => msr::APIC_BASE_RESET,
+            msr::SYSENTER_CS => vmread(f::GUEST_SYSENTER_CS),
+            msr::SYSENTER_ESP => vmread(f::GUEST_SYSENTER_ESP),
+            msr::SYSENTER_EIP => vmread(f::GUEST_SYSENTER_EIP),
+            msr::EFER => vmread(f::GUEST_EFER),
+            msr::FS_BASE => vmread(f::seg_base(4)),
+            msr::GS_BASE => vmread(f::seg_base(5)),
             m if passthrough_msr(m) => {
                 // SAFETY: syscall/swapgs MSRs the hypervisor never uses; reading them
                 // has no effect on the host.
@@ -157,26 +161,30 @@ impl Guest for Vcpu {
             cr::check_wrmsr(msr, value, &self.cpu_caps())?;
         }
         match msr {
-            0x10 | 0x1b => {}
-            0x174 => vmwrite(f::GUEST_SYSENTER_CS, value),
-            0x175 => vmwrite(f::GUEST_SYSENTER_ESP, value),
-            0x176 => vmwrite(f::GUEST_SYSENTER_EIP, value),
-            0xc000_0080 => {
+            msr::TSC | msr::APIC_BASE => {}
+            msr::SYSENTER_CS => vmwrite(f::GUEST_SYSENTER_CS, value),
+            msr::SYSENTER_ESP => vmwrite(f::GUEST_SYSENTER_ESP, value),
+            msr::SYSENTER_EIP => vmwrite(f::GUEST_SYSENTER_EIP, value),
+            msr::EFER => {
                 // LMA is read-only; it follows LME and CR0.PG.
-                if value & !(0xd01) != 0 {
+                if value & !(efer::SCE | efer::LME | efer::LMA | efer::NXE) != 0 {
                     return Err(Fault::GeneralProtection);
                 }
-                let lma = vmread(f::GUEST_EFER) & EFER_LMA;
-                self.write_efer((value & !EFER_LMA) | lma);
+                let lma = vmread(f::GUEST_EFER) & efer::LMA;
+                self.write_efer((value & !efer::LMA) | lma);
             }
-            0xc000_0100 => vmwrite(f::seg_base(4), value),
-            0xc000_0101 => vmwrite(f::seg_base(5), value),
+            msr::FS_BASE => vmwrite(f::seg_base(4), value),
+            msr::GS_BASE => vmwrite(f::seg_base(5), value),
             m if passthrough_msr(m) => {
                 // SAFETY: as in rdmsr; the value is the guest's own and only the
                 // guest's SYSCALL/SWAPGS/RDTSCP use it.
                 unsafe { x86_64::registers::model_specific::Msr::new(m).write(value) }
             }
-            0x277 | 0x1a0 | 0x2ff | 0x200..=0x21f | 0x250..=0x26f => {
+            msr::PAT
+            | msr::MISC_ENABLE
+            | msr::MTRR_DEF_TYPE
+            | msr::MTRR_PHYS_FIRST..=msr::MTRR_PHYS_LAST
+            | msr::MTRR_FIX_FIRST..=msr::MTRR_FIX_LAST => {
                 self.msrs.insert(msr, value);
             }
             _ => {
@@ -190,12 +198,12 @@ impl Guest for Vcpu {
     fn cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
         let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
         let (eax, ebx, mut ecx, edx) = (r.eax, r.ebx, r.ecx, r.edx);
-        if leaf == 1 {
-            ecx &= !(1 << 5); // no nested VMX
-            ecx |= 1 << 31; // running under a hypervisor
-            ecx &= !(1 << 27);
-            if vmread(f::CR4_READ_SHADOW) & CR4_OSXSAVE != 0 {
-                ecx |= 1 << 27;
+        if leaf == cpuid::LEAF_FEATURES {
+            ecx &= !cpuid::L1_ECX_VMX; // no nested VMX
+            ecx |= cpuid::L1_ECX_HYPERVISOR;
+            ecx &= !cpuid::L1_ECX_OSXSAVE;
+            if vmread(f::CR4_READ_SHADOW) & cr4::OSXSAVE != 0 {
+                ecx |= cpuid::L1_ECX_OSXSAVE;
             }
         }
         [eax, ebx, ecx, edx]
@@ -206,7 +214,7 @@ impl Guest for Vcpu {
     }
 
     fn xgetbv(&mut self, index: u32) -> Result<u64, Fault> {
-        if index == 0 && vmread(f::CR4_READ_SHADOW) & CR4_OSXSAVE != 0 {
+        if index == 0 && vmread(f::CR4_READ_SHADOW) & cr4::OSXSAVE != 0 {
             Ok(self.xcr0)
         } else if index == 0 {
             Err(Fault::InvalidOpcode)
@@ -216,7 +224,11 @@ impl Guest for Vcpu {
     }
 
     fn xsetbv(&mut self, index: u32, value: u64) -> Result<(), Fault> {
-        if index != 0 || value & 1 == 0 || value & !0x7 != 0 || (value & 4 != 0 && value & 2 == 0) {
+        if index != 0
+            || value & xcr0::X87 == 0
+            || value & !(xcr0::X87 | xcr0::SSE | xcr0::AVX) != 0
+            || (value & xcr0::AVX != 0 && value & xcr0::SSE == 0)
+        {
             return Err(Fault::GeneralProtection);
         }
         self.xcr0 = value;
@@ -224,7 +236,7 @@ impl Guest for Vcpu {
     }
 
     fn interrupt_pending(&mut self) -> bool {
-        if vmread(f::GUEST_RFLAGS) & RFLAGS_IF == 0 {
+        if vmread(f::GUEST_RFLAGS) & rflags::IF == 0 {
             return false;
         }
         let now = self.now_ns();

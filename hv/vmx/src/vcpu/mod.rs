@@ -8,6 +8,7 @@ use alloc::collections::BTreeMap;
 use alloc::string::String;
 use core::arch::asm;
 
+use avex_core::arch::{cr0, cr3, cr4, dr, efer, msr, rflags, vector};
 use avex_core::boot::BootImage;
 use avex_core::devices::{PortBus, StandardConfig};
 use avex_core::guest::{Fault, Guest};
@@ -18,15 +19,6 @@ use crate::logln;
 use crate::vmx::{self, alloc_page, ctl, field as f, phys, vmread, vmwrite, Caps, GuestRegs};
 
 mod guest;
-
-const CR0_PE: u64 = 1 << 0;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const CR4_VMXE: u64 = 1 << 13;
-const CR4_OSXSAVE: u64 = 1 << 18;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-const RFLAGS_IF: u64 = 1 << 9;
 
 /// What the vCPU counted, for the run's summary.
 #[derive(Clone, Copy, Debug, Default)]
@@ -124,8 +116,9 @@ impl Vcpu {
             tsc0: rdtsc(),
             tsc_hz: tsc_hz.max(1),
         };
-        v.msrs.insert(0x1a0, 1); // IA32_MISC_ENABLE: fast strings
-        v.msrs.insert(0x277, 0x0007_0406_0007_0406); // IA32_PAT power-on value
+        v.msrs
+            .insert(msr::MISC_ENABLE, msr::MISC_ENABLE_FAST_STRINGS);
+        v.msrs.insert(msr::PAT, msr::PAT_RESET);
         v.setup_controls(policy)?;
         v.setup_host();
         v.setup_guest(boot);
@@ -310,7 +303,7 @@ impl Vcpu {
         let cr4_fixed = c.cr4_fixed0 | !c.cr4_fixed1;
         vmwrite(
             f::CR0_MASK,
-            policy.cr0_guest_host_mask() | (cr0_fixed & !(CR0_PE | CR0_PG)),
+            policy.cr0_guest_host_mask() | (cr0_fixed & !(cr0::PE | cr0::PG)),
         );
         vmwrite(f::CR4_MASK, policy.cr4_guest_host_mask() | cr4_fixed);
         Ok(())
@@ -341,7 +334,7 @@ impl Vcpu {
         vmwrite(f::HOST_SYSENTER_ESP, 0);
         vmwrite(f::HOST_SYSENTER_EIP, 0);
         // SAFETY: reading EFER, an architectural MSR.
-        let efer = unsafe { x86_64::registers::model_specific::Msr::new(vmx::IA32_EFER).read() };
+        let efer = unsafe { x86_64::registers::model_specific::Msr::new(msr::EFER).read() };
         vmwrite(f::HOST_EFER, efer);
         vmwrite(f::HOST_RIP, vmx::exit_entry_address());
         vmwrite(f::HOST_RSP, 0); // set by vmx_enter before each entry
@@ -350,8 +343,8 @@ impl Vcpu {
     fn setup_guest(&mut self, boot: &BootImage) {
         vmwrite(f::VMCS_LINK_POINTER, u64::MAX);
         vmwrite(f::GUEST_DEBUGCTL, 0);
-        vmwrite(f::GUEST_PAT, 0x0007_0406_0007_0406);
-        vmwrite(f::GUEST_DR7, 0x400);
+        vmwrite(f::GUEST_PAT, msr::PAT_RESET);
+        vmwrite(f::GUEST_DR7, dr::DR7_RESET);
         vmwrite(f::GUEST_PENDING_DBG, 0);
         vmwrite(f::GUEST_INTERRUPTIBILITY, 0);
         vmwrite(f::GUEST_ACTIVITY, 0);
@@ -437,7 +430,7 @@ impl Vcpu {
     /// through the wait) until the PIC has an interrupt, which `deliver_interrupts`
     /// injects before the next entry.
     pub fn wait_for_interrupt(&mut self) -> Result<(), String> {
-        if vmread(f::GUEST_RFLAGS) & RFLAGS_IF == 0 {
+        if vmread(f::GUEST_RFLAGS) & rflags::IF == 0 {
             return Err("interrupts are off, so nothing can wake it (no debug-exit write)".into());
         }
         for _ in 0..64 {
@@ -499,7 +492,7 @@ impl Vcpu {
             return;
         }
         let can_take =
-            vmread(f::GUEST_RFLAGS) & RFLAGS_IF != 0 && vmread(f::GUEST_INTERRUPTIBILITY) & 3 == 0;
+            vmread(f::GUEST_RFLAGS) & rflags::IF != 0 && vmread(f::GUEST_INTERRUPTIBILITY) & 3 == 0;
         if can_take {
             if let Some(vector) = self.bus.acknowledge(now) {
                 // External interrupt (type 0), valid.
@@ -536,22 +529,22 @@ impl Vcpu {
             cr0,
             self.caps.cr0_fixed0,
             self.caps.cr0_fixed1,
-            CR0_PE | CR0_PG,
+            cr0::PE | cr0::PG,
         );
         vmwrite(f::CR0_READ_SHADOW, cr0);
         vmwrite(f::GUEST_CR0, real);
         let efer = vmread(f::GUEST_EFER);
-        let lma = cr0 & CR0_PG != 0 && efer & EFER_LME != 0;
+        let lma = cr0 & cr0::PG != 0 && efer & efer::LME != 0;
         self.write_efer(if lma {
-            efer | EFER_LMA
+            efer | efer::LMA
         } else {
-            efer & !EFER_LMA
+            efer & !efer::LMA
         });
     }
 
     fn write_cr4(&mut self, cr4: u64) {
         let real = vmx::fixed(
-            cr4 | CR4_VMXE,
+            cr4 | cr4::VMXE,
             self.caps.cr4_fixed0,
             self.caps.cr4_fixed1,
             0,
@@ -563,7 +556,7 @@ impl Vcpu {
     fn write_efer(&mut self, efer: u64) {
         vmwrite(f::GUEST_EFER, efer);
         let entry = vmread(f::ENTRY_CONTROLS) as u32;
-        let entry = if efer & EFER_LMA != 0 {
+        let entry = if efer & efer::LMA != 0 {
             entry | ctl::ENTRY_IA32E
         } else {
             entry & !ctl::ENTRY_IA32E
@@ -590,7 +583,7 @@ impl Vcpu {
         if !self.pae_paging() {
             return Ok(());
         }
-        let pdpt = vmread(f::GUEST_CR3) & 0xffff_ffe0;
+        let pdpt = vmread(f::GUEST_CR3) & cr3::PAE_PDPT;
         let mut raw = [0u8; 32];
         self.read_phys(pdpt, &mut raw).map_err(|e| {
             alloc::format!(
@@ -612,7 +605,7 @@ impl Vcpu {
     /// fields are in use.
     pub fn pae_paging(&self) -> bool {
         let ia32e = vmread(f::ENTRY_CONTROLS) as u32 & ctl::ENTRY_IA32E != 0;
-        vmread(f::GUEST_CR0) & CR0_PG != 0 && vmread(f::GUEST_CR4) & CR4_PAE != 0 && !ia32e
+        vmread(f::GUEST_CR0) & cr0::PG != 0 && vmread(f::GUEST_CR4) & cr4::PAE != 0 && !ia32e
     }
 
     /// Make the CPU use these PDPTEs from the next VM entry.
@@ -631,14 +624,14 @@ impl Vcpu {
     /// instruction.
     pub fn inject(&mut self, fault: Fault) {
         let (vector, code) = match fault {
-            Fault::GeneralProtection => (13u64, Some(0u32)),
-            Fault::InvalidOpcode => (6, None),
+            Fault::GeneralProtection => (vector::GENERAL_PROTECTION, Some(0u32)),
+            Fault::InvalidOpcode => (vector::INVALID_OPCODE, None),
             Fault::PageFault { addr, error_code } => {
                 write_cr2(addr);
-                (14, Some(error_code))
+                (vector::PAGE_FAULT, Some(error_code))
             }
         };
-        let mut info = vector | (3 << 8) | (1 << 31);
+        let mut info = u64::from(vector) | (3 << 8) | (1 << 31);
         if let Some(code) = code {
             info |= 1 << 11;
             vmwrite(f::ENTRY_EXCEPTION_ERROR, u64::from(code));
