@@ -10,7 +10,6 @@
 //!    grows. Success is judged by the summary line, never by Bochs' exit status
 //!    (the hypervisor ends the run through Bochs' shutdown port, status 1).
 
-use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -19,9 +18,29 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use avex_core::exit::Mode;
 use avex_core::format;
-use avex_core::stats::ExitStats;
+use avex_core::stats::{ExitStats, Summary};
 
-use crate::run::{RunRequest, RunResult};
+use crate::backend::{Backend, RunRequest, RunResult};
+
+/// The bare-metal VT-x hypervisor, booted in Bochs.
+pub struct Bochs;
+
+impl Backend for Bochs {
+    fn name(&self) -> &'static str {
+        "bochs"
+    }
+    fn run(
+        &self,
+        req: &RunRequest<'_>,
+        console: &mut dyn FnMut(&[u8]),
+    ) -> anyhow::Result<RunResult> {
+        run_with_console(req, console)
+    }
+    fn exits_counted(&self, _: &ExitStats) -> &'static str {
+        "the VM exits the VT-x hypervisor's exit handler saw: every exit the exit \
+         policy configures (port I/O, MSRs, CPUID, CR moves, RDTSC, HLT, ...)"
+    }
+}
 
 /// The Debian packages the Bochs backend needs (Bochs itself and its ROMs).
 pub const BOCHS_PACKAGES: &str = "bochs bochsbios vgabios";
@@ -153,138 +172,10 @@ pub fn bochsrc(iso: &Path, com1: &Path, com2: &Path, log: &Path, ips: u64) -> St
     )
 }
 
-/// The parsed `AVEX-SUMMARY` line.
-#[derive(Clone, Debug, Default)]
-pub struct Summary {
-    pub status: u8,
-    pub error: Option<String>,
-    pub stats: ExitStats,
-    /// Other numeric fields (guest_ms, code_page_writes, ...).
-    pub details: BTreeMap<String, u64>,
-}
-
-/// Exit-reason names live for the program's life in `ExitStats`: map the known ones
-/// to their static names, and leak the (few, short) others.
-fn static_name(s: &str) -> &'static str {
-    const KNOWN: &[&str] = &[
-        "io_in",
-        "io_out",
-        "rdmsr",
-        "wrmsr",
-        "cpuid",
-        "hlt",
-        "cr_access",
-        "other",
-        "ept_violation",
-        "triple_fault",
-        "ins",
-        "outs",
-        "external_interrupt",
-        "exception_nmi",
-        "interrupt_window",
-    ];
-    KNOWN
-        .iter()
-        .copied()
-        .find(|k| *k == s)
-        .unwrap_or_else(|| Box::leak(s.to_string().into_boxed_str()))
-}
-
-/// An exit class's static name (the hypervisor prints `ExitClass::name`s).
-fn class_name(s: &str) -> &'static str {
-    avex_core::policy::ExitClass::from_name(s).map_or_else(|| static_name(s), |c| c.name())
-}
-
-/// Parse the summary line (without its prefix).
+/// Parse the summary line (without its prefix): hv/core's [`Summary`], printed by
+/// the hypervisor with the same type.
 pub fn parse_summary(json: &str) -> anyhow::Result<Summary> {
-    let v: serde_json::Value =
-        serde_json::from_str(json).context("the AVEX-SUMMARY line is not JSON")?;
-    let obj = v
-        .as_object()
-        .context("the AVEX-SUMMARY line is not a JSON object")?;
-    let num = |k: &str| obj.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
-    let mut s = Summary {
-        status: u8::try_from(num("status")).unwrap_or(255),
-        error: obj
-            .get("error")
-            .and_then(|e| e.as_str())
-            .map(str::to_string),
-        ..Summary::default()
-    };
-    let st = &mut s.stats;
-    if let Some(m) = obj.get("exits_by_reason").and_then(|m| m.as_object()) {
-        for (k, n) in m {
-            let n = n.as_u64().unwrap_or(0);
-            st.by_reason.insert(static_name(k), n);
-        }
-    }
-    st.handled = num("exits");
-    st.in_cluster_exiting = num("in_cluster_exiting");
-    st.clusters_run = num("clusters_run");
-    st.clusters_run_aot = num("clusters_run_aot");
-    st.clusters_run_dynamic = num("clusters_run_dynamic");
-    st.cluster_insns = num("cluster_insns");
-    st.translations_loaded = num("translations_loaded");
-    st.translations_built = num("translations_built");
-    st.translation_failures = num("translation_failures");
-    st.translate_ns = num("translate_ns");
-    st.translate_insns = num("translate_insns");
-    st.stale_dropped = num("stale_dropped");
-    st.translations_rejected = obj
-        .get("translations_rejected")
-        .and_then(|r| r.as_str())
-        .map(str::to_string);
-    for (key, into) in [
-        ("in_cluster_by_class", &mut st.in_cluster_by_class),
-        (
-            "in_cluster_not_exiting_by_class",
-            &mut st.in_cluster_not_exiting_by_class,
-        ),
-    ] {
-        for (k, n) in obj
-            .get(key)
-            .and_then(|m| m.as_object())
-            .into_iter()
-            .flatten()
-        {
-            into.insert(class_name(k), n.as_u64().unwrap_or(0));
-        }
-    }
-    st.exit_set = obj
-        .get("exit_set")
-        .and_then(|a| a.as_array())
-        .into_iter()
-        .flatten()
-        .filter_map(|c| c.as_str())
-        .map(class_name)
-        .collect();
-    if let Some(m) = obj.get("early_stops").and_then(|m| m.as_object()) {
-        for (k, n) in m {
-            st.early_stops.insert(k.clone(), n.as_u64().unwrap_or(0));
-        }
-    }
-    // Consistency: exit_prone and avoided as the hypervisor computed them must match
-    // the definitions applied to what was parsed.
-    if obj.contains_key("exit_prone") && num("exit_prone") != st.exit_prone() {
-        bail!(
-            "inconsistent AVEX-SUMMARY: exit_prone {} but exits + in-cluster = {}",
-            num("exit_prone"),
-            st.exit_prone()
-        );
-    }
-    for key in [
-        "guest_ms",
-        "code_page_writes",
-        "ticks_guest",
-        "ticks_handler",
-        "ticks_clusters",
-        "interrupts",
-    ] {
-        if let Some(n) = obj.get(key).and_then(|x| x.as_u64()) {
-            s.details.insert(key.to_string(), n);
-        }
-    }
-    Ok(s)
+    serde_json::from_str(json).context("the AVEX-SUMMARY line is not a summary")
 }
 
 /// The guest image to put on the ISO for `req`: its own bytes, or (when the caller
@@ -448,8 +339,11 @@ pub fn run_with_console(
     if let Some(e) = &summary.error {
         bail!("{}: the hypervisor stopped the guest: {e}", req.name);
     }
+    let Some(stats) = summary.stats else {
+        bail!("{}: the hypervisor's summary has no statistics", req.name);
+    };
     let mut notes = Vec::new();
-    if let Some(r) = &summary.stats.translations_rejected {
+    if let Some(r) = &stats.translations_rejected {
         notes.push(format!("translations rejected: {r}"));
     }
     for l in log_text
@@ -460,12 +354,13 @@ pub fn run_with_console(
     }
     Ok(RunResult {
         status: summary.status,
-        stats: summary.stats,
+        stats,
         console: console_bytes,
         seconds,
         details: summary.details,
         notes,
         exit_statistics_unreadable: None,
+        time_split: None,
     })
 }
 
@@ -474,37 +369,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_the_summary_into_the_shared_statistics() {
-        let line = r#"{"status":0,"mode":"aot+dynamic","guest":"console","exits":10,"exits_by_reason":{"io_in":4,"io_out":6},"exit_prone":25,"avoided":15,"in_cluster_exiting":15,"translations_loaded":3,"translations_built":1,"clusters_run":5,"cluster_insns":40,"stale_dropped":0,"translations_rejected":null,"guest_ms":7}"#;
+    fn reads_the_summary_the_hypervisor_prints() {
+        use avex_core::policy::ExitClass;
+        use avex_core::stats::{EarlyStop, ExitReason};
+        let line = r#"{"status":0,"mode":"aot+dynamic","guest":"console","stats":{"exits_by_reason":{"io_in":4,"io_out":6},"handled_exits":10,"in_cluster_exiting":15,"in_cluster_exiting_by_class":{"OUT":14,"CPUID":1},"in_cluster_not_exiting_by_class":{"XGETBV":4},"exit_set":["OUT","CPUID"],"early_stops":{"BUDGET":2},"translations_built":1},"details":{"guest_ms":7}}"#;
         let s = parse_summary(line).unwrap();
         assert_eq!(s.status, 0);
-        assert_eq!(s.stats.exits(), 10);
-        assert_eq!(s.stats.exit_prone(), 25);
-        assert_eq!(s.stats.avoided(), 15);
-        assert_eq!(s.stats.by_reason["io_out"], 6);
-        assert_eq!(s.stats.translations_built, 1);
         assert_eq!(s.details["guest_ms"], 7);
         assert!(s.error.is_none());
+        let st = s.stats.unwrap();
+        assert_eq!(st.exits(), 10);
+        assert_eq!(st.exit_prone(), 25);
+        assert_eq!(st.by_reason[&ExitReason::IoOut], 6);
+        assert_eq!(st.in_cluster_by_class[&ExitClass::Cpuid], 1);
+        assert_eq!(st.in_cluster_not_exiting(), 4);
+        assert_eq!(st.exit_set, [ExitClass::Out, ExitClass::Cpuid]);
+        assert_eq!(st.early_stops[&EarlyStop::Budget], 2);
+        assert_eq!(st.translations_built, 1);
     }
 
     #[test]
-    fn parses_what_exits_here_and_the_in_cluster_classes() {
-        let line = r#"{"status":0,"exits":2,"exit_prone":5,"in_cluster_exiting":3,"in_cluster_by_class":{"OUT":2,"CPUID":1},"in_cluster_not_exiting_by_class":{"XGETBV":4},"exit_set":["OUT","CPUID"]}"#;
-        let s = parse_summary(line).unwrap().stats;
-        assert_eq!(s.in_cluster_by_class["CPUID"], 1);
-        assert_eq!(s.in_cluster_not_exiting(), 4);
-        assert_eq!(s.exit_set, ["OUT", "CPUID"]);
-    }
-
-    #[test]
-    fn an_inconsistent_summary_is_an_error() {
-        let line = r#"{"status":0,"exits":10,"exit_prone":11,"in_cluster_exiting":0}"#;
+    fn an_unknown_name_is_an_error_not_a_guess() {
+        let line = r#"{"status":0,"stats":{"exits_by_reason":{"io_sideways":1}}}"#;
         assert!(parse_summary(line).is_err());
     }
 
     #[test]
     fn a_stopped_guest_carries_its_diagnosis() {
-        let line = r#"{"status":255,"exits":3,"error":"EPT violation: guest write of guest-physical 0x40000000"}"#;
+        let line =
+            r#"{"status":255,"error":"EPT violation: guest write of guest-physical 0x40000000"}"#;
         let s = parse_summary(line).unwrap();
         assert_eq!(s.status, 255);
         assert!(s.error.unwrap().contains("EPT violation"));

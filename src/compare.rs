@@ -14,9 +14,13 @@ use std::time::Duration;
 use anyhow::Context;
 use avex_core::exit::Mode;
 use avex_core::policy::ExitPolicy;
+use avex_core::stats::ExitReason;
 
+use crate::backend::{RunRequest, TimeSplit};
+use crate::backends::BackendKind;
 use crate::guests;
-use crate::run::{self, Backend, RunRecord, RunRequest};
+use crate::record::RunRecord;
+use crate::run;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -24,7 +28,7 @@ pub struct Args {
     /// bundled guest.
     pub guests: Vec<String>,
     #[arg(long, value_enum, default_value = "kvm")]
-    pub backend: Backend,
+    pub backend: BackendKind,
     /// Write the run records as a JSON list to FILE.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -57,7 +61,7 @@ pub struct Row {
 /// console difference in any round is kept instead.
 pub fn compare(
     guest_specs: &[String],
-    backend: Backend,
+    backend: BackendKind,
     timeout: Duration,
     repeat: u32,
 ) -> anyhow::Result<Vec<Row>> {
@@ -79,7 +83,7 @@ pub fn compare(
                     translations: mode.uses_aot().then(|| set.clone()),
                     timeout,
                 };
-                let row = match run::run_backend(backend, req, &mut |_| {}) {
+                let row = match backend.get().run(&req, &mut |_| {}) {
                     Ok(r) => {
                         if mode == Mode::Off && off_console.is_none() {
                             off_console = Some(r.console.clone());
@@ -88,7 +92,7 @@ pub fn compare(
                             guest: guest.name.clone(),
                             mode,
                             same_as_off: off_console.as_ref().map(|c| *c == r.console),
-                            result: Ok(RunRecord::new(&guest.name, mode, backend, &r)),
+                            result: Ok(RunRecord::new(&guest.name, mode, backend.get(), &r)),
                         }
                     }
                     Err(e) => Row {
@@ -187,8 +191,8 @@ pub fn table(rows: &[Row]) -> String {
                     rec.exit_prone,
                     rec.avoided,
                     rec.in_cluster_not_exiting,
-                    rec.clusters_run,
-                    rec.translations_built,
+                    rec.stats.clusters_run,
+                    rec.stats.translations_built,
                     same
                 );
             }
@@ -261,22 +265,22 @@ pub fn reason_table(rows: &[Row]) -> String {
         .iter()
         .filter_map(|r| r.result.as_ref().ok().map(|x| (r, x)))
         .collect();
-    let mut reasons: Vec<&str> = Vec::new();
+    let mut reasons: Vec<ExitReason> = Vec::new();
     for (_, rec) in &recs {
-        for k in rec.exits_by_reason.keys() {
-            if !reasons.contains(&k.as_str()) {
-                reasons.push(k);
+        for k in rec.stats.by_reason.keys() {
+            if !reasons.contains(k) {
+                reasons.push(*k);
             }
         }
     }
-    reasons.sort_unstable();
+    reasons.sort_unstable_by_key(|r| r.name());
     let mut s = String::from(
         "exits by reason (as avex's exit handler saw them; unseen: counted in exits, \
          never reached it)\n",
     );
     let _ = write!(s, "{:<10} {:<12}", "guest", "mode");
     for k in &reasons {
-        let _ = write!(s, " {:>9}", k);
+        let _ = write!(s, " {:>9}", k.name());
     }
     let _ = writeln!(s, " {:>7}", "unseen");
     for (r, rec) in recs {
@@ -285,10 +289,10 @@ pub fn reason_table(rows: &[Row]) -> String {
             let _ = write!(
                 s,
                 " {:>9}",
-                rec.exits_by_reason.get(*k).copied().unwrap_or(0)
+                rec.stats.by_reason.get(k).copied().unwrap_or(0)
             );
         }
-        let _ = writeln!(s, " {:>7}", rec.exits.saturating_sub(rec.handled_exits));
+        let _ = writeln!(s, " {:>7}", rec.exits.saturating_sub(rec.stats.handled));
     }
     s
 }
@@ -296,7 +300,7 @@ pub fn reason_table(rows: &[Row]) -> String {
 /// KVM: wall time apart (time in KVM_RUN, time in user space handling exits) and
 /// who ran the guest's instructions. Empty when no run has a time split.
 pub fn time_table(rows: &[Row]) -> String {
-    let timed: Vec<(&Row, &run::TimeSplit)> = rows
+    let timed: Vec<(&Row, &TimeSplit)> = rows
         .iter()
         .filter_map(|r| {
             let t = r.result.as_ref().ok()?.time_split.as_ref()?;
@@ -513,7 +517,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::run::RunResult;
+    use crate::backend::RunResult;
     use avex_core::stats::ExitStats;
 
     fn row(
@@ -526,7 +530,7 @@ mod tests {
     ) -> Row {
         let stats = ExitStats {
             handled: exits,
-            by_reason: [("io_out", exits)].into_iter().collect(),
+            by_reason: [(ExitReason::IoOut, exits)].into_iter().collect(),
             ..ExitStats::default()
         };
         let r = RunResult {
@@ -537,11 +541,12 @@ mod tests {
             details: Default::default(),
             notes: vec![],
             exit_statistics_unreadable: None,
+            time_split: None,
         };
         Row {
             guest: guest.into(),
             mode,
-            result: Ok(RunRecord::new(guest, mode, Backend::Kvm, &r)),
+            result: Ok(RunRecord::new(guest, mode, &crate::kvm::Kvm, &r)),
             same_as_off: same,
         }
     }
@@ -574,8 +579,9 @@ mod tests {
                 details: d,
                 notes: vec![],
                 exit_statistics_unreadable: None,
+                time_split: None,
             };
-            rec.time_split = run::TimeSplit::of_kvm(&run);
+            rec.time_split = crate::kvm::time_split(&run);
         }
         let t = time_table(&rows);
         assert!(t.contains("KVM_RUN ms"), "{t}");

@@ -6,12 +6,16 @@ use std::process::ExitCode;
 use clap::Parser;
 
 mod analyze;
+mod backend;
+mod backends;
 mod bochs;
 mod compare;
 mod guests;
 mod image;
 mod inspect;
+mod kvm;
 mod link;
+mod record;
 mod run;
 
 #[derive(Parser)]

@@ -76,6 +76,19 @@ fn compare_runs_every_mode_and_writes_table_json_and_chart() {
         ] {
             assert!(r.get(key).is_some(), "record lacks {key}: {r}");
         }
+        // The exit handler's statistics are in the record whole, under their names.
+        let stats: avex_core::stats::ExitStats = serde_json::from_value(r.clone()).unwrap();
+        for key in serde_json::to_value(&stats)
+            .unwrap()
+            .as_object()
+            .unwrap()
+            .keys()
+        {
+            assert!(
+                r.get(key).is_some(),
+                "record lacks the statistic {key}: {r}"
+            );
+        }
         assert_eq!(r["same_output_as_off"], true, "{r}");
         assert_eq!(r["backend"], "kvm");
         let t = &r["time_split"];

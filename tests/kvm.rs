@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use avex_core::exit::Mode;
 use avex_core::format::TranslationSet;
+use avex_core::stats::ExitReason;
 use avex_kvm::{Config, Error, Report};
 use support::aot::aot_set;
 
@@ -167,7 +168,7 @@ fn console_bytes_and_status_come_through() {
     assert_eq!(r.status, 7);
     assert_eq!(r.console, b"hi");
     assert_eq!(streamed, b"hi");
-    assert_eq!(r.stats.by_reason["io_out"], 3);
+    assert_eq!(r.stats.by_reason[&ExitReason::IoOut], 3);
 }
 
 #[test]
@@ -291,8 +292,8 @@ fn msr_accesses_reach_the_exit_handler_when_the_host_allows() {
     assert_eq!(r.status, 0);
     match r.msr_exits {
         avex_kvm::MsrExits::Enabled => {
-            assert_eq!(r.stats.by_reason.get("rdmsr"), Some(&2));
-            assert_eq!(r.stats.by_reason.get("wrmsr"), Some(&1));
+            assert_eq!(r.stats.by_reason.get(&ExitReason::Rdmsr), Some(&2));
+            assert_eq!(r.stats.by_reason.get(&ExitReason::Wrmsr), Some(&1));
         }
         other => eprintln!("MSR exits not available here: {other:?}"),
     }

@@ -23,7 +23,7 @@ use crate::format::{self as tformat, TranslationSet};
 use crate::guest::{CpuState, Fault, Guest};
 use crate::ir::Bitness;
 use crate::policy::{ExitClass, ExitPolicy};
-use crate::stats::{BackendExits, ExitStats};
+use crate::stats::{BackendExits, EarlyStop, ExitReason, ExitStats};
 use crate::tracker::{Tracker, TrackerConfig};
 use crate::translator::{self, TranslatorConfig};
 
@@ -60,17 +60,17 @@ pub enum Exit {
 }
 
 impl Exit {
-    /// Reason name used in reports and JSON.
-    pub fn reason(&self) -> &'static str {
+    /// The reason it is counted under in [`ExitStats::by_reason`].
+    pub fn reason(&self) -> ExitReason {
         match self {
-            Exit::PortIo { write: false, .. } => "io_in",
-            Exit::PortIo { write: true, .. } => "io_out",
-            Exit::Msr { write: false, .. } => "rdmsr",
-            Exit::Msr { write: true, .. } => "wrmsr",
-            Exit::Cpuid { .. } => "cpuid",
-            Exit::Hlt => "hlt",
-            Exit::CrAccess { .. } => "cr_access",
-            Exit::Other { .. } => "other",
+            Exit::PortIo { write: false, .. } => ExitReason::IoIn,
+            Exit::PortIo { write: true, .. } => ExitReason::IoOut,
+            Exit::Msr { write: false, .. } => ExitReason::Rdmsr,
+            Exit::Msr { write: true, .. } => ExitReason::Wrmsr,
+            Exit::Cpuid { .. } => ExitReason::Cpuid,
+            Exit::Hlt => ExitReason::Hlt,
+            Exit::CrAccess { .. } => ExitReason::CrAccess,
+            Exit::Other { .. } => ExitReason::Other,
         }
     }
 }
@@ -193,7 +193,7 @@ impl ExitHandler {
             mode,
             policy,
             stats: ExitStats {
-                exit_set: backend_exits.names().collect(),
+                exit_set: backend_exits.classes().collect(),
                 ..ExitStats::default()
             },
             backend_exits,
@@ -216,7 +216,7 @@ impl ExitHandler {
     /// (default: every class the policy intercepts, as on VT-x). Instructions of
     /// other classes run inside clusters are counted apart, never as avoided.
     pub fn with_backend_exits(mut self, exits: BackendExits) -> Self {
-        self.stats.exit_set = exits.names().collect();
+        self.stats.exit_set = exits.classes().collect();
         self.backend_exits = exits;
         self
     }
@@ -280,7 +280,7 @@ impl ExitHandler {
     }
 
     /// Count an exit that the backend handled itself (string I/O, MMIO, ...).
-    pub fn count_exit(&mut self, reason: &'static str) {
+    pub fn count_exit(&mut self, reason: ExitReason) {
         self.stats.count_exit(reason);
     }
 
@@ -543,15 +543,15 @@ impl ExitHandler {
         }
         let insns = out.insns();
         self.stats.cluster_insns += insns;
-        let early = out.early_stop();
-        if let Some(why) = &early {
-            self.stats.count_early_stop(why.clone());
+        let early = EarlyStop::of(&out.reason);
+        if let Some(why) = early {
+            self.stats.count_early_stop(why);
         }
         ClusterEnd {
             rip: out.rip(),
             exiting,
             insns,
-            early,
+            early: early.map(|e| e.name().into()),
         }
     }
 }
@@ -688,7 +688,7 @@ mod tests {
             .collect();
         assert_eq!(outs, [(0x3f8, 0x41), (0x3f8, 0x41)]);
         let s = h.stats();
-        assert_eq!(s.by_reason["io_in"], 3);
+        assert_eq!(s.by_reason[&ExitReason::IoIn], 3);
         assert_eq!(s.in_cluster_exiting, 2);
         assert_eq!(s.exit_prone(), 5);
         assert_eq!(s.avoided(), 2);
@@ -816,7 +816,7 @@ mod tests {
         assert_eq!(r.value, Err(Fault::GeneralProtection));
         assert_eq!(r.next, Next::Resume);
         assert_eq!(h.handle(&Exit::Hlt, 0x1000, &mut g).next, Next::Halt);
-        assert_eq!(h.stats().by_reason["rdmsr"], 1);
+        assert_eq!(h.stats().by_reason[&ExitReason::Rdmsr], 1);
     }
 
     #[test]

@@ -21,6 +21,7 @@ use crate::arch::cr0;
 /// Every x86 instruction class that can exit under VT-x. `name()` gives the upper-case
 /// name used in reports and JSON (`OUT`, `MOV_TO_CR3`, ...).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ExitClass {
     In,
     Out,

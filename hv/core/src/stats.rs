@@ -11,12 +11,139 @@
 //!   are never "avoided".
 //! - **avoided**: exit-prone executions minus exits.
 //! - **reduction**: avoided / exit-prone executions.
+//!
+//! One schema: [`ExitStats`] is keyed by enums ([`ExitReason`], [`ExitClass`],
+//! [`EarlyStop`]) whose serde names are the report names (`io_out`, `OUT`,
+//! `BUDGET`). A hypervisor that cannot hand the host a Rust value (VT-x, in Bochs)
+//! prints a [`Summary`] as JSON and the host reads it back into the same types.
 
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::string::String;
 use alloc::vec::Vec;
+use core::fmt;
 
+use serde::{Deserialize, Serialize};
+
+use crate::engine::StopReason;
+use crate::guest::Fault;
 use crate::policy::{ExitClass, ExitPolicy};
+
+/// A field-less enum whose variants each have one report name, used as is by serde
+/// (a string, also as a JSON map key), `name()`, `from_name()` and `Display`.
+macro_rules! named_enum {
+    ($(#[$m:meta])* pub enum $t:ident { $($(#[$vm:meta])* $v:ident => $n:literal,)* }) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(into = "&'static str", try_from = "String")]
+        pub enum $t { $($(#[$vm])* $v,)* }
+
+        impl $t {
+            /// Every variant, in declaration order.
+            pub const ALL: &'static [$t] = &[$($t::$v,)*];
+            /// The report name (also the JSON name).
+            pub fn name(self) -> &'static str {
+                match self { $($t::$v => $n,)* }
+            }
+            pub fn from_name(name: &str) -> Option<$t> {
+                $t::ALL.iter().copied().find(|v| v.name() == name)
+            }
+        }
+        impl From<$t> for &'static str {
+            fn from(v: $t) -> &'static str {
+                v.name()
+            }
+        }
+        impl TryFrom<String> for $t {
+            type Error = String;
+            fn try_from(s: String) -> Result<$t, String> {
+                $t::from_name(&s).ok_or_else(|| alloc::format!("unknown {} {s:?}", stringify!($t)))
+            }
+        }
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+    };
+}
+
+named_enum! {
+    /// Why an exit reached the exit handler: the key of [`ExitStats::by_reason`]. The
+    /// same names on every backend; a reason a backend never sees is simply absent.
+    pub enum ExitReason {
+        IoIn => "io_in",
+        IoOut => "io_out",
+        /// String port I/O (INS/OUTS, REP or not): one exit per instruction run.
+        Ins => "ins",
+        Outs => "outs",
+        Rdmsr => "rdmsr",
+        Wrmsr => "wrmsr",
+        Cpuid => "cpuid",
+        Hlt => "hlt",
+        CrAccess => "cr_access",
+        /// A guest access to memory that is not RAM (KVM's MMIO exit).
+        Mmio => "mmio",
+        /// VT-x: an EPT violation (a write to a protected code page, or worse).
+        EptViolation => "ept_violation",
+        /// VT-x: an exception or NMI, an external interrupt, an open interrupt window.
+        ExceptionNmi => "exception_nmi",
+        ExternalInterrupt => "external_interrupt",
+        InterruptWindow => "interrupt_window",
+        TripleFault => "triple_fault",
+        /// A VM entry the processor refused (invalid guest state, MSR loading, ...).
+        EntryFailed => "entry_failed",
+        /// Anything else (RDTSC, XSETBV, ... on VT-x: the backend's own log says more).
+        Other => "other",
+    }
+}
+
+named_enum! {
+    /// Why a cluster run stopped before its natural end: the key of
+    /// [`ExitStats::early_stops`], named as the engine's [`StopReason::name`].
+    pub enum EarlyStop {
+        CodeChanged => "CODE_CHANGED",
+        CodeUnreadable => "CODE_UNREADABLE",
+        PageFault => "PAGE_FAULT",
+        NotRam => "NOT_RAM",
+        GeneralProtection => "GP",
+        InvalidOpcode => "UD",
+        InterruptPending => "INTERRUPT_PENDING",
+        BackEdgeCap => "BACK_EDGE_CAP",
+        Budget => "BUDGET",
+        SelfWrite => "SELF_WRITE",
+        StopRequested => "STOP_REQUESTED",
+        ModeChange => "MODE_CHANGE",
+        Unsupported => "UNSUPPORTED",
+        Invalid => "INVALID",
+        StateMismatch => "STATE_MISMATCH",
+    }
+}
+
+impl EarlyStop {
+    /// The early stop a run ended with; `None` for a natural end (end, branch out, HLT).
+    pub fn of(reason: &StopReason) -> Option<EarlyStop> {
+        Some(match reason {
+            StopReason::End | StopReason::ExitBranch | StopReason::Hlt => return None,
+            StopReason::CodeChanged => EarlyStop::CodeChanged,
+            StopReason::CodeUnreadable => EarlyStop::CodeUnreadable,
+            StopReason::PageFault { .. } | StopReason::Fault(Fault::PageFault { .. }) => {
+                EarlyStop::PageFault
+            }
+            StopReason::NotRam { .. } => EarlyStop::NotRam,
+            StopReason::Fault(Fault::GeneralProtection) => EarlyStop::GeneralProtection,
+            StopReason::Fault(Fault::InvalidOpcode) => EarlyStop::InvalidOpcode,
+            StopReason::InterruptPending => EarlyStop::InterruptPending,
+            StopReason::BackEdgeCap => EarlyStop::BackEdgeCap,
+            StopReason::Budget => EarlyStop::Budget,
+            StopReason::SelfWrite => EarlyStop::SelfWrite,
+            StopReason::StopRequested => EarlyStop::StopRequested,
+            StopReason::ModeChange => EarlyStop::ModeChange,
+            StopReason::Unsupported => EarlyStop::Unsupported,
+            StopReason::Invalid(_) => EarlyStop::Invalid,
+            StopReason::StateMismatch => EarlyStop::StateMismatch,
+        })
+    }
+}
 
 /// The exit classes that reach the hypervisor on a backend, as configured. Each
 /// backend states its own: on VT-x, every class the exit policy intercepts
@@ -46,19 +173,23 @@ impl BackendExits {
     pub fn contains(&self, class: ExitClass) -> bool {
         self.classes.contains(&class)
     }
-    /// The classes' names (`IN`, `OUT`, ...), in declaration order.
-    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
-        self.classes.iter().map(|c| c.name())
+    /// The classes, in declaration order.
+    pub fn classes(&self) -> impl Iterator<Item = ExitClass> + '_ {
+        self.classes.iter().copied()
     }
 }
 
 /// Counters kept by the exit handler (backend-neutral) plus the hardware exit count
-/// the backend fills in.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// the backend fills in. Serialised whole into each run record (field names: the
+/// serde names below); nothing is copied field by field.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ExitStats {
-    /// Exits the handler saw, by reason name (`io_in`, `io_out`, `rdmsr`, ...).
-    pub by_reason: BTreeMap<&'static str, u64>,
+    /// Exits the handler saw, by reason (`io_in`, `io_out`, `rdmsr`, ...).
+    #[serde(rename = "exits_by_reason")]
+    pub by_reason: BTreeMap<ExitReason, u64>,
     /// Exits the handler saw (for KVM: exits to user space that reached it).
+    #[serde(rename = "handled_exits")]
     pub handled: u64,
     /// VM exits the hardware took, when the backend knows a number beyond the
     /// handled ones (KVM: the `exits` statistic). `None`: `handled` is the count.
@@ -66,15 +197,16 @@ pub struct ExitStats {
     /// Instructions run inside clusters that would have exited on this backend
     /// (their class is in [`ExitStats::exit_set`]): each an exit avoided.
     pub in_cluster_exiting: u64,
-    /// The same, by exit-class name (`IN`, `OUT`, `RDMSR`, ...).
-    pub in_cluster_by_class: BTreeMap<&'static str, u64>,
+    /// The same, by exit class (`IN`, `OUT`, `RDMSR`, ...).
+    #[serde(rename = "in_cluster_exiting_by_class")]
+    pub in_cluster_by_class: BTreeMap<ExitClass, u64>,
     /// Instructions of an exit class run inside clusters that would *not* have
     /// exited on this backend (KVM runs CPUID, RDTSC and CR moves in the kernel):
-    /// by class name. Never counted as avoided.
-    pub in_cluster_not_exiting_by_class: BTreeMap<&'static str, u64>,
-    /// The names of the exit classes that exit on this backend, as configured
-    /// ([`BackendExits`]); empty when the handler was given none.
-    pub exit_set: Vec<&'static str>,
+    /// by class. Never counted as avoided.
+    pub in_cluster_not_exiting_by_class: BTreeMap<ExitClass, u64>,
+    /// The exit classes that exit on this backend, as configured ([`BackendExits`]);
+    /// empty when the handler was given none.
+    pub exit_set: Vec<ExitClass>,
     /// Cluster runs started.
     pub clusters_run: u64,
     /// Cluster runs by where the translation came from.
@@ -84,7 +216,7 @@ pub struct ExitStats {
     pub cluster_insns: u64,
     /// Cluster runs that stopped before their natural end (fault, unsupported
     /// instruction, budget, pending interrupt, ...), by stop reason.
-    pub early_stops: BTreeMap<String, u64>,
+    pub early_stops: BTreeMap<EarlyStop, u64>,
     /// Translations loaded from a pre-analyzed image (accepted into the cache).
     pub translations_loaded: u64,
     /// Loaded translations the cache refused (failed validation).
@@ -95,7 +227,8 @@ pub struct ExitStats {
     pub translations_built: u64,
     /// Dynamic translation attempts that produced no cluster.
     pub translation_failures: u64,
-    /// Why the translator made no cluster, by reason (`unsupported(Imul)`, ...).
+    /// Why the translator made no cluster, by the translator's own words
+    /// (`unsupported(Imul)`, ...).
     pub translation_failures_by_reason: BTreeMap<String, u64>,
     /// Run-time translation work: nanoseconds spent in the translator (0 when the
     /// backend gave the handler no clock) and guest instructions decoded into IR.
@@ -129,7 +262,7 @@ impl ExitStats {
         }
     }
 
-    pub(crate) fn count_exit(&mut self, reason: &'static str) {
+    pub(crate) fn count_exit(&mut self, reason: ExitReason) {
         self.handled += 1;
         *self.by_reason.entry(reason).or_insert(0) += 1;
     }
@@ -154,16 +287,16 @@ impl ExitStats {
         if !backend.contains(class) {
             *self
                 .in_cluster_not_exiting_by_class
-                .entry(class.name())
+                .entry(class)
                 .or_insert(0) += n;
             return 0;
         }
         self.in_cluster_exiting += n;
-        *self.in_cluster_by_class.entry(class.name()).or_insert(0) += n;
+        *self.in_cluster_by_class.entry(class).or_insert(0) += n;
         n
     }
 
-    pub(crate) fn count_early_stop(&mut self, why: String) {
+    pub(crate) fn count_early_stop(&mut self, why: EarlyStop) {
         *self.early_stops.entry(why).or_insert(0) += 1;
     }
 
@@ -184,7 +317,8 @@ impl ExitStats {
             let _ = writeln!(s, "  by reason:            {}", reasons.join(", "));
         }
         if !self.exit_set.is_empty() {
-            let _ = writeln!(s, "exit classes here:      {}", self.exit_set.join(", "));
+            let names: Vec<&str> = self.exit_set.iter().map(|c| c.name()).collect();
+            let _ = writeln!(s, "exit classes here:      {}", names.join(", "));
         }
         let _ = writeln!(s, "exit-prone executions:  {}", self.exit_prone());
         let _ = writeln!(
@@ -260,9 +394,30 @@ impl ExitStats {
     }
 }
 
+/// The end-of-run report of a hypervisor that runs apart from the host (VT-x, in
+/// Bochs): printed as one JSON line on its log port after `AVEX-SUMMARY `, and read
+/// back by the host with the same type.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Summary {
+    /// The guest's debug-exit status (255 when the hypervisor stopped the guest).
+    pub status: u8,
+    pub mode: Option<String>,
+    pub guest: Option<String>,
+    /// Why the hypervisor stopped the guest, if it did.
+    pub error: Option<String>,
+    /// The exit handler's statistics (absent when the run ended before it existed).
+    pub stats: Option<ExitStats>,
+    /// The backend's own counters (`guest_ms`, `code_page_writes`, `ticks_guest`, ...).
+    pub details: BTreeMap<String, u64>,
+}
+
 /// "K v, K v" for a report line.
-fn counts(m: &BTreeMap<&'static str, u64>) -> String {
-    let v: Vec<String> = m.iter().map(|(k, v)| alloc::format!("{k} {v}")).collect();
+fn counts(m: &BTreeMap<ExitClass, u64>) -> String {
+    let v: Vec<String> = m
+        .iter()
+        .map(|(k, v)| alloc::format!("{} {v}", k.name()))
+        .collect();
     v.join(", ")
 }
 
@@ -273,16 +428,16 @@ mod tests {
     #[test]
     fn counts_follow_the_design_definitions() {
         let mut s = ExitStats::default();
-        s.count_exit("io_out");
-        s.count_exit("io_out");
-        s.count_exit("io_in");
+        s.count_exit(ExitReason::IoOut);
+        s.count_exit(ExitReason::IoOut);
+        s.count_exit(ExitReason::IoIn);
         let all = BackendExits::of_policy(&ExitPolicy::default());
         assert_eq!(s.count_in_cluster(ExitClass::Out, 7, &all), 7);
         assert_eq!(s.exits(), 3);
         assert_eq!(s.exit_prone(), 10);
         assert_eq!(s.avoided(), 7);
         assert!((s.reduction() - 0.7).abs() < 1e-9);
-        assert_eq!(s.by_reason["io_out"], 2);
+        assert_eq!(s.by_reason[&ExitReason::IoOut], 2);
         // A hardware count overrides the handled count for "exits".
         s.hardware_exits = Some(5);
         assert_eq!(s.exits(), 5);
@@ -331,7 +486,9 @@ mod tests {
         assert_eq!(vtx.in_cluster_exiting, 3);
         assert_eq!(vtx.avoided(), 3);
         assert!(vtx.in_cluster_not_exiting_by_class.is_empty());
-        assert!(vtx.exit_set.contains(&"CPUID") && vtx.exit_set.contains(&"RDTSC"));
+        assert!(
+            vtx.exit_set.contains(&ExitClass::Cpuid) && vtx.exit_set.contains(&ExitClass::Rdtsc)
+        );
         // KVM here: only port I/O, HLT and the filtered MSRs reach avex.
         let kvm = BackendExits::only([
             ExitClass::In,
@@ -342,14 +499,65 @@ mod tests {
         ]);
         let s = run_out_cpuid_rdtsc_in(Some(kvm));
         assert_eq!(s.in_cluster_exiting, 1);
-        assert_eq!(s.in_cluster_by_class.get("IN"), Some(&1));
+        assert_eq!(s.in_cluster_by_class.get(&ExitClass::In), Some(&1));
         assert_eq!(s.avoided(), 1);
-        assert_eq!(s.in_cluster_not_exiting_by_class.get("CPUID"), Some(&1));
-        assert_eq!(s.in_cluster_not_exiting_by_class.get("RDTSC"), Some(&1));
+        assert_eq!(
+            s.in_cluster_not_exiting_by_class.get(&ExitClass::Cpuid),
+            Some(&1)
+        );
+        assert_eq!(
+            s.in_cluster_not_exiting_by_class.get(&ExitClass::Rdtsc),
+            Some(&1)
+        );
         assert_eq!(s.in_cluster_not_exiting(), 2);
-        assert_eq!(s.exit_set, ["IN", "OUT", "INS", "OUTS", "HLT"]);
+        use ExitClass::*;
+        assert_eq!(s.exit_set, [In, Out, Ins, Outs, Hlt]);
         let text = s.summary();
         assert!(text.contains("not avoided): CPUID 1, RDTSC 1"), "{text}");
+    }
+
+    #[test]
+    fn early_stops_are_named_as_the_engine_names_them() {
+        use crate::engine::Invalid;
+        let fault = |f| StopReason::Fault(f);
+        let all = [
+            StopReason::CodeChanged,
+            StopReason::CodeUnreadable,
+            StopReason::PageFault {
+                addr: 0,
+                error_code: 0,
+            },
+            StopReason::NotRam { gpa: 0 },
+            fault(Fault::GeneralProtection),
+            fault(Fault::InvalidOpcode),
+            fault(Fault::PageFault {
+                addr: 0,
+                error_code: 0,
+            }),
+            StopReason::InterruptPending,
+            StopReason::BackEdgeCap,
+            StopReason::Budget,
+            StopReason::SelfWrite,
+            StopReason::StopRequested,
+            StopReason::ModeChange,
+            StopReason::Unsupported,
+            StopReason::Invalid(Invalid::Empty),
+            StopReason::StateMismatch,
+        ];
+        for r in all {
+            assert!(r.is_early());
+            assert_eq!(
+                EarlyStop::of(&r).map(EarlyStop::name),
+                Some(r.name()),
+                "{r:?}"
+            );
+        }
+        for r in [StopReason::End, StopReason::ExitBranch, StopReason::Hlt] {
+            assert!(!r.is_early() && EarlyStop::of(&r).is_none());
+        }
+        for e in EarlyStop::ALL {
+            assert_eq!(EarlyStop::from_name(e.name()), Some(*e));
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use avex_core::exit::{Exit, Mode, Next};
 use avex_core::guest::Guest;
+use avex_core::stats::ExitReason;
 use kvm_bindings::{KVM_EXIT_IO, KVM_EXIT_IO_OUT};
 use kvm_ioctls::VcpuFd;
 
@@ -162,11 +163,12 @@ impl Vm {
 }
 
 /// The reason string I/O exits are counted under.
-fn string_reason(write: bool) -> &'static str {
+/// String port I/O counts as on VT-x: `outs`/`ins`, one per instruction.
+fn string_reason(write: bool) -> ExitReason {
     if write {
-        "io_out_string"
+        ExitReason::Outs
     } else {
-        "io_in_string"
+        ExitReason::Ins
     }
 }
 

@@ -52,7 +52,7 @@ use avex_core::exit::{ExitHandler, Mode};
 use avex_core::format::TranslationSet;
 use avex_core::guest::Guest;
 use avex_core::policy::{ExitPolicy, MSR_BITMAP_RANGES};
-use avex_core::stats::{BackendExits, ExitStats};
+use avex_core::stats::{BackendExits, ExitReason, ExitStats};
 use kvm_bindings::{
     kvm_enable_cap, kvm_userspace_memory_region, KVM_CAP_X86_USER_SPACE_MSR,
     KVM_EXIT_INTERNAL_ERROR, KVM_MAX_CPUID_ENTRIES, KVM_MSR_EXIT_REASON_FILTER,
@@ -446,7 +446,7 @@ impl Vm {
                 Event::RdMsr { index } => self.on_msr(index, false, 0)?,
                 Event::WrMsr { index, data } => self.on_msr(index, true, data)?,
                 Event::Hlt => {
-                    self.handler.count_exit("hlt");
+                    self.handler.count_exit(ExitReason::Hlt);
                     self.flush_console(console);
                     if let Some(s) = self.debug_exit() {
                         return Ok(s);
@@ -463,7 +463,7 @@ impl Vm {
                     self.flush_console(console);
                     return Err(self.internal_error());
                 }
-                Event::Mmio => self.handler.count_exit("mmio"),
+                Event::Mmio => self.handler.count_exit(ExitReason::Mmio),
                 Event::Interrupted => {}
                 Event::Other(what) => {
                     let rip = self.guest.rip();

@@ -93,7 +93,28 @@ impl ExitReason {
         }
     }
 
-    /// The name used in diagnoses and exit statistics.
+    /// What an exit the handler does not decode into a [`avex_core::exit::Exit`] is
+    /// counted as (the reasons both backends share; the rest are `other`).
+    pub fn counted(self) -> avex_core::stats::ExitReason {
+        use avex_core::stats::ExitReason as C;
+        use ExitReason::*;
+        match self {
+            ExceptionNmi => C::ExceptionNmi,
+            ExternalInterrupt => C::ExternalInterrupt,
+            InterruptWindow => C::InterruptWindow,
+            TripleFault => C::TripleFault,
+            Cpuid => C::Cpuid,
+            Hlt => C::Hlt,
+            CrAccess => C::CrAccess,
+            Rdmsr => C::Rdmsr,
+            Wrmsr => C::Wrmsr,
+            EptViolation => C::EptViolation,
+            EntryInvalidGuestState | EntryMsrLoading | EntryMachineCheck => C::EntryFailed,
+            _ => C::Other,
+        }
+    }
+
+    /// The name used in diagnoses.
     pub fn name(self) -> &'static str {
         use ExitReason::*;
         match self {

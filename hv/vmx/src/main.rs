@@ -30,13 +30,13 @@ mod vmx;
 use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::{String, ToString};
-use core::fmt::Write;
 use core::panic::PanicInfo;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use avex_core::exit::{ExitHandler, Mode};
 use avex_core::format as tformat;
 use avex_core::policy::ExitPolicy;
+use avex_core::stats::Summary;
 
 /// The name of the section `avex link` writes the translations to.
 const TRANSLATIONS_SECTION: &str = ".avex.translations";
@@ -101,114 +101,39 @@ fn parse_options(cmdline: &str) -> Result<Options, String> {
     Ok(o)
 }
 
-fn json_str(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-/// Print the machine-readable summary line and end the run.
+/// Print the machine-readable summary line (hv/core's `stats::Summary` as JSON, read
+/// back by the host into the same type) and end the run.
 fn finish(
     status: u8,
     error: Option<&str>,
     opts: Option<&Options>,
     handler: Option<&ExitHandler>,
-    extra: &BTreeMap<&str, u64>,
+    details: BTreeMap<String, u64>,
 ) -> ! {
-    let mut line = format!("AVEX-SUMMARY {{\"status\":{status}");
-    if let Some(o) = opts {
-        let _ = write!(
-            line,
-            ",\"mode\":{},\"guest\":{}",
-            json_str(o.mode.name()),
-            json_str(&o.name)
-        );
-    }
-    if let Some(h) = handler {
-        let s = h.stats();
-        let _ = write!(line, ",\"exits\":{},\"exits_by_reason\":{{", s.exits());
-        for (i, (k, n)) in s.by_reason.iter().enumerate() {
-            let _ = write!(line, "{}{}:{n}", if i > 0 { "," } else { "" }, json_str(k));
-        }
-        let _ = write!(
-            line,
-            "}},\"exit_prone\":{},\"avoided\":{},\"in_cluster_exiting\":{},\"translations_loaded\":{},\"translations_built\":{},\"translation_failures\":{},\"translate_insns\":{},\"translate_ns\":{},\"clusters_run\":{},\"clusters_run_aot\":{},\"clusters_run_dynamic\":{},\"cluster_insns\":{},\"stale_dropped\":{}",
-            s.exit_prone(),
-            s.avoided(),
-            s.in_cluster_exiting,
-            s.translations_loaded,
-            s.translations_built,
-            s.translation_failures,
-            s.translate_insns,
-            s.translate_ns,
-            s.clusters_run,
-            s.clusters_run_aot,
-            s.clusters_run_dynamic,
-            s.cluster_insns,
-            s.stale_dropped
-        );
-        match &s.translations_rejected {
-            Some(r) => {
-                let _ = write!(line, ",\"translations_rejected\":{}", json_str(r));
-            }
-            None => line.push_str(",\"translations_rejected\":null"),
-        }
-        // What exits here, and what ran in clusters by class (exiting here or not).
-        for (key, m) in [
-            ("in_cluster_by_class", &s.in_cluster_by_class),
-            (
-                "in_cluster_not_exiting_by_class",
-                &s.in_cluster_not_exiting_by_class,
-            ),
-        ] {
-            let _ = write!(line, ",{}:{{", json_str(key));
-            for (i, (k, n)) in m.iter().enumerate() {
-                let _ = write!(line, "{}{}:{n}", if i > 0 { "," } else { "" }, json_str(k));
-            }
-            line.push('}');
-        }
-        line.push_str(",\"exit_set\":[");
-        for (i, c) in s.exit_set.iter().enumerate() {
-            let _ = write!(line, "{}{}", if i > 0 { "," } else { "" }, json_str(c));
-        }
-        line.push(']');
-        if !s.early_stops.is_empty() {
-            line.push_str(",\"early_stops\":{");
-            for (i, (k, n)) in s.early_stops.iter().enumerate() {
-                let _ = write!(line, "{}{}:{n}", if i > 0 { "," } else { "" }, json_str(k));
-            }
-            line.push('}');
-        }
-    }
-    for (k, n) in extra {
-        let _ = write!(line, ",{}:{n}", json_str(k));
-    }
-    if let Some(e) = error {
-        let _ = write!(line, ",\"error\":{}", json_str(e));
-    }
-    line.push('}');
-    if let Some(h) = handler {
-        for l in h.stats().summary().lines() {
+    let summary = Summary {
+        status,
+        mode: opts.map(|o| o.mode.name().to_string()),
+        guest: opts.map(|o| o.name.clone()),
+        error: error.map(str::to_string),
+        stats: handler.map(|h| h.stats().clone()),
+        details,
+    };
+    if let Some(s) = &summary.stats {
+        for l in s.summary().lines() {
             logln!("avex-vmx: {l}");
         }
     }
-    logln!("{line}");
+    match serde_json::to_string(&summary) {
+        Ok(json) => logln!("AVEX-SUMMARY {json}"),
+        // Only a serialiser bug gets here: still end with a line the host can read.
+        Err(_) => logln!("AVEX-SUMMARY {{\"status\":255,\"error\":\"summary not serialisable\"}}"),
+    }
     cpu::shutdown()
 }
 
 fn stop(error: &str) -> ! {
     logln!("avex-vmx: {error}");
-    finish(255, Some(error), None, None, &BTreeMap::new())
+    finish(255, Some(error), None, None, BTreeMap::new())
 }
 
 #[no_mangle]
@@ -309,22 +234,22 @@ extern "C" fn kmain(magic: u32, mbi: u32) -> ! {
     let outcome = run::run(&mut vcpu, &mut handler);
     let mut extra = BTreeMap::new();
     let c = vcpu.counters();
-    extra.insert("code_page_writes", c.code_page_writes);
-    extra.insert("interrupts", c.interrupts);
-    extra.insert("ticks_guest", c.ticks_guest);
-    extra.insert("ticks_handler", c.ticks_handler);
-    extra.insert("ticks_clusters", c.ticks_clusters);
+    extra.insert("code_page_writes".into(), c.code_page_writes);
+    extra.insert("interrupts".into(), c.interrupts);
+    extra.insert("ticks_guest".into(), c.ticks_guest);
+    extra.insert("ticks_handler".into(), c.ticks_handler);
+    extra.insert("ticks_clusters".into(), c.ticks_clusters);
     let guest_ms = clock_ns().saturating_sub(t0) / 1_000_000;
-    extra.insert("guest_ms", guest_ms);
+    extra.insert("guest_ms".into(), guest_ms);
     logln!("avex-vmx: the guest ran for {guest_ms} ms of machine time");
     match outcome {
         run::Outcome::Exited(status) => {
             logln!("avex-vmx: guest exited with status {status}");
-            finish(status, None, Some(&opts), Some(&handler), &extra)
+            finish(status, None, Some(&opts), Some(&handler), extra)
         }
         run::Outcome::Stopped(why) => {
             logln!("avex-vmx: GUEST STOPPED: {why}");
-            finish(255, Some(&why), Some(&opts), Some(&handler), &extra)
+            finish(255, Some(&why), Some(&opts), Some(&handler), extra)
         }
     }
 }

@@ -11,6 +11,7 @@ use avex_core::arch::dr;
 use avex_core::emulate::{self, Completion};
 use avex_core::exit::{Exit, ExitHandler, Next};
 use avex_core::guest::{Fault, Guest};
+use avex_core::stats::ExitReason as CountedReason;
 
 use crate::ept::PAGE;
 use crate::exit_reason::ExitReason;
@@ -137,7 +138,7 @@ pub fn run(v: &mut Vcpu, handler: &mut ExitHandler) -> Outcome {
             qual: vmread(f::EXIT_QUALIFICATION),
         };
         if full & (1 << 31) != 0 {
-            handler.count_exit(info.reason.name());
+            handler.count_exit(info.reason.counted());
             return Outcome::Stopped(format!(
                 "VM entry failed: exit reason {} ({}), qualification {:#x}; guest {}",
                 info.basic,
@@ -294,16 +295,20 @@ fn apply(
         Decoded::StringIo { input } => {
             // One exit for the whole (REP) instruction, up to the engine's REP
             // budget (an interrupted REP resumes at itself and exits again).
-            handler.count_exit(if input { "ins" } else { "outs" });
+            handler.count_exit(if input {
+                CountedReason::Ins
+            } else {
+                CountedReason::Outs
+            });
             complete_with_engine(v, rip)?;
             return ended(v).map(|()| 0);
         }
         Decoded::Reenter => {
-            handler.count_exit(info.reason.name());
+            handler.count_exit(info.reason.counted());
             return Ok(0);
         }
         Decoded::EptWrite { gpa } => {
-            handler.count_exit(info.reason.name());
+            handler.count_exit(info.reason.counted());
             if v.code_page_written(gpa) {
                 return Ok(0);
             }
@@ -313,7 +318,7 @@ fn apply(
             )));
         }
         Decoded::Stop(why) => {
-            handler.count_exit(info.reason.name());
+            handler.count_exit(info.reason.counted());
             return Err(Outcome::Stopped(why));
         }
     };

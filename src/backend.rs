@@ -1,0 +1,82 @@
+//! The seam between the commands that run guests (`avex run`, `avex compare`) and
+//! the backends that run them: a backend takes a [`RunRequest`] and gives a
+//! [`RunResult`] holding hv/core's [`ExitStats`] as its handler counted them. The
+//! KVM backend (src/kvm.rs) and the Bochs backend (src/bochs.rs) implement
+//! [`Backend`]; src/backends.rs picks one by name. This module imports neither.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use avex_core::exit::Mode;
+use avex_core::format::TranslationSet;
+use avex_core::policy::ExitPolicy;
+use avex_core::stats::ExitStats;
+use serde::Serialize;
+
+/// A way to run a guest under avex's exit handler.
+pub trait Backend: Sync {
+    /// The name used in records and on the command line (`kvm`, `bochs`).
+    fn name(&self) -> &'static str;
+    /// Run `req`; `console` gets the guest's console bytes as they come.
+    fn run(
+        &self,
+        req: &RunRequest<'_>,
+        console: &mut dyn FnMut(&[u8]),
+    ) -> anyhow::Result<RunResult>;
+    /// What `exits` counts on this backend (in the record, and in `avex compare`).
+    fn exits_counted(&self, stats: &ExitStats) -> &'static str;
+}
+
+/// What a backend is asked to run.
+pub struct RunRequest<'a> {
+    pub name: &'a str,
+    pub elf: &'a [u8],
+    pub mode: Mode,
+    pub policy: ExitPolicy,
+    pub translations: Option<Result<TranslationSet, String>>,
+    pub timeout: Duration,
+}
+
+/// What a backend reports.
+#[derive(Clone, Debug)]
+pub struct RunResult {
+    /// The guest's debug-exit status.
+    pub status: u8,
+    pub stats: ExitStats,
+    pub console: Vec<u8>,
+    pub seconds: f64,
+    /// Backend-specific counters (KVM: its vCPU statistics' changes).
+    pub details: BTreeMap<String, u64>,
+    /// Backend notes (e.g. whether MSR exits reach the handler).
+    pub notes: Vec<String>,
+    /// Why the backend's exit statistic could not be read (KVM), if so: `exits`
+    /// then counts only the exits that reached the handler.
+    pub exit_statistics_unreadable: Option<String>,
+    /// Where the wall time went, when the backend can tell (KVM).
+    pub time_split: Option<TimeSplit>,
+}
+
+/// Where a KVM run's wall time went, apart: time in user space is time handling
+/// exits (avex's handler, device models, clusters); time in KVM_RUN is KVM running
+/// the guest, which on this host means its instruction emulator (about 0.5 us a
+/// guest instruction), the exits it handles in the kernel and the kernel's side of
+/// each exit to user space. The time ratio of
+/// two modes mixes both, so it is never the benefit of avoided exits alone.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct TimeSplit {
+    /// Wall time of the run, boot to debug exit.
+    pub total_ms: f64,
+    /// Inside KVM_RUN calls that ran the guest.
+    pub kvm_run_ms: f64,
+    /// Outside the KVM_RUN calls that ran the guest: handling exits in user space
+    /// (total minus `kvm_run_ms`).
+    pub user_space_ms: f64,
+    /// Of which: running clusters (avex's engine, device models, register sync).
+    pub cluster_ms: f64,
+    /// Of which: KVM_RUN calls that only completed an instruction before a cluster.
+    pub completion_ms: f64,
+    /// Instructions KVM's emulator ran (`insn_emulation`), if KVM reports it.
+    pub kvm_emulated_insns: Option<u64>,
+    /// Guest instructions avex's engine ran inside clusters.
+    pub engine_insns: u64,
+}
