@@ -2,33 +2,8 @@
 /* MOV to CR3 with a bit at or above MAXPHYADDR (CPUID 0x80000008) raises #GP in
  * 64-bit mode and changes nothing. A hypervisor that installs it makes the next VM
  * entry fail. The #GP handler counts the fault and skips the 3-byte MOV. */
-struct gate {
-    u16 off0, sel;
-    u8 ist, type;
-    u16 off1;
-    u32 off2, zero;
-} __attribute__((packed));
-static struct gate idt[32] __attribute__((aligned(16)));
-u64 gp_count;
-void gp_stub(void);
-__asm__(".text\n"
-        "gp_stub:\n"
-        "    add $8, %rsp\n"
-        "    addq $3, (%rsp)\n" /* skip `mov %rax, %crN` (0f 22 /r) */
-        "    incq gp_count(%rip)\n"
-        "    iretq\n");
-
-static void install_idt(void) {
-    u16 cs;
-    __asm__ volatile("mov %%cs, %0" : "=r"(cs));
-    u64 h = (u64)gp_stub;
-    idt[13] = (struct gate){(u16)h, cs, 0, 0x8e, (u16)(h >> 16), (u32)(h >> 32), 0};
-    struct {
-        u16 limit;
-        u64 base;
-    } __attribute__((packed)) idtr = {sizeof idt - 1, (u64)idt};
-    __asm__ volatile("lidt %0" : : "m"(idtr));
-}
+#define GP_SKIP_BYTES 3
+#include "gp_skip.h"
 
 static inline u64 read_cr3(void) { u64 v; __asm__ volatile("mov %%cr3, %0" : "=r"(v)); return v; }
 static inline void write_cr3(u64 v) { __asm__ volatile("mov %%rax, %%cr3" : : "a"(v) : "memory"); }

@@ -4,33 +4,8 @@
  * leaves the MSR unchanged. A hypervisor that installs the value instead makes the
  * next VM entry fail. The guest installs an IDT whose #GP handler counts the fault
  * and skips the 2-byte WRMSR, as a kernel's wrmsr_safe does. */
-struct gate {
-    u16 off0, sel;
-    u8 ist, type;
-    u16 off1;
-    u32 off2, zero;
-} __attribute__((packed));
-static struct gate idt[32] __attribute__((aligned(16)));
-u64 gp_count;
-void gp_stub(void);
-__asm__(".text\n"
-        "gp_stub:\n"
-        "    add $8, %rsp\n" /* error code */
-        "    addq $2, (%rsp)\n" /* skip the WRMSR */
-        "    incq gp_count(%rip)\n"
-        "    iretq\n");
-
-static void install_idt(void) {
-    u16 cs;
-    __asm__ volatile("mov %%cs, %0" : "=r"(cs));
-    u64 h = (u64)gp_stub;
-    idt[13] = (struct gate){(u16)h, cs, 0, 0x8e, (u16)(h >> 16), (u32)(h >> 32), 0};
-    struct {
-        u16 limit;
-        u64 base;
-    } __attribute__((packed)) idtr = {sizeof idt - 1, (u64)idt};
-    __asm__ volatile("lidt %0" : : "m"(idtr));
-}
+#define GP_SKIP_BYTES 2
+#include "gp_skip.h"
 
 static const u32 msrs[] = {0xc0000100, 0xc0000101, 0xc0000102, 0xc0000082, 0x175, 0x176};
 
