@@ -11,6 +11,7 @@ use core::arch::asm;
 use avex_core::arch::{cr0, cr3, cr4, dr, efer, msr, rflags, vector};
 use avex_core::boot::BootImage;
 use avex_core::devices::{PortBus, StandardConfig};
+use avex_core::engine::cr;
 use avex_core::guest::{Fault, Guest};
 use avex_core::policy::{ExitPolicy, VmcsControl, MSR_BITMAP_RANGES};
 
@@ -583,20 +584,19 @@ impl Vcpu {
         if !self.pae_paging() {
             return Ok(());
         }
-        let pdpt = vmread(f::GUEST_CR3) & cr3::PAE_PDPT;
-        let mut raw = [0u8; 32];
-        self.read_phys(pdpt, &mut raw).map_err(|e| {
-            alloc::format!(
-                "PAE paging with its PDPT at {pdpt:#x}, outside guest RAM ({:#x})",
-                e.gpa
-            )
+        let cr3 = vmread(f::GUEST_CR3);
+        let caps = self.cpu_caps();
+        // The engine's load, with the CPU's reserved-bit check: a bad entry was
+        // already refused (#GP) when the engine completed the write.
+        let pdptes = cr::load_pdptes(self, cr3, &caps).map_err(|e| match e {
+            cr::PdpteError::NotRam { gpa } => alloc::format!(
+                "PAE paging with its PDPT at {:#x}, outside guest RAM ({gpa:#x})",
+                cr3 & cr3::PAE_PDPT
+            ),
+            cr::PdpteError::Fault(_) => {
+                alloc::format!("a PDPTE at CR3 {cr3:#x} has a reserved bit set")
+            }
         })?;
-        let mut pdptes = [0u64; 4];
-        for (p, e) in pdptes.iter_mut().zip(raw.chunks_exact(8)) {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(e);
-            *p = u64::from_le_bytes(b);
-        }
         self.set_pdptes(pdptes);
         Ok(())
     }
