@@ -402,16 +402,7 @@ fn check_op(op: &Op, bitness: Bitness) -> Check {
             operand(dst, *size, b, false)
         }
         Op::Setcc { dst, .. } => operand(dst, Size::S1, b, false),
-        Op::Cmovcc { size, dst, src, .. } => {
-            wide(*size)?;
-            size_ok(*size, b)?;
-            reg(dst, b)?;
-            if dst.size != *size {
-                return Err("register width differs from the operation size");
-            }
-            operand(src, *size, b, false)
-        }
-        Op::Imul { size, dst, src, .. } => {
+        Op::Cmovcc { size, dst, src, .. } | Op::Imul { size, dst, src, .. } => {
             wide(*size)?;
             size_ok(*size, b)?;
             reg(dst, b)?;
