@@ -1,37 +1,21 @@
 //! Page walks in every paging mode, every fault kind, accessed/dirty updates,
 //! page-crossing accesses and not-RAM, through the engine and through `Mmu`.
 
+mod engine_support;
+
 use avex_core::arch::{cr0, cr4, efer, pfec, pte};
 use avex_core::engine::mmu::{Access, Mmu, Paging, XlateError};
 use avex_core::engine::test_guest::{attrs, fake_cluster, PageSize, TestGuest};
 use avex_core::engine::{self, RunLimits, RunOutcome, StopReason};
 use avex_core::guest::Guest;
 use avex_core::ir::*;
+use engine_support::{mem_sized as mem, reg};
 
 const CODE_VA: u64 = 0x40_0000;
 const CODE_GPA: u64 = 0x1000;
 const DATA_VA: u64 = 0x80_0000;
 const DATA_GPA: u64 = 0x10_0000;
 const RAM: usize = 4 << 20;
-
-fn reg(index: u8, size: Size) -> RegRef {
-    RegRef {
-        index,
-        size,
-        high8: false,
-    }
-}
-
-fn mem(base: u8, disp: i64, addr_size: Size) -> MemRef {
-    MemRef {
-        seg: Seg::Ds,
-        base: Some(base),
-        index: None,
-        scale: 1,
-        disp,
-        addr_size,
-    }
-}
 
 fn load(size: Size, dst: u8, m: MemRef) -> Op {
     Op::Mov {

@@ -4,55 +4,26 @@
 //! stop the guest (debug-exit) ends the cluster right after it; CR8 written and
 //! read back inside one cluster goes through `CpuState::cr8`.
 
-use avex_core::arch::{cr0, cr4, msr, pte};
+mod engine_support;
+
+use avex_core::arch::{cr0, cr4, msr};
 use avex_core::engine::mmu::Paging;
-use avex_core::engine::test_guest::{fake_cluster, PageSize, TestGuest, INSN_LEN};
+use avex_core::engine::test_guest::{fake_cluster, TestGuest};
 use avex_core::engine::{self, RunLimits, RunOutcome, StopReason};
 use avex_core::guest::Fault;
 use avex_core::ir::*;
 use avex_core::policy::ExitClass;
-
-const CODE_VA: u64 = 0x40_0000;
-const CODE_GPA: u64 = 0x1000;
-const DATA_VA: u64 = 0x80_0000;
-const DATA_GPA: u64 = 0x10_0000;
-const L: u64 = INSN_LEN as u64;
+use engine_support::{guest, mov_imm, out_al as out_imm, prepare, CODE_VA, DATA_GPA, DATA_VA, L};
 const COM1: u8 = 0xf8; // low byte of 0x3f8, through DX below
 const GP: StopReason = StopReason::Fault(Fault::GeneralProtection);
 
 type Step = (Op, Option<ExitClass>);
 
-fn r64(i: u8) -> Operand {
-    Operand::Reg(RegRef {
-        index: i,
-        size: Size::S8,
-        high8: false,
-    })
-}
-fn mov_imm(r: u8, v: u64) -> Step {
-    (
-        Op::Mov {
-            size: Size::S8,
-            dst: r64(r),
-            src: Operand::Imm(v),
-        },
-        None,
-    )
-}
 fn out_dx() -> Step {
     (
         Op::Out {
             size: Size::S1,
             port: PortSrc::Dx,
-        },
-        Some(ExitClass::Out),
-    )
-}
-fn out_imm(port: u8) -> Step {
-    (
-        Op::Out {
-            size: Size::S1,
-            port: PortSrc::Imm(port),
         },
         Some(ExitClass::Out),
     )
@@ -67,18 +38,9 @@ fn mov_to_cr(cr: u8, src: u8) -> Step {
     (Op::MovToCr { cr, src }, Some(class))
 }
 
-fn guest() -> TestGuest {
-    let mut g = TestGuest::long_mode(4 << 20);
-    g.map_range(CODE_VA, CODE_GPA, 0x2000, pte::P);
-    g.map(DATA_VA, DATA_GPA, PageSize::K4, pte::P | pte::RW);
-    g
-}
-
 fn run(g: &mut TestGuest, ops: &[Step]) -> RunOutcome {
-    let c = fake_cluster(CODE_VA, Bitness::B64, ops);
-    g.load_code(CODE_GPA, &c);
-    g.state.rip = CODE_VA;
-    engine::run(&c, g, 0, &RunLimits::default())
+    let c = prepare(g, ops);
+    engine_support::run(g, &c)
 }
 
 #[test]
@@ -214,10 +176,7 @@ fn debug_exit_write_ends_the_cluster_right_after_it() {
     assert_eq!(g.exit_status, Some(0x61));
     // A run that starts after the request does nothing.
     let mut g2 = g.clone();
-    let c = fake_cluster(CODE_VA, Bitness::B64, &[out_dx()]);
-    g2.load_code(CODE_GPA, &c);
-    g2.state.rip = CODE_VA;
-    let out = engine::run(&c, &mut g2, 0, &RunLimits::default());
+    let out = run(&mut g2, &[out_dx()]);
     assert_eq!(out.reason, StopReason::StopRequested);
     assert_eq!(g2.outs().len(), 2);
 }

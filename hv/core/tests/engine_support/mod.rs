@@ -1,5 +1,6 @@
-//! What the engine's run tests share (precise_stops.rs, exiting_effects.rs): a
-//! long-mode test guest with code and data mapped, and builders for the ops they use.
+//! What the engine's tests share (precise_stops, exiting_effects, refused_writes,
+//! paging): a long-mode test guest with code and data mapped, and builders for the
+//! ops they use.
 #![allow(dead_code)] // each test crate uses a part
 
 use avex_core::arch::pte;
@@ -29,13 +30,17 @@ pub fn r64(i: u8) -> Operand {
     Operand::Reg(reg(i, Size::S8))
 }
 pub fn mem(base: u8, disp: i64) -> MemRef {
+    mem_sized(base, disp, Size::S8)
+}
+/// `[base + disp]` in DS with the given address size.
+pub fn mem_sized(base: u8, disp: i64, addr_size: Size) -> MemRef {
     MemRef {
         seg: Seg::Ds,
         base: Some(base),
         index: None,
         scale: 1,
         disp,
-        addr_size: Size::S8,
+        addr_size,
     }
 }
 pub fn out_al(port: u8) -> (Op, Option<ExitClass>) {
