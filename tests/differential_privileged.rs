@@ -253,19 +253,18 @@ fn privileged_gap_fillers_match_a_kvm_guest() {
         let cpu = &results[k * SLOTS as usize..][..SLOTS as usize];
         let d = Decoder::with_ip(64, &c.bytes, c.rip, DecoderOptions::NONE).decode();
         let op = lower::lower(&d).unwrap_or_else(|e| panic!("lower {:02x?}: {e:?}", c.bytes));
-        let cluster = Cluster {
-            start: c.rip,
-            end: c.rip + c.bytes.len() as u64,
-            bitness: Bitness::B64,
-            guest_bytes: c.bytes.clone(),
-            insns: vec![Insn {
+        let cluster = Cluster::contiguous(
+            Bitness::B64,
+            c.rip,
+            c.bytes.clone(),
+            vec![Insn {
                 rip: c.rip,
                 len: c.bytes.len() as u8,
                 op,
                 exit_class: None,
             }],
-            back_edges: Vec::new(),
-        };
+            Vec::new(),
+        );
         let mut st = base.clone();
         st.gpr = c.gpr;
         st.rflags = c.rflags;
@@ -274,7 +273,7 @@ fn privileged_gap_fillers_match_a_kvm_guest() {
         let out = engine::run(&cluster, guest, 0, &RunLimits::default());
         let after = guest.state();
         let mut diff = String::new();
-        if out.reason != StopReason::End || out.rip != cluster.end {
+        if out.reason != StopReason::End || out.rip != cluster.highest_end() {
             diff += &format!(" stop {:?} at {:#x};", out.reason, out.rip);
         }
         for (i, (&e, &n)) in after.gpr.iter().zip(cpu).enumerate() {
@@ -315,19 +314,18 @@ fn xgetbv_matches_the_cpu() {
     let rip = 0x1000u64;
     let d = Decoder::with_ip(64, &bytes, rip, DecoderOptions::NONE).decode();
     let op = lower::lower(&d).expect("XGETBV lowers");
-    let cluster = Cluster {
-        start: rip,
-        end: rip + 3,
-        bitness: Bitness::B64,
-        guest_bytes: bytes.to_vec(),
-        insns: vec![Insn {
+    let cluster = Cluster::contiguous(
+        Bitness::B64,
+        rip,
+        bytes.to_vec(),
+        vec![Insn {
             rip,
             len: 3,
             op,
             exit_class: None,
         }],
-        back_edges: Vec::new(),
-    };
+        Vec::new(),
+    );
     let mut g = TestGuest::long_mode(1 << 20);
     g.map_range(0x1000, 0x1000, 0x1000, 3);
     g.write_bytes(0x1000, &bytes);

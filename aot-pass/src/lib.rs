@@ -204,8 +204,8 @@ impl Analysis {
         use avex_core::format::{self, GuestIdentity, TranslationSet, TranslatorStamp};
         let description = api::describe_config(config);
         let mut clusters = self.clusters.clone();
-        clusters.sort_by_key(|c| c.start);
-        clusters.dedup_by_key(|c| c.start);
+        clusters.sort_by_key(|c| c.entry_rip());
+        clusters.dedup_by_key(|c| c.entry_rip());
         TranslationSet {
             guest: GuestIdentity {
                 digest: avex_core::identity::of_segments(
@@ -587,7 +587,7 @@ struct RegionClusters {
 const GROUP_GAP: u64 = 4096;
 
 fn is_inside(c: &Cluster, rip: u64) -> bool {
-    rip >= c.start && rip < c.end && c.insns.binary_search_by_key(&rip, |i| i.rip).is_ok()
+    c.overlaps(rip, rip + 1) && c.insns.iter().any(|i| i.rip == rip)
 }
 
 fn cluster_group(
@@ -600,7 +600,7 @@ fn cluster_group(
     let mut out = RegionClusters::default();
     let mut active: Vec<Cluster> = carry.to_vec();
     for &(rip, _) in sites {
-        active.retain(|c| c.end > rip);
+        active.retain(|c| c.highest_end() > rip);
         if active.iter().any(|c| is_inside(c, rip)) {
             out.covered += 1;
             continue;
@@ -651,7 +651,7 @@ fn cluster_region(
     let mut open: Vec<Cluster> = results[0].clusters.clone();
     for k in 1..groups.len() {
         let first = groups[k][0].0;
-        open.retain(|c| c.end > first);
+        open.retain(|c| c.highest_end() > first);
         if !open.is_empty()
             && groups[k]
                 .iter()

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use avex_core::format::{Hex, TranslationSet};
 use avex_core::ir::{Bitness, Cluster};
-use iced_x86::{Decoder, DecoderOptions, Formatter, Instruction, IntelFormatter};
+use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
 
 /// What the listing says about the set's guest identity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,37 +19,40 @@ pub enum IdentityCheck {
     Unknown,
 }
 
-/// The disassembly of one cluster's guest bytes, one line per instruction:
-/// address, bytes, Intel syntax, and the exit class of exiting instructions.
+/// The disassembly of one cluster, one line per instruction in layout order (the
+/// order the engine runs them; a block reached from two call sites appears twice):
+/// address, bytes, Intel syntax, the exit class of exiting instructions, and the
+/// guarded destinations of indirect branches and returns.
 pub fn disassemble(c: &Cluster) -> Vec<String> {
     let bits = match c.bitness {
         Bitness::B16 => 16,
         Bitness::B32 => 32,
         Bitness::B64 => 64,
     };
-    let mut decoder = Decoder::with_ip(bits, &c.guest_bytes, c.start, DecoderOptions::NONE);
     let mut fmt = IntelFormatter::new();
     let mut lines = Vec::new();
-    let mut instr = Instruction::default();
     let mut text = String::new();
-    while decoder.can_decode() {
-        decoder.decode_out(&mut instr);
+    for (k, insn) in c.insns.iter().enumerate() {
+        let bytes = c.insn_bytes(k).unwrap_or(&[]);
+        let mut decoder = Decoder::with_ip(bits, bytes, insn.rip, DecoderOptions::NONE);
+        let instr = decoder.decode();
         text.clear();
         fmt.format(&instr, &mut text);
-        let off = (instr.ip() - c.start) as usize;
-        let bytes = &c.guest_bytes[off..(off + instr.len()).min(c.guest_bytes.len())];
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        let class = c
-            .insns
-            .iter()
-            .find(|i| i.rip == instr.ip())
-            .and_then(|i| i.exit_class)
+        let class = insn
+            .exit_class
             .map(|e| format!("  ; exits: {}", e.name()))
             .unwrap_or_default();
+        let guards: Vec<String> = c.guards_of(k).map(|g| format!("{:#x}", g.expect)).collect();
+        let guards = if insn.op.is_guarded() {
+            format!("  ; goes on to: [{}]", guards.join(", "))
+        } else {
+            String::new()
+        };
         let mark = if class.is_empty() { ' ' } else { '*' };
         lines.push(format!(
-            "  {mark} {:016x}  {hex:<30} {text}{class}",
-            instr.ip()
+            "  {mark} {:016x}  {hex:<30} {text}{class}{guards}",
+            insn.rip
         ));
     }
     lines
@@ -101,10 +104,12 @@ pub fn render(set: &TranslationSet, identity: IdentityCheck) -> String {
         let _ = writeln!(s);
         let _ = writeln!(
             s,
-            "cluster {k}: {:#x}..{:#x} ({} bytes, {}-bit), {} instructions, {} exiting [{}]",
-            c.start,
-            c.end,
-            c.end - c.start,
+            "cluster {k}: entry {:#x}, {} code range(s) {:#x}..{:#x} ({} bytes, {}-bit), {} instructions, {} exiting [{}]",
+            c.entry_rip().unwrap_or(0),
+            c.code.len(),
+            c.lowest(),
+            c.highest_end(),
+            c.code_bytes(),
             c.bitness.bits(),
             c.insns.len(),
             c.exiting_count(),

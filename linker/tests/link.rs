@@ -105,16 +105,15 @@ fn set_for(elf: &[u8]) -> TranslationSet {
         op,
         exit_class: Some(class),
     };
-    let cluster = Cluster {
-        start,
-        end: start + 3,
-        bitness: if img.class_bits == 64 {
+    let cluster = Cluster::contiguous(
+        if img.class_bits == 64 {
             Bitness::B64
         } else {
             Bitness::B32
         },
-        guest_bytes: elf[off..off + 3].to_vec(),
-        insns: vec![
+        start,
+        elf[off..off + 3].to_vec(),
+        vec![
             io(
                 start,
                 Op::Out {
@@ -140,9 +139,9 @@ fn set_for(elf: &[u8]) -> TranslationSet {
                 ExitClass::Out,
             ),
         ],
-        back_edges: vec![],
-    };
-    assert_eq!(cluster.guest_bytes, [0xee, 0xec, 0xee]);
+        vec![],
+    );
+    assert_eq!(cluster.code[0].bytes, [0xee, 0xec, 0xee]);
     TranslationSet {
         guest: GuestIdentity {
             digest: identity(elf).unwrap(),
@@ -402,7 +401,7 @@ fn stale_and_invalid_sets_are_refused() {
     assert!(e.to_string().contains("another guest build"));
 
     let mut set = set_for(&g.bytes);
-    set.clusters[0].end += 1;
+    set.clusters[0].code[0].bytes.pop();
     let e = link(&g.bytes, &set).unwrap_err();
     assert!(e.to_string().contains("cluster 0"), "{e}");
 }
@@ -472,8 +471,13 @@ fn inspect_lists_clusters_with_disassembly() {
     let g = guest64();
     let (image, stamped) = link(&g.bytes, &set_for(&g.bytes)).unwrap();
     let text = inspect::render(&stamped, inspect::IdentityCheck::Matches);
-    let start = format!("{:#x}", stamped.clusters[0].start);
-    assert!(text.contains(&format!("cluster 0: {start}..")), "{text}");
+    let entry = format!("{:#x}", stamped.clusters[0].entry_rip().unwrap());
+    assert!(
+        text.contains(&format!(
+            "cluster 0: entry {entry}, 1 code range(s) {entry}.."
+        )),
+        "{text}"
+    );
     assert!(
         text.contains("3 instructions, 3 exiting [IN, OUT]"),
         "{text}"

@@ -10,8 +10,8 @@ pub fn aot_set(name: &str, elf: &[u8]) -> TranslationSet {
     let config = avex_aot::TranslatorConfig::default();
     let a = avex_aot::analyze_bytes(name, elf, &policy, &config).expect("analysis");
     let mut clusters = a.clusters.clone();
-    clusters.sort_by_key(|c| c.start);
-    clusters.dedup_by_key(|c| c.start);
+    clusters.sort_by_key(|c| c.entry_rip());
+    clusters.dedup_by_key(|c| c.entry_rip());
     // Only what the format accepts can be linked into an image.
     clusters.retain(|c| format::validate(c).is_ok());
     TranslationSet {

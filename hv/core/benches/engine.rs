@@ -35,21 +35,19 @@ fn cluster(ops: Vec<Op>) -> Cluster {
         })
         .collect();
     let bytes = vec![0x90; insns.len() * len as usize];
-    Cluster {
-        start: CODE_VA,
-        end: CODE_VA + bytes.len() as u64,
-        bitness: Bitness::B64,
-        guest_bytes: bytes,
-        insns,
-        back_edges: vec![],
-    }
+    Cluster::contiguous(Bitness::B64, CODE_VA, bytes, insns, vec![])
 }
 
 fn guest(c: &Cluster) -> TestGuest {
     let mut g = TestGuest::long_mode(8 << 20);
-    g.map_range(CODE_VA, CODE_GPA, 0x2000 + c.guest_bytes.len() as u64, 0x1);
+    g.map_range(
+        CODE_VA,
+        CODE_GPA,
+        0x2000 + c.code[0].bytes.len() as u64,
+        0x1,
+    );
     g.map_range(DATA_VA, DATA_GPA, 64 * 4096, 0x3);
-    g.write_bytes(CODE_GPA, &c.guest_bytes);
+    g.write_bytes(CODE_GPA, &c.code[0].bytes);
     g.state.gpr[RBX as usize] = DATA_VA;
     g.state.rip = CODE_VA;
     g

@@ -1,13 +1,15 @@
-//! The translation cache: every translation the hypervisor may run, keyed by the
-//! RIP of its first instruction, whether it was loaded from a pre-analyzed image
-//! (AOT) or built at run time (dynamic).
+//! The translation cache: every translation the hypervisor may run, keyed by its
+//! entry RIP (its first exiting instruction, where the exit that runs it happens),
+//! whether it was loaded from a pre-analyzed image (AOT) or built at run time
+//! (dynamic).
 //!
 //! Entries are validated ([`crate::ir::validate`]) on the way in, so the engine
 //! never sees a malformed cluster. A translation whose guest bytes changed is found
 //! by the engine's byte check before it runs and removed ([`TranslationCache::remove`]);
 //! the counts of what came and went are the exit handler's ([`crate::stats`]).
 
-use alloc::collections::BTreeMap;
+use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::vec::Vec;
 
 use crate::format::TranslationSet;
 use crate::ir::limits::MAX_CLUSTER_BYTES;
@@ -29,11 +31,20 @@ pub struct Entry {
     pub origin: Origin,
 }
 
-/// The cache. Clusters are at most [`MAX_CLUSTER_BYTES`] long, which bounds the
-/// search for overlapping translations.
+impl Entry {
+    /// The RIP the translation is cached under (its entry).
+    pub fn key(&self) -> u64 {
+        self.cluster.entry_rip().unwrap_or(0)
+    }
+}
+
+/// The cache. A cluster's code ranges are each at most [`MAX_CLUSTER_BYTES`] long,
+/// which bounds the search for translations overlapping an address.
 #[derive(Clone, Debug, Default)]
 pub struct TranslationCache {
     map: BTreeMap<u64, Entry>,
+    /// (range start, entry RIP) of every code range of every translation.
+    ranges: BTreeSet<(u64, u64)>,
 }
 
 impl TranslationCache {
@@ -41,7 +52,7 @@ impl TranslationCache {
         Self::default()
     }
 
-    /// Insert one cluster, replacing any translation with the same start (the
+    /// Insert one cluster, replacing any translation with the same entry RIP (the
     /// replaced one is returned). A cluster that fails validation is refused.
     pub fn insert(
         &mut self,
@@ -49,7 +60,12 @@ impl TranslationCache {
         origin: Origin,
     ) -> Result<Option<Entry>, ClusterError> {
         validate(&cluster)?;
-        Ok(self.map.insert(cluster.start, Entry { cluster, origin }))
+        let key = cluster.entry_rip().ok_or(ClusterError::FirstNotExiting)?;
+        let old = self.remove(key);
+        self.ranges
+            .extend(cluster.code.iter().map(|r| (r.start, key)));
+        self.map.insert(key, Entry { cluster, origin });
+        Ok(old)
     }
 
     /// Insert every cluster of a decoded (so already validated) set as AOT
@@ -64,28 +80,36 @@ impl TranslationCache {
         n
     }
 
-    /// The translation that starts at `rip`.
+    /// The translation entered at `rip`.
     pub fn lookup(&self, rip: u64) -> Option<&Entry> {
         self.map.get(&rip)
     }
 
-    /// Translations whose covered bytes contain `addr`, in start order.
+    /// Translations whose code contains `addr`, in entry order.
     pub fn containing(&self, addr: u64) -> impl Iterator<Item = &Entry> {
         self.overlapping(addr, addr.saturating_add(1))
     }
 
-    /// Translations whose guest bytes overlap `[lo, hi)`, in start order.
+    /// Translations whose code overlaps `[lo, hi)`, in entry order.
     pub fn overlapping(&self, lo: u64, hi: u64) -> impl Iterator<Item = &Entry> {
         let from = lo.saturating_sub(MAX_CLUSTER_BYTES as u64);
-        self.map
-            .range(from..hi.max(from))
-            .map(|(_, e)| e)
-            .filter(move |e| e.cluster.end > lo && e.cluster.start < hi)
+        let keys: BTreeSet<u64> = self
+            .ranges
+            .range((from, 0)..(hi.max(from), 0))
+            .map(|&(_, key)| key)
+            .collect();
+        keys.into_iter()
+            .filter_map(|k| self.map.get(&k))
+            .filter(move |e| e.cluster.overlaps(lo, hi))
     }
 
-    /// Remove the translation that starts at `rip` (e.g. its guest bytes changed).
+    /// Remove the translation entered at `rip` (e.g. its guest bytes changed).
     pub fn remove(&mut self, rip: u64) -> Option<Entry> {
-        self.map.remove(&rip)
+        let e = self.map.remove(&rip)?;
+        for r in &e.cluster.code {
+            self.ranges.remove(&(r.start, rip));
+        }
+        Some(e)
     }
 
     pub fn len(&self) -> usize {
@@ -96,9 +120,14 @@ impl TranslationCache {
         self.map.is_empty()
     }
 
-    /// Every translation in start order.
+    /// Every translation in entry order.
     pub fn iter(&self) -> impl Iterator<Item = &Entry> {
         self.map.values()
+    }
+
+    /// Every entry RIP, in order.
+    pub fn keys(&self) -> Vec<u64> {
+        self.map.keys().copied().collect()
     }
 }
 
@@ -112,12 +141,11 @@ mod tests {
 
     /// A cluster of `n` one-byte `out dx, al` at `start`.
     fn outs(start: u64, n: usize) -> Cluster {
-        Cluster {
+        Cluster::contiguous(
+            Bitness::B64,
             start,
-            end: start + n as u64,
-            bitness: Bitness::B64,
-            guest_bytes: vec![0xee; n],
-            insns: (0..n)
+            vec![0xee; n],
+            (0..n)
                 .map(|i| Insn {
                     rip: start + i as u64,
                     len: 1,
@@ -128,8 +156,8 @@ mod tests {
                     exit_class: Some(ExitClass::Out),
                 })
                 .collect(),
-            back_edges: vec![],
-        }
+            vec![],
+        )
     }
 
     #[test]
@@ -143,7 +171,7 @@ mod tests {
         assert_eq!(c.lookup(0x1000).unwrap().origin, Origin::Aot);
         assert_eq!(c.lookup(0x2000).unwrap().origin, Origin::Dynamic);
         assert!(c.lookup(0x1001).is_none());
-        assert_eq!(c.remove(0x1000).unwrap().cluster.end, 0x1003);
+        assert_eq!(c.remove(0x1000).unwrap().cluster.highest_end(), 0x1003);
         assert!(c.remove(0x1000).is_none());
         assert_eq!(c.len(), 1);
     }
@@ -154,7 +182,7 @@ mod tests {
         c.insert(outs(0x1000, 3), Origin::Aot).unwrap();
         let old = c.insert(outs(0x1000, 5), Origin::Dynamic).unwrap().unwrap();
         assert_eq!(old.origin, Origin::Aot);
-        assert_eq!(c.lookup(0x1000).unwrap().cluster.end, 0x1005);
+        assert_eq!(c.lookup(0x1000).unwrap().cluster.highest_end(), 0x1005);
         assert_eq!(c.len(), 1);
     }
 
@@ -162,12 +190,12 @@ mod tests {
     fn invalid_clusters_are_refused() {
         let mut c = TranslationCache::new();
         let mut bad = outs(0x1000, 3);
-        bad.end = 0x1004;
+        bad.code[0].bytes.truncate(2);
         assert_eq!(
             c.insert(bad, Origin::Dynamic),
-            Err(ClusterError::EndMismatch {
-                end: 0x1004,
-                expected: 0x1003
+            Err(ClusterError::OutsideCode {
+                insn: 2,
+                rip: 0x1002
             })
         );
         assert!(c.is_empty());
@@ -178,7 +206,7 @@ mod tests {
         let mut c = TranslationCache::new();
         c.insert(outs(0x100, 8), Origin::Aot).unwrap();
         c.insert(outs(0x104, 8), Origin::Dynamic).unwrap();
-        let at = |a| c.containing(a).map(|e| e.cluster.start).collect::<Vec<_>>();
+        let at = |a| c.containing(a).map(|e| e.key()).collect::<Vec<_>>();
         assert_eq!(at(0x105), vec![0x100, 0x104]);
         assert_eq!(at(0x108), vec![0x104]);
         assert_eq!(at(0x10c), Vec::<u64>::new());
@@ -187,10 +215,7 @@ mod tests {
         c.insert(outs(0x3001, MAX_CLUSTER_BYTES), Origin::Aot)
             .unwrap();
         let last = 0x3000 + MAX_CLUSTER_BYTES as u64;
-        assert_eq!(
-            c.containing(last).next().map(|e| e.cluster.start),
-            Some(0x3001)
-        );
+        assert_eq!(c.containing(last).next().map(|e| e.key()), Some(0x3001));
     }
 
     #[test]
@@ -207,7 +232,7 @@ mod tests {
                 outs(0x10, 1),
                 outs(0x20, 2),
                 Cluster {
-                    end: 0,
+                    code: vec![],
                     ..outs(0x30, 1)
                 },
             ],

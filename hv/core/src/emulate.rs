@@ -103,19 +103,18 @@ fn run_one<G: Guest + ?Sized>(guest: &mut G, max_insns: u64) -> Result<RunOutcom
     }
     let op = lower::lower(&instr).map_err(|_| Completion::Cannot("NOT_LOWERED"))?;
     let len = instr.len();
-    let cluster = Cluster {
-        start: state.rip,
-        end: state.rip + len as u64,
+    let cluster = Cluster::contiguous(
         bitness,
-        guest_bytes: bytes[..len].to_vec(),
-        insns: vec![Insn {
+        state.rip,
+        bytes[..len].to_vec(),
+        vec![Insn {
             rip: state.rip,
             len: len as u8,
             op,
             exit_class: policy::exit_class_of(&instr),
         }],
-        back_edges: vec![],
-    };
+        vec![],
+    );
     let limits = RunLimits {
         max_insns: max_insns.max(1),
         maxphyaddr: guest.cpu_caps().maxphyaddr,

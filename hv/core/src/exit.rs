@@ -21,6 +21,7 @@ use crate::cache::{Origin, TranslationCache};
 use crate::engine;
 use crate::format::{self as tformat, TranslationSet};
 use crate::guest::{CpuState, Fault, Guest};
+use crate::guest_code::{GuestCode, LearnedTargets};
 use crate::ir::Bitness;
 use crate::policy::{ExitClass, ExitPolicy};
 use crate::stats::{BackendExits, EarlyStop, ExitReason, ExitStats};
@@ -171,10 +172,10 @@ pub struct ExitHandler {
     /// it at run time), read at the first cluster run: page walks check reserved
     /// bits against it.
     maxphyaddr: Option<u8>,
+    /// Where indirect branches and returns of clusters went when no guard expected
+    /// it: the next translation accepts these.
+    learned: LearnedTargets,
 }
-
-/// Most guest code bytes fetched for one run-time translation.
-pub const MAX_FETCH: usize = 16 * 1024;
 
 impl fmt::Debug for ExitHandler {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -203,6 +204,7 @@ impl ExitHandler {
             insn_budget: DEFAULT_INSN_BUDGET,
             translator: TranslatorConfig::default(),
             maxphyaddr: None,
+            learned: LearnedTargets::default(),
         }
     }
 
@@ -394,7 +396,7 @@ impl ExitHandler {
         match built {
             Some(cluster) => {
                 self.stats.translate_insns += cluster.insns.len() as u64;
-                let start = cluster.start;
+                let start = rip;
                 if self.cache.insert(cluster, Origin::Dynamic).is_ok() {
                     self.stats.translations_built += 1;
                     Next::RunCluster { start }
@@ -410,38 +412,21 @@ impl ExitHandler {
         }
     }
 
-    /// Translate the cluster starting at `rip`: fetch the guest code through its page
-    /// tables and hand it to the translator.
+    /// Translate the cluster entered at `rip`, reading the guest's code through its
+    /// page tables, with the indirect destinations learned so far.
     fn build<G: Guest + ?Sized>(
         &mut self,
         rip: u64,
         state: &CpuState,
         guest: &mut G,
     ) -> Option<crate::ir::Cluster> {
-        // Bytes before `rip` let the translator prepend a loop head; after it, enough
-        // for the look-ahead window to slide over several exiting instructions.
-        let want = (self.translator.look_ahead.saturating_add(1))
-            .saturating_mul(15 * 4)
-            .min(MAX_FETCH);
-        let context = self
-            .translator
-            .loop_head_context_bytes()
-            .min(MAX_FETCH as u64);
-        let mut code = alloc::vec![0u8; context as usize + want];
-        let mut code_rip = rip.wrapping_sub(context);
-        let mut n = 0;
-        if rip >= context {
-            n = fetch_code(guest, state, code_rip, &mut code);
-        }
-        if n <= context as usize {
-            // No readable context (start of memory or an unmapped page before).
-            code_rip = rip;
-            n = fetch_code(guest, state, rip, &mut code[..want]);
-        }
-        code.truncate(n);
-        match translator::translate_in(
-            &code,
-            code_rip,
+        let mut src = GuestCode {
+            guest,
+            state,
+            learned: &self.learned,
+        };
+        match translator::translate_region(
+            &mut src,
             rip,
             bitness_of(state),
             &self.policy,
@@ -463,8 +448,8 @@ impl ExitHandler {
         }
     }
 
-    /// The start of the translation that holds an exiting instruction at `rip`
-    /// followed by more of the cluster (the one reaching furthest, if several).
+    /// The entry of the translation that holds an exiting instruction at `rip`
+    /// followed by more of the cluster (the largest, if several).
     fn containing_exit(&self, rip: u64) -> Option<u64> {
         self.cache
             .containing(rip)
@@ -475,17 +460,39 @@ impl ExitHandler {
                     .position(|i| i.rip == rip)
                     .is_some_and(|k| insns[k].exit_class.is_some() && k + 1 < insns.len())
             })
-            .max_by_key(|e| e.cluster.end)
-            .map(|e| e.cluster.start)
+            .max_by_key(|e| e.cluster.insns.len())
+            .map(|e| e.key())
     }
 
     fn drop_translation(&mut self, start: u64) {
         if let Some(e) = self.cache.remove(start) {
-            let len = e.cluster.insns.first().map_or(0, |i| i.len as usize);
-            if let Some(b) = e.cluster.guest_bytes.get(..len) {
+            let entry = e
+                .cluster
+                .entry_index()
+                .and_then(|i| e.cluster.insn_bytes(i));
+            if let Some(b) = entry {
                 self.tracker.forget(start, b);
             }
             self.stats.stale_dropped += 1;
+        }
+    }
+
+    /// A guard of the cluster entered at `start` saw the branch or RET at `at` go
+    /// to `to`: remember it and, in dynamic modes, translate the cluster again so
+    /// that it goes on there next time.
+    fn learn_target<G: Guest + ?Sized>(&mut self, start: u64, at: u64, to: u64, guest: &mut G) {
+        if !self.mode.uses_dynamic() || !self.learned.learn(at, to) {
+            return;
+        }
+        self.stats.indirect_targets_learned += 1;
+        // Translate from the entry with the guest's state at the stop: same mode
+        // and page tables as when the cluster ran.
+        let state = guest.state();
+        if let Some(cluster) = self.build(start, &state, guest) {
+            self.stats.translate_insns += cluster.insns.len() as u64;
+            if self.cache.insert(cluster, Origin::Dynamic).is_ok() {
+                self.stats.translations_rebuilt += 1;
+            }
         }
     }
 
@@ -543,6 +550,9 @@ impl ExitHandler {
         }
         let insns = out.insns();
         self.stats.cluster_insns += insns;
+        if let engine::StopReason::GuardMiss { to } = out.reason {
+            self.learn_target(start, out.rip(), to, guest);
+        }
         let early = EarlyStop::of(&out.reason);
         if let Some(why) = early {
             self.stats.count_early_stop(why);
@@ -568,35 +578,7 @@ pub fn bitness_of(state: &CpuState) -> Bitness {
     }
 }
 
-/// Read guest code at `rip` (CS-relative) through the guest's page tables into
-/// `buf`; returns how many bytes could be read (stops at the first unmapped byte).
-pub fn fetch_code<G: Guest + ?Sized>(
-    guest: &mut G,
-    state: &CpuState,
-    rip: u64,
-    buf: &mut [u8],
-) -> usize {
-    let mmu = engine::Mmu::new(state, 52);
-    let base = match bitness_of(state) {
-        Bitness::B64 => 0,
-        _ => state.segment(crate::ir::Seg::Cs).base,
-    };
-    let mut done = 0;
-    while done < buf.len() {
-        let la = base.wrapping_add(rip).wrapping_add(done as u64);
-        let mut walks = 0;
-        let Ok(pa) = mmu.translate(guest, la, engine::Access::Fetch, &mut walks) else {
-            break;
-        };
-        let in_page = (0x1000 - (la & 0xfff)) as usize;
-        let n = in_page.min(buf.len() - done);
-        if guest.read_phys(pa, &mut buf[done..done + n]).is_err() {
-            break;
-        }
-        done += n;
-    }
-    done
-}
+pub use crate::guest_code::fetch_code;
 
 impl fmt::Display for ClusterEnd {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

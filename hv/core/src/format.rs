@@ -8,12 +8,16 @@
 //! [`check_against`] then rejects a set made for another guest build or another
 //! exit policy.
 //!
-//! # Layout, version 1 (all integers little-endian)
+//! # Layout, version 2 (all integers little-endian)
+//!
+//! Version 2 clusters are regions over the control-flow graph: several code
+//! ranges, calls, returns and guarded indirect branches (see [`crate::ir`]).
+//! Version 1 files are refused with the version they carry.
 //!
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `b"AVEXTRN\0"` |
-//! | 8 | 2 | format version (1) |
+//! | 8 | 2 | format version (2) |
 //! | 10 | 2 | header length: offset of the payload |
 //! | 12 | 4 | flags (must be 0) |
 //! | 16 | 32 | guest digest ([`crate::identity::of_segments`]) |
@@ -42,8 +46,8 @@ use crate::ir::Cluster;
 /// First 8 bytes of every translation set.
 pub const MAGIC: [u8; 8] = *b"AVEXTRN\0";
 /// The format version this code writes and reads.
-pub const VERSION: u16 = 1;
-/// Size of the fixed part of the version-1 header.
+pub const VERSION: u16 = 2;
+/// Size of the fixed part of the header.
 pub const FIXED_HEADER_LEN: usize = 160;
 /// Longest guest name accepted.
 pub const MAX_NAME_LEN: usize = 255;
@@ -82,7 +86,7 @@ pub struct TranslationSet {
     /// Fingerprint of the exit policy the clusters assumed.
     pub policy: [u8; 32],
     pub translator: TranslatorStamp,
-    /// Sorted by `start`, starts unique.
+    /// Sorted by entry RIP ([`Cluster::entry_rip`]), entries unique.
     pub clusters: Vec<Cluster>,
 }
 
@@ -146,13 +150,14 @@ pub enum FormatError {
     /// Cluster `cluster` decoded but breaks a rule.
     ClusterInvalid {
         cluster: usize,
-        start: u64,
+        /// Its entry RIP (0 if it has none).
+        entry: u64,
         error: ClusterError,
     },
-    /// Clusters not sorted by start, or two with the same start.
+    /// Clusters not sorted by entry RIP, or two with the same entry.
     NotSorted {
         cluster: usize,
-        start: u64,
+        entry: u64,
         previous: u64,
     },
 }
@@ -190,12 +195,12 @@ impl fmt::Display for FormatError {
             TrailingBytes { offset, count } => {
                 write!(f, "{count} trailing bytes at offset {offset}")
             }
-            ClusterInvalid { cluster, start, error } => {
-                write!(f, "cluster {cluster} (start {start:#x}) invalid: {error}")
+            ClusterInvalid { cluster, entry, error } => {
+                write!(f, "cluster {cluster} (entry {entry:#x}) invalid: {error}")
             }
-            NotSorted { cluster, start, previous } => write!(
+            NotSorted { cluster, entry, previous } => write!(
                 f,
-                "cluster {cluster} (start {start:#x}) does not follow the previous start {previous:#x}: clusters must be sorted by start and unique"
+                "cluster {cluster} (entry {entry:#x}) does not follow the previous entry {previous:#x}: clusters must be sorted by entry and unique"
             ),
         }
     }
@@ -380,7 +385,7 @@ pub fn decode(bytes: &[u8]) -> Result<TranslationSet, FormatError> {
         return Err(FormatError::BadField {
             field: "flags",
             offset: flags_off,
-            reason: "no flags are defined in version 1; must be 0",
+            reason: "no flags are defined; must be 0",
         });
     }
     if name_len > MAX_NAME_LEN {
@@ -504,19 +509,21 @@ pub fn validate_set(set: &TranslationSet) -> Result<(), FormatError> {
     for (k, c) in set.clusters.iter().enumerate() {
         validate(c).map_err(|error| FormatError::ClusterInvalid {
             cluster: k,
-            start: c.start,
+            entry: c.entry_rip().unwrap_or(0),
             error,
         })?;
+        // A valid cluster has an entry.
+        let entry = c.entry_rip().unwrap_or(0);
         if let Some(p) = previous {
-            if c.start <= p {
+            if entry <= p {
                 return Err(FormatError::NotSorted {
                     cluster: k,
-                    start: c.start,
+                    entry,
                     previous: p,
                 });
             }
         }
-        previous = Some(c.start);
+        previous = Some(entry);
     }
     Ok(())
 }
@@ -563,12 +570,11 @@ mod tests {
     }
 
     fn sample() -> Cluster {
-        Cluster {
-            start: 0x1000,
-            end: 0x1004,
-            bitness: Bitness::B64,
-            guest_bytes: vec![0xee, 0xeb, 0xfd, 0xee],
-            insns: vec![
+        Cluster::contiguous(
+            Bitness::B64,
+            0x1000,
+            vec![0xee, 0xeb, 0xfd, 0xee],
+            vec![
                 out_dx(0x1000),
                 Insn {
                     rip: 0x1001,
@@ -580,11 +586,11 @@ mod tests {
                 },
                 out_dx(0x1003),
             ],
-            back_edges: vec![BackEdge {
+            vec![BackEdge {
                 insn: 1,
                 cap: Some(10),
             }],
-        }
+        )
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod engine;
 pub mod exit;
 pub mod format;
 pub mod guest;
+pub mod guest_code;
 pub mod identity;
 pub mod ir;
 pub mod lower;

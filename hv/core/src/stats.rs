@@ -123,7 +123,10 @@ impl EarlyStop {
     /// The early stop a run ended with; `None` for a natural end (end, branch out, HLT).
     pub fn of(reason: &StopReason) -> Option<EarlyStop> {
         Some(match reason {
-            StopReason::End | StopReason::ExitBranch | StopReason::Hlt => return None,
+            StopReason::End
+            | StopReason::ExitBranch
+            | StopReason::GuardMiss { .. }
+            | StopReason::Hlt => return None,
             StopReason::CodeChanged => EarlyStop::CodeChanged,
             StopReason::CodeUnreadable => EarlyStop::CodeUnreadable,
             StopReason::PageFault { .. } | StopReason::Fault(Fault::PageFault { .. }) => {
@@ -236,6 +239,11 @@ pub struct ExitStats {
     pub translate_insns: u64,
     /// Translations dropped because the guest bytes they cover changed.
     pub stale_dropped: u64,
+    /// Destinations of indirect branches and returns learned at run time (a
+    /// cluster's guard saw one it did not expect), and the translations built
+    /// again to accept them.
+    pub indirect_targets_learned: u64,
+    pub translations_rebuilt: u64,
     /// Exits by RIP of the exiting instruction (only where the backend gave the
     /// RIP: in modes other than `off`), for finding sites no translation covers.
     pub by_rip: BTreeMap<u64, u64>,
@@ -389,6 +397,13 @@ impl ExitStats {
         }
         if self.stale_dropped > 0 {
             let _ = writeln!(s, "stale translations:     {}", self.stale_dropped);
+        }
+        if self.indirect_targets_learned > 0 {
+            let _ = writeln!(
+                s,
+                "indirect targets:       {} learned, {} translations rebuilt",
+                self.indirect_targets_learned, self.translations_rebuilt
+            );
         }
         s
     }

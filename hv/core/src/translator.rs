@@ -39,8 +39,11 @@ use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic};
 use serde::{Deserialize, Serialize};
 
 use crate::ir::{limits, BackEdge, Bitness, Cluster, Insn, Op, Operand, Target};
+
+pub mod source;
 use crate::lower::lower;
 use crate::policy::{ExitClass, ExitPolicy};
+pub use source::{Bytes, CodeSource, Pieces};
 
 /// The tunable cluster rules. `Default` is the paper's.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -222,6 +225,43 @@ pub fn translate_explained(
     translate_in(code, rip, rip, bitness, policy, config)
 }
 
+/// Translate the cluster entered at `rip`, reading the guest's code from `src`.
+/// The entry point every caller uses (the AOT pass over an ELF's sections, the
+/// hypervisor over guest memory). Never panics.
+pub fn translate_region(
+    src: &mut dyn CodeSource,
+    rip: u64,
+    bitness: Bitness,
+    policy: &ExitPolicy,
+    config: &TranslatorConfig,
+) -> Result<Translated, NoCluster> {
+    // A window around `rip`: the loop head before it, the look-ahead after it.
+    let context = config.loop_head_context_bytes();
+    let want = config
+        .look_ahead
+        .saturating_add(1)
+        .saturating_mul(usize::from(limits::MAX_INSN_LEN) * 4)
+        .min(limits::MAX_CLUSTER_BYTES * 4);
+    let mut code = alloc::vec![0u8; want];
+    let mut code_rip = rip;
+    let mut n = 0;
+    if let Some(from) = rip.checked_sub(context) {
+        let mut buf = alloc::vec![0u8; context as usize + want];
+        let got = src.read(from, &mut buf);
+        if got > context as usize {
+            buf.truncate(got);
+            code = buf;
+            code_rip = from;
+            n = got;
+        }
+    }
+    if code_rip == rip {
+        n = src.read(rip, &mut code);
+    }
+    code.truncate(n);
+    translate_in(&code, code_rip, rip, bitness, policy, config)
+}
+
 /// Translate the cluster entered at `rip`, where `code` holds the guest's bytes from
 /// `code_rip` (at or before `rip`) on. The bytes before `rip` let the translator
 /// prepend a loop head (module docs, rule 3); with `code_rip == rip` there is none.
@@ -292,14 +332,7 @@ pub fn translate_in(
     let covered = usize::try_from(end - rip).unwrap_or(0).min(code.len());
     guest_bytes.extend_from_slice(&code[..covered]);
     Ok(Translated {
-        cluster: Cluster {
-            start,
-            end,
-            bitness,
-            guest_bytes,
-            insns,
-            back_edges,
-        },
+        cluster: Cluster::contiguous(bitness, start, guest_bytes, insns, back_edges),
         grows_no_further: scan.stop,
     })
 }

@@ -366,14 +366,7 @@ fn real_exiting_instructions_through_lower() {
             op,
         });
     }
-    let c = Cluster {
-        start: CODE_VA,
-        end: CODE_VA + bytes.len() as u64,
-        bitness: Bitness::B64,
-        guest_bytes: bytes.to_vec(),
-        insns,
-        back_edges: vec![],
-    };
+    let c = Cluster::contiguous(Bitness::B64, CODE_VA, bytes.to_vec(), insns, vec![]);
     assert!(validate(&c).is_ok());
     let mut g = guest();
     g.write_bytes(CODE_GPA, bytes);
@@ -387,7 +380,7 @@ fn real_exiting_instructions_through_lower() {
     g.tsc = 0x60_0000_0000;
     let out = run(&mut g, &c);
     assert_eq!(out.reason, StopReason::Hlt, "{out:?}");
-    assert_eq!(out.rip, c.end - 1);
+    assert_eq!(out.rip, c.highest_end() - 1);
     assert_eq!(g.outs(), vec![(0x3f8, 1, 0x41), (0x80, 1, 0x42)]);
     assert_eq!(g.bytes(DATA_GPA, 2), &[7, 8]);
     assert_eq!(g.state.gpr[RDI as usize], DATA_VA + 2);

@@ -376,14 +376,7 @@ fn cluster() -> BoxedStrategy<Cluster> {
                     (x >> 56) as u8
                 })
                 .collect();
-            Cluster {
-                start,
-                end,
-                bitness,
-                guest_bytes,
-                insns,
-                back_edges,
-            }
+            Cluster::contiguous(bitness, start, guest_bytes, insns, back_edges)
         })
         .boxed()
 }
@@ -398,8 +391,8 @@ fn set() -> BoxedStrategy<TranslationSet> {
         proptest::collection::vec(cluster(), 0..6),
     )
         .prop_map(|(digest, name, policy, tfp, description, mut clusters)| {
-            clusters.sort_by_key(|c| c.start);
-            clusters.dedup_by_key(|c| c.start);
+            clusters.sort_by_key(|c| c.entry_rip());
+            clusters.dedup_by_key(|c| c.entry_rip());
             TranslationSet {
                 guest: GuestIdentity { digest, name },
                 policy,
@@ -464,12 +457,11 @@ fn out_dx(rip: u64) -> Insn {
 
 /// `out dx, al; in al, dx; jmp back to 0; out dx, al` at `start`.
 fn good(start: u64) -> Cluster {
-    Cluster {
+    Cluster::contiguous(
+        Bitness::B64,
         start,
-        end: start + 5,
-        bitness: Bitness::B64,
-        guest_bytes: vec![0xee, 0xec, 0xeb, 0xfb, 0xee],
-        insns: vec![
+        vec![0xee, 0xec, 0xeb, 0xfb, 0xee],
+        vec![
             out_dx(start),
             Insn {
                 rip: start + 1,
@@ -490,11 +482,11 @@ fn good(start: u64) -> Cluster {
             },
             out_dx(start + 4),
         ],
-        back_edges: vec![BackEdge {
+        vec![BackEdge {
             insn: 2,
             cap: Some(10),
         }],
-    }
+    )
 }
 
 fn good_set() -> TranslationSet {
@@ -642,16 +634,23 @@ fn bad_magic() {
 #[test]
 fn unsupported_version() {
     let mut b = encode(&good_set());
-    b[8..10].copy_from_slice(&2u16.to_le_bytes());
+    b[8..10].copy_from_slice(&3u16.to_le_bytes());
     let e = decode(&b).unwrap_err();
     assert_eq!(
         e,
         FormatError::UnsupportedVersion {
-            found: 2,
+            found: 3,
             supported: VERSION
         }
     );
-    assert!(e.to_string().contains("version 2"));
+    assert!(e.to_string().contains("version 3"));
+    // Version 1 (contiguous clusters, before regions over the control-flow graph)
+    // is refused too: its clusters do not decode as version 2's.
+    b[8..10].copy_from_slice(&1u16.to_le_bytes());
+    assert!(matches!(
+        decode(&b),
+        Err(FormatError::UnsupportedVersion { found: 1, .. })
+    ));
 }
 
 #[test]
@@ -786,10 +785,10 @@ fn payload_malformed_names_cluster_and_offset() {
     }
     assert!(e.to_string().contains("cluster 1"));
 
-    // A bad enum tag inside the first cluster: the bitness byte comes after two varints.
+    // A bad enum tag inside the first cluster: the bitness byte comes first.
     let mut b = encode_with(vec![good(0x10)]);
     let header_len = u16::from_le_bytes([b[10], b[11]]) as usize;
-    b[header_len + 2] = 7;
+    b[header_len] = 7;
     reseal(&mut b);
     let e = decode(&b).unwrap_err();
     assert!(
@@ -805,7 +804,7 @@ fn clusters_must_be_sorted_and_unique() {
         e,
         FormatError::NotSorted {
             cluster: 1,
-            start: 0x1000,
+            entry: 0x1000,
             previous: 0x2000
         }
     );
@@ -821,11 +820,14 @@ fn cluster_rule_violations() {
     assert_eq!(cluster_error(c), ClusterError::Empty);
 
     let mut c = good(0x1000);
-    c.start = 0x1001;
-    assert!(matches!(
+    c.code[0].start = 0x1001;
+    assert_eq!(
         cluster_error(c),
-        ClusterError::FirstRipNotStart { .. }
-    ));
+        ClusterError::OutsideCode {
+            insn: 0,
+            rip: 0x1000
+        }
+    );
 
     let mut c = good(0x1000);
     c.insns[1].len = 0;
@@ -840,48 +842,80 @@ fn cluster_rule_violations() {
         ClusterError::BadLength { insn: 1, len: 16 }
     );
 
+    // Code ranges: sorted, apart, not touching.
     let mut c = good(0x1000);
-    c.insns.swap(1, 3);
+    let tail = c.code[0].bytes.split_off(3);
+    c.code.push(CodeRange {
+        start: 0x1003,
+        bytes: tail,
+    });
     assert!(matches!(
         cluster_error(c),
-        ClusterError::NotContiguous { insn: 1, .. }
+        ClusterError::BadCodeRange { range: 1, .. }
+    ));
+    let mut c = good(0x1000);
+    c.code.push(CodeRange {
+        start: 0x800,
+        bytes: vec![0x90],
+    });
+    assert!(matches!(
+        cluster_error(c),
+        ClusterError::BadCodeRange { range: 1, .. }
+    ));
+    let mut c = good(0x1000);
+    c.code.push(CodeRange {
+        start: 0x2000,
+        bytes: vec![],
+    });
+    assert!(matches!(
+        cluster_error(c),
+        ClusterError::BadCodeRange { range: 1, .. }
     ));
 
+    // One RIP, one length.
     let mut c = good(0x1000);
-    c.end += 1;
-    assert!(matches!(cluster_error(c), ClusterError::EndMismatch { .. }));
-
-    let mut c = good(0x1000);
-    c.guest_bytes.pop();
-    assert!(matches!(
+    c.insns.push(Insn {
+        len: 2,
+        ..c.insns[0].clone()
+    });
+    assert_eq!(
         cluster_error(c),
-        ClusterError::GuestBytesLength {
-            len: 4,
-            expected: 5
+        ClusterError::LengthDiffers {
+            insn: 0,
+            rip: 0x1000
         }
-    ));
+    );
 
-    let c = Cluster {
-        start: u64::MAX - 2,
-        end: 0,
-        bitness: Bitness::B64,
-        guest_bytes: vec![0; 5],
-        insns: vec![Insn {
+    let mut c = good(0x1000);
+    c.code[0].bytes.pop();
+    assert_eq!(
+        cluster_error(c),
+        ClusterError::OutsideCode {
+            insn: 3,
+            rip: 0x1004
+        }
+    );
+
+    let c = Cluster::contiguous(
+        Bitness::B64,
+        u64::MAX - 2,
+        vec![0; 5],
+        vec![Insn {
             len: 5,
             ..out_dx(u64::MAX - 2)
         }],
-        back_edges: vec![],
-    };
+        vec![],
+    );
     assert!(matches!(
         cluster_error(c),
-        ClusterError::AddressOverflow { insn: 0 }
+        ClusterError::BadCodeRange { range: 0, .. }
     ));
 
     let mut c = good(0xffff_fffc);
     c.bitness = Bitness::B32;
     assert!(matches!(
         cluster_error(c),
-        ClusterError::AddressOverflow { .. }
+        ClusterError::BadCodeRange { range: 0, .. }
     ));
 
     // Too large: 4097 bytes.
@@ -889,8 +923,7 @@ fn cluster_rule_violations() {
     let n = MAX_CLUSTER_BYTES + 1;
     c.insns = (0..n as u64).map(|i| out_dx(0x1000 + i)).collect();
     c.back_edges.clear();
-    c.end = 0x1000 + n as u64;
-    c.guest_bytes = vec![0xee; n];
+    c.code[0].bytes = vec![0xee; n];
     assert!(matches!(cluster_error(c), ClusterError::TooLarge { .. }));
 
     let mut c = good(0x1000);
@@ -1099,9 +1132,9 @@ fn bitness_limits_registers_and_sizes() {
 }
 
 #[test]
-fn error_messages_name_cluster_and_start() {
+fn error_messages_name_cluster_and_entry() {
     let mut c = good(0x1234);
-    c.end = 0;
+    c.code[0].bytes.pop();
     let e = decode(&encode_with(vec![good(0x10), c])).unwrap_err();
     let msg = e.to_string();
     assert!(msg.contains("cluster 1") && msg.contains("0x1234"), "{msg}");
@@ -1207,17 +1240,16 @@ fn loop_head_before_the_first_exiting_instruction() {
         exit_class: None,
     };
     // nop; out dx, al; jmp 0 (back to the loop head)
-    let c = Cluster {
-        start: 0x1000,
-        end: 0x1004,
-        bitness: Bitness::B64,
-        guest_bytes: vec![0x90, 0xee, 0xeb, 0xfc],
-        insns: vec![nop(0x1000), out_dx(0x1001), jmp(0x1002, 0)],
-        back_edges: vec![BackEdge {
+    let c = Cluster::contiguous(
+        Bitness::B64,
+        0x1000,
+        vec![0x90, 0xee, 0xeb, 0xfc],
+        vec![nop(0x1000), out_dx(0x1001), jmp(0x1002, 0)],
+        vec![BackEdge {
             insn: 2,
             cap: Some(10),
         }],
-    };
+    );
     assert_eq!(validate(&c), Ok(()));
 
     // The back-edge goes to the exiting instruction, not the head: nothing reaches it.
@@ -1253,28 +1285,20 @@ fn loop_head_before_the_first_exiting_instruction() {
     let mut insns: Vec<Insn> = (0..n).map(|i| nop(0x1000 + i)).collect();
     insns.push(out_dx(0x1000 + n));
     insns.push(jmp(0x1001 + n, 0));
-    let d = Cluster {
-        start: 0x1000,
-        end: 0x1003 + n,
-        bitness: Bitness::B64,
-        guest_bytes: vec![0x90; n as usize + 3],
-        back_edges: vec![BackEdge {
+    let d = Cluster::contiguous(
+        Bitness::B64,
+        0x1000,
+        vec![0x90; n as usize + 3],
+        insns,
+        vec![BackEdge {
             insn: n as u16 + 1,
             cap: None,
         }],
-        insns,
-    };
+    );
     assert_eq!(validate(&d), Err(ClusterError::FirstNotExiting));
 
     // No exiting instruction at all.
-    let d = Cluster {
-        start: 0x1000,
-        end: 0x1001,
-        bitness: Bitness::B64,
-        guest_bytes: vec![0x90],
-        insns: vec![nop(0x1000)],
-        back_edges: vec![],
-    };
+    let d = Cluster::contiguous(Bitness::B64, 0x1000, vec![0x90], vec![nop(0x1000)], vec![]);
     assert_eq!(validate(&d), Err(ClusterError::FirstNotExiting));
 }
 
@@ -1291,19 +1315,18 @@ fn more_back_edges_than_the_engine_counts_are_refused() {
             },
             exit_class: None,
         }));
-        Cluster {
-            start: 0x1000,
-            end: 0x1001 + n,
-            bitness: Bitness::B64,
-            guest_bytes: vec![0x90; n as usize + 1],
-            back_edges: (1..=n)
+        Cluster::contiguous(
+            Bitness::B64,
+            0x1000,
+            vec![0x90; n as usize + 1],
+            insns,
+            (1..=n)
                 .map(|i| BackEdge {
                     insn: i as u16,
                     cap: Some(10),
                 })
                 .collect(),
-            insns,
-        }
+        )
     };
     let limit = avex_core::ir::limits::MAX_BACK_EDGES as u64;
     assert_eq!(validate(&cluster(limit)), Ok(()));

@@ -21,8 +21,8 @@ fn end_of_cluster_resumes_after_the_last_instruction() {
     g.state.gpr[RAX as usize] = 0x55;
     let out = run(&mut g, &c);
     assert_eq!(out.reason, StopReason::End);
-    assert_eq!(out.rip, c.end);
-    assert_eq!(g.state.rip, c.end);
+    assert_eq!(out.rip, c.highest_end());
+    assert_eq!(g.state.rip, c.highest_end());
     assert_eq!(g.outs(), vec![(0x80, 1, 0x55), (0x81, 1, 0x55)]);
     assert_eq!(g.state.gpr[RBX as usize], 7);
     assert_eq!(out.stats.insns, 3);
@@ -299,7 +299,10 @@ fn write_into_own_code_stops_right_after_it() {
         })],
     );
     let out = run(&mut g, &c);
-    assert_eq!((out.reason, out.rip), (StopReason::SelfWrite, c.end));
+    assert_eq!(
+        (out.reason, out.rip),
+        (StopReason::SelfWrite, c.highest_end())
+    );
     // Through another virtual alias of the same frame: still caught (physical pages).
     let mut g = guest();
     g.map(DATA_VA, CODE_GPA, PageSize::K4, pte::P | pte::RW);
@@ -318,8 +321,7 @@ fn write_into_own_code_stops_right_after_it() {
         rip: CODE_VA + L,
         ..extra.insns[1].clone()
     });
-    c2.end += L;
-    c2.guest_bytes.extend([0x90; INSN_LEN as usize]);
+    c2.code[0].bytes.extend([0x90; INSN_LEN as usize]);
     g.load_code(CODE_GPA, &c2);
     let out = run(&mut g, &c2);
     assert_eq!(out.reason, StopReason::SelfWrite);
@@ -498,7 +500,7 @@ fn hostile_clusters_never_panic() {
     c.insns.clear();
     variants.push(c);
     let mut c = good.clone();
-    c.guest_bytes.pop();
+    c.code[0].bytes.pop();
     variants.push(c);
     let mut c = good.clone();
     c.insns[1].rip = u64::MAX - 2;
@@ -534,7 +536,7 @@ fn hostile_clusters_never_panic() {
     };
     variants.push(c);
     let mut c = good.clone();
-    c.end = u64::MAX;
+    c.code[0].start = u64::MAX - 1;
     variants.push(c);
     let mut c = good.clone();
     c.insns[1].op = Op::Xchg {

@@ -46,7 +46,7 @@ fn serial_poll_loop_in_real_mode_runs_until_the_transmitter_is_empty() {
     let outcome = run(&c, &mut guest, 0, &RunLimits::default());
 
     assert_eq!(outcome.reason, StopReason::End);
-    assert_eq!(outcome.rip, c.end);
+    assert_eq!(outcome.rip, c.highest_end());
     assert_eq!(outcome.stats.exits_of(ExitClass::In), 3);
     assert_eq!(outcome.stats.exits_of(ExitClass::Out), 1);
     assert_eq!(outcome.stats.back_edges, 2);

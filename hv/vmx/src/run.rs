@@ -97,9 +97,9 @@ enum Decoded {
 /// addresses; pages outside guest RAM are skipped. Returns how many pages changed.
 pub fn protect_translated_pages(v: &mut Vcpu, handler: &ExitHandler) -> usize {
     let mut n = 0;
-    for e in handler.cache().iter() {
-        let mut page = e.cluster.start & !(PAGE - 1);
-        while page < e.cluster.end {
+    for range in handler.cache().iter().flat_map(|e| &e.cluster.code) {
+        let mut page = range.start & !(PAGE - 1);
+        while page < range.end() {
             if v.protect_code_page(page) {
                 n += 1;
             }

@@ -12,10 +12,7 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
             let Some(insn) = c.insns.get(idx) else {
                 return (StopReason::Invalid(Invalid::StartIndex), self.st.rip, None);
             };
-            if insn.rip < c.start
-                || insn.rip.saturating_add(insn.len as u64) > c.end
-                || insn.len == 0
-            {
+            if insn.len == 0 || !c.code.iter().any(|r| r.holds(insn.rip, insn.len.into())) {
                 // Only instructions inside the checked bytes ever run. Control
                 // reached this instruction's claimed address: resume there.
                 return (
@@ -30,7 +27,7 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
             let flow = if self.exec_fast(&insn.op) {
                 Flow::Next
             } else {
-                match self.exec(insn) {
+                match self.exec(idx, insn) {
                     Ok(f) => f,
                     Err(r) => return (r, insn.rip, Some(idx)),
                 }
@@ -101,42 +98,45 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
     pub(super) fn check_code(&mut self) -> R<()> {
         let c = self.c;
         let cs = self.st.seg[Seg::Cs as usize];
-        if !self.b64 && (c.end - 1 > cs.limit as u64 || cs.attrs & (1 << 16) != 0) {
-            return Err(StopReason::CodeUnreadable);
-        }
         let base = if self.b64 { 0 } else { cs.base };
-        let mut off = 0usize;
         let mut page = 0;
         let mut buf = [0u8; 256];
-        while off < c.guest_bytes.len() {
-            let mut la = base.wrapping_add(c.start).wrapping_add(off as u64);
-            if !self.b64 {
-                la &= 0xffff_ffff;
-            } else if !canonical(la) {
+        for range in &c.code {
+            let bytes = &range.bytes;
+            if !self.b64 && (range.end() - 1 > cs.limit as u64 || cs.attrs & (1 << 16) != 0) {
                 return Err(StopReason::CodeUnreadable);
             }
-            let gpa = self
-                .mmu
-                .translate(self.g, la, Access::Fetch, &mut self.stats.page_walks)
-                .map_err(|_| StopReason::CodeUnreadable)?;
-            let in_page = (4096 - (la & 0xfff)) as usize;
-            let chunk = in_page.min(c.guest_bytes.len() - off);
-            if page < MAX_CODE_PAGES {
-                self.code_pages[page] = gpa >> 12;
-                page += 1;
-            }
-            let mut done = 0;
-            while done < chunk {
-                let k = (chunk - done).min(buf.len());
-                self.g
-                    .read_phys(gpa + done as u64, &mut buf[..k])
-                    .map_err(|_| StopReason::CodeUnreadable)?;
-                if buf[..k] != c.guest_bytes[off + done..off + done + k] {
-                    return Err(StopReason::CodeChanged);
+            let mut off = 0usize;
+            while off < bytes.len() {
+                let mut la = base.wrapping_add(range.start).wrapping_add(off as u64);
+                if !self.b64 {
+                    la &= 0xffff_ffff;
+                } else if !canonical(la) {
+                    return Err(StopReason::CodeUnreadable);
                 }
-                done += k;
+                let gpa = self
+                    .mmu
+                    .translate(self.g, la, Access::Fetch, &mut self.stats.page_walks)
+                    .map_err(|_| StopReason::CodeUnreadable)?;
+                let in_page = (4096 - (la & 0xfff)) as usize;
+                let chunk = in_page.min(bytes.len() - off);
+                if page < MAX_CODE_PAGES {
+                    self.code_pages[page] = gpa >> 12;
+                    page += 1;
+                }
+                let mut done = 0;
+                while done < chunk {
+                    let k = (chunk - done).min(buf.len());
+                    self.g
+                        .read_phys(gpa + done as u64, &mut buf[..k])
+                        .map_err(|_| StopReason::CodeUnreadable)?;
+                    if buf[..k] != bytes[off + done..off + done + k] {
+                        return Err(StopReason::CodeChanged);
+                    }
+                    done += k;
+                }
+                off += chunk;
             }
-            off += chunk;
         }
         Ok(())
     }
@@ -158,6 +158,62 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
             }
             _ => Ok(()),
         }
+    }
+
+    /// CALL rel: push the return address, then go to the target.
+    pub(super) fn call(&mut self, size: Size, ret: u64, target: Target) -> R<Flow> {
+        self.check_target(target)?;
+        self.push(size, &Operand::Imm(ret))?;
+        Ok(Self::target(target))
+    }
+
+    /// Where a guarded instruction (index `at`) goes for destination `to`: the first
+    /// guard expecting it, or a stop before the instruction.
+    fn guarded(&self, at: usize, to: u64) -> R<Target> {
+        match self.c.guards_of(at).find(|g| g.expect == to) {
+            Some(g) => {
+                self.check_target(g.target)?;
+                Ok(g.target)
+            }
+            None => Err(StopReason::GuardMiss { to }),
+        }
+    }
+
+    /// CALL r/m: read the destination, check it against the guards, push, go.
+    pub(super) fn call_indirect(
+        &mut self,
+        at: usize,
+        size: Size,
+        src: &Operand,
+        ret: u64,
+    ) -> R<Flow> {
+        let to = self.read(src, size)?;
+        let target = self.guarded(at, to)?;
+        self.push(size, &Operand::Imm(ret))?;
+        Ok(Self::target(target))
+    }
+
+    /// JMP r/m: read the destination, check it against the guards, go.
+    pub(super) fn jmp_indirect(&mut self, at: usize, size: Size, src: &Operand) -> R<Flow> {
+        let to = self.read(src, size)?;
+        Ok(Self::target(self.guarded(at, to)?))
+    }
+
+    /// RET / RET imm16: read the return address, check it against the guards, pop
+    /// it and `pop` more bytes, go.
+    pub(super) fn ret(&mut self, at: usize, size: Size, pop: u16) -> R<Flow> {
+        let ss = self.stack_size();
+        let sp = self.st.gpr[RSP as usize] & ss.mask();
+        let la = self.seg_linear(Seg::Ss, sp, size.bytes(), false)?;
+        let span = self.xlate(la, size.bytes(), Access::Read)?;
+        let to = self.read_span(span)?;
+        let target = self.guarded(at, to)?;
+        let new_sp = sp
+            .wrapping_add(u64::from(size.bytes()))
+            .wrapping_add(u64::from(pop))
+            & ss.mask();
+        write_gpr(&mut self.st.gpr[RSP as usize], ss, new_sp);
+        Ok(Self::target(target))
     }
 
     pub(super) fn jmp(&self, target: Target) -> R<Flow> {

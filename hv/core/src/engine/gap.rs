@@ -52,7 +52,8 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
     /// One instruction, the slow path (everything [`Self::exec_fast`] does not
     /// do): the gap fillers' rules are here; branches are in `control`, exiting
     /// instructions in `exiting`, stack and memory access in `operand`.
-    pub(super) fn exec(&mut self, insn: &Insn) -> R<Flow> {
+    /// Runs instruction `at` of the cluster (`insn`).
+    pub(super) fn exec(&mut self, at: usize, insn: &Insn) -> R<Flow> {
         let fl = self.st.rflags;
         match insn.op {
             Op::Mov {
@@ -245,6 +246,12 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                 addr_size,
                 target,
             } => return self.loop_(kind, addr_size, target),
+            Op::Call { size, ret, target } => return self.call(size, ret, target),
+            Op::CallIndirect { size, ref src, ret } => {
+                return self.call_indirect(at, size, src, ret)
+            }
+            Op::JmpIndirect { size, ref src } => return self.jmp_indirect(at, size, src),
+            Op::Ret { size, pop } => return self.ret(at, size, pop),
             // ---- exiting instructions (exiting.rs) ----
             Op::In { size, port } => return self.io_in(size, port),
             Op::Out { size, port } => return self.io_out(size, port),

@@ -13,7 +13,7 @@
 //! The engine reads `guest.state()` once, and writes `guest.set_state()` once at
 //! the end if (and only if) the state changed. Before running anything it checks
 //! that the guest code it covers, fetched through the guest's page tables at
-//! CS.base + RIP with the guest's CPL, equals `cluster.guest_bytes` byte by byte
+//! CS.base + RIP with the guest's CPL, equals every range of `cluster.code` byte by byte
 //! ([`StopReason::CodeChanged`] / [`StopReason::CodeUnreadable`], nothing done).
 //!
 //! Untrusted clusters: [`crate::ir::validate`] checks every operand, index and bound
@@ -37,7 +37,12 @@
 //! # Control flow
 //!
 //! Forward branches to `Target::Insn` continue the run; `Target::Exit` ends it
-//! ([`StopReason::ExitBranch`]). At every taken backward branch the engine counts
+//! ([`StopReason::ExitBranch`]). A direct CALL pushes its return address and goes
+//! on like a JMP. An indirect CALL or JMP, or a RET, reads its destination and
+//! goes on only through a guard of the cluster expecting exactly that address
+//! (CALL pushes, RET pops, as the CPU does); with none it stops before itself,
+//! nothing done ([`StopReason::GuardMiss`], which carries the destination so the
+//! hypervisor can learn it). At every taken backward branch the engine counts
 //! the back-edge: with `cap: Some(n)` the (n+1)-th taking ends the run at the
 //! branch target ([`StopReason::BackEdgeCap`]; a backward branch with no
 //! `BackEdge` entry is treated as cap 0), then asks `guest.interrupt_pending()` and
@@ -88,14 +93,14 @@ pub use mmu::{Access, Mmu, Paging, XlateError};
 pub use outcome::{Invalid, RunLimits, RunOutcome, RunStats, StopReason, EXIT_CLASS_SLOTS};
 
 use crate::guest::{CpuCaps, CpuState, Fault, Guest};
-use crate::ir::limits::MAX_CLUSTER_BYTES;
+use crate::ir::limits::{MAX_CLUSTER_BYTES, MAX_CODE_RANGES};
 use crate::ir::*;
 use mmu::*;
 
 pub use crate::ir::limits::MAX_BACK_EDGES;
 /// Code pages a cluster can span (recorded by the code check for the self-write
-/// check).
-const MAX_CODE_PAGES: usize = MAX_CLUSTER_BYTES / 4096 + 1;
+/// check): each range may start mid-page.
+const MAX_CODE_PAGES: usize = MAX_CLUSTER_BYTES / 4096 + MAX_CODE_RANGES;
 
 /// Runs `cluster` from instruction index `start` (see the module documentation).
 pub fn run<G: Guest + ?Sized>(
@@ -116,11 +121,11 @@ pub fn run<G: Guest + ?Sized>(
     if n == 0 {
         return nothing(StopReason::Invalid(Invalid::Empty), 0);
     }
-    if cluster.end <= cluster.start || cluster.end - cluster.start > MAX_CLUSTER_BYTES as u64 {
+    if cluster.code.is_empty()
+        || cluster.code.len() > MAX_CODE_RANGES
+        || cluster.code_bytes() > MAX_CLUSTER_BYTES
+    {
         return nothing(StopReason::Invalid(Invalid::TooLarge), 0);
-    }
-    if cluster.guest_bytes.len() as u64 != cluster.end - cluster.start {
-        return nothing(StopReason::Invalid(Invalid::BytesLength), 0);
     }
     if cluster.back_edges.len() > MAX_BACK_EDGES {
         return nothing(StopReason::Invalid(Invalid::TooManyBackEdges), 0);

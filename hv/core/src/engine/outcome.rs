@@ -39,11 +39,10 @@ impl Default for RunLimits {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Invalid {
     Empty,
-    /// `end <= start`, or more than [`crate::ir::limits::MAX_CLUSTER_BYTES`].
+    /// No code range, more than [`crate::ir::limits::MAX_CODE_RANGES`], or more
+    /// than [`crate::ir::limits::MAX_CLUSTER_BYTES`] bytes.
     TooLarge,
-    /// `guest_bytes` does not cover `start..end`.
-    BytesLength,
-    /// Instruction `n` lies outside `[start, end)` or has length 0.
+    /// Instruction `n` lies outside every code range or has length 0.
     InsnPlacement(u16),
     /// An operand the instruction cannot have (an immediate destination or a
     /// memory bit offset); the instruction's index is not recorded (0).
@@ -63,9 +62,13 @@ pub enum StopReason {
     End,
     /// A branch to `Target::Exit`.
     ExitBranch,
+    /// An indirect CALL/JMP or a RET at `rip` read the destination `to`, which no
+    /// guard of the cluster expects; nothing of it done. A natural end: the guest
+    /// runs the instruction natively.
+    GuardMiss { to: u64 },
     /// Stopped at a HLT: the backend handles it.
     Hlt,
-    /// The guest's code differs from `cluster.guest_bytes` (at the start: nothing
+    /// The guest's code differs from `cluster.code` (at the start: nothing
     /// done; after a MOV to CR3: the code under the new CR3 differs).
     CodeChanged,
     /// The code check could not fetch the code (a fault or not RAM); nothing done.
@@ -152,11 +155,15 @@ pub struct RunOutcome {
 }
 
 impl StopReason {
-    /// False for the natural ends of a cluster (its end, a branch out of it, a HLT).
+    /// False for the natural ends of a cluster (its end, a branch out of it, a
+    /// destination no guard expects, a HLT).
     pub fn is_early(&self) -> bool {
         !matches!(
             self,
-            StopReason::End | StopReason::ExitBranch | StopReason::Hlt
+            StopReason::End
+                | StopReason::ExitBranch
+                | StopReason::GuardMiss { .. }
+                | StopReason::Hlt
         )
     }
 
@@ -165,6 +172,7 @@ impl StopReason {
         match self {
             StopReason::End => "END",
             StopReason::ExitBranch => "EXIT_BRANCH",
+            StopReason::GuardMiss { .. } => "GUARD_MISS",
             StopReason::Hlt => "HLT",
             StopReason::CodeChanged => "CODE_CHANGED",
             StopReason::CodeUnreadable => "CODE_UNREADABLE",

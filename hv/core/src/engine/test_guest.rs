@@ -28,14 +28,7 @@ pub fn fake_cluster(start: u64, bitness: Bitness, ops: &[(Op, Option<ExitClass>)
         })
         .collect();
     let n = insns.len() as u64 * INSN_LEN as u64;
-    Cluster {
-        start,
-        end: start + n,
-        bitness,
-        guest_bytes: vec![0x90; n as usize],
-        insns,
-        back_edges: Vec::new(),
-    }
+    Cluster::contiguous(bitness, start, vec![0x90; n as usize], insns, Vec::new())
 }
 
 /// Length of every instruction of a [`fake_cluster`].
@@ -389,9 +382,13 @@ impl TestGuest {
         }
     }
 
-    /// Writes a cluster's code bytes at guest-physical `gpa`.
+    /// Writes a cluster's code bytes at guest-physical `gpa` (the address of its
+    /// lowest byte; the ranges keep their distances).
     pub fn load_code(&mut self, gpa: u64, c: &Cluster) {
-        self.write_bytes(gpa, &c.guest_bytes);
+        let base = c.lowest();
+        for r in &c.code {
+            self.write_bytes(gpa + (r.start - base), &r.bytes);
+        }
     }
 
     /// Loads the PDPTE registers from memory at CR3, as a MOV to CR3 does in PAE

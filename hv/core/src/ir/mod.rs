@@ -321,6 +321,40 @@ pub enum Op {
         addr_size: Size,
         target: Target,
     },
+    /// CALL rel: pushes `ret` (the address after the CALL) at `size`, the stack
+    /// width of the code (2, 4 or 8), and goes to `target`: the callee in the
+    /// cluster, or `Target::Exit` to leave the cluster at the callee with the return
+    /// address pushed, as the CPU leaves it.
+    Call {
+        size: Size,
+        ret: u64,
+        target: Target,
+    },
+    /// CALL r/m (an indirect call): the destination is read from `src` (at `size`,
+    /// zero-extended). A guard of this instruction ([`Cluster::guards`]) whose
+    /// `expect` equals it says where to go after pushing `ret`; with none the run
+    /// stops *before* the CALL, nothing done ([`crate::engine::StopReason::GuardMiss`]).
+    CallIndirect {
+        size: Size,
+        src: Operand,
+        ret: u64,
+    },
+    /// JMP r/m (an indirect jump, a jump table's dispatch): guarded like
+    /// `CallIndirect`, without the push.
+    JmpIndirect {
+        size: Size,
+        src: Operand,
+    },
+    /// RET and RET imm16: the return address is read from the stack top (at `size`);
+    /// a guard whose `expect` equals it says where to go after popping it and
+    /// `pop` more bytes. With none the run stops before the RET, nothing done. A
+    /// RET of a callee the cluster called carries the guard of its call site (the
+    /// return address pushed there); a RET leaving the function the cluster was
+    /// entered in carries the return addresses seen at run time, if any.
+    Ret {
+        size: Size,
+        pop: u16,
+    },
 
     // --- exiting instructions --------------------------------------------------------
     In {
@@ -375,10 +409,14 @@ pub enum Op {
 }
 
 impl Op {
-    /// Where the op branches to, for the branches (JMP, Jcc, LOOP/JCXZ).
+    /// Where the op branches to, for the direct branches (JMP, Jcc, LOOP/JCXZ, CALL).
+    /// Guarded ops ([`Op::is_guarded`]) have their targets in [`Cluster::guards`].
     pub fn target(&self) -> Option<Target> {
         match self {
-            Op::Jmp { target } | Op::Jcc { target, .. } | Op::Loop { target, .. } => Some(*target),
+            Op::Jmp { target }
+            | Op::Jcc { target, .. }
+            | Op::Loop { target, .. }
+            | Op::Call { target, .. } => Some(*target),
             _ => None,
         }
     }
@@ -386,9 +424,34 @@ impl Op {
     /// The branch target, mutably (the translator resolves targets in place).
     pub fn target_mut(&mut self) -> Option<&mut Target> {
         match self {
-            Op::Jmp { target } | Op::Jcc { target, .. } | Op::Loop { target, .. } => Some(target),
+            Op::Jmp { target }
+            | Op::Jcc { target, .. }
+            | Op::Loop { target, .. }
+            | Op::Call { target, .. } => Some(target),
             _ => None,
         }
+    }
+
+    /// Whether control goes where a run-time value says (indirect CALL and JMP,
+    /// RET): on, only through a [`Guard`] that expects that value.
+    pub fn is_guarded(&self) -> bool {
+        matches!(
+            self,
+            Op::CallIndirect { .. } | Op::JmpIndirect { .. } | Op::Ret { .. }
+        )
+    }
+
+    /// False for ops after which execution never goes on to the next instruction.
+    pub fn falls_through(&self) -> bool {
+        !matches!(
+            self,
+            Op::Jmp { .. }
+                | Op::Hlt
+                | Op::Call { .. }
+                | Op::CallIndirect { .. }
+                | Op::JmpIndirect { .. }
+                | Op::Ret { .. }
+        )
     }
 
     /// The exit class an op has when it exits, or `None` for ops that never exit
@@ -450,6 +513,12 @@ pub mod limits {
     /// The most back-edge records in a cluster (the engine counts each edge's
     /// iterations in a fixed table).
     pub const MAX_BACK_EDGES: usize = 64;
+    /// The most separate runs of guest code one cluster covers (a region over the
+    /// control-flow graph takes in callees and blocks apart from each other).
+    pub const MAX_CODE_RANGES: usize = 32;
+    /// The most guard records in a cluster (known destinations of its indirect
+    /// calls and jumps and of its returns).
+    pub const MAX_GUARDS: usize = 256;
 }
 
 /// One instruction of a cluster.
@@ -476,32 +545,94 @@ pub struct BackEdge {
     pub cap: Option<u16>,
 }
 
-/// A translated cluster: from its first exiting instruction to its last one, plus,
-/// for a loop, a loop head before the first exiting instruction and the back-edge
-/// after the last. It is entered at its first exiting instruction (`entry_index`).
+/// A destination an indirect CALL or JMP, or a RET, may go on to inside the run:
+/// when the value the instruction reads equals `expect`, control goes to `target`.
+/// Several guards of one instruction are tried in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Guard {
+    /// Index of the guarded instruction in `Cluster::insns`.
+    pub insn: u16,
+    /// The destination address the instruction must read.
+    pub expect: u64,
+    /// Where the run goes on: an instruction of the cluster (whose RIP is `expect`),
+    /// or `Target::Exit(expect)` to complete the instruction and leave there.
+    pub target: Target,
+}
+
+/// A run of guest code the cluster's instructions were decoded from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CodeRange {
+    /// Guest virtual address of the first byte.
+    pub start: u64,
+    /// The guest's bytes, checked byte by byte before each run: a mismatch drops
+    /// the translation.
+    pub bytes: Vec<u8>,
+}
+
+impl CodeRange {
+    /// One past the last byte (saturating: the validator refuses ranges that wrap).
+    pub fn end(&self) -> u64 {
+        self.start.saturating_add(self.bytes.len() as u64)
+    }
+
+    /// Whether `[rip, rip + len)` lies inside this range.
+    pub fn holds(&self, rip: u64, len: u64) -> bool {
+        rip >= self.start && rip.checked_add(len).is_some_and(|e| e <= self.end())
+    }
+}
+
+/// A translated cluster: a region of the guest's control-flow graph entered at an
+/// exiting instruction. It holds the code control reaches from there along the
+/// translator's paths (both sides of branches, jumps, callees of direct calls, the
+/// destinations its guards know), plus, for a loop, a loop head before the first
+/// exiting instruction. It is entered at its first exiting instruction
+/// (`entry_index`).
+///
+/// `insns` is in *layout* order: an instruction that falls through continues at
+/// the next index if that instruction is at its own end address, and otherwise the
+/// run ends there (control leaves the region with an exact RIP). A block may appear
+/// more than once (a callee reached from two call sites, each returning to its own
+/// caller), so a RIP may have several indices.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cluster {
-    /// RIP of the first instruction: the entry, or the loop head before it.
-    pub start: u64,
-    /// RIP just after the last instruction in address order.
-    pub end: u64,
     pub bitness: Bitness,
-    /// The guest's code bytes from `start` to `end`, checked byte by byte before
-    /// each run: a mismatch drops the translation.
-    pub guest_bytes: Vec<u8>,
-    /// In address order; `insns[0].rip == start`.
+    /// The guest code the instructions lie in: sorted by address, not overlapping,
+    /// every instruction inside one range.
+    pub code: Vec<CodeRange>,
+    /// In layout order (see above).
     pub insns: Vec<Insn>,
     pub back_edges: Vec<BackEdge>,
+    /// The known destinations of the guarded instructions, sorted by instruction.
+    pub guards: Vec<Guard>,
 }
 
 impl Cluster {
+    /// A cluster over one run of code starting at `start` (every cluster before
+    /// regions over the control-flow graph, and most tests).
+    pub fn contiguous(
+        bitness: Bitness,
+        start: u64,
+        bytes: Vec<u8>,
+        insns: Vec<Insn>,
+        back_edges: Vec<BackEdge>,
+    ) -> Cluster {
+        Cluster {
+            bitness,
+            code: alloc::vec![CodeRange { start, bytes }],
+            insns,
+            back_edges,
+            guards: Vec::new(),
+        }
+    }
+
     /// Index of the instruction the cluster is entered at: its first exiting
     /// instruction. The ones before it form a loop head, reached only by a back-edge.
     pub fn entry_index(&self) -> Option<usize> {
         self.insns.iter().position(|i| i.exit_class.is_some())
     }
 
-    /// RIP the cluster is entered at (the exit that runs it happens here).
+    /// RIP the cluster is entered at (the exit that runs it happens here): the key
+    /// it is cached and shipped under.
     pub fn entry_rip(&self) -> Option<u64> {
         self.entry_index().map(|i| self.insns[i].rip)
     }
@@ -509,5 +640,44 @@ impl Cluster {
     /// Exiting instructions in the cluster.
     pub fn exiting_count(&self) -> usize {
         self.insns.iter().filter(|i| i.exit_class.is_some()).count()
+    }
+
+    /// The lowest address of its code.
+    pub fn lowest(&self) -> u64 {
+        self.code.first().map_or(0, |r| r.start)
+    }
+
+    /// One past the highest address of its code.
+    pub fn highest_end(&self) -> u64 {
+        self.code.last().map_or(0, |r| r.end())
+    }
+
+    /// Guest code bytes the cluster covers, over all its ranges.
+    pub fn code_bytes(&self) -> usize {
+        self.code.iter().map(|r| r.bytes.len()).sum()
+    }
+
+    /// Whether any of its code overlaps `[lo, hi)`.
+    pub fn overlaps(&self, lo: u64, hi: u64) -> bool {
+        self.code.iter().any(|r| r.start < hi && r.end() > lo)
+    }
+
+    /// The guards of instruction `insn`, in order.
+    pub fn guards_of(&self, insn: usize) -> impl Iterator<Item = &Guard> {
+        let from = self.guards.partition_point(|g| usize::from(g.insn) < insn);
+        self.guards[from..]
+            .iter()
+            .take_while(move |g| usize::from(g.insn) == insn)
+    }
+
+    /// The guest bytes of the instruction at `index`, if its range holds them.
+    pub fn insn_bytes(&self, index: usize) -> Option<&[u8]> {
+        let insn = self.insns.get(index)?;
+        let r = self
+            .code
+            .iter()
+            .find(|r| r.holds(insn.rip, insn.len.into()))?;
+        let at = usize::try_from(insn.rip - r.start).ok()?;
+        r.bytes.get(at..at + usize::from(insn.len))
     }
 }

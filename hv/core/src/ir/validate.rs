@@ -4,7 +4,10 @@
 
 use core::fmt;
 
-use super::limits::{MAX_BACK_EDGES, MAX_CLUSTER_BYTES, MAX_INSN_LEN, MAX_LOOP_HEAD_INSNS};
+use super::limits::{
+    MAX_BACK_EDGES, MAX_CLUSTER_BYTES, MAX_CLUSTER_INSNS, MAX_CODE_RANGES, MAX_GUARDS,
+    MAX_INSN_LEN, MAX_LOOP_HEAD_INSNS,
+};
 use super::*;
 
 /// Why a cluster is not acceptable to the engine.
@@ -12,28 +15,24 @@ use super::*;
 pub enum ClusterError {
     /// No instructions.
     Empty,
-    /// `insns[0].rip` is not `start`.
-    FirstRipNotStart { rip: u64, start: u64 },
     /// The cluster does not start at an exiting instruction of its class, nor at a
     /// loop head of at most [`MAX_LOOP_HEAD_INSNS`] gap fillers (conditional branches
     /// allowed, no exiting instruction) that one of its back-edges reaches.
     FirstNotExiting,
     /// An instruction length outside 1..=15.
     BadLength { insn: usize, len: u8 },
-    /// An instruction does not start where the previous one ended.
-    NotContiguous {
-        insn: usize,
-        rip: u64,
-        expected: u64,
-    },
-    /// Addresses wrap around (or leave the 4 GiB space of 16/32-bit code).
-    AddressOverflow { insn: usize },
-    /// `end` is not the RIP after the last instruction.
-    EndMismatch { end: u64, expected: u64 },
-    /// `guest_bytes` does not cover exactly `start..end`.
-    GuestBytesLength { len: usize, expected: u64 },
-    /// The cluster covers more than [`MAX_CLUSTER_BYTES`].
+    /// An instruction does not lie inside one of the cluster's code ranges.
+    OutsideCode { insn: usize, rip: u64 },
+    /// Two instructions at one RIP with different lengths.
+    LengthDiffers { insn: usize, rip: u64 },
+    /// A code range is empty, wraps around (or leaves the 4 GiB space of 16/32-bit
+    /// code), overlaps or touches the previous one, or is out of order.
+    BadCodeRange { range: usize, reason: &'static str },
+    /// The cluster covers more than [`MAX_CLUSTER_BYTES`] bytes or
+    /// [`MAX_CODE_RANGES`] ranges.
     TooLarge { bytes: u64 },
+    /// More than [`MAX_CLUSTER_INSNS`] instructions.
+    TooManyInsns { count: usize },
     /// An operand, size or index that the op does not allow.
     Operand { insn: usize, reason: &'static str },
     /// A branch target `Target::Insn(i)` with `i` outside the cluster.
@@ -47,6 +46,9 @@ pub enum ClusterError {
     /// A `BackEdge` record that is out of range, duplicated, out of order, or not on
     /// a backward branch.
     BadBackEdge { index: usize, reason: &'static str },
+    /// A `Guard` record that is out of range, out of order, not on a guarded
+    /// instruction, or whose target is not at its expected address.
+    BadGuard { index: usize, reason: &'static str },
     /// `exit_class` does not match the op.
     ExitClassMismatch { insn: usize },
 }
@@ -56,9 +58,6 @@ impl fmt::Display for ClusterError {
         use ClusterError::*;
         match self {
             Empty => write!(f, "no instructions"),
-            FirstRipNotStart { rip, start } => {
-                write!(f, "first instruction at {rip:#x} is not the cluster start {start:#x}")
-            }
             FirstNotExiting => write!(
                 f,
                 "does not start at an exiting instruction (or at a loop head of at most {MAX_LOOP_HEAD_INSNS} gap fillers, no exiting instruction, that a back-edge reaches)"
@@ -66,22 +65,23 @@ impl fmt::Display for ClusterError {
             BadLength { insn, len } => {
                 write!(f, "instruction {insn}: length {len} is outside 1..=15")
             }
-            NotContiguous { insn, rip, expected } => write!(
+            OutsideCode { insn, rip } => write!(
                 f,
-                "instruction {insn}: at {rip:#x}, expected {expected:#x} (instructions must be contiguous and in order)"
+                "instruction {insn}: at {rip:#x}, not inside one of the cluster's code ranges"
             ),
-            AddressOverflow { insn } => {
-                write!(f, "instruction {insn}: address wraps around the address space")
-            }
-            EndMismatch { end, expected } => {
-                write!(f, "end {end:#x} is not the end of the last instruction {expected:#x}")
-            }
-            GuestBytesLength { len, expected } => {
-                write!(f, "guest_bytes has {len} bytes, the instructions cover {expected}")
-            }
-            TooLarge { bytes } => {
-                write!(f, "covers {bytes} bytes, more than the limit {MAX_CLUSTER_BYTES}")
-            }
+            LengthDiffers { insn, rip } => write!(
+                f,
+                "instruction {insn}: at {rip:#x} with a length another instruction there does not have"
+            ),
+            BadCodeRange { range, reason } => write!(f, "code range {range}: {reason}"),
+            TooLarge { bytes } => write!(
+                f,
+                "covers {bytes} bytes, more than the limit {MAX_CLUSTER_BYTES} (or more than {MAX_CODE_RANGES} code ranges)"
+            ),
+            TooManyInsns { count } => write!(
+                f,
+                "{count} instructions, more than the limit {MAX_CLUSTER_INSNS}"
+            ),
             Operand { insn, reason } => write!(f, "instruction {insn}: {reason}"),
             TargetOutOfRange { insn, target, count } => write!(
                 f,
@@ -91,6 +91,7 @@ impl fmt::Display for ClusterError {
                 write!(f, "instruction {insn}: backward branch without a back-edge record")
             }
             BadBackEdge { index, reason } => write!(f, "back-edge record {index}: {reason}"),
+            BadGuard { index, reason } => write!(f, "guard record {index}: {reason}"),
             ExitClassMismatch { insn } => {
                 write!(f, "instruction {insn}: exit class does not match the instruction")
             }
@@ -108,17 +109,10 @@ pub fn validate(c: &Cluster) -> Result<(), ClusterError> {
     if n == 0 {
         return Err(CE::Empty);
     }
-    if c.insns[0].rip != c.start {
-        return Err(CE::FirstRipNotStart {
-            rip: c.insns[0].rip,
-            start: c.start,
-        });
+    check_code_ranges(c)?;
+    if n > MAX_CLUSTER_INSNS {
+        return Err(CE::TooManyInsns { count: n });
     }
-    let limit: u64 = match c.bitness {
-        Bitness::B64 => u64::MAX,
-        _ => 1 << 32,
-    };
-    let mut next = c.start;
     for (i, insn) in c.insns.iter().enumerate() {
         if insn.len == 0 || insn.len > MAX_INSN_LEN {
             return Err(CE::BadLength {
@@ -126,63 +120,27 @@ pub fn validate(c: &Cluster) -> Result<(), ClusterError> {
                 len: insn.len,
             });
         }
-        if insn.rip != next {
-            return Err(CE::NotContiguous {
+        if !c.code.iter().any(|r| r.holds(insn.rip, insn.len.into())) {
+            return Err(CE::OutsideCode {
                 insn: i,
                 rip: insn.rip,
-                expected: next,
-            });
-        }
-        next = match insn.rip.checked_add(insn.len as u64) {
-            Some(e) if e <= limit => e,
-            _ => return Err(CE::AddressOverflow { insn: i }),
-        };
-        if next - c.start > MAX_CLUSTER_BYTES as u64 {
-            return Err(CE::TooLarge {
-                bytes: next - c.start,
             });
         }
     }
-    if c.end != next {
-        return Err(CE::EndMismatch {
-            end: c.end,
-            expected: next,
-        });
-    }
-    let covered = next - c.start;
-    if c.guest_bytes.len() as u64 != covered {
-        return Err(CE::GuestBytesLength {
-            len: c.guest_bytes.len(),
-            expected: covered,
-        });
+    // One RIP, one instruction: a block laid out twice decodes the same.
+    let mut by_rip: Vec<(u64, u8)> = c.insns.iter().map(|i| (i.rip, i.len)).collect();
+    by_rip.sort_unstable();
+    if let Some(w) = by_rip
+        .windows(2)
+        .find(|w| w[0].0 == w[1].0 && w[0].1 != w[1].1)
+    {
+        let rip = w[0].0;
+        let insn = c.insns.iter().position(|i| i.rip == rip).unwrap_or(0);
+        return Err(CE::LengthDiffers { insn, rip });
     }
 
-    if c.back_edges.len() > MAX_BACK_EDGES {
-        return Err(CE::BadBackEdge {
-            index: MAX_BACK_EDGES,
-            reason: "more back-edge records than the limit (64)",
-        });
-    }
-    let mut prev: Option<u16> = None;
-    for (k, b) in c.back_edges.iter().enumerate() {
-        let bad = |reason| CE::BadBackEdge { index: k, reason };
-        if b.insn as usize >= n {
-            return Err(bad("instruction index outside the cluster"));
-        }
-        if let Some(p) = prev {
-            if b.insn <= p {
-                return Err(bad(
-                    "records must be sorted by instruction index and unique",
-                ));
-            }
-        }
-        prev = Some(b.insn);
-        match c.insns[b.insn as usize].op.target() {
-            Some(Target::Insn(t)) if t <= b.insn => {}
-            Some(_) => return Err(bad("the instruction is not a backward branch")),
-            None => return Err(bad("the instruction is not a branch")),
-        }
-    }
+    check_back_edges(c)?;
+    check_guards(c)?;
     for (i, insn) in c.insns.iter().enumerate() {
         check_op(&insn.op, c.bitness).map_err(|reason| CE::Operand { insn: i, reason })?;
         if let Some(class) = insn.exit_class {
@@ -217,18 +175,142 @@ pub fn validate(c: &Cluster) -> Result<(), ClusterError> {
     if entry > 0 {
         // `exit_class` is what the cluster's policy makes exit (checked against the
         // op above): PAUSE, say, is a plain gap filler when PAUSE exiting is off.
-        let plain = c.insns[..entry]
-            .iter()
-            .all(|i| i.exit_class.is_none() && !matches!(i.op, Op::Jmp { .. } | Op::Loop { .. }));
+        let plain = c.insns[..entry].iter().all(|i| {
+            i.exit_class.is_none() && i.op.falls_through() && !matches!(i.op, Op::Loop { .. })
+        });
         let reached = c.back_edges.iter().any(|b| {
-            matches!(c.insns[b.insn as usize].op.target(),
-                Some(Target::Insn(t)) if (t as usize) < entry)
+            let at = usize::from(b.insn);
+            let direct = matches!(c.insns[at].op.target(),
+                Some(Target::Insn(t)) if (t as usize) < entry);
+            direct
+                || c.guards_of(at)
+                    .any(|g| matches!(g.target, Target::Insn(t) if (t as usize) < entry))
         });
         if !plain || !reached {
             return Err(CE::FirstNotExiting);
         }
     }
 
+    Ok(())
+}
+
+/// Code ranges: in order, apart, within the address space, within the limits.
+fn check_code_ranges(c: &Cluster) -> Result<(), ClusterError> {
+    use ClusterError as CE;
+    let limit: u64 = match c.bitness {
+        Bitness::B64 => u64::MAX,
+        _ => 1 << 32,
+    };
+    if c.code.is_empty() || c.code.len() > MAX_CODE_RANGES {
+        return Err(CE::BadCodeRange {
+            range: c.code.len(),
+            reason: "a cluster has 1 to 32 code ranges",
+        });
+    }
+    let mut total = 0u64;
+    let mut prev_end: Option<u64> = None;
+    for (k, r) in c.code.iter().enumerate() {
+        let bad = |reason| CE::BadCodeRange { range: k, reason };
+        if r.bytes.is_empty() {
+            return Err(bad("empty"));
+        }
+        match r.start.checked_add(r.bytes.len() as u64) {
+            Some(e) if e <= limit => {}
+            _ => return Err(bad("wraps around the address space")),
+        }
+        if prev_end.is_some_and(|p| r.start <= p) {
+            return Err(bad(
+                "does not start after the previous range ends (ranges are sorted, apart and not touching)",
+            ));
+        }
+        prev_end = Some(r.end());
+        total = total.saturating_add(r.bytes.len() as u64);
+        if total > MAX_CLUSTER_BYTES as u64 {
+            return Err(CE::TooLarge { bytes: total });
+        }
+    }
+    Ok(())
+}
+
+fn check_back_edges(c: &Cluster) -> Result<(), ClusterError> {
+    use ClusterError as CE;
+    let n = c.insns.len();
+    if c.back_edges.len() > MAX_BACK_EDGES {
+        return Err(CE::BadBackEdge {
+            index: MAX_BACK_EDGES,
+            reason: "more back-edge records than the limit (64)",
+        });
+    }
+    let mut prev: Option<u16> = None;
+    for (k, b) in c.back_edges.iter().enumerate() {
+        let bad = |reason| CE::BadBackEdge { index: k, reason };
+        if b.insn as usize >= n {
+            return Err(bad("instruction index outside the cluster"));
+        }
+        if let Some(p) = prev {
+            if b.insn <= p {
+                return Err(bad(
+                    "records must be sorted by instruction index and unique",
+                ));
+            }
+        }
+        prev = Some(b.insn);
+        let at = usize::from(b.insn);
+        let backward = |t: Target| matches!(t, Target::Insn(t) if t <= b.insn);
+        let op = &c.insns[at].op;
+        let ok = match op.target() {
+            Some(t) => backward(t),
+            None if op.is_guarded() => c.guards_of(at).any(|g| backward(g.target)),
+            None => return Err(bad("the instruction is not a branch")),
+        };
+        if !ok {
+            return Err(bad("the instruction is not a backward branch"));
+        }
+    }
+    Ok(())
+}
+
+fn check_guards(c: &Cluster) -> Result<(), ClusterError> {
+    use ClusterError as CE;
+    let n = c.insns.len();
+    if c.guards.len() > MAX_GUARDS {
+        return Err(CE::BadGuard {
+            index: MAX_GUARDS,
+            reason: "more guard records than the limit (256)",
+        });
+    }
+    let mut prev: Option<u16> = None;
+    for (k, g) in c.guards.iter().enumerate() {
+        let bad = |reason| CE::BadGuard { index: k, reason };
+        let at = usize::from(g.insn);
+        if at >= n {
+            return Err(bad("instruction index outside the cluster"));
+        }
+        if prev.is_some_and(|p| g.insn < p) {
+            return Err(bad("records must be sorted by instruction index"));
+        }
+        prev = Some(g.insn);
+        if !c.insns[at].op.is_guarded() {
+            return Err(bad("the instruction is not an indirect CALL/JMP or a RET"));
+        }
+        match g.target {
+            Target::Insn(t) => {
+                let Some(target) = c.insns.get(usize::from(t)) else {
+                    return Err(bad("target index outside the cluster"));
+                };
+                if target.rip != g.expect {
+                    return Err(bad("target instruction is not at the expected address"));
+                }
+                if t <= g.insn && !c.back_edges.iter().any(|b| b.insn == g.insn) {
+                    return Err(bad("backward target without a back-edge record"));
+                }
+            }
+            Target::Exit(rip) if rip != g.expect => {
+                return Err(bad("exit address is not the expected address"));
+            }
+            Target::Exit(_) => {}
+        }
+    }
     Ok(())
 }
 
@@ -418,6 +500,11 @@ fn check_op(op: &Op, bitness: Bitness) -> Check {
         Op::Clc | Op::Stc | Op::Cmc | Op::Cld | Op::Std | Op::Nop => Ok(()),
         Op::Jmp { .. } | Op::Jcc { .. } => Ok(()),
         Op::Loop { addr_size: a, .. } => addr_size(*a, b),
+        Op::Call { size, .. } | Op::Ret { size, .. } => push_size(*size, b),
+        Op::CallIndirect { size, src, .. } | Op::JmpIndirect { size, src } => {
+            push_size(*size, b)?;
+            operand(src, *size, b, false)
+        }
         Op::In { size, port: _ } | Op::Out { size, port: _ } => io_size(*size),
         Op::Ins {
             size, addr_size: a, ..

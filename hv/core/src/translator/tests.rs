@@ -64,8 +64,8 @@ fn check_cluster_in(
 ) {
     let first = cluster.insns.first().expect("a cluster has instructions");
     let last = cluster.insns.last().unwrap();
-    assert_eq!(first.rip, cluster.start);
-    assert!(code_rip <= cluster.start && cluster.start <= rip);
+    assert_eq!(first.rip, cluster.lowest());
+    assert!(code_rip <= cluster.lowest() && cluster.lowest() <= rip);
     assert_eq!(
         cluster.entry_rip(),
         Some(rip),
@@ -84,10 +84,10 @@ fn check_cluster_in(
             "contiguous"
         );
     }
-    assert_eq!(cluster.end, last.rip + u64::from(last.len));
-    let from = (cluster.start - code_rip) as usize;
-    let to = (cluster.end - code_rip) as usize;
-    assert_eq!(cluster.guest_bytes, code[from..to]);
+    assert_eq!(cluster.highest_end(), last.rip + u64::from(last.len));
+    let from = (cluster.lowest() - code_rip) as usize;
+    let to = (cluster.highest_end() - code_rip) as usize;
+    assert_eq!(cluster.code[0].bytes, code[from..to]);
     let last_is_back_edge = cluster
         .back_edges
         .iter()
@@ -209,7 +209,7 @@ fn two_exits_make_a_cluster_one_does_not() {
     let c = translate64(&code, 0x1000).unwrap();
     check_cluster(&c, &code, 0x1000, &TranslatorConfig::default());
     assert_eq!(c.insns.len(), 3, "ends at the last exiting instruction");
-    assert_eq!(c.end, 0x1005);
+    assert_eq!(c.highest_end(), 0x1005);
     assert_eq!(exit_classes(&c), vec![ExitClass::Cpuid, ExitClass::Rdtsc]);
     assert_eq!(c.insns[1].exit_class, None);
     assert_eq!(shape(&c), Shape::StraightLine);
@@ -282,8 +282,8 @@ fn a_back_edge_to_a_loop_head_before_the_entry_takes_the_head_in() {
     .unwrap();
     let c = &t.cluster;
     check_cluster_in(c, UART_TX_LOOP, 0x100170, 0x100176, &config);
-    assert_eq!(c.start, 0x100170);
-    assert_eq!(c.end, 0x100183);
+    assert_eq!(c.lowest(), 0x100170);
+    assert_eq!(c.highest_end(), 0x100183);
     assert_eq!(c.entry_index(), Some(2));
     assert_eq!(c.insns.len(), 8);
     assert_eq!(
@@ -299,7 +299,7 @@ fn a_back_edge_to_a_loop_head_before_the_entry_takes_the_head_in() {
     // Without the bytes before the entry there is no head, and the loop's branch
     // leaves the cluster, so the cluster ends at its last exit.
     let c = translate64(&UART_TX_LOOP[6..], 0x100176).unwrap();
-    assert_eq!((c.start, c.end), (0x100176, 0x10017f));
+    assert_eq!((c.lowest(), c.highest_end()), (0x100176, 0x10017f));
     assert!(c.back_edges.is_empty());
 }
 
@@ -316,7 +316,7 @@ fn a_loop_head_must_be_plain_gap_fillers_ending_at_the_entry() {
         0x75, 0xf9, // 0x2005 jnz 0x2000
     ];
     let t = translate_in(exiting_head, 0x2000, 0x2003, Bitness::B64, &policy, &config).unwrap();
-    assert_eq!(t.cluster.start, 0x2003);
+    assert_eq!(t.cluster.lowest(), 0x2003);
     check_cluster_in(&t.cluster, exiting_head, 0x2000, 0x2003, &config);
 
     // The back-edge lands inside an instruction of the head: it does not decode to
@@ -328,7 +328,7 @@ fn a_loop_head_must_be_plain_gap_fillers_ending_at_the_entry() {
         0x75, 0xf9, //             0x3006 jnz 0x3001
     ];
     let t = translate_in(misaligned, 0x3000, 0x3004, Bitness::B64, &policy, &config).unwrap();
-    assert_eq!(t.cluster.start, 0x3004);
+    assert_eq!(t.cluster.lowest(), 0x3004);
 
     // A head longer than allowed is refused.
     let tight = TranslatorConfig {
@@ -344,7 +344,7 @@ fn a_loop_head_must_be_plain_gap_fillers_ending_at_the_entry() {
         &tight,
     )
     .unwrap();
-    assert_eq!(t.cluster.start, 0x100176);
+    assert_eq!(t.cluster.lowest(), 0x100176);
 }
 
 #[test]
@@ -361,7 +361,7 @@ fn a_loop_head_setting_past_the_ir_limit_builds_only_valid_clusters() {
     if let Err(e) = crate::ir::validate(&t.cluster) {
         panic!("built a cluster the validator refuses: {e}");
     }
-    assert_eq!(t.cluster.start, 0x7014, "no head beyond the IR's limit");
+    assert_eq!(t.cluster.lowest(), 0x7014, "no head beyond the IR's limit");
     assert_eq!(wide.loop_head_context_bytes(), 8 * 15);
 }
 
@@ -703,8 +703,8 @@ fn the_cluster_ends_before_what_the_engine_cannot_run() {
     let code = asm(&[CPUID, RDTSC, STI, CPUID]);
     let c = translate64(&code, 0x1000).unwrap();
     assert_eq!(c.insns.len(), 2);
-    assert_eq!(c.end, 0x1004);
-    assert_eq!(c.guest_bytes, code[..4].to_vec());
+    assert_eq!(c.highest_end(), 0x1004);
+    assert_eq!(c.code[0].bytes, code[..4].to_vec());
 
     assert_eq!(
         translate64(&asm(&[CPUID, STI, CPUID]), 0x1000),
@@ -898,7 +898,7 @@ fn serial_line_status_polling_16550() {
             src: Operand::Imm(0x3f8),
         }
     );
-    assert_eq!(c.end, 0x7c0c);
+    assert_eq!(c.highest_end(), 0x7c0c);
 }
 
 #[test]
@@ -1029,7 +1029,7 @@ fn instruction_pointers_do_not_wrap() {
         &TranslatorConfig::default(),
     )
     .unwrap();
-    assert_eq!(c.end, 0x10000);
+    assert_eq!(c.highest_end(), 0x10000);
     assert_eq!(
         translate(
             &code,

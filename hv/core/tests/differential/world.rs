@@ -243,18 +243,17 @@ impl World {
                 cap,
             })
             .collect();
-        let cluster = Cluster {
-            start: ip,
-            end,
-            bitness: match bits {
+        let cluster = Cluster::contiguous(
+            match bits {
                 64 => Bitness::B64,
                 32 => Bitness::B32,
                 _ => Bitness::B16,
             },
-            guest_bytes: bytes.clone(),
+            ip,
+            bytes.clone(),
             insns,
             back_edges,
-        };
+        );
         // Native run.
         let nat = self.native.run(&bytes, gpr0, fl0);
         // Engine run: resumed after every capped back-edge, as a backend would.
