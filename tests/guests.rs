@@ -158,6 +158,9 @@ fn the_c_guests_are_built_where_gcc_is() {
         let g = guests::find(name).unwrap_or_else(|| panic!("{name} not bundled"));
         assert!(!g.elf.is_empty(), "{name}: empty ELF");
     }
+    // -Os made different code from the same source.
+    let (o2, os) = (guests::find("c8250"), guests::find("c8250-os"));
+    assert_ne!(o2.map(|g| g.elf), os.map(|g| g.elf), "c8250-os is c8250");
 }
 
 #[test]
