@@ -12,31 +12,41 @@ use crate::guest::{CpuState, Guest};
 use crate::ir::Bitness;
 use crate::translator::CodeSource;
 
-/// Most destinations remembered per indirect branch or RET: past this the site is
-/// treated as megamorphic and no more are learned (each adds a guard and code).
+/// Most destinations kept per indirect branch or RET (each adds a guard and code).
+/// A new one replaces the oldest: the destinations of a driver's start-up probes
+/// give way to those of its steady state.
 pub const MAX_TARGETS_PER_SITE: usize = 4;
+
+/// Most destinations learned per site over a run: past this the site is treated as
+/// megamorphic and learns no more, so alternating destinations cannot make the
+/// hypervisor translate the same region again and again.
+pub const MAX_LEARNED_PER_SITE: u32 = 16;
 
 /// Destinations seen at run time, by the RIP of the branch or RET.
 #[derive(Clone, Debug, Default)]
 pub struct LearnedTargets {
-    map: BTreeMap<u64, Vec<u64>>,
+    map: BTreeMap<u64, (Vec<u64>, u32)>,
 }
 
 impl LearnedTargets {
     /// Records that the instruction at `at` went to `to`. True if that is new and
-    /// was kept (the site holds fewer than [`MAX_TARGETS_PER_SITE`]).
+    /// kept (the site has learned fewer than [`MAX_LEARNED_PER_SITE`]).
     pub fn learn(&mut self, at: u64, to: u64) -> bool {
-        let list = self.map.entry(at).or_default();
-        if list.contains(&to) || list.len() >= MAX_TARGETS_PER_SITE {
+        let (list, learned) = self.map.entry(at).or_default();
+        if list.contains(&to) || *learned >= MAX_LEARNED_PER_SITE {
             return false;
         }
+        if list.len() >= MAX_TARGETS_PER_SITE {
+            list.remove(0);
+        }
         list.push(to);
+        *learned += 1;
         true
     }
 
-    /// What is known for the instruction at `at`.
+    /// What is known for the instruction at `at`, oldest first.
     pub fn of(&self, at: u64) -> &[u64] {
-        self.map.get(&at).map_or(&[], |v| v.as_slice())
+        self.map.get(&at).map_or(&[], |(v, _)| v.as_slice())
     }
 
     /// Sites with at least one destination.

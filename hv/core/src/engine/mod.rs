@@ -155,6 +155,7 @@ pub fn run<G: Guest + ?Sized>(
         units: limits.max_insns,
         be_counts: [0; MAX_BACK_EDGES],
         caps: None,
+        tlb: Tlb::EMPTY,
     };
     if let Err(r) = e.check_code() {
         let stats = e.stats;
@@ -219,6 +220,50 @@ struct Engine<'a, G: Guest + ?Sized> {
     be_counts: [u32; MAX_BACK_EDGES],
     /// The vCPU's features, once a write that is checked against them ran.
     caps: Option<CpuCaps>,
+    /// Translations done in this run (operand.rs `xlate`): a page touched again
+    /// costs no second walk, as in the CPU's TLB.
+    tlb: Tlb,
+}
+
+/// A small direct-mapped cache of the run's translations, by linear page and
+/// access kind (a write entry comes from a walk that set the dirty bit). Emptied
+/// whenever the paging state changes (`refresh_mmu`: CR writes, INVLPG).
+#[derive(Clone, Copy)]
+struct Tlb {
+    /// (linear page << 2 | access kind, guest-physical page); `u64::MAX` = empty.
+    slots: [(u64, u64); TLB_SLOTS],
+}
+
+const TLB_SLOTS: usize = 16;
+
+impl Tlb {
+    const EMPTY: Tlb = Tlb {
+        slots: [(u64::MAX, 0); TLB_SLOTS],
+    };
+
+    fn key(la: u64, access: Access) -> (u64, usize) {
+        let kind = match access {
+            Access::Read => 0,
+            Access::Write => 1,
+            Access::Fetch => 2,
+        };
+        let page = la >> 12;
+        (
+            (page << 2) | kind,
+            (page as usize ^ kind as usize) % TLB_SLOTS,
+        )
+    }
+
+    fn get(&self, la: u64, access: Access) -> Option<u64> {
+        let (key, slot) = Self::key(la, access);
+        let (k, gpa_page) = self.slots[slot];
+        (k == key).then_some(gpa_page | (la & 0xfff))
+    }
+
+    fn put(&mut self, la: u64, access: Access, gpa: u64) {
+        let (key, slot) = Self::key(la, access);
+        self.slots[slot] = (key, gpa & !0xfff);
+    }
 }
 
 const GP: StopReason = StopReason::Fault(Fault::GeneralProtection);
@@ -227,6 +272,20 @@ const UD: StopReason = StopReason::Fault(Fault::InvalidOpcode);
 impl<G: Guest + ?Sized> Engine<'_, G> {
     fn refresh_mmu(&mut self) {
         self.mmu = Mmu::new(&self.st, self.limits.maxphyaddr);
+        self.tlb = Tlb::EMPTY;
+    }
+
+    /// The guest-physical address of linear `la` for `access`: from the run's TLB,
+    /// or by a page walk whose result it keeps.
+    fn translate_cached(&mut self, la: u64, access: Access) -> Result<u64, XlateError> {
+        if let Some(gpa) = self.tlb.get(la, access) {
+            return Ok(gpa);
+        }
+        let gpa = self
+            .mmu
+            .translate(self.g, la, access, &mut self.stats.page_walks)?;
+        self.tlb.put(la, access, gpa);
+        Ok(gpa)
     }
 }
 
