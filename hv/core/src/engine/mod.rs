@@ -99,8 +99,10 @@ use mmu::*;
 
 pub use crate::ir::limits::MAX_BACK_EDGES;
 /// Code pages a cluster can span (recorded by the code check for the self-write
-/// check): each range may start mid-page.
-const MAX_CODE_PAGES: usize = MAX_CLUSTER_BYTES / 4096 + MAX_CODE_RANGES;
+/// check): a range of at most [`MAX_CLUSTER_BYTES`] (one page) spans at most two
+/// pages, so `MAX_CODE_RANGES` ranges at most twice as many.
+const MAX_CODE_PAGES: usize = 2 * MAX_CODE_RANGES;
+const _: () = assert!(MAX_CLUSTER_BYTES <= 4096, "a range spans at most two pages");
 
 /// Runs `cluster` from instruction index `start` (see the module documentation).
 pub fn run<G: Guest + ?Sized>(
