@@ -10,111 +10,12 @@ use avex_core::engine::test_guest::{PageSize, TestGuest};
 use avex_core::engine::{self, Paging, RunLimits, RunOutcome, StopReason};
 use avex_core::guest::Fault;
 use avex_core::ir::*;
-use avex_core::policy::ExitClass;
 use engine_support::*;
 
-/// Every instruction of a hand-built region is 4 bytes of filler (the engine
-/// never decodes; the code check compares the bytes).
-const LEN: u8 = 4;
 /// Where a callee lies, a page above the caller (another code range, another page).
 const CALLEE: u64 = CODE_VA + 0x1010;
 /// The stack: the middle of the data page.
 const STACK_TOP: u64 = DATA_VA + 0x800;
-
-/// A region built by hand: instructions at given addresses, in layout order.
-struct Region {
-    bitness: Bitness,
-    insns: Vec<Insn>,
-    guards: Vec<Guard>,
-    back_edges: Vec<BackEdge>,
-}
-
-impl Region {
-    fn new(bitness: Bitness) -> Region {
-        Region {
-            bitness,
-            insns: vec![],
-            guards: vec![],
-            back_edges: vec![],
-        }
-    }
-    /// Appends the instruction at `rip`; returns its index.
-    fn at(&mut self, rip: u64, (op, exit_class): (Op, Option<ExitClass>)) -> u16 {
-        self.insns.push(Insn {
-            rip,
-            len: LEN,
-            op,
-            exit_class,
-        });
-        (self.insns.len() - 1) as u16
-    }
-    fn guard(&mut self, insn: u16, expect: u64, target: Target) {
-        self.guards.push(Guard {
-            insn,
-            expect,
-            target,
-        });
-    }
-    fn back_edge(&mut self, insn: u16, cap: Option<u16>) {
-        self.back_edges.push(BackEdge { insn, cap });
-    }
-    /// The cluster: code ranges are the maximal runs of adjacent instructions.
-    fn build(mut self) -> Cluster {
-        let mut spans: Vec<(u64, u64)> = self
-            .insns
-            .iter()
-            .map(|i| (i.rip, i.rip + u64::from(i.len)))
-            .collect();
-        spans.sort_unstable();
-        spans.dedup();
-        let mut code: Vec<CodeRange> = vec![];
-        for (s, e) in spans {
-            match code.last_mut() {
-                Some(r) if r.end() == s => r.bytes.resize((e - r.start) as usize, 0x90),
-                _ => code.push(CodeRange {
-                    start: s,
-                    bytes: vec![0x90; (e - s) as usize],
-                }),
-            }
-        }
-        self.guards.sort_by_key(|g| g.insn);
-        self.back_edges.sort_by_key(|b| b.insn);
-        Cluster {
-            bitness: self.bitness,
-            code,
-            insns: self.insns,
-            back_edges: self.back_edges,
-            guards: self.guards,
-        }
-    }
-}
-
-fn call(ret: u64, target: Target) -> (Op, Option<ExitClass>) {
-    gap(Op::Call {
-        size: Size::S8,
-        ret,
-        target,
-    })
-}
-fn call_ind(src: Operand, ret: u64) -> (Op, Option<ExitClass>) {
-    gap(Op::CallIndirect {
-        size: Size::S8,
-        src,
-        ret,
-    })
-}
-fn jmp_ind(src: Operand) -> (Op, Option<ExitClass>) {
-    gap(Op::JmpIndirect {
-        size: Size::S8,
-        src,
-    })
-}
-fn ret(pop: u16) -> (Op, Option<ExitClass>) {
-    gap(Op::Ret {
-        size: Size::S8,
-        pop,
-    })
-}
 
 /// The long-mode guest of the engine tests with a second code page mapped (the
 /// callee's), the stack in the data page, and the cluster's code loaded.
