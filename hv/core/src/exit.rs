@@ -250,6 +250,11 @@ impl ExitHandler {
     pub fn cache(&self) -> &TranslationCache {
         &self.cache
     }
+    /// The translation cache, to insert hand-made translations (tests, tools).
+    /// What goes in is validated as always; the statistics do not count it.
+    pub fn cache_mut(&mut self) -> &mut TranslationCache {
+        &mut self.cache
+    }
 
     /// Load a decoded translation set made ahead of time. It is checked against the
     /// running guest's identity ([`crate::identity::of_segments`]) and the policy;
