@@ -186,3 +186,25 @@ pub fn ret(pop: u16) -> (Op, Option<ExitClass>) {
         pop,
     })
 }
+
+/// The guest after the run equals `want` (built from the guest before the run by
+/// applying what the CPU does): registers, RIP, flags, segments, control
+/// registers, RAM below the page tables (whose accessed/dirty bits the walks set),
+/// and the port I/O.
+pub fn assert_same(g: &TestGuest, want: &TestGuest) {
+    assert_eq!(g.state, want.state, "CPU state");
+    let top = want.next_table.min(g.next_table) as usize;
+    let differs = (0..top).find(|&a| g.ram[a] != want.ram[a]);
+    assert_eq!(differs, None, "first RAM byte that differs");
+    assert_eq!(g.io_log, want.io_log, "port I/O");
+}
+
+/// Records the OUT of one byte the CPU would do.
+pub fn out_log(want: &mut TestGuest, port: u16, value: u32) {
+    want.io_log.push(avex_core::engine::test_guest::PortIo {
+        out: true,
+        port,
+        size: 1,
+        value,
+    });
+}
