@@ -237,3 +237,40 @@ fn real_mode_call_and_ret_use_sp_at_ss_base() {
         assert_same(&g, &want);
     }
 }
+
+#[test]
+fn a_loop_to_a_destination_beyond_the_cs_limit_leaves_ecx_alone() {
+    // LOOP decrements ECX and branches; a destination beyond CS.limit faults
+    // (#GP) and a fault undoes the whole instruction, the decrement included.
+    let mut r = Region::new(Bitness::B32);
+    r.at(CODE32, out_al(0x80));
+    r.at(
+        CODE32 + 4,
+        gap(Op::Loop {
+            kind: LoopKind::Loop,
+            addr_size: Size::S4,
+            target: Target::Exit(0x2_0000),
+        }),
+    );
+    let c = r.build();
+    validate(&c).unwrap();
+    let mut g = guest32(&c);
+    g.state.seg[Seg::Cs as usize].limit = 0xffff;
+    g.state.gpr[RCX as usize] = 5;
+    let mut want = g.clone();
+    let out = engine::run(&c, &mut g, 0, &RunLimits::default());
+    assert_eq!(
+        (out.reason, out.rip),
+        (StopReason::Fault(Fault::GeneralProtection), CODE32 + 4)
+    );
+    out_log(&mut want, 0x80, 0x55);
+    want.state.rip = CODE32 + 4;
+    assert_same(&g, &want);
+    // Not taken (ECX reaches 0): no branch, no check, the decrement done.
+    let mut g = guest32(&c);
+    g.state.seg[Seg::Cs as usize].limit = 0xffff;
+    g.state.gpr[RCX as usize] = 1;
+    let out = engine::run(&c, &mut g, 0, &RunLimits::default());
+    assert_eq!((out.reason, out.rip), (StopReason::End, CODE32 + 8));
+    assert_eq!(g.state.gpr[RCX as usize], 0);
+}

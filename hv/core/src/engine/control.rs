@@ -259,21 +259,27 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
         self.check_target(target)?;
         let rcx = self.st.gpr[RCX as usize] & addr_size.mask();
         let zf = self.st.rflags & ZF != 0;
-        let taken = if kind == LoopKind::Jcxz {
-            rcx == 0
+        let (taken, count) = if kind == LoopKind::Jcxz {
+            (rcx == 0, None)
         } else {
             let n = rcx.wrapping_sub(1) & addr_size.mask();
-            write_gpr(&mut self.st.gpr[RCX as usize], addr_size, n);
-            n != 0
+            let go = n != 0
                 && match kind {
                     LoopKind::Loope => zf,
                     LoopKind::Loopne => !zf,
                     _ => true,
-                }
+                };
+            (go, Some(n))
         };
-        if taken {
-            return self.target(target);
+        // A taken branch that faults undoes the decrement with the rest.
+        let flow = if taken {
+            self.target(target)?
+        } else {
+            Flow::Next
+        };
+        if let Some(n) = count {
+            write_gpr(&mut self.st.gpr[RCX as usize], addr_size, n);
         }
-        Ok(Flow::Next)
+        Ok(flow)
     }
 }
