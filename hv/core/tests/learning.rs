@@ -230,3 +230,64 @@ fn after_learning_the_next_run_goes_through_the_learned_destination() {
     assert_eq!(g.outs(), vec![(0x3f8, 1, 0x41); 3]);
     assert_eq!(h.stats().indirect_targets_learned, 1);
 }
+
+#[test]
+fn a_destination_the_cpu_cannot_branch_to_is_not_learned() {
+    // Beyond the CS limit the CALL faults on the CPU: not a target, and it must
+    // not take one of the site's few slots.
+    let mut h = handler(Mode::Dynamic);
+    let mut g = guest();
+    g.state.seg[Seg::Cs as usize].limit = 0xffff;
+    g.state.gpr[RBX as usize] = 0x2_0000;
+    let end = exit_and_run(&mut h, &mut g);
+    assert_eq!(end.rip, 0x1002);
+    assert_eq!(h.stats().indirect_targets_learned, 0);
+    assert_eq!(h.stats().translations_rebuilt, 0);
+}
+
+#[test]
+fn a_rebuild_that_fails_is_counted_as_a_translation_failure() {
+    // in al, dx ; call *%ebx : one exiting instruction before the call, which
+    // today's translator does not make a cluster of.
+    let mut h = ExitHandler::new(Mode::Dynamic, ExitPolicy::default());
+    let mut c = region();
+    c.code[0].bytes = vec![0xec, 0xff, 0xd3, 0xee];
+    c.insns.remove(1);
+    for i in &mut c.insns[1..] {
+        if i.rip < 0x1010 {
+            i.rip -= 1;
+        }
+    }
+    if let Op::CallIndirect { ret, .. } = &mut c.insns[1].op {
+        *ret = 0x1003;
+    }
+    for g in &mut c.guards {
+        g.insn -= 1;
+        if let Target::Insn(t) = &mut g.target {
+            *t -= 1;
+        }
+    }
+    c.guards[1].expect = 0x1003;
+    validate(&c).unwrap();
+    h.cache_mut().insert(c, Origin::Dynamic).unwrap();
+    let mut g = guest();
+    g.write_bytes(0x1000, &[0xec, 0xff, 0xd3, 0xee, 0xf4]);
+    g.state.gpr[RBX as usize] = 0x1020;
+    let r = h.handle(&in_exit(), 0x1000, &mut g);
+    assert_eq!(r.next, Next::RunCluster { start: 0x1000 });
+    g.state.rip = 0x1001;
+    let end = h.run_cluster(0x1000, &mut g);
+    assert_eq!(end.rip, 0x1001);
+    let s = h.stats();
+    assert_eq!(s.indirect_targets_learned, 1);
+    assert_eq!(s.translations_rebuilt, 0);
+    assert_eq!(
+        s.translation_failures, 1,
+        "{:?}",
+        s.translation_failures_by_reason
+    );
+    assert_eq!(
+        s.translation_failures_by_reason.values().sum::<u64>(),
+        s.translation_failures
+    );
+}
