@@ -37,7 +37,9 @@
 //! # Control flow
 //!
 //! Forward branches to `Target::Insn` continue the run; `Target::Exit` ends it
-//! ([`StopReason::ExitBranch`]). A direct CALL pushes its return address and goes
+//! ([`StopReason::ExitBranch`]), unless the CPU would refuse the destination
+//! (beyond CS.limit outside 64-bit code, not canonical in it): then the run stops
+//! before the branch with #GP, nothing of it done, as the CPU faults there. A direct CALL pushes its return address and goes
 //! on like a JMP. An indirect CALL or JMP, or a RET, reads its destination and
 //! goes on only through a guard of the cluster expecting exactly that address
 //! (CALL pushes, RET pops, as the CPU does); with none it stops before itself,
