@@ -274,3 +274,35 @@ fn a_loop_to_a_destination_beyond_the_cs_limit_leaves_ecx_alone() {
     assert_eq!((out.reason, out.rip), (StopReason::End, CODE32 + 8));
     assert_eq!(g.state.gpr[RCX as usize], 0);
 }
+
+#[test]
+fn an_expand_down_stack_refuses_pushes_at_or_below_its_limit() {
+    // Expand-down SS (type 0x7), B = 1, limit 0x7fff: offsets 0x8000..=0xffff_ffff
+    // are valid. A push whose lowest byte is at or below the limit is #SS on the
+    // CPU: the CALL stops before itself.
+    let c = call32(Size::S4, 0);
+    for (esp, ok) in [(0x9000u64, true), (0x8004, true), (0x8002, false)] {
+        let mut g = guest32(&c);
+        let ss = &mut g.state.seg[Seg::Ss as usize];
+        ss.attrs = (ss.attrs & !0xf) | 0x7;
+        ss.limit = 0x7fff;
+        g.state.gpr[RSP as usize] = esp;
+        let mut want = g.clone();
+        let out = engine::run(&c, &mut g, 0, &RunLimits::default());
+        out_log(&mut want, 0x80, 0x55);
+        if ok {
+            assert_eq!((out.reason, out.rip), (StopReason::End, CODE32 + 12));
+            want.write_bytes(esp - 4, &(CODE32 as u32 + 8).to_le_bytes());
+            out_log(&mut want, 0x81, 0x55);
+            want.state.rip = CODE32 + 12;
+        } else {
+            assert_eq!(
+                (out.reason, out.rip),
+                (StopReason::Fault(Fault::GeneralProtection), CODE32 + 4),
+                "ESP {esp:#x}"
+            );
+            want.state.rip = CODE32 + 4;
+        }
+        assert_same(&g, &want);
+    }
+}
