@@ -37,7 +37,9 @@
 //! # Control flow
 //!
 //! Forward branches to `Target::Insn` continue the run; `Target::Exit` ends it
-//! ([`StopReason::ExitBranch`]). A direct CALL pushes its return address and goes
+//! ([`StopReason::ExitBranch`]), unless the CPU would refuse the destination
+//! (beyond CS.limit outside 64-bit code, not canonical in it): then the run stops
+//! before the branch with #GP, nothing of it done, as the CPU faults there. A direct CALL pushes its return address and goes
 //! on like a JMP. An indirect CALL or JMP, or a RET, reads its destination and
 //! goes on only through a guard of the cluster expecting exactly that address
 //! (CALL pushes, RET pops, as the CPU does); with none it stops before itself,
@@ -99,8 +101,10 @@ use mmu::*;
 
 pub use crate::ir::limits::MAX_BACK_EDGES;
 /// Code pages a cluster can span (recorded by the code check for the self-write
-/// check): each range may start mid-page.
-const MAX_CODE_PAGES: usize = MAX_CLUSTER_BYTES / 4096 + MAX_CODE_RANGES;
+/// check): a range of at most [`MAX_CLUSTER_BYTES`] (one page) spans at most two
+/// pages, so `MAX_CODE_RANGES` ranges at most twice as many.
+const MAX_CODE_PAGES: usize = 2 * MAX_CODE_RANGES;
+const _: () = assert!(MAX_CLUSTER_BYTES <= 4096, "a range spans at most two pages");
 
 /// Runs `cluster` from instruction index `start` (see the module documentation).
 pub fn run<G: Guest + ?Sized>(
