@@ -82,6 +82,7 @@ pub fn compare(
                     policy: policy.clone(),
                     translations: mode.uses_aot().then(|| set.clone()),
                     timeout,
+                    kernel: Default::default(),
                 };
                 let row = match backend.get().run(&req, &mut |_| {}) {
                     Ok(r) => {

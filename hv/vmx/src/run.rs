@@ -118,6 +118,7 @@ pub fn run(v: &mut Vcpu, handler: &mut ExitHandler) -> Outcome {
     let mut in_cluster = 0u64;
     loop {
         v.deliver_interrupts();
+        v.arm_preemption_timer();
         if let Err(why) = v.load_pdptes_if_stale() {
             return Outcome::Stopped(format!("{why}; guest {}", guest_where(v)));
         }
@@ -243,9 +244,10 @@ fn decode(v: &mut Vcpu, info: &ExitInfo) -> Decoded {
         // The guest can take the interrupt now: delivered before the entry. An NMI
         // or external interrupt while the guest ran (the hypervisor's own
         // interrupts are masked at the PIC): nothing to complete.
-        ExitReason::InterruptWindow | ExitReason::ExceptionNmi | ExitReason::ExternalInterrupt => {
-            Decoded::Reenter
-        }
+        ExitReason::InterruptWindow
+        | ExitReason::ExceptionNmi
+        | ExitReason::ExternalInterrupt
+        | ExitReason::PreemptionTimer => Decoded::Reenter,
         ExitReason::EptViolation => {
             let gpa = vmread(f::GUEST_PHYSICAL_ADDRESS);
             if qual & 2 != 0 && gpa < v.ram_size() {

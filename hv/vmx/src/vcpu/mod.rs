@@ -60,7 +60,14 @@ pub struct Vcpu {
     /// TSC at guest start and the TSC's rate, for the devices' virtual time.
     tsc0: u64,
     tsc_hz: u64,
+    /// The VMX preemption timer's rate (it counts TSC >> this), when the CPU has
+    /// the timer: it bounds how long the guest runs without an exit, so device
+    /// interrupts (the PIT's tick) are delivered to a guest that makes no exits.
+    preemption_shift: Option<u32>,
 }
+
+/// Longest stretch the guest runs without an exit while an interrupt may come.
+const MAX_QUANTUM_NS: u64 = 1_000_000;
 
 pub fn rdtsc() -> u64 {
     // SAFETY: RDTSC reads the time-stamp counter; no memory effects.
@@ -116,6 +123,7 @@ impl Vcpu {
             vpid: 0,
             tsc0: rdtsc(),
             tsc_hz: tsc_hz.max(1),
+            preemption_shift: None,
         };
         v.msrs
             .insert(msr::MISC_ENABLE, msr::MISC_ENABLE_FAST_STRINGS);
@@ -131,12 +139,24 @@ impl Vcpu {
         let on = |ctl: VmcsControl| policy.control_enabled(ctl);
         let pick = |ctl: VmcsControl, bit: u32| if on(ctl) { bit } else { 0 };
 
+        let timer = Caps::allowed1(c.pin, ctl::PIN_PREEMPTION_TIMER);
         let (pin, _) = vmx::adjust(
             c.pin,
-            ctl::PIN_EXTERNAL_INTERRUPT | ctl::PIN_NMI,
+            ctl::PIN_EXTERNAL_INTERRUPT
+                | ctl::PIN_NMI
+                | if timer {
+                    ctl::PIN_PREEMPTION_TIMER
+                } else {
+                    0
+                },
             0,
             "pin-based controls",
         )?;
+        if pin & ctl::PIN_PREEMPTION_TIMER != 0 {
+            self.preemption_shift = Some((c.misc & 0x1f) as u32);
+        } else {
+            logln!("vmx: no preemption timer: interrupts wait for the guest's next exit");
+        }
 
         let mut want = ctl::SECONDARY | ctl::USE_MSR_BITMAPS;
         want |= pick(VmcsControl::HltExiting, ctl::HLT);
@@ -476,6 +496,26 @@ impl Vcpu {
         if want != proc && (!on || Caps::allowed1(self.caps.proc, ctl::INTR_WINDOW)) {
             vmwrite(f::PROC_CONTROLS, u64::from(want));
         }
+    }
+
+    /// Before a VM entry: arm the preemption timer for the devices' next event (at
+    /// most [`MAX_QUANTUM_NS`] away), so an interrupt is delivered on time even if
+    /// the guest makes no exit until then.
+    pub fn arm_preemption_timer(&mut self) {
+        let Some(shift) = self.preemption_shift else {
+            return;
+        };
+        let now = self.now_ns();
+        let ns = self
+            .bus
+            .next_event_ns(now)
+            .map_or(MAX_QUANTUM_NS, |t| t.saturating_sub(now))
+            .clamp(1_000, MAX_QUANTUM_NS);
+        let ticks = (u128::from(ns) * u128::from(self.tsc_hz) / 1_000_000_000) as u64;
+        vmwrite(
+            f::PREEMPTION_TIMER,
+            (ticks >> shift).clamp(1, u64::from(u32::MAX)),
+        );
     }
 
     /// Before a VM entry: deliver the PIC's pending interrupt if the guest can take
