@@ -214,6 +214,10 @@ pub mod cpuid {
     pub const LEAF_PERFMON: u32 = 0xa;
     /// XSAVE state components.
     pub const LEAF_XSAVE: u32 = 0xd;
+    /// TSC and core crystal clock ratio.
+    pub const LEAF_TSC_CRYSTAL: u32 = 0x15;
+    /// Processor base, maximum and bus frequencies.
+    pub const LEAF_FREQUENCIES: u32 = 0x16;
     /// First hypervisor leaf: EAX = the highest hypervisor leaf, EBX:ECX:EDX = the
     /// hypervisor's 12-byte signature.
     pub const LEAF_HYPERVISOR: u32 = 0x4000_0000;

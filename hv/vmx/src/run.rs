@@ -112,11 +112,27 @@ pub fn protect_translated_pages(v: &mut Vcpu, handler: &ExitHandler) -> usize {
     n
 }
 
+/// Machine time (TSC ticks at the configured rate, in seconds) between two
+/// progress lines on the hypervisor's log: a long guest (Linux) shows where it is.
+const HEARTBEAT_SECONDS: u64 = 10;
+
 /// Run the guest until it ends.
 pub fn run(v: &mut Vcpu, handler: &mut ExitHandler) -> Outcome {
     let mut t = rdtsc();
     let mut in_cluster = 0u64;
+    let heartbeat = v.tsc_hz().saturating_mul(HEARTBEAT_SECONDS);
+    let mut next_beat = t.wrapping_add(heartbeat);
     loop {
+        if t >= next_beat {
+            next_beat = t.wrapping_add(heartbeat);
+            let c = v.counters();
+            logln!(
+                "avex-vmx: progress: {} exits, {} interrupts; guest {}",
+                handler.stats().exits(),
+                c.interrupts,
+                guest_where(v)
+            );
+        }
         v.deliver_interrupts();
         v.arm_preemption_timer();
         if let Err(why) = v.load_pdptes_if_stale() {

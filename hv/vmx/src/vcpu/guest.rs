@@ -85,10 +85,21 @@ fn hypervisor_leaf(leaf: u32) -> [u32; 4] {
 }
 
 /// The guest's CPUID: the CPU's answer `host` with what the hypervisor does not
-/// virtualise hidden and the hypervisor bit set.
-fn model_cpuid(leaf: u32, subleaf: u32, host: [u32; 4]) -> [u32; 4] {
+/// virtualise hidden and the hypervisor bit set; the TSC's rate is `tsc_hz`.
+fn model_cpuid(leaf: u32, subleaf: u32, host: [u32; 4], tsc_hz: u64) -> [u32; 4] {
     let [eax, ebx, ecx, edx] = host;
+    let tsc_hz = u32::try_from(tsc_hz).unwrap_or(u32::MAX);
     match leaf {
+        // The TSC runs at the rate the hypervisor was told (Bochs: its instruction
+        // rate), not the CPU model's nominal frequency: said as a crystal of that
+        // frequency with a 1:1 ratio, so the guest need not measure it (measuring
+        // it against the PIT fails here: the hypervisor's own work between two
+        // port reads counts on the TSC).
+        cpuid::LEAF_TSC_CRYSTAL => [1, 1, tsc_hz, 0],
+        cpuid::LEAF_FREQUENCIES => {
+            let mhz = (tsc_hz / 1_000_000).max(1);
+            [mhz, mhz, 0, 0]
+        }
         cpuid::LEAF_FEATURES => [
             eax,
             ebx,
@@ -274,7 +285,7 @@ impl Guest for Vcpu {
             return hypervisor_leaf(leaf);
         }
         let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
-        model_cpuid(leaf, subleaf, [r.eax, r.ebx, r.ecx, r.edx])
+        model_cpuid(leaf, subleaf, [r.eax, r.ebx, r.ecx, r.edx], self.tsc_hz)
     }
 
     fn tsc(&mut self) -> u64 {

@@ -399,6 +399,11 @@ impl Vcpu {
         r
     }
 
+    /// The TSC's rate (ticks per second) the hypervisor was told.
+    pub fn tsc_hz(&self) -> u64 {
+        self.tsc_hz
+    }
+
     pub fn counters(&self) -> Counters {
         self.counters
     }

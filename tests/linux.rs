@@ -1,0 +1,141 @@
+//! A stock Linux kernel on the bare-metal VT-x hypervisor in Bochs:
+//! Debian's vmlinux booted by PVH entry with an initramfs made by
+//! `avex initramfs` from Debian's busybox-static, whose init prints result lines
+//! prefixed `avex-linux: ` and ends the run through the debug-exit port.
+//!
+//! The kernel and busybox are fetched once with `scripts/linux-fetch.sh`
+//! (`apt-get download`, cached in target/linux-kernel). Needs Bochs and the GRUB
+//! tools (`.ci/install-bochs.sh`), and apt for the first fetch. One boot takes
+//! minutes of wall time in Bochs.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use support::avex;
+
+/// The vmlinux and busybox paths, fetched (or found in the cache) by the script.
+fn fetch() -> (PathBuf, PathBuf) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(root.join("scripts/linux-fetch.sh"))
+        .arg(root.join("target/linux-kernel"))
+        .output()
+        .expect("run scripts/linux-fetch.sh");
+    assert!(
+        out.status.success(),
+        "scripts/linux-fetch.sh could not fetch the kernel and busybox-static: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let get = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| panic!("linux-fetch.sh printed no {k}=: {text}"))
+    };
+    (get("vmlinux"), get("busybox"))
+}
+
+fn initramfs(busybox: &Path, dir: &Path) -> PathBuf {
+    let out = dir.join("initramfs.cpio");
+    let o = avex()
+        .arg("initramfs")
+        .arg("--busybox")
+        .arg(busybox)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "avex initramfs: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("avex-test-linux-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The workload's result lines (`avex-linux: ...`) of a console.
+fn result_lines(console: &str) -> Vec<&str> {
+    console
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .filter(|l| l.starts_with("avex-linux: "))
+        .collect()
+}
+
+#[test]
+#[cfg_attr(
+    not(avex_bochs),
+    ignore = "needs Bochs and the GRUB ISO tools (.ci/install-bochs.sh)"
+)]
+fn stock_debian_kernel_boots_to_the_busybox_init_in_mode_off() {
+    let (vmlinux, busybox) = fetch();
+    let dir = scratch("off");
+    let cpio = initramfs(&busybox, &dir);
+    let json = dir.join("off.json");
+    let out = avex()
+        .args(["run", "--backend", "bochs", "--mode", "off"])
+        .args(["--timeout", "900"])
+        .arg("--initrd")
+        .arg(&cpio)
+        // Skip the W+X page-table walks (a minute of Bochs time) and the
+        // soft-lockup watchdog's noise.
+        .args(["--append", "rodata=off nowatchdog"])
+        .arg("--json")
+        .arg(&json)
+        .arg(&vmlinux)
+        .output()
+        .expect("run avex");
+    let console = String::from_utf8_lossy(&out.stdout).into_owned();
+    std::fs::write(dir.join("console.txt"), &console).unwrap();
+    let tail: Vec<&str> = console.lines().rev().take(15).collect();
+    assert!(
+        out.status.success(),
+        "avex run failed ({}): {}\nlast console lines:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    );
+    let lines = result_lines(&console);
+    assert_eq!(lines.first(), Some(&"avex-linux: start"), "{console}");
+    assert!(
+        lines.contains(&"avex-linux: kernel 6.1.0-57-amd64")
+            || lines.iter().any(|l| l.starts_with("avex-linux: kernel 6.")),
+        "{lines:?}"
+    );
+    // The PIT and the 16550 interrupt through the 8259.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("avex-linux: irq 0 ") && l.ends_with("timer")),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("avex-linux: irq 4 ") && l.ends_with("ttyS0")),
+        "{lines:?}"
+    );
+    // Interrupt-driven tty output after boot: every line, in order.
+    let tty: Vec<&&str> = lines.iter().filter(|l| l.contains(" tty line ")).collect();
+    assert_eq!(tty.len(), 200, "{lines:?}");
+    assert_eq!(*tty[199], "avex-linux: tty line 199 of 200");
+    // `seq 1 20000` is 108894 bytes.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("avex-linux: tmpfs ") && l.ends_with(" 108894 bytes")),
+        "{lines:?}"
+    );
+    assert_eq!(lines.last(), Some(&"avex-linux: done"));
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(record["status"], 0);
+}
