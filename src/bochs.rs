@@ -56,6 +56,9 @@ pub const DEFAULT_GUEST_MIB: u64 = 16;
 const BIOS: &str = "/usr/share/bochs/BIOS-bochs-latest";
 const VGABIOS: &str = "/usr/share/bochs/VGABIOS-lgpl-latest";
 
+/// How many of the guest's last console lines a stopped guest's diagnosis shows.
+const CONSOLE_TAIL_LINES: usize = 12;
+
 /// The summary line's prefix on the hypervisor's log port (COM2).
 pub const SUMMARY_PREFIX: &str = "AVEX-SUMMARY ";
 
@@ -369,7 +372,13 @@ pub fn run_with_console(
     };
     let summary = parse_summary(line)?;
     if let Some(e) = &summary.error {
-        bail!("{}: the hypervisor stopped the guest: {e}", req.name);
+        let text = String::from_utf8_lossy(&console_bytes);
+        let last: Vec<&str> = text.lines().rev().take(CONSOLE_TAIL_LINES).collect();
+        bail!(
+            "{}: the hypervisor stopped the guest: {e}\nthe guest's last console lines:\n  {}",
+            req.name,
+            last.into_iter().rev().collect::<Vec<_>>().join("\n  ")
+        );
     }
     let Some(stats) = summary.stats else {
         bail!("{}: the hypervisor's summary has no statistics", req.name);

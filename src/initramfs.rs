@@ -78,7 +78,7 @@ const S_IFLNK: u32 = 0o120000;
 const S_IFCHR: u32 = 0o020000;
 
 fn pad4(out: &mut Vec<u8>) {
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
 }
@@ -204,8 +204,11 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
 mod tests {
     use super::*;
 
-    /// Read a newc archive back: (name, mode, rdev, data) per member.
-    fn parse(mut b: &[u8]) -> Vec<(String, u32, (u32, u32), Vec<u8>)> {
+    /// A member read back: name, mode, (rdev major, minor), data.
+    type Member = (String, u32, (u32, u32), Vec<u8>);
+
+    /// Read a newc archive back, member by member.
+    fn parse(mut b: &[u8]) -> Vec<Member> {
         let total = b.len();
         let mut out = Vec::new();
         loop {

@@ -169,6 +169,16 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         bail!("--timeout must be a positive number of seconds");
     }
     let initrd = args.initrd.as_deref().map(read_initrd).transpose()?;
+    if initrd.is_some() {
+        // An initrd needs a PVH kernel: say so before booting anything.
+        match avex_core::boot::parse_elf(&guest.elf) {
+            Ok(img) if img.pvh_entry.is_none() => {
+                bail!("{}: {}", args.guest, avex_core::boot::BootError::NoPvhNote)
+            }
+            Err(e) => bail!("{}: {e}", args.guest),
+            Ok(_) => {}
+        }
+    }
     let req = RunRequest {
         name: &guest.name,
         elf: &guest.elf,
