@@ -125,11 +125,17 @@ pub fn run(v: &mut Vcpu, handler: &mut ExitHandler) -> Outcome {
     loop {
         if t >= next_beat {
             next_beat = t.wrapping_add(heartbeat);
-            let c = v.counters();
+            let (c, st) = (v.counters(), handler.stats());
             logln!(
-                "avex-vmx: progress: {} exits, {} interrupts; guest {}",
-                handler.stats().exits(),
+                "avex-vmx: progress: {} exits, {} interrupts, {} clusters run ({} early stops, \
+                 {} instructions), {} built, {} stale; guest {}",
+                st.exits(),
                 c.interrupts,
+                st.clusters_run,
+                st.early_stops.values().sum::<u64>(),
+                st.cluster_insns,
+                st.translations_built,
+                st.stale_dropped,
                 guest_where(v)
             );
         }

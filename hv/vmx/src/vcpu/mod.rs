@@ -67,7 +67,7 @@ pub struct Vcpu {
 }
 
 /// Longest stretch the guest runs without an exit while an interrupt may come.
-const MAX_QUANTUM_NS: u64 = 1_000_000;
+const MAX_QUANTUM_NS: u64 = 10_000_000;
 
 pub fn rdtsc() -> u64 {
     // SAFETY: RDTSC reads the time-stamp counter; no memory effects.
