@@ -127,10 +127,11 @@ pub fn run(v: &mut Vcpu, handler: &mut ExitHandler) -> Outcome {
             next_beat = t.wrapping_add(heartbeat);
             let (c, st) = (v.counters(), handler.stats());
             logln!(
-                "avex-vmx: progress: {} exits, {} interrupts, {} clusters run ({} early stops, \
-                 {} instructions), {} built, {} stale; guest {}",
+                "avex-vmx: progress: {} exits, {} interrupts (the last at {:#x}), {} clusters \
+                 run ({} early stops, {} instructions), {} built, {} stale; guest {}",
                 st.exits(),
                 c.interrupts,
+                c.interrupted_rip,
                 st.clusters_run,
                 st.early_stops.values().sum::<u64>(),
                 st.cluster_insns,
@@ -325,6 +326,7 @@ fn apply(
                 CountedReason::Outs
             });
             complete_with_engine(v, rip)?;
+            v.add_emulated_insns(1);
             return ended(v).map(|()| 0);
         }
         Decoded::Reenter => {
@@ -360,6 +362,7 @@ fn apply(
     if !complete_instruction(v, info, complete, value)? {
         return Ok(0);
     }
+    v.add_emulated_insns(1);
     // A completed instruction ends MOV SS / STI blocking.
     let intr = vmread(f::GUEST_INTERRUPTIBILITY);
     if intr & 3 != 0 {
@@ -370,8 +373,11 @@ fn apply(
         Next::Resume => Ok(0),
         Next::RunCluster { start } => {
             let t0 = rdtsc();
+            let insns = handler.stats().cluster_insns;
             let end = handler.run_cluster(start, v);
             let ticks = rdtsc().wrapping_sub(t0);
+            let ran = handler.stats().cluster_insns.wrapping_sub(insns);
+            v.add_emulated_insns(ran);
             v.account(0, ticks);
             if end.early.as_deref() == Some("MODE_CHANGE") {
                 v.note_mode_change();

@@ -52,6 +52,7 @@ pub mod field {
     pub const IO_BITMAP_B: u64 = 0x2002;
     pub const MSR_BITMAP: u64 = 0x2004;
     pub const EPT_POINTER: u64 = 0x201a;
+    pub const TSC_OFFSET: u64 = 0x2010;
     pub const GUEST_PHYSICAL_ADDRESS: u64 = 0x2400;
     pub const VMCS_LINK_POINTER: u64 = 0x2800;
     pub const GUEST_DEBUGCTL: u64 = 0x2802;
@@ -151,6 +152,7 @@ pub mod ctl {
     pub const MWAIT: u32 = 1 << 10;
     pub const RDPMC: u32 = 1 << 11;
     pub const RDTSC: u32 = 1 << 12;
+    pub const USE_TSC_OFFSETTING: u32 = 1 << 3;
     pub const CR3_LOAD: u32 = 1 << 15;
     pub const CR3_STORE: u32 = 1 << 16;
     pub const CR8_LOAD: u32 = 1 << 19;

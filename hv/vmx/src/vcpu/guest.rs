@@ -8,7 +8,7 @@ use avex_core::arch::{cpuid, cr4, efer, msr, rflags, xcr0};
 use avex_core::engine::cr;
 use avex_core::guest::{CpuState, Fault, Guest, NotRam, Segment};
 
-use super::{rdtsc, read_cr2, write_cr2, Vcpu};
+use super::{read_cr2, write_cr2, Vcpu};
 use crate::vmx::{self, field as f, vmread, vmwrite};
 
 /// The guest's TPR is the processor's own CR8. With neither "CR8-load exiting",
@@ -216,7 +216,7 @@ impl Guest for Vcpu {
 
     fn rdmsr(&mut self, msr: u32) -> Result<u64, Fault> {
         Ok(match msr {
-            msr::TSC => rdtsc(),
+            msr::TSC => self.guest_tsc(),
             msr::APIC_BASE => msr::APIC_BASE_RESET,
             msr::UCODE_REV => 0,
             msr::SYSENTER_CS => vmread(f::GUEST_SYSENTER_CS),
@@ -289,7 +289,7 @@ impl Guest for Vcpu {
     }
 
     fn tsc(&mut self) -> u64 {
-        rdtsc()
+        self.guest_tsc()
     }
 
     fn xgetbv(&mut self, index: u32) -> Result<u64, Fault> {
