@@ -518,12 +518,11 @@ impl Vcpu {
         let ticks = self.virtual_ticks();
         // Bochs' rates divide 10^9 evenly: multiply instead of a 128-bit division
         // on every port access.
-        let ns = if 1_000_000_000 % self.tsc_hz == 0 {
+        if 1_000_000_000 % self.tsc_hz == 0 {
             ticks.wrapping_mul(1_000_000_000 / self.tsc_hz)
         } else {
             ((u128::from(ticks) * 1_000_000_000) / u128::from(self.tsc_hz)) as u64
-        };
-        ns
+        }
     }
 
     /// Move the guest's virtual time forward by at least `ns` (a halted guest
