@@ -105,6 +105,18 @@ fn stock_debian_kernel_boots_to_the_busybox_init_in_mode_off() {
         String::from_utf8_lossy(&out.stderr),
         tail.into_iter().rev().collect::<Vec<_>>().join("\n")
     );
+    // The guest's clock: the TSC's rate from CPUID leaf 0x15, and a TSC the
+    // kernel keeps as its clocksource (it agrees with the PIT's ticks, which it
+    // does not when the hypervisor's work is on the guest's clock).
+    assert!(
+        console.contains("tsc: Detected 10.000 MHz processor"),
+        "{console}"
+    );
+    assert!(
+        console.contains("clocksource: Switched to clocksource tsc\n")
+            || console.contains("clocksource: Switched to clocksource tsc\r\n"),
+        "{console}"
+    );
     let lines = result_lines(&console);
     assert_eq!(lines.first(), Some(&"avex-linux: start"), "{console}");
     assert!(
