@@ -384,6 +384,13 @@ pub fn run_with_console(
         bail!("{}: the hypervisor's summary has no statistics", req.name);
     };
     let mut notes = Vec::new();
+    if summary.details.get("halted") == Some(&1) {
+        notes.push(
+            "the run ended with the guest halted (HLT with interrupts off: nothing can \
+             wake it), status 0"
+                .to_string(),
+        );
+    }
     if let Some(r) = &stats.translations_rejected {
         notes.push(format!("translations rejected: {r}"));
     }

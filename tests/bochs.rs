@@ -967,6 +967,39 @@ fn a_32_bit_pae_guest_runs_with_the_pdptes_of_its_last_cr3_write() {
     assert_eq!(off.record["status"], 0);
 }
 
+/// A 32-bit guest that prints a line, then halts with interrupts off.
+const HALT_GUEST: &str = include_str!("shapes/vmx_halt.S");
+
+#[test]
+#[cfg_attr(not(avex_gcc), ignore = "needs gcc")]
+#[cfg_attr(
+    not(avex_bochs),
+    ignore = "needs Bochs and the GRUB ISO tools (.ci/install-bochs.sh)"
+)]
+fn hlt_with_interrupts_off_ends_the_run_with_status_0_halted() {
+    let dir = scratch("halt");
+    let src = dir.join("halt.S");
+    std::fs::write(&src, HALT_GUEST).unwrap();
+    let elf = dir.join("halt.elf");
+    let o = Command::new("gcc")
+        .args(["-m32", "-nostdlib", "-static", "-no-pie"])
+        .args([
+            "-Wl,-Ttext-segment=0x100000",
+            "-Wl,--build-id=none",
+            "-Wl,-n",
+        ])
+        .args(["-Wl,--no-warn-rwx-segments", "-Wl,-e,_start", "-o"])
+        .arg(&elf)
+        .arg(&src)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = try_run_bochs(&elf, "off").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(String::from_utf8_lossy(&r.console), "halting\n");
+    assert_eq!(r.record["status"], 0, "{}", r.record);
+    assert_eq!(r.record["backend_stats"]["halted"], 1, "{}", r.record);
+}
+
 /// Every shape guest (tests/shapes, whoever added it), pre-analyzed with `avex
 /// link`, prints the same console bytes with the same status in every clustering
 /// mode as in `off`. Shapes that need a fix from another branch fail here until it

@@ -280,6 +280,14 @@ extern "C" fn kmain(magic: u32, mbi: u32) -> ! {
             logln!("avex-vmx: guest exited with status {status}");
             finish(status, None, Some(&opts), Some(&handler), extra)
         }
+        run::Outcome::Halted { rip } => {
+            logln!(
+                "avex-vmx: the guest halted at {rip:#x} with interrupts off: nothing can wake \
+                 it, so its run ends (status 0, halted)"
+            );
+            extra.insert("halted".into(), 1);
+            finish(0, None, Some(&opts), Some(&handler), extra)
+        }
         run::Outcome::Stopped(why) => {
             logln!("avex-vmx: GUEST STOPPED: {why}");
             finish(255, Some(&why), Some(&opts), Some(&handler), extra)

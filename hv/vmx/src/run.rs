@@ -23,6 +23,9 @@ use crate::vmx::{field as f, vmread, vmwrite};
 pub enum Outcome {
     /// The guest wrote its status to the debug-exit port.
     Exited(u8),
+    /// The guest executed HLT with interrupts off (at `rip`): nothing can wake
+    /// it, so its run is over (as a kernel's `poweroff` without ACPI ends).
+    Halted { rip: u64 },
     /// The guest was stopped: the diagnosis.
     Stopped(String),
 }
@@ -390,6 +393,7 @@ fn apply(
             }
             ended(v).map(|()| ticks)
         }
+        Next::Halt if v.interrupts_masked() => Err(Outcome::Halted { rip }),
         Next::Halt => match v.wait_for_interrupt() {
             Ok(()) => Ok(0),
             Err(why) => Err(Outcome::Stopped(format!("guest halted at {rip:#x}: {why}"))),

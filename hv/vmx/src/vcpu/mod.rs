@@ -467,6 +467,11 @@ impl Vcpu {
         true
     }
 
+    /// RFLAGS.IF is clear: no external interrupt can reach the guest.
+    pub fn interrupts_masked(&self) -> bool {
+        vmread(f::GUEST_RFLAGS) & rflags::IF == 0
+    }
+
     /// HLT: the guest waits for an interrupt. With interrupts off, or with no device
     /// that will ever raise one, it would wait forever: that ends it (the reason).
     /// Otherwise the devices' virtual time jumps to their next event (no spinning
