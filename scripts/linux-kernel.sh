@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # Times `avex analyze` on a stock Debian kernel against `objdump -d`, side by side.
 #
-# Fetches the current linux-image-*-amd64 package with apt-get download, extracts
-# vmlinuz, takes the ELF vmlinux out of the bzImage (the compressed payload is found
-# through the boot header's payload_offset/payload_length, or by its compression
-# magic, and decompressed, as the kernel's extract-vmlinux does), then times
+# Gets the stock kernel through scripts/linux-fetch.sh (the current
+# linux-image-*-amd64 package by apt-get download, its ELF vmlinux taken out of the
+# bzImage as the kernel's extract-vmlinux does; cached), then times
 # `avex analyze` (clusters included) and `objdump -d vmlinux > /dev/null` and prints
 # the ratio. Also runs both on a few .ko modules (ET_REL, .ko.xz in the package).
 #
