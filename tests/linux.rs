@@ -197,3 +197,34 @@ fn stock_debian_kernel_runs_the_workload_in_off_and_aot_dynamic_with_the_same_li
         exits(&off_record)
     );
 }
+
+#[test]
+fn an_initrd_needs_a_readable_file_and_a_pvh_kernel() {
+    let dir = scratch("errors");
+    let missing = dir.join("no-such-initrd");
+    let o = avex()
+        .args(["run", "console", "--backend", "bochs", "--initrd"])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains(&format!("initrd {}: cannot read it", missing.display())),
+        "{err}"
+    );
+    // A bundled guest is a plain ELF64, not a PVH kernel.
+    let cpio = dir.join("initrd");
+    std::fs::write(&cpio, b"070701").unwrap();
+    let o = avex()
+        .args(["run", "console", "--backend", "bochs", "--initrd"])
+        .arg(&cpio)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("console: not a PVH kernel") && err.contains("distribution kernels"),
+        "{err}"
+    );
+}
