@@ -83,6 +83,9 @@ const GDT: [u64; 4] = [
     0x00CF_9B00_0000_FFFF, // flat 4 GiB 32-bit code
 ];
 
+/// Where a 64-bit kernel's upper half starts (canonical addresses with bit 63 set).
+const HIGH_HALF: u64 = 0xffff_8000_0000_0000;
+
 const PT_LOAD: u32 = 1;
 const PT_DYNAMIC: u32 = 2;
 const PT_INTERP: u32 = 3;
@@ -159,7 +162,8 @@ pub enum BootError {
     CmdlineTooLong {
         len: usize,
     },
-    /// An initrd was given but the kernel has no PVH entry note.
+    /// An initrd was given, or the image is linked in the upper half like a
+    /// kernel, but it has no PVH entry note.
     NoPvhNote,
 }
 
@@ -419,6 +423,11 @@ pub fn parse_elf(elf: &[u8]) -> Result<ElfImage, BootError> {
     match pvh_entry {
         Some(p) if !inside(p, true) => return Err(BootError::BadEntry { entry: p }),
         Some(_) => {}
+        // Linked in the upper half with no entry the identity map reaches: a
+        // kernel (vmlinux-like) without the PVH note.
+        None if !inside(entry, false) && segments.iter().any(|s| s.vaddr >= HIGH_HALF) => {
+            return Err(BootError::NoPvhNote)
+        }
         None if !inside(entry, false) => return Err(BootError::BadEntry { entry }),
         None => {}
     }

@@ -350,14 +350,11 @@ fn pvh_note_with_a_32_bit_descriptor() {
 
 #[test]
 fn initrd_needs_a_pvh_kernel_and_room() {
-    // A high-linked kernel with another Xen note but no PHYS32_ENTRY: its e_entry
-    // is not inside a segment by virtual address.
+    // A high-linked kernel with another Xen note but no PHYS32_ENTRY: not a PVH
+    // kernel, said so (its e_entry is not inside a segment by virtual address).
     let no_note = pvh_elf(0x10_0000, &[0xf4; 16], 16, 17, &[1, 0, 0, 0]);
     let mut ram = vec![0u8; 4 << 20];
-    assert_eq!(
-        load(&no_note, &mut ram, ""),
-        Err(BootError::BadEntry { entry: 0x10_0000 })
-    );
+    assert_eq!(load(&no_note, &mut ram, ""), Err(BootError::NoPvhNote));
     // A plain guest given an initrd: not a PVH kernel, said so.
     let plain = elf(true, 0x10_0000, &[0xf4], 0);
     let e = load_kernel(&plain, &mut ram, "", Some(&[1, 2, 3])).unwrap_err();
