@@ -90,6 +90,10 @@ named_enum! {
         ExternalInterrupt => "external_interrupt",
         InterruptWindow => "interrupt_window",
         TripleFault => "triple_fault",
+        /// VT-x: the hypervisor's preemption timer, armed for the devices' next
+        /// event so their interrupts reach a guest that makes no exit (the exit a
+        /// host timer interrupt would be on hardware).
+        PreemptionTimer => "preemption_timer",
         /// A VM entry the processor refused (invalid guest state, MSR loading, ...).
         EntryFailed => "entry_failed",
         /// Anything else (RDTSC, XSETBV, ... on VT-x: the backend's own log says more).
