@@ -18,6 +18,7 @@ mod kvm;
 mod link;
 mod record;
 mod run;
+mod symbols;
 
 #[derive(Parser)]
 #[command(

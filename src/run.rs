@@ -61,6 +61,10 @@ pub struct Args {
     /// Guest RAM in MiB (default: 16 for small guests, 256 with --initrd).
     #[arg(long, value_name = "MIB")]
     pub mem: Option<u64>,
+    /// A `System.map` to name exit sites by kernel function (default: the ELF's
+    /// own symbols, else a `System.map` beside the ELF).
+    #[arg(long, value_name = "FILE")]
+    pub system_map: Option<PathBuf>,
 }
 
 /// The kernel command line `avex run --initrd` starts from: the console on the
@@ -217,6 +221,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         result.seconds
     );
     eprint!("{}", result.stats.summary());
+    print_hot_sites(&args, &guest.elf, &result.stats)?;
     eprintln!("exits counted:          {}", record.exits_counted);
     if let Some(t) = &record.time_split {
         eprintln!(
@@ -241,4 +246,32 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(ExitCode::from(result.status))
+}
+
+/// The hottest exit sites with the function each is in, when the guest has names.
+fn print_hot_sites(
+    args: &Args,
+    elf: &[u8],
+    stats: &avex_core::stats::ExitStats,
+) -> anyhow::Result<()> {
+    if stats.by_rip.is_empty() {
+        return Ok(());
+    }
+    let path = Path::new(&args.guest);
+    let symbols = crate::symbols::Symbols::for_guest(
+        path.is_file().then_some(path),
+        elf,
+        args.system_map.as_deref(),
+    )?;
+    if symbols.is_empty() {
+        return Ok(());
+    }
+    let mut hot: Vec<(u64, u64)> = stats.by_rip.iter().map(|(r, n)| (*r, *n)).collect();
+    hot.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    eprintln!("exit sites by function (exits that reached avex, hottest first):");
+    for (rip, n) in hot.into_iter().take(12) {
+        let name = symbols.name(rip).unwrap_or_else(|| "?".into());
+        eprintln!("  {rip:#018x} {n:>9}  {name}");
+    }
+    Ok(())
 }
