@@ -109,7 +109,7 @@ fn check_guest(extra: &[&str]) {
 
     let listing = ok(&avex(&["inspect".as_ref(), pre.as_os_str()]));
     assert!(listing.contains("(matches this image)"), "{listing}");
-    assert!(listing.contains("cluster 0: 0x"), "{listing}");
+    assert!(listing.contains("cluster 0: entry 0x"), "{listing}");
     assert!(
         listing.contains("exits: OUT") && listing.contains("exits: IN"),
         "{listing}"
