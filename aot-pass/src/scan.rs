@@ -10,7 +10,7 @@
 //! meets an instruction start this chunk already decoded), so the result is exactly
 //! that of one sequential sweep.
 
-use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Instruction};
+use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Instruction, OpKind, Register};
 use rayon::prelude::*;
 
 use crate::api::{exit_class_of, ExitClass, ExitPolicy};
@@ -48,6 +48,54 @@ pub struct RegionScan {
     pub invalid: u64,
     /// Far jumps with an immediate target: (target, bitness of the jump).
     pub far_targets: Vec<u64>,
+    /// Control transfers the indirect-destination knowledge is built from
+    /// (`crate::targets`), sorted by address.
+    pub branches: Vec<Branch>,
+}
+
+/// A control transfer found while decoding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Branch {
+    /// Address of the instruction.
+    pub at: u64,
+    /// Address of the next instruction (a CALL's return address).
+    pub next: u64,
+    pub kind: BranchKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BranchKind {
+    /// Direct near CALL to this address.
+    Call(u64),
+    /// Direct near unconditional JMP to this address.
+    Jmp(u64),
+    /// RET (without an immediate).
+    Ret,
+    /// `call *disp(%reg)` (a base register, no index): a call through a field of a
+    /// structure, this displacement.
+    CallField(i64),
+}
+
+fn branch_of(ins: &Instruction) -> Option<BranchKind> {
+    match ins.flow_control() {
+        FlowControl::Call if !ins.is_call_far() => Some(BranchKind::Call(ins.near_branch_target())),
+        FlowControl::UnconditionalBranch if !ins.is_jmp_far() => {
+            Some(BranchKind::Jmp(ins.near_branch_target()))
+        }
+        FlowControl::Return if matches!(ins.code(), Code::Retnq | Code::Retnd | Code::Retnw) => {
+            Some(BranchKind::Ret)
+        }
+        FlowControl::IndirectCall
+            if ins.op0_kind() == OpKind::Memory
+                && ins.memory_base() != Register::None
+                && ins.memory_base() != Register::RIP
+                && ins.memory_base() != Register::EIP
+                && ins.memory_index() == Register::None =>
+        {
+            Some(BranchKind::CallField(ins.memory_displacement64() as i64))
+        }
+        _ => None,
+    }
 }
 
 const CHUNK: usize = 256 * 1024;
@@ -89,6 +137,7 @@ struct Chunk {
     invalid: Vec<usize>,
     /// (region offset of the jump, target).
     far_targets: Vec<(usize, u64)>,
+    branches: Vec<Branch>,
     /// Traversal roots not yet visited (region offsets).
     pending: Vec<usize>,
     /// Branch targets found in other chunks (region offsets), handed over after a round.
@@ -137,6 +186,13 @@ impl Ctx<'_, '_> {
         if let Some(class) = exit_class_of(ins) {
             let exits = self.policy.classify(ins).is_some();
             c.sites.push((ins.ip(), class, exits));
+        }
+        if let Some(kind) = branch_of(ins) {
+            c.branches.push(Branch {
+                at: ins.ip(),
+                next: ins.next_ip(),
+                kind,
+            });
         }
         if matches!(ins.code(), Code::Jmp_ptr1632 | Code::Jmp_ptr1616)
             && self.region.bitness != Bitness::B64
@@ -318,6 +374,7 @@ fn scan_region_chunked(
                 sites: Vec::new(),
                 invalid: Vec::new(),
                 far_targets: Vec::new(),
+                branches: Vec::new(),
                 pending: Vec::new(),
                 outgoing: Vec::new(),
                 sweep_exit: s,
@@ -388,6 +445,7 @@ fn scan_region_chunked(
         let lo = region.addr + c.start as u64;
         let hi = region.addr + q as u64;
         c.sites.retain(|&(a, _, _)| a < lo || a >= hi);
+        c.branches.retain(|b| b.at < lo || b.at >= hi);
         c.invalid.retain(|&o| o < c.start || o >= q);
         c.far_targets.retain(|&(o, _)| o < c.start || o >= q);
         // Records before this chunk's start already belong to the previous chunk's
@@ -413,7 +471,14 @@ fn scan_region_chunked(
             c.traversed.set(rel);
         }
     }
+    // Each chunk's branches lie in its own range: sorting per chunk sorts them all.
+    chunks.par_iter_mut().for_each(|c| {
+        c.branches.sort_unstable_by_key(|b| b.at);
+        c.branches.dedup_by_key(|b| b.at);
+    });
     let mut out = RegionScan::default();
+    out.branches
+        .reserve_exact(chunks.iter().map(|c| c.branches.len()).sum());
     let mut all = Vec::new();
     for c in chunks {
         out.instructions += c.starts.count();
@@ -422,9 +487,11 @@ fn scan_region_chunked(
         out.invalid += c.invalid.len() as u64;
         all.extend(c.sites);
         out.far_targets.extend(c.far_targets.iter().map(|f| f.1));
+        out.branches.extend(c.branches);
     }
     all.sort_unstable_by_key(|s| s.0);
     all.dedup_by_key(|s| s.0);
+    debug_assert!(out.branches.windows(2).all(|w| w[0].at < w[1].at));
     let mut by_class = std::collections::BTreeMap::new();
     for &(rip, class, exits) in &all {
         *by_class.entry(class).or_insert(0u64) += 1;
@@ -493,6 +560,7 @@ mod tests {
                     let r = scan_region_chunked(&region, &roots, hints, &policy, chunk);
                     let what = format!("{bits}-bit, chunk {chunk}, {} hints", hints.len());
                     assert_eq!(r.sites, whole.sites, "{what}");
+                    assert_eq!(r.branches, whole.branches, "{what}");
                     assert_eq!(r.instructions, whole.instructions, "{what}");
                     assert_eq!(r.bytes_decoded, whole.bytes_decoded, "{what}");
                     assert_eq!(r.bytes_traversed, whole.bytes_traversed, "{what}");
