@@ -205,3 +205,126 @@ pub fn form(
     out.clusters = kept.into_iter().map(|((space, _), c)| (space, c)).collect();
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use avex_core::translator::Pieces;
+
+    const BASE: u64 = 0x40_0000;
+    const OUT: [u8; 2] = [0xe6, 0x80]; // out %al, $0x80
+
+    /// Three OUTs, then plain instructions and a RET.
+    fn three_outs() -> Vec<u8> {
+        let mut code = [OUT, OUT, OUT].concat();
+        code.extend_from_slice(&[0x90; 20]);
+        code.push(0xc3);
+        code
+    }
+
+    fn knowledge(code: &[u8]) -> Knowledge<'_> {
+        let mut p = Pieces::new();
+        p.add(BASE, code);
+        Knowledge {
+            spaces: [(0, p)].into_iter().collect(),
+            report: Default::default(),
+        }
+    }
+
+    fn sites(rips: &[u64]) -> Vec<Site> {
+        rips.iter()
+            .map(|&rip| Site {
+                space: 0,
+                rip,
+                bitness: Bitness::B64,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_exiting_instruction_is_an_entry_point_that_serves_only_if_an_exit_follows() {
+        // A: out; jz C; B: out; jmp away; C: out; (nops)
+        let mut code = vec![0xe6, 0x80, 0x74, 0x04, 0xe6, 0x80, 0xeb, 0x7f, 0xe6, 0x80];
+        code.resize(0x100, 0x90);
+        let c = avex_core::translator::translate(
+            &code,
+            BASE,
+            Bitness::B64,
+            &crate::policy_all(),
+            &TranslatorConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(c.exiting_count(), 3);
+        // From B only the jump away follows: entering there absorbs nothing. C is
+        // the last instruction, where the hypervisor enters no cluster.
+        assert_eq!(entry_points(&c), vec![(BASE, true), (BASE + 4, false)]);
+        let c = avex_core::translator::translate(
+            &three_outs(),
+            BASE,
+            Bitness::B64,
+            &crate::policy_all(),
+            &TranslatorConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(entry_points(&c), vec![(BASE, true), (BASE + 2, true)]);
+    }
+
+    /// The third OUT lies in the first cluster, but the hypervisor enters no
+    /// cluster at its last instruction: it is not served, so it is translated on its
+    /// own (and, with nothing exiting after it, gets no cluster). The second is
+    /// served.
+    #[test]
+    fn a_site_is_covered_only_when_the_cluster_entered_there_serves_it() {
+        let code = three_outs();
+        let k = knowledge(&code);
+        let f = form(
+            &sites(&[BASE, BASE + 2, BASE + 4]),
+            &k,
+            &crate::policy_all(),
+            &TranslatorConfig::default(),
+        );
+        assert_eq!(f.clusters.len(), 1);
+        assert_eq!(f.covered, 1);
+        assert_eq!(f.translated, 2);
+        assert_eq!(f.reasons.get("single"), Some(&1));
+        assert_eq!(f.in_multi_exit_clusters, 3);
+        assert!(f.not_in_multi_exit_clusters.is_empty());
+    }
+
+    /// Clusters come out sorted by entry, one per entry, whatever the order the
+    /// sites were translated in and the number of threads.
+    #[test]
+    fn formation_is_the_same_with_one_thread_or_many() {
+        let elf = crate::synth::elf(64, 1 << 20, 3, false);
+        let run = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| {
+                    crate::analyze_bytes(
+                        "synth",
+                        &elf,
+                        &crate::policy_all(),
+                        &TranslatorConfig::default(),
+                    )
+                    .unwrap()
+                })
+        };
+        let one = run(1);
+        assert!(one.clusters.len() > 100);
+        let entries: Vec<u64> = one.clusters.iter().filter_map(|c| c.entry_rip()).collect();
+        assert!(
+            entries.windows(2).all(|w| w[0] < w[1]),
+            "sorted, one per entry"
+        );
+        assert_eq!(entries.len(), one.clusters.len());
+        for threads in [2, 4, 7] {
+            let many = run(threads);
+            assert_eq!(many.clusters, one.clusters, "{threads} threads");
+            assert_eq!(many.report.sites_covered, one.report.sites_covered);
+            assert_eq!(many.report.unclustered, one.report.unclustered);
+            assert_eq!(many.indirect_targets, one.indirect_targets);
+        }
+    }
+}

@@ -497,3 +497,88 @@ fn code_pointers(
     out.sort_unstable();
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use avex_core::ir::{RAX, RCX};
+
+    const R11: GprIndex = 11;
+
+    const BASE: u64 = 0x1000;
+
+    fn thunk_of(code: &[u8], at: u64) -> Option<Thunk> {
+        let mut p = Pieces::new();
+        p.add(BASE, code);
+        resolve_thunk(&p, at, Bitness::B64)
+    }
+
+    #[test]
+    fn thunks_are_recognised_by_their_bytes() {
+        // ret; int3: a return thunk.
+        assert_eq!(thunk_of(&[0xc3, 0xcc], BASE), Some(Thunk::Return));
+        // jmp *%r11; int3: an indirect thunk once patched.
+        assert_eq!(
+            thunk_of(&[0x41, 0xff, 0xe3, 0xcc], BASE),
+            Some(Thunk::Indirect(R11))
+        );
+        // lfence; jmp *%rcx: the lfence form.
+        assert_eq!(
+            thunk_of(&[0x0f, 0xae, 0xe8, 0xff, 0xe1], BASE),
+            Some(Thunk::Indirect(RCX))
+        );
+        // The retpoline with an int3 trap: call 1f; int3; 1: mov %rax,(%rsp); ret.
+        let int3 = [0xe8, 0x01, 0, 0, 0, 0xcc, 0x48, 0x89, 0x04, 0x24, 0xc3];
+        assert_eq!(thunk_of(&int3, BASE), Some(Thunk::Indirect(RAX)));
+        // Debian 6.1's: call 1f; 2: pause; lfence; jmp 2b; 1: mov %rax,(%rsp);
+        // jmp __x86_return_thunk (here at BASE + 0x20: ret; int3).
+        let mut linux = vec![
+            0xe8, 0x07, 0, 0, 0, 0xf3, 0x90, 0x0f, 0xae, 0xe8, 0xeb, 0xf9, 0x48, 0x89, 0x04, 0x24,
+            0xe9,
+        ];
+        let rel = 0x20i32 - (linux.len() as i32 + 4);
+        linux.extend_from_slice(&rel.to_le_bytes());
+        linux.resize(0x20, 0xcc);
+        linux.extend_from_slice(&[0xc3, 0xcc]);
+        assert_eq!(thunk_of(&linux, BASE), Some(Thunk::Indirect(RAX)));
+        assert_eq!(thunk_of(&linux, BASE + 0x20), Some(Thunk::Return));
+    }
+
+    #[test]
+    fn ordinary_code_is_no_thunk() {
+        // push %rbp; mov %rsp,%rbp
+        assert_eq!(thunk_of(&[0x55, 0x48, 0x89, 0xe5], BASE), None);
+        // jmp *%rsp is refused (no guard can name the stack pointer's target).
+        assert_eq!(thunk_of(&[0xff, 0xe4], BASE), None);
+        // A retpoline whose store goes elsewhere: mov %rax,8(%rsp).
+        let off = [
+            0xe8, 0x01, 0, 0, 0, 0xcc, 0x48, 0x89, 0x44, 0x24, 0x08, 0xc3,
+        ];
+        assert_eq!(thunk_of(&off, BASE), None);
+        // A retpoline that does not return after the store.
+        let no_ret = [0xe8, 0x01, 0, 0, 0, 0xcc, 0x48, 0x89, 0x04, 0x24, 0x90];
+        assert_eq!(thunk_of(&no_ret, BASE), None);
+        // Outside the code.
+        assert_eq!(thunk_of(&[0xc3], BASE + 1), None);
+    }
+
+    #[test]
+    fn thunks_are_recognised_by_their_linux_names() {
+        assert_eq!(thunk_by_name("__x86_return_thunk"), Some(Thunk::Return));
+        assert_eq!(
+            thunk_by_name("__x86_indirect_thunk_rax"),
+            Some(Thunk::Indirect(RAX))
+        );
+        assert_eq!(
+            thunk_by_name("__x86_indirect_thunk_r11"),
+            Some(Thunk::Indirect(R11))
+        );
+        assert_eq!(
+            thunk_by_name("__x86_indirect_thunk_ecx"),
+            Some(Thunk::Indirect(RCX))
+        );
+        assert_eq!(thunk_by_name("__x86_indirect_thunk_rsp"), None);
+        assert_eq!(thunk_by_name("__x86_indirect_thunk_xyz"), None);
+        assert_eq!(thunk_by_name("memcpy"), None);
+    }
+}
