@@ -163,11 +163,23 @@ fn analyze(file: &Path) -> Analysis {
 
 /// The known destinations of branches inside `[lo, hi)` (space 0).
 fn targets_in(a: &Analysis, lo: u64, hi: u64) -> Vec<(u64, Vec<u64>)> {
-    a.indirect_targets
-        .iter()
+    grouped(a)
+        .into_iter()
         .filter(|(s, at, _)| *s == 0 && *at >= lo && *at < hi)
-        .map(|(_, at, to)| (*at, to.clone()))
+        .map(|(_, at, to)| (at, to))
         .collect()
+}
+
+/// The known destinations per branch: (space, branch address, destinations).
+fn grouped(a: &Analysis) -> Vec<(usize, u64, Vec<u64>)> {
+    let mut out: Vec<(usize, u64, Vec<u64>)> = Vec::new();
+    for &(s, at, to) in &a.indirect_targets {
+        match out.last_mut() {
+            Some(last) if last.0 == s && last.1 == at => last.2.push(to),
+            _ => out.push((s, at, vec![to])),
+        }
+    }
+    out
 }
 
 fn within(syms: &BTreeMap<String, (u64, u64)>, name: &str, addr: u64) -> bool {
@@ -215,11 +227,8 @@ fn relocatable_objects_give_function_pointers_through_relocations() {
         a.report.indirect
     );
     // The two calls through fields each get one candidate, in .text's own space.
-    let field: Vec<&(usize, u64, Vec<u64>)> = a
-        .indirect_targets
-        .iter()
-        .filter(|t| t.2.len() == 1)
-        .collect();
+    let field: Vec<(usize, u64, Vec<u64>)> =
+        grouped(&a).into_iter().filter(|t| t.2.len() == 1).collect();
     assert!(a.report.indirect.field_calls_resolved >= 2, "{field:?}");
     let syms = symbols(&o);
     let wanted = [syms["io_in"].0, syms["io_out"].0];

@@ -227,6 +227,8 @@ mod tests {
         p.add(BASE, code);
         Knowledge {
             spaces: [(0, p)].into_iter().collect(),
+            targets: Vec::new(),
+            thunks: Vec::new(),
             report: Default::default(),
         }
     }

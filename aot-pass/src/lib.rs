@@ -203,9 +203,9 @@ pub struct Analysis {
     /// RIP, class), in region then address order.
     pub sites: Vec<(usize, u64, ExitClass)>,
     /// Known destinations of indirect branches and returns, as the translator
-    /// was given them: (address space, branch address, destinations), sorted. The
+    /// was given them: (address space, branch address, destination), sorted. The
     /// address space is 0, or in ET_REL the executable section's index.
-    pub indirect_targets: Vec<(usize, u64, Vec<u64>)>,
+    pub indirect_targets: Vec<(usize, u64, u64)>,
     /// Recognised thunks: (address space, address, what a branch to it does), sorted.
     pub thunks: Vec<(usize, u64, targets::Thunk)>,
     /// Guest identity inputs: loadable segments (p_paddr, file bytes); for ET_REL the
@@ -580,7 +580,7 @@ pub fn analyze_bytes(
         unsupported_blockers: formed.blockers,
         sites_in_clusters: formed.in_multi_exit_clusters,
         sites_not_in_clusters: formed.not_in_multi_exit_clusters,
-        indirect: knowledge.report.clone(),
+        indirect: knowledge.report,
         seconds: Timing {
             parse: t_parse,
             decode: t_decode,
@@ -597,16 +597,8 @@ pub fn analyze_bytes(
             .enumerate()
             .flat_map(|(i, s)| s.sites.iter().map(move |&(rip, c)| (i, rip, c)))
             .collect(),
-        indirect_targets: knowledge
-            .spaces
-            .iter()
-            .flat_map(|(&space, p)| p.targets().map(move |(at, to)| (space, at, to.to_vec())))
-            .collect(),
-        thunks: knowledge
-            .spaces
-            .iter()
-            .flat_map(|(&space, p)| p.thunks().map(move |(at, t)| (space, at, t)))
-            .collect(),
+        indirect_targets: knowledge.targets,
+        thunks: knowledge.thunks,
         segments: elf.segments.iter().map(|(a, b)| (*a, b.to_vec())).collect(),
     })
 }

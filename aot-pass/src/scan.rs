@@ -53,27 +53,71 @@ pub struct RegionScan {
     pub branches: Vec<Branch>,
 }
 
-/// A control transfer found while decoding.
+/// A control transfer found while decoding (16 bytes: vmlinux has over a million).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Branch {
     /// Address of the instruction.
     pub at: u64,
-    /// Address of the next instruction (a CALL's return address).
-    pub next: u64,
-    pub kind: BranchKind,
+    /// Target minus `next()` (direct branches), or the displacement (`CallField`).
+    rel: i32,
+    len: u8,
+    tag: u8,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BranchKind {
     /// Direct near CALL to this address.
     Call(u64),
-    /// Direct near unconditional JMP to this address.
+    /// Direct near unconditional JMP to this address (only those whose target
+    /// may be a thunk: see `THUNK_FIRST_BYTES`).
     Jmp(u64),
     /// RET (without an immediate).
     Ret,
     /// `call *disp(%reg)` (a base register, no index): a call through a field of a
     /// structure, this displacement.
     CallField(i64),
+}
+
+/// The first bytes of the thunks `crate::targets` recognises (RET, CALL rel32,
+/// JMP r/m, REX.B JMP r/m, LFENCE).
+pub const THUNK_FIRST_BYTES: [u8; 5] = [0xc3, 0xe8, 0xff, 0x41, 0x0f];
+
+const CALL: u8 = 0;
+const JMP: u8 = 1;
+const RET: u8 = 2;
+const CALL_FIELD: u8 = 3;
+
+impl Branch {
+    fn new(ins: &Instruction, kind: BranchKind) -> Option<Branch> {
+        let next = ins.next_ip();
+        let (tag, rel) = match kind {
+            BranchKind::Call(t) => (CALL, t.wrapping_sub(next) as i64),
+            BranchKind::Jmp(t) => (JMP, t.wrapping_sub(next) as i64),
+            BranchKind::Ret => (RET, 0),
+            BranchKind::CallField(d) => (CALL_FIELD, d),
+        };
+        Some(Branch {
+            at: ins.ip(),
+            rel: i32::try_from(rel).ok()?,
+            len: ins.len() as u8,
+            tag,
+        })
+    }
+
+    /// Address of the next instruction (a CALL's return address).
+    pub fn next(&self) -> u64 {
+        self.at.wrapping_add(u64::from(self.len))
+    }
+
+    pub fn kind(&self) -> BranchKind {
+        let target = self.next().wrapping_add(i64::from(self.rel) as u64);
+        match self.tag {
+            CALL => BranchKind::Call(target),
+            JMP => BranchKind::Jmp(target),
+            RET => BranchKind::Ret,
+            _ => BranchKind::CallField(i64::from(self.rel)),
+        }
+    }
 }
 
 fn branch_of(ins: &Instruction) -> Option<BranchKind> {
@@ -187,12 +231,19 @@ impl Ctx<'_, '_> {
             let exits = self.policy.classify(ins).is_some();
             c.sites.push((ins.ip(), class, exits));
         }
-        if let Some(kind) = branch_of(ins) {
-            c.branches.push(Branch {
-                at: ins.ip(),
-                next: ins.next_ip(),
-                kind,
-            });
+        if let Some(k) = branch_of(ins) {
+            // A jump matters to the knowledge only if it may go to a thunk: most
+            // jumps stay in their function and are dropped by their target's byte.
+            let keep = match k {
+                BranchKind::Jmp(t) => t
+                    .checked_sub(self.region.addr)
+                    .and_then(|o| self.region.bytes.get(usize::try_from(o).ok()?))
+                    .is_none_or(|&b| THUNK_FIRST_BYTES.contains(&b)),
+                _ => true,
+            };
+            if let Some(b) = Branch::new(ins, k).filter(|_| keep) {
+                c.branches.push(b);
+            }
         }
         if matches!(ins.code(), Code::Jmp_ptr1632 | Code::Jmp_ptr1616)
             && self.region.bitness != Bitness::B64
@@ -374,7 +425,8 @@ fn scan_region_chunked(
                 sites: Vec::new(),
                 invalid: Vec::new(),
                 far_targets: Vec::new(),
-                branches: Vec::new(),
+                // About one instruction in five is a call, jump or return.
+                branches: Vec::with_capacity((e - s) / 16),
                 pending: Vec::new(),
                 outgoing: Vec::new(),
                 sweep_exit: s,

@@ -56,6 +56,10 @@ pub struct KnowledgeReport {
 /// The code and known destinations per address space (ET_REL: one per section).
 pub struct Knowledge<'a> {
     pub spaces: BTreeMap<usize, Pieces<'a>>,
+    /// What the pieces were given: (space, branch address, destination), sorted.
+    pub targets: Vec<(usize, u64, u64)>,
+    /// (space, address, thunk), sorted.
+    pub thunks: Vec<(usize, u64, Thunk)>,
     pub report: KnowledgeReport,
 }
 
@@ -214,18 +218,23 @@ pub fn build<'r, 'a>(
         s.regions.push(r);
         s.branches.push(b);
     }
-    let built: Vec<(usize, Pieces<'a>, KnowledgeReport)> = spaces
+    let built: Vec<(usize, Built<'a>)> = spaces
         .into_par_iter()
-        .map(|(id, s)| {
-            let (p, r) = build_space(elf, id, &s);
-            (id, p, r)
-        })
+        .map(|(id, s)| (id, build_space(elf, id, &s)))
         .collect();
     let mut out = Knowledge {
         spaces: BTreeMap::new(),
+        targets: Vec::new(),
+        thunks: Vec::new(),
         report: KnowledgeReport::default(),
     };
-    for (id, p, r) in built {
+    for (id, b) in built {
+        let r = b.report;
+        out.targets
+            .extend(b.pairs.into_iter().map(|(at, to)| (id, at, to)));
+        out.thunks
+            .extend(b.thunks.into_iter().map(|(at, t)| (id, at, t)));
+        let p = b.pieces;
         out.report.indirect_thunks += r.indirect_thunks;
         out.report.return_thunks += r.return_thunks;
         out.report.returns_resolved += r.returns_resolved;
@@ -245,8 +254,26 @@ struct Calls<'e> {
     func_syms: Vec<&'e crate::elf::CodeSym>,
 }
 
-fn calls_of<'e>(elf: &'e Elf<'_>, areas: &[usize], s: &Space<'_, '_>) -> Calls<'e> {
-    let in_space = |addr: u64| areas.iter().any(|&a| elf.code[a].contains(addr));
+/// Whether the code at `addr` can start a thunk [`resolve_thunk`] recognises (its
+/// first byte), to decode only those.
+fn may_be_thunk(pieces: &Pieces<'_>, addr: u64) -> bool {
+    let mut b = [0u8; 1];
+    pieces.read_at(addr, &mut b) == 1 && crate::scan::THUNK_FIRST_BYTES.contains(&b[0])
+}
+
+fn calls_of<'e>(
+    elf: &'e Elf<'_>,
+    areas: &[usize],
+    s: &Space<'_, '_>,
+    pieces: &Pieces<'_>,
+) -> Calls<'e> {
+    let lo = areas.iter().map(|&a| elf.code[a].addr).min().unwrap_or(0);
+    let hi = areas
+        .iter()
+        .map(|&a| elf.code[a].addr + elf.code[a].bytes.len() as u64)
+        .max()
+        .unwrap_or(0);
+    let in_space = |t: u64| t >= lo && t < hi && areas.iter().any(|&a| elf.code[a].contains(t));
     let (mut calls, mut jump_targets): (Vec<(u64, u64)>, Vec<u64>) = s
         .branches
         .par_iter()
@@ -254,9 +281,9 @@ fn calls_of<'e>(elf: &'e Elf<'_>, areas: &[usize], s: &Space<'_, '_>) -> Calls<'
         .map(|chunk| {
             let (mut calls, mut jumps) = (Vec::new(), Vec::new());
             for b in chunk {
-                match b.kind {
-                    BranchKind::Call(t) if in_space(t) => calls.push((t, b.next)),
-                    BranchKind::Jmp(t) if in_space(t) => jumps.push(t),
+                match b.kind() {
+                    BranchKind::Call(t) if in_space(t) => calls.push((t, b.next())),
+                    BranchKind::Jmp(t) if may_be_thunk(pieces, t) => jumps.push(t),
                     _ => {}
                 }
             }
@@ -312,7 +339,7 @@ fn thunks_of(
     candidates.dedup();
     let by_bytes: Vec<(u64, Thunk)> = candidates
         .par_iter()
-        .filter(|a| !thunks.contains_key(a))
+        .filter(|a| !thunks.contains_key(a) && may_be_thunk(pieces, **a))
         .filter_map(|&a| Some((a, resolve_thunk(pieces, a, s.bitness_at(a)?)?)))
         .collect();
     thunks.extend(by_bytes);
@@ -333,29 +360,48 @@ fn returns_of(
         .filter(|f| f.size > 0)
         .map(|f| (f.addr, f.addr.saturating_add(f.size)))
         .collect();
+    // Callers per function start: calls are sorted by callee, starts by address.
+    let mut callers: Vec<(usize, usize)> = Vec::with_capacity(c.starts.len());
+    let mut k = 0;
+    for &f in &c.starts {
+        while k < c.calls.len() && c.calls[k].0 < f {
+            k += 1;
+        }
+        let lo = k;
+        while k < c.calls.len() && c.calls[k].0 == f {
+            k += 1;
+        }
+        callers.push((lo, k));
+    }
     let mut out = Vec::new();
     let mut sites = 0;
-    for b in s.branches.iter().flat_map(|b| b.iter()) {
-        let returns = match b.kind {
-            BranchKind::Ret => true,
-            BranchKind::Jmp(t) => thunks.get(&t) == Some(&Thunk::Return),
-            _ => false,
-        };
-        if !returns {
-            continue;
-        }
-        let k = c.starts.partition_point(|&f| f <= b.at);
-        let Some(&f) = k.checked_sub(1).map(|k| &c.starts[k]) else {
-            continue;
-        };
-        if sym_end.get(&f).is_some_and(|&end| b.at >= end) {
-            continue;
-        }
-        let lo = c.calls.partition_point(|x| x.0 < f);
-        let hi = c.calls.partition_point(|x| x.0 <= f);
-        if hi > lo && hi - lo <= MAX_RETURN_CALLERS {
-            out.extend(c.calls[lo..hi].iter().map(|x| (b.at, x.1)));
-            sites += 1;
+    for region in &s.branches {
+        // Branches are sorted: the function start only moves forward.
+        let mut fi = 0;
+        for b in region.iter() {
+            let returns = match b.kind() {
+                BranchKind::Ret => true,
+                BranchKind::Jmp(t) => thunks.get(&t) == Some(&Thunk::Return),
+                _ => false,
+            };
+            if !returns {
+                continue;
+            }
+            while fi < c.starts.len() && c.starts[fi] <= b.at {
+                fi += 1;
+            }
+            let Some(i) = fi.checked_sub(1) else {
+                continue;
+            };
+            let f = c.starts[i];
+            if sym_end.get(&f).is_some_and(|&end| b.at >= end) {
+                continue;
+            }
+            let (lo, hi) = callers[i];
+            if hi > lo && hi - lo <= MAX_RETURN_CALLERS {
+                out.extend(c.calls[lo..hi].iter().map(|x| (b.at, x.1)));
+                sites += 1;
+            }
         }
     }
     (out, sites)
@@ -388,7 +434,7 @@ fn fields_of(
     let mut out = Vec::new();
     let mut sites = 0;
     for b in s.branches.iter().flat_map(|b| b.iter()) {
-        let BranchKind::CallField(disp) = b.kind else {
+        let BranchKind::CallField(disp) = b.kind() else {
             continue;
         };
         let Some(set) = u64::try_from(disp).ok().and_then(|d| fields.get(&d)) else {
@@ -402,7 +448,16 @@ fn fields_of(
     (out, sites, taken.len() as u64)
 }
 
-fn build_space<'a>(elf: &Elf<'a>, id: usize, s: &Space<'_, 'a>) -> (Pieces<'a>, KnowledgeReport) {
+/// One space's knowledge.
+struct Built<'a> {
+    pieces: Pieces<'a>,
+    report: KnowledgeReport,
+    /// (branch address, destination), sorted.
+    pairs: Vec<(u64, u64)>,
+    thunks: BTreeMap<u64, Thunk>,
+}
+
+fn build_space<'a>(elf: &Elf<'a>, id: usize, s: &Space<'_, 'a>) -> Built<'a> {
     let mut report = KnowledgeReport::default();
     let mut pieces = Pieces::new();
     let areas: Vec<usize> = (0..elf.code.len())
@@ -411,7 +466,7 @@ fn build_space<'a>(elf: &Elf<'a>, id: usize, s: &Space<'_, 'a>) -> (Pieces<'a>, 
     for &a in &areas {
         pieces.add(elf.code[a].addr, elf.code[a].bytes);
     }
-    let c = calls_of(elf, &areas, s);
+    let c = calls_of(elf, &areas, s, &pieces);
     let ((thunks, (returns, returns_resolved)), (fields, field_calls, taken)) = rayon::join(
         || {
             let thunks = thunks_of(elf, &areas, s, &c, &pieces);
@@ -435,13 +490,17 @@ fn build_space<'a>(elf: &Elf<'a>, id: usize, s: &Space<'_, 'a>) -> (Pieces<'a>, 
     report.returns_resolved = returns_resolved;
     report.field_calls_resolved = field_calls;
     report.address_taken = taken;
-    (pieces, report)
+    Built {
+        pieces,
+        report,
+        pairs,
+        thunks,
+    }
 }
 
 /// Code addresses stored in data of space `id`: (data area, address of the word,
 /// function). ET_REL: the relocations; otherwise aligned pointer-sized words equal
-/// to a function start (a function symbol, or a direct call target when the file
-/// has no function symbols).
+/// to the address of a function symbol.
 fn code_pointers(
     elf: &Elf<'_>,
     id: usize,
@@ -458,12 +517,9 @@ fn code_pointers(
             .map(|p| (p.area, p.at, p.to))
             .collect();
     }
-    let known: HashSet<u64> = if funcs.is_empty() {
-        starts.iter().copied().collect()
-    } else {
-        funcs.clone()
-    };
-    let (Some(&lo), Some(&hi)) = (known.iter().min(), known.iter().max()) else {
+    // Function starts by symbol only: in a stripped file a word that equals a call
+    // target is too weak a sign (and no data objects would place it in a field).
+    let (Some(&lo), Some(&hi)) = (funcs.iter().min(), funcs.iter().max()) else {
         return Vec::new();
     };
     let word = if elf.bits == 64 { 8 } else { 4 };
@@ -474,7 +530,6 @@ fn code_pointers(
         .enumerate()
         .flat_map_iter(|(i, d)| {
             let skip = ((word - d.addr % word) % word) as usize;
-            let known = &known;
             d.bytes
                 .get(skip..)
                 .unwrap_or(&[])
@@ -486,7 +541,7 @@ fn code_pointers(
                     } else {
                         u64::from(u32::from_le_bytes(w.try_into().ok()?))
                     };
-                    (v >= lo && v <= hi && known.contains(&v)).then_some((
+                    (v >= lo && v <= hi && funcs.contains(&v)).then_some((
                         i,
                         d.addr + skip as u64 + k as u64 * word,
                         v,
