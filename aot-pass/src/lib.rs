@@ -500,7 +500,7 @@ pub fn analyze_bytes(
     // Clusters, over every executable section of the site's address space.
     let t1 = Instant::now();
     let regions: Vec<&Region<'_>> = planned.iter().map(|p| &p.region).collect();
-    let branches: Vec<&[scan::Branch]> = scans.iter().map(|s| s.branches.as_slice()).collect();
+    let branches: Vec<&[Vec<scan::Branch>]> = scans.iter().map(|s| s.branches.as_slice()).collect();
     let knowledge = targets::build(&elf, &regions, &branches);
     let all_sites: Vec<form::Site> = planned
         .iter()

@@ -50,7 +50,8 @@ pub struct RegionScan {
     pub far_targets: Vec<u64>,
     /// Control transfers the indirect-destination knowledge is built from
     /// (`crate::targets`), sorted by address.
-    pub branches: Vec<Branch>,
+    /// Per chunk of the scan, each sorted, the chunks in address order.
+    pub branches: Vec<Vec<Branch>>,
 }
 
 /// A control transfer found while decoding (16 bytes: vmlinux has over a million).
@@ -529,8 +530,6 @@ fn scan_region_chunked(
         c.branches.dedup_by_key(|b| b.at);
     });
     let mut out = RegionScan::default();
-    out.branches
-        .reserve_exact(chunks.iter().map(|c| c.branches.len()).sum());
     let mut all = Vec::new();
     for c in chunks {
         out.instructions += c.starts.count();
@@ -539,11 +538,10 @@ fn scan_region_chunked(
         out.invalid += c.invalid.len() as u64;
         all.extend(c.sites);
         out.far_targets.extend(c.far_targets.iter().map(|f| f.1));
-        out.branches.extend(c.branches);
+        out.branches.push(c.branches);
     }
     all.sort_unstable_by_key(|s| s.0);
     all.dedup_by_key(|s| s.0);
-    debug_assert!(out.branches.windows(2).all(|w| w[0].at < w[1].at));
     let mut by_class = std::collections::BTreeMap::new();
     for &(rip, class, exits) in &all {
         *by_class.entry(class).or_insert(0u64) += 1;
@@ -612,7 +610,7 @@ mod tests {
                     let r = scan_region_chunked(&region, &roots, hints, &policy, chunk);
                     let what = format!("{bits}-bit, chunk {chunk}, {} hints", hints.len());
                     assert_eq!(r.sites, whole.sites, "{what}");
-                    assert_eq!(r.branches, whole.branches, "{what}");
+                    assert_eq!(r.branches.concat(), whole.branches.concat(), "{what}");
                     assert_eq!(r.instructions, whole.instructions, "{what}");
                     assert_eq!(r.bytes_decoded, whole.bytes_decoded, "{what}");
                     assert_eq!(r.bytes_traversed, whole.bytes_traversed, "{what}");

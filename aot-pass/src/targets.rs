@@ -189,7 +189,7 @@ fn thunk_by_name(name: &str) -> Option<Thunk> {
 /// One address space's inputs.
 struct Space<'r, 'a> {
     regions: Vec<&'r Region<'a>>,
-    /// Per region, sorted by address.
+    /// Runs of branches, each sorted by address.
     branches: Vec<&'r [Branch]>,
 }
 
@@ -207,7 +207,7 @@ impl Space<'_, '_> {
 pub fn build<'r, 'a>(
     elf: &Elf<'a>,
     regions: &[&'r Region<'a>],
-    branches: &[&'r [Branch]],
+    branches: &[&'r [Vec<Branch>]],
 ) -> Knowledge<'a> {
     let mut spaces: BTreeMap<usize, Space<'r, 'a>> = BTreeMap::new();
     for (r, b) in regions.iter().zip(branches) {
@@ -216,7 +216,7 @@ pub fn build<'r, 'a>(
             branches: Vec::new(),
         });
         s.regions.push(r);
-        s.branches.push(b);
+        s.branches.extend(b.iter().map(|v| v.as_slice()));
     }
     let built: Vec<(usize, Built<'a>)> = spaces
         .into_par_iter()
