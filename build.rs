@@ -2,6 +2,8 @@
 //! cargo invocations, flags and target directories (PLATFORM.md: they cannot be
 //! members of the hosted workspace build), and tells the hosted side where they are.
 
+#[path = "build/cguests.rs"]
+mod cguests;
 #[path = "build/freestanding.rs"]
 mod freestanding;
 #[path = "build/guests.rs"]

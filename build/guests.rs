@@ -1,7 +1,8 @@
 //! Builds the guest kernels (guest-kernels/, its own cargo workspace) in one nested
 //! cargo invocation through `freestanding`, copies the ELFs to `$OUT_DIR/guests/`
 //! and tells the hosted crate where they are (`AVEX_GUEST_DIR`). Reruns only when
-//! guest-kernels/ changes.
+//! guest-kernels/ changes. The C guests (guest-kernels/c/) are built with gcc by
+//! `cguests` into the same directory.
 //!
 //! Besides the guests it builds `mbloader`, a multiboot1 trampoline implementing
 //! the guest boot ABI so a guest can be hand-checked under QEMU TCG
@@ -10,9 +11,10 @@
 
 use std::path::PathBuf;
 
-use crate::freestanding;
+use crate::{cguests, freestanding};
 
-/// The bundled guests, in the order `src/guests.rs` lists them.
+/// The bundled Rust guests, in the order `src/guests.rs` lists them (the C guests,
+/// listed after them, are `cguests::C_GUESTS`).
 pub const GUESTS: [&str; 6] = ["console", "pci", "rtc", "pit", "cpuid", "ctxswitch"];
 
 /// SSE off for every guest: KVM's instruction emulator here stops on SSE
@@ -49,5 +51,7 @@ pub fn build() {
             freestanding::write_if_changed(&out.join(name), &bytes);
         }
     }
+    let c_missing = cguests::build(&root, &out);
     println!("cargo:rustc-env=AVEX_GUEST_DIR={}", out.display());
+    println!("cargo:rustc-env=AVEX_C_GUESTS_MISSING={c_missing}");
 }

@@ -20,7 +20,7 @@ use std::process::Command;
 
 const CFGS: [&str; 4] = ["avex_kvm", "avex_bochs", "avex_qemu", "avex_gcc"];
 
-fn on_path(tool: &str) -> bool {
+pub fn on_path(tool: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|paths| {
         std::env::split_paths(&paths).any(|d| {
             let p = d.join(tool);
@@ -66,12 +66,18 @@ fn gcc() -> bool {
             .is_ok_and(|o| o.status.success())
 }
 
-pub fn detect() {
-    println!("cargo::rustc-check-cfg=cfg({})", CFGS.join(", "));
+/// Under CI (`CI=true`) or with `AVEX_REQUIRE_TOOLS` set (not `0`), a missing
+/// tool is an error, never a skip.
+pub fn required() -> bool {
     println!("cargo:rerun-if-env-changed=CI");
     println!("cargo:rerun-if-env-changed=AVEX_REQUIRE_TOOLS");
-    let required = std::env::var("CI").is_ok_and(|v| v == "true")
-        || std::env::var_os("AVEX_REQUIRE_TOOLS").is_some_and(|v| v != "0");
+    std::env::var("CI").is_ok_and(|v| v == "true")
+        || std::env::var_os("AVEX_REQUIRE_TOOLS").is_some_and(|v| v != "0")
+}
+
+pub fn detect() {
+    println!("cargo::rustc-check-cfg=cfg({})", CFGS.join(", "));
+    let required = required();
     let found = [kvm(), bochs(), on_path("qemu-system-x86_64"), gcc()];
     for (cfg, found) in CFGS.into_iter().zip(found) {
         if found || required {

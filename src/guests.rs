@@ -1,6 +1,7 @@
 //! The guest kernels bundled with avex: freestanding ELF64 workloads built from
-//! guest-kernels/ by build.rs (build/guests.rs) and embedded in the binary. Their
-//! boot ABI and expected output are in guest-kernels/README.md.
+//! guest-kernels/ by build.rs (build/guests.rs: the Rust guests; build/cguests.rs:
+//! the C guests of guest-kernels/c/, built with gcc) and embedded in the binary.
+//! Their boot ABI and expected output are in guest-kernels/README.md.
 // Consumers (`avex run`, `avex compare`, tests) are being written alongside.
 #![allow(dead_code)]
 
@@ -25,7 +26,10 @@ macro_rules! guest {
     };
 }
 
-static BUNDLED: [BundledGuest; 6] = [
+/// How many of [`BUNDLED`] are Rust guests; the C guests follow them.
+const RUST_GUESTS: usize = 6;
+
+static BUNDLED: [BundledGuest; 10] = [
     guest!(
         "console",
         "16550 UART probe and init, then a few KiB written with LSR (THRE) polling per byte"
@@ -50,16 +54,45 @@ static BUNDLED: [BundledGuest; 6] = [
         "ctxswitch",
         "2000 context switches: CR3 between two address spaces, FS/GS base MSRs, RDTSC"
     ),
+    guest!(
+        "c8250",
+        "C, gcc -O2: Linux's 8250 console path (port ops through function pointers, \
+         putchar callback, bounded LSR wait, IER saved/restored), 256 printk lines"
+    ),
+    guest!("c8250-os", "c8250 built with gcc -Os"),
+    guest!(
+        "cpci",
+        "C, gcc -O2: Linux-shaped PCI probe (type 1 through raw_pci_ops, bus 0 scan, \
+         BAR sizing, peer-bus probe of buses 1-255)"
+    ),
+    guest!(
+        "crtc",
+        "C, gcc -O2: Linux's mc146818_get_time through x86_platform.get_wallclock, 64 times"
+    ),
 ];
 
-/// Every bundled guest, in a fixed order.
+/// Why the C guests are not bundled (gcc was missing when avex was built), or
+/// empty if they are.
+pub const C_GUESTS_MISSING: &str = env!("AVEX_C_GUESTS_MISSING");
+
+/// Every bundled guest, in a fixed order: the Rust guests, then the C guests
+/// (unless [`C_GUESTS_MISSING`]).
 pub fn bundled() -> &'static [BundledGuest] {
-    &BUNDLED
+    if C_GUESTS_MISSING.is_empty() {
+        &BUNDLED
+    } else {
+        &BUNDLED[..RUST_GUESTS]
+    }
 }
 
 /// The bundled guest called `name`.
 pub fn find(name: &str) -> Option<&'static BundledGuest> {
-    BUNDLED.iter().find(|g| g.name == name)
+    bundled().iter().find(|g| g.name == name)
+}
+
+/// The names of the C guests, bundled or not.
+pub fn c_guest_names() -> impl Iterator<Item = &'static str> {
+    BUNDLED[RUST_GUESTS..].iter().map(|g| g.name)
 }
 
 /// Where build.rs put the guest ELFs (and `mbloader.bin`) at build time.

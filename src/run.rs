@@ -33,7 +33,7 @@ pub(crate) fn parse_mode(s: &str) -> Result<Mode, String> {
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// An ELF path, a pre-analyzed image, or a bundled guest's name (console, pci,
-    /// rtc, pit, cpuid, ctxswitch).
+    /// rtc, pit, cpuid, ctxswitch; in C: c8250, c8250-os, cpci, crtc).
     pub guest: String,
     #[arg(long, value_enum, default_value = "kvm")]
     pub backend: BackendKind,
@@ -74,6 +74,13 @@ pub fn load_guest(spec: &str) -> anyhow::Result<LoadedGuest> {
         (g.name.to_string(), g.elf.to_vec())
     } else {
         let names: Vec<&str> = guests::bundled().iter().map(|g| g.name).collect();
+        if guests::c_guest_names().any(|n| n == spec) {
+            bail!(
+                "{spec}: a C guest, not bundled in this build: {} (bundled: {})",
+                guests::C_GUESTS_MISSING,
+                names.join(", ")
+            );
+        }
         bail!(
             "{spec}: no such file, and not a bundled guest (bundled: {})",
             names.join(", ")

@@ -3,7 +3,7 @@
 //!
 //! - every bundled guest, pre-analyzed with `avex link`, prints the same console
 //!   bytes with clustering off and in `aot+dynamic`, and takes fewer exits with
-//!   clusters;
+//!   clusters (except the C guests today's translator cannot cluster yet);
 //! - a damaged and a stale `.avex.translations` section are each rejected with
 //!   their reason, and the guest still prints the same bytes;
 //! - a guest that writes over its own clustered code still prints the right
@@ -25,6 +25,7 @@ use avex_core::arch::msr;
 use serde_json::Value;
 
 use support::avex;
+use support::cguests::{c8250_output, NOT_YET_CLUSTERED};
 
 fn scratch(name: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
@@ -198,7 +199,15 @@ fn bundled_guests_print_the_same_bytes_with_fewer_exits_in_aot_dynamic() {
         if off.console.is_empty() {
             failures.push(format!("{}: printed nothing", g.name));
         }
-        if aot.exits() >= off.exits() {
+        if g.name.starts_with("c8250") && off.console != c8250_output() {
+            failures.push(format!(
+                "{}: not the bytes it prints under QEMU:\n{}",
+                g.name,
+                String::from_utf8_lossy(&off.console)
+            ));
+        }
+        // Fewer exits only where today's translator can cluster.
+        if !NOT_YET_CLUSTERED.contains(&g.name) && aot.exits() >= off.exits() {
             failures.push(format!(
                 "{}: {} exits with clusters, {} without",
                 g.name,

@@ -2,10 +2,12 @@
 //! at its physical addresses, has no undefined symbols and no SSE/AVX (KVM here
 //! cannot emulate them), and contains the exiting instructions it exists for.
 //! Each guest is also booted under QEMU TCG through the `mbloader` trampoline and
-//! its output checked (ignored where QEMU is missing, a failure under CI).
+//! its output checked (ignored where QEMU is missing, a failure under CI). The C
+//! guests (guest-kernels/c/, built with gcc) are checked like the Rust ones.
 
 #[path = "../src/guests.rs"]
 mod guests;
+mod support;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -119,12 +121,21 @@ fn guest_path(g: &BundledGuest) -> PathBuf {
 }
 
 #[test]
-fn the_six_workloads_are_bundled_once_each() {
+fn the_workloads_are_bundled_once_each() {
     let names: Vec<&str> = bundled().iter().map(|g| g.name).collect();
-    assert_eq!(
-        names,
-        ["console", "pci", "rtc", "pit", "cpuid", "ctxswitch"]
-    );
+    let rust = ["console", "pci", "rtc", "pit", "cpuid", "ctxswitch"];
+    let c = ["c8250", "c8250-os", "cpci", "crtc"];
+    assert_eq!(guests::c_guest_names().collect::<Vec<_>>(), c);
+    if guests::C_GUESTS_MISSING.is_empty() {
+        assert_eq!(names, [&rust[..], &c[..]].concat());
+    } else {
+        assert_eq!(
+            names,
+            rust,
+            "C guests missing: {}",
+            guests::C_GUESTS_MISSING
+        );
+    }
     for g in bundled() {
         assert!(!g.description.is_empty(), "{}: no description", g.name);
         assert_eq!(guests::find(g.name).map(|f| f.name), Some(g.name));
@@ -137,6 +148,19 @@ fn the_six_workloads_are_bundled_once_each() {
         );
     }
     assert!(guests::find("nonesuch").is_none());
+}
+
+#[test]
+#[cfg_attr(not(avex_gcc), ignore = "needs gcc")]
+fn the_c_guests_are_built_where_gcc_is() {
+    assert_eq!(guests::C_GUESTS_MISSING, "", "the C guests were not built");
+    for name in guests::c_guest_names() {
+        let g = guests::find(name).unwrap_or_else(|| panic!("{name} not bundled"));
+        assert!(!g.elf.is_empty(), "{name}: empty ELF");
+    }
+    // -Os made different code from the same source.
+    let (o2, os) = (guests::find("c8250"), guests::find("c8250-os"));
+    assert_ne!(o2.map(|g| g.elf), os.map(|g| g.elf), "c8250-os is c8250");
 }
 
 #[test]
@@ -295,6 +319,23 @@ fn every_guest_contains_the_exiting_instructions_it_exists_for() {
         ("pit", &["rdtsc"]),
         ("cpuid", &["cpuid", "xgetbv", "rdmsr", "wrmsr"]),
         ("ctxswitch", &[",%cr3", "rdmsr", "wrmsr", "rdtsc"]),
+        // The C guests reach their ports through function pointers (`call *`),
+        // and the 8250 console's LSR wait delays with writes to port 0x80.
+        ("c8250", &["call   *", "out    %al,$0x80"]),
+        ("c8250-os", &["call   *", "out    %al,$0x80"]),
+        (
+            "cpci",
+            &[
+                "call   *",
+                "out    %eax,(%dx)",
+                "in     (%dx),%eax",
+                "in     (%dx),%ax",
+            ],
+        ),
+        (
+            "crtc",
+            &["call   *", "out    %al,$0x70", "in     $0x71,%al"],
+        ),
     ];
     for g in bundled() {
         let dis = disassemble(g);
@@ -444,8 +485,10 @@ fn guests_run_under_qemu_deterministically_and_print_what_they_computed() {
             "{}: exit status {status}, output:\n{out}",
             g.name
         );
+        // c8250-os is c8250's source built with -Os: it prints the same bytes.
+        let tag = g.name.strip_suffix("-os").unwrap_or(g.name);
         assert!(
-            out.ends_with(&format!("{}: ok\r\n", g.name)),
+            out.ends_with(&format!("{tag}: ok\r\n")),
             "{}: output:\n{out}",
             g.name
         );
@@ -517,6 +560,40 @@ fn guests_run_under_qemu_deterministically_and_print_what_they_computed() {
                 );
                 let want = format!("ctxswitch: checksum {:#018x}", ctxswitch_checksum());
                 assert!(has(&want), "want `{want}` in:\n{out}");
+            }
+            "c8250" | "c8250-os" => {
+                let want = support::cguests::c8250_output();
+                assert!(
+                    out.as_bytes() == want,
+                    "{}: output differs from the expected:\n{out}",
+                    g.name
+                );
+            }
+            "cpci" => {
+                // The same i440FX functions the Rust pci guest finds, in Linux's
+                // words; QEMU's PIIX3 IDE has its I/O BAR at 0xc000 here.
+                for line in [
+                    "PCI: Using configuration type 1 for base access",
+                    "pci 0000:00:00.0: [8086:1237] type 00 class 0x060000 rev 02",
+                    "pci 0000:00:01.0: [8086:7000] type 00 class 0x060100 rev 00",
+                    "pci 0000:00:01.1: [8086:7010] type 00 class 0x010180 rev 00",
+                    "pci 0000:00:01.1: reg 0x20: [io  0x0000c000-0x0000c00f]",
+                    "pci 0000:00:01.3: [8086:7113] type 00 class 0x068000 rev 03",
+                    "cpci: bus 00: 4 functions, 1 BARs sized; buses 01-ff: 0 peer buses",
+                ] {
+                    assert!(has(line), "want `{line}` in:\n{out}");
+                }
+            }
+            "crtc" => {
+                // 2024-03-15 was a Friday, 19797 days after 1970-01-01.
+                assert!(
+                    has("rtc_cmos: register b 0x02 (bcd, 24h), battery good"),
+                    "{out}"
+                );
+                assert!(
+                    has("crtc: 64 reads, date 2024-03-15 weekday 5, day 19797 of the epoch"),
+                    "{out}"
+                );
             }
             other => panic!("unexpected guest {other}"),
         }

@@ -16,10 +16,11 @@ use avex_core::format::TranslationSet;
 use avex_core::stats::ExitReason;
 use avex_kvm::{Config, Error, Report};
 use support::aot::aot_set;
+use support::cguests::{c8250_output, NOT_YET_CLUSTERED};
 
+#[path = "../src/guests.rs"]
+mod guests;
 mod support;
-
-const GUESTS: [&str; 6] = ["console", "pci", "rtc", "pit", "cpuid", "ctxswitch"];
 
 /// KVM runs are timed and share 2 cores with everything else: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -43,11 +44,14 @@ fn run(elf: &[u8], mode: Mode, set: Option<TranslationSet>, timeout: f64) -> Res
 #[cfg_attr(not(avex_kvm), ignore = "needs /dev/kvm")]
 fn every_bundled_guest_prints_the_same_in_every_mode_with_fewer_exits() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    for name in GUESTS {
+    for name in guests::bundled().iter().map(|g| g.name) {
+        // Console bytes in every mode for all; fewer exits only where today's
+        // translator can cluster (support::cguests::NOT_YET_CLUSTERED).
+        let clusters = !NOT_YET_CLUSTERED.contains(&name);
         let elf = guest_elf(name);
         let set = aot_set(name, &elf);
         assert!(
-            !set.clusters.is_empty(),
+            !clusters || !set.clusters.is_empty(),
             "{name}: the AOT pass found no cluster"
         );
         let off = run(&elf, Mode::Off, None, 60.0).unwrap_or_else(|e| panic!("{name} off: {e}"));
@@ -57,6 +61,13 @@ fn every_bundled_guest_prints_the_same_in_every_mode_with_fewer_exits() {
         assert_eq!(off.stats.avoided(), 0);
         let exits_off = off.stats.exits();
         assert!(exits_off > 0, "{name}: KVM's exits statistic is zero");
+        if name.starts_with("c8250") {
+            assert!(
+                off.console == c8250_output(),
+                "{name}: not the bytes it prints under QEMU:\n{}",
+                String::from_utf8_lossy(&off.console)
+            );
+        }
         for mode in [Mode::Dynamic, Mode::Aot, Mode::AotDynamic] {
             let r = run(&elf, mode, mode.uses_aot().then(|| set.clone()), 60.0)
                 .unwrap_or_else(|e| panic!("{name} {mode}: {e}"));
@@ -72,7 +83,10 @@ fn every_bundled_guest_prints_the_same_in_every_mode_with_fewer_exits() {
                 Mode::Aot => {
                     assert_eq!(s.translations_built, 0, "{name}: aot built at run time");
                     assert_eq!(s.translate_ns, 0, "{name}: aot did translation work");
-                    assert!(s.translations_loaded > 0, "{name}: nothing loaded");
+                    assert!(
+                        !clusters || s.translations_loaded > 0,
+                        "{name}: nothing loaded"
+                    );
                     assert!(
                         s.translations_rejected.is_none(),
                         "{name}: {:?}",
@@ -81,11 +95,14 @@ fn every_bundled_guest_prints_the_same_in_every_mode_with_fewer_exits() {
                     assert_eq!(s.clusters_run_dynamic, 0);
                 }
                 Mode::Dynamic => {
-                    assert!(s.translations_built > 0, "{name}: dynamic built nothing");
+                    assert!(
+                        !clusters || s.translations_built > 0,
+                        "{name}: dynamic built nothing"
+                    );
                     assert_eq!(s.translations_loaded, 0);
                     assert_eq!(s.clusters_run_aot, 0);
                 }
-                Mode::AotDynamic => {
+                Mode::AotDynamic if clusters => {
                     assert!(
                         s.exits() < exits_off,
                         "{name}: aot+dynamic took {} exits, off {exits_off}",
@@ -94,6 +111,7 @@ fn every_bundled_guest_prints_the_same_in_every_mode_with_fewer_exits() {
                     assert!(s.avoided() > 0, "{name}: nothing avoided");
                     assert!(s.clusters_run_aot > 0, "{name}: no AOT cluster ran");
                 }
+                Mode::AotDynamic => {}
                 Mode::Off => unreachable!(),
             }
         }

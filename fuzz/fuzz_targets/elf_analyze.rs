@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(analysis) = analyze_bytes("fuzz.elf", data, &policy, &config) {
         for c in &analysis.clusters {
             if let Err(e) = validate(c) {
-                panic!("cluster at {:#x} fails validation: {e}", c.start);
+                panic!("cluster at {:#x} fails validation: {e}", c.lowest());
             }
         }
     }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod aot;
+pub mod cguests;
 pub mod shapes;
 
 use std::process::Command;

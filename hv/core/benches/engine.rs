@@ -1,6 +1,8 @@
 //! Engine throughput: time per register-only gap filler and per guest memory access
 //! (4-level page walk included). Each benchmark runs a 1000-instruction cluster on
-//! the in-memory test guest; criterion's throughput is per instruction.
+//! the in-memory test guest; criterion's throughput is per instruction. And a
+//! region that crosses calls (`calls_and_returns`): its cost per exiting
+//! instruction absorbed, against one hardware exit round trip.
 
 use avex_core::engine::test_guest::TestGuest;
 use avex_core::engine::{self, RunLimits, StopReason};
@@ -285,6 +287,193 @@ fn benches(cr: &mut Criterion) {
         best = best.min((cpu_ns() - t0) as f64 / runs as f64);
     }
     println!("engine/typical_cluster: {best:.1} ns per run of 8 instructions (2 port I/O, 1 memory read; thread CPU time)");
+
+    calls_and_returns(cr);
+}
+
+/// A poll loop that calls its port accessors, the shape of Linux's 8250 console
+/// (issue 9): per iteration `in` (LSR); `call putc` (direct), which does
+/// `out` (THR) and `in` (LSR) and returns through its guard; `call *%r11` (the
+/// port's serial_out through a function pointer, guarded), which does `out` (port
+/// 0x80) and returns; `dec rcx; jnz` back (an uncapped back-edge). 12 instructions,
+/// 4 of them exiting, per iteration; three code ranges on two pages.
+fn call_region() -> Cluster {
+    let a = CODE_VA;
+    let f = CODE_VA + 0x1000;
+    let g = CODE_VA + 0x1800;
+    let port = |out: bool| {
+        let op = if out {
+            Op::Out {
+                size: Size::S1,
+                port: PortSrc::Dx,
+            }
+        } else {
+            Op::In {
+                size: Size::S1,
+                port: PortSrc::Dx,
+            }
+        };
+        (op, op.exit_class())
+    };
+    let gap = |op: Op| (op, None);
+    let edx = |v: u64| {
+        gap(Op::Mov {
+            size: Size::S4,
+            dst: Operand::Reg(r(RDX, Size::S4)),
+            src: Operand::Imm(v),
+        })
+    };
+    let ret = gap(Op::Ret {
+        size: Size::S8,
+        pop: 0,
+    });
+    let layout = [
+        (a, port(false)),
+        (
+            a + 4,
+            gap(Op::Call {
+                size: Size::S8,
+                ret: a + 8,
+                target: Target::Insn(2),
+            }),
+        ),
+        (f, edx(0x3f8)),
+        (f + 4, port(true)),
+        (f + 8, edx(0x3fd)),
+        (f + 12, port(false)),
+        (f + 16, ret),
+        (
+            a + 8,
+            gap(Op::CallIndirect {
+                size: Size::S8,
+                src: Operand::Reg(r(11, Size::S8)),
+                ret: a + 12,
+            }),
+        ),
+        (g, port(true)),
+        (g + 4, ret),
+        (
+            a + 12,
+            gap(Op::Unary {
+                op: UnaryOp::Dec,
+                size: Size::S8,
+                dst: Operand::Reg(r(RCX, Size::S8)),
+            }),
+        ),
+        (
+            a + 16,
+            gap(Op::Jcc {
+                cond: Cond::Ne,
+                target: Target::Insn(0),
+            }),
+        ),
+    ];
+    let insns: Vec<Insn> = layout
+        .iter()
+        .map(|&(rip, (op, exit_class))| Insn {
+            rip,
+            len: 4,
+            op,
+            exit_class,
+        })
+        .collect();
+    let range = |start: u64, n: usize| CodeRange {
+        start,
+        bytes: vec![0x90; 4 * n],
+    };
+    let c = Cluster {
+        bitness: Bitness::B64,
+        code: vec![range(a, 5), range(f, 5), range(g, 2)],
+        insns,
+        back_edges: vec![BackEdge {
+            insn: 11,
+            cap: None,
+        }],
+        guards: vec![
+            Guard {
+                insn: 6,
+                expect: a + 8,
+                target: Target::Insn(7),
+            },
+            Guard {
+                insn: 7,
+                expect: g,
+                target: Target::Insn(8),
+            },
+            Guard {
+                insn: 9,
+                expect: a + 12,
+                target: Target::Insn(10),
+            },
+        ],
+    };
+    assert_eq!(validate(&c), Ok(()));
+    c
+}
+
+fn calls_and_returns(cr: &mut Criterion) {
+    let c = call_region();
+    let mut g = TestGuest::long_mode(8 << 20);
+    g.map_range(CODE_VA, CODE_GPA, 0x2000, 0x1);
+    g.map_range(DATA_VA, DATA_GPA, 64 * 4096, 0x3);
+    for r in &c.code {
+        g.write_bytes(CODE_GPA + (r.start - CODE_VA), &r.bytes);
+    }
+    g.default_port_in = 0x60;
+    let limits = RunLimits {
+        max_insns: 1 << 20,
+        ..RunLimits::default()
+    };
+    // The machine's clock, to express the cost in cycles (cpu MHz of the first
+    // CPU in /proc/cpuinfo; 2700 if it cannot be read).
+    let mhz = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("cpu MHz"))
+                .and_then(|l| l.split(':').nth(1))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .unwrap_or(2700.0);
+    for iterations in [1u64, 100] {
+        let run = |g: &mut TestGuest| {
+            g.state.rip = CODE_VA;
+            g.state.gpr[RSP as usize] = DATA_VA + 0x8000;
+            g.state.gpr[RCX as usize] = iterations;
+            g.state.gpr[11] = CODE_VA + 0x1800;
+            g.io_log.clear();
+            engine::run(black_box(&c), g, 0, &limits)
+        };
+        let out = run(&mut g);
+        assert_eq!(
+            (out.reason, out.stats.exiting as u64, out.stats.insns as u64),
+            (StopReason::End, 4 * iterations, 12 * iterations),
+            "{out:?}"
+        );
+        let exiting = out.stats.exiting as f64;
+        let runs = (200_000 / iterations).max(2000) as u32;
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let t0 = cpu_ns();
+            for _ in 0..runs {
+                black_box(run(&mut g).stats.insns);
+            }
+            best = best.min((cpu_ns() - t0) as f64 / runs as f64);
+        }
+        let per_exit = best / exiting;
+        println!(
+            "engine/calls_and_returns x{iterations}: {best:.0} ns per run, {per_exit:.1} ns = {:.0} cycles at {mhz:.0} MHz per exiting instruction absorbed ({} exiting, {} instructions, a direct and a guarded indirect call and 2 guarded returns per iteration; thread CPU time; a hardware round trip is about 800 cycles)",
+            per_exit * mhz / 1000.0,
+            out.stats.exiting,
+            out.stats.insns,
+        );
+        let mut grp = cr.benchmark_group("engine");
+        grp.throughput(Throughput::Elements(out.stats.exiting as u64));
+        grp.bench_function(format!("calls_and_returns_x{iterations}"), |b| {
+            b.iter(|| black_box(run(&mut g).stats.insns))
+        });
+        grp.finish();
+    }
 }
 
 criterion_group!(engine_benches, benches);

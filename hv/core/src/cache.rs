@@ -219,6 +219,38 @@ mod tests {
     }
 
     #[test]
+    fn every_code_range_of_a_region_is_indexed_and_forgotten() {
+        use crate::ir::CodeRange;
+        let mut c = TranslationCache::new();
+        let mut region = outs(0x1000, 2);
+        region.code.push(CodeRange {
+            start: 0x5000,
+            bytes: vec![0xee; 2],
+        });
+        region.insns.push(Insn {
+            rip: 0x5000,
+            ..outs(0x5000, 1).insns[0].clone()
+        });
+        c.insert(region, Origin::Dynamic).unwrap();
+        let at = |c: &TranslationCache, a| c.containing(a).map(|e| e.key()).collect::<Vec<_>>();
+        assert_eq!(at(&c, 0x5001), vec![0x1000]);
+        assert_eq!(at(&c, 0x1001), vec![0x1000]);
+        assert_eq!(at(&c, 0x3000), Vec::<u64>::new());
+        assert_eq!(
+            c.overlapping(0x4000, 0x6000)
+                .map(|e| e.key())
+                .collect::<Vec<_>>(),
+            vec![0x1000]
+        );
+        // Replaced by a translation without the second range: it is forgotten.
+        c.insert(outs(0x1000, 3), Origin::Dynamic).unwrap();
+        assert_eq!(at(&c, 0x5001), Vec::<u64>::new());
+        c.remove(0x1000);
+        assert_eq!(at(&c, 0x1001), Vec::<u64>::new());
+        assert!(c.ranges.is_empty());
+    }
+
+    #[test]
     fn load_set_marks_aot_and_refuses_invalid_clusters() {
         let mut c = TranslationCache::new();
         let set = TranslationSet {

@@ -250,6 +250,11 @@ impl ExitHandler {
     pub fn cache(&self) -> &TranslationCache {
         &self.cache
     }
+    /// The translation cache, to insert hand-made translations (tests, tools).
+    /// What goes in is validated as always; the statistics do not count it.
+    pub fn cache_mut(&mut self) -> &mut TranslationCache {
+        &mut self.cache
+    }
 
     /// Load a decoded translation set made ahead of time. It is checked against the
     /// running guest's identity ([`crate::identity::of_segments`]) and the policy;
@@ -481,18 +486,34 @@ impl ExitHandler {
     /// to `to`: remember it and, in dynamic modes, translate the cluster again so
     /// that it goes on there next time.
     fn learn_target<G: Guest + ?Sized>(&mut self, start: u64, at: u64, to: u64, guest: &mut G) {
-        if !self.mode.uses_dynamic() || !self.learned.learn(at, to) {
+        if !self.mode.uses_dynamic() {
+            return;
+        }
+        // The guest's state at the stop: same mode and page tables as when the
+        // cluster ran.
+        let state = guest.state();
+        // A destination the CPU cannot branch to (#GP at the branch: beyond the
+        // CS limit, or not canonical) is no target, and must not take one of the
+        // site's few slots.
+        let reachable = match bitness_of(&state) {
+            Bitness::B64 => ((to as i64) << 16 >> 16) as u64 == to,
+            _ => to <= u64::from(state.segment(crate::ir::Seg::Cs).limit),
+        };
+        if !reachable || !self.learned.learn(at, to) {
             return;
         }
         self.stats.indirect_targets_learned += 1;
-        // Translate from the entry with the guest's state at the stop: same mode
-        // and page tables as when the cluster ran.
-        let state = guest.state();
-        if let Some(cluster) = self.build(start, &state, guest) {
-            self.stats.translate_insns += cluster.insns.len() as u64;
-            if self.cache.insert(cluster, Origin::Dynamic).is_ok() {
-                self.stats.translations_rebuilt += 1;
+        let rebuilt = match self.build(start, &state, guest) {
+            Some(cluster) => {
+                self.stats.translate_insns += cluster.insns.len() as u64;
+                self.cache.insert(cluster, Origin::Dynamic).is_ok()
             }
+            None => false,
+        };
+        if rebuilt {
+            self.stats.translations_rebuilt += 1;
+        } else {
+            self.stats.translation_failures += 1;
         }
     }
 

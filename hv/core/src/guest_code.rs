@@ -12,31 +12,41 @@ use crate::guest::{CpuState, Guest};
 use crate::ir::Bitness;
 use crate::translator::CodeSource;
 
-/// Most destinations remembered per indirect branch or RET: past this the site is
-/// treated as megamorphic and no more are learned (each adds a guard and code).
+/// Most destinations kept per indirect branch or RET (each adds a guard and code).
+/// A new one replaces the oldest: the destinations of a driver's start-up probes
+/// give way to those of its steady state.
 pub const MAX_TARGETS_PER_SITE: usize = 4;
+
+/// Most destinations learned per site over a run: past this the site is treated as
+/// megamorphic and learns no more, so alternating destinations cannot make the
+/// hypervisor translate the same region again and again.
+pub const MAX_LEARNED_PER_SITE: u32 = 16;
 
 /// Destinations seen at run time, by the RIP of the branch or RET.
 #[derive(Clone, Debug, Default)]
 pub struct LearnedTargets {
-    map: BTreeMap<u64, Vec<u64>>,
+    map: BTreeMap<u64, (Vec<u64>, u32)>,
 }
 
 impl LearnedTargets {
     /// Records that the instruction at `at` went to `to`. True if that is new and
-    /// was kept (the site holds fewer than [`MAX_TARGETS_PER_SITE`]).
+    /// kept (the site has learned fewer than [`MAX_LEARNED_PER_SITE`]).
     pub fn learn(&mut self, at: u64, to: u64) -> bool {
-        let list = self.map.entry(at).or_default();
-        if list.contains(&to) || list.len() >= MAX_TARGETS_PER_SITE {
+        let (list, learned) = self.map.entry(at).or_default();
+        if list.contains(&to) || *learned >= MAX_LEARNED_PER_SITE {
             return false;
         }
+        if list.len() >= MAX_TARGETS_PER_SITE {
+            list.remove(0);
+        }
         list.push(to);
+        *learned += 1;
         true
     }
 
-    /// What is known for the instruction at `at`.
+    /// What is known for the instruction at `at`, oldest first.
     pub fn of(&self, at: u64) -> &[u64] {
-        self.map.get(&at).map_or(&[], |v| v.as_slice())
+        self.map.get(&at).map_or(&[], |(v, _)| v.as_slice())
     }
 
     /// Sites with at least one destination.
@@ -63,7 +73,8 @@ impl<G: Guest + ?Sized> CodeSource for GuestCode<'_, G> {
 }
 
 /// Read guest code at `rip` (CS-relative) through the guest's page tables into
-/// `buf`; returns how many bytes could be read (stops at the first unmapped byte).
+/// `buf`; returns how many bytes could be read (stops at the first unmapped byte,
+/// and outside 64-bit code at the CS limit, past which the CPU fetches nothing).
 pub fn fetch_code<G: Guest + ?Sized>(
     guest: &mut G,
     state: &CpuState,
@@ -71,10 +82,18 @@ pub fn fetch_code<G: Guest + ?Sized>(
     buf: &mut [u8],
 ) -> usize {
     let mmu = engine::Mmu::new(state, 52);
-    let base = match bitness_of(state) {
-        Bitness::B64 => 0,
-        _ => state.segment(crate::ir::Seg::Cs).base,
+    let cs = state.segment(crate::ir::Seg::Cs);
+    let (base, len) = match bitness_of(state) {
+        Bitness::B64 => (0, buf.len()),
+        _ => {
+            let room = (u64::from(cs.limit) + 1).saturating_sub(rip);
+            (
+                cs.base,
+                buf.len().min(usize::try_from(room).unwrap_or(usize::MAX)),
+            )
+        }
     };
+    let buf = &mut buf[..len];
     let mut done = 0;
     while done < buf.len() {
         let la = base.wrapping_add(rip).wrapping_add(done as u64);
@@ -90,4 +109,29 @@ pub fn fetch_code<G: Guest + ?Sized>(
         done += n;
     }
     done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::test_guest::TestGuest;
+    use crate::engine::Paging;
+
+    #[test]
+    fn code_is_fetched_up_to_the_cs_limit_only() {
+        let mut g = TestGuest::protected32(1 << 20, Paging::None);
+        g.write_bytes(0x1000, &[0xee; 16]);
+        let mut buf = [0u8; 16];
+        let fetch = |g: &mut TestGuest, rip, buf: &mut [u8]| {
+            let st = g.state.clone();
+            fetch_code(g, &st, rip, buf)
+        };
+        assert_eq!(fetch(&mut g, 0x1000, &mut buf), 16);
+        g.state.seg[crate::ir::Seg::Cs as usize].limit = 0x1003;
+        assert_eq!(fetch(&mut g, 0x1000, &mut buf), 4);
+        assert_eq!(fetch(&mut g, 0x1004, &mut buf), 0);
+        // Real mode: IP 0xfffe leaves 2 bytes below the 64K limit.
+        let mut g = TestGuest::new(1 << 20);
+        assert_eq!(fetch(&mut g, 0xfffe, &mut buf), 2);
+    }
 }

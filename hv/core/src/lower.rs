@@ -200,8 +200,38 @@ pub fn lower(instr: &Instruction) -> Result<Op, Unsupported> {
         | Mnemonic::Mfence
         | Mnemonic::Sfence => Op::Nop,
 
-        Mnemonic::Jmp => Op::Jmp {
-            target: near_target(instr)?,
+        Mnemonic::Jmp => match instr.op0_kind() {
+            OpKind::Register | OpKind::Memory => Op::JmpIndirect {
+                size: branch_size(instr)?,
+                src: operand(instr, 0)?,
+            },
+            _ => Op::Jmp {
+                target: near_target(instr)?,
+            },
+        },
+        Mnemonic::Call => {
+            let size = branch_size(instr)?;
+            let ret = instr.next_ip();
+            match instr.op0_kind() {
+                OpKind::Register | OpKind::Memory => Op::CallIndirect {
+                    size,
+                    src: operand(instr, 0)?,
+                    ret,
+                },
+                _ => Op::Call {
+                    size,
+                    ret,
+                    target: near_target(instr)?,
+                },
+            }
+        }
+        Mnemonic::Ret => Op::Ret {
+            size: branch_size(instr)?,
+            pop: match instr.op_count() {
+                0 => 0,
+                1 if instr.op0_kind() == OpKind::Immediate16 => instr.immediate16(),
+                _ => return Err(form),
+            },
         },
         Mnemonic::Jo
         | Mnemonic::Jno
@@ -627,6 +657,23 @@ fn near_target(instr: &Instruction) -> Result<Target, Unsupported> {
         }
         _ => Err(Unsupported::Form(instr.code())),
     }
+}
+
+/// The width of a near CALL, RET or indirect JMP: what it pushes, pops or reads.
+/// In 64-bit code only the 64-bit forms are taken (Intel ignores an operand-size
+/// prefix there where AMD honours it, so a 16-bit form would run differently).
+fn branch_size(instr: &Instruction) -> Result<Size, Unsupported> {
+    use Code as C;
+    let size = match instr.code() {
+        C::Call_rel16 | C::Call_rm16 | C::Jmp_rm16 | C::Retnw | C::Retnw_imm16 => Size::S2,
+        C::Call_rel32_32 | C::Call_rm32 | C::Jmp_rm32 | C::Retnd | C::Retnd_imm16 => Size::S4,
+        C::Call_rel32_64 | C::Call_rm64 | C::Jmp_rm64 | C::Retnq | C::Retnq_imm16 => Size::S8,
+        _ => return Err(Unsupported::Form(instr.code())),
+    };
+    if instr.code_size() == iced_x86::CodeSize::Code64 && size != Size::S8 {
+        return Err(Unsupported::Form(instr.code()));
+    }
+    Ok(size)
 }
 
 /// IN/OUT access size: the accumulator operand `i` (AL, AX or EAX).

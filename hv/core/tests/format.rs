@@ -297,18 +297,48 @@ fn filler_op(b: Bitness) -> BoxedStrategy<Op> {
     .boxed()
 }
 
-fn branch_target_mut(op: &mut Op) -> Option<&mut Target> {
-    match op {
-        Op::Jmp { target } | Op::Jcc { target, .. } | Op::Loop { target, .. } => Some(target),
-        _ => None,
-    }
+/// CALL rel, CALL r/m, JMP r/m and RET at the near-branch width of the code (their
+/// return addresses are filled in once the instruction's address is known).
+fn control_op(b: Bitness) -> BoxedStrategy<Op> {
+    let size = if b == Bitness::B64 {
+        select(vec![Size::S8])
+    } else {
+        select(vec![Size::S2, Size::S4])
+    };
+    prop_oneof![
+        (size.clone(), target()).prop_map(|(size, target)| Op::Call {
+            size,
+            ret: 0,
+            target
+        }),
+        size.clone().prop_flat_map(
+            move |size| rm(b, size).prop_map(move |src| Op::CallIndirect { size, src, ret: 0 })
+        ),
+        size.clone().prop_flat_map(
+            move |size| rm(b, size).prop_map(move |src| Op::JmpIndirect { size, src })
+        ),
+        (size, any::<u16>()).prop_map(|(size, pop)| Op::Ret { size, pop }),
+    ]
+    .boxed()
+}
+
+/// A guard record before it is tied to the cluster: which guarded instruction
+/// (reduced modulo their number), and an instruction index (reduced modulo the
+/// cluster's) or an exit address.
+fn guard_spec() -> impl Strategy<Value = (u16, Result<u16, u64>)> {
+    (
+        any::<u16>(),
+        prop_oneof![any::<u16>().prop_map(Ok), any::<u64>().prop_map(Err)],
+    )
 }
 
 fn bitness() -> impl Strategy<Value = Bitness> {
     select(vec![Bitness::B16, Bitness::B32, Bitness::B64, Bitness::B64])
 }
 
-/// An arbitrary cluster that satisfies every rule of `format::validate`.
+/// An arbitrary cluster that satisfies every rule of `format::validate`: a region
+/// of one or more code ranges (instructions in address order, a gap starting a
+/// new range), with calls, returns and guarded indirect branches.
 fn cluster() -> BoxedStrategy<Cluster> {
     bitness()
         .prop_flat_map(|b| {
@@ -323,61 +353,124 @@ fn cluster() -> BoxedStrategy<Cluster> {
                 exiting_op(b),
                 proptest::collection::vec(
                     (
-                        prop_oneof![3 => filler_op(b), 1 => exiting_op(b)],
+                        prop_oneof![3 => filler_op(b), 1 => exiting_op(b), 1 => control_op(b)],
                         any::<bool>(),
                         1u8..=15,
                         any::<Option<u16>>(),
+                        prop_oneof![3 => Just(0u64), 1 => 1u64..0x400],
                     ),
                     0..12,
                 ),
                 1u8..=15,
                 any::<u64>(),
+                proptest::collection::vec(guard_spec(), 0..8),
             )
         })
-        .prop_map(|(bitness, start, first, rest, first_len, seed)| {
-            let mut insns = vec![Insn {
-                rip: start,
-                len: first_len,
-                exit_class: first.exit_class(),
-                op: first,
-            }];
-            let mut caps = vec![None];
-            for (op, classify, len, cap) in rest {
-                let rip = insns.last().map(|i| i.rip + i.len as u64).unwrap();
-                let exit_class = if classify { op.exit_class() } else { None };
-                insns.push(Insn {
-                    rip,
-                    len,
-                    op,
-                    exit_class,
-                });
-                caps.push(cap);
-            }
-            let n = insns.len();
-            let mut back_edges = Vec::new();
-            for (i, insn) in insns.iter_mut().enumerate() {
-                if let Some(Target::Insn(t)) = branch_target_mut(&mut insn.op) {
-                    *t %= n as u16;
-                    if (*t as usize) <= i {
-                        back_edges.push(BackEdge {
-                            insn: i as u16,
-                            cap: caps[i],
+        .prop_map(
+            |(bitness, start, first, rest, first_len, seed, guard_specs)| {
+                let mut insns = vec![Insn {
+                    rip: start,
+                    len: first_len,
+                    exit_class: first.exit_class(),
+                    op: first,
+                }];
+                let mut caps = vec![None];
+                let mut ranges = vec![(start, start + first_len as u64)];
+                for (op, classify, len, cap, gap) in rest {
+                    let rip = insns.last().map(|i| i.rip + i.len as u64).unwrap() + gap;
+                    let exit_class = if classify { op.exit_class() } else { None };
+                    insns.push(Insn {
+                        rip,
+                        len,
+                        op,
+                        exit_class,
+                    });
+                    caps.push(cap);
+                    let end = rip + len as u64;
+                    match ranges.last_mut() {
+                        Some(r) if gap == 0 => r.1 = end,
+                        _ => ranges.push((rip, end)),
+                    }
+                }
+                let n = insns.len();
+                for insn in insns.iter_mut() {
+                    let next = insn.rip + insn.len as u64;
+                    if let Op::Call { size, ret, .. } | Op::CallIndirect { size, ret, .. } =
+                        &mut insn.op
+                    {
+                        *ret = next & size.mask();
+                    }
+                }
+                let mut back_edges = Vec::new();
+                for (i, insn) in insns.iter_mut().enumerate() {
+                    if let Some(Target::Insn(t)) = insn.op.target_mut() {
+                        *t %= n as u16;
+                        if (*t as usize) <= i {
+                            back_edges.push(BackEdge {
+                                insn: i as u16,
+                                cap: caps[i],
+                            });
+                        }
+                    }
+                }
+                let guarded: Vec<u16> = (0..n as u16)
+                    .filter(|&i| insns[i as usize].op.is_guarded())
+                    .collect();
+                let mut guards = Vec::new();
+                if !guarded.is_empty() {
+                    for (which, to) in guard_specs {
+                        let insn = guarded[which as usize % guarded.len()];
+                        let (expect, target) = match to {
+                            Ok(t) => {
+                                let t = t % n as u16;
+                                (insns[t as usize].rip, Target::Insn(t))
+                            }
+                            Err(a) => (a, Target::Exit(a)),
+                        };
+                        guards.push(Guard {
+                            insn,
+                            expect,
+                            target,
                         });
                     }
                 }
-            }
-            let end = insns.last().map(|i| i.rip + i.len as u64).unwrap();
-            let mut x = seed;
-            let guest_bytes = (start..end)
-                .map(|_| {
-                    x = x
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    (x >> 56) as u8
-                })
-                .collect();
-            Cluster::contiguous(bitness, start, guest_bytes, insns, back_edges)
-        })
+                guards.sort_by_key(|g| g.insn);
+                for &i in &guarded {
+                    let backward = guards
+                        .iter()
+                        .any(|g| g.insn == i && matches!(g.target, Target::Insn(t) if t <= i));
+                    if backward {
+                        back_edges.push(BackEdge {
+                            insn: i,
+                            cap: caps[i as usize],
+                        });
+                    }
+                }
+                back_edges.sort_by_key(|b| b.insn);
+                let mut x = seed;
+                let code = ranges
+                    .into_iter()
+                    .map(|(start, end)| CodeRange {
+                        start,
+                        bytes: (start..end)
+                            .map(|_| {
+                                x = x
+                                    .wrapping_mul(6364136223846793005)
+                                    .wrapping_add(1442695040888963407);
+                                (x >> 56) as u8
+                            })
+                            .collect(),
+                    })
+                    .collect();
+                Cluster {
+                    bitness,
+                    code,
+                    insns,
+                    back_edges,
+                    guards,
+                }
+            },
+        )
         .boxed()
 }
 
@@ -1195,6 +1288,64 @@ fn magic_and_layout_constants() {
     );
     assert_eq!(&b[16..48], &[9; 32]);
     assert_eq!(&b[48..80], &[3; 32]);
+}
+
+/// The generator reaches what regions add: several code ranges, each control op,
+/// guards into the cluster and out of it, and backward guard targets.
+#[test]
+fn generated_clusters_cover_regions() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+    let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &[3; 32]);
+    let mut runner = TestRunner::new_with_rng(Config::default(), rng);
+    let strategy = cluster();
+    let mut seen = [0u32; 8];
+    for _ in 0..512 {
+        let c = strategy.new_tree(&mut runner).unwrap().current();
+        assert_eq!(validate(&c), Ok(()));
+        let ops = |f: fn(&Op) -> bool| c.insns.iter().any(|i| f(&i.op));
+        let flags = [
+            c.code.len() > 1,
+            ops(|o| matches!(o, Op::Call { .. })),
+            ops(|o| matches!(o, Op::CallIndirect { .. })),
+            ops(|o| matches!(o, Op::JmpIndirect { .. })),
+            ops(|o| matches!(o, Op::Ret { .. })),
+            c.guards.iter().any(|g| matches!(g.target, Target::Insn(_))),
+            c.guards.iter().any(|g| matches!(g.target, Target::Exit(_))),
+            c.guards
+                .iter()
+                .any(|g| matches!(g.target, Target::Insn(t) if t <= g.insn)),
+        ];
+        for (k, f) in flags.iter().enumerate() {
+            seen[k] += u32::from(*f);
+        }
+    }
+    assert!(seen.iter().all(|&n| n >= 5), "coverage {seen:?}");
+}
+
+/// Guards and code ranges in a file are untrusted like the rest: a bad one is
+/// refused with the cluster named.
+#[test]
+fn region_rule_violations_are_refused_by_decode() {
+    let mut c = good(0x1000);
+    c.guards.push(Guard {
+        insn: 1,
+        expect: 0x5000,
+        target: Target::Exit(0x5000),
+    });
+    assert!(matches!(
+        cluster_error(c),
+        ClusterError::BadGuard { index: 0, .. }
+    ));
+    let mut c = good(0x1000);
+    c.code.push(CodeRange {
+        start: 0x1002,
+        bytes: vec![0x90],
+    });
+    assert!(matches!(
+        cluster_error(c),
+        ClusterError::BadCodeRange { range: 1, .. }
+    ));
 }
 
 /// With `AVEX_FUZZ_SEEDS=DIR`, write valid encodings of generated sets into DIR as a

@@ -99,7 +99,8 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
         let c = self.c;
         let cs = self.st.seg[Seg::Cs as usize];
         let base = if self.b64 { 0 } else { cs.base };
-        let mut page = 0;
+        let mut pages = 0;
+        self.code_pages = [u64::MAX; MAX_CODE_PAGES];
         let mut buf = [0u8; 256];
         for range in &c.code {
             let bytes = &range.bytes;
@@ -120,9 +121,15 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                     .map_err(|_| StopReason::CodeUnreadable)?;
                 let in_page = (4096 - (la & 0xfff)) as usize;
                 let chunk = in_page.min(bytes.len() - off);
-                if page < MAX_CODE_PAGES {
-                    self.code_pages[page] = gpa >> 12;
-                    page += 1;
+                // Every code page is recorded, or the run does not start: a write
+                // into an unrecorded one would go unseen.
+                if !self.code_pages[..pages].contains(&(gpa >> 12)) {
+                    let slot = self
+                        .code_pages
+                        .get_mut(pages)
+                        .ok_or(StopReason::Invalid(Invalid::TooLarge))?;
+                    *slot = gpa >> 12;
+                    pages += 1;
                 }
                 let mut done = 0;
                 while done < chunk {
@@ -143,10 +150,27 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
 
     // ---- branches -------------------------------------------------------------------
 
-    fn target(t: Target) -> Flow {
+    /// Where a taken branch goes. Inside the cluster the code check vouched for
+    /// the destination; a destination outside it the CPU checks before the branch
+    /// does anything (SDM JMP/CALL/RET/Jcc: #GP(0) if the new EIP is beyond the CS
+    /// limit, or the new RIP is not canonical), so the run stops before the branch
+    /// rather than resume the guest where it could not be (a non-canonical RIP
+    /// would fail the VM entry).
+    fn target(&self, t: Target) -> R<Flow> {
         match t {
-            Target::Insn(i) => Flow::Jump(i),
-            Target::Exit(r) => Flow::Exit(r),
+            Target::Insn(i) => Ok(Flow::Jump(i)),
+            Target::Exit(r) => {
+                let ok = if self.b64 {
+                    canonical(r)
+                } else {
+                    r <= u64::from(self.st.seg[Seg::Cs as usize].limit)
+                };
+                if ok {
+                    Ok(Flow::Exit(r))
+                } else {
+                    Err(GP)
+                }
+            }
         }
     }
 
@@ -163,8 +187,9 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
     /// CALL rel: push the return address, then go to the target.
     pub(super) fn call(&mut self, size: Size, ret: u64, target: Target) -> R<Flow> {
         self.check_target(target)?;
+        let flow = self.target(target)?;
         self.push(size, &Operand::Imm(ret))?;
-        Ok(Self::target(target))
+        Ok(flow)
     }
 
     /// Where a guarded instruction (index `at`) goes for destination `to`: the first
@@ -188,15 +213,15 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
         ret: u64,
     ) -> R<Flow> {
         let to = self.read(src, size)?;
-        let target = self.guarded(at, to)?;
+        let flow = self.target(self.guarded(at, to)?)?;
         self.push(size, &Operand::Imm(ret))?;
-        Ok(Self::target(target))
+        Ok(flow)
     }
 
     /// JMP r/m: read the destination, check it against the guards, go.
     pub(super) fn jmp_indirect(&mut self, at: usize, size: Size, src: &Operand) -> R<Flow> {
         let to = self.read(src, size)?;
-        Ok(Self::target(self.guarded(at, to)?))
+        self.target(self.guarded(at, to)?)
     }
 
     /// RET / RET imm16: read the return address, check it against the guards, pop
@@ -207,24 +232,24 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
         let la = self.seg_linear(Seg::Ss, sp, size.bytes(), false)?;
         let span = self.xlate(la, size.bytes(), Access::Read)?;
         let to = self.read_span(span)?;
-        let target = self.guarded(at, to)?;
+        let flow = self.target(self.guarded(at, to)?)?;
         let new_sp = sp
             .wrapping_add(u64::from(size.bytes()))
             .wrapping_add(u64::from(pop))
             & ss.mask();
         write_gpr(&mut self.st.gpr[RSP as usize], ss, new_sp);
-        Ok(Self::target(target))
+        Ok(flow)
     }
 
     pub(super) fn jmp(&self, target: Target) -> R<Flow> {
         self.check_target(target)?;
-        Ok(Self::target(target))
+        self.target(target)
     }
 
     pub(super) fn jcc(&mut self, c: Cond, target: Target) -> R<Flow> {
         self.check_target(target)?;
         if alu::cond(c, self.st.rflags) {
-            return Ok(Self::target(target));
+            return self.target(target);
         }
         Ok(Flow::Next)
     }
@@ -234,21 +259,27 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
         self.check_target(target)?;
         let rcx = self.st.gpr[RCX as usize] & addr_size.mask();
         let zf = self.st.rflags & ZF != 0;
-        let taken = if kind == LoopKind::Jcxz {
-            rcx == 0
+        let (taken, count) = if kind == LoopKind::Jcxz {
+            (rcx == 0, None)
         } else {
             let n = rcx.wrapping_sub(1) & addr_size.mask();
-            write_gpr(&mut self.st.gpr[RCX as usize], addr_size, n);
-            n != 0
+            let go = n != 0
                 && match kind {
                     LoopKind::Loope => zf,
                     LoopKind::Loopne => !zf,
                     _ => true,
-                }
+                };
+            (go, Some(n))
         };
-        if taken {
-            return Ok(Self::target(target));
+        // A taken branch that faults undoes the decrement with the rest.
+        let flow = if taken {
+            self.target(target)?
+        } else {
+            Flow::Next
+        };
+        if let Some(n) = count {
+            write_gpr(&mut self.st.gpr[RCX as usize], addr_size, n);
         }
-        Ok(Flow::Next)
+        Ok(flow)
     }
 }

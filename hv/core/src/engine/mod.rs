@@ -37,7 +37,9 @@
 //! # Control flow
 //!
 //! Forward branches to `Target::Insn` continue the run; `Target::Exit` ends it
-//! ([`StopReason::ExitBranch`]). A direct CALL pushes its return address and goes
+//! ([`StopReason::ExitBranch`]), unless the CPU would refuse the destination
+//! (beyond CS.limit outside 64-bit code, not canonical in it): then the run stops
+//! before the branch with #GP, nothing of it done, as the CPU faults there. A direct CALL pushes its return address and goes
 //! on like a JMP. An indirect CALL or JMP, or a RET, reads its destination and
 //! goes on only through a guard of the cluster expecting exactly that address
 //! (CALL pushes, RET pops, as the CPU does); with none it stops before itself,
@@ -99,8 +101,10 @@ use mmu::*;
 
 pub use crate::ir::limits::MAX_BACK_EDGES;
 /// Code pages a cluster can span (recorded by the code check for the self-write
-/// check): each range may start mid-page.
-const MAX_CODE_PAGES: usize = MAX_CLUSTER_BYTES / 4096 + MAX_CODE_RANGES;
+/// check): a range of at most [`MAX_CLUSTER_BYTES`] (one page) spans at most two
+/// pages, so `MAX_CODE_RANGES` ranges at most twice as many.
+const MAX_CODE_PAGES: usize = 2 * MAX_CODE_RANGES;
+const _: () = assert!(MAX_CLUSTER_BYTES <= 4096, "a range spans at most two pages");
 
 /// Runs `cluster` from instruction index `start` (see the module documentation).
 pub fn run<G: Guest + ?Sized>(
@@ -155,6 +159,7 @@ pub fn run<G: Guest + ?Sized>(
         units: limits.max_insns,
         be_counts: [0; MAX_BACK_EDGES],
         caps: None,
+        tlb: Tlb::EMPTY,
     };
     if let Err(r) = e.check_code() {
         let stats = e.stats;
@@ -219,6 +224,50 @@ struct Engine<'a, G: Guest + ?Sized> {
     be_counts: [u32; MAX_BACK_EDGES],
     /// The vCPU's features, once a write that is checked against them ran.
     caps: Option<CpuCaps>,
+    /// Translations done in this run (operand.rs `xlate`): a page touched again
+    /// costs no second walk, as in the CPU's TLB.
+    tlb: Tlb,
+}
+
+/// A small direct-mapped cache of the run's translations, by linear page and
+/// access kind (a write entry comes from a walk that set the dirty bit). Emptied
+/// whenever the paging state changes (`refresh_mmu`: CR writes, INVLPG).
+#[derive(Clone, Copy)]
+struct Tlb {
+    /// (linear page << 2 | access kind, guest-physical page); `u64::MAX` = empty.
+    slots: [(u64, u64); TLB_SLOTS],
+}
+
+const TLB_SLOTS: usize = 16;
+
+impl Tlb {
+    const EMPTY: Tlb = Tlb {
+        slots: [(u64::MAX, 0); TLB_SLOTS],
+    };
+
+    fn key(la: u64, access: Access) -> (u64, usize) {
+        let kind = match access {
+            Access::Read => 0,
+            Access::Write => 1,
+            Access::Fetch => 2,
+        };
+        let page = la >> 12;
+        (
+            (page << 2) | kind,
+            (page as usize ^ kind as usize) % TLB_SLOTS,
+        )
+    }
+
+    fn get(&self, la: u64, access: Access) -> Option<u64> {
+        let (key, slot) = Self::key(la, access);
+        let (k, gpa_page) = self.slots[slot];
+        (k == key).then_some(gpa_page | (la & 0xfff))
+    }
+
+    fn put(&mut self, la: u64, access: Access, gpa: u64) {
+        let (key, slot) = Self::key(la, access);
+        self.slots[slot] = (key, gpa & !0xfff);
+    }
 }
 
 const GP: StopReason = StopReason::Fault(Fault::GeneralProtection);
@@ -227,6 +276,20 @@ const UD: StopReason = StopReason::Fault(Fault::InvalidOpcode);
 impl<G: Guest + ?Sized> Engine<'_, G> {
     fn refresh_mmu(&mut self) {
         self.mmu = Mmu::new(&self.st, self.limits.maxphyaddr);
+        self.tlb = Tlb::EMPTY;
+    }
+
+    /// The guest-physical address of linear `la` for `access`: from the run's TLB,
+    /// or by a page walk whose result it keeps.
+    fn translate_cached(&mut self, la: u64, access: Access) -> Result<u64, XlateError> {
+        if let Some(gpa) = self.tlb.get(la, access) {
+            return Ok(gpa);
+        }
+        let gpa = self
+            .mmu
+            .translate(self.g, la, access, &mut self.stats.page_walks)?;
+        self.tlb.put(la, access, gpa);
+        Ok(gpa)
     }
 }
 

@@ -117,10 +117,7 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
     #[inline(always)]
     pub(super) fn xlate(&mut self, la: u64, size: u32, access: Access) -> R<Span> {
         self.stats.mem_accesses += 1;
-        let p0 = self
-            .mmu
-            .translate(self.g, la, access, &mut self.stats.page_walks)
-            .map_err(xerr)?;
+        let p0 = self.translate_cached(la, access).map_err(xerr)?;
         let in_page = 4096 - (la & 0xfff) as u32;
         if size <= in_page {
             return Ok(Span {
@@ -135,10 +132,7 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
         } else {
             la.wrapping_add(in_page as u64) & 0xffff_ffff
         };
-        let p1 = self
-            .mmu
-            .translate(self.g, la1, access, &mut self.stats.page_walks)
-            .map_err(xerr)?;
+        let p1 = self.translate_cached(la1, access).map_err(xerr)?;
         Ok(Span {
             p0,
             len0: in_page,

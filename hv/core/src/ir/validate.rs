@@ -143,6 +143,7 @@ pub fn validate(c: &Cluster) -> Result<(), ClusterError> {
     check_guards(c)?;
     for (i, insn) in c.insns.iter().enumerate() {
         check_op(&insn.op, c.bitness).map_err(|reason| CE::Operand { insn: i, reason })?;
+        check_return_address(insn).map_err(|reason| CE::Operand { insn: i, reason })?;
         if let Some(class) = insn.exit_class {
             if insn.op.exit_class() != Some(class) {
                 return Err(CE::ExitClassMismatch { insn: i });
@@ -500,9 +501,9 @@ fn check_op(op: &Op, bitness: Bitness) -> Check {
         Op::Clc | Op::Stc | Op::Cmc | Op::Cld | Op::Std | Op::Nop => Ok(()),
         Op::Jmp { .. } | Op::Jcc { .. } => Ok(()),
         Op::Loop { addr_size: a, .. } => addr_size(*a, b),
-        Op::Call { size, .. } | Op::Ret { size, .. } => push_size(*size, b),
+        Op::Call { size, .. } | Op::Ret { size, .. } => near_branch_size(*size, b),
         Op::CallIndirect { size, src, .. } | Op::JmpIndirect { size, src } => {
-            push_size(*size, b)?;
+            near_branch_size(*size, b)?;
             operand(src, *size, b, false)
         }
         Op::In { size, port: _ } | Op::Out { size, port: _ } => io_size(*size),
@@ -537,5 +538,32 @@ fn push_size(size: Size, bitness: Bitness) -> Check {
         (Size::S2, _) | (Size::S8, Bitness::B64) => Ok(()),
         (Size::S4, Bitness::B16 | Bitness::B32) => Ok(()),
         _ => Err("push/pop width not valid for this code size"),
+    }
+}
+
+/// The operand size of a near CALL, RET or indirect JMP: 16 or 32 bits outside
+/// 64-bit code (the return address pushed and popped at that width); in 64-bit code
+/// always 64, as on Intel CPUs, which ignore an operand-size prefix on near
+/// branches (SDM Vol. 1 3.6.1, Vol. 2 CALL/RET: "forced to 64 bits").
+fn near_branch_size(size: Size, bitness: Bitness) -> Check {
+    match (size, bitness) {
+        (Size::S8, Bitness::B64) | (Size::S2 | Size::S4, Bitness::B16 | Bitness::B32) => Ok(()),
+        (_, Bitness::B64) => Err("near CALL/RET/JMP in 64-bit code has operand size 8"),
+        _ => Err("near CALL/RET/JMP outside 64-bit code has operand size 2 or 4"),
+    }
+}
+
+/// A CALL pushes the address of the instruction after it, at its operand size:
+/// the return address a guard of the callee's RET expects, so it must be exact.
+fn check_return_address(insn: &Insn) -> Check {
+    match insn.op {
+        Op::Call { size, ret, .. } | Op::CallIndirect { size, ret, .. } => {
+            let next = insn.rip.wrapping_add(u64::from(insn.len)) & size.mask();
+            if ret != next {
+                return Err("return address is not the address after the CALL");
+            }
+            Ok(())
+        }
+        _ => Ok(()),
     }
 }

@@ -886,16 +886,82 @@ fn system_instructions() {
 }
 
 #[test]
+fn calls_returns_and_indirect_branches() {
+    // 0x1000: call 0x1105 (rel32), its return address the next instruction.
+    assert_eq!(
+        lower64(&[0xe8, 0x00, 0x01, 0x00, 0x00]),
+        Ok(Op::Call {
+            size: Size::S8,
+            ret: 0x1005,
+            target: Target::Exit(0x1105)
+        })
+    );
+    // call rax ; call [rdi+0x10] ; jmp rax ; ret ; ret 8
+    assert_eq!(
+        lower64(&[0xff, 0xd0]),
+        Ok(Op::CallIndirect {
+            size: Size::S8,
+            src: Operand::Reg(RegRef {
+                index: RAX,
+                size: Size::S8,
+                high8: false
+            }),
+            ret: 0x1002
+        })
+    );
+    assert_eq!(
+        lower64(&[0xff, 0x57, 0x10]),
+        Ok(Op::CallIndirect {
+            size: Size::S8,
+            src: Operand::Mem(mem(Seg::Ds, Some(RDI), None, 1, 0x10, Size::S8)),
+            ret: 0x1003
+        })
+    );
+    assert!(matches!(
+        lower64(&[0xff, 0xe0]),
+        Ok(Op::JmpIndirect { size: Size::S8, .. })
+    ));
+    assert_eq!(
+        lower64(&[0xc3]),
+        Ok(Op::Ret {
+            size: Size::S8,
+            pop: 0
+        })
+    );
+    assert_eq!(
+        lower64(&[0xc2, 0x08, 0x00]),
+        Ok(Op::Ret {
+            size: Size::S8,
+            pop: 8
+        })
+    );
+    // 32-bit code: call [ebx] reads and pushes 4 bytes.
+    assert!(matches!(
+        lower32(&[0xff, 0x13]),
+        Ok(Op::CallIndirect { size: Size::S4, .. })
+    ));
+}
+
+#[test]
 fn rejected_forms() {
     let is_form = |r: Result<Op, Unsupported>| matches!(r, Err(Unsupported::Form(_)));
     let is_mnemonic = |r: Result<Op, Unsupported>, m| r == Err(Unsupported::Mnemonic(m));
     // lock add [rax], ecx
     assert!(is_form(lower64(&[0xf0, 0x01, 0x08])));
-    // jmp rax (indirect), jmp far ptr16:32 (32-bit), call rel32
-    assert!(is_form(lower64(&[0xff, 0xe0])));
+    // jmp far ptr16:32 (32-bit), call far [rax], retf
     assert!(is_form(lower32(&[0xea, 0, 0, 0, 0, 0x08, 0x00])));
-    assert!(is_mnemonic(lower64(&[0xe8, 0, 0, 0, 0]), Mnemonic::Call));
-    assert!(is_mnemonic(lower64(&[0xc3]), Mnemonic::Ret));
+    assert!(is_form(lower64(&[0xff, 0x18])));
+    assert!(is_mnemonic(lower64(&[0xcb]), Mnemonic::Retf));
+    // An operand-size prefix on a near branch in 64-bit code: Intel ignores it (the
+    // decoder says so), so the branch stays 64-bit, as the engine runs it.
+    assert!(matches!(
+        lower64(&[0x66, 0xff, 0xd0]),
+        Ok(Op::CallIndirect { size: Size::S8, .. })
+    ));
+    assert!(matches!(
+        lower64(&[0x66, 0xc3]),
+        Ok(Op::Ret { size: Size::S8, .. })
+    ));
     // mov ds, ax ; mov ax, ds ; push fs ; mov dr7, rax
     assert!(is_form(lower32(&[0x8e, 0xd8])));
     assert!(is_form(lower32(&[0x8c, 0xd8])));

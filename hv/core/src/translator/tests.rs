@@ -1,6 +1,6 @@
 //! Tests of [`super`].
 use super::*;
-use crate::ir::{PortSrc, Size};
+use crate::ir::{BackEdge, PortSrc, Size, Target};
 use crate::policy::{ExitPolicy, VmcsControl};
 use alloc::string::ToString;
 use alloc::vec;
@@ -62,67 +62,45 @@ fn check_cluster_in(
     rip: u64,
     config: &TranslatorConfig,
 ) {
-    let first = cluster.insns.first().expect("a cluster has instructions");
-    let last = cluster.insns.last().unwrap();
-    assert_eq!(first.rip, cluster.lowest());
-    assert!(code_rip <= cluster.lowest() && cluster.lowest() <= rip);
+    assert!(!cluster.insns.is_empty(), "a cluster has instructions");
     assert_eq!(
         cluster.entry_rip(),
         Some(rip),
         "entered at the exiting instruction"
     );
     let entry = cluster.entry_index().unwrap();
-    assert!(entry <= config.loop_head_insns());
+    assert!(
+        entry <= crate::ir::limits::MAX_LOOP_HEAD_INSNS,
+        "the entry is laid out first, after at most a loop head"
+    );
     // Whatever the config, the translator builds only what the IR accepts.
     if let Err(e) = crate::ir::validate(cluster) {
         panic!("the translator built a cluster the validator refuses: {e}");
     }
-    for pair in cluster.insns.windows(2) {
+    assert!(code_rip <= cluster.lowest());
+    for range in &cluster.code {
+        let from = (range.start - code_rip) as usize;
         assert_eq!(
-            pair[1].rip,
-            pair[0].rip + u64::from(pair[0].len),
-            "contiguous"
+            range.bytes,
+            code[from..from + range.bytes.len()],
+            "the guest's bytes"
         );
     }
-    assert_eq!(cluster.highest_end(), last.rip + u64::from(last.len));
-    let from = (cluster.lowest() - code_rip) as usize;
-    let to = (cluster.highest_end() - code_rip) as usize;
-    assert_eq!(cluster.code[0].bytes, code[from..to]);
-    let last_is_back_edge = cluster
-        .back_edges
+    let open = (0..cluster.insns.len())
+        .any(|i| cluster.insns[i].op.is_guarded() && cluster.guards_of(i).next().is_none());
+    assert!(cluster.exiting_count() >= 2 || !cluster.back_edges.is_empty() || open);
+    assert!(cluster.insns.len() <= config.max_cluster_insns.max(1));
+    let calls = cluster
+        .insns
         .iter()
-        .any(|b| usize::from(b.insn) == cluster.insns.len() - 1);
-    assert!(last.exit_class.is_some() || last_is_back_edge);
-    assert!(cluster.exiting_count() >= 2 || !cluster.back_edges.is_empty());
-    if entry > 0 {
-        assert!(
-            cluster.insns.iter().any(|i| targets_below(&i.op, entry)),
-            "a loop head is only kept when a branch returns to it"
-        );
-    }
-    assert!(cluster.insns.len() <= config.max_cluster_insns.max(1) + config.loop_head_insns());
-    let n = cluster.insns.len();
-    for (at, insn) in cluster.insns.iter().enumerate() {
-        assert!((1..=15).contains(&insn.len));
-        if let Some(target) = insn.op.target() {
-            match target {
-                Target::Insn(k) => {
-                    assert!(usize::from(k) < n);
-                    let backward = usize::from(k) <= at;
-                    let listed = cluster.back_edges.iter().any(|b| usize::from(b.insn) == at);
-                    assert_eq!(backward, listed, "back-edges are the backward branches");
-                }
-                Target::Exit(addr) => {
-                    assert!(
-                        cluster.insns.iter().all(|i| i.rip != addr),
-                        "inside targets resolved"
-                    );
-                }
-            }
+        .any(|i| matches!(i.op, Op::Call { .. }) || i.op.is_guarded());
+    for insn in &cluster.insns {
+        if let (Some(Target::Exit(addr)), false) = (insn.op.target(), calls) {
+            assert!(
+                cluster.insns.iter().all(|i| i.rip != addr),
+                "inside targets resolved"
+            );
         }
-    }
-    for edge in &cluster.back_edges {
-        assert!(usize::from(edge.insn) < n);
     }
 }
 
@@ -199,7 +177,7 @@ fn explains_what_ended_a_cluster() {
         NoCluster::EndsCluster
     );
     let mut long = asm(&[CPUID, RDTSC]);
-    long.extend(core::iter::repeat_n(0x90, 20));
+    long.extend(core::iter::repeat_n(0x90, 70));
     assert_eq!(explained(&long), NoCluster::Single);
 }
 
@@ -307,7 +285,8 @@ fn a_back_edge_to_a_loop_head_before_the_entry_takes_the_head_in() {
 fn a_loop_head_must_be_plain_gap_fillers_ending_at_the_entry() {
     let config = TranslatorConfig::default();
     let policy = ExitPolicy::default();
-    // Head holds an exiting instruction (IN): no head, the cluster starts at the entry.
+    // Code before the entry that holds an exiting instruction (IN) is no loop
+    // head: the region takes it in as a block after the entry.
     let exiting_head: &[u8] = &[
         0xec, //       0x2000 in al, dx
         0x89, 0xc8, // 0x2001 mov eax, ecx
@@ -316,7 +295,9 @@ fn a_loop_head_must_be_plain_gap_fillers_ending_at_the_entry() {
         0x75, 0xf9, // 0x2005 jnz 0x2000
     ];
     let t = translate_in(exiting_head, 0x2000, 0x2003, Bitness::B64, &policy, &config).unwrap();
-    assert_eq!(t.cluster.lowest(), 0x2003);
+    assert_eq!(t.cluster.entry_index(), Some(0));
+    assert_eq!(t.cluster.lowest(), 0x2000);
+    assert_eq!(t.cluster.exiting_count(), 3);
     check_cluster_in(&t.cluster, exiting_head, 0x2000, 0x2003, &config);
 
     // The back-edge lands inside an instruction of the head: it does not decode to
@@ -329,40 +310,6 @@ fn a_loop_head_must_be_plain_gap_fillers_ending_at_the_entry() {
     ];
     let t = translate_in(misaligned, 0x3000, 0x3004, Bitness::B64, &policy, &config).unwrap();
     assert_eq!(t.cluster.lowest(), 0x3004);
-
-    // A head longer than allowed is refused.
-    let tight = TranslatorConfig {
-        max_loop_head_insns: 1,
-        ..TranslatorConfig::default()
-    };
-    let t = translate_in(
-        UART_TX_LOOP,
-        0x100170,
-        0x100176,
-        Bitness::B64,
-        &policy,
-        &tight,
-    )
-    .unwrap();
-    assert_eq!(t.cluster.lowest(), 0x100176);
-}
-
-#[test]
-fn a_loop_head_setting_past_the_ir_limit_builds_only_valid_clusters() {
-    // Ten gap fillers, then `out; in; jnz head`: a head longer than the IR allows.
-    let mut code = [0xff, 0xc1].repeat(10); // 0x7000.. inc ecx
-    code.extend_from_slice(&[0xee, 0xec, 0x75, 0xe8]); // 0x7014 out; in; jnz 0x7000
-    let wide = TranslatorConfig {
-        max_loop_head_insns: 20,
-        ..TranslatorConfig::default()
-    };
-    let policy = ExitPolicy::default();
-    let t = translate_in(&code, 0x7000, 0x7014, Bitness::B64, &policy, &wide).unwrap();
-    if let Err(e) = crate::ir::validate(&t.cluster) {
-        panic!("built a cluster the validator refuses: {e}");
-    }
-    assert_eq!(t.cluster.lowest(), 0x7014, "no head beyond the IR's limit");
-    assert_eq!(wide.loop_head_context_bytes(), 8 * 15);
 }
 
 #[test]
@@ -398,9 +345,15 @@ fn a_loop_head_may_test_for_the_loop_exit() {
         "a branch out of the cluster does not keep the loop from qualifying"
     );
 
-    // A head branch that stays inside can skip the exits: the loop is capped.
+    // A head branch that stays inside skips the OUT but still passes the IN: every
+    // way round holds an exiting instruction, so the loop still qualifies.
     let mut inside = code.to_vec();
     inside[6] = 0x05; // je 0x600c: into the cluster, past the OUT
+    let t = translate_in(&inside, 0x6000, 0x600b, Bitness::B64, &policy, &config).unwrap();
+    check_cluster_in(&t.cluster, &inside, 0x6000, 0x600b, &config);
+    assert_eq!(t.cluster.back_edges, vec![BackEdge { insn: 8, cap: None }]);
+    // Skipping every exiting instruction (je 0x6014, the back-edge itself) caps it.
+    inside[6] = 0x0d;
     let t = translate_in(&inside, 0x6000, 0x600b, Bitness::B64, &policy, &config).unwrap();
     check_cluster_in(&t.cluster, &inside, 0x6000, 0x600b, &config);
     assert_eq!(
@@ -424,18 +377,33 @@ fn a_poll_loop_with_one_exit_is_a_cluster() {
 }
 
 #[test]
-fn looks_sixteen_instructions_ahead() {
+fn looks_ahead_as_far_as_configured() {
+    // The paper's window: 16 instructions.
+    let paper = TranslatorConfig {
+        look_ahead: 16,
+        ..TranslatorConfig::default()
+    };
+    let policy = ExitPolicy::default();
     let mut reaches = CPUID.to_vec();
     reaches.extend(core::iter::repeat_n(0x90, 15));
     reaches.extend(CPUID); // 16th instruction after the first
-    let c = translate64(&reaches, 0x1000).unwrap();
+    let c = translate(&reaches, 0x1000, Bitness::B64, &policy, &paper).unwrap();
     assert_eq!(c.insns.len(), 17);
-    check_cluster(&c, &reaches, 0x1000, &TranslatorConfig::default());
+    check_cluster(&c, &reaches, 0x1000, &paper);
 
     let mut beyond = CPUID.to_vec();
     beyond.extend(core::iter::repeat_n(0x90, 16));
     beyond.extend(CPUID); // 17th: outside the window
-    assert_eq!(translate64(&beyond, 0x1000), Err(NoCluster::Single));
+    assert_eq!(
+        translate(&beyond, 0x1000, Bitness::B64, &policy, &paper),
+        Err(NoCluster::Single)
+    );
+    // avex's default, 64: compiled C between two port accesses across calls.
+    assert_eq!(translate64(&beyond, 0x1000).unwrap().exiting_count(), 2);
+    let mut far = CPUID.to_vec();
+    far.extend(core::iter::repeat_n(0x90, 64));
+    far.extend(CPUID);
+    assert_eq!(translate64(&far, 0x1000), Err(NoCluster::Single));
 
     let wide = TranslatorConfig {
         look_ahead: 17,
@@ -446,7 +414,7 @@ fn looks_sixteen_instructions_ahead() {
 }
 
 #[test]
-fn a_gap_holds_at_most_four_memory_accesses() {
+fn a_gap_touches_at_most_four_memory_pages() {
     let four = asm(&[
         OUT_80_AL,
         LOAD_EAX_RBX,
@@ -458,19 +426,36 @@ fn a_gap_holds_at_most_four_memory_accesses() {
     let c = translate64(&four, 0x1000).unwrap();
     assert_eq!(c.insns.len(), 6);
 
+    // Five pages (five base registers): one too many page walks.
     let five = asm(&[
         OUT_80_AL,
         LOAD_EAX_RBX,
-        LOAD_EAX_RBX,
-        LOAD_EAX_RBX,
-        LOAD_EAX_RBX,
-        LOAD_EAX_RBX,
+        &[0x8b, 0x01], // mov eax, [rcx]
+        &[0x8b, 0x02], // mov eax, [rdx]
+        &[0x8b, 0x06], // mov eax, [rsi]
+        &[0x8b, 0x07], // mov eax, [rdi]
         OUT_80_AL,
     ]);
     assert_eq!(
         translate64(&five, 0x1000),
         Err(NoCluster::GapTooManyMemoryAccesses)
     );
+    // Five accesses to one page (the engine walks it once), and stack accesses,
+    // which share the stack's page.
+    let one_page = asm(&[
+        OUT_80_AL,
+        LOAD_EAX_RBX,
+        LOAD_EAX_RBX,
+        STORE_RBX_EAX,
+        LOAD_EAX_RBX,
+        LOAD_EAX_RBX,
+        PUSH_RAX,
+        POP_RAX,
+        PUSH_RAX,
+        POP_RAX,
+        OUT_80_AL,
+    ]);
+    assert_eq!(translate64(&one_page, 0x1000).unwrap().exiting_count(), 2);
 
     // Each gap has its own budget.
     let two_gaps = asm(&[
@@ -489,9 +474,16 @@ fn a_gap_holds_at_most_four_memory_accesses() {
     let c = translate64(&two_gaps, 0x1000).unwrap();
     assert_eq!(c.exiting_count(), 3);
 
-    // The scan stops at the fifth access; the cluster keeps what came before.
+    // The path stops at the fifth page; the cluster keeps what came before.
     let cut = asm(&[
-        OUT_80_AL, OUT_80_AL, PUSH_RAX, POP_RAX, PUSH_RAX, POP_RAX, PUSH_RAX, OUT_80_AL,
+        OUT_80_AL,
+        OUT_80_AL,
+        LOAD_EAX_RBX,
+        &[0x8b, 0x01], // mov eax, [rcx]
+        &[0x8b, 0x02], // mov eax, [rdx]
+        &[0x8b, 0x06], // mov eax, [rsi]
+        &[0x8b, 0x07], // mov eax, [rdi]
+        OUT_80_AL,
     ]);
     let c = translate64(&cut, 0x1000).unwrap();
     assert_eq!(c.insns.len(), 2);
@@ -504,8 +496,9 @@ fn a_gap_holds_at_most_four_memory_accesses() {
     free.extend(OUT_80_AL);
     assert_eq!(translate64(&free, 0x1000).unwrap().insns.len(), 12);
 
+    // With no page allowed, the one page the gap touches is too many.
     let tight = TranslatorConfig {
-        max_gap_memory_accesses: 1,
+        max_gap_memory_accesses: 0,
         ..TranslatorConfig::default()
     };
     let policy = ExitPolicy::default();
@@ -673,9 +666,20 @@ fn forward_branches_inside_resolve_and_others_exit() {
 
 #[test]
 fn code_after_an_unconditional_jump_needs_a_branch_into_it() {
-    // cpuid ; jmp away ; cpuid: the second cpuid is not reachable from the cluster
+    // cpuid ; jmp away ; cpuid: the second cpuid is not reachable; the jump is
+    // followed to where the code ends.
     let code = asm(&[CPUID, &jmp(0x40), CPUID]);
-    assert_eq!(translate64(&code, 0x1000), Err(NoCluster::ControlLeaves));
+    assert_eq!(translate64(&code, 0x1000), Err(NoCluster::CodeEnds));
+    // cpuid ; jmp over two bytes of data ; cpuid: followed, the data never decoded.
+    let code = asm(&[CPUID, &jmp(2), &[0x0f, 0x0b], CPUID]);
+    let c = translate64(&code, 0x1000).unwrap();
+    check_cluster(&c, &code, 0x1000, &TranslatorConfig::default());
+    assert_eq!(c.exiting_count(), 2);
+    assert_eq!(
+        c.code.len(),
+        2,
+        "two code ranges, the data between left out"
+    );
 
     // in al,dx ; jz else ; out dx,al ; jmp done ; else: out 0x80,al ; done: rdtsc
     let code = asm(&[IN_AL_DX, &jz(3), OUT_DX_AL, &jmp(2), OUT_80_AL, RDTSC]);
@@ -715,9 +719,9 @@ fn the_cluster_ends_before_what_the_engine_cannot_run() {
         translate64(&asm(&[CPUID, &[0xf0, 0xff, 0x00], CPUID]), 0x1000),
         Err(NoCluster::Unsupported(Mnemonic::Inc))
     );
-    // call rel32
+    // call far [rax]
     assert_eq!(
-        translate64(&asm(&[CPUID, &[0xe8, 0, 0, 0, 0], CPUID]), 0x1000),
+        translate64(&asm(&[CPUID, &[0xff, 0x18], CPUID]), 0x1000),
         Err(NoCluster::Unsupported(Mnemonic::Call))
     );
 }
@@ -1124,22 +1128,26 @@ mod prop {
         (
             0usize..40,
             0usize..200,
-            // Past the IR's limit too: the config is clamped to it.
-            0usize..20,
+            // Past the IR's limits too: the config is clamped to them.
+            (0usize..5000, 0usize..40, 0usize..6),
             0u32..6,
             0u16..20,
             any::<bool>(),
         )
-            .prop_map(|(look_ahead, max_insns, max_head, max_gap, cap, cr3)| {
-                TranslatorConfig {
-                    look_ahead,
-                    max_cluster_insns: max_insns,
-                    max_loop_head_insns: max_head,
-                    max_gap_memory_accesses: max_gap,
-                    back_edge_cap: cap,
-                    end_after_cr3_load: cr3,
-                }
-            })
+            .prop_map(
+                |(look_ahead, max_insns, (bytes, ranges, depth), max_gap, cap, cr3)| {
+                    TranslatorConfig {
+                        look_ahead,
+                        max_cluster_insns: max_insns,
+                        max_region_bytes: bytes,
+                        max_code_ranges: ranges,
+                        max_call_depth: depth,
+                        max_gap_memory_accesses: max_gap,
+                        back_edge_cap: cap,
+                        end_after_cr3_load: cr3,
+                    }
+                },
+            )
     }
 
     fn check(code: &[u8], rip: u64, bitness: Bitness, config: &TranslatorConfig) {
@@ -1204,4 +1212,194 @@ mod prop {
             check(&code, rip, bitness, &config);
         }
     }
+}
+
+// ---------------------------------------------------------------------------------
+// Regions over the control-flow graph: calls, returns, indirect branches
+// ---------------------------------------------------------------------------------
+
+/// `rel32` from the end of a 5-byte CALL/JMP at `at` to `to`.
+fn rel32(op: u8, at: u64, to: u64) -> Vec<u8> {
+    let rel = (to as i64 - (at as i64 + 5)) as i32;
+    let mut v = vec![op];
+    v.extend_from_slice(&rel.to_le_bytes());
+    v
+}
+
+#[test]
+fn a_direct_call_takes_the_callee_in_and_returns_through_a_guard() {
+    // 0x1000 in al,dx ; call 0x1100 ; out dx,al        (caller)
+    // 0x1100 out 0x80,al ; ret                           (callee, far away)
+    let mut code = vec![0x90u8; 0x110];
+    code[0] = 0xec;
+    code[1..6].copy_from_slice(&rel32(0xe8, 0x1001, 0x1100));
+    code[6] = 0xee;
+    code[0x100..0x102].copy_from_slice(OUT_80_AL);
+    code[0x102] = 0xc3;
+    let c = translate64(&code, 0x1000).unwrap();
+    check_cluster(&c, &code, 0x1000, &TranslatorConfig::default());
+    assert_eq!(c.exiting_count(), 3);
+    assert_eq!(
+        c.code.len(),
+        2,
+        "caller and callee, the padding between left out"
+    );
+    let call = c
+        .insns
+        .iter()
+        .position(|i| matches!(i.op, Op::Call { .. }))
+        .unwrap();
+    let Op::Call { ret, target, .. } = c.insns[call].op else {
+        unreachable!()
+    };
+    assert_eq!(ret, 0x1006);
+    let Target::Insn(t) = target else {
+        panic!("the callee is inside the region")
+    };
+    assert_eq!(c.insns[usize::from(t)].rip, 0x1100);
+    let ret_at = c
+        .insns
+        .iter()
+        .position(|i| matches!(i.op, Op::Ret { .. }))
+        .unwrap();
+    let guards: Vec<_> = c.guards_of(ret_at).collect();
+    assert_eq!(guards.len(), 1);
+    assert_eq!(
+        guards[0].expect, 0x1006,
+        "the RET goes on only to the call's continuation"
+    );
+    let Target::Insn(k) = guards[0].target else {
+        panic!("the continuation is inside the region")
+    };
+    assert_eq!(c.insns[usize::from(k)].rip, 0x1006);
+}
+
+#[test]
+fn a_callee_called_twice_is_laid_out_once_per_call_site() {
+    // 0x2000 in al,dx ; call f ; call f ; hlt ;  f: out 0x80,al ; ret
+    let mut code = Vec::new();
+    code.extend(IN_AL_DX);
+    code.extend(rel32(0xe8, 0x2001, 0x2010));
+    code.extend(rel32(0xe8, 0x2006, 0x2010));
+    code.extend(HLT);
+    code.resize(0x10, 0x90);
+    code.extend(OUT_80_AL);
+    code.push(0xc3);
+    let c = translate64(&code, 0x2000).unwrap();
+    check_cluster(&c, &code, 0x2000, &TranslatorConfig::default());
+    assert_eq!(c.exiting_count(), 4, "IN, the callee's OUT twice, the HLT");
+    let rets: Vec<usize> = (0..c.insns.len())
+        .filter(|&i| matches!(c.insns[i].op, Op::Ret { .. }))
+        .collect();
+    assert_eq!(rets.len(), 2);
+    let expects: Vec<u64> = rets
+        .iter()
+        .map(|&r| c.guards_of(r).next().unwrap().expect)
+        .collect();
+    assert_eq!(expects, [0x2006, 0x200b]);
+}
+
+#[test]
+fn recursion_and_depth_stop_following_calls() {
+    // 0x3000 f: in al,dx ; call f ; ret
+    let mut code = Vec::new();
+    code.extend(IN_AL_DX);
+    code.extend(rel32(0xe8, 0x3001, 0x3000));
+    code.push(0xc3);
+    let t = translate_explained(
+        &code,
+        0x3000,
+        Bitness::B64,
+        &ExitPolicy::default(),
+        &TranslatorConfig::default(),
+    );
+    // The first call takes f in once more (the entry's own function is not known
+    // to be a function); the second would recurse.
+    if let Ok(t) = &t {
+        check_cluster(&t.cluster, &code, 0x3000, &TranslatorConfig::default());
+        assert!(t.cluster.insns.len() <= 6);
+    }
+    let flat = TranslatorConfig {
+        max_call_depth: 0,
+        ..TranslatorConfig::default()
+    };
+    let t = translate_explained(&code, 0x3000, Bitness::B64, &ExitPolicy::default(), &flat);
+    assert_eq!(t.map(|t| t.cluster), Err(NoCluster::CallDepth));
+}
+
+#[test]
+fn indirect_calls_and_returns_go_on_only_to_known_destinations() {
+    // 0x4000 in al,dx ; call rax ; out dx,al ; ret
+    // 0x4100 out 0x80,al ; ret
+    let mut bytes = vec![0x90u8; 0x110];
+    bytes[0] = 0xec;
+    bytes[1..3].copy_from_slice(&[0xff, 0xd0]);
+    bytes[3] = 0xee;
+    bytes[4] = 0xc3;
+    bytes[0x10] = 0xec; // 0x4010 in al,dx: where the function returns to
+    bytes[0x100..0x102].copy_from_slice(OUT_80_AL);
+    bytes[0x102] = 0xc3;
+    let policy = ExitPolicy::default();
+    let config = TranslatorConfig::default();
+    // Nothing known: the region ends at the call, a guard with nothing to accept,
+    // so that its first run reports where the call goes.
+    let mut src = Pieces::new();
+    src.add(0x4000, &bytes);
+    let t = translate_region(&mut src, 0x4000, Bitness::B64, &policy, &config).unwrap();
+    assert_eq!(t.grows_no_further, NoCluster::IndirectUnknown);
+    assert_eq!(t.cluster.insns.len(), 2);
+    assert!(t.cluster.guards.is_empty());
+    crate::ir::validate(&t.cluster).unwrap();
+    // The call's destination and the function's return address known.
+    src.add_target(0x4001, 0x4100);
+    src.add_target(0x4004, 0x4010);
+    let t = translate_region(&mut src, 0x4000, Bitness::B64, &policy, &config).unwrap();
+    let c = &t.cluster;
+    assert_eq!(c.exiting_count(), 4);
+    let call = c.insns.iter().position(|i| i.rip == 0x4001).unwrap();
+    let g: Vec<_> = c.guards_of(call).collect();
+    assert_eq!(g.len(), 1);
+    assert_eq!(g[0].expect, 0x4100);
+    assert!(matches!(g[0].target, Target::Insn(_)));
+    // The entry function's RET goes on to the known return address.
+    let ret = c.insns.iter().position(|i| i.rip == 0x4004).unwrap();
+    let g: Vec<_> = c.guards_of(ret).collect();
+    assert_eq!(g.len(), 1);
+    assert_eq!(g[0].expect, 0x4010);
+    let Target::Insn(k) = g[0].target else {
+        panic!("the return address is inside the region")
+    };
+    assert_eq!(c.insns[usize::from(k)].rip, 0x4010);
+    crate::ir::validate(c).unwrap();
+}
+
+#[test]
+fn a_poll_loop_entered_by_a_jump_to_its_test_clusters() {
+    // gcc's usual layout: jmp to the test, body above, rare path after the loop.
+    // 0x5000 out dx,al          (entry: write a byte)
+    // 0x5001 jmp 0x5006         (to the test)
+    // 0x5003 out 0x80,al        (body: delay)
+    // 0x5005 nop
+    // 0x5006 in al,dx           (test: read status)
+    // 0x5007 test al,0x20
+    // 0x5009 jz 0x5003
+    // 0x500b out dx,al          (next byte)
+    let code = asm(&[
+        OUT_DX_AL,
+        &jmp(3),
+        OUT_80_AL,
+        NOP,
+        IN_AL_DX,
+        TEST_AL_20,
+        &jz(-8),
+        OUT_DX_AL,
+    ]);
+    let c = translate64(&code, 0x5000).unwrap();
+    check_cluster(&c, &code, 0x5000, &TranslatorConfig::default());
+    assert_eq!(c.exiting_count(), 4);
+    assert_eq!(shape(&c), Shape::Looping);
+    assert!(
+        c.back_edges.iter().all(|b| b.cap.is_none()),
+        "every way round exits"
+    );
 }

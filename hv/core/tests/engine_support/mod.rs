@@ -87,3 +87,124 @@ pub fn prepare(g: &mut TestGuest, ops: &[(Op, Option<ExitClass>)]) -> Cluster {
 pub fn run(g: &mut TestGuest, c: &Cluster) -> RunOutcome {
     engine::run(c, g, 0, &RunLimits::default())
 }
+
+/// Every instruction of a hand-built region is 4 bytes of filler (the engine
+/// never decodes; the code check compares the bytes).
+pub const LEN: u8 = 4;
+/// A region built by hand: instructions at given addresses, in layout order.
+pub struct Region {
+    pub bitness: Bitness,
+    pub insns: Vec<Insn>,
+    pub guards: Vec<Guard>,
+    pub back_edges: Vec<BackEdge>,
+}
+
+impl Region {
+    pub fn new(bitness: Bitness) -> Region {
+        Region {
+            bitness,
+            insns: vec![],
+            guards: vec![],
+            back_edges: vec![],
+        }
+    }
+    /// Appends the instruction at `rip`; returns its index.
+    pub fn at(&mut self, rip: u64, (op, exit_class): (Op, Option<ExitClass>)) -> u16 {
+        self.insns.push(Insn {
+            rip,
+            len: LEN,
+            op,
+            exit_class,
+        });
+        (self.insns.len() - 1) as u16
+    }
+    pub fn guard(&mut self, insn: u16, expect: u64, target: Target) {
+        self.guards.push(Guard {
+            insn,
+            expect,
+            target,
+        });
+    }
+    pub fn back_edge(&mut self, insn: u16, cap: Option<u16>) {
+        self.back_edges.push(BackEdge { insn, cap });
+    }
+    /// The cluster: code ranges are the maximal runs of adjacent instructions.
+    pub fn build(mut self) -> Cluster {
+        let mut spans: Vec<(u64, u64)> = self
+            .insns
+            .iter()
+            .map(|i| (i.rip, i.rip + u64::from(i.len)))
+            .collect();
+        spans.sort_unstable();
+        spans.dedup();
+        let mut code: Vec<CodeRange> = vec![];
+        for (s, e) in spans {
+            match code.last_mut() {
+                Some(r) if r.end() == s => r.bytes.resize((e - r.start) as usize, 0x90),
+                _ => code.push(CodeRange {
+                    start: s,
+                    bytes: vec![0x90; (e - s) as usize],
+                }),
+            }
+        }
+        self.guards.sort_by_key(|g| g.insn);
+        self.back_edges.sort_by_key(|b| b.insn);
+        Cluster {
+            bitness: self.bitness,
+            code,
+            insns: self.insns,
+            back_edges: self.back_edges,
+            guards: self.guards,
+        }
+    }
+}
+
+/// 64-bit CALL rel, CALL r/m, JMP r/m and RET for [`Region::at`].
+pub fn call(ret: u64, target: Target) -> (Op, Option<ExitClass>) {
+    gap(Op::Call {
+        size: Size::S8,
+        ret,
+        target,
+    })
+}
+pub fn call_ind(src: Operand, ret: u64) -> (Op, Option<ExitClass>) {
+    gap(Op::CallIndirect {
+        size: Size::S8,
+        src,
+        ret,
+    })
+}
+pub fn jmp_ind(src: Operand) -> (Op, Option<ExitClass>) {
+    gap(Op::JmpIndirect {
+        size: Size::S8,
+        src,
+    })
+}
+pub fn ret(pop: u16) -> (Op, Option<ExitClass>) {
+    gap(Op::Ret {
+        size: Size::S8,
+        pop,
+    })
+}
+
+/// The guest after the run equals `want` (built from the guest before the run by
+/// applying what the CPU does): registers, RIP, flags, segments, control
+/// registers, RAM below the page tables (whose accessed/dirty bits the walks set),
+/// and the port I/O.
+pub fn assert_same(g: &TestGuest, want: &TestGuest) {
+    assert_eq!(g.state, want.state, "CPU state");
+    let top = want.next_table.min(g.next_table) as usize;
+    let differs = (0..top).find(|&a| g.ram[a] != want.ram[a]);
+    assert_eq!(differs, None, "first RAM byte that differs");
+    assert_eq!(g.io_log, want.io_log, "port I/O");
+}
+
+/// Records the OUT of one byte the CPU would do.
+pub fn out_log(want: &mut TestGuest, port: u16, value: u32) {
+    want.io_log.push(avex_core::engine::test_guest::PortIo {
+        out: true,
+        port,
+        size: 1,
+        value,
+    });
+}
