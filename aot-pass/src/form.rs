@@ -47,7 +47,7 @@ pub struct Formed {
 }
 
 /// The only clusters holding the site have one exiting instruction (a loop
-/// around it).
+/// around it: clusters of one exiting instruction without a loop are not kept).
 pub const ONE_EXIT_LOOP: &str = "one-exit-loop";
 /// Its cluster's entry is the entry of a cluster already kept.
 pub const SAME_ENTRY: &str = "same-entry";
@@ -157,6 +157,15 @@ pub fn form(
             *out.reasons.entry(NoCluster::NotExiting.name()).or_insert(0) += 1;
             continue;
         };
+        // One exiting instruction and no loop: running it after the exit absorbs
+        // nothing (its paths end, or stop at a guard that knows no destination, before
+        // another exit). The translator forms such a region so that the hypervisor
+        // can learn at the guard; ahead of time it is only cost, and the dynamic
+        // translator builds it itself where it pays.
+        if c.exiting_count() < 2 && c.back_edges.is_empty() {
+            *out.reasons.entry(NoCluster::Single.name()).or_insert(0) += 1;
+            continue;
+        }
         if kept.contains_key(&(s.space, entry)) {
             *out.reasons.entry(SAME_ENTRY).or_insert(0) += 1;
             continue;
@@ -268,13 +277,19 @@ mod tests {
             &TranslatorConfig::default(),
         )
         .unwrap();
-        assert_eq!(entry_points(&c), vec![(BASE, true), (BASE + 2, true)]);
+        // The third is the last exiting instruction: entered there (when the region
+        // goes on past it), the run absorbs nothing.
+        let points = entry_points(&c);
+        assert_eq!(points[..2], [(BASE, true), (BASE + 2, true)]);
+        assert!(
+            points[2..] == [] || points[2..] == [(BASE + 4, false)],
+            "{points:?}"
+        );
     }
 
-    /// The third OUT lies in the first cluster, but the hypervisor enters no
-    /// cluster at its last instruction: it is not served, so it is translated on its
-    /// own (and, with nothing exiting after it, gets no cluster). The second is
-    /// served.
+    /// The third OUT lies in the first cluster, but entering that cluster there
+    /// absorbs no exit: it is not served, so it is translated on its own (and, with
+    /// nothing exiting after it, gets no cluster). The second is served.
     #[test]
     fn a_site_is_covered_only_when_the_cluster_entered_there_serves_it() {
         let code = three_outs();

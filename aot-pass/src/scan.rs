@@ -158,6 +158,23 @@ impl Bits {
     fn set(&mut self, i: usize) {
         self.0[i >> 6] |= 1 << (i & 63);
     }
+    /// Sets bits `lo..hi` a word at a time (the hot path: every decoded
+    /// instruction's bytes).
+    #[inline]
+    fn set_range(&mut self, lo: usize, hi: usize) {
+        let mut i = lo;
+        while i < hi {
+            let bit = i & 63;
+            let n = (64 - bit).min(hi - i);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            self.0[i >> 6] |= mask;
+            i += n;
+        }
+    }
     #[inline]
     fn clear(&mut self, i: usize) {
         self.0[i >> 6] &= !(1 << (i & 63));
@@ -221,9 +238,7 @@ impl Ctx<'_, '_> {
         c.starts.set(rel);
         let len = ins.len().max(1);
         c.sweep_exit = c.sweep_exit.max(off + len);
-        for b in rel..(rel + len).min(c.end - c.start) {
-            c.covered.set(b);
-        }
+        c.covered.set_range(rel, (rel + len).min(c.end - c.start));
         if ins.is_invalid() {
             c.invalid.push(off);
             return;
@@ -280,9 +295,7 @@ impl Ctx<'_, '_> {
                 d.decode_out(&mut ins);
                 self.record(c, off, &ins);
                 let len = ins.len().max(1);
-                for b in rel..(rel + len).min(c.end - c.start) {
-                    c.traversed.set(b);
-                }
+                c.traversed.set_range(rel, (rel + len).min(c.end - c.start));
                 c.trav_exit = c.trav_exit.max(off + len);
                 if ins.is_invalid() {
                     break;
@@ -503,9 +516,7 @@ fn scan_region_chunked(
         c.far_targets.retain(|&(o, _)| o < c.start || o >= q);
         // Records before this chunk's start already belong to the previous chunk's
         // straddling instruction; clear the bytes it covers here.
-        for rel in 0..(p.min(c.end) - c.start) {
-            c.covered.set(rel);
-        }
+        c.covered.set_range(0, p.min(c.end) - c.start);
         for (off, i) in &fresh {
             cx.record(c, *off, i);
         }
@@ -517,12 +528,9 @@ fn scan_region_chunked(
     for k in 1..chunks.len() {
         let (p, t) = (chunks[k - 1].sweep_exit, chunks[k - 1].trav_exit);
         let c = &mut chunks[k];
-        for rel in 0..(p.min(c.end).saturating_sub(c.start)) {
-            c.covered.set(rel);
-        }
-        for rel in 0..(t.min(c.end).saturating_sub(c.start)) {
-            c.traversed.set(rel);
-        }
+        c.covered.set_range(0, p.min(c.end).saturating_sub(c.start));
+        c.traversed
+            .set_range(0, t.min(c.end).saturating_sub(c.start));
     }
     // Each chunk's branches lie in its own range: sorting per chunk sorts them all.
     chunks.par_iter_mut().for_each(|c| {
