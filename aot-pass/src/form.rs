@@ -112,6 +112,12 @@ fn entry_points(c: &Cluster) -> Vec<(u64, bool)> {
     out
 }
 
+/// Whether a path of `c` stops at an indirect CALL/JMP or RET that knows no
+/// destination (the run-time guard would learn it).
+fn stops_at_unknown_destination(c: &Cluster) -> bool {
+    (0..c.insns.len()).any(|k| c.insns[k].op.is_guarded() && c.guards_of(k).next().is_none())
+}
+
 /// Translates every site and chooses the clusters to keep (module docs).
 pub fn form(
     sites: &[Site],
@@ -133,11 +139,13 @@ pub fn form(
     // (space, rip) -> the cluster the hypervisor would enter there.
     let mut entered: HashMap<(usize, u64), Entered> = HashMap::new();
     let mut kept: BTreeMap<(usize, u64), Cluster> = BTreeMap::new();
-    let own: Vec<Option<&'static str>> = results
+    // Why each site's own translation gave no kept cluster (None: it did, or it
+    // was not needed).
+    let mut own: Vec<Option<&'static str>> = results
         .iter()
         .map(|r| r.as_ref().err().map(|e| e.name()))
         .collect();
-    for (s, r) in sites.iter().zip(results) {
+    for (i, (s, r)) in sites.iter().zip(results).enumerate() {
         if entered.get(&(s.space, s.rip)).is_some_and(|e| e.serves) {
             out.covered += 1;
             continue;
@@ -163,11 +171,18 @@ pub fn form(
         // can learn at the guard; ahead of time it is only cost, and the dynamic
         // translator builds it itself where it pays.
         if c.exiting_count() < 2 && c.back_edges.is_empty() {
-            *out.reasons.entry(NoCluster::Single.name()).or_insert(0) += 1;
+            let why = if stops_at_unknown_destination(&c) {
+                NoCluster::IndirectUnknown
+            } else {
+                NoCluster::Single
+            };
+            *out.reasons.entry(why.name()).or_insert(0) += 1;
+            own[i] = Some(why.name());
             continue;
         }
         if kept.contains_key(&(s.space, entry)) {
             *out.reasons.entry(SAME_ENTRY).or_insert(0) += 1;
+            own[i] = Some(SAME_ENTRY);
             continue;
         }
         let len = c.insns.len();
@@ -205,9 +220,8 @@ pub fn form(
                 continue;
             }
             Some(_) => ONE_EXIT_LOOP,
-            // In no kept cluster: its own translation's reason (a translation that
-            // succeeded but was not kept shares its entry with a kept one).
-            None => own.unwrap_or(SAME_ENTRY),
+            // In no kept cluster: why its own translation gave none.
+            None => own.unwrap_or(NoCluster::Single.name()),
         };
         *out.not_in_multi_exit_clusters.entry(why).or_insert(0) += 1;
     }
