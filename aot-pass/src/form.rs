@@ -296,14 +296,14 @@ mod tests {
         let points = entry_points(&c);
         assert_eq!(points[..2], [(BASE, true), (BASE + 2, true)]);
         assert!(
-            points[2..] == [] || points[2..] == [(BASE + 4, false)],
+            points[2..].is_empty() || points[2..] == [(BASE + 4, false)],
             "{points:?}"
         );
     }
 
     /// The third OUT lies in the first cluster, but entering that cluster there
     /// absorbs no exit: it is not served, so it is translated on its own (and, with
-    /// nothing exiting after it, gets no cluster). The second is served.
+    /// nothing exiting after it, keeps no cluster). The second is served.
     #[test]
     fn a_site_is_covered_only_when_the_cluster_entered_there_serves_it() {
         let code = three_outs();
@@ -317,7 +317,13 @@ mod tests {
         assert_eq!(f.clusters.len(), 1);
         assert_eq!(f.covered, 1);
         assert_eq!(f.translated, 2);
-        assert_eq!(f.reasons.get("single"), Some(&1));
+        // Its own region stops at the RET, whose destinations nobody knows.
+        assert_eq!(
+            f.reasons.get("indirect-unknown"),
+            Some(&1),
+            "{:?}",
+            f.reasons
+        );
         assert_eq!(f.in_multi_exit_clusters, 3);
         assert!(f.not_in_multi_exit_clusters.is_empty());
     }
