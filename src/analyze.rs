@@ -357,11 +357,12 @@ fn print_table(w: &mut impl Write, r: &Report) -> std::io::Result<()> {
     let k = &r.indirect;
     writeln!(
         w,
-        "  indirect   {} indirect thunks, {} return thunks, {} returns and {} field calls given destinations, {} address-taken functions",
+        "  indirect   {} indirect thunks, {} return thunks, {} returns, {} field calls and {} slot calls given destinations, {} address-taken functions",
         thousands(k.indirect_thunks),
         thousands(k.return_thunks),
         thousands(k.returns_resolved),
         thousands(k.field_calls_resolved),
+        thousands(k.slot_calls_resolved),
         thousands(k.address_taken)
     )?;
     writeln!(

@@ -77,6 +77,9 @@ pub enum BranchKind {
     /// `call *disp(%reg)` (a base register, no index): a call through a field of a
     /// structure, this displacement.
     CallField(i64),
+    /// `call *slot(%rip)` or `call *slot` (no register): a call through the
+    /// pointer stored at this address (Linux's paravirt calls through pv_ops).
+    CallSlot(u64),
 }
 
 /// The first bytes of the thunks `crate::targets` recognises (RET, CALL rel32,
@@ -87,6 +90,7 @@ const CALL: u8 = 0;
 const JMP: u8 = 1;
 const RET: u8 = 2;
 const CALL_FIELD: u8 = 3;
+const CALL_SLOT: u8 = 4;
 
 impl Branch {
     fn new(ins: &Instruction, kind: BranchKind) -> Option<Branch> {
@@ -96,6 +100,7 @@ impl Branch {
             BranchKind::Jmp(t) => (JMP, t.wrapping_sub(next) as i64),
             BranchKind::Ret => (RET, 0),
             BranchKind::CallField(d) => (CALL_FIELD, d),
+            BranchKind::CallSlot(a) => (CALL_SLOT, a.wrapping_sub(next) as i64),
         };
         Some(Branch {
             at: ins.ip(),
@@ -116,6 +121,7 @@ impl Branch {
             CALL => BranchKind::Call(target),
             JMP => BranchKind::Jmp(target),
             RET => BranchKind::Ret,
+            CALL_SLOT => BranchKind::CallSlot(target),
             _ => BranchKind::CallField(i64::from(self.rel)),
         }
     }
@@ -138,6 +144,18 @@ fn branch_of(ins: &Instruction) -> Option<BranchKind> {
                 && ins.memory_index() == Register::None =>
         {
             Some(BranchKind::CallField(ins.memory_displacement64() as i64))
+        }
+        FlowControl::IndirectCall
+            if ins.op0_kind() == OpKind::Memory
+                && matches!(
+                    ins.memory_base(),
+                    Register::None | Register::RIP | Register::EIP
+                )
+                && ins.memory_index() == Register::None
+                && ins.segment_prefix() == Register::None =>
+        {
+            // iced gives RIP-relative operands as absolute addresses.
+            Some(BranchKind::CallSlot(ins.memory_displacement64()))
         }
         _ => None,
     }

@@ -13,7 +13,9 @@
 //!   absolute relocations; executables: pointer-sized words equal to a function
 //!   start) are address-taken; a `call *disp(%reg)` gets as candidates the functions
 //!   stored at offset `disp` of data objects, when there are at most
-//!   [`MAX_FIELD_CANDIDATES`] of them.
+//!   [`MAX_FIELD_CANDIDATES`] of them;
+//! - static initialisers: a `call *slot(%rip)` gets the code address the ELF stores
+//!   in the slot (Linux's paravirt calls through pv_ops).
 //!
 //! The translator guards every such destination at run time (the value read must
 //! equal it), so a wrong or incomplete list costs only a stop, never correctness;
@@ -51,6 +53,8 @@ pub struct KnowledgeReport {
     pub address_taken: u64,
     /// `call *disp(%reg)` sites given candidates.
     pub field_calls_resolved: u64,
+    /// `call *slot(%rip)` sites given the code address stored in the slot.
+    pub slot_calls_resolved: u64,
 }
 
 /// The code and known destinations per address space (ET_REL: one per section).
@@ -240,6 +244,7 @@ pub fn build<'r, 'a>(
         out.report.returns_resolved += r.returns_resolved;
         out.report.address_taken += r.address_taken;
         out.report.field_calls_resolved += r.field_calls_resolved;
+        out.report.slot_calls_resolved += r.slot_calls_resolved;
         out.spaces.insert(id, p);
     }
     out
@@ -457,6 +462,39 @@ struct Built<'a> {
     thunks: BTreeMap<u64, Thunk>,
 }
 
+/// Destinations of calls through a pointer at a fixed address (`call
+/// *slot(%rip)`): the code address the ELF stores there (a static initialiser,
+/// as Linux's pv_ops). Not in ET_REL, whose words are filled by relocation.
+/// Returns (site, destination) pairs and the sites count.
+fn slots_of(elf: &Elf<'_>, areas: &[usize], s: &Space<'_, '_>) -> (Vec<(u64, u64)>, u64) {
+    let mut out = Vec::new();
+    if elf.kind == ElfKind::Rel {
+        return (out, 0);
+    }
+    for b in s.branches.iter().flat_map(|b| b.iter()) {
+        let BranchKind::CallSlot(slot) = b.kind() else {
+            continue;
+        };
+        let word = match s.bitness_at(b.at) {
+            Some(Bitness::B64) => 8,
+            Some(Bitness::B32) => 4,
+            _ => continue,
+        };
+        let value = elf.data.data.iter().find_map(|d| {
+            let off = usize::try_from(slot.checked_sub(d.addr)?).ok()?;
+            let w = d.bytes.get(off..off.checked_add(word)?)?;
+            let mut v = [0u8; 8];
+            v[..word].copy_from_slice(w);
+            Some(u64::from_le_bytes(v))
+        });
+        if let Some(to) = value.filter(|&v| areas.iter().any(|&a| elf.code[a].contains(v))) {
+            out.push((b.at, to));
+        }
+    }
+    let n = out.len() as u64;
+    (out, n)
+}
+
 fn build_space<'a>(elf: &Elf<'a>, id: usize, s: &Space<'_, 'a>) -> Built<'a> {
     let mut report = KnowledgeReport::default();
     let mut pieces = Pieces::new();
@@ -482,13 +520,16 @@ fn build_space<'a>(elf: &Elf<'a>, id: usize, s: &Space<'_, 'a>) -> Built<'a> {
         }
         pieces.add_thunk(a, t);
     }
+    let (slots, slot_calls) = slots_of(elf, &areas, s);
     let mut pairs = returns;
     pairs.extend(fields);
+    pairs.extend(slots);
     pairs.par_sort_unstable();
     pairs.dedup();
     pieces.add_targets(&pairs);
     report.returns_resolved = returns_resolved;
     report.field_calls_resolved = field_calls;
+    report.slot_calls_resolved = slot_calls;
     report.address_taken = taken;
     Built {
         pieces,
