@@ -1,7 +1,8 @@
-//! Cluster formation over a whole file: every exit-prone site is translated with
-//! `translate_region` (in parallel; each translation depends only on the site and
-//! the code), then the clusters to keep are chosen in one pass in site order, so
-//! the result is the same whatever the number of threads.
+//! Cluster formation over a whole file: the clusters to keep are chosen in one
+//! pass in site order; a site not served by a cluster kept so far is translated
+//! with `translate_region`, in parallel batches with the next such sites (each
+//! translation depends only on the site and the code), so the result is the same
+//! whatever the number of threads.
 //!
 //! A site needs no cluster of its own when the hypervisor, exiting there, would run
 //! an existing cluster from it and that run can still absorb an exit: the cluster
@@ -118,37 +119,58 @@ fn stops_at_unknown_destination(c: &Cluster) -> bool {
     (0..c.insns.len()).any(|k| c.insns[k].op.is_guarded() && c.guards_of(k).next().is_none())
 }
 
-/// Translates every site and chooses the clusters to keep (module docs).
+/// Sites translated together ahead of need (some may turn out served by then).
+const BATCH: usize = 32;
+
+/// Translates the sites that need it and chooses the clusters to keep (module
+/// docs).
 pub fn form(
     sites: &[Site],
     knowledge: &Knowledge<'_>,
     policy: &ExitPolicy,
     config: &TranslatorConfig,
 ) -> Formed {
-    let results: Vec<Result<Cluster, NoCluster>> = sites
-        .par_iter()
-        .map(|s| {
-            let Some(pieces) = knowledge.source(s.space) else {
-                return Err(NoCluster::CodeEnds);
-            };
-            let mut src = pieces;
-            api::translate_region(&mut src, s.rip, s.bitness, policy, config).map(|t| t.cluster)
-        })
-        .collect();
+    let translate = |s: &Site| {
+        let Some(pieces) = knowledge.source(s.space) else {
+            return Err(NoCluster::CodeEnds);
+        };
+        let mut src = pieces;
+        api::translate_region(&mut src, s.rip, s.bitness, policy, config).map(|t| t.cluster)
+    };
     let mut out = Formed::default();
     // (space, rip) -> the cluster the hypervisor would enter there.
     let mut entered: HashMap<(usize, u64), Entered> = HashMap::new();
     let mut kept: BTreeMap<(usize, u64), Cluster> = BTreeMap::new();
     // Why each site's own translation gave no kept cluster (None: it did, or it
     // was not needed).
-    let mut own: Vec<Option<&'static str>> = results
-        .iter()
-        .map(|r| r.as_ref().err().map(|e| e.name()))
-        .collect();
-    for (i, (s, r)) in sites.iter().zip(results).enumerate() {
-        if entered.get(&(s.space, s.rip)).is_some_and(|e| e.serves) {
+    let mut own: Vec<Option<&'static str>> = vec![None; sites.len()];
+    let mut done: Vec<Option<Result<Cluster, NoCluster>>> = vec![None; sites.len()];
+    let served = |entered: &HashMap<(usize, u64), Entered>, s: &Site| {
+        entered.get(&(s.space, s.rip)).is_some_and(|e| e.serves)
+    };
+    for (i, s) in sites.iter().enumerate() {
+        if served(&entered, s) {
             out.covered += 1;
             continue;
+        }
+        if done[i].is_none() {
+            // Translate this site and, in parallel, the next ones not served so
+            // far. Which sites a batch holds depends only on the sites and the
+            // clusters kept before: the same whatever the thread count.
+            let batch: Vec<usize> = (i..sites.len())
+                .filter(|&j| done[j].is_none() && !served(&entered, &sites[j]))
+                .take(BATCH)
+                .collect();
+            let results: Vec<_> = batch.par_iter().map(|&j| translate(&sites[j])).collect();
+            for (j, r) in batch.into_iter().zip(results) {
+                done[j] = Some(r);
+            }
+        }
+        let Some(r) = done[i].take() else {
+            continue;
+        };
+        if let Err(e) = &r {
+            own[i] = Some(e.name());
         }
         out.translated += 1;
         let c = match r {
