@@ -120,7 +120,7 @@ fn stops_at_unknown_destination(c: &Cluster) -> bool {
 }
 
 /// Sites translated together ahead of need (some may turn out served by then).
-const BATCH: usize = 32;
+const BATCH: usize = 16;
 
 /// Translates the sites that need it and chooses the clusters to keep (module
 /// docs).
