@@ -35,6 +35,21 @@ pub struct RunRequest<'a> {
     pub policy: ExitPolicy,
     pub translations: Option<Result<TranslationSet, String>>,
     pub timeout: Duration,
+    /// How a kernel (a PVH vmlinux) is booted: its initrd, command line and RAM.
+    pub kernel: KernelBoot<'a>,
+}
+
+/// What `avex run --initrd/--append/--mem` adds to a run: what a Linux kernel
+/// needs. `Default` is what the small guests get (no initrd, no command line, the
+/// backend's default RAM).
+#[derive(Clone, Debug, Default)]
+pub struct KernelBoot<'a> {
+    /// The initrd (module 0 of the PVH start info).
+    pub initrd: Option<&'a [u8]>,
+    /// The guest's command line.
+    pub cmdline: String,
+    /// Guest RAM in MiB (`None`: the backend's default).
+    pub mem_mib: Option<u64>,
 }
 
 /// What a backend reports.

@@ -20,7 +20,7 @@ use avex_core::exit::Mode;
 use avex_core::format;
 use avex_core::stats::{ExitStats, Summary};
 
-use crate::backend::{Backend, RunRequest, RunResult};
+use crate::backend::{Backend, KernelBoot, RunRequest, RunResult};
 
 /// The bare-metal VT-x hypervisor, booted in Bochs.
 pub struct Bochs;
@@ -55,6 +55,9 @@ pub const DEFAULT_GUEST_MIB: u64 = 16;
 
 const BIOS: &str = "/usr/share/bochs/BIOS-bochs-latest";
 const VGABIOS: &str = "/usr/share/bochs/VGABIOS-lgpl-latest";
+
+/// How many of the guest's last console lines a stopped guest's diagnosis shows.
+const CONSOLE_TAIL_LINES: usize = 12;
 
 /// The summary line's prefix on the hypervisor's log port (COM2).
 pub const SUMMARY_PREFIX: &str = "AVEX-SUMMARY ";
@@ -118,15 +121,37 @@ fn extra_options() -> Vec<String> {
 
 /// Make a bootable ISO for `elf` (a guest or pre-analyzed image) at `out`.
 pub fn make_iso(elf: &[u8], name: &str, mode: Mode, out: &Path) -> anyhow::Result<()> {
+    make_kernel_iso(elf, name, mode, &KernelBoot::default(), out)
+}
+
+/// [`make_iso`] for a kernel: with its initrd, command line and RAM.
+pub fn make_kernel_iso(
+    elf: &[u8],
+    name: &str,
+    mode: Mode,
+    kernel: &KernelBoot,
+    out: &Path,
+) -> anyhow::Result<()> {
     let hv = hypervisor_image()?;
     let spec = avex_linker::iso::IsoSpec {
         hypervisor: &hv,
         guest: elf,
         options: [
-            hypervisor_options(name, mode, DEFAULT_IPS, DEFAULT_GUEST_MIB),
+            hypervisor_options(
+                name,
+                mode,
+                DEFAULT_IPS,
+                kernel.mem_mib.unwrap_or(DEFAULT_GUEST_MIB),
+            ),
             extra_options(),
         ]
         .concat(),
+        initrd: kernel.initrd,
+        guest_cmdline: kernel
+            .cmdline
+            .split_whitespace()
+            .map(str::to_string)
+            .collect(),
     };
     avex_linker::iso::make_iso(&spec, out).map_err(|e| anyhow::anyhow!("{e}"))
 }
@@ -147,10 +172,16 @@ pub fn check_bochs() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The bochsrc for one run.
-pub fn bochsrc(iso: &Path, com1: &Path, com2: &Path, log: &Path, ips: u64) -> String {
+/// Bochs' RAM in MiB for a run: the default, or for a larger guest its RAM, the
+/// ISO's modules GRUB loads (`module_bytes`) and the hypervisor's own use.
+pub fn megs_for(guest_mib: u64, module_bytes: u64) -> u64 {
+    DEFAULT_MEGS.max(guest_mib + module_bytes.div_ceil(1 << 20) + 64)
+}
+
+/// The bochsrc for one run, with `megs` MiB of RAM ([`megs_for`]).
+pub fn bochsrc(iso: &Path, com1: &Path, com2: &Path, log: &Path, ips: u64, megs: u64) -> String {
     format!(
-        "megs: {DEFAULT_MEGS}\n\
+        "megs: {megs}\n\
          romimage: file={BIOS}\n\
          vgaromimage: file={VGABIOS}\n\
          display_library: rfb, options=\"timeout=0\"\n\
@@ -258,9 +289,13 @@ pub fn run_with_console(
         d.join("bochs.out"),
     );
     let image = image_for(req);
-    make_iso(&image, req.name, req.mode, &iso)
+    make_kernel_iso(&image, req.name, req.mode, &req.kernel, &iso)
         .with_context(|| format!("{}: cannot make the boot ISO", req.name))?;
-    std::fs::write(&rc, bochsrc(&iso, &com1, &com2, &log, DEFAULT_IPS))?;
+    let megs = megs_for(
+        req.kernel.mem_mib.unwrap_or(DEFAULT_GUEST_MIB),
+        (image.len() + req.kernel.initrd.map_or(0, <[u8]>::len)) as u64,
+    );
+    std::fs::write(&rc, bochsrc(&iso, &com1, &com2, &log, DEFAULT_IPS, megs))?;
     // Bochs' debugger is always compiled in: continue, and quit when the run ends.
     std::fs::write(&dbg, "c\nquit\n")?;
     let out_file = std::fs::File::create(&out)?;
@@ -337,12 +372,25 @@ pub fn run_with_console(
     };
     let summary = parse_summary(line)?;
     if let Some(e) = &summary.error {
-        bail!("{}: the hypervisor stopped the guest: {e}", req.name);
+        let text = String::from_utf8_lossy(&console_bytes);
+        let last: Vec<&str> = text.lines().rev().take(CONSOLE_TAIL_LINES).collect();
+        bail!(
+            "{}: the hypervisor stopped the guest: {e}\nthe guest's last console lines:\n  {}",
+            req.name,
+            last.into_iter().rev().collect::<Vec<_>>().join("\n  ")
+        );
     }
     let Some(stats) = summary.stats else {
         bail!("{}: the hypervisor's summary has no statistics", req.name);
     };
     let mut notes = Vec::new();
+    if summary.details.get("halted") == Some(&1) {
+        notes.push(
+            "the run ended with the guest halted (HLT with interrupts off: nothing can \
+             wake it), status 0"
+                .to_string(),
+        );
+    }
     if let Some(r) = &stats.translations_rejected {
         notes.push(format!("translations rejected: {r}"));
     }
@@ -426,6 +474,7 @@ mod tests {
             Path::new("/t/2"),
             Path::new("/t/l"),
             10_000_000,
+            DEFAULT_MEGS,
         );
         for k in [
             "rfb",

@@ -16,7 +16,7 @@ use avex_core::exit::Mode;
 use avex_core::policy::ExitPolicy;
 use avex_core::stats::ExitReason;
 
-use crate::backend::{RunRequest, TimeSplit};
+use crate::backend::{KernelBoot, RunRequest, TimeSplit};
 use crate::backends::BackendKind;
 use crate::guests;
 use crate::record::RunRecord;
@@ -42,6 +42,31 @@ pub struct Args {
     /// fastest run, so that time ratios are not one run's noise.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub repeat: u32,
+    /// Boot each guest as a kernel with this initrd (as `avex run --initrd`); the
+    /// console is then compared by its result lines only (those starting
+    /// `avex-linux: `: the rest carries timings).
+    #[arg(long, value_name = "FILE")]
+    pub initrd: Option<PathBuf>,
+    /// Words added to the kernel command line (as `avex run --append`).
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    pub append: Option<String>,
+    /// Guest RAM in MiB (as `avex run --mem`).
+    #[arg(long, value_name = "MIB")]
+    pub mem: Option<u64>,
+}
+
+/// What two modes' consoles are compared by: the whole console for the small
+/// guests, the workload's result lines for a kernel with an initrd.
+fn compared_output(console: &[u8], kernel: &KernelBoot) -> Vec<u8> {
+    if kernel.initrd.is_none() {
+        return console.to_vec();
+    }
+    String::from_utf8_lossy(console)
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .filter(|l| l.starts_with(crate::initramfs::PREFIX))
+        .flat_map(|l| l.bytes().chain([b'\n']))
+        .collect()
 }
 
 /// One row of the comparison.
@@ -64,6 +89,7 @@ pub fn compare(
     backend: BackendKind,
     timeout: Duration,
     repeat: u32,
+    kernel: &KernelBoot,
 ) -> anyhow::Result<Vec<Row>> {
     let policy = ExitPolicy::default();
     let mut rows: Vec<Row> = Vec::new();
@@ -82,16 +108,18 @@ pub fn compare(
                     policy: policy.clone(),
                     translations: mode.uses_aot().then(|| set.clone()),
                     timeout,
+                    kernel: kernel.clone(),
                 };
                 let row = match backend.get().run(&req, &mut |_| {}) {
                     Ok(r) => {
+                        let output = compared_output(&r.console, kernel);
                         if mode == Mode::Off && off_console.is_none() {
-                            off_console = Some(r.console.clone());
+                            off_console = Some(output.clone());
                         }
                         Row {
                             guest: guest.name.clone(),
                             mode,
-                            same_as_off: off_console.as_ref().map(|c| *c == r.console),
+                            same_as_off: off_console.as_ref().map(|c| *c == output),
                             result: Ok(RunRecord::new(&guest.name, mode, backend.get(), &r)),
                         }
                     }
@@ -476,11 +504,20 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     if !(args.timeout > 0.0 && args.timeout.is_finite()) {
         anyhow::bail!("--timeout must be a positive number of seconds");
     }
+    let initrd = args.initrd.as_deref().map(run::read_initrd).transpose()?;
+    let kernel = KernelBoot {
+        initrd: initrd.as_deref(),
+        cmdline: run::kernel_cmdline(initrd.is_some(), args.append.as_deref()),
+        mem_mib: args
+            .mem
+            .or(initrd.is_some().then_some(run::DEFAULT_KERNEL_MIB)),
+    };
     let rows = compare(
         &specs,
         args.backend,
         Duration::from_secs_f64(args.timeout),
         args.repeat,
+        &kernel,
     )?;
     print!("{}", table(&rows));
     if let Some(path) = &args.json {
@@ -519,6 +556,23 @@ mod tests {
     use super::*;
     use crate::backend::RunResult;
     use avex_core::stats::ExitStats;
+
+    #[test]
+    fn a_kernel_is_compared_by_its_result_lines_only() {
+        let a = b"[    1.000] booting\r\navex-linux: start\r\n[    2.5] x\r\navex-linux: done\r\n";
+        let b = b"[    1.300] booting\navex-linux: start\n[    2.9] y\navex-linux: done\n";
+        let small = KernelBoot::default();
+        assert_ne!(compared_output(a, &small), compared_output(b, &small));
+        let kernel = KernelBoot {
+            initrd: Some(b"cpio"),
+            ..KernelBoot::default()
+        };
+        assert_eq!(compared_output(a, &kernel), compared_output(b, &kernel));
+        assert_eq!(
+            compared_output(a, &kernel),
+            b"avex-linux: start\navex-linux: done\n"
+        );
+    }
 
     fn row(
         guest: &str,

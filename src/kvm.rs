@@ -17,11 +17,19 @@ impl Backend for Kvm {
         req: &RunRequest<'_>,
         console: &mut dyn FnMut(&[u8]),
     ) -> anyhow::Result<RunResult> {
+        if req.kernel.initrd.is_some() || req.kernel.mem_mib.is_some() {
+            anyhow::bail!(
+                "{}: --initrd and --mem are for kernels on --backend bochs (this KVM's \
+                 instruction emulator cannot run Linux: PLATFORM.md)",
+                req.name
+            );
+        }
         let config = avex_kvm::Config {
             mode: req.mode,
             policy: req.policy.clone(),
             timeout: Some(req.timeout),
             translations: req.translations.clone(),
+            cmdline: req.kernel.cmdline.clone(),
             ..avex_kvm::Config::default()
         };
         let r = avex_kvm::run(req.elf, &config, console)

@@ -12,11 +12,13 @@ mod bochs;
 mod compare;
 mod guests;
 mod image;
+mod initramfs;
 mod inspect;
 mod kvm;
 mod link;
 mod record;
 mod run;
+mod symbols;
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +37,8 @@ enum Cli {
     Image(image::Args),
     /// Boot a guest on a backend and report its exits.
     Run(run::Args),
+    /// Write the initramfs avex boots Linux with (busybox and the workload's init).
+    Initramfs(initramfs::Args),
     /// Run guests in every clustering mode and compare exits and time.
     Compare(compare::Args),
 }
@@ -46,6 +50,7 @@ fn main() -> ExitCode {
         Cli::Inspect(a) => inspect::main(a),
         Cli::Image(a) => image::main(a),
         Cli::Run(a) => run::main(a),
+        Cli::Initramfs(a) => initramfs::main(a),
         Cli::Compare(a) => compare::main(a),
     };
     match result {

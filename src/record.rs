@@ -109,6 +109,8 @@ mod tests {
             translate_ns: 15,
             translate_insns: 16,
             stale_dropped: 17,
+            aot_translations_ran: 20,
+            aot_translations_stale: 21,
             indirect_targets_learned: 18,
             translations_rebuilt: 19,
             by_rip: [(0x1000, 3), (0xffff_ffff_8000_0000, 4)].into(),

@@ -19,7 +19,7 @@ use avex_core::exit::Mode;
 use avex_core::format::{self, TranslationSet};
 use avex_core::policy::ExitPolicy;
 
-use crate::backend::RunRequest;
+use crate::backend::{KernelBoot, RunRequest};
 use crate::backends::BackendKind;
 use crate::guests;
 use crate::record::RunRecord;
@@ -50,6 +50,52 @@ pub struct Args {
     /// Stop the guest (with an error) after SECS seconds.
     #[arg(long, value_name = "SECS", default_value_t = 60.0)]
     pub timeout: f64,
+    /// An initrd (e.g. an initramfs cpio) for a PVH kernel such as a stock vmlinux;
+    /// the guest then gets the default kernel command line
+    /// (`console=ttyS0 acpi=off noapic nolapic panic=-1`) plus `--append`.
+    #[arg(long, value_name = "FILE")]
+    pub initrd: Option<PathBuf>,
+    /// Words added to the kernel command line.
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    pub append: Option<String>,
+    /// Guest RAM in MiB (default: 16 for small guests, 256 with --initrd).
+    #[arg(long, value_name = "MIB")]
+    pub mem: Option<u64>,
+    /// A `System.map` to name exit sites by kernel function (default: the ELF's
+    /// own symbols, else a `System.map` beside the ELF).
+    #[arg(long, value_name = "FILE")]
+    pub system_map: Option<PathBuf>,
+}
+
+/// The kernel command line `avex run --initrd` starts from: the console on the
+/// 16550 at 0x3f8 (ttyS0), and no ACPI, I/O APIC or local APIC (the hypervisor
+/// emulates the 8259 pair, the 8254, the RTC and the 16550, not those); a panic
+/// reboots at once, which ends the run with a diagnosis instead of a hang.
+pub const DEFAULT_KERNEL_CMDLINE: &str = "console=ttyS0 acpi=off noapic nolapic panic=-1";
+/// Guest RAM for a kernel with an initrd when `--mem` does not say.
+pub const DEFAULT_KERNEL_MIB: u64 = 256;
+
+/// The kernel command line for `--initrd`/`--append`: the default (when there is
+/// an initrd) followed by the appended words.
+pub fn kernel_cmdline(initrd: bool, append: Option<&str>) -> String {
+    let mut words: Vec<&str> = Vec::new();
+    if initrd {
+        words.push(DEFAULT_KERNEL_CMDLINE);
+    }
+    if let Some(a) = append.map(str::trim).filter(|a| !a.is_empty()) {
+        words.push(a);
+    }
+    words.join(" ")
+}
+
+/// Read the initrd named by `--initrd`, saying which file and why when it cannot.
+pub fn read_initrd(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("initrd {}: cannot read it", path.display()))?;
+    if bytes.is_empty() {
+        bail!("initrd {}: the file is empty", path.display());
+    }
+    Ok(bytes)
 }
 
 /// A guest ready to run: its ELF and whatever translations came with it.
@@ -133,6 +179,17 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     if !(args.timeout > 0.0 && args.timeout.is_finite()) {
         bail!("--timeout must be a positive number of seconds");
     }
+    let initrd = args.initrd.as_deref().map(read_initrd).transpose()?;
+    if initrd.is_some() {
+        // An initrd needs a PVH kernel: say so before booting anything.
+        match avex_core::boot::parse_elf(&guest.elf) {
+            Ok(img) if img.pvh_entry.is_none() => {
+                bail!("{}: {}", args.guest, avex_core::boot::BootError::NoPvhNote)
+            }
+            Err(e) => bail!("{}: {e}", args.guest),
+            Ok(_) => {}
+        }
+    }
     let req = RunRequest {
         name: &guest.name,
         elf: &guest.elf,
@@ -140,6 +197,11 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         policy: ExitPolicy::default(),
         translations: guest.translations.clone(),
         timeout: Duration::from_secs_f64(args.timeout),
+        kernel: KernelBoot {
+            initrd: initrd.as_deref(),
+            cmdline: kernel_cmdline(initrd.is_some(), args.append.as_deref()),
+            mem_mib: args.mem.or(initrd.is_some().then_some(DEFAULT_KERNEL_MIB)),
+        },
     };
     let stdout = std::io::stdout();
     let mut console = |b: &[u8]| {
@@ -159,6 +221,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         result.seconds
     );
     eprint!("{}", result.stats.summary());
+    print_hot_sites(&args, &guest.elf, &result.stats)?;
     eprintln!("exits counted:          {}", record.exits_counted);
     if let Some(t) = &record.time_split {
         eprintln!(
@@ -183,4 +246,32 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(ExitCode::from(result.status))
+}
+
+/// The hottest exit sites with the function each is in, when the guest has names.
+fn print_hot_sites(
+    args: &Args,
+    elf: &[u8],
+    stats: &avex_core::stats::ExitStats,
+) -> anyhow::Result<()> {
+    if stats.by_rip.is_empty() {
+        return Ok(());
+    }
+    let path = Path::new(&args.guest);
+    let symbols = crate::symbols::Symbols::for_guest(
+        path.is_file().then_some(path),
+        elf,
+        args.system_map.as_deref(),
+    )?;
+    if symbols.is_empty() {
+        return Ok(());
+    }
+    let mut hot: Vec<(u64, u64)> = stats.by_rip.iter().map(|(r, n)| (*r, *n)).collect();
+    hot.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    eprintln!("exit sites by function (exits that reached avex, hottest first):");
+    for (rip, n) in hot.into_iter().take(12) {
+        let name = symbols.name(rip).unwrap_or_else(|| "?".into());
+        eprintln!("  {rip:#018x} {n:>9}  {name}");
+    }
+    Ok(())
 }

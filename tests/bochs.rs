@@ -773,6 +773,52 @@ fn shape_prints_in_every_mode(name: &str, expected: &str) {
     assert_eq!(String::from_utf8_lossy(&off.console), expected);
 }
 
+#[test]
+#[cfg_attr(not(avex_gcc), ignore = "needs gcc")]
+#[cfg_attr(
+    not(avex_bochs),
+    ignore = "needs Bochs and the GRUB ISO tools (.ci/install-bochs.sh)"
+)]
+fn the_virtual_cpu_refuses_unknown_msrs_and_describes_itself_in_cpuid() {
+    let sig = |s: &[u8]| u64::from(u32::from_le_bytes(s.try_into().unwrap()));
+    let mut want = String::new();
+    for (n, v) in [
+        ("wrmsr_gp", 1),
+        ("rdmsr_gp", 1),
+        ("vmx", 0),
+        ("x2apic", 0),
+        ("tsc_deadline", 0),
+        ("xsave", 0),
+        ("hypervisor", 1),
+        ("apic", 0),
+        ("hv_max", 0x4000_0000),
+        ("hv_sig", (sig(b"avex") << 32) | sig(b"avex")),
+        ("hv_sig_hi", sig(b"avex")),
+        ("tsc_ratio", (1 << 32) | 1),
+        // Bochs' TSC counts instructions at the configured rate (src/bochs.rs).
+        ("crystal_hz", 10_000_000),
+    ] {
+        want += &line(n, v);
+    }
+    shape_prints_in_every_mode("vmx_cpu_model", &want);
+}
+
+#[test]
+#[cfg_attr(not(avex_gcc), ignore = "needs gcc")]
+#[cfg_attr(
+    not(avex_bochs),
+    ignore = "needs Bochs and the GRUB ISO tools (.ci/install-bochs.sh)"
+)]
+fn gs_relative_rip_relative_access_after_rdtsc_in_every_mode() {
+    let mut want = String::new();
+    for i in 1..=5 {
+        want += &line("seen", i);
+    }
+    want += &line("target", 5);
+    want += &line("decoy", 0);
+    shape_prints_in_every_mode("vmx_gs_rip_relative", &want);
+}
+
 /// `report(name, v)`'s line in a shape's console.
 fn line(name: &str, v: u64) -> String {
     format!("{name}={v:#018x}\r\n")
@@ -928,6 +974,39 @@ fn a_32_bit_pae_guest_runs_with_the_pdptes_of_its_last_cr3_write() {
     let off = runs[0].as_ref().unwrap();
     assert_eq!(String::from_utf8_lossy(&off.console), "pae:ABAB\n");
     assert_eq!(off.record["status"], 0);
+}
+
+/// A 32-bit guest that prints a line, then halts with interrupts off.
+const HALT_GUEST: &str = include_str!("shapes/vmx_halt.S");
+
+#[test]
+#[cfg_attr(not(avex_gcc), ignore = "needs gcc")]
+#[cfg_attr(
+    not(avex_bochs),
+    ignore = "needs Bochs and the GRUB ISO tools (.ci/install-bochs.sh)"
+)]
+fn hlt_with_interrupts_off_ends_the_run_with_status_0_halted() {
+    let dir = scratch("halt");
+    let src = dir.join("halt.S");
+    std::fs::write(&src, HALT_GUEST).unwrap();
+    let elf = dir.join("halt.elf");
+    let o = Command::new("gcc")
+        .args(["-m32", "-nostdlib", "-static", "-no-pie"])
+        .args([
+            "-Wl,-Ttext-segment=0x100000",
+            "-Wl,--build-id=none",
+            "-Wl,-n",
+        ])
+        .args(["-Wl,--no-warn-rwx-segments", "-Wl,-e,_start", "-o"])
+        .arg(&elf)
+        .arg(&src)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = try_run_bochs(&elf, "off").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(String::from_utf8_lossy(&r.console), "halting\n");
+    assert_eq!(r.record["status"], 0, "{}", r.record);
+    assert_eq!(r.record["backend_stats"]["halted"], 1, "{}", r.record);
 }
 
 /// Every shape guest (tests/shapes, whoever added it), pre-analyzed with `avex

@@ -51,6 +51,10 @@ pub struct IsoSpec<'a> {
     pub guest: &'a [u8],
     /// Hypervisor command-line words, e.g. `["mode=aot+dynamic", "guest=console"]`.
     pub options: Vec<String>,
+    /// An initrd for a kernel guest: `/boot/initrd`, the module with role `initrd`.
+    pub initrd: Option<&'a [u8]>,
+    /// The guest's command line, words after the guest module's role (`guest`).
+    pub guest_cmdline: Vec<String>,
 }
 
 /// Check that every tool the ISO maker runs is installed.
@@ -91,7 +95,19 @@ pub fn has_multiboot_header(image: &[u8]) -> bool {
 
 /// The `grub.cfg` for `options`.
 pub fn grub_cfg(options: &[String]) -> Result<String, IsoError> {
-    for o in options {
+    grub_cfg_with(options, &[], false)
+}
+
+/// The `grub.cfg` for `options`, with the guest's command line `guest_words` on
+/// its module's line (`module /boot/guest.elf guest WORDS...`) and, if `initrd`,
+/// a second module `/boot/initrd` with the role `initrd`. Every word is checked as
+/// the options are (GRUB would otherwise interpret quotes, `$` or `;`).
+pub fn grub_cfg_with(
+    options: &[String],
+    guest_words: &[String],
+    initrd: bool,
+) -> Result<String, IsoError> {
+    for o in options.iter().chain(guest_words) {
         let ok = !o.is_empty()
             && o.chars().all(|c| {
                 c.is_ascii_graphic() && !matches!(c, '"' | '\'' | ';' | '\\' | '$' | '{' | '}')
@@ -105,7 +121,15 @@ pub fn grub_cfg(options: &[String]) -> Result<String, IsoError> {
     let _ = writeln!(cfg, "set default=0");
     let _ = writeln!(cfg, "menuentry \"avex\" {{");
     let _ = writeln!(cfg, "  multiboot /boot/avex-vmx.bin {}", options.join(" "));
-    let _ = writeln!(cfg, "  module /boot/guest.elf guest");
+    let mut guest_line = String::from("  module /boot/guest.elf guest");
+    for w in guest_words {
+        guest_line.push(' ');
+        guest_line.push_str(w);
+    }
+    let _ = writeln!(cfg, "{guest_line}");
+    if initrd {
+        let _ = writeln!(cfg, "  module /boot/initrd initrd");
+    }
     let _ = writeln!(cfg, "  boot");
     let _ = writeln!(cfg, "}}");
     Ok(cfg)
@@ -133,7 +157,7 @@ pub fn make_iso(spec: &IsoSpec, out: &Path) -> Result<(), IsoError> {
     if !has_multiboot_header(spec.hypervisor) {
         return Err(IsoError::BadHypervisor);
     }
-    let cfg = grub_cfg(&spec.options)?;
+    let cfg = grub_cfg_with(&spec.options, &spec.guest_cmdline, spec.initrd.is_some())?;
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -149,6 +173,9 @@ pub fn make_iso(spec: &IsoSpec, out: &Path) -> Result<(), IsoError> {
     };
     put("boot/avex-vmx.bin", spec.hypervisor)?;
     put("boot/guest.elf", spec.guest)?;
+    if let Some(initrd) = spec.initrd {
+        put("boot/initrd", initrd)?;
+    }
     put("boot/grub/grub.cfg", cfg.as_bytes())?;
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;

@@ -148,6 +148,8 @@ pub mod msr {
     pub const APIC_BASE: u32 = 0x1b;
     /// IA32_FEATURE_CONTROL; bits in [`feature_control`].
     pub const FEATURE_CONTROL: u32 = 0x3a;
+    /// Microcode revision (write 0, CPUID, read: the revision in EDX).
+    pub const UCODE_REV: u32 = 0x8b;
     pub const SYSENTER_CS: u32 = 0x174;
     pub const SYSENTER_ESP: u32 = 0x175;
     pub const SYSENTER_EIP: u32 = 0x176;
@@ -206,21 +208,61 @@ pub mod cpuid {
     /// AMD extended APIC ID (EAX).
     pub const LEAF_AMD_EXT_APIC_ID: u32 = 0x8000_001e;
 
+    /// Thermal and power management.
+    pub const LEAF_THERMAL_POWER: u32 = 6;
+    /// Architectural performance monitoring.
+    pub const LEAF_PERFMON: u32 = 0xa;
+    /// XSAVE state components.
+    pub const LEAF_XSAVE: u32 = 0xd;
+    /// TSC and core crystal clock ratio.
+    pub const LEAF_TSC_CRYSTAL: u32 = 0x15;
+    /// Processor base, maximum and bus frequencies.
+    pub const LEAF_FREQUENCIES: u32 = 0x16;
+    /// First hypervisor leaf: EAX = the highest hypervisor leaf, EBX:ECX:EDX = the
+    /// hypervisor's 12-byte signature.
+    pub const LEAF_HYPERVISOR: u32 = 0x4000_0000;
+    /// Last leaf of the range reserved for hypervisors.
+    pub const LEAF_HYPERVISOR_LAST: u32 = 0x4fff_ffff;
+
     /// Leaf 1, EBX[31:24]: initial APIC ID.
     pub const L1_EBX_APIC_ID: u32 = 0xff00_0000;
+    pub const L1_ECX_DTES64: u32 = 1 << 2;
+    pub const L1_ECX_MONITOR: u32 = 1 << 3;
+    pub const L1_ECX_DS_CPL: u32 = 1 << 4;
     pub const L1_ECX_VMX: u32 = 1 << 5;
     pub const L1_ECX_SMX: u32 = 1 << 6;
+    pub const L1_ECX_EST: u32 = 1 << 7;
+    pub const L1_ECX_TM2: u32 = 1 << 8;
+    pub const L1_ECX_XTPR: u32 = 1 << 14;
+    pub const L1_ECX_PDCM: u32 = 1 << 15;
     pub const L1_ECX_PCID: u32 = 1 << 17;
+    pub const L1_ECX_X2APIC: u32 = 1 << 21;
+    pub const L1_ECX_TSC_DEADLINE: u32 = 1 << 24;
     pub const L1_ECX_XSAVE: u32 = 1 << 26;
     /// Mirrors CR4.OSXSAVE.
     pub const L1_ECX_OSXSAVE: u32 = 1 << 27;
     /// Reserved for a hypervisor to say the CPU is virtual.
     pub const L1_ECX_HYPERVISOR: u32 = 1 << 31;
     pub const L1_EDX_PAE: u32 = 1 << 6;
+    pub const L1_EDX_MCE: u32 = 1 << 7;
+    pub const L1_EDX_APIC: u32 = 1 << 9;
+    pub const L1_EDX_MTRR: u32 = 1 << 12;
+    pub const L1_EDX_MCA: u32 = 1 << 14;
+    pub const L1_EDX_DS: u32 = 1 << 21;
+    pub const L1_EDX_ACPI: u32 = 1 << 22;
+    pub const L1_EDX_TM: u32 = 1 << 29;
+    pub const L1_EDX_PBE: u32 = 1 << 31;
+    /// Leaf 1, ECX[28] and leaf 7 EBX's AVX2/AVX-512 need XSAVE.
+    pub const L1_ECX_AVX: u32 = 1 << 28;
 
     pub const L7_EBX_FSGSBASE: u32 = 1 << 0;
+    pub const L7_EBX_BMI1: u32 = 1 << 3;
     pub const L7_EBX_SMEP: u32 = 1 << 7;
+    pub const L7_EBX_BMI2: u32 = 1 << 8;
+    pub const L7_EBX_ERMS: u32 = 1 << 9;
+    pub const L7_EBX_ADX: u32 = 1 << 19;
     pub const L7_EBX_SMAP: u32 = 1 << 20;
+    pub const L7_EBX_CLFLUSHOPT: u32 = 1 << 23;
     pub const L7_ECX_UMIP: u32 = 1 << 2;
     pub const L7_ECX_PKU: u32 = 1 << 3;
     /// CET shadow stacks.

@@ -9,6 +9,10 @@
 //!   at `e_entry` in 32-bit flat protected mode, paging off, EAX = 0x2BADB002 and
 //!   EBX = the physical address of a multiboot (v1) information block with the
 //!   memory map and the command line.
+//! * **PVH kernels** (an ELF with the Xen `XEN_ELFNOTE_PHYS32_ENTRY` note, as every
+//!   x86 Linux built with `CONFIG_PVH` has, distribution kernels included): segments
+//!   loaded at their `p_paddr`, an optional initrd at the top of RAM, and entry at
+//!   the note's physical address by the Xen PVH ABI (see [`pvh`]).
 //!
 //! The loader's own structures live in guest RAM in the reserved *boot area*
 //! [`BOOT_AREA_START`]..[`BOOT_AREA_END`] (below the 1 MiB where the guests link):
@@ -16,8 +20,9 @@
 //! | address  | what |
 //! |----------|------|
 //! | `0x1000` | GDT: null, 0x08 64-bit code, 0x10 flat data, 0x18 32-bit code |
-//! | `0x2000` | multiboot information block (ELF32 only) |
-//! | `0x2100` | multiboot memory map (ELF32 only) |
+//! | `0x2000` | multiboot information block (ELF32), `hvm_start_info` (PVH) |
+//! | `0x2100` | multiboot memory map (ELF32), E820 table (PVH) |
+//! | `0x2700` | PVH module list (the initrd) |
 //! | `0x2800` | command line, NUL-terminated, at most [`MAX_CMDLINE`] bytes |
 //! | `0x9000` | PML4 (ELF64 only) |
 //! | `0xA000` | PDPT: four entries, one per GiB |
@@ -32,6 +37,8 @@ use core::fmt;
 
 use crate::arch::{cr0, cr4, efer, pte, rflags};
 use crate::guest::{CpuState, Segment};
+
+pub mod pvh;
 
 /// First byte of guest RAM the loader reserves for itself.
 pub const BOOT_AREA_START: u64 = 0x1000;
@@ -76,9 +83,13 @@ const GDT: [u64; 4] = [
     0x00CF_9B00_0000_FFFF, // flat 4 GiB 32-bit code
 ];
 
+/// Where a 64-bit kernel's upper half starts (canonical addresses with bit 63 set).
+const HIGH_HALF: u64 = 0xffff_8000_0000_0000;
+
 const PT_LOAD: u32 = 1;
 const PT_DYNAMIC: u32 = 2;
 const PT_INTERP: u32 = 3;
+const PT_NOTE: u32 = 4;
 const ET_EXEC: u16 = 2;
 const EM_386: u16 = 3;
 const EM_X86_64: u16 = 62;
@@ -151,6 +162,9 @@ pub enum BootError {
     CmdlineTooLong {
         len: usize,
     },
+    /// An initrd was given, or the image is linked in the upper half like a
+    /// kernel, but it has no PVH entry note.
+    NoPvhNote,
 }
 
 impl fmt::Display for BootError {
@@ -200,6 +214,13 @@ impl fmt::Display for BootError {
             BootError::CmdlineTooLong { len } => {
                 write!(f, "command line of {len} bytes is longer than {MAX_CMDLINE}")
             }
+            BootError::NoPvhNote => write!(
+                f,
+                "not a PVH kernel: the ELF has no Xen XEN_ELFNOTE_PHYS32_ENTRY note (type 18), so \
+                 there is no 32-bit entry point to boot it with an initrd. A PVH kernel is an \
+                 x86 Linux vmlinux built with CONFIG_PVH (Debian's, Ubuntu's and Fedora's \
+                 distribution kernels are); give the uncompressed vmlinux, not the bzImage"
+            ),
         }
     }
 }
@@ -211,6 +232,8 @@ pub enum EntryMode {
     Long64,
     /// 32-bit flat protected mode, paging off, multiboot registers.
     Protected32,
+    /// 32-bit flat protected mode, paging off, EBX = `hvm_start_info` (Xen PVH).
+    Pvh32,
 }
 
 /// One segment as loaded.
@@ -246,6 +269,8 @@ pub struct ElfImage {
     pub class_bits: u32,
     pub entry: u64,
     pub segments: Vec<ElfSegment>,
+    /// The physical entry point of the `XEN_ELFNOTE_PHYS32_ENTRY` note (PVH kernels).
+    pub pvh_entry: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -323,6 +348,7 @@ pub fn parse_elf(elf: &[u8]) -> Result<ElfImage, BootError> {
     }
     let ph = "program header table";
     let mut segments = Vec::new();
+    let mut notes = Vec::new();
     for i in 0..u64::from(phnum) {
         let base = i
             .checked_mul(u64::from(phentsize))
@@ -351,6 +377,10 @@ pub fn parse_elf(elf: &[u8]) -> Result<ElfImage, BootError> {
         match p_type {
             PT_INTERP | PT_DYNAMIC => return Err(BootError::NotStatic),
             PT_LOAD => {}
+            PT_NOTE => {
+                notes.push((seg.offset, seg.filesz));
+                continue;
+            }
             _ => continue,
         }
         let index = segments.len();
@@ -379,18 +409,33 @@ pub fn parse_elf(elf: &[u8]) -> Result<ElfImage, BootError> {
     if segments.is_empty() {
         return Err(BootError::NoLoadableSegments);
     }
-    // The entry must be in a loaded segment, and reachable through the identity map.
-    let entry_ok = entry < (4u64 << 30)
-        && segments.iter().any(|s| {
-            entry >= s.vaddr && entry - s.vaddr < s.memsz && s.vaddr.checked_add(s.memsz).is_some()
-        });
-    if !entry_ok {
-        return Err(BootError::BadEntry { entry });
+    // The entry must be in a loaded segment, and reachable through the identity map;
+    // a PVH kernel is entered at its note's physical address instead (its e_entry
+    // and segments are linked high, e.g. 0xffffffff81000000).
+    let pvh_entry = pvh::phys32_entry(elf, &notes);
+    let inside = |at: u64, by_paddr: bool| {
+        at < (4u64 << 30)
+            && segments.iter().any(|s| {
+                let base = if by_paddr { s.paddr } else { s.vaddr };
+                at >= base && at - base < s.memsz && base.checked_add(s.memsz).is_some()
+            })
+    };
+    match pvh_entry {
+        Some(p) if !inside(p, true) => return Err(BootError::BadEntry { entry: p }),
+        Some(_) => {}
+        // Linked in the upper half with no entry the identity map reaches: a
+        // kernel (vmlinux-like) without the PVH note.
+        None if !inside(entry, false) && segments.iter().any(|s| s.vaddr >= HIGH_HALF) => {
+            return Err(BootError::NoPvhNote)
+        }
+        None if !inside(entry, false) => return Err(BootError::BadEntry { entry }),
+        None => {}
     }
     Ok(ElfImage {
         class_bits,
         entry,
         segments,
+        pvh_entry,
     })
 }
 
@@ -420,8 +465,20 @@ fn flat(selector: u16, attrs: u32) -> Segment {
 
 /// Load `elf` into `ram` (guest-physical address 0 = `ram[0]`) by the boot ABI and
 /// return the initial state. `cmdline` goes into the multiboot block (ELF32) and to
-/// [`CMDLINE_ADDR`] for either class.
+/// [`CMDLINE_ADDR`] for either class. A PVH kernel is booted by [`pvh`] without an
+/// initrd (see [`load_kernel`]).
 pub fn load(elf: &[u8], ram: &mut [u8], cmdline: &str) -> Result<BootImage, BootError> {
+    load_kernel(elf, ram, cmdline, None)
+}
+
+/// [`load`], with an initrd: the image must then be a PVH kernel ([`pvh`]), which
+/// gets the initrd as module 0 of its start info.
+pub fn load_kernel(
+    elf: &[u8],
+    ram: &mut [u8],
+    cmdline: &str,
+    initrd: Option<&[u8]>,
+) -> Result<BootImage, BootError> {
     let img = parse_elf(elf)?;
     let ram_len = ram.len() as u64;
     if ram_len < BOOT_AREA_END {
@@ -433,47 +490,13 @@ pub fn load(elf: &[u8], ram: &mut [u8], cmdline: &str) -> Result<BootImage, Boot
     if cmdline.len() > MAX_CMDLINE {
         return Err(BootError::CmdlineTooLong { len: cmdline.len() });
     }
-    let mut loaded = Vec::with_capacity(img.segments.len());
-    let (mut image_start, mut image_end) = (u64::MAX, 0u64);
-    for (index, s) in img.segments.iter().enumerate() {
-        let Some(dst) = ram_range(ram, s.paddr, s.memsz) else {
-            return Err(BootError::SegmentOutsideRam {
-                index,
-                paddr: s.paddr,
-                memsz: s.memsz,
-                ram: ram_len,
-            });
-        };
-        if s.paddr < BOOT_AREA_END && s.paddr + s.memsz > BOOT_AREA_START {
-            return Err(BootError::SegmentInBootArea {
-                index,
-                paddr: s.paddr,
-                memsz: s.memsz,
-            });
-        }
-        // Checked by parse_elf: offset + filesz <= elf.len(), filesz <= memsz.
-        let src = &elf[s.offset as usize..(s.offset + s.filesz) as usize];
-        let dst = &mut ram[dst];
-        dst[..src.len()].copy_from_slice(src);
-        dst[src.len()..].fill(0);
-        image_start = image_start.min(s.paddr);
-        image_end = image_end.max(s.paddr + s.memsz);
-        loaded.push(LoadedSegment {
-            paddr: s.paddr,
-            vaddr: s.vaddr,
-            filesz: s.filesz,
-            memsz: s.memsz,
-            flags: s.flags,
-        });
+    match (img.pvh_entry, initrd) {
+        (Some(entry), _) => return pvh::load(&img, entry, elf, ram, cmdline, initrd),
+        (None, Some(_)) => return Err(BootError::NoPvhNote),
+        (None, None) => {}
     }
-
-    // Boot area: GDT and command line for either class.
-    ram[BOOT_AREA_START as usize..BOOT_AREA_END as usize].fill(0);
-    for (i, d) in GDT.iter().enumerate() {
-        put(ram, GDT_ADDR + 8 * i as u64, &d.to_le_bytes());
-    }
-    put(ram, CMDLINE_ADDR, cmdline.as_bytes());
-
+    let (loaded, image_start, image_end) = load_segments(&img, elf, ram)?;
+    write_boot_area(ram, cmdline);
     let mut state = CpuState {
         rflags: rflags::FIXED,
         ..CpuState::default()
@@ -539,6 +562,59 @@ pub fn load(elf: &[u8], ram: &mut [u8], cmdline: &str) -> Result<BootImage, Boot
     })
 }
 
+/// Copy every segment of `img` to its `p_paddr` (the rest of `p_memsz` zeroed):
+/// what was loaded, and the lowest and one-past-highest byte it occupies.
+fn load_segments(
+    img: &ElfImage,
+    elf: &[u8],
+    ram: &mut [u8],
+) -> Result<(Vec<LoadedSegment>, u64, u64), BootError> {
+    let ram_len = ram.len() as u64;
+    let mut loaded = Vec::with_capacity(img.segments.len());
+    let (mut image_start, mut image_end) = (u64::MAX, 0u64);
+    for (index, s) in img.segments.iter().enumerate() {
+        let Some(dst) = ram_range(ram, s.paddr, s.memsz) else {
+            return Err(BootError::SegmentOutsideRam {
+                index,
+                paddr: s.paddr,
+                memsz: s.memsz,
+                ram: ram_len,
+            });
+        };
+        if s.paddr < BOOT_AREA_END && s.paddr + s.memsz > BOOT_AREA_START {
+            return Err(BootError::SegmentInBootArea {
+                index,
+                paddr: s.paddr,
+                memsz: s.memsz,
+            });
+        }
+        // Checked by parse_elf: offset + filesz <= elf.len(), filesz <= memsz.
+        let src = &elf[s.offset as usize..(s.offset + s.filesz) as usize];
+        let dst = &mut ram[dst];
+        dst[..src.len()].copy_from_slice(src);
+        dst[src.len()..].fill(0);
+        image_start = image_start.min(s.paddr);
+        image_end = image_end.max(s.paddr + s.memsz);
+        loaded.push(LoadedSegment {
+            paddr: s.paddr,
+            vaddr: s.vaddr,
+            filesz: s.filesz,
+            memsz: s.memsz,
+            flags: s.flags,
+        });
+    }
+    Ok((loaded, image_start, image_end))
+}
+
+/// The boot area for any entry convention: zeroed, the GDT, the command line.
+fn write_boot_area(ram: &mut [u8], cmdline: &str) {
+    ram[BOOT_AREA_START as usize..BOOT_AREA_END as usize].fill(0);
+    for (i, d) in GDT.iter().enumerate() {
+        put(ram, GDT_ADDR + 8 * i as u64, &d.to_le_bytes());
+    }
+    put(ram, CMDLINE_ADDR, cmdline.as_bytes());
+}
+
 /// The memory map reported to ELF32 guests: (base, length, type) with type 1 =
 /// available, 2 = reserved.
 pub fn memory_map(ram_len: u64) -> Vec<(u64, u64, u32)> {
@@ -576,238 +652,4 @@ fn multiboot_info(ram_len: u64, cmdline_len: usize) -> [u8; 88] {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use alloc::vec;
-
-    /// A minimal ELF with one PT_LOAD of `code` at `paddr` (= vaddr) entered at its start.
-    fn elf(is64: bool, paddr: u64, code: &[u8], memsz_extra: u64) -> Vec<u8> {
-        let mut e = vec![0u8; if is64 { 64 + 56 } else { 52 + 32 }];
-        e[..4].copy_from_slice(b"\x7fELF");
-        e[4] = if is64 { 2 } else { 1 };
-        e[5] = 1;
-        e[6] = 1;
-        e[16..18].copy_from_slice(&ET_EXEC.to_le_bytes());
-        let off = e.len() as u64;
-        if is64 {
-            e[18..20].copy_from_slice(&EM_X86_64.to_le_bytes());
-            e[24..32].copy_from_slice(&paddr.to_le_bytes());
-            e[32..40].copy_from_slice(&64u64.to_le_bytes());
-            e[54..56].copy_from_slice(&56u16.to_le_bytes());
-            e[56..58].copy_from_slice(&1u16.to_le_bytes());
-            let p = 64;
-            e[p..p + 4].copy_from_slice(&PT_LOAD.to_le_bytes());
-            e[p + 4..p + 8].copy_from_slice(&5u32.to_le_bytes());
-            e[p + 8..p + 16].copy_from_slice(&off.to_le_bytes());
-            e[p + 16..p + 24].copy_from_slice(&paddr.to_le_bytes());
-            e[p + 24..p + 32].copy_from_slice(&paddr.to_le_bytes());
-            e[p + 32..p + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
-            e[p + 40..p + 48].copy_from_slice(&(code.len() as u64 + memsz_extra).to_le_bytes());
-        } else {
-            e[18..20].copy_from_slice(&EM_386.to_le_bytes());
-            e[24..28].copy_from_slice(&(paddr as u32).to_le_bytes());
-            e[28..32].copy_from_slice(&52u32.to_le_bytes());
-            e[42..44].copy_from_slice(&32u16.to_le_bytes());
-            e[44..46].copy_from_slice(&1u16.to_le_bytes());
-            let p = 52;
-            e[p..p + 4].copy_from_slice(&PT_LOAD.to_le_bytes());
-            e[p + 4..p + 8].copy_from_slice(&(off as u32).to_le_bytes());
-            e[p + 8..p + 12].copy_from_slice(&(paddr as u32).to_le_bytes());
-            e[p + 12..p + 16].copy_from_slice(&(paddr as u32).to_le_bytes());
-            e[p + 16..p + 20].copy_from_slice(&(code.len() as u32).to_le_bytes());
-            e[p + 20..p + 24]
-                .copy_from_slice(&((code.len() as u64 + memsz_extra) as u32).to_le_bytes());
-            e[p + 24..p + 28].copy_from_slice(&5u32.to_le_bytes());
-        }
-        e.extend_from_slice(code);
-        e
-    }
-
-    fn rd64(ram: &[u8], a: u64) -> u64 {
-        u64::from_le_bytes(ram[a as usize..a as usize + 8].try_into().unwrap())
-    }
-    fn rd32(ram: &[u8], a: u64) -> u32 {
-        u32::from_le_bytes(ram[a as usize..a as usize + 4].try_into().unwrap())
-    }
-
-    /// Walk the loader's page tables the way the MMU would.
-    fn walk(ram: &[u8], cr3: u64, va: u64) -> Option<u64> {
-        let pml4e = rd64(ram, (cr3 & !0xfff) + ((va >> 39) & 511) * 8);
-        if pml4e & pte::P == 0 {
-            return None;
-        }
-        let pdpte = rd64(
-            ram,
-            (pml4e & 0x000f_ffff_ffff_f000) + ((va >> 30) & 511) * 8,
-        );
-        if pdpte & pte::P == 0 {
-            return None;
-        }
-        let pde = rd64(
-            ram,
-            (pdpte & 0x000f_ffff_ffff_f000) + ((va >> 21) & 511) * 8,
-        );
-        if pde & pte::P == 0 || pde & pte::PS == 0 {
-            return None;
-        }
-        Some((pde & 0x000f_ffff_ffe0_0000) | (va & 0x1f_ffff))
-    }
-
-    #[test]
-    fn elf64_loads_and_maps_4gib_identity() {
-        let code = [0xf4u8, 0x90, 0x90];
-        let image = elf(true, 0x10_0000, &code, 0x100);
-        let mut ram = vec![0xAAu8; 4 << 20];
-        let b = load(&image, &mut ram, "x").unwrap();
-        assert_eq!(b.mode, EntryMode::Long64);
-        assert_eq!(b.state.rip, 0x10_0000);
-        assert_eq!(&ram[0x10_0000..0x10_0003], &code);
-        // memsz beyond filesz is zeroed
-        assert!(ram[0x10_0003..0x10_0103].iter().all(|&x| x == 0));
-        assert_eq!(ram[0x10_0103], 0xAA);
-        assert_eq!(b.state.cr3, PML4_ADDR);
-        assert_ne!(b.state.cr0 & cr0::PG, 0);
-        assert_eq!(b.state.efer, efer::LME | efer::LMA);
-        assert!(b.state.segment(crate::ir::Seg::Cs).long());
-        assert_eq!(b.state.rflags & rflags::IF, 0, "interrupts off");
-        for va in [0u64, 0x10_0000, 0x1234_5678, 0xffff_f123, 0x8000_0000] {
-            assert_eq!(walk(&ram, b.state.cr3, va), Some(va), "va {va:#x}");
-        }
-        assert_eq!(walk(&ram, b.state.cr3, 4 << 30), None);
-        // GDT at its documented place matches the selectors' attributes
-        assert_eq!(
-            rd64(&ram, GDT_ADDR + u64::from(SEL_CODE64)),
-            0x00AF_9B00_0000_FFFF
-        );
-        assert_eq!(b.gdt_base, GDT_ADDR);
-        assert_eq!(
-            &ram[CMDLINE_ADDR as usize..CMDLINE_ADDR as usize + 2],
-            b"x\0"
-        );
-    }
-
-    #[test]
-    fn elf32_gets_multiboot_registers_and_info() {
-        let image = elf(false, 0x20_0000, &[0xf4], 0);
-        let mut ram = vec![0u8; 8 << 20];
-        let b = load(&image, &mut ram, "console=ttyS0").unwrap();
-        assert_eq!(b.mode, EntryMode::Protected32);
-        assert_eq!(b.state.gpr[0], 0x2BAD_B002);
-        assert_eq!(b.state.gpr[3], MULTIBOOT_INFO_ADDR);
-        assert_eq!(b.state.cr0 & cr0::PG, 0);
-        assert_eq!(b.state.cr0 & cr0::PE, 1);
-        assert!(b.state.segment(crate::ir::Seg::Cs).db());
-        let info = MULTIBOOT_INFO_ADDR;
-        assert_eq!(rd32(&ram, info) & 0x45, 0x45);
-        assert_eq!(rd32(&ram, info + 8), (8 << 20) / 1024 - 1024);
-        let cmd = rd32(&ram, info + 16) as usize;
-        assert_eq!(&ram[cmd..cmd + 14], b"console=ttyS0\0");
-        let (len, addr) = (rd32(&ram, info + 44) as u64, rd32(&ram, info + 48) as u64);
-        let mut entries = vec![];
-        let mut a = addr;
-        while a < addr + len {
-            let size = rd32(&ram, a);
-            assert_eq!(size, 20);
-            entries.push((rd64(&ram, a + 4), rd64(&ram, a + 12), rd32(&ram, a + 20)));
-            a += 4 + u64::from(size);
-        }
-        assert!(entries.contains(&(0x10_0000, (8 << 20) - 0x10_0000, 1)));
-        assert!(entries.contains(&(BOOT_AREA_START, BOOT_AREA_END - BOOT_AREA_START, 2)));
-    }
-
-    #[test]
-    fn rejects_malformed_images() {
-        let good = elf(true, 0x10_0000, &[0xf4; 16], 0);
-        let mut ram = vec![0u8; 2 << 20];
-        assert_eq!(load(b"MZ\x90\x00", &mut ram, ""), Err(BootError::NotElf));
-        // Truncated in the program header table.
-        assert!(matches!(
-            load(&good[..80], &mut ram, ""),
-            Err(BootError::Truncated { .. })
-        ));
-        // Segment file bytes past the end of file.
-        let mut bad = good.clone();
-        bad.truncate(good.len() - 4);
-        assert!(matches!(
-            load(&bad, &mut ram, ""),
-            Err(BootError::SegmentOutsideFile { .. })
-        ));
-        // Huge p_offset must not overflow.
-        let mut bad = good.clone();
-        bad[64 + 8..64 + 16].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(matches!(
-            load(&bad, &mut ram, ""),
-            Err(BootError::SegmentOutsideFile { .. })
-        ));
-        // Huge phoff.
-        let mut bad = good.clone();
-        bad[32..40].copy_from_slice(&(u64::MAX - 10).to_le_bytes());
-        assert!(matches!(
-            load(&bad, &mut ram, ""),
-            Err(BootError::Truncated { .. })
-        ));
-        // Segment beyond RAM.
-        let big = elf(true, 0x10_0000, &[0xf4], 4 << 20);
-        assert!(matches!(
-            load(&big, &mut ram, ""),
-            Err(BootError::SegmentOutsideRam { .. })
-        ));
-        // Overlapping the boot area.
-        let low = elf(true, 0x8000, &[0xf4], 0);
-        assert!(matches!(
-            load(&low, &mut ram, ""),
-            Err(BootError::SegmentInBootArea { .. })
-        ));
-        // Wrong machine.
-        let mut bad = good.clone();
-        bad[18] = 40;
-        assert!(matches!(
-            load(&bad, &mut ram, ""),
-            Err(BootError::WrongMachine { .. })
-        ));
-        // PIE.
-        let mut bad = good.clone();
-        bad[16] = 3;
-        assert_eq!(
-            load(&bad, &mut ram, ""),
-            Err(BootError::NotExecutable { e_type: 3 })
-        );
-        // Entry outside the segment.
-        let mut bad = good.clone();
-        bad[24..32].copy_from_slice(&0x20_0000u64.to_le_bytes());
-        assert!(matches!(
-            load(&bad, &mut ram, ""),
-            Err(BootError::BadEntry { .. })
-        ));
-        // filesz > memsz
-        let mut bad = good.clone();
-        bad[64 + 40..64 + 48].copy_from_slice(&1u64.to_le_bytes());
-        assert!(matches!(
-            load(&bad, &mut ram, ""),
-            Err(BootError::BadSegmentSizes { .. })
-        ));
-        // Too little RAM.
-        assert!(matches!(
-            load(&good, &mut [0u8; 0x100], ""),
-            Err(BootError::RamTooSmall { .. })
-        ));
-        // The good one still loads.
-        assert!(load(&good, &mut ram, "").is_ok());
-    }
-
-    #[test]
-    fn never_panics_on_truncations_or_byte_flips() {
-        let good = elf(true, 0x10_0000, &[0xf4; 32], 64);
-        let mut ram = vec![0u8; 2 << 20];
-        for n in 0..good.len() {
-            let _ = load(&good[..n], &mut ram, "");
-        }
-        for i in 0..good.len() {
-            for v in [0u8, 0xff, 0x80, 1] {
-                let mut b = good.clone();
-                b[i] = v;
-                let _ = load(&b, &mut ram, "");
-            }
-        }
-    }
-}
+mod tests;

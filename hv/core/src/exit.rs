@@ -175,6 +175,8 @@ pub struct ExitHandler {
     /// Where indirect branches and returns of clusters went when no guard expected
     /// it: the next translation accepts these.
     learned: LearnedTargets,
+    /// Entries of AOT translations that ran at least once.
+    aot_ran: alloc::collections::BTreeSet<u64>,
 }
 
 impl fmt::Debug for ExitHandler {
@@ -205,6 +207,7 @@ impl ExitHandler {
             translator: TranslatorConfig::default(),
             maxphyaddr: None,
             learned: LearnedTargets::default(),
+            aot_ran: Default::default(),
         }
     }
 
@@ -471,6 +474,9 @@ impl ExitHandler {
 
     fn drop_translation(&mut self, start: u64) {
         if let Some(e) = self.cache.remove(start) {
+            if e.origin == Origin::Aot {
+                self.stats.aot_translations_stale += 1;
+            }
             let entry = e
                 .cluster
                 .entry_index()
@@ -536,7 +542,15 @@ impl ExitHandler {
         let origin = entry.origin;
         let cluster = &entry.cluster;
         let state = guest.state();
-        let Some(index) = cluster.insns.iter().position(|i| i.rip == state.rip) else {
+        // Right after the entry, normally (the backend completed it); a RIP may
+        // have several copies in a region (a callee laid out per call site): the
+        // entry's own chain comes first.
+        let after_entry = cluster.entry_index().map(|e| e + 1);
+        let found = match after_entry {
+            Some(k) if cluster.insns.get(k).is_some_and(|i| i.rip == state.rip) => Some(k),
+            _ => cluster.insns.iter().position(|i| i.rip == state.rip),
+        };
+        let Some(index) = found else {
             // The exiting instruction was the cluster's last.
             return ClusterEnd {
                 rip: state.rip,
@@ -550,6 +564,12 @@ impl ExitHandler {
             maxphyaddr,
         };
         let out = engine::run(cluster, guest, index, &limits);
+        if origin == Origin::Aot
+            && !matches!(out.reason, engine::StopReason::CodeChanged)
+            && self.aot_ran.insert(start)
+        {
+            self.stats.aot_translations_ran += 1;
+        }
         if matches!(
             out.reason,
             engine::StopReason::CodeChanged | engine::StopReason::Invalid(_)
@@ -775,6 +795,15 @@ mod tests {
         let end = h.run_cluster(0x1000, &mut g);
         assert_eq!((end.exiting, end.rip), (1, 0x1005), "{end}");
         assert_eq!(h.stats().clusters_run_aot, 1);
+        assert_eq!(h.stats().aot_translations_ran, 1);
+        // A second run of the same translation: still one that ran.
+        g.state.rip = 0x1004;
+        h.run_cluster(0x1000, &mut g);
+        assert_eq!(h.stats().aot_translations_ran, 1);
+        assert!(h
+            .stats()
+            .summary()
+            .contains("1 ran, 0 dropped as stale, 0 never ran"));
         // Not in mode dynamic: nothing loaded.
         let mut h = ExitHandler::new(Mode::Dynamic, policy.clone());
         assert_eq!(
@@ -798,6 +827,13 @@ mod tests {
         assert_eq!(end.rip, 0x1001);
         assert!(end.early.is_some());
         assert_eq!(h.stats().stale_dropped, 1);
+        assert_eq!(
+            (
+                h.stats().aot_translations_stale,
+                h.stats().aot_translations_ran
+            ),
+            (1, 0)
+        );
         assert!(h.cache().is_empty());
         assert!(g.io_log.iter().all(|p| !p.out), "nothing ran");
     }

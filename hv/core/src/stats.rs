@@ -90,6 +90,10 @@ named_enum! {
         ExternalInterrupt => "external_interrupt",
         InterruptWindow => "interrupt_window",
         TripleFault => "triple_fault",
+        /// VT-x: the hypervisor's preemption timer, armed for the devices' next
+        /// event so their interrupts reach a guest that makes no exit (the exit a
+        /// host timer interrupt would be on hardware).
+        PreemptionTimer => "preemption_timer",
         /// A VM entry the processor refused (invalid guest state, MSR loading, ...).
         EntryFailed => "entry_failed",
         /// Anything else (RDTSC, XSETBV, ... on VT-x: the backend's own log says more).
@@ -239,6 +243,11 @@ pub struct ExitStats {
     pub translate_insns: u64,
     /// Translations dropped because the guest bytes they cover changed.
     pub stale_dropped: u64,
+    /// Loaded (AOT) translations that ran at least once, and that the byte check
+    /// dropped as stale (a kernel patches its own code at boot); the others
+    /// loaded never ran.
+    pub aot_translations_ran: u64,
+    pub aot_translations_stale: u64,
     /// Destinations of indirect branches and returns learned at run time (a
     /// cluster's guard saw one it did not expect), and the translations built
     /// again to accept them.
@@ -363,6 +372,16 @@ impl ExitStats {
             let _ = writeln!(s, "  stopped early:        {}", stops.join(", "));
         }
         let _ = writeln!(s, "translations loaded:    {}", self.translations_loaded);
+        if self.translations_loaded > 0 {
+            let never = self
+                .translations_loaded
+                .saturating_sub(self.aot_translations_ran + self.aot_translations_stale);
+            let _ = writeln!(
+                s,
+                "  of them:              {} ran, {} dropped as stale, {} never ran",
+                self.aot_translations_ran, self.aot_translations_stale, never
+            );
+        }
         if self.translations_invalid > 0 {
             let _ = writeln!(s, "  refused as invalid:   {}", self.translations_invalid);
         }

@@ -235,29 +235,43 @@ pub fn translate_region(
     config: &TranslatorConfig,
 ) -> Result<Translated, NoCluster> {
     // The entry: exiting, decodable, runnable, not a cluster end.
-    let limit = match bitness {
-        Bitness::B16 => 0x1_0000,
-        Bitness::B32 => 0x1_0000_0000,
-        Bitness::B64 => u64::MAX,
-    };
-    if rip >= limit {
+    if rip >= address_limit(bitness) {
         return Err(NoCluster::RipOutOfRange);
     }
-    let mut buf = [0u8; limits::MAX_INSN_LEN as usize];
-    let room = usize::try_from(limit - rip).unwrap_or(usize::MAX);
-    let want = room.min(buf.len());
-    let n = src.read(rip, &mut buf[..want]);
-    let mut decoder = Decoder::with_ip(bitness.bits(), &buf[..n], rip, DecoderOptions::NONE);
-    let instr = decoder.decode();
-    if instr.is_invalid() {
-        return Err(NoCluster::Undecodable);
-    }
+    let instr = decode_at(src, rip, bitness).ok_or(NoCluster::Undecodable)?;
     policy.classify(&instr).ok_or(NoCluster::NotExiting)?;
     let op = lower(&instr).map_err(|u| NoCluster::Unsupported(u.mnemonic()))?;
     if ends_cluster(&op, config) {
         return Err(NoCluster::EndsCluster);
     }
     region::build(src, rip, bitness, policy, config)
+}
+
+/// The highest address plus one that code of this bitness may occupy: instruction
+/// pointers do not wrap inside a cluster.
+fn address_limit(bitness: Bitness) -> u64 {
+    match bitness {
+        Bitness::B16 => 0x1_0000,
+        Bitness::B32 => 0x1_0000_0000,
+        Bitness::B64 => u64::MAX,
+    }
+}
+
+/// The instruction at `rip`, if the source has bytes there that decode to one that
+/// ends below the bitness's address limit.
+fn decode_at(
+    src: &mut dyn CodeSource,
+    rip: u64,
+    bitness: Bitness,
+) -> Option<iced_x86::Instruction> {
+    let limit = address_limit(bitness);
+    let mut buf = [0u8; limits::MAX_INSN_LEN as usize];
+    let room = usize::try_from(limit.checked_sub(rip)?).unwrap_or(usize::MAX);
+    let want = buf.len().min(room);
+    let n = src.read(rip, &mut buf[..want]);
+    let mut decoder = Decoder::with_ip(bitness.bits(), &buf[..n], rip, DecoderOptions::NONE);
+    let instr = decoder.decode();
+    (!instr.is_invalid()).then_some(instr)
 }
 
 /// Translate the cluster entered at `rip` from code in one slice starting at `rip`

@@ -753,3 +753,39 @@ fn enabling_pae_paging_loads_the_pdptes() {
     let base = g.state.cr3 & 0xffff_ffe0;
     assert_eq!(g.state.pdpte.map(|p| p[1]), Some(g.read_u64(base + 8)));
 }
+
+#[test]
+fn a_pte_rewritten_and_invalidated_inside_a_run_is_walked_again() {
+    // mov rax, [rbx] ; mov [rcx], rdx (the PTE: another page) ; invlpg [rbx] ;
+    // mov rsi, [rbx]: the second read sees the new page, as on the CPU.
+    let mut g = long_guest();
+    g.map(DATA_VA, DATA_GPA, PageSize::K4, pte::P | pte::RW);
+    const OTHER_GPA: u64 = 0x20_0000;
+    g.write_bytes(DATA_GPA, &0x1111u64.to_le_bytes());
+    g.write_bytes(OTHER_GPA, &0x2222u64.to_le_bytes());
+    let pte_gpa = *g.entries(DATA_VA).last().unwrap();
+    // The page tables live in guest RAM; reach the PTE through a second mapping.
+    const PT_VA: u64 = 0xc0_0000;
+    g.map(PT_VA, pte_gpa & !0xfff, PageSize::K4, pte::P | pte::RW);
+    g.state.gpr[RBX as usize] = DATA_VA;
+    g.state.gpr[RCX as usize] = PT_VA + (pte_gpa & 0xfff);
+    g.state.gpr[RDX as usize] = OTHER_GPA | pte::P | pte::RW;
+    let out = run(
+        &mut g,
+        Bitness::B64,
+        &[
+            load(Size::S8, RAX, mem(RBX, 0, Size::S8)),
+            store(Size::S8, mem(RCX, 0, Size::S8), RDX),
+            Op::Invlpg {
+                addr: mem(RBX, 0, Size::S8),
+            },
+            load(Size::S8, RSI, mem(RBX, 0, Size::S8)),
+        ],
+    );
+    assert_eq!(out.reason, StopReason::End, "{out:?}");
+    assert_eq!(g.state.gpr[RAX as usize], 0x1111);
+    assert_eq!(
+        g.state.gpr[RSI as usize], 0x2222,
+        "INVLPG empties the run's TLB"
+    );
+}

@@ -103,6 +103,7 @@ impl ExitReason {
             ExternalInterrupt => C::ExternalInterrupt,
             InterruptWindow => C::InterruptWindow,
             TripleFault => C::TripleFault,
+            PreemptionTimer => C::PreemptionTimer,
             Cpuid => C::Cpuid,
             Hlt => C::Hlt,
             CrAccess => C::CrAccess,

@@ -171,8 +171,30 @@ extern "C" fn kmain(magic: u32, mbi: u32) -> ! {
             m.cmdline
         );
     }
-    let Some(module) = modules.first() else {
+    // Each module's line is `<role> [words...]` (GRUB 2 passes what follows the
+    // path; some loaders keep the path first, skipped here). The guest is the
+    // module whose role is `guest` (else the first); its further words are the
+    // guest's command line. An `initrd` module goes to a PVH kernel as module 0.
+    let words = |m: &multiboot::Module| -> alloc::vec::Vec<String> {
+        let mut w = m.cmdline.split_whitespace().peekable();
+        if w.peek().is_some_and(|first| first.starts_with('/')) {
+            w.next();
+        }
+        w.map(str::to_string).collect()
+    };
+    let role = |m: &multiboot::Module| words(m).first().cloned();
+    let Some(module) = modules
+        .iter()
+        .find(|m| role(m).as_deref() == Some("guest"))
+        .or(modules.first())
+    else {
         stop("no guest: GRUB passed no module (grub.cfg needs `module /boot/<guest>.elf`)");
+    };
+    let module_cmdline = words(module).get(1..).unwrap_or_default().join(" ");
+    let guest_cmdline = if module_cmdline.is_empty() {
+        opts.guest_cmdline.clone()
+    } else {
+        module_cmdline
     };
     // SAFETY: GRUB loaded the module at start..end in identity-mapped RAM that the
     // heap does not cover; it is only read.
@@ -182,6 +204,13 @@ extern "C" fn kmain(magic: u32, mbi: u32) -> ! {
             (module.end - module.start) as usize,
         )
     };
+    let initrd = modules
+        .iter()
+        .find(|m| role(m).as_deref() == Some("initrd"))
+        .map(|m| {
+            // SAFETY: as for the guest module.
+            unsafe { core::slice::from_raw_parts(m.start as *const u8, (m.end - m.start) as usize) }
+        });
 
     let caps = match vmx::enable() {
         Ok(c) => c,
@@ -195,7 +224,8 @@ extern "C" fn kmain(magic: u32, mbi: u32) -> ! {
             opts.guest_mib
         ));
     };
-    let image = match avex_core::boot::load(elf, ram.as_mut_slice(), &opts.guest_cmdline) {
+    let image = match avex_core::boot::load_kernel(elf, ram.as_mut_slice(), &guest_cmdline, initrd)
+    {
         Ok(i) => i,
         Err(e) => stop(&format!(
             "guest image {:?} rejected by the loader: {e}",
@@ -212,6 +242,9 @@ extern "C" fn kmain(magic: u32, mbi: u32) -> ! {
         opts.guest_mib,
         opts.mode
     );
+    if let Some(rd) = initrd {
+        logln!("avex-vmx: initrd of {} bytes, command line: {guest_cmdline}", rd.len());
+    }
 
     let policy = ExitPolicy::default();
     let mut handler = ExitHandler::new(opts.mode, policy.clone()).with_clock(clock_ns);
@@ -246,6 +279,14 @@ extern "C" fn kmain(magic: u32, mbi: u32) -> ! {
         run::Outcome::Exited(status) => {
             logln!("avex-vmx: guest exited with status {status}");
             finish(status, None, Some(&opts), Some(&handler), extra)
+        }
+        run::Outcome::Halted { rip } => {
+            logln!(
+                "avex-vmx: the guest halted at {rip:#x} with interrupts off: nothing can wake \
+                 it, so its run ends (status 0, halted)"
+            );
+            extra.insert("halted".into(), 1);
+            finish(0, None, Some(&opts), Some(&handler), extra)
         }
         run::Outcome::Stopped(why) => {
             logln!("avex-vmx: GUEST STOPPED: {why}");

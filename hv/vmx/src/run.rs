@@ -23,6 +23,9 @@ use crate::vmx::{field as f, vmread, vmwrite};
 pub enum Outcome {
     /// The guest wrote its status to the debug-exit port.
     Exited(u8),
+    /// The guest executed HLT with interrupts off (at `rip`): nothing can wake
+    /// it, so its run is over (as a kernel's `poweroff` without ACPI ends).
+    Halted { rip: u64 },
     /// The guest was stopped: the diagnosis.
     Stopped(String),
 }
@@ -112,12 +115,36 @@ pub fn protect_translated_pages(v: &mut Vcpu, handler: &ExitHandler) -> usize {
     n
 }
 
+/// Machine time (TSC ticks at the configured rate, in seconds) between two
+/// progress lines on the hypervisor's log: a long guest (Linux) shows where it is.
+const HEARTBEAT_SECONDS: u64 = 10;
+
 /// Run the guest until it ends.
 pub fn run(v: &mut Vcpu, handler: &mut ExitHandler) -> Outcome {
     let mut t = rdtsc();
     let mut in_cluster = 0u64;
+    let heartbeat = v.tsc_hz().saturating_mul(HEARTBEAT_SECONDS);
+    let mut next_beat = t.wrapping_add(heartbeat);
     loop {
+        if t >= next_beat {
+            next_beat = t.wrapping_add(heartbeat);
+            let (c, st) = (v.counters(), handler.stats());
+            logln!(
+                "avex-vmx: progress: {} exits, {} interrupts (the last at {:#x}), {} clusters \
+                 run ({} early stops, {} instructions), {} built, {} stale; guest {}",
+                st.exits(),
+                c.interrupts,
+                c.interrupted_rip,
+                st.clusters_run,
+                st.early_stops.values().sum::<u64>(),
+                st.cluster_insns,
+                st.translations_built,
+                st.stale_dropped,
+                guest_where(v)
+            );
+        }
         v.deliver_interrupts();
+        v.arm_preemption_timer();
         if let Err(why) = v.load_pdptes_if_stale() {
             return Outcome::Stopped(format!("{why}; guest {}", guest_where(v)));
         }
@@ -243,9 +270,10 @@ fn decode(v: &mut Vcpu, info: &ExitInfo) -> Decoded {
         // The guest can take the interrupt now: delivered before the entry. An NMI
         // or external interrupt while the guest ran (the hypervisor's own
         // interrupts are masked at the PIC): nothing to complete.
-        ExitReason::InterruptWindow | ExitReason::ExceptionNmi | ExitReason::ExternalInterrupt => {
-            Decoded::Reenter
-        }
+        ExitReason::InterruptWindow
+        | ExitReason::ExceptionNmi
+        | ExitReason::ExternalInterrupt
+        | ExitReason::PreemptionTimer => Decoded::Reenter,
         ExitReason::EptViolation => {
             let gpa = vmread(f::GUEST_PHYSICAL_ADDRESS);
             if qual & 2 != 0 && gpa < v.ram_size() {
@@ -301,6 +329,7 @@ fn apply(
                 CountedReason::Outs
             });
             complete_with_engine(v, rip)?;
+            v.add_emulated_insns(1);
             return ended(v).map(|()| 0);
         }
         Decoded::Reenter => {
@@ -336,6 +365,7 @@ fn apply(
     if !complete_instruction(v, info, complete, value)? {
         return Ok(0);
     }
+    v.add_emulated_insns(1);
     // A completed instruction ends MOV SS / STI blocking.
     let intr = vmread(f::GUEST_INTERRUPTIBILITY);
     if intr & 3 != 0 {
@@ -346,8 +376,11 @@ fn apply(
         Next::Resume => Ok(0),
         Next::RunCluster { start } => {
             let t0 = rdtsc();
+            let insns = handler.stats().cluster_insns;
             let end = handler.run_cluster(start, v);
             let ticks = rdtsc().wrapping_sub(t0);
+            let ran = handler.stats().cluster_insns.wrapping_sub(insns);
+            v.add_emulated_insns(ran);
             v.account(0, ticks);
             if end.early.as_deref() == Some("MODE_CHANGE") {
                 v.note_mode_change();
@@ -360,6 +393,7 @@ fn apply(
             }
             ended(v).map(|()| ticks)
         }
+        Next::Halt if v.interrupts_masked() => Err(Outcome::Halted { rip }),
         Next::Halt => match v.wait_for_interrupt() {
             Ok(()) => Ok(0),
             Err(why) => Err(Outcome::Stopped(format!("guest halted at {rip:#x}: {why}"))),

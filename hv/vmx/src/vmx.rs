@@ -23,6 +23,7 @@ pub const IA32_VMX_PINBASED_CTLS: u32 = 0x481;
 pub const IA32_VMX_PROCBASED_CTLS: u32 = 0x482;
 pub const IA32_VMX_EXIT_CTLS: u32 = 0x483;
 pub const IA32_VMX_ENTRY_CTLS: u32 = 0x484;
+pub const IA32_VMX_MISC: u32 = 0x485;
 pub const IA32_VMX_CR0_FIXED0: u32 = 0x486;
 pub const IA32_VMX_CR0_FIXED1: u32 = 0x487;
 pub const IA32_VMX_CR4_FIXED0: u32 = 0x488;
@@ -51,6 +52,7 @@ pub mod field {
     pub const IO_BITMAP_B: u64 = 0x2002;
     pub const MSR_BITMAP: u64 = 0x2004;
     pub const EPT_POINTER: u64 = 0x201a;
+    pub const TSC_OFFSET: u64 = 0x2010;
     pub const GUEST_PHYSICAL_ADDRESS: u64 = 0x2400;
     pub const VMCS_LINK_POINTER: u64 = 0x2800;
     pub const GUEST_DEBUGCTL: u64 = 0x2802;
@@ -84,6 +86,7 @@ pub mod field {
     pub const GUEST_TR_AR: u64 = 0x4822;
     pub const GUEST_INTERRUPTIBILITY: u64 = 0x4824;
     pub const GUEST_ACTIVITY: u64 = 0x4826;
+    pub const PREEMPTION_TIMER: u64 = 0x482e;
     pub const GUEST_SYSENTER_CS: u64 = 0x482a;
     pub const HOST_SYSENTER_CS: u64 = 0x4c00;
     pub const CR0_MASK: u64 = 0x6000;
@@ -141,6 +144,7 @@ pub mod ctl {
     // Pin-based.
     pub const PIN_EXTERNAL_INTERRUPT: u32 = 1 << 0;
     pub const PIN_NMI: u32 = 1 << 3;
+    pub const PIN_PREEMPTION_TIMER: u32 = 1 << 6;
     // Primary processor-based.
     pub const INTR_WINDOW: u32 = 1 << 2;
     pub const HLT: u32 = 1 << 7;
@@ -148,6 +152,7 @@ pub mod ctl {
     pub const MWAIT: u32 = 1 << 10;
     pub const RDPMC: u32 = 1 << 11;
     pub const RDTSC: u32 = 1 << 12;
+    pub const USE_TSC_OFFSETTING: u32 = 1 << 3;
     pub const CR3_LOAD: u32 = 1 << 15;
     pub const CR3_STORE: u32 = 1 << 16;
     pub const CR8_LOAD: u32 = 1 << 19;
@@ -305,6 +310,8 @@ pub struct Caps {
     pub exit: u64,
     pub entry: u64,
     pub ept_vpid: u64,
+    /// IA32_VMX_MISC: bits 4:0 are the preemption timer's rate (TSC >> n).
+    pub misc: u64,
     pub cr0_fixed0: u64,
     pub cr0_fixed1: u64,
     pub cr4_fixed0: u64,
@@ -351,6 +358,7 @@ impl Caps {
             } else {
                 0
             },
+            misc: rdmsr(IA32_VMX_MISC),
             cr0_fixed0: rdmsr(IA32_VMX_CR0_FIXED0),
             cr0_fixed1: rdmsr(IA32_VMX_CR0_FIXED1),
             cr4_fixed0: rdmsr(IA32_VMX_CR4_FIXED0),

@@ -219,6 +219,9 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
     pub(super) fn invlpg(&mut self) -> R<Flow> {
         self.cpl0()?;
         self.g.invalidate_tlb();
+        // The run's own cache of translations too: the next access walks the
+        // tables as they are now.
+        self.tlb = Tlb::EMPTY;
         Ok(Flow::Next)
     }
 

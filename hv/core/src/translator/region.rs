@@ -12,9 +12,8 @@
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::vec;
 use alloc::vec::Vec;
-use iced_x86::{Decoder, DecoderOptions};
 
-use super::{ends_cluster, CodeSource, NoCluster, Translated, TranslatorConfig};
+use super::{decode_at, ends_cluster, CodeSource, NoCluster, Translated, TranslatorConfig};
 use crate::ir::{limits, BackEdge, Bitness, Cluster, CodeRange, Guard, Insn, Op, Target};
 use crate::lower::lower;
 use crate::policy::{ExitClass, ExitPolicy};
@@ -115,15 +114,6 @@ struct Explorer<'a> {
     stop: Option<NoCluster>,
 }
 
-/// The highest address plus one that code of this bitness may occupy.
-fn address_limit(bitness: Bitness) -> u64 {
-    match bitness {
-        Bitness::B16 => 0x1_0000,
-        Bitness::B32 => 0x1_0000_0000,
-        Bitness::B64 => u64::MAX,
-    }
-}
-
 impl Explorer<'_> {
     fn note_stop(&mut self, why: NoCluster) {
         self.stop.get_or_insert(why);
@@ -139,24 +129,8 @@ impl Explorer<'_> {
     }
 
     fn decode_uncached(&mut self, rip: u64) -> Result<Decoded, NoCluster> {
-        let limit = address_limit(self.bitness);
-        if rip >= limit {
-            return Err(NoCluster::CodeEnds);
-        }
-        let mut buf = [0u8; limits::MAX_INSN_LEN as usize];
-        let room = usize::try_from(limit - rip).unwrap_or(usize::MAX);
-        let want = buf.len().min(room);
-        let n = self.src.read(rip, &mut buf[..want]);
-        if n == 0 {
-            return Err(NoCluster::CodeEnds);
-        }
-        let mut decoder =
-            Decoder::with_ip(self.bitness.bits(), &buf[..n], rip, DecoderOptions::NONE);
-        let instr = decoder.decode();
-        if instr.is_invalid() {
-            // Bytes that run out or do not decode both end the code we can translate.
-            return Err(NoCluster::CodeEnds);
-        }
+        // Bytes that run out or do not decode both end the code we can translate.
+        let instr = decode_at(self.src, rip, self.bitness).ok_or(NoCluster::CodeEnds)?;
         let op = lower(&instr).map_err(|u| NoCluster::Unsupported(u.mnemonic()))?;
         Ok(Decoded {
             len: instr.len() as u8,

@@ -8,7 +8,7 @@ use avex_core::arch::{cpuid, cr4, efer, msr, rflags, xcr0};
 use avex_core::engine::cr;
 use avex_core::guest::{CpuState, Fault, Guest, NotRam, Segment};
 
-use super::{rdtsc, read_cr2, write_cr2, Vcpu};
+use super::{read_cr2, write_cr2, Vcpu};
 use crate::vmx::{self, field as f, vmread, vmwrite};
 
 /// The guest's TPR is the processor's own CR8. With neither "CR8-load exiting",
@@ -30,6 +30,89 @@ fn write_tpr(v: u64) {
     // SAFETY: CR8 holds the guest's TPR only (see `read_tpr`); bits above 3 are
     // masked off, which would otherwise #GP in the hypervisor.
     unsafe { asm!("mov cr8, {}", in(reg) v & 0xf, options(nomem, nostack)) };
+}
+
+/// The hypervisor's signature in leaf 0x40000000 (EBX, ECX, EDX).
+const SIGNATURE: &[u8; 12] = b"avexavexavex";
+
+/// Leaf 1 ECX features the hypervisor does not virtualise: nested VMX and SMX, the
+/// x2APIC and TSC-deadline timer (no local APIC is emulated), MONITOR/MWAIT, the
+/// thermal, debug-store and performance features whose MSRs are not emulated, and
+/// XSAVE (the guest's XCR0 is not loaded into the CPU: FXSAVE state only).
+const HIDDEN_L1_ECX: u32 = cpuid::L1_ECX_DTES64
+    | cpuid::L1_ECX_MONITOR
+    | cpuid::L1_ECX_DS_CPL
+    | cpuid::L1_ECX_VMX
+    | cpuid::L1_ECX_SMX
+    | cpuid::L1_ECX_EST
+    | cpuid::L1_ECX_TM2
+    | cpuid::L1_ECX_XTPR
+    | cpuid::L1_ECX_PDCM
+    | cpuid::L1_ECX_X2APIC
+    | cpuid::L1_ECX_TSC_DEADLINE
+    | cpuid::L1_ECX_XSAVE
+    | cpuid::L1_ECX_OSXSAVE
+    | cpuid::L1_ECX_AVX;
+/// Leaf 1 EDX: no local APIC, no machine-check, MTRR, debug-store, ACPI-thermal
+/// MSRs.
+const HIDDEN_L1_EDX: u32 = cpuid::L1_EDX_MCE
+    | cpuid::L1_EDX_APIC
+    | cpuid::L1_EDX_MTRR
+    | cpuid::L1_EDX_MCA
+    | cpuid::L1_EDX_DS
+    | cpuid::L1_EDX_ACPI
+    | cpuid::L1_EDX_TM
+    | cpuid::L1_EDX_PBE;
+/// Leaf 7 EBX features offered (instructions and paging features the CPU runs
+/// natively and the engine knows); every other leaf 7 bit (AVX2/AVX-512, TSX,
+/// speculation-control MSRs, TSC_ADJUST, PT, ...) is hidden.
+const OFFERED_L7_EBX: u32 = cpuid::L7_EBX_FSGSBASE
+    | cpuid::L7_EBX_BMI1
+    | cpuid::L7_EBX_SMEP
+    | cpuid::L7_EBX_BMI2
+    | cpuid::L7_EBX_ERMS
+    | cpuid::L7_EBX_ADX
+    | cpuid::L7_EBX_SMAP
+    | cpuid::L7_EBX_CLFLUSHOPT;
+
+/// The hypervisor leaves: 0x40000000 names the hypervisor and is the last one.
+fn hypervisor_leaf(leaf: u32) -> [u32; 4] {
+    if leaf != cpuid::LEAF_HYPERVISOR {
+        return [0; 4];
+    }
+    let w = |i: usize| u32::from_le_bytes([SIGNATURE[i], SIGNATURE[i + 1], SIGNATURE[i + 2], SIGNATURE[i + 3]]);
+    [cpuid::LEAF_HYPERVISOR, w(0), w(4), w(8)]
+}
+
+/// The guest's CPUID: the CPU's answer `host` with what the hypervisor does not
+/// virtualise hidden and the hypervisor bit set; the TSC's rate is `tsc_hz`.
+fn model_cpuid(leaf: u32, subleaf: u32, host: [u32; 4], tsc_hz: u64) -> [u32; 4] {
+    let [eax, ebx, ecx, edx] = host;
+    let tsc_hz = u32::try_from(tsc_hz).unwrap_or(u32::MAX);
+    match leaf {
+        // The TSC runs at the rate the hypervisor was told (Bochs: its instruction
+        // rate), not the CPU model's nominal frequency: said as a crystal of that
+        // frequency with a 1:1 ratio, so the guest need not measure it (measuring
+        // it against the PIT fails here: the hypervisor's own work between two
+        // port reads counts on the TSC).
+        cpuid::LEAF_TSC_CRYSTAL => [1, 1, tsc_hz, 0],
+        cpuid::LEAF_FREQUENCIES => {
+            let mhz = (tsc_hz / 1_000_000).max(1);
+            [mhz, mhz, 0, 0]
+        }
+        cpuid::LEAF_FEATURES => [
+            eax,
+            ebx,
+            (ecx & !HIDDEN_L1_ECX) | cpuid::L1_ECX_HYPERVISOR,
+            edx & !HIDDEN_L1_EDX,
+        ],
+        cpuid::LEAF_EXT_FEATURES if subleaf == 0 => [0, ebx & OFFERED_L7_EBX, 0, 0],
+        cpuid::LEAF_EXT_FEATURES
+        | cpuid::LEAF_THERMAL_POWER
+        | cpuid::LEAF_PERFMON
+        | cpuid::LEAF_XSAVE => [0; 4],
+        _ => host,
+    }
 }
 
 /// MSRs the guest may use on the real CPU: the host never uses them.
@@ -133,8 +216,9 @@ impl Guest for Vcpu {
 
     fn rdmsr(&mut self, msr: u32) -> Result<u64, Fault> {
         Ok(match msr {
-            msr::TSC => rdtsc(),
+            msr::TSC => self.guest_tsc(),
             msr::APIC_BASE => msr::APIC_BASE_RESET,
+            msr::UCODE_REV => 0,
             msr::SYSENTER_CS => vmread(f::GUEST_SYSENTER_CS),
             msr::SYSENTER_ESP => vmread(f::GUEST_SYSENTER_ESP),
             msr::SYSENTER_EIP => vmread(f::GUEST_SYSENTER_EIP),
@@ -187,30 +271,25 @@ impl Guest for Vcpu {
             | msr::MTRR_FIX_FIRST..=msr::MTRR_FIX_LAST => {
                 self.msrs.insert(msr, value);
             }
-            _ => {
-                // Other MSRs: remembered, so a later read returns what was written.
-                self.msrs.insert(msr, value);
-            }
+            // No microcode to report: writes (Linux's way of asking) are dropped.
+            msr::UCODE_REV => {}
+            // MSRs the hypervisor does not model: #GP, as a CPU without them raises
+            // (Linux's wrmsr_safe paths rely on it).
+            _ => return Err(Fault::GeneralProtection),
         }
         Ok(())
     }
 
     fn cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
-        let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
-        let (eax, ebx, mut ecx, edx) = (r.eax, r.ebx, r.ecx, r.edx);
-        if leaf == cpuid::LEAF_FEATURES {
-            ecx &= !cpuid::L1_ECX_VMX; // no nested VMX
-            ecx |= cpuid::L1_ECX_HYPERVISOR;
-            ecx &= !cpuid::L1_ECX_OSXSAVE;
-            if vmread(f::CR4_READ_SHADOW) & cr4::OSXSAVE != 0 {
-                ecx |= cpuid::L1_ECX_OSXSAVE;
-            }
+        if (cpuid::LEAF_HYPERVISOR..=cpuid::LEAF_HYPERVISOR_LAST).contains(&leaf) {
+            return hypervisor_leaf(leaf);
         }
-        [eax, ebx, ecx, edx]
+        let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+        model_cpuid(leaf, subleaf, [r.eax, r.ebx, r.ecx, r.edx], self.tsc_hz)
     }
 
     fn tsc(&mut self) -> u64 {
-        rdtsc()
+        self.guest_tsc()
     }
 
     fn xgetbv(&mut self, index: u32) -> Result<u64, Fault> {

@@ -34,6 +34,8 @@ pub struct Counters {
     pub ticks_guest: u64,
     pub ticks_handler: u64,
     pub ticks_clusters: u64,
+    /// Where the guest was when it took its last interrupt (progress lines).
+    pub interrupted_rip: u64,
 }
 
 pub struct Vcpu {
@@ -44,8 +46,11 @@ pub struct Vcpu {
     bus: PortBus,
     launched: bool,
     counters: Counters,
-    /// Virtual time skipped while the guest was halted.
-    time_skipped_ns: u64,
+    /// Virtual time skipped while the guest was halted, in TSC ticks.
+    skipped_ticks: u64,
+    /// Virtual time of the instructions the hypervisor ran for the guest (the
+    /// exiting instructions it completed, the engine's clusters): one tick each.
+    emulated_ticks: u64,
     /// Log every cluster run.
     debug: bool,
     /// Software-backed MSRs (those with no VMCS field and no hardware pass-through).
@@ -57,10 +62,21 @@ pub struct Vcpu {
     pdptes_stale: bool,
     /// VPID in use (0: none, so every VM entry and exit flushes the guest's TLB).
     vpid: u16,
-    /// TSC at guest start and the TSC's rate, for the devices' virtual time.
+    /// TSC at guest start and the TSC's rate, for the guest's virtual time
+    /// ([`Vcpu::virtual_ticks`]).
     tsc0: u64,
     tsc_hz: u64,
+    /// The VMX preemption timer's rate (it counts TSC >> this), when the CPU has
+    /// the timer: it bounds how long the guest runs without an exit, so device
+    /// interrupts (the PIT's tick) are delivered to a guest that makes no exits.
+    preemption_shift: Option<u32>,
+    /// "Use TSC offsetting" is on: the VMCS's TSC offset keeps the guest's native
+    /// RDTSC on its virtual time.
+    tsc_offsetting: bool,
 }
+
+/// Longest stretch the guest runs without an exit while an interrupt may come.
+const MAX_QUANTUM_NS: u64 = 10_000_000;
 
 pub fn rdtsc() -> u64 {
     // SAFETY: RDTSC reads the time-stamp counter; no memory effects.
@@ -108,7 +124,8 @@ impl Vcpu {
             bus: PortBus::standard(StandardConfig::default()),
             launched: false,
             counters: Counters::default(),
-            time_skipped_ns: 0,
+            skipped_ticks: 0,
+            emulated_ticks: 0,
             debug: false,
             msrs: BTreeMap::new(),
             xcr0: 1,
@@ -116,6 +133,8 @@ impl Vcpu {
             vpid: 0,
             tsc0: rdtsc(),
             tsc_hz: tsc_hz.max(1),
+            preemption_shift: None,
+            tsc_offsetting: false,
         };
         v.msrs
             .insert(msr::MISC_ENABLE, msr::MISC_ENABLE_FAST_STRINGS);
@@ -131,14 +150,26 @@ impl Vcpu {
         let on = |ctl: VmcsControl| policy.control_enabled(ctl);
         let pick = |ctl: VmcsControl, bit: u32| if on(ctl) { bit } else { 0 };
 
+        let timer = Caps::allowed1(c.pin, ctl::PIN_PREEMPTION_TIMER);
         let (pin, _) = vmx::adjust(
             c.pin,
-            ctl::PIN_EXTERNAL_INTERRUPT | ctl::PIN_NMI,
+            ctl::PIN_EXTERNAL_INTERRUPT
+                | ctl::PIN_NMI
+                | if timer {
+                    ctl::PIN_PREEMPTION_TIMER
+                } else {
+                    0
+                },
             0,
             "pin-based controls",
         )?;
+        if pin & ctl::PIN_PREEMPTION_TIMER != 0 {
+            self.preemption_shift = Some((c.misc & 0x1f) as u32);
+        } else {
+            logln!("vmx: no preemption timer: interrupts wait for the guest's next exit");
+        }
 
-        let mut want = ctl::SECONDARY | ctl::USE_MSR_BITMAPS;
+        let mut want = ctl::SECONDARY | ctl::USE_MSR_BITMAPS | ctl::USE_TSC_OFFSETTING;
         want |= pick(VmcsControl::HltExiting, ctl::HLT);
         want |= pick(VmcsControl::InvlpgExiting, ctl::INVLPG);
         want |= pick(VmcsControl::MwaitExiting, ctl::MWAIT);
@@ -166,6 +197,8 @@ impl Vcpu {
             ctl::SECONDARY | io | ctl::USE_MSR_BITMAPS,
             "processor-based controls",
         )?;
+        self.tsc_offsetting = proc & ctl::USE_TSC_OFFSETTING != 0;
+        let missing = missing & !ctl::USE_TSC_OFFSETTING;
         if missing != 0 {
             logln!("vmx: policy controls the CPU cannot set: {missing:#x} (those instructions run unintercepted)");
         }
@@ -370,6 +403,10 @@ impl Vcpu {
 
     /// Enter the guest; returns at its next VM exit (or the entry's failure).
     pub fn enter(&mut self) -> Result<(), vmx::VmFail> {
+        if self.tsc_offsetting {
+            // A RDTSC that does not exit reads the guest's virtual TSC too.
+            vmwrite(f::TSC_OFFSET, self.guest_tsc().wrapping_sub(rdtsc()));
+        }
         let t0 = rdtsc();
         let r = vmx::enter(&mut self.regs, self.launched);
         self.counters.ticks_guest += rdtsc().wrapping_sub(t0);
@@ -377,6 +414,11 @@ impl Vcpu {
             self.launched = true;
         }
         r
+    }
+
+    /// The TSC's rate (ticks per second) the hypervisor was told.
+    pub fn tsc_hz(&self) -> u64 {
+        self.tsc_hz
     }
 
     pub fn counters(&self) -> Counters {
@@ -425,6 +467,11 @@ impl Vcpu {
         true
     }
 
+    /// RFLAGS.IF is clear: no external interrupt can reach the guest.
+    pub fn interrupts_masked(&self) -> bool {
+        vmread(f::GUEST_RFLAGS) & rflags::IF == 0
+    }
+
     /// HLT: the guest waits for an interrupt. With interrupts off, or with no device
     /// that will ever raise one, it would wait forever: that ends it (the reason).
     /// Otherwise the devices' virtual time jumps to their next event (no spinning
@@ -447,23 +494,48 @@ impl Vcpu {
         Err("interrupts are on but no device will raise one".into())
     }
 
-    /// The guest's TSC-derived virtual time for the device models.
+    /// The guest's virtual time in TSC ticks since it started: the time it ran on
+    /// the CPU (VMX non-root), one tick for each instruction the hypervisor ran
+    /// for it, and the time it skipped halted. The hypervisor's own work is not on
+    /// it: the guest's TSC and its devices (the PIT's ticks) see a CPU that runs
+    /// the guest alone, whatever the hypervisor spends on exits and clusters, so
+    /// every clustering mode sees the same clock, and the guest's timer
+    /// interrupts do not eat its time when exits are costly (Bochs).
+    pub fn virtual_ticks(&self) -> u64 {
+        self.counters
+            .ticks_guest
+            .wrapping_add(self.emulated_ticks)
+            .wrapping_add(self.skipped_ticks)
+    }
+
+    /// The guest's TSC: its virtual time from the TSC's value at its start.
+    pub fn guest_tsc(&self) -> u64 {
+        self.tsc0.wrapping_add(self.virtual_ticks())
+    }
+
+    /// Count `n` instructions the hypervisor ran for the guest on its clock.
+    pub fn add_emulated_insns(&mut self, n: u64) {
+        self.emulated_ticks = self.emulated_ticks.wrapping_add(n);
+    }
+
+    /// The guest's virtual time in ns, for the device models.
     fn now_ns(&self) -> u64 {
-        let ticks = rdtsc().wrapping_sub(self.tsc0);
+        let ticks = self.virtual_ticks();
         // Bochs' rates divide 10^9 evenly: multiply instead of a 128-bit division
         // on every port access.
-        let ns = if 1_000_000_000 % self.tsc_hz == 0 {
+        if 1_000_000_000 % self.tsc_hz == 0 {
             ticks.wrapping_mul(1_000_000_000 / self.tsc_hz)
         } else {
             ((u128::from(ticks) * 1_000_000_000) / u128::from(self.tsc_hz)) as u64
-        };
-        ns.wrapping_add(self.time_skipped_ns)
+        }
     }
 
-    /// Move the devices' virtual time forward by `ns` (a halted guest waits for its
-    /// next device event without the hypervisor spinning through the wait).
+    /// Move the guest's virtual time forward by at least `ns` (a halted guest
+    /// waits for its next device event without the hypervisor spinning through
+    /// the wait).
     fn skip_time(&mut self, ns: u64) {
-        self.time_skipped_ns = self.time_skipped_ns.wrapping_add(ns);
+        let ticks = (u128::from(ns) * u128::from(self.tsc_hz)).div_ceil(1_000_000_000) as u64;
+        self.skipped_ticks = self.skipped_ticks.wrapping_add(ticks.max(1));
     }
 
     fn set_window_exiting(&mut self, on: bool) {
@@ -476,6 +548,26 @@ impl Vcpu {
         if want != proc && (!on || Caps::allowed1(self.caps.proc, ctl::INTR_WINDOW)) {
             vmwrite(f::PROC_CONTROLS, u64::from(want));
         }
+    }
+
+    /// Before a VM entry: arm the preemption timer for the devices' next event (at
+    /// most [`MAX_QUANTUM_NS`] away), so an interrupt is delivered on time even if
+    /// the guest makes no exit until then.
+    pub fn arm_preemption_timer(&mut self) {
+        let Some(shift) = self.preemption_shift else {
+            return;
+        };
+        let now = self.now_ns();
+        let ns = self
+            .bus
+            .next_event_ns(now)
+            .map_or(MAX_QUANTUM_NS, |t| t.saturating_sub(now))
+            .clamp(1_000, MAX_QUANTUM_NS);
+        let ticks = (u128::from(ns) * u128::from(self.tsc_hz) / 1_000_000_000) as u64;
+        vmwrite(
+            f::PREEMPTION_TIMER,
+            (ticks >> shift).clamp(1, u64::from(u32::MAX)),
+        );
     }
 
     /// Before a VM entry: deliver the PIC's pending interrupt if the guest can take
@@ -499,6 +591,7 @@ impl Vcpu {
                 // External interrupt (type 0), valid.
                 vmwrite(f::ENTRY_INTR_INFO, u64::from(vector) | (1 << 31));
                 self.counters.interrupts += 1;
+                self.counters.interrupted_rip = vmread(f::GUEST_RIP);
             }
             self.set_window_exiting(false);
         } else {
