@@ -333,14 +333,38 @@ fn print_table(w: &mut impl Write, r: &Report) -> std::io::Result<()> {
     }
     writeln!(
         w,
-        "  sites      {} translated, {} inside an earlier cluster, {} unclustered",
+        "  sites      {} in clusters of two or more exiting instructions; the others:",
+        thousands(r.sites_in_clusters)
+    )?;
+    for (why, n) in &r.sites_not_in_clusters {
+        writeln!(w, "    {why:<30} {:>10}", thousands(*n))?;
+    }
+    writeln!(
+        w,
+        "  sites      {} translated, {} served by an earlier cluster, {} unclustered",
         thousands(r.sites_translated),
         thousands(r.sites_covered),
         thousands(r.sites_unclustered)
     )?;
     for (why, n) in &r.unclustered {
         writeln!(w, "    {why:<30} {:>10}", thousands(*n))?;
+        if *why == "unsupported" {
+            for (m, n) in &r.unsupported_blockers {
+                writeln!(w, "      {m:<28} {:>10}", thousands(*n))?;
+            }
+        }
     }
+    let k = &r.indirect;
+    writeln!(
+        w,
+        "  indirect   {} indirect thunks, {} return thunks, {} returns, {} field calls and {} slot calls given destinations, {} address-taken functions",
+        thousands(k.indirect_thunks),
+        thousands(k.return_thunks),
+        thousands(k.returns_resolved),
+        thousands(k.field_calls_resolved),
+        thousands(k.slot_calls_resolved),
+        thousands(k.address_taken)
+    )?;
     writeln!(
         w,
         "  time       {:.3} s (parse {:.3}, decode {:.3}, cluster {:.3})",

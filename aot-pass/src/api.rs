@@ -3,7 +3,8 @@
 pub use avex_core::ir::Cluster;
 pub use avex_core::policy::{exit_class_of, ExitClass, ExitPolicy, VmcsControl};
 pub use avex_core::translator::{
-    shape, translate, translate_in, NoCluster, Shape, Translated, TranslatorConfig,
+    shape, translate, translate_in, translate_region, NoCluster, Shape, Translated,
+    TranslatorConfig,
 };
 
 pub fn class_name(c: ExitClass) -> &'static str {

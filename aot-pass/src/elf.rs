@@ -13,6 +13,9 @@ use goblin::elf::sym::{Symtab, STT_FUNC, STT_NOTYPE};
 
 use crate::AnalyzeError;
 
+mod data;
+pub use data::{CodePointer, DataArea, DataInfo, DataObject};
+
 /// ELF file kind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ElfKind {
@@ -71,6 +74,9 @@ pub struct Elf<'a> {
     /// Loadable segments: (p_paddr, file bytes), the guest identity input. For ET_REL
     /// (no segments): the allocated PROGBITS sections, (sh_addr, bytes), in index order.
     pub segments: Vec<(u64, &'a [u8])>,
+    /// Data sections, the objects in them and (ET_REL) relocations from them to
+    /// code: where function pointers are.
+    pub data: DataInfo<'a>,
 }
 
 pub const EM_386: u16 = 3;
@@ -149,7 +155,9 @@ pub fn parse(data: &[u8]) -> Result<Elf<'_>, AnalyzeError> {
     let names = r.section_names(&shdrs)?;
     let (code, area_of_section) = r.code_areas(&phdrs, &shdrs, &names)?;
     let syms = r.code_symbols(&shdrs, &names, &code, &area_of_section)?;
+    let data = r.data_info(&shdrs, &names, &code, &area_of_section);
     Ok(Elf {
+        data,
         bits: r.bits,
         machine: r.hdr.e_machine,
         kind: r.kind,

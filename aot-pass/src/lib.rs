@@ -11,8 +11,10 @@
 
 pub mod api;
 pub mod elf;
+mod form;
 mod scan;
 pub mod synth;
+pub mod targets;
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -167,14 +169,26 @@ pub struct Report {
     pub cluster_exiting: Stats,
     /// Clusters per shape: `straight-line`, `branching`, `looping`.
     pub cluster_shapes: BTreeMap<&'static str, u64>,
-    /// Sites the translator was called at (each gave a cluster or a reason).
+    /// Sites that needed a cluster of their own (each gave a cluster or a reason).
     pub sites_translated: u64,
-    /// Sites inside an earlier cluster (not translated again).
+    /// Sites an earlier cluster serves: the hypervisor, exiting there, enters it
+    /// and can still absorb an exit (no cluster of their own).
     pub sites_covered: u64,
     /// Sites the translator formed no cluster at.
     pub sites_unclustered: u64,
-    /// Why, per `NoCluster::name()`.
+    /// Why, per `NoCluster::name()` (and `same-entry`: the cluster formed there
+    /// has the entry of one already kept).
     pub unclustered: BTreeMap<&'static str, u64>,
+    /// Of `unclustered["unsupported"]`, per blocking mnemonic.
+    pub unsupported_blockers: BTreeMap<String, u64>,
+    /// Sites that are exiting instructions of a cluster holding two or more.
+    pub sites_in_clusters: u64,
+    /// Why each other site is in no such cluster: its own translation's
+    /// `NoCluster::name()`, or `one-exit-loop` (its cluster loops over it alone).
+    pub sites_not_in_clusters: BTreeMap<&'static str, u64>,
+    /// What the pass knows of indirect destinations (thunks, returns, function
+    /// pointers).
+    pub indirect: targets::KnowledgeReport,
     pub seconds: Timing,
 }
 
@@ -182,11 +196,18 @@ pub struct Report {
 #[derive(Clone, Debug)]
 pub struct Analysis {
     pub report: Report,
-    /// Clusters in address order (ET_REL: per section, in section order).
+    /// Clusters sorted by entry RIP, one per entry (ET_REL: per section, in section
+    /// order).
     pub clusters: Vec<Cluster>,
     /// Every exit-prone site under the policy: (region index in `report.regions`,
     /// RIP, class), in region then address order.
     pub sites: Vec<(usize, u64, ExitClass)>,
+    /// Known destinations of indirect branches and returns, as the translator
+    /// was given them: (address space, branch address, destination), sorted. The
+    /// address space is 0, or in ET_REL the executable section's index.
+    pub indirect_targets: Vec<(usize, u64, u64)>,
+    /// Recognised thunks: (address space, address, what a branch to it does), sorted.
+    pub thunks: Vec<(usize, u64, targets::Thunk)>,
     /// Guest identity inputs: loadable segments (p_paddr, file bytes); for ET_REL the
     /// allocated sections (sh_addr, bytes).
     pub segments: Vec<(u64, Vec<u8>)>,
@@ -476,38 +497,41 @@ pub fn analyze_bytes(
     }
     let t_decode = t0.elapsed().as_secs_f64() - t_parse;
 
-    // Clusters.
+    // Clusters, over every executable section of the site's address space.
     let t1 = Instant::now();
-    let per_region: Vec<RegionClusters> = planned
-        .par_iter()
+    let regions: Vec<&Region<'_>> = planned.iter().map(|p| &p.region).collect();
+    let branches: Vec<&[Vec<scan::Branch>]> = scans.iter().map(|s| s.branches.as_slice()).collect();
+    let knowledge = targets::build(&elf, &regions, &branches);
+    let all_sites: Vec<form::Site> = planned
+        .iter()
         .zip(&scans)
-        .map(|(p, s)| cluster_region(&p.region, &s.sites, policy, config))
+        .flat_map(|(p, s)| {
+            s.sites.iter().map(|&(rip, _)| form::Site {
+                space: p.region.space,
+                rip,
+                bitness: p.region.bitness,
+            })
+        })
         .collect();
+    let formed = form::form(&all_sites, &knowledge, policy, config);
     let t_cluster = t1.elapsed().as_secs_f64();
 
     let mut sites = BTreeMap::new();
     let mut class_instructions = BTreeMap::new();
-    let mut unclustered = BTreeMap::new();
     let mut shapes = BTreeMap::new();
-    let mut clusters = Vec::new();
-    let (mut covered, mut translated) = (0u64, 0u64);
-    for (s, rc) in scans.iter().zip(per_region) {
+    for s in &scans {
         for &(_, c) in &s.sites {
             *sites.entry(class_name(c)).or_insert(0u64) += 1;
         }
         for &(c, n) in &s.by_class {
             *class_instructions.entry(class_name(c)).or_insert(0u64) += n;
         }
-        for (k, v) in rc.reasons {
-            *unclustered.entry(k).or_insert(0u64) += v;
-        }
-        covered += rc.covered;
-        translated += rc.translated;
-        for c in rc.clusters {
-            *shapes.entry(api::shape(&c).name()).or_insert(0u64) += 1;
-            clusters.push(c);
-        }
     }
+    let clusters: Vec<Cluster> = formed.clusters.into_iter().map(|(_, c)| c).collect();
+    for c in &clusters {
+        *shapes.entry(api::shape(c).name()).or_insert(0u64) += 1;
+    }
+    let unclustered = formed.reasons;
     let report = Report {
         file: name.to_string(),
         elf_class: elf.bits,
@@ -549,10 +573,14 @@ pub fn analyze_bytes(
         cluster_instructions: Stats::of(clusters.iter().map(|c| c.insns.len() as u64)),
         cluster_exiting: Stats::of(clusters.iter().map(|c| c.exiting_count() as u64)),
         cluster_shapes: shapes,
-        sites_translated: translated,
-        sites_covered: covered,
+        sites_translated: formed.translated,
+        sites_covered: formed.covered,
         sites_unclustered: unclustered.values().sum(),
         unclustered,
+        unsupported_blockers: formed.blockers,
+        sites_in_clusters: formed.in_multi_exit_clusters,
+        sites_not_in_clusters: formed.not_in_multi_exit_clusters,
+        indirect: knowledge.report,
         seconds: Timing {
             parse: t_parse,
             decode: t_decode,
@@ -569,106 +597,8 @@ pub fn analyze_bytes(
             .enumerate()
             .flat_map(|(i, s)| s.sites.iter().map(move |&(rip, c)| (i, rip, c)))
             .collect(),
+        indirect_targets: knowledge.targets,
+        thunks: knowledge.thunks,
         segments: elf.segments.iter().map(|(a, b)| (*a, b.to_vec())).collect(),
     })
-}
-
-#[derive(Default)]
-struct RegionClusters {
-    clusters: Vec<Cluster>,
-    reasons: BTreeMap<&'static str, u64>,
-    covered: u64,
-    translated: u64,
-}
-
-/// Sites further apart than this start independent groups (translated in parallel);
-/// a group whose first sites turn out to be covered by the previous group's clusters
-/// is redone sequentially, so the result equals one pass in address order.
-const GROUP_GAP: u64 = 4096;
-
-fn is_inside(c: &Cluster, rip: u64) -> bool {
-    c.overlaps(rip, rip + 1) && c.insns.iter().any(|i| i.rip == rip)
-}
-
-fn cluster_group(
-    region: &Region<'_>,
-    sites: &[(u64, ExitClass)],
-    carry: &[Cluster],
-    policy: &ExitPolicy,
-    config: &TranslatorConfig,
-) -> RegionClusters {
-    let mut out = RegionClusters::default();
-    let mut active: Vec<Cluster> = carry.to_vec();
-    for &(rip, _) in sites {
-        active.retain(|c| c.highest_end() > rip);
-        if active.iter().any(|c| is_inside(c, rip)) {
-            out.covered += 1;
-            continue;
-        }
-        out.translated += 1;
-        // The bytes before the site let the translator take in a loop head.
-        let code_rip = rip
-            .saturating_sub(config.loop_head_context_bytes())
-            .max(region.addr);
-        let code = &region.bytes[(code_rip - region.addr) as usize..];
-        match api::translate_in(code, code_rip, rip, region.bitness, policy, config) {
-            Ok(api::Translated { cluster: c, .. }) => {
-                active.push(c.clone());
-                out.clusters.push(c);
-            }
-            Err(e) => {
-                *out.reasons.entry(e.name()).or_insert(0) += 1;
-            }
-        }
-    }
-    out
-}
-
-fn cluster_region(
-    region: &Region<'_>,
-    sites: &[(u64, ExitClass)],
-    policy: &ExitPolicy,
-    config: &TranslatorConfig,
-) -> RegionClusters {
-    if sites.is_empty() {
-        return RegionClusters::default();
-    }
-    let mut groups = Vec::new();
-    let mut start = 0;
-    for i in 1..sites.len() {
-        if sites[i].0 - sites[i - 1].0 > GROUP_GAP {
-            groups.push(&sites[start..i]);
-            start = i;
-        }
-    }
-    groups.push(&sites[start..]);
-    let mut results: Vec<RegionClusters> = groups
-        .par_iter()
-        .map(|g| cluster_group(region, g, &[], policy, config))
-        .collect();
-    // Fix up group boundaries in order: clusters of earlier groups still open at a
-    // group's first site are carried into it.
-    let mut open: Vec<Cluster> = results[0].clusters.clone();
-    for k in 1..groups.len() {
-        let first = groups[k][0].0;
-        open.retain(|c| c.highest_end() > first);
-        if !open.is_empty()
-            && groups[k]
-                .iter()
-                .any(|s| open.iter().any(|c| is_inside(c, s.0)))
-        {
-            results[k] = cluster_group(region, groups[k], &open, policy, config);
-        }
-        open.extend(results[k].clusters.iter().cloned());
-    }
-    let mut out = RegionClusters::default();
-    for r in results {
-        out.clusters.extend(r.clusters);
-        out.covered += r.covered;
-        out.translated += r.translated;
-        for (k, v) in r.reasons {
-            *out.reasons.entry(k).or_insert(0) += v;
-        }
-    }
-    out
 }

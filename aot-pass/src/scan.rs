@@ -10,7 +10,7 @@
 //! meets an instruction start this chunk already decoded), so the result is exactly
 //! that of one sequential sweep.
 
-use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Instruction};
+use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Instruction, OpKind, Register};
 use rayon::prelude::*;
 
 use crate::api::{exit_class_of, ExitClass, ExitPolicy};
@@ -48,6 +48,117 @@ pub struct RegionScan {
     pub invalid: u64,
     /// Far jumps with an immediate target: (target, bitness of the jump).
     pub far_targets: Vec<u64>,
+    /// Control transfers the indirect-destination knowledge is built from
+    /// (`crate::targets`), sorted by address.
+    /// Per chunk of the scan, each sorted, the chunks in address order.
+    pub branches: Vec<Vec<Branch>>,
+}
+
+/// A control transfer found while decoding (16 bytes: vmlinux has over a million).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Branch {
+    /// Address of the instruction.
+    pub at: u64,
+    /// Target minus `next()` (direct branches), or the displacement (`CallField`).
+    rel: i32,
+    len: u8,
+    tag: u8,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BranchKind {
+    /// Direct near CALL to this address.
+    Call(u64),
+    /// Direct near unconditional JMP to this address (only those whose target
+    /// may be a thunk: see `THUNK_FIRST_BYTES`).
+    Jmp(u64),
+    /// RET (without an immediate).
+    Ret,
+    /// `call *disp(%reg)` (a base register, no index): a call through a field of a
+    /// structure, this displacement.
+    CallField(i64),
+    /// `call *slot(%rip)` or `call *slot` (no register): a call through the
+    /// pointer stored at this address (Linux's paravirt calls through pv_ops).
+    CallSlot(u64),
+}
+
+/// The first bytes of the thunks `crate::targets` recognises (RET, CALL rel32,
+/// JMP r/m, REX.B JMP r/m, LFENCE).
+pub const THUNK_FIRST_BYTES: [u8; 5] = [0xc3, 0xe8, 0xff, 0x41, 0x0f];
+
+const CALL: u8 = 0;
+const JMP: u8 = 1;
+const RET: u8 = 2;
+const CALL_FIELD: u8 = 3;
+const CALL_SLOT: u8 = 4;
+
+impl Branch {
+    fn new(ins: &Instruction, kind: BranchKind) -> Option<Branch> {
+        let next = ins.next_ip();
+        let (tag, rel) = match kind {
+            BranchKind::Call(t) => (CALL, t.wrapping_sub(next) as i64),
+            BranchKind::Jmp(t) => (JMP, t.wrapping_sub(next) as i64),
+            BranchKind::Ret => (RET, 0),
+            BranchKind::CallField(d) => (CALL_FIELD, d),
+            BranchKind::CallSlot(a) => (CALL_SLOT, a.wrapping_sub(next) as i64),
+        };
+        Some(Branch {
+            at: ins.ip(),
+            rel: i32::try_from(rel).ok()?,
+            len: ins.len() as u8,
+            tag,
+        })
+    }
+
+    /// Address of the next instruction (a CALL's return address).
+    pub fn next(&self) -> u64 {
+        self.at.wrapping_add(u64::from(self.len))
+    }
+
+    pub fn kind(&self) -> BranchKind {
+        let target = self.next().wrapping_add(i64::from(self.rel) as u64);
+        match self.tag {
+            CALL => BranchKind::Call(target),
+            JMP => BranchKind::Jmp(target),
+            RET => BranchKind::Ret,
+            CALL_SLOT => BranchKind::CallSlot(target),
+            _ => BranchKind::CallField(i64::from(self.rel)),
+        }
+    }
+}
+
+fn branch_of(ins: &Instruction) -> Option<BranchKind> {
+    match ins.flow_control() {
+        FlowControl::Call if !ins.is_call_far() => Some(BranchKind::Call(ins.near_branch_target())),
+        FlowControl::UnconditionalBranch if !ins.is_jmp_far() => {
+            Some(BranchKind::Jmp(ins.near_branch_target()))
+        }
+        FlowControl::Return if matches!(ins.code(), Code::Retnq | Code::Retnd | Code::Retnw) => {
+            Some(BranchKind::Ret)
+        }
+        FlowControl::IndirectCall
+            if ins.op0_kind() == OpKind::Memory
+                && ins.memory_base() != Register::None
+                && ins.memory_base() != Register::RIP
+                && ins.memory_base() != Register::EIP
+                && ins.memory_index() == Register::None =>
+        {
+            Some(BranchKind::CallField(ins.memory_displacement64() as i64))
+        }
+        FlowControl::IndirectCall
+            if ins.op0_kind() == OpKind::Memory
+                && matches!(
+                    ins.memory_base(),
+                    Register::None | Register::RIP | Register::EIP
+                )
+                && ins.memory_index() == Register::None
+                && ins.segment_prefix() == Register::None =>
+        {
+            // iced gives RIP-relative operands as absolute addresses.
+            Some(BranchKind::CallSlot(ins.memory_displacement64()))
+        }
+        _ => None,
+    }
 }
 
 const CHUNK: usize = 256 * 1024;
@@ -64,6 +175,23 @@ impl Bits {
     #[inline]
     fn set(&mut self, i: usize) {
         self.0[i >> 6] |= 1 << (i & 63);
+    }
+    /// Sets bits `lo..hi` a word at a time (the hot path: every decoded
+    /// instruction's bytes).
+    #[inline]
+    fn set_range(&mut self, lo: usize, hi: usize) {
+        let mut i = lo;
+        while i < hi {
+            let bit = i & 63;
+            let n = (64 - bit).min(hi - i);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            self.0[i >> 6] |= mask;
+            i += n;
+        }
     }
     #[inline]
     fn clear(&mut self, i: usize) {
@@ -89,6 +217,7 @@ struct Chunk {
     invalid: Vec<usize>,
     /// (region offset of the jump, target).
     far_targets: Vec<(usize, u64)>,
+    branches: Vec<Branch>,
     /// Traversal roots not yet visited (region offsets).
     pending: Vec<usize>,
     /// Branch targets found in other chunks (region offsets), handed over after a round.
@@ -127,9 +256,7 @@ impl Ctx<'_, '_> {
         c.starts.set(rel);
         let len = ins.len().max(1);
         c.sweep_exit = c.sweep_exit.max(off + len);
-        for b in rel..(rel + len).min(c.end - c.start) {
-            c.covered.set(b);
-        }
+        c.covered.set_range(rel, (rel + len).min(c.end - c.start));
         if ins.is_invalid() {
             c.invalid.push(off);
             return;
@@ -137,6 +264,20 @@ impl Ctx<'_, '_> {
         if let Some(class) = exit_class_of(ins) {
             let exits = self.policy.classify(ins).is_some();
             c.sites.push((ins.ip(), class, exits));
+        }
+        if let Some(k) = branch_of(ins) {
+            // A jump matters to the knowledge only if it may go to a thunk: most
+            // jumps stay in their function and are dropped by their target's byte.
+            let keep = match k {
+                BranchKind::Jmp(t) => t
+                    .checked_sub(self.region.addr)
+                    .and_then(|o| self.region.bytes.get(usize::try_from(o).ok()?))
+                    .is_none_or(|&b| THUNK_FIRST_BYTES.contains(&b)),
+                _ => true,
+            };
+            if let Some(b) = Branch::new(ins, k).filter(|_| keep) {
+                c.branches.push(b);
+            }
         }
         if matches!(ins.code(), Code::Jmp_ptr1632 | Code::Jmp_ptr1616)
             && self.region.bitness != Bitness::B64
@@ -172,9 +313,7 @@ impl Ctx<'_, '_> {
                 d.decode_out(&mut ins);
                 self.record(c, off, &ins);
                 let len = ins.len().max(1);
-                for b in rel..(rel + len).min(c.end - c.start) {
-                    c.traversed.set(b);
-                }
+                c.traversed.set_range(rel, (rel + len).min(c.end - c.start));
                 c.trav_exit = c.trav_exit.max(off + len);
                 if ins.is_invalid() {
                     break;
@@ -318,6 +457,8 @@ fn scan_region_chunked(
                 sites: Vec::new(),
                 invalid: Vec::new(),
                 far_targets: Vec::new(),
+                // About one instruction in five is a call, jump or return.
+                branches: Vec::with_capacity((e - s) / 16),
                 pending: Vec::new(),
                 outgoing: Vec::new(),
                 sweep_exit: s,
@@ -388,13 +529,12 @@ fn scan_region_chunked(
         let lo = region.addr + c.start as u64;
         let hi = region.addr + q as u64;
         c.sites.retain(|&(a, _, _)| a < lo || a >= hi);
+        c.branches.retain(|b| b.at < lo || b.at >= hi);
         c.invalid.retain(|&o| o < c.start || o >= q);
         c.far_targets.retain(|&(o, _)| o < c.start || o >= q);
         // Records before this chunk's start already belong to the previous chunk's
         // straddling instruction; clear the bytes it covers here.
-        for rel in 0..(p.min(c.end) - c.start) {
-            c.covered.set(rel);
-        }
+        c.covered.set_range(0, p.min(c.end) - c.start);
         for (off, i) in &fresh {
             cx.record(c, *off, i);
         }
@@ -406,13 +546,15 @@ fn scan_region_chunked(
     for k in 1..chunks.len() {
         let (p, t) = (chunks[k - 1].sweep_exit, chunks[k - 1].trav_exit);
         let c = &mut chunks[k];
-        for rel in 0..(p.min(c.end).saturating_sub(c.start)) {
-            c.covered.set(rel);
-        }
-        for rel in 0..(t.min(c.end).saturating_sub(c.start)) {
-            c.traversed.set(rel);
-        }
+        c.covered.set_range(0, p.min(c.end).saturating_sub(c.start));
+        c.traversed
+            .set_range(0, t.min(c.end).saturating_sub(c.start));
     }
+    // Each chunk's branches lie in its own range: sorting per chunk sorts them all.
+    chunks.par_iter_mut().for_each(|c| {
+        c.branches.sort_unstable_by_key(|b| b.at);
+        c.branches.dedup_by_key(|b| b.at);
+    });
     let mut out = RegionScan::default();
     let mut all = Vec::new();
     for c in chunks {
@@ -422,6 +564,7 @@ fn scan_region_chunked(
         out.invalid += c.invalid.len() as u64;
         all.extend(c.sites);
         out.far_targets.extend(c.far_targets.iter().map(|f| f.1));
+        out.branches.push(c.branches);
     }
     all.sort_unstable_by_key(|s| s.0);
     all.dedup_by_key(|s| s.0);
@@ -493,6 +636,7 @@ mod tests {
                     let r = scan_region_chunked(&region, &roots, hints, &policy, chunk);
                     let what = format!("{bits}-bit, chunk {chunk}, {} hints", hints.len());
                     assert_eq!(r.sites, whole.sites, "{what}");
+                    assert_eq!(r.branches.concat(), whole.branches.concat(), "{what}");
                     assert_eq!(r.instructions, whole.instructions, "{what}");
                     assert_eq!(r.bytes_decoded, whole.bytes_decoded, "{what}");
                     assert_eq!(r.bytes_traversed, whole.bytes_traversed, "{what}");

@@ -5,6 +5,8 @@
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
+use crate::ir::GprIndex;
+
 /// Guest code, and what is known of where its indirect branches go.
 pub trait CodeSource {
     /// Copies the guest's code bytes at `addr` into `buf` and returns how many could
@@ -18,6 +20,14 @@ pub trait CodeSource {
     /// nothing to accept, so the run stops there and the hypervisor can learn.
     fn indirect_targets(&self, _at: u64) -> &[u64] {
         &[]
+    }
+
+    /// What a direct CALL or JMP to `addr` really does, when `addr` is a known thunk
+    /// (Linux's `__x86_indirect_thunk_<reg>` and `__x86_return_thunk`): the
+    /// translator then treats the branch as the indirect CALL/JMP or the RET the
+    /// thunk stands for, guarded like one. `None`: an ordinary destination.
+    fn thunk(&self, _addr: u64) -> Option<Thunk> {
+        None
     }
 }
 
@@ -53,6 +63,7 @@ pub struct Pieces<'a> {
     /// (address, bytes), in any order; pieces do not overlap.
     pieces: Vec<(u64, &'a [u8])>,
     targets: BTreeMap<u64, Vec<u64>>,
+    thunks: BTreeMap<u64, Thunk>,
 }
 
 impl<'a> Pieces<'a> {
@@ -76,14 +87,101 @@ impl<'a> Pieces<'a> {
 
 impl CodeSource for Pieces<'_> {
     fn read(&mut self, addr: u64, buf: &mut [u8]) -> usize {
-        self.pieces
-            .iter()
-            .map(|&(base, bytes)| Bytes { base, bytes }.read(addr, buf))
-            .max()
-            .unwrap_or(0)
+        self.read_at(addr, buf)
     }
 
     fn indirect_targets(&self, at: u64) -> &[u64] {
         self.targets.get(&at).map_or(&[], |v| v.as_slice())
     }
+
+    fn thunk(&self, addr: u64) -> Option<Thunk> {
+        self.thunks.get(&addr).copied()
+    }
+}
+
+impl Pieces<'_> {
+    /// [`CodeSource::read`] without `&mut`: one `Pieces` can serve many
+    /// translations at once (the AOT pass shares one across its threads through
+    /// `&Pieces`, which is a `CodeSource` too).
+    pub fn read_at(&self, addr: u64, buf: &mut [u8]) -> usize {
+        // Pieces do not overlap: the first that holds `addr` is the only one.
+        self.pieces
+            .iter()
+            .find(|&&(base, bytes)| {
+                addr.checked_sub(base)
+                    .is_some_and(|off| off < bytes.len() as u64)
+            })
+            .map_or(0, |&(base, bytes)| Bytes { base, bytes }.read(addr, buf))
+    }
+
+    /// Records that a CALL or JMP to `addr` is the thunk `thunk` (see [`Thunk`]).
+    pub fn add_thunk(&mut self, addr: u64, thunk: Thunk) {
+        self.thunks.insert(addr, thunk);
+    }
+
+    /// Records many `(at, to)` pairs at once (faster than [`Pieces::add_target`]
+    /// one by one when they come sorted, as the AOT pass's do).
+    pub fn add_targets(&mut self, pairs: &[(u64, u64)]) {
+        let mut groups: Vec<(u64, Vec<u64>)> = Vec::new();
+        for &(at, to) in pairs {
+            match groups.last_mut() {
+                Some((a, list)) if *a == at => {
+                    if !list.contains(&to) {
+                        list.push(to);
+                    }
+                }
+                _ => groups.push((at, alloc::vec![to])),
+            }
+        }
+        if self.targets.is_empty() {
+            // Built in bulk from sorted keys; duplicates (unsorted input) merge below.
+            let sorted = groups.windows(2).all(|w| w[0].0 < w[1].0);
+            if sorted {
+                self.targets = groups.into_iter().collect();
+                return;
+            }
+        }
+        for (at, list) in groups {
+            for to in list {
+                self.add_target(at, to);
+            }
+        }
+    }
+
+    /// Every branch site with known destinations, by address.
+    pub fn targets(&self) -> impl Iterator<Item = (u64, &[u64])> {
+        self.targets.iter().map(|(&at, v)| (at, v.as_slice()))
+    }
+
+    /// Every known thunk, by address.
+    pub fn thunks(&self) -> impl Iterator<Item = (u64, Thunk)> + '_ {
+        self.thunks.iter().map(|(&a, &t)| (a, t))
+    }
+}
+
+impl CodeSource for &Pieces<'_> {
+    fn read(&mut self, addr: u64, buf: &mut [u8]) -> usize {
+        self.read_at(addr, buf)
+    }
+
+    fn indirect_targets(&self, at: u64) -> &[u64] {
+        (**self).indirect_targets(at)
+    }
+
+    fn thunk(&self, addr: u64) -> Option<Thunk> {
+        (**self).thunk(addr)
+    }
+}
+
+/// What a direct CALL or JMP to a known thunk does (Linux's retpolines and return
+/// thunks, found by the AOT pass by symbol name or by their bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Thunk {
+    /// `__x86_indirect_thunk_<reg>` (or code equivalent to it): a `call` to it is
+    /// `call *%reg`, a `jmp` to it is `jmp *%reg`, at the width of the code. Its
+    /// known destinations are [`CodeSource::indirect_targets`] of the CALL or JMP.
+    Indirect(GprIndex),
+    /// `__x86_return_thunk` (code starting with RET): a `jmp` to it is a RET at the
+    /// JMP's address; its known destinations are `indirect_targets` of the JMP.
+    Return,
 }
