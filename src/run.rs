@@ -65,6 +65,11 @@ pub struct Args {
     /// own symbols, else a `System.map` beside the ELF).
     #[arg(long, value_name = "FILE")]
     pub system_map: Option<PathBuf>,
+    /// KVM: coalesce the port writes the guest cannot observe before its next exit
+    /// (RTC index 0x70, PCI address 0xcf8, POST code 0x80) with KVM's coalesced
+    /// PIO; they are applied to the devices in order at the next exit.
+    #[arg(long)]
+    pub coalesce: bool,
 }
 
 /// The kernel command line `avex run --initrd` starts from: the console on the
@@ -202,6 +207,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             cmdline: kernel_cmdline(initrd.is_some(), args.append.as_deref()),
             mem_mib: args.mem.or(initrd.is_some().then_some(DEFAULT_KERNEL_MIB)),
         },
+        coalesce: args.coalesce,
     };
     let stdout = std::io::stdout();
     let mut console = |b: &[u8]| {
@@ -216,7 +222,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         "\navex: {} on {} in mode {}: status {}, {:.3} s",
         guest.name,
         backend.name(),
-        mode,
+        crate::compare::variant_name(mode, result.coalesced),
         result.status,
         result.seconds
     );

@@ -251,6 +251,9 @@ pub struct ExitStats {
     /// Exits by RIP of the exiting instruction (only where the backend gave the
     /// RIP: in modes other than `off`), for finding sites no translation covers.
     pub by_rip: BTreeMap<u64, u64>,
+    /// Port writes the host held back and handed over in order at the next exit
+    /// (KVM's coalesced PIO): applied to the devices, never counted in `handled`.
+    pub coalesced_writes: u64,
 }
 
 impl ExitStats {
@@ -398,6 +401,13 @@ impl ExitStats {
                 .map(|(r, n)| alloc::format!("{r:#x} {n}"))
                 .collect();
             let _ = writeln!(s, "hottest exit sites:     {}", top.join(", "));
+        }
+        if self.coalesced_writes > 0 {
+            let _ = writeln!(
+                s,
+                "coalesced writes:       {} (held by the host, applied at the next exit)",
+                self.coalesced_writes
+            );
         }
         if self.stale_dropped > 0 {
             let _ = writeln!(s, "stale translations:     {}", self.stale_dropped);
