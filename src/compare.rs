@@ -736,6 +736,38 @@ mod tests {
     }
 
     #[test]
+    fn coalesced_runs_are_named_and_never_taken_for_off() {
+        assert_eq!(
+            variants(true)[4..],
+            [(Mode::Off, true), (Mode::AotDynamic, true)]
+        );
+        assert_eq!(variants(false).len(), Mode::ALL.len());
+        let mut co = row("g", Mode::Off, 400, 0.1, b"x", Some(true));
+        co.coalesced = true;
+        if let Ok(rec) = &mut co.result {
+            rec.coalesced = true;
+            rec.stats.coalesced_writes = 600;
+        }
+        // Coalesced off first: plain off must still be the reference.
+        let rows = vec![
+            co,
+            row("g", Mode::Off, 1000, 0.4, b"x", Some(true)),
+            row("g", Mode::AotDynamic, 100, 0.1, b"x", Some(true)),
+        ];
+        assert_eq!(off_exits(&rows, "g"), Some(1000));
+        let t = table(&rows);
+        assert!(t.contains("off+coalesce"), "{t}");
+        assert!(t.contains("-60.0%"), "{t}");
+        assert!(
+            t.contains("g: exits off 1000 (? to user space), off+coalesce 400 (? to user space, 600 writes coalesced), aot+dynamic 100"),
+            "{t}"
+        );
+        let svg = chart_svg(&rows);
+        assert!(svg.contains("g off+coalesce: 400 exits"), "{svg}");
+        assert!(svg.contains("g off: 1000 exits"), "{svg}");
+    }
+
+    #[test]
     fn table_chart_and_verdict() {
         let mut rows = vec![
             row("g", Mode::Off, 1000, 0.4, b"x", Some(true)),
