@@ -116,6 +116,14 @@ mod tests {
             indirect_targets_learned: 18,
             translations_rebuilt: 19,
             by_rip: [(0x1000, 3), (0xffff_ffff_8000_0000, 4)].into(),
+            exit_sites: [(
+                0x1000,
+                avex_core::stats::ExitSite {
+                    reason: Some(ExitReason::IoIn),
+                    clustered: 2,
+                },
+            )]
+            .into(),
             coalesced_writes: 20,
         }
     }

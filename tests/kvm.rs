@@ -551,3 +551,38 @@ fn identical_port_writes_back_to_back_are_each_attributed_exactly() {
     assert_eq!(r.completions, r.stats.handled, "one completion per exit");
     assert!(r.stats.clusters_run > 0, "nothing clustered");
 }
+
+#[test]
+#[cfg_attr(not(avex_kvm), ignore = "needs /dev/kvm")]
+fn avex_run_profile_names_the_hottest_sites_and_coalesce_is_for_kvm() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let run = |args: &[&str]| {
+        let out = support::avex().args(args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = run(&["run", "rtc", "--mode", "dynamic", "--profile", "--coalesce"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("hottest exit sites ("), "{err}");
+    assert!(err.contains("in mode dynamic+coalesce"), "{err}");
+    assert!(err.contains("coalesced writes:"), "{err}");
+    // The RTC guest's main loop: its exits are named with their reason and
+    // function, and clusters ran after some of them.
+    let site = err
+        .lines()
+        .find(|l| l.contains("rtc15__rt_rust_start") && l.contains("io_"))
+        .unwrap_or_else(|| panic!("no site in the guest's start function: {err}"));
+    let clustered: u64 = site.split_whitespace().nth(3).unwrap().parse().unwrap();
+    assert!(clustered > 0, "{site}");
+    let (ok, err) = run(&["run", "rtc", "--mode", "off", "--profile"]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("mode off does not locate exiting instructions"),
+        "{err}"
+    );
+    let (ok, err) = run(&["run", "rtc", "--backend", "bochs", "--coalesce"]);
+    assert!(!ok);
+    assert!(err.contains("--coalesce is KVM's coalesced PIO"), "{err}");
+}

@@ -175,6 +175,8 @@ pub struct ExitHandler {
     /// Where indirect branches and returns of clusters went when no guard expected
     /// it: the next translation accepts these.
     learned: LearnedTargets,
+    /// The reason of the exit counted last: the one `next_after` is asked about.
+    last_reason: Option<ExitReason>,
 }
 
 impl fmt::Debug for ExitHandler {
@@ -205,6 +207,7 @@ impl ExitHandler {
             translator: TranslatorConfig::default(),
             maxphyaddr: None,
             learned: LearnedTargets::default(),
+            last_reason: None,
         }
     }
 
@@ -289,6 +292,7 @@ impl ExitHandler {
     /// Count an exit that the backend handled itself (string I/O, MMIO, ...).
     pub fn count_exit(&mut self, reason: ExitReason) {
         self.stats.count_exit(reason);
+        self.last_reason = Some(reason);
     }
 
     /// Handle one exit of the instruction at `rip`: count it, [`perform`] it and,
@@ -297,7 +301,7 @@ impl ExitHandler {
     /// [`perform`]: ExitHandler::perform
     /// [`next_after`]: ExitHandler::next_after
     pub fn handle<G: Guest + ?Sized>(&mut self, exit: &Exit, rip: u64, guest: &mut G) -> Reply {
-        self.stats.count_exit(exit.reason());
+        self.count_exit(exit.reason());
         if *exit == Exit::Hlt {
             return Reply {
                 value: Ok(0),
@@ -309,7 +313,7 @@ impl ExitHandler {
             Ok(_) => self.next_after(rip, guest),
             Err(_) => {
                 if self.mode != Mode::Off {
-                    *self.stats.by_rip.entry(rip).or_insert(0) += 1;
+                    self.stats.count_site(rip, self.last_reason, false);
                 }
                 Next::Resume
             }
@@ -372,8 +376,11 @@ impl ExitHandler {
         if self.mode == Mode::Off {
             return Next::Resume;
         }
-        *self.stats.by_rip.entry(rip).or_insert(0) += 1;
-        self.cluster_for(rip, guest)
+        let next = self.cluster_for(rip, guest);
+        let clustered = matches!(next, Next::RunCluster { .. });
+        self.stats
+            .count_site(rip, self.last_reason.take(), clustered);
+        next
     }
 
     /// The translation to run after the exit at `rip`, building one at the
@@ -707,6 +714,9 @@ mod tests {
         assert_eq!(s.avoided(), 2);
         assert_eq!(s.clusters_run_dynamic, 1);
         assert_eq!(s.by_rip[&0x1000], 3);
+        // The site knows its reason and that a cluster ran after one of its exits.
+        assert_eq!(s.exit_sites[&0x1000].reason, Some(ExitReason::IoIn));
+        assert_eq!(s.exit_sites[&0x1000].clustered, 1);
     }
 
     #[test]
