@@ -14,6 +14,12 @@
 //! KVM takes a write into the ring only when it lies wholly inside a zone
 //! (`coalesced_mmio_in_range`): a wider write that reaches past a zone (an `outw`
 //! to 0x70 that also writes 0x71) still exits as before.
+//!
+//! Measured here: a coalesced write is not in KVM's `exits` on this host, whose
+//! KVM runs the OUT in its emulator and fills the ring without a VM exit (rtc in
+//! off: `exits` 824 -> 505 with 321 writes coalesced). On hardware KVM the OUT is
+//! still a VM exit (`handle_io` counts it in `exits` and `io_exits`); only the
+//! trip to user space is saved.
 
 use avex_core::exit::Exit;
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};

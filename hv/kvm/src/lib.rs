@@ -34,10 +34,6 @@
 //!   policy intercepts exit to avex. CPUID, MOV CR and RDTSC stay inside KVM, so
 //!   clusters that start there are entered at their next exit ([`ExitHandler`]
 //!   runs a translation from an exiting instruction inside it).
-//! - A write KVM coalesces is not in `exits` here: this KVM's emulator runs the
-//!   OUT and fills the ring without a VM exit (rtc in off: `exits` 824 -> 505 with
-//!   321 writes coalesced). On hardware KVM the OUT is still a VM exit (`exits` and
-//!   `io_exits` count it in `handle_io`); only the trip to user space is saved.
 //! - KVM's supported CPUID table carries the APIC ID of the host CPU that answered;
 //!   it is normalized to 0 so that runs are deterministic.
 
