@@ -37,6 +37,9 @@ pub struct RunRequest<'a> {
     pub timeout: Duration,
     /// How a kernel (a PVH vmlinux) is booted: its initrd, command line and RAM.
     pub kernel: KernelBoot<'a>,
+    /// Coalesce the writes the guest cannot observe before its next exit (KVM's
+    /// coalesced PIO; `avex run/compare --coalesce`). Backends without it refuse.
+    pub coalesce: bool,
 }
 
 /// What `avex run --initrd/--append/--mem` adds to a run: what a Linux kernel
@@ -69,6 +72,8 @@ pub struct RunResult {
     pub exit_statistics_unreadable: Option<String>,
     /// Where the wall time went, when the backend can tell (KVM).
     pub time_split: Option<TimeSplit>,
+    /// Writes were coalesced (asked for, and the host took the zones).
+    pub coalesced: bool,
 }
 
 /// Where a KVM run's wall time went, apart: time in user space is time handling

@@ -276,6 +276,13 @@ pub fn run_with_console(
     req: &RunRequest,
     console: &mut dyn FnMut(&[u8]),
 ) -> anyhow::Result<RunResult> {
+    if req.coalesce {
+        bail!(
+            "{}: --coalesce is KVM's coalesced PIO, for --backend kvm (the VT-x \
+             hypervisor has no such ring)",
+            req.name
+        );
+    }
     check_bochs()?;
     let dir = scratch_dir()?;
     let d = &dir.0;
@@ -409,6 +416,7 @@ pub fn run_with_console(
         notes,
         exit_statistics_unreadable: None,
         time_split: None,
+        coalesced: false,
     })
 }
 

@@ -1,6 +1,8 @@
 //! `avex compare [GUEST...]`: run every guest in every clustering mode (off,
 //! dynamic, aot, aot+dynamic), after analyzing each with the AOT pass, and compare
-//! exits, exits avoided, run-time translation work, time and console output.
+//! exits, exits avoided, run-time translation work, time and console output. With
+//! `--coalesce` (KVM), also `off+coalesce` and `aot+dynamic+coalesce`: the same
+//! modes with KVM's coalesced PIO, against which clusters are measured.
 //!
 //! Prints a table, writes the run records as a JSON list (`--json`) and an SVG bar
 //! chart of exits per mode per guest (`--chart`, hand-written SVG). Exits non-zero
@@ -53,6 +55,30 @@ pub struct Args {
     /// Guest RAM in MiB (as `avex run --mem`).
     #[arg(long, value_name = "MIB")]
     pub mem: Option<u64>,
+    /// Also run each guest in off and aot+dynamic with KVM's coalesced PIO (as
+    /// `avex run --coalesce`): `off+coalesce`, `aot+dynamic+coalesce`.
+    #[arg(long)]
+    pub coalesce: bool,
+}
+
+/// The runs of one guest: every mode, then (with `--coalesce`) off and aot+dynamic
+/// with coalesced writes.
+pub fn variants(coalesce: bool) -> Vec<(Mode, bool)> {
+    let mut v: Vec<(Mode, bool)> = Mode::ALL.into_iter().map(|m| (m, false)).collect();
+    if coalesce {
+        v.extend([(Mode::Off, true), (Mode::AotDynamic, true)]);
+    }
+    v
+}
+
+/// A run's name in tables and charts: the mode, `+coalesce` when writes were
+/// coalesced (`off+coalesce`).
+pub fn variant_name(mode: Mode, coalesced: bool) -> String {
+    if coalesced {
+        format!("{}+coalesce", mode.name())
+    } else {
+        mode.name().to_string()
+    }
 }
 
 /// What two modes' consoles are compared by: the whole console for the small
@@ -74,6 +100,8 @@ fn compared_output(console: &[u8], kernel: &KernelBoot) -> Vec<u8> {
 pub struct Row {
     pub guest: String,
     pub mode: Mode,
+    /// Run with coalesced writes (`--coalesce`).
+    pub coalesced: bool,
     /// The run's record, or why it failed.
     pub result: Result<RunRecord, String>,
     /// Same console bytes as `off` (None when `off` itself failed).
@@ -90,6 +118,7 @@ pub fn compare(
     timeout: Duration,
     repeat: u32,
     kernel: &KernelBoot,
+    coalesce: bool,
 ) -> anyhow::Result<Vec<Row>> {
     let policy = ExitPolicy::default();
     let mut rows: Vec<Row> = Vec::new();
@@ -100,7 +129,7 @@ pub fn compare(
         let mut off_console: Option<Vec<u8>> = None;
         let first = rows.len();
         for round in 0..repeat.max(1) {
-            for (mi, mode) in Mode::ALL.into_iter().enumerate() {
+            for (mi, (mode, coalesced)) in variants(coalesce).into_iter().enumerate() {
                 let req = RunRequest {
                     name: &guest.name,
                     elf: &guest.elf,
@@ -109,16 +138,18 @@ pub fn compare(
                     translations: mode.uses_aot().then(|| set.clone()),
                     timeout,
                     kernel: kernel.clone(),
+                    coalesce: coalesced,
                 };
                 let row = match backend.get().run(&req, &mut |_| {}) {
                     Ok(r) => {
                         let output = compared_output(&r.console, kernel);
-                        if mode == Mode::Off && off_console.is_none() {
+                        if mode == Mode::Off && !coalesced && off_console.is_none() {
                             off_console = Some(output.clone());
                         }
                         Row {
                             guest: guest.name.clone(),
                             mode,
+                            coalesced,
                             same_as_off: off_console.as_ref().map(|c| *c == output),
                             result: Ok(RunRecord::new(&guest.name, mode, backend.get(), &r)),
                         }
@@ -126,6 +157,7 @@ pub fn compare(
                     Err(e) => Row {
                         guest: guest.name.clone(),
                         mode,
+                        coalesced,
                         result: Err(format!("{e:#}")),
                         same_as_off: None,
                     },
@@ -151,10 +183,7 @@ pub fn compare(
 }
 
 fn off_exits(rows: &[Row], guest: &str) -> Option<u64> {
-    rows.iter()
-        .find(|r| r.guest == guest && r.mode == Mode::Off)
-        .and_then(|r| r.result.as_ref().ok())
-        .map(|r| r.exits)
+    record(rows, guest, Mode::Off, false).map(|r| r.exits)
 }
 
 /// Guests in the order they first appear.
@@ -168,10 +197,17 @@ fn guests_in(rows: &[Row]) -> Vec<&str> {
     seen
 }
 
-fn record<'a>(rows: &'a [Row], guest: &str, mode: Mode) -> Option<&'a RunRecord> {
+fn record<'a>(rows: &'a [Row], guest: &str, mode: Mode, coalesced: bool) -> Option<&'a RunRecord> {
     rows.iter()
-        .find(|r| r.guest == guest && r.mode == mode)
+        .find(|r| r.guest == guest && r.mode == mode && r.coalesced == coalesced)
         .and_then(|r| r.result.as_ref().ok())
+}
+
+impl Row {
+    /// The run's name: `off`, `aot+dynamic+coalesce`, ...
+    pub fn name(&self) -> String {
+        variant_name(self.mode, self.coalesced)
+    }
 }
 
 /// The comparison: exits and what was avoided, exits by reason, and (KVM) where
@@ -180,7 +216,7 @@ pub fn table(rows: &[Row]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<10} {:<12} {:>9} {:>8} {:>10} {:>9} {:>11} {:>8} {:>6} {:>5}",
+        "{:<10} {:<20} {:>9} {:>8} {:>10} {:>9} {:>11} {:>8} {:>6} {:>5}",
         "guest",
         "mode",
         "exits",
@@ -211,9 +247,9 @@ pub fn table(rows: &[Row]) -> String {
                 };
                 let _ = writeln!(
                     s,
-                    "{:<10} {:<12} {:>9} {:>8} {:>10} {:>9} {:>11} {:>8} {:>6} {:>5}",
+                    "{:<10} {:<20} {:>9} {:>8} {:>10} {:>9} {:>11} {:>8} {:>6} {:>5}",
                     r.guest,
-                    r.mode.name(),
+                    r.name(),
                     rec.exits,
                     vs,
                     rec.exit_prone,
@@ -225,7 +261,7 @@ pub fn table(rows: &[Row]) -> String {
                 );
             }
             Err(e) => {
-                let _ = writeln!(s, "{:<10} {:<12} FAILED: {e}", r.guest, r.mode.name());
+                let _ = writeln!(s, "{:<10} {:<20} FAILED: {e}", r.guest, r.name());
             }
         }
     }
@@ -244,8 +280,8 @@ pub fn table(rows: &[Row]) -> String {
     s.push('\n');
     for g in guests_in(rows) {
         let (Some(off), Some(ad)) = (
-            record(rows, g, Mode::Off),
-            record(rows, g, Mode::AotDynamic),
+            record(rows, g, Mode::Off, false),
+            record(rows, g, Mode::AotDynamic, false),
         ) else {
             continue;
         };
@@ -272,6 +308,9 @@ pub fn table(rows: &[Row]) -> String {
             }
             _ => s.push('\n'),
         }
+        if let Some(line) = coalesce_line(rows, g) {
+            s.push_str(&line);
+        }
     }
     let mut counted: Vec<(&str, &str)> = Vec::new();
     for r in rows.iter().filter_map(|r| r.result.as_ref().ok()) {
@@ -283,6 +322,36 @@ pub fn table(rows: &[Row]) -> String {
         let _ = writeln!(s, "exits on {b}: {what}.");
     }
     s
+}
+
+/// With coalesced runs: exits and exits to user space in off, off+coalesce,
+/// aot+dynamic and aot+dynamic+coalesce, and the writes coalesced.
+fn coalesce_line(rows: &[Row], g: &str) -> Option<String> {
+    let runs = [
+        (Mode::Off, false),
+        (Mode::Off, true),
+        (Mode::AotDynamic, false),
+        (Mode::AotDynamic, true),
+    ];
+    if !rows.iter().any(|r| r.guest == g && r.coalesced) {
+        return None;
+    }
+    let parts: Vec<String> = runs
+        .iter()
+        .filter_map(|&(m, c)| {
+            let rec = record(rows, g, m, c)?;
+            let user = rec
+                .backend_stats
+                .get("user_exits")
+                .map_or("?".to_string(), |n| n.to_string());
+            let mut p = format!("{} {} ({user} to user space", variant_name(m, c), rec.exits);
+            if c {
+                p += &format!(", {} writes coalesced", rec.stats.coalesced_writes);
+            }
+            Some(p + ")")
+        })
+        .collect();
+    Some(format!("{g}: exits {}\n", parts.join(", ")))
 }
 
 /// Exits that reached avex's exit handler, by reason, per guest and mode; `unseen`
@@ -306,13 +375,13 @@ pub fn reason_table(rows: &[Row]) -> String {
         "exits by reason (as avex's exit handler saw them; unseen: counted in exits, \
          never reached it)\n",
     );
-    let _ = write!(s, "{:<10} {:<12}", "guest", "mode");
+    let _ = write!(s, "{:<10} {:<20}", "guest", "mode");
     for k in &reasons {
         let _ = write!(s, " {:>9}", k.name());
     }
     let _ = writeln!(s, " {:>7}", "unseen");
     for (r, rec) in recs {
-        let _ = write!(s, "{:<10} {:<12}", r.guest, r.mode.name());
+        let _ = write!(s, "{:<10} {:<20}", r.guest, r.name());
         for k in &reasons {
             let _ = write!(
                 s,
@@ -341,7 +410,7 @@ pub fn time_table(rows: &[Row]) -> String {
     let mut s = String::from("time apart (KVM)\n");
     let _ = writeln!(
         s,
-        "{:<10} {:<12} {:>9} {:>11} {:>14} {:>12} {:>14} {:>13} {:>12}",
+        "{:<10} {:<20} {:>9} {:>11} {:>14} {:>12} {:>14} {:>13} {:>12}",
         "guest",
         "mode",
         "total ms",
@@ -355,9 +424,9 @@ pub fn time_table(rows: &[Row]) -> String {
     for (r, t) in timed {
         let _ = writeln!(
             s,
-            "{:<10} {:<12} {:>9.1} {:>11.1} {:>14.1} {:>12.1} {:>14.1} {:>13} {:>12}",
+            "{:<10} {:<20} {:>9.1} {:>11.1} {:>14.1} {:>12.1} {:>14.1} {:>13} {:>12}",
             r.guest,
-            r.mode.name(),
+            r.name(),
             t.total_ms,
             t.kvm_run_ms,
             t.user_space_ms,
@@ -395,9 +464,17 @@ pub fn chart_svg(rows: &[Row]) -> String {
             guests_seen.push(r.guest.clone());
         }
     }
-    let colors = ["#7f7f7f", "#1f77b4", "#ff7f0e", "#2ca02c"];
+    let mut runs: Vec<(Mode, bool)> = Vec::new();
+    for r in rows {
+        if !runs.contains(&(r.mode, r.coalesced)) {
+            runs.push((r.mode, r.coalesced));
+        }
+    }
+    let colors = [
+        "#7f7f7f", "#1f77b4", "#ff7f0e", "#2ca02c", "#c7c7c7", "#98df8a",
+    ];
     let (bar_w, gap, left, top, plot_h) = (22.0, 30.0, 70.0, 40.0, 300.0);
-    let group_w = bar_w * Mode::ALL.len() as f64 + gap;
+    let group_w = bar_w * runs.len().max(1) as f64 + gap;
     let width = left + group_w * guests_seen.len().max(1) as f64 + 20.0;
     let height = top + plot_h + 90.0;
     let max = rows
@@ -432,12 +509,8 @@ pub fn chart_svg(rows: &[Row]) -> String {
     }
     for (gi, g) in guests_seen.iter().enumerate() {
         let gx = left + gi as f64 * group_w + gap / 2.0;
-        for (mi, m) in Mode::ALL.iter().enumerate() {
-            let Some(rec) = rows
-                .iter()
-                .find(|r| &r.guest == g && r.mode == *m)
-                .and_then(|r| r.result.as_ref().ok())
-            else {
+        for (mi, &(m, c)) in runs.iter().enumerate() {
+            let Some(rec) = record(rows, g, m, c) else {
                 continue;
             };
             let x = gx + mi as f64 * bar_w;
@@ -447,9 +520,9 @@ pub fn chart_svg(rows: &[Row]) -> String {
                 r#"<rect x="{x:.1}" y="{yy:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{} {}: {} exits</title></rect>"#,
                 bar_w - 2.0,
                 top + plot_h - yy,
-                colors[mi],
+                colors[mi % colors.len()],
                 esc(g),
-                m.name(),
+                variant_name(m, c),
                 rec.exits
             );
             let _ = writeln!(
@@ -463,22 +536,22 @@ pub fn chart_svg(rows: &[Row]) -> String {
         let _ = writeln!(
             s,
             r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
-            gx + bar_w * 2.0,
+            gx + bar_w * runs.len() as f64 / 2.0,
             top + plot_h + 15.0,
             esc(g)
         );
     }
-    for (mi, m) in Mode::ALL.iter().enumerate() {
-        let x = left + mi as f64 * 110.0;
+    for (mi, &(m, c)) in runs.iter().enumerate() {
+        let x = left + mi as f64 * 140.0;
         let yy = top + plot_h + 45.0;
         let _ = writeln!(
             s,
             r#"<rect x="{x:.0}" y="{:.0}" width="12" height="12" fill="{}"/><text x="{:.0}" y="{:.0}">{}</text>"#,
             yy - 10.0,
-            colors[mi],
+            colors[mi % colors.len()],
             x + 16.0,
             yy,
-            m.name()
+            variant_name(m, c)
         );
     }
     s.push_str("</svg>\n");
@@ -518,6 +591,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         Duration::from_secs_f64(args.timeout),
         args.repeat,
         &kernel,
+        args.coalesce,
     )?;
     print!("{}", table(&rows));
     if let Some(path) = &args.json {
@@ -532,7 +606,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
                     v
                 }
                 Err(e) => serde_json::json!({
-                    "guest": r.guest, "mode": r.mode.name(), "backend": args.backend.name(), "error": e
+                    "guest": r.guest, "mode": r.mode.name(), "coalesced": r.coalesced, "backend": args.backend.name(), "error": e
                 }),
             })
             .collect();
@@ -596,10 +670,12 @@ mod tests {
             notes: vec![],
             exit_statistics_unreadable: None,
             time_split: None,
+            coalesced: false,
         };
         Row {
             guest: guest.into(),
             mode,
+            coalesced: false,
             result: Ok(RunRecord::new(guest, mode, &crate::kvm::Kvm, &r)),
             same_as_off: same,
         }
@@ -634,6 +710,7 @@ mod tests {
                 notes: vec![],
                 exit_statistics_unreadable: None,
                 time_split: None,
+                coalesced: false,
             };
             rec.time_split = crate::kvm::time_split(&run);
         }
@@ -656,6 +733,38 @@ mod tests {
             "{all}"
         );
         assert!(all.contains("not the benefit of avoided exits"), "{all}");
+    }
+
+    #[test]
+    fn coalesced_runs_are_named_and_never_taken_for_off() {
+        assert_eq!(
+            variants(true)[4..],
+            [(Mode::Off, true), (Mode::AotDynamic, true)]
+        );
+        assert_eq!(variants(false).len(), Mode::ALL.len());
+        let mut co = row("g", Mode::Off, 400, 0.1, b"x", Some(true));
+        co.coalesced = true;
+        if let Ok(rec) = &mut co.result {
+            rec.coalesced = true;
+            rec.stats.coalesced_writes = 600;
+        }
+        // Coalesced off first: plain off must still be the reference.
+        let rows = vec![
+            co,
+            row("g", Mode::Off, 1000, 0.4, b"x", Some(true)),
+            row("g", Mode::AotDynamic, 100, 0.1, b"x", Some(true)),
+        ];
+        assert_eq!(off_exits(&rows, "g"), Some(1000));
+        let t = table(&rows);
+        assert!(t.contains("off+coalesce"), "{t}");
+        assert!(t.contains("-60.0%"), "{t}");
+        assert!(
+            t.contains("g: exits off 1000 (? to user space), off+coalesce 400 (? to user space, 600 writes coalesced), aot+dynamic 100"),
+            "{t}"
+        );
+        let svg = chart_svg(&rows);
+        assert!(svg.contains("g off+coalesce: 400 exits"), "{svg}");
+        assert!(svg.contains("g off: 1000 exits"), "{svg}");
     }
 
     #[test]

@@ -30,6 +30,7 @@ impl Backend for Kvm {
             timeout: Some(req.timeout),
             translations: req.translations.clone(),
             cmdline: req.kernel.cmdline.clone(),
+            coalesce: req.coalesce,
             ..avex_kvm::Config::default()
         };
         let r = avex_kvm::run(req.elf, &config, console)
@@ -50,6 +51,21 @@ impl Backend for Kvm {
                 format!("MSR exits: handled inside KVM ({why})")
             }
         }];
+        match &r.coalescing {
+            avex_kvm::Coalescing::Off => {}
+            avex_kvm::Coalescing::On => notes.push(format!(
+                "coalesced PIO: {} (KVM holds these writes in its ring; avex applies them \
+                 in order at the next exit to user space)",
+                avex_kvm::ZONES
+                    .iter()
+                    .map(|z| format!("{:#x} {}", z.port, z.device))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            avex_kvm::Coalescing::Unsupported(why) => {
+                anyhow::bail!("{}: --coalesce: {why}", req.name)
+            }
+        }
         notes.extend(r.exit_statistics_unreadable.clone());
         let mut result = RunResult {
             status: r.status,
@@ -60,6 +76,7 @@ impl Backend for Kvm {
             notes,
             exit_statistics_unreadable: r.exit_statistics_unreadable,
             time_split: None,
+            coalesced: r.coalescing == avex_kvm::Coalescing::On,
         };
         result.time_split = time_split(&result);
         Ok(result)

@@ -16,6 +16,9 @@ use crate::backend::{Backend, RunResult, TimeSplit};
 pub struct RunRecord {
     pub guest: String,
     pub mode: String,
+    /// Writes were coalesced (KVM's coalesced PIO, `--coalesce`): the table and
+    /// chart name the run `MODE+coalesce`.
+    pub coalesced: bool,
     pub backend: String,
     pub status: u8,
     /// VM exits the hardware took; what that is on this backend: `exits_counted`.
@@ -57,6 +60,7 @@ impl RunRecord {
         RunRecord {
             guest: guest.to_string(),
             mode: mode.name().to_string(),
+            coalesced: r.coalesced,
             backend: backend.name().to_string(),
             status: r.status,
             exits: s.exits(),
@@ -114,6 +118,15 @@ mod tests {
             indirect_targets_learned: 18,
             translations_rebuilt: 19,
             by_rip: [(0x1000, 3), (0xffff_ffff_8000_0000, 4)].into(),
+            exit_sites: [(
+                0x1000,
+                avex_core::stats::ExitSite {
+                    reason: Some(ExitReason::IoIn),
+                    clustered: 2,
+                },
+            )]
+            .into(),
+            coalesced_writes: 20,
         }
     }
 
@@ -127,6 +140,7 @@ mod tests {
             notes: vec![],
             exit_statistics_unreadable: None,
             time_split: None,
+            coalesced: false,
         }
     }
 

@@ -65,6 +65,16 @@ pub struct Args {
     /// own symbols, else a `System.map` beside the ELF).
     #[arg(long, value_name = "FILE")]
     pub system_map: Option<PathBuf>,
+    /// KVM: coalesce the port writes the guest cannot observe before its next exit
+    /// (RTC index 0x70, PCI address 0xcf8, POST code 0x80) with KVM's coalesced
+    /// PIO; they are applied to the devices in order at the next exit.
+    #[arg(long)]
+    pub coalesce: bool,
+    /// List the hottest exit sites: RIP, exit reason, exits, how many were followed
+    /// by a cluster, and the function (from the ELF's symbols or --system-map).
+    /// Sites are known in clustering modes only (see `print_hot_sites`).
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// The kernel command line `avex run --initrd` starts from: the console on the
@@ -202,6 +212,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             cmdline: kernel_cmdline(initrd.is_some(), args.append.as_deref()),
             mem_mib: args.mem.or(initrd.is_some().then_some(DEFAULT_KERNEL_MIB)),
         },
+        coalesce: args.coalesce,
     };
     let stdout = std::io::stdout();
     let mut console = |b: &[u8]| {
@@ -216,12 +227,12 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         "\navex: {} on {} in mode {}: status {}, {:.3} s",
         guest.name,
         backend.name(),
-        mode,
+        crate::compare::variant_name(mode, result.coalesced),
         result.status,
         result.seconds
     );
     eprint!("{}", result.stats.summary());
-    print_hot_sites(&args, &guest.elf, &result.stats)?;
+    print_hot_sites(&args, &guest.elf, mode, &result.stats)?;
     eprintln!("exits counted:          {}", record.exits_counted);
     if let Some(t) = &record.time_split {
         eprintln!(
@@ -248,13 +259,33 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(result.status))
 }
 
-/// The hottest exit sites with the function each is in, when the guest has names.
+/// The hottest exit sites (`stats.by_rip`): RIP, reason, exits, how many a cluster
+/// followed, and the function each is in. Printed when the guest has names, and
+/// always with `--profile`.
+///
+/// Sites are recorded in clustering modes only: there the backend finds the
+/// exiting instruction exactly to look for a cluster after it. In `off` it does
+/// not (on KVM an OUT has already completed when it reaches user space, and
+/// finding it costs a completion KVM_RUN per exit, which would change what `off`
+/// measures), so `--profile` in `off` says to use another mode.
 fn print_hot_sites(
     args: &Args,
     elf: &[u8],
+    mode: Mode,
     stats: &avex_core::stats::ExitStats,
 ) -> anyhow::Result<()> {
     if stats.by_rip.is_empty() {
+        if args.profile {
+            eprintln!(
+                "exit sites: none recorded{}",
+                if mode == Mode::Off {
+                    " (mode off does not locate exiting instructions: run with --mode \
+                     dynamic or aot+dynamic to see where the exits are)"
+                } else {
+                    ""
+                }
+            );
+        }
         return Ok(());
     }
     let path = Path::new(&args.guest);
@@ -263,15 +294,42 @@ fn print_hot_sites(
         elf,
         args.system_map.as_deref(),
     )?;
-    if symbols.is_empty() {
+    if symbols.is_empty() && !args.profile {
         return Ok(());
     }
+    eprint!(
+        "{}",
+        hot_sites(stats, &symbols, if args.profile { 20 } else { 12 })
+    );
+    Ok(())
+}
+
+/// The `top` hottest exit sites as lines (see [`print_hot_sites`]).
+pub fn hot_sites(
+    stats: &avex_core::stats::ExitStats,
+    symbols: &crate::symbols::Symbols,
+    top: usize,
+) -> String {
     let mut hot: Vec<(u64, u64)> = stats.by_rip.iter().map(|(r, n)| (*r, *n)).collect();
     hot.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    eprintln!("exit sites by function (exits that reached avex, hottest first):");
-    for (rip, n) in hot.into_iter().take(12) {
+    let mut s = format!(
+        "hottest exit sites ({} of {}; exits that reached avex; clustered: how many \
+         of them a cluster ran after):\n  {:<18} {:<10} {:>9} {:>10}  function\n",
+        hot.len().min(top),
+        hot.len(),
+        "rip",
+        "reason",
+        "exits",
+        "clustered"
+    );
+    for (rip, n) in hot.into_iter().take(top) {
+        let site = stats.exit_sites.get(&rip).copied().unwrap_or_default();
         let name = symbols.name(rip).unwrap_or_else(|| "?".into());
-        eprintln!("  {rip:#018x} {n:>9}  {name}");
+        let reason = site.reason.map_or("?", |r| r.name());
+        s += &format!(
+            "  {rip:#018x} {reason:<10} {n:>9} {:>10}  {name}\n",
+            site.clustered
+        );
     }
-    Ok(())
+    s
 }

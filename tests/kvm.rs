@@ -1,5 +1,6 @@
-//! The KVM backend on /dev/kvm: every bundled guest in every clustering mode prints
-//! exactly the console bytes of `off`; clustering takes fewer exits; `aot` builds
+//! The KVM backend on /dev/kvm: every bundled guest in every clustering mode, and
+//! with KVM's coalesced PIO in off and aot+dynamic, prints exactly the console
+//! bytes of `off`; clustering and coalescing take fewer exits; `aot` builds
 //! nothing at run time and `dynamic` does; guest misbehaviour stops the guest with
 //! a diagnosis (internal error with RIP and bytes, triple fault, halt, timeout);
 //! stale translations are rejected with a reason and the guest still runs; the
@@ -115,6 +116,28 @@ fn every_bundled_guest_prints_the_same_in_every_mode_with_fewer_exits() {
                 Mode::Off => unreachable!(),
             }
         }
+        // KVM's coalesced PIO, alone and under clusters: the same bytes again.
+        for mode in [Mode::Off, Mode::AotDynamic] {
+            let r = run_coalesced(&elf, mode, mode.uses_aot().then(|| set.clone()));
+            assert_eq!(r.status, off.status, "{name} {mode}+coalesce: status");
+            assert!(
+                r.console == off.console,
+                "{name} {mode}+coalesce: console differs from off:\n--- off\n{}\n--- {mode}+coalesce\n{}",
+                String::from_utf8_lossy(&off.console),
+                String::from_utf8_lossy(&r.console)
+            );
+            // The RTC and PCI guests write the RTC index and CONFIG_ADDRESS.
+            if mode == Mode::Off && matches!(name, "rtc" | "pci") {
+                let io_out = |r: &Report| r.stats.by_reason.get(&ExitReason::IoOut).copied();
+                assert!(r.stats.coalesced_writes > 0, "{name}: nothing coalesced");
+                assert!(
+                    io_out(&r) < io_out(&off),
+                    "{name}: off+coalesce took {:?} io_out exits, off {:?}",
+                    io_out(&r),
+                    io_out(&off)
+                );
+            }
+        }
     }
 }
 
@@ -187,6 +210,57 @@ fn console_bytes_and_status_come_through() {
     assert_eq!(r.console, b"hi");
     assert_eq!(streamed, b"hi");
     assert_eq!(r.stats.by_reason[&ExitReason::IoOut], 3);
+}
+
+fn run_coalesced(elf: &[u8], mode: Mode, set: Option<TranslationSet>) -> Report {
+    let config = Config {
+        mode,
+        translations: set.map(Ok),
+        timeout: Some(Duration::from_secs(60)),
+        coalesce: true,
+        ..Config::default()
+    };
+    let r = avex_kvm::run(elf, &config, &mut |_| {}).unwrap_or_else(|e| panic!("{mode}: {e}"));
+    assert_eq!(r.coalescing, avex_kvm::Coalescing::On, "{mode}");
+    r
+}
+
+#[test]
+#[cfg_attr(not(avex_kvm), ignore = "needs /dev/kvm")]
+fn coalesced_writes_reach_the_devices_in_order_before_the_next_exit() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    #[rustfmt::skip]
+    let mut code = vec![
+        0xb0, 0x0e, 0xe6, 0x70, // CMOS index 0x0e (coalesced)
+        0xb0, 0x5a, 0xe6, 0x71, // CMOS[0x0e] = 0x5a (an exit)
+        0xb0, 0x0f, 0xe6, 0x70, // index 0x0f (coalesced)
+        0xb0, 0xa5, 0xe6, 0x71, // CMOS[0x0f] = 0xa5 (an exit)
+        0xb0, 0x0e, 0xe6, 0x70, // index 0x0e (coalesced)
+        0xe4, 0x71,             // in al, 0x71: 0x5a only if the index write came first
+        0x66, 0xba, 0xf8, 0x03, 0xee, // console
+        0xb8, 0x00, 0x00, 0x00, 0x80, 0x66, 0xba, 0xf8, 0x0c, 0xef, // CONFIG_ADDRESS 0:0.0 reg 0 (coalesced)
+        0x66, 0xba, 0xfc, 0x0c, 0xed, // in eax, CONFIG_DATA: vendor 0x8086
+        0x66, 0xba, 0xf8, 0x03, 0xee, // console: 0x86
+        0xb0, 0x12, 0xe6, 0x80, 0xb0, 0x34, 0xe6, 0x80, // POST codes (coalesced)
+    ];
+    code.extend(exit_with(0));
+    let elf = tiny_elf(true, &code);
+    let off = run(&elf, Mode::Off, None, 10.0).unwrap();
+    assert_eq!(off.console, [0x5a, 0x86]);
+    assert_eq!(off.stats.coalesced_writes, 0);
+    for mode in [Mode::Off, Mode::Dynamic] {
+        let r = run_coalesced(&elf, mode, None);
+        assert_eq!(r.status, 0, "{mode}");
+        assert_eq!(r.console, off.console, "{mode}: console differs from off");
+        // Three RTC index writes, one CONFIG_ADDRESS, two POST codes.
+        assert_eq!(r.stats.coalesced_writes, 6, "{mode}");
+        assert_eq!(
+            r.stats.by_reason[&ExitReason::IoOut] + 6,
+            off.stats.by_reason[&ExitReason::IoOut],
+            "{mode}: each coalesced write is one exit to user space fewer"
+        );
+        assert_eq!(r.user_exits + 6, off.user_exits, "{mode}");
+    }
 }
 
 #[test]
@@ -476,4 +550,39 @@ fn identical_port_writes_back_to_back_are_each_attributed_exactly() {
     assert_eq!(r.unattributed_exits, 0);
     assert_eq!(r.completions, r.stats.handled, "one completion per exit");
     assert!(r.stats.clusters_run > 0, "nothing clustered");
+}
+
+#[test]
+#[cfg_attr(not(avex_kvm), ignore = "needs /dev/kvm")]
+fn avex_run_profile_names_the_hottest_sites_and_coalesce_is_for_kvm() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let run = |args: &[&str]| {
+        let out = support::avex().args(args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = run(&["run", "rtc", "--mode", "dynamic", "--profile", "--coalesce"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("hottest exit sites ("), "{err}");
+    assert!(err.contains("in mode dynamic+coalesce"), "{err}");
+    assert!(err.contains("coalesced writes:"), "{err}");
+    // The RTC guest's main loop: its exits are named with their reason and
+    // function, and clusters ran after some of them.
+    let site = err
+        .lines()
+        .find(|l| l.contains("rtc15__rt_rust_start") && l.contains("io_"))
+        .unwrap_or_else(|| panic!("no site in the guest's start function: {err}"));
+    let clustered: u64 = site.split_whitespace().nth(3).unwrap().parse().unwrap();
+    assert!(clustered > 0, "{site}");
+    let (ok, err) = run(&["run", "rtc", "--mode", "off", "--profile"]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("mode off does not locate exiting instructions"),
+        "{err}"
+    );
+    let (ok, err) = run(&["run", "rtc", "--backend", "bochs", "--coalesce"]);
+    assert!(!ok);
+    assert!(err.contains("--coalesce is KVM's coalesced PIO"), "{err}");
 }

@@ -177,6 +177,8 @@ pub struct ExitHandler {
     learned: LearnedTargets,
     /// Entries of AOT translations that ran at least once.
     aot_ran: alloc::collections::BTreeSet<u64>,
+    /// The reason of the exit counted last: the one `next_after` is asked about.
+    last_reason: Option<ExitReason>,
 }
 
 impl fmt::Debug for ExitHandler {
@@ -208,6 +210,7 @@ impl ExitHandler {
             maxphyaddr: None,
             learned: LearnedTargets::default(),
             aot_ran: Default::default(),
+            last_reason: None,
         }
     }
 
@@ -292,6 +295,7 @@ impl ExitHandler {
     /// Count an exit that the backend handled itself (string I/O, MMIO, ...).
     pub fn count_exit(&mut self, reason: ExitReason) {
         self.stats.count_exit(reason);
+        self.last_reason = Some(reason);
     }
 
     /// Handle one exit of the instruction at `rip`: count it, [`perform`] it and,
@@ -300,7 +304,7 @@ impl ExitHandler {
     /// [`perform`]: ExitHandler::perform
     /// [`next_after`]: ExitHandler::next_after
     pub fn handle<G: Guest + ?Sized>(&mut self, exit: &Exit, rip: u64, guest: &mut G) -> Reply {
-        self.stats.count_exit(exit.reason());
+        self.count_exit(exit.reason());
         if *exit == Exit::Hlt {
             return Reply {
                 value: Ok(0),
@@ -312,12 +316,22 @@ impl ExitHandler {
             Ok(_) => self.next_after(rip, guest),
             Err(_) => {
                 if self.mode != Mode::Off {
-                    *self.stats.by_rip.entry(rip).or_insert(0) += 1;
+                    self.stats.count_site(rip, self.last_reason, false);
                 }
                 Next::Resume
             }
         };
         Reply { value, next }
+    }
+
+    /// A port write the backend's host held back and handed over later, in order
+    /// (KVM's coalesced PIO ring): its device work as [`perform`] does it, counted
+    /// as a coalesced write, not as an exit (it never reached the handler as one).
+    ///
+    /// [`perform`]: ExitHandler::perform
+    pub fn perform_coalesced<G: Guest + ?Sized>(&mut self, exit: &Exit, guest: &mut G) {
+        let _ = self.perform(exit, guest);
+        self.stats.coalesced_writes += 1;
     }
 
     /// The exit's own work (device access, MSR, CPUID), without counting it or
@@ -365,8 +379,11 @@ impl ExitHandler {
         if self.mode == Mode::Off {
             return Next::Resume;
         }
-        *self.stats.by_rip.entry(rip).or_insert(0) += 1;
-        self.cluster_for(rip, guest)
+        let next = self.cluster_for(rip, guest);
+        let clustered = matches!(next, Next::RunCluster { .. });
+        self.stats
+            .count_site(rip, self.last_reason.take(), clustered);
+        next
     }
 
     /// The translation to run after the exit at `rip`, building one at the
@@ -717,6 +734,9 @@ mod tests {
         assert_eq!(s.avoided(), 2);
         assert_eq!(s.clusters_run_dynamic, 1);
         assert_eq!(s.by_rip[&0x1000], 3);
+        // The site knows its reason and that a cluster ran after one of its exits.
+        assert_eq!(s.exit_sites[&0x1000].reason, Some(ExitReason::IoIn));
+        assert_eq!(s.exit_sites[&0x1000].clustered, 1);
     }
 
     #[test]

@@ -256,9 +256,36 @@ pub struct ExitStats {
     /// Exits by RIP of the exiting instruction (only where the backend gave the
     /// RIP: in modes other than `off`), for finding sites no translation covers.
     pub by_rip: BTreeMap<u64, u64>,
+    /// What is known of each site in `by_rip` (same keys): its exit reason and
+    /// how many of its exits a cluster ran after (`avex run --profile`).
+    pub exit_sites: BTreeMap<u64, ExitSite>,
+    /// Port writes the host held back and handed over in order at the next exit
+    /// (KVM's coalesced PIO): applied to the devices, never counted in `handled`.
+    pub coalesced_writes: u64,
+}
+
+/// One exit site (the RIP of an exiting instruction) beyond its exit count.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ExitSite {
+    /// Why the instruction there exits (`None`: not told).
+    pub reason: Option<ExitReason>,
+    /// Its exits after which a cluster ran (covering the exits that follow).
+    pub clustered: u64,
 }
 
 impl ExitStats {
+    /// Count an exit at `rip` (its reason, if known), and whether a cluster ran
+    /// after it.
+    pub(crate) fn count_site(&mut self, rip: u64, reason: Option<ExitReason>, clustered: bool) {
+        *self.by_rip.entry(rip).or_insert(0) += 1;
+        let site = self.exit_sites.entry(rip).or_default();
+        if reason.is_some() {
+            site.reason = reason;
+        }
+        site.clustered += u64::from(clustered);
+    }
+
     /// VM exits taken: the hardware count if the backend has one, else the handled ones.
     pub fn exits(&self) -> u64 {
         self.hardware_exits.unwrap_or(self.handled)
@@ -413,6 +440,13 @@ impl ExitStats {
                 .map(|(r, n)| alloc::format!("{r:#x} {n}"))
                 .collect();
             let _ = writeln!(s, "hottest exit sites:     {}", top.join(", "));
+        }
+        if self.coalesced_writes > 0 {
+            let _ = writeln!(
+                s,
+                "coalesced writes:       {} (held by the host, applied at the next exit)",
+                self.coalesced_writes
+            );
         }
         if self.stale_dropped > 0 {
             let _ = writeln!(s, "stale translations:     {}", self.stale_dropped);

@@ -16,6 +16,10 @@
 //! Exits are counted from the vCPU's `KVM_GET_STATS_FD` statistics (`exits` and
 //! the per-kind counters), with the exits to user space counted apart.
 //!
+//! With [`Config::coalesce`], writes to a few ports go to KVM's coalesced PIO
+//! ring instead of user space and are applied, in order, before the next exit is
+//! handled (the [`coalesce`] module says which ports and why each is safe).
+//!
 //! Measured on this project's host (software KVM `kvm_pvm`, API 12):
 //! - KVM_RUN with `immediate_exit` = 1 after an IN exit returns EINTR with the IN
 //!   completed (AL written, RIP after it); such completions do not count in `exits`.
@@ -34,6 +38,7 @@
 //!   it is normalized to 0 so that runs are deterministic.
 
 mod attribute;
+mod coalesce;
 mod exits;
 mod insn;
 mod kstats;
@@ -61,6 +66,7 @@ use kvm_ioctls::{
     Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuExit, VmFd,
 };
 
+pub use coalesce::{Coalescing, Zone, ZONES};
 pub use kstats::VcpuStats;
 pub use mem::GuestRam;
 pub use vcpu::KvmGuest;
@@ -81,6 +87,9 @@ pub struct Config {
     /// Translations made ahead of time: a decoded set, or why it could not be
     /// decoded (the guest then runs on dynamic clustering where the mode allows).
     pub translations: Option<Result<TranslationSet, String>>,
+    /// Register KVM coalesced PIO zones ([`ZONES`]) for the ports whose writes
+    /// the guest cannot observe before its next exit.
+    pub coalesce: bool,
 }
 
 impl Default for Config {
@@ -93,6 +102,7 @@ impl Default for Config {
             timeout: Some(Duration::from_secs(60)),
             devices: StandardConfig::default(),
             translations: None,
+            coalesce: false,
         }
     }
 }
@@ -136,6 +146,8 @@ pub struct Report {
     /// Changes of the vCPU's KVM statistics over the run (`exits`, `io_exits`, ...).
     pub kvm_stats: BTreeMap<String, u64>,
     pub msr_exits: MsrExits,
+    /// Whether writes were coalesced (`stats.coalesced_writes` counts them).
+    pub coalescing: Coalescing,
     /// Why KVM's `exits` statistic could not be read, when it could not: then
     /// `stats.hardware_exits` is `None` and `stats.exits()` counts only the exits
     /// that reached user space.
@@ -236,6 +248,7 @@ pub struct Vm {
     handler: ExitHandler,
     stats: Result<VcpuStats, String>,
     msr_exits: MsrExits,
+    coalescing: Coalescing,
     user_exits: u64,
     completions: u64,
     unattributed_exits: u64,
@@ -273,7 +286,13 @@ impl Vm {
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
 
         let msr_exits = setup_msr_exits(&kvm, &vm, &config.policy);
-        let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let coalescing = if config.coalesce {
+            coalesce::register(&kvm, &vm)
+        } else {
+            Coalescing::Off
+        };
+        let mut vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let coalescing = coalesce::map_ring(&mut vcpu, coalescing);
         let mut cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
@@ -314,6 +333,7 @@ impl Vm {
             handler,
             stats,
             msr_exits,
+            coalescing,
             user_exits: 0,
             completions: 0,
             unattributed_exits: 0,
@@ -347,6 +367,8 @@ impl Vm {
             .unwrap_or_default();
         let t0 = Instant::now();
         let status = self.run_loop(console, stop, timeout_secs);
+        // Writes still in the ring when the run ended (a timeout, an error).
+        self.drain_coalesced();
         let seconds = t0.elapsed().as_secs_f64();
         let after = self
             .stats
@@ -373,6 +395,7 @@ impl Vm {
             time: self.time,
             kvm_stats,
             msr_exits: self.msr_exits.clone(),
+            coalescing: self.coalescing.clone(),
             exit_statistics_unreadable,
             console: std::mem::take(&mut self.console),
             seconds,
@@ -438,6 +461,9 @@ impl Vm {
                 Err(e) => return Err(kvm_err("KVM_RUN")(e)),
             };
             self.guest.ran();
+            // Coalesced writes came before this exit: apply them first, so the
+            // devices see every write in guest order.
+            self.drain_coalesced();
             if !matches!(event, Event::Interrupted) {
                 self.user_exits += 1;
             }
