@@ -1,0 +1,222 @@
+//! Tests of [`super`].
+use super::*;
+use crate::engine::test_guest::TestGuest;
+use crate::engine::Paging;
+use crate::format::{GuestIdentity, TranslatorStamp};
+
+/// 0x1000: in al,dx ; mov bl,al ; out dx,al ; out dx,al ; hlt
+const CODE: [u8; 6] = [0xec, 0x88, 0xc3, 0xee, 0xee, 0xf4];
+
+fn guest() -> TestGuest {
+    let mut g = TestGuest::protected32(1 << 20, Paging::None);
+    g.write_bytes(0x1000, &CODE);
+    g.state.rip = 0x1000;
+    g.state.gpr[2] = 0x3f8;
+    g.default_port_in = 0x41;
+    g
+}
+
+fn in_exit() -> Exit {
+    Exit::PortIo {
+        port: 0x3f8,
+        size: 1,
+        write: false,
+        value: 0,
+    }
+}
+
+/// What a backend does to complete the IN before a cluster runs.
+fn complete_in(g: &mut TestGuest, value: u64) {
+    g.state.gpr[0] = (g.state.gpr[0] & !0xff) | (value & 0xff);
+    g.state.rip = 0x1001;
+}
+
+#[test]
+fn dynamic_translates_at_the_third_exit_and_runs_the_rest() {
+    let mut h = ExitHandler::new(Mode::Dynamic, ExitPolicy::default());
+    let mut g = guest();
+    for _ in 0..2 {
+        let r = h.handle(&in_exit(), 0x1000, &mut g);
+        assert_eq!(r.value, Ok(0x41));
+        assert_eq!(r.next, Next::Resume);
+    }
+    let r = h.handle(&in_exit(), 0x1000, &mut g);
+    let Next::RunCluster { start } = r.next else {
+        panic!("no cluster at the third exit: {r:?} {:?}", h.stats())
+    };
+    assert_eq!(h.stats().translations_built, 1);
+    assert!(h.stats().translate_insns >= 4);
+    complete_in(&mut g, 0x41);
+    let end = h.run_cluster(start, &mut g);
+    assert_eq!(end.exiting, 2, "{end}");
+    assert_eq!(end.rip, 0x1005, "{end}");
+    assert!(end.early.is_none(), "{end}");
+    assert_eq!(g.state.rip, 0x1005);
+    assert_eq!(g.state.gpr[3] & 0xff, 0x41, "mov bl,al ran");
+    let outs: alloc::vec::Vec<_> = g
+        .io_log
+        .iter()
+        .filter(|p| p.out)
+        .map(|p| (p.port, p.value))
+        .collect();
+    assert_eq!(outs, [(0x3f8, 0x41), (0x3f8, 0x41)]);
+    let s = h.stats();
+    assert_eq!(s.by_reason[&ExitReason::IoIn], 3);
+    assert_eq!(s.in_cluster_exiting, 2);
+    assert_eq!(s.exit_prone(), 5);
+    assert_eq!(s.avoided(), 2);
+    assert_eq!(s.clusters_run_dynamic, 1);
+    assert_eq!(s.by_rip[&0x1000], 3);
+    // The site knows its reason and that a cluster ran after one of its exits.
+    assert_eq!(s.exit_sites[&0x1000].reason, Some(ExitReason::IoIn));
+    assert_eq!(s.exit_sites[&0x1000].clustered, 1);
+}
+
+#[test]
+fn off_never_clusters_and_aot_never_translates() {
+    for mode in [Mode::Off, Mode::Aot] {
+        let mut h = ExitHandler::new(mode, ExitPolicy::default());
+        let mut g = guest();
+        for _ in 0..5 {
+            assert_eq!(h.handle(&in_exit(), 0x1000, &mut g).next, Next::Resume);
+        }
+        assert_eq!(h.stats().translations_built, 0);
+        assert_eq!(h.stats().handled, 5);
+    }
+}
+
+fn set_for(_g: &mut TestGuest, digest: [u8; 32], policy: &ExitPolicy) -> TranslationSet {
+    let mut code = CODE.to_vec();
+    code.truncate(5);
+    let c = translator::translate(
+        &code,
+        0x1000,
+        Bitness::B32,
+        policy,
+        &TranslatorConfig::default(),
+    )
+    .expect("translatable");
+    TranslationSet {
+        guest: GuestIdentity {
+            digest,
+            name: "t".into(),
+        },
+        policy: policy.fingerprint(),
+        translator: TranslatorStamp::default(),
+        clusters: alloc::vec![c],
+    }
+}
+
+#[test]
+fn aot_sets_are_checked_and_entered_at_exits_inside_them() {
+    let policy = ExitPolicy::default();
+    let mut g = guest();
+    // Made for another guest: rejected with the reason, nothing loaded.
+    let mut h = ExitHandler::new(Mode::AotDynamic, policy.clone());
+    let err = h
+        .load_translations(set_for(&mut g, [1; 32], &policy), &[2; 32])
+        .unwrap_err();
+    assert!(err.contains("stale"), "{err}");
+    assert_eq!(
+        h.stats().translations_rejected.as_deref(),
+        Some(err.as_str())
+    );
+    assert!(h.cache().is_empty());
+    // The right guest: loaded, and the IN's exit runs it at once.
+    let mut h = ExitHandler::new(Mode::Aot, policy.clone());
+    assert_eq!(
+        h.load_translations(set_for(&mut g, [2; 32], &policy), &[2; 32]),
+        Ok(1)
+    );
+    assert_eq!(
+        h.handle(&in_exit(), 0x1000, &mut g).next,
+        Next::RunCluster { start: 0x1000 }
+    );
+    // An exit at the first OUT (inside the cluster, not its last instruction)
+    // enters the same translation there.
+    let out = Exit::PortIo {
+        port: 0x3f8,
+        size: 1,
+        write: true,
+        value: 0x41,
+    };
+    assert_eq!(
+        h.handle(&out, 0x1003, &mut g).next,
+        Next::RunCluster { start: 0x1000 }
+    );
+    g.state.rip = 0x1004;
+    let end = h.run_cluster(0x1000, &mut g);
+    assert_eq!((end.exiting, end.rip), (1, 0x1005), "{end}");
+    assert_eq!(h.stats().clusters_run_aot, 1);
+    assert_eq!(h.stats().aot_translations_ran, 1);
+    // A second run of the same translation: still one that ran.
+    g.state.rip = 0x1004;
+    h.run_cluster(0x1000, &mut g);
+    assert_eq!(h.stats().aot_translations_ran, 1);
+    assert!(h
+        .stats()
+        .summary()
+        .contains("1 ran, 0 dropped as stale, 0 never ran"));
+    // Not in mode dynamic: nothing loaded.
+    let mut h = ExitHandler::new(Mode::Dynamic, policy.clone());
+    assert_eq!(
+        h.load_translations(set_for(&mut g, [2; 32], &policy), &[2; 32]),
+        Ok(0)
+    );
+}
+
+#[test]
+fn changed_guest_code_drops_the_translation_and_runs_nothing() {
+    let policy = ExitPolicy::default();
+    let mut g = guest();
+    let mut h = ExitHandler::new(Mode::Aot, policy.clone());
+    h.load_translations(set_for(&mut g, [2; 32], &policy), &[2; 32])
+        .unwrap();
+    // The guest rewrote the first OUT into a NOP.
+    g.write_bytes(0x1003, &[0x90]);
+    complete_in(&mut g, 0x41);
+    let end = h.run_cluster(0x1000, &mut g);
+    assert_eq!(end.exiting, 0);
+    assert_eq!(end.rip, 0x1001);
+    assert!(end.early.is_some());
+    assert_eq!(h.stats().stale_dropped, 1);
+    assert_eq!(
+        (
+            h.stats().aot_translations_stale,
+            h.stats().aot_translations_ran
+        ),
+        (1, 0)
+    );
+    assert!(h.cache().is_empty());
+    assert!(g.io_log.iter().all(|p| !p.out), "nothing ran");
+}
+
+#[test]
+fn msr_faults_come_back_for_injection() {
+    let mut h = ExitHandler::new(Mode::Dynamic, ExitPolicy::default());
+    let mut g = guest();
+    g.msr_faults.insert(0x1234);
+    let r = h.handle(
+        &Exit::Msr {
+            msr: 0x1234,
+            write: false,
+            value: 0,
+        },
+        0x1000,
+        &mut g,
+    );
+    assert_eq!(r.value, Err(Fault::GeneralProtection));
+    assert_eq!(r.next, Next::Resume);
+    assert_eq!(h.handle(&Exit::Hlt, 0x1000, &mut g).next, Next::Halt);
+    assert_eq!(h.stats().by_reason[&ExitReason::Rdmsr], 1);
+}
+
+#[test]
+fn mode_names_round_trip() {
+    for m in Mode::ALL {
+        assert_eq!(Mode::parse(m.name()), Some(m));
+    }
+    assert_eq!(Mode::parse("aot-dynamic"), None);
+    assert!(Mode::AotDynamic.uses_aot() && Mode::AotDynamic.uses_dynamic());
+    assert!(!Mode::Off.uses_aot() && !Mode::Off.uses_dynamic());
+}
