@@ -26,8 +26,15 @@ struct Decoded {
     exit_class: Option<ExitClass>,
 }
 
-/// A call context: (callee entry, return address) for each call the region made.
-type Context = Vec<(u64, u64)>;
+/// A call context: (callee entry, return address) for each call the region made,
+/// and, inside a thunk (Linux's `__x86_indirect_thunk_<reg>` or return thunk,
+/// [`super::source::Thunk`]), the address of the CALL or JMP that entered it: the
+/// thunk's indirect JMP or RET goes where that site's destinations say.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+struct Context {
+    frames: Vec<(u64, u64)>,
+    via: Option<u64>,
+}
 
 /// Where an edge of a node leads.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -254,6 +261,9 @@ impl Explorer<'_> {
         let node = &self.nodes[id];
         let (rip, ctx, op) = (node.rip, node.ctx, node.dec.op);
         let next = rip + u64::from(node.dec.len);
+        // Where this instruction's indirect destinations are known: its own
+        // address, or the site that entered the thunk it is in.
+        let site = self.contexts[ctx].via.unwrap_or(rip);
         let mut out = Vec::new();
         if ends_cluster(&op, self.config) {
             self.note_stop(NoCluster::EndsCluster);
@@ -265,7 +275,11 @@ impl Explorer<'_> {
         match op {
             Op::Jmp { target } | Op::Jcc { target, .. } | Op::Loop { target, .. } => {
                 if let Target::Exit(t) = target {
-                    out.push((t, ctx, None, false));
+                    let into = match (op, self.src.thunk(t)) {
+                        (Op::Jmp { .. }, Some(_)) => self.via_context(ctx, Some(rip)),
+                        _ => ctx,
+                    };
+                    out.push((t, into, None, false));
                 }
             }
             Op::Call {
@@ -274,11 +288,13 @@ impl Explorer<'_> {
                 ..
             } => {
                 if let Some(inner) = self.call_context(ctx, callee, ret) {
+                    let via = self.src.thunk(callee).map(|_| rip);
+                    let inner = self.via_context(inner, via);
                     out.push((callee, inner, None, false));
                 }
             }
             Op::CallIndirect { ret, .. } => {
-                let known: Vec<u64> = self.src.indirect_targets(rip).to_vec();
+                let known: Vec<u64> = self.src.indirect_targets(site).to_vec();
                 if known.is_empty() {
                     self.open(id);
                 }
@@ -289,17 +305,19 @@ impl Explorer<'_> {
                 }
             }
             Op::JmpIndirect { .. } => {
-                let known: Vec<u64> = self.src.indirect_targets(rip).to_vec();
+                let known: Vec<u64> = self.src.indirect_targets(site).to_vec();
                 if known.is_empty() {
                     self.open(id);
                 }
+                let out_of_thunk = self.via_context(ctx, None);
                 for t in known {
-                    out.push((t, ctx, Some(t), false));
+                    out.push((t, out_of_thunk, Some(t), false));
                 }
             }
             Op::Ret { .. } => {
                 let mut outer = self.contexts[ctx].clone();
-                match outer.pop() {
+                outer.via = None;
+                match outer.frames.pop() {
                     // Returning from a call the region made: to its return address.
                     Some((_, ret)) => {
                         let outer = self.context(outer);
@@ -308,12 +326,13 @@ impl Explorer<'_> {
                     // Returning from the function the region was entered in: to the
                     // return addresses seen or resolved for this RET.
                     None => {
-                        let known: Vec<u64> = self.src.indirect_targets(rip).to_vec();
+                        let known: Vec<u64> = self.src.indirect_targets(site).to_vec();
                         if known.is_empty() {
                             self.open(id);
                         }
+                        let outer = self.context(outer);
                         for t in known {
-                            out.push((t, ctx, Some(t), false));
+                            out.push((t, outer, Some(t), false));
                         }
                     }
                 }
@@ -321,6 +340,16 @@ impl Explorer<'_> {
             _ => {}
         }
         out
+    }
+
+    /// Context `ctx` with `via` as the site a thunk was entered from.
+    fn via_context(&mut self, ctx: usize, via: Option<u64>) -> usize {
+        if self.contexts[ctx].via == via {
+            return ctx;
+        }
+        let mut c = self.contexts[ctx].clone();
+        c.via = via;
+        self.context(c)
     }
 
     /// Node `id` is a guarded instruction whose destinations are not known.
@@ -334,12 +363,15 @@ impl Explorer<'_> {
     /// run by an outer call of the region).
     fn call_context(&mut self, ctx: usize, callee: u64, ret: u64) -> Option<usize> {
         let outer = &self.contexts[ctx];
-        if outer.len() >= self.config.max_call_depth || outer.iter().any(|&(f, _)| f == callee) {
+        if outer.frames.len() >= self.config.max_call_depth
+            || outer.frames.iter().any(|&(f, _)| f == callee)
+        {
             self.note_stop(NoCluster::CallDepth);
             return None;
         }
         let mut inner = outer.clone();
-        inner.push((callee, ret));
+        inner.frames.push((callee, ret));
+        inner.via = None;
         Some(self.context(inner))
     }
 
@@ -407,7 +439,7 @@ pub(super) fn build(
         bytes: 0,
         stop: None,
     };
-    let root = x.context(Vec::new());
+    let root = x.context(Context::default());
     let entry = match x.reach(rip, root, &Gap::EXIT) {
         Some((id, _)) => id,
         None => return Err(x.stop.unwrap_or(NoCluster::Undecodable)),
@@ -588,7 +620,7 @@ fn assemble(
             // A return to the caller the region called from: completing it and
             // leaving there is what the CPU would do (the continuation gained
             // nothing, so it was left out).
-            if let (Op::Ret { .. }, Some(&(_, ret))) = (op, x.contexts[node.ctx].last()) {
+            if let (Op::Ret { .. }, Some(&(_, ret))) = (op, x.contexts[node.ctx].frames.last()) {
                 if !seen.contains(&ret) {
                     guards.push(Guard {
                         insn: at,

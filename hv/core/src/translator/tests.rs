@@ -1403,3 +1403,50 @@ fn a_poll_loop_entered_by_a_jump_to_its_test_clusters() {
         "every way round exits"
     );
 }
+
+#[test]
+fn thunks_go_where_the_site_that_entered_them_goes() {
+    // 0x6000 in al,dx ; jmp RT          (a return through Linux's return thunk)
+    // 0x6010 out dx,al ; jmp IT          (the caller, then a tail call through a thunk)
+    // 0x6020 RT: ret
+    // 0x6030 IT: jmp *%rax               (__x86_indirect_thunk_rax, as patched)
+    // 0x6040 out 0x80,al ; hlt           (the tail-called function)
+    let mut bytes = vec![0x90u8; 0x50];
+    bytes[0] = 0xec;
+    bytes[1..6].copy_from_slice(&rel32(0xe9, 0x6001, 0x6020));
+    bytes[0x10] = 0xee;
+    bytes[0x11..0x16].copy_from_slice(&rel32(0xe9, 0x6011, 0x6030));
+    bytes[0x20] = 0xc3;
+    bytes[0x30..0x32].copy_from_slice(&[0xff, 0xe0]);
+    bytes[0x40..0x42].copy_from_slice(OUT_80_AL);
+    bytes[0x42] = 0xf4;
+    let mut src = Pieces::new();
+    src.add(0x6000, &bytes);
+    src.add_thunk(0x6020, source::Thunk::Return);
+    src.add_thunk(0x6030, source::Thunk::Indirect(crate::ir::RAX));
+    // Known at the sites (the JMPs), as the AOT pass records them.
+    src.add_target(0x6001, 0x6010);
+    src.add_target(0x6011, 0x6040);
+    let policy = ExitPolicy::default();
+    let t = translate_region(
+        &mut src,
+        0x6000,
+        Bitness::B64,
+        &policy,
+        &TranslatorConfig::default(),
+    )
+    .unwrap();
+    let c = &t.cluster;
+    crate::ir::validate(c).unwrap();
+    assert_eq!(c.exiting_count(), 4, "IN, OUT, OUT 0x80, HLT");
+    let ret = c.insns.iter().position(|i| i.rip == 0x6020).unwrap();
+    assert_eq!(
+        c.guards_of(ret).map(|g| g.expect).collect::<Vec<_>>(),
+        [0x6010]
+    );
+    let jmp = c.insns.iter().position(|i| i.rip == 0x6030).unwrap();
+    assert_eq!(
+        c.guards_of(jmp).map(|g| g.expect).collect::<Vec<_>>(),
+        [0x6040]
+    );
+}
