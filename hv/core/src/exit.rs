@@ -396,22 +396,25 @@ impl ExitHandler {
         // run the rest of that translation from there. A backend sees only some
         // exits (KVM handles CPUID and CR moves itself), so a cluster whose first
         // instruction never exits to the handler is still entered at its next one.
-        if let Some(start) = self.containing_exit(rip) {
-            return Next::RunCluster { start };
-        }
+        // In dynamic modes a RIP that keeps exiting there gets its own translation
+        // at its third exit all the same: the tail of another region (a callee's
+        // copy, say, returning to that region's caller) may gain little from here.
+        let inside = self
+            .containing_exit(rip)
+            .map(|start| Next::RunCluster { start });
         if !self.mode.uses_dynamic() {
-            return Next::Resume;
+            return inside.unwrap_or(Next::Resume);
         }
         let state = guest.state();
         let mut bytes = [0u8; 15];
         let n = fetch_code(guest, &state, rip, &mut bytes);
         if n == 0 {
-            return Next::Resume;
+            return inside.unwrap_or(Next::Resume);
         }
         let len = seam::insn_len(&bytes[..n], bitness_of(&state), rip).unwrap_or(n);
         let obs = self.tracker.observe(rip, &bytes[..len.min(n)]);
         if !obs.translate {
-            return Next::Resume;
+            return inside.unwrap_or(Next::Resume);
         }
         let t0 = self.clock.map(|c| c());
         let built = self.build(rip, &state, guest);
@@ -427,12 +430,12 @@ impl ExitHandler {
                     Next::RunCluster { start }
                 } else {
                     self.stats.translation_failures += 1;
-                    Next::Resume
+                    inside.unwrap_or(Next::Resume)
                 }
             }
             None => {
                 self.stats.translation_failures += 1;
-                Next::Resume
+                inside.unwrap_or(Next::Resume)
             }
         }
     }

@@ -220,3 +220,36 @@ fn mode_names_round_trip() {
     assert!(Mode::AotDynamic.uses_aot() && Mode::AotDynamic.uses_dynamic());
     assert!(!Mode::Off.uses_aot() && !Mode::Off.uses_dynamic());
 }
+
+#[test]
+fn a_rip_that_keeps_exiting_inside_a_translation_gets_its_own_in_dynamic_modes() {
+    let policy = ExitPolicy::default();
+    let mut g = guest();
+    let out = Exit::PortIo {
+        port: 0x3f8,
+        size: 1,
+        write: true,
+        value: 0x41,
+    };
+    for (mode, own) in [(Mode::AotDynamic, true), (Mode::Aot, false)] {
+        let mut h = ExitHandler::new(mode, policy.clone());
+        h.load_translations(set_for(&mut g, [2; 32], &policy), &[2; 32])
+            .unwrap();
+        // The first OUT (0x1003) is inside the loaded translation entered at 0x1000.
+        for _ in 0..2 {
+            assert_eq!(
+                h.handle(&out, 0x1003, &mut g).next,
+                Next::RunCluster { start: 0x1000 }
+            );
+        }
+        // Its third exit there: a translation of its own in aot+dynamic.
+        let third = h.handle(&out, 0x1003, &mut g).next;
+        if own {
+            assert_eq!(third, Next::RunCluster { start: 0x1003 });
+            assert_eq!(h.stats().translations_built, 1);
+        } else {
+            assert_eq!(third, Next::RunCluster { start: 0x1000 });
+            assert_eq!(h.stats().translations_built, 0);
+        }
+    }
+}
