@@ -452,6 +452,7 @@ impl ExitHandler {
             guest,
             state,
             learned: &self.learned,
+            entry: rip,
         };
         match translator::translate_region(
             &mut src,
@@ -525,7 +526,7 @@ impl ExitHandler {
             Bitness::B64 => ((to as i64) << 16 >> 16) as u64 == to,
             _ => to <= u64::from(state.segment(crate::ir::Seg::Cs).limit),
         };
-        if !reachable || !self.learned.learn(at, to) {
+        if !reachable || !self.learned.learn(start, at, to) {
             return;
         }
         self.stats.indirect_targets_learned += 1;

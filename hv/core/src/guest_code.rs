@@ -22,17 +22,21 @@ pub const MAX_TARGETS_PER_SITE: usize = 4;
 /// hypervisor translate the same region again and again.
 pub const MAX_LEARNED_PER_SITE: u32 = 16;
 
-/// Destinations seen at run time, by the RIP of the branch or RET.
+/// Destinations seen at run time, by the region they were seen in (its entry) and
+/// the RIP of the branch or RET. Per region, because one RET serves many
+/// functions: Linux returns through one `__x86_return_thunk`, whose RET goes back
+/// to every caller in the kernel, while in the region of one driver function it
+/// goes back to that function's few callers.
 #[derive(Clone, Debug, Default)]
 pub struct LearnedTargets {
-    map: BTreeMap<u64, (Vec<u64>, u32)>,
+    map: BTreeMap<(u64, u64), (Vec<u64>, u32)>,
 }
 
 impl LearnedTargets {
     /// Records that the instruction at `at` went to `to`. True if that is new and
     /// kept (the site has learned fewer than [`MAX_LEARNED_PER_SITE`]).
-    pub fn learn(&mut self, at: u64, to: u64) -> bool {
-        let (list, learned) = self.map.entry(at).or_default();
+    pub fn learn(&mut self, entry: u64, at: u64, to: u64) -> bool {
+        let (list, learned) = self.map.entry((entry, at)).or_default();
         if list.contains(&to) || *learned >= MAX_LEARNED_PER_SITE {
             return false;
         }
@@ -44,9 +48,12 @@ impl LearnedTargets {
         true
     }
 
-    /// What is known for the instruction at `at`, oldest first.
-    pub fn of(&self, at: u64) -> &[u64] {
-        self.map.get(&at).map_or(&[], |(v, _)| v.as_slice())
+    /// What is known for the instruction at `at` in the region entered at `entry`,
+    /// oldest first.
+    pub fn of(&self, entry: u64, at: u64) -> &[u64] {
+        self.map
+            .get(&(entry, at))
+            .map_or(&[], |(v, _)| v.as_slice())
     }
 
     /// Sites with at least one destination.
@@ -60,6 +67,8 @@ pub struct GuestCode<'a, G: Guest + ?Sized> {
     pub guest: &'a mut G,
     pub state: &'a CpuState,
     pub learned: &'a LearnedTargets,
+    /// The entry of the region being translated.
+    pub entry: u64,
 }
 
 impl<G: Guest + ?Sized> CodeSource for GuestCode<'_, G> {
@@ -68,7 +77,7 @@ impl<G: Guest + ?Sized> CodeSource for GuestCode<'_, G> {
     }
 
     fn indirect_targets(&self, at: u64) -> &[u64] {
-        self.learned.of(at)
+        self.learned.of(self.entry, at)
     }
 }
 
