@@ -175,6 +175,10 @@ pub struct ExitHandler {
     /// Where indirect branches and returns of clusters went when no guard expected
     /// it: the next translation accepts these.
     learned: LearnedTargets,
+    /// The exit RIP when the last cluster was entered inside another translation
+    /// (not at its entry), and the RIPs where such a run absorbed no exit.
+    entered_inside: Option<u64>,
+    poor_tails: alloc::collections::BTreeSet<u64>,
     /// Entries of AOT translations that ran at least once.
     aot_ran: alloc::collections::BTreeSet<u64>,
     /// The reason of the exit counted last: the one `next_after` is asked about.
@@ -210,6 +214,8 @@ impl ExitHandler {
             maxphyaddr: None,
             learned: LearnedTargets::default(),
             aot_ran: Default::default(),
+            entered_inside: None,
+            poor_tails: Default::default(),
             last_reason: None,
         }
     }
@@ -396,12 +402,16 @@ impl ExitHandler {
         // run the rest of that translation from there. A backend sees only some
         // exits (KVM handles CPUID and CR moves itself), so a cluster whose first
         // instruction never exits to the handler is still entered at its next one.
-        // In dynamic modes a RIP that keeps exiting there gets its own translation
-        // at its third exit all the same: the tail of another region (a callee's
-        // copy, say, returning to that region's caller) may gain little from here.
+        // In dynamic modes a RIP whose runs of that tail absorbed no exit (the tail
+        // of a callee's copy, say, returning to another region's caller) is
+        // treated as uncovered: it gets its own translation at its third exit.
         let inside = self
             .containing_exit(rip)
             .map(|start| Next::RunCluster { start });
+        if inside.is_some() && !self.poor_tails.contains(&rip) {
+            self.entered_inside = Some(rip);
+            return inside.unwrap_or(Next::Resume);
+        }
         if !self.mode.uses_dynamic() {
             return inside.unwrap_or(Next::Resume);
         }
@@ -551,6 +561,7 @@ impl ExitHandler {
         let maxphyaddr = *self
             .maxphyaddr
             .get_or_insert_with(|| guest.cpu_caps().maxphyaddr);
+        let entered_inside = self.entered_inside.take();
         let Some(entry) = self.cache.lookup(start) else {
             let rip = guest.state().rip;
             return ClusterEnd {
@@ -618,6 +629,11 @@ impl ExitHandler {
         let early = EarlyStop::of(&out.reason);
         if let Some(why) = early {
             self.stats.count_early_stop(why);
+        }
+        if let Some(at) = entered_inside {
+            if exiting == 0 && self.mode.uses_dynamic() {
+                self.poor_tails.insert(at);
+            }
         }
         ClusterEnd {
             rip: out.rip(),

@@ -222,34 +222,60 @@ fn mode_names_round_trip() {
 }
 
 #[test]
-fn a_rip_that_keeps_exiting_inside_a_translation_gets_its_own_in_dynamic_modes() {
+fn a_rip_whose_runs_inside_another_translation_gain_nothing_gets_its_own() {
     let policy = ExitPolicy::default();
-    let mut g = guest();
     let out = Exit::PortIo {
         port: 0x3f8,
         size: 1,
         write: true,
         value: 0x41,
     };
+    // 0x3000 in al,dx ; out dx,al ; nop ; hlt: entered at the IN. A run from the
+    // OUT (0x3001) inside it stops at the HLT having absorbed no exit.
+    let code = [0xec, 0xee, 0x90, 0xf4];
+    let region = crate::translator::translate(
+        &code,
+        0x3000,
+        Bitness::B32,
+        &policy,
+        &crate::translator::TranslatorConfig::default(),
+    )
+    .unwrap();
     for (mode, own) in [(Mode::AotDynamic, true), (Mode::Aot, false)] {
+        let mut g = guest();
+        g.write_bytes(0x3000, &code);
         let mut h = ExitHandler::new(mode, policy.clone());
-        h.load_translations(set_for(&mut g, [2; 32], &policy), &[2; 32])
-            .unwrap();
-        // The first OUT (0x1003) is inside the loaded translation entered at 0x1000.
-        for _ in 0..2 {
-            assert_eq!(
-                h.handle(&out, 0x1003, &mut g).next,
-                Next::RunCluster { start: 0x1000 }
-            );
+        h.cache_mut().insert(region.clone(), Origin::Aot).unwrap();
+        let mut next = Next::Resume;
+        for _ in 0..4 {
+            next = h.handle(&out, 0x3001, &mut g).next;
+            if next == (Next::RunCluster { start: 0x3000 }) {
+                g.state.rip = 0x3002;
+                let end = h.run_cluster(0x3000, &mut g);
+                assert_eq!(end.exiting, 0, "{end}");
+            }
         }
-        // Its third exit there: a translation of its own in aot+dynamic.
-        let third = h.handle(&out, 0x1003, &mut g).next;
         if own {
-            assert_eq!(third, Next::RunCluster { start: 0x1003 });
+            assert_eq!(next, Next::RunCluster { start: 0x3001 });
             assert_eq!(h.stats().translations_built, 1);
         } else {
-            assert_eq!(third, Next::RunCluster { start: 0x1000 });
+            assert_eq!(next, Next::RunCluster { start: 0x3000 });
             assert_eq!(h.stats().translations_built, 0);
         }
     }
+    // A tail that absorbs exits keeps being used: from the first OUT of the
+    // loaded translation (0x1003), it runs the second.
+    let mut g = guest();
+    let mut h = ExitHandler::new(Mode::AotDynamic, policy.clone());
+    h.load_translations(set_for(&mut g, [2; 32], &policy), &[2; 32])
+        .unwrap();
+    for _ in 0..4 {
+        assert_eq!(
+            h.handle(&out, 0x1003, &mut g).next,
+            Next::RunCluster { start: 0x1000 }
+        );
+        g.state.rip = 0x1004;
+        assert_eq!(h.run_cluster(0x1000, &mut g).exiting, 1);
+    }
+    assert_eq!(h.stats().translations_built, 0);
 }
