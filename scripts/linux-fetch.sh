@@ -92,10 +92,6 @@ extract_vmlinux() {
     return 1
 }
 
-# Debian's vmlinux carries no symbols; its System.map names exit sites in reports.
-map=$(ls pkg/boot/System.map-* 2>/dev/null | head -n1 || true)
-[ -n "$map" ] && [ ! -s System.map ] && cp "$map" System.map
-
 if [ ! -s vmlinux ] || ! is_elf vmlinux; then
     extract_vmlinux "$vmlinuz" vmlinux.tmp || die "no compressed ELF payload found in $vmlinuz"
     mv vmlinux.tmp vmlinux
@@ -115,5 +111,4 @@ fi
 
 echo "kernel_pkg=$pkg"
 echo "vmlinux=$work/vmlinux"
-[ -s System.map ] && echo "system_map=$work/System.map"
 echo "busybox=$work/busybox/bin/busybox"

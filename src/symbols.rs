@@ -1,7 +1,7 @@
 //! Names for guest addresses in reports: the guest ELF's own code symbols, or a
-//! `System.map` (a stock distribution vmlinux carries none of its own; Debian ships
-//! the map beside the kernel, and `scripts/linux-fetch.sh` puts it next to the
-//! vmlinux it extracts).
+//! `System.map` (a stock distribution vmlinux carries none of its own; Debian's
+//! `/boot/System.map-*` is a placeholder, the real one is in the
+//! `linux-image-*-dbg` package).
 
 use std::path::Path;
 
