@@ -1450,3 +1450,51 @@ fn thunks_go_where_the_site_that_entered_them_goes() {
         [0x6040]
     );
 }
+
+#[test]
+fn a_retpoline_returns_where_its_rewritten_return_address_was_seen_to_go() {
+    // 0x7000 in al,dx ; call RP ; out dx,al        (an indirect call through a
+    //                                                retpoline, as Linux compiles it)
+    // 0x7010 RP: call 1f ; pause ; jmp RP+5 ; 1: mov [rsp],rax ; ret
+    // 0x7040 out 0x80,al ; ret                      (where %rax points)
+    let mut bytes = vec![0x90u8; 0x50];
+    bytes[0] = 0xec;
+    bytes[1..6].copy_from_slice(&rel32(0xe8, 0x7001, 0x7010));
+    bytes[6] = 0xee;
+    // RP at 0x7010: call 0x7019 ; pause ; jmp 0x7015 ; mov [rsp],rax ; ret
+    bytes[0x10..0x15].copy_from_slice(&rel32(0xe8, 0x7010, 0x7019));
+    bytes[0x15..0x17].copy_from_slice(&[0xf3, 0x90]);
+    bytes[0x17..0x19].copy_from_slice(&[0xeb, 0xfc]);
+    bytes[0x19..0x1d].copy_from_slice(&[0x48, 0x89, 0x04, 0x24]);
+    bytes[0x1d] = 0xc3;
+    bytes[0x40..0x42].copy_from_slice(OUT_80_AL);
+    bytes[0x42] = 0xc3;
+    let policy = ExitPolicy::default();
+    let config = TranslatorConfig::default();
+    let mut src = Pieces::new();
+    src.add(0x7000, &bytes);
+    // Without knowledge the retpoline's RET goes only to its own CALL's return
+    // address (a trap loop): nothing past it.
+    let t = translate_region(&mut src, 0x7000, Bitness::B64, &policy, &config);
+    assert!(t.map_or(true, |t| t.cluster.exiting_count() == 1));
+    // Seen going to 0x7040 (what the guard reports at run time): taken in, and
+    // its RET returns to the first CALL's continuation.
+    src.add_target(0x701d, 0x7040);
+    let t = translate_region(&mut src, 0x7000, Bitness::B64, &policy, &config).unwrap();
+    let c = &t.cluster;
+    crate::ir::validate(c).unwrap();
+    // IN, OUT 0x80 through the retpoline, the OUT after the call (and the trap
+    // loop's PAUSE, which exits under this policy).
+    assert!(c
+        .insns
+        .iter()
+        .any(|i| i.rip == 0x7040 && i.exit_class.is_some()));
+    assert!(c
+        .insns
+        .iter()
+        .any(|i| i.rip == 0x7006 && i.exit_class.is_some()));
+    let ret = c.insns.iter().position(|i| i.rip == 0x701d).unwrap();
+    assert!(c
+        .guards_of(ret)
+        .any(|g| g.expect == 0x7040 && matches!(g.target, Target::Insn(_))));
+}
