@@ -2,10 +2,7 @@
 
 pub use avex_core::ir::Cluster;
 pub use avex_core::policy::{exit_class_of, ExitClass, ExitPolicy, VmcsControl};
-pub use avex_core::translator::{
-    shape, translate, translate_in, translate_region, NoCluster, Shape, Translated,
-    TranslatorConfig,
-};
+pub use avex_core::translator::{shape, translate_region, NoCluster, Shape, TranslatorConfig};
 
 pub fn class_name(c: ExitClass) -> &'static str {
     c.name()

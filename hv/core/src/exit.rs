@@ -533,7 +533,7 @@ impl ExitHandler {
         // CS limit, or not canonical) is no target, and must not take one of the
         // site's few slots.
         let reachable = match bitness_of(&state) {
-            Bitness::B64 => ((to as i64) << 16 >> 16) as u64 == to,
+            Bitness::B64 => engine::cr::canonical(to, 48),
             _ => to <= u64::from(state.segment(crate::ir::Seg::Cs).limit),
         };
         if !reachable || !self.learned.learn(start, at, to) {

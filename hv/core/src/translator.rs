@@ -83,15 +83,6 @@ pub struct TranslatorConfig {
     pub end_after_cr3_load: bool,
 }
 
-impl TranslatorConfig {
-    /// Guest code bytes before an exiting instruction that callers handing the
-    /// translator one slice ([`translate_in`]) include, so that a loop head just
-    /// before the site is in reach.
-    pub fn loop_head_context_bytes(&self) -> u64 {
-        (limits::MAX_LOOP_HEAD_INSNS as u64) * u64::from(limits::MAX_INSN_LEN)
-    }
-}
-
 impl Default for TranslatorConfig {
     fn default() -> Self {
         TranslatorConfig {

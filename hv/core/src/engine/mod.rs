@@ -305,5 +305,5 @@ fn write_gpr(g: &mut u64, size: Size, v: u64) {
 
 #[inline(always)]
 fn canonical(a: u64) -> bool {
-    ((a as i64) << 16 >> 16) as u64 == a
+    cr::canonical(a, 48)
 }
