@@ -318,18 +318,10 @@ impl Explorer<'_> {
                 let mut outer = self.contexts[ctx].clone();
                 outer.via = None;
                 match outer.frames.pop() {
-                    // Returning from a call the region made: to its return address,
-                    // and to any other destination seen here. A retpoline
-                    // (`call 1f; ...; 1: mov %rax,(%rsp); ret`) rewrites the
-                    // address its own CALL pushed, so its RET goes where %rax
-                    // says: the guard learns that like any other destination.
+                    // Returning from a call the region made: to its return address.
                     Some((_, ret)) => {
                         let outer = self.context(outer);
                         out.push((ret, outer, Some(ret), false));
-                        let seen: Vec<u64> = self.src.indirect_targets(site).to_vec();
-                        for t in seen.into_iter().filter(|&t| t != ret) {
-                            out.push((t, outer, Some(t), false));
-                        }
                     }
                     // Returning from the function the region was entered in: to the
                     // return addresses seen or resolved for this RET.
