@@ -19,29 +19,47 @@ pub struct CGuest {
     pub name: &'static str,
     pub opt: &'static str,
     pub sources: &'static [&'static str],
+    /// gcc flags this guest adds to [`CFLAGS`].
+    pub flags: &'static [&'static str],
 }
 
 /// The C guests, in the order `src/guests.rs` lists them.
-pub const C_GUESTS: [CGuest; 4] = [
+pub const C_GUESTS: [CGuest; 5] = [
     CGuest {
         name: "c8250",
         opt: "-O2",
         sources: &["c8250.c"],
+        flags: &[],
     },
     CGuest {
         name: "c8250-os",
         opt: "-Os",
         sources: &["c8250.c"],
+        flags: &[],
+    },
+    // As a distribution kernel runs: every indirect call through a retpoline,
+    // every return through a return thunk.
+    CGuest {
+        name: "c8250-retpoline",
+        opt: "-O2",
+        sources: &["c8250.c", "lib/thunks.S"],
+        flags: &[
+            "-mindirect-branch=thunk-extern",
+            "-mfunction-return=thunk-extern",
+            "-mindirect-branch-register",
+        ],
     },
     CGuest {
         name: "cpci",
         opt: "-O2",
         sources: &["cpci.c", "drivers/pci_direct.c", "drivers/pci_access.c"],
+        flags: &[],
     },
     CGuest {
         name: "crtc",
         opt: "-O2",
         sources: &["crtc.c", "drivers/rtc_cmos.c", "drivers/mc146818.c"],
+        flags: &[],
     },
 ];
 
@@ -118,6 +136,7 @@ pub fn build(root: &Path, out: &Path) -> String {
                 .current_dir(&dir)
                 .arg(g.opt)
                 .args(CFLAGS)
+                .args(g.flags)
                 .arg(format!("-T{}", script.display()))
                 .arg("-o")
                 .arg(&elf)

@@ -29,7 +29,7 @@ macro_rules! guest {
 /// How many of [`BUNDLED`] are Rust guests; the C guests follow them.
 const RUST_GUESTS: usize = 6;
 
-static BUNDLED: [BundledGuest; 10] = [
+static BUNDLED: [BundledGuest; 11] = [
     guest!(
         "console",
         "16550 UART probe and init, then a few KiB written with LSR (THRE) polling per byte"
@@ -60,6 +60,11 @@ static BUNDLED: [BundledGuest; 10] = [
          putchar callback, bounded LSR wait, IER saved/restored), 256 printk lines"
     ),
     guest!("c8250-os", "c8250 built with gcc -Os"),
+    guest!(
+        "c8250-retpoline",
+        "c8250 built as distribution kernels are: indirect calls through retpolines, \
+         returns through a return thunk"
+    ),
     guest!(
         "cpci",
         "C, gcc -O2: Linux-shaped PCI probe (type 1 through raw_pci_ops, bus 0 scan, \

@@ -102,7 +102,7 @@ fn every_bundled_guest_prints_the_same_in_every_mode_with_fewer_exits() {
                 }
                 Mode::AotDynamic => {
                     assert!(
-                        s.exits() < exits_off,
+                        support::clusters_cut_enough(name, exits_off, s.exits()),
                         "{name}: aot+dynamic took {} exits, off {exits_off}",
                         s.exits()
                     );

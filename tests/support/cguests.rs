@@ -6,9 +6,9 @@
 /// AOT pass knows no destination for them, so no AOT cluster forms; the regions
 /// the hypervisor builds and the destinations its guards learn cluster them. Tests
 /// require fewer exits with clusters for every guest, AOT clusters for the others.
-pub const RUN_TIME_DESTINATIONS: [&str; 2] = ["c8250", "c8250-os"];
+pub const RUN_TIME_DESTINATIONS: [&str; 3] = ["c8250", "c8250-os", "c8250-retpoline"];
 
-/// The bytes `c8250` (and `c8250-os`) send on COM1 on any platform whose UART
+/// The bytes `c8250` (and `c8250-os`, `c8250-retpoline`) send on COM1 on any platform whose UART
 /// autoconfigures as a 16550A, `\n` sent as `\r\n` as the 8250 console does.
 pub fn c8250_output() -> Vec<u8> {
     let mut text =
