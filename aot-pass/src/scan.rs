@@ -82,9 +82,7 @@ pub enum BranchKind {
     CallSlot(u64),
 }
 
-/// The first bytes of the thunks `crate::targets` recognises (RET, CALL rel32,
-/// JMP r/m, REX.B JMP r/m, LFENCE).
-pub const THUNK_FIRST_BYTES: [u8; 5] = [0xc3, 0xe8, 0xff, 0x41, 0x0f];
+use avex_core::translator::THUNK_FIRST_BYTES;
 
 const CALL: u8 = 0;
 const JMP: u8 = 1;

@@ -2,7 +2,7 @@
 //! through [`Pieces`] (every executable section of one address space, so a region
 //! can follow calls into other functions and sections):
 //!
-//! - thunks ([`resolve_thunk`]): Linux's `__x86_indirect_thunk_<reg>` (a call or
+//! - thunks (`avex_core::translator::resolve_thunk`): Linux's `__x86_indirect_thunk_<reg>` (a call or
 //!   jump to it is an indirect call or jump through `<reg>`) and
 //!   `__x86_return_thunk` (a jump to it is a RET), by symbol name or by their bytes
 //!   (a stripped vmlinux has no symbols);
@@ -25,10 +25,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use avex_core::ir::{Bitness, GprIndex};
 pub use avex_core::translator::source::Thunk;
-use avex_core::translator::Pieces;
-use iced_x86::{
-    Code, Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind, Register,
-};
+use avex_core::translator::{resolve_thunk, Pieces};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -72,94 +69,6 @@ impl<'a> Knowledge<'a> {
     pub fn source(&self, space: usize) -> Option<&Pieces<'a>> {
         self.spaces.get(&space)
     }
-}
-
-/// The GPR number of a 16/32/64-bit general-purpose register.
-fn gpr(r: Register) -> Option<GprIndex> {
-    let full = r.full_register();
-    if full.is_gpr64() {
-        Some((full as u32 - Register::RAX as u32) as GprIndex)
-    } else {
-        None
-    }
-}
-
-fn decode_at(pieces: &Pieces<'_>, addr: u64, bitness: Bitness, out: &mut Instruction) -> bool {
-    let mut buf = [0u8; 15];
-    let n = pieces.read_at(addr, &mut buf);
-    if n == 0 {
-        return false;
-    }
-    let mut d = Decoder::with_ip(bitness.bits(), &buf[..n], addr, DecoderOptions::NONE);
-    d.decode_out(out);
-    !out.is_invalid()
-}
-
-fn is_ret(ins: &Instruction) -> bool {
-    matches!(ins.code(), Code::Retnq | Code::Retnd | Code::Retnw)
-}
-
-/// What a CALL or JMP to `addr` does when the code there is a thunk, by its bytes:
-/// `ret` (a return thunk); `jmp *%reg` or `lfence; jmp *%reg` (an indirect thunk
-/// patched, or built for lfence retpolines); or the retpoline
-/// `call 1f; <trap>; 1: mov %reg, (%rsp); ret` (its `ret` may itself be a jump to a
-/// return thunk): the inner call's return address is overwritten with %reg and
-/// popped, leaving the outer call's. Each is, for the caller, exactly the indirect branch or return it
-/// stands for.
-pub fn resolve_thunk(pieces: &Pieces<'_>, addr: u64, bitness: Bitness) -> Option<Thunk> {
-    let mut ins = Instruction::default();
-    if !decode_at(pieces, addr, bitness, &mut ins) {
-        return None;
-    }
-    if is_ret(&ins) {
-        return Some(Thunk::Return);
-    }
-    let jmp_reg = |ins: &Instruction| {
-        (matches!(ins.code(), Code::Jmp_rm64 | Code::Jmp_rm32)
-            && ins.op0_kind() == OpKind::Register)
-            .then(|| gpr(ins.op0_register()))
-            .flatten()
-            .filter(|&r| r != avex_core::ir::RSP)
-    };
-    if let Some(r) = jmp_reg(&ins) {
-        return Some(Thunk::Indirect(r));
-    }
-    if ins.mnemonic() == Mnemonic::Lfence {
-        let next = ins.next_ip();
-        if decode_at(pieces, next, bitness, &mut ins) {
-            return jmp_reg(&ins).map(Thunk::Indirect);
-        }
-        return None;
-    }
-    // The retpoline.
-    if ins.flow_control() != FlowControl::Call || ins.is_call_far() {
-        return None;
-    }
-    // Where the inner call lands; what lies between (a speculation trap: `int3`,
-    // or `pause; lfence; jmp`) never runs.
-    let rop = ins.near_branch_target();
-    if !decode_at(pieces, rop, bitness, &mut ins) {
-        return None;
-    }
-    let sp_store = matches!(ins.code(), Code::Mov_rm64_r64 | Code::Mov_rm32_r32)
-        && ins.op0_kind() == OpKind::Memory
-        && matches!(ins.memory_base(), Register::RSP | Register::ESP)
-        && ins.memory_index() == Register::None
-        && ins.memory_displacement64() == 0
-        && ins.segment_prefix() == Register::None;
-    let reg = gpr(ins.op1_register()).filter(|&r| r != avex_core::ir::RSP);
-    let (true, Some(reg)) = (sp_store, reg) else {
-        return None;
-    };
-    if !decode_at(pieces, ins.next_ip(), bitness, &mut ins) {
-        return None;
-    }
-    let returns = is_ret(&ins)
-        || (ins.flow_control() == FlowControl::UnconditionalBranch
-            && !ins.is_jmp_far()
-            && decode_at(pieces, ins.near_branch_target(), bitness, &mut ins)
-            && is_ret(&ins));
-    returns.then_some(Thunk::Indirect(reg))
 }
 
 /// A thunk by its Linux symbol name.
@@ -259,11 +168,11 @@ struct Calls<'e> {
     func_syms: Vec<&'e crate::elf::CodeSym>,
 }
 
-/// Whether the code at `addr` can start a thunk [`resolve_thunk`] recognises (its
+/// Whether the code at `addr` can start a thunk `resolve_thunk` recognises (its
 /// first byte), to decode only those.
 fn may_be_thunk(pieces: &Pieces<'_>, addr: u64) -> bool {
     let mut b = [0u8; 1];
-    pieces.read_at(addr, &mut b) == 1 && crate::scan::THUNK_FIRST_BYTES.contains(&b[0])
+    pieces.read_at(addr, &mut b) == 1 && avex_core::translator::THUNK_FIRST_BYTES.contains(&b[0])
 }
 
 fn calls_of<'e>(
@@ -345,7 +254,7 @@ fn thunks_of(
     let by_bytes: Vec<(u64, Thunk)> = candidates
         .par_iter()
         .filter(|a| !thunks.contains_key(a) && may_be_thunk(pieces, **a))
-        .filter_map(|&a| Some((a, resolve_thunk(pieces, a, s.bitness_at(a)?)?)))
+        .filter_map(|&a| Some((a, resolve_thunk(&mut { pieces }, a, s.bitness_at(a)?)?)))
         .collect();
     thunks.extend(by_bytes);
     thunks
@@ -606,7 +515,7 @@ mod tests {
     fn thunk_of(code: &[u8], at: u64) -> Option<Thunk> {
         let mut p = Pieces::new();
         p.add(BASE, code);
-        resolve_thunk(&p, at, Bitness::B64)
+        resolve_thunk(&mut &p, at, Bitness::B64)
     }
 
     #[test]

@@ -406,6 +406,7 @@ fn call_region() -> Cluster {
                 target: Target::Insn(10),
             },
         ],
+        learn_sites: Vec::new(),
     };
     assert_eq!(validate(&c), Ok(()));
     c

@@ -259,6 +259,11 @@ impl ExitHandler {
     pub fn stats_mut(&mut self) -> &mut ExitStats {
         &mut self.stats
     }
+    /// The destinations guards have learned, by region entry and site.
+    pub fn learned(&self) -> &crate::guest_code::LearnedTargets {
+        &self.learned
+    }
+
     pub fn cache(&self) -> &TranslationCache {
         &self.cache
     }
@@ -596,6 +601,13 @@ impl ExitHandler {
             maxphyaddr,
         };
         let out = engine::run(cluster, guest, index, &limits);
+        // Inside a thunk, a missed destination belongs to the site that entered it.
+        let miss = match out.reason {
+            engine::StopReason::GuardMiss { to, insn } => {
+                Some((cluster.learn_site(insn.into()).unwrap_or(out.rip()), to))
+            }
+            _ => None,
+        };
         if origin == Origin::Aot
             && !matches!(out.reason, engine::StopReason::CodeChanged)
             && self.aot_ran.insert(start)
@@ -623,8 +635,8 @@ impl ExitHandler {
         }
         let insns = out.insns();
         self.stats.cluster_insns += insns;
-        if let engine::StopReason::GuardMiss { to } = out.reason {
-            self.learn_target(start, out.rip(), to, guest);
+        if let Some((at, to)) = miss {
+            self.learn_target(start, at, to, guest);
         }
         let early = EarlyStop::of(&out.reason);
         if let Some(why) = early {

@@ -46,7 +46,7 @@ use crate::ir::Cluster;
 /// First 8 bytes of every translation set.
 pub const MAGIC: [u8; 8] = *b"AVEXTRN\0";
 /// The format version this code writes and reads.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Size of the fixed part of the header.
 pub const FIXED_HEADER_LEN: usize = 160;
 /// Longest guest name accepted.

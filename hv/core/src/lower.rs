@@ -492,7 +492,7 @@ fn gpr(reg: Register) -> Option<RegRef> {
 }
 
 /// The hardware number of the 64-bit register a GPR belongs to (AH -> 0, SIL -> 6).
-fn gpr_index(reg: Register) -> Option<GprIndex> {
+pub(crate) fn gpr_index(reg: Register) -> Option<GprIndex> {
     if !reg.is_gpr() {
         return None;
     }

@@ -447,6 +447,16 @@ fn cluster() -> BoxedStrategy<Cluster> {
                     }
                 }
                 back_edges.sort_by_key(|b| b.insn);
+                // Every other guarded instruction as if inside a thunk entered from
+                // a site of its own.
+                let learn_sites = guarded
+                    .iter()
+                    .step_by(2)
+                    .map(|&insn| LearnSite {
+                        insn,
+                        site: 0x5000 + u64::from(insn),
+                    })
+                    .collect();
                 let mut x = seed;
                 let code = ranges
                     .into_iter()
@@ -468,6 +478,7 @@ fn cluster() -> BoxedStrategy<Cluster> {
                     insns,
                     back_edges,
                     guards,
+                    learn_sites,
                 }
             },
         )
@@ -727,16 +738,17 @@ fn bad_magic() {
 #[test]
 fn unsupported_version() {
     let mut b = encode(&good_set());
-    b[8..10].copy_from_slice(&3u16.to_le_bytes());
+    let other = VERSION + 1;
+    b[8..10].copy_from_slice(&other.to_le_bytes());
     let e = decode(&b).unwrap_err();
     assert_eq!(
         e,
         FormatError::UnsupportedVersion {
-            found: 3,
+            found: other,
             supported: VERSION
         }
     );
-    assert!(e.to_string().contains("version 3"));
+    assert!(e.to_string().contains(&format!("version {other}")));
     // Version 1 (contiguous clusters, before regions over the control-flow graph)
     // is refused too: its clusters do not decode as version 2's.
     b[8..10].copy_from_slice(&1u16.to_le_bytes());

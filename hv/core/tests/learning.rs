@@ -113,6 +113,7 @@ fn region() -> Cluster {
                 target: Target::Insn(5),
             },
         ],
+        learn_sites: vec![],
     };
     validate(&c).unwrap();
     c
@@ -303,4 +304,38 @@ fn a_rebuild_that_fails_is_counted_as_a_translation_failure() {
         s.translation_failures_by_reason.values().sum::<u64>(),
         s.translation_failures
     );
+}
+
+#[test]
+fn a_destination_missed_inside_a_thunk_is_learned_at_the_site_that_entered_it() {
+    // The CALL as if it were a retpoline's RET entered from a CALL at 0x0ff0: one
+    // thunk serves every call site, so what it learns belongs to the site.
+    let mut c = region();
+    c.learn_sites = vec![LearnSite {
+        insn: 2,
+        site: 0x0ff0,
+    }];
+    validate(&c).unwrap();
+    let mut h = ExitHandler::new(Mode::Dynamic, ExitPolicy::default());
+    h.cache_mut().insert(c, Origin::Dynamic).unwrap();
+    let mut g = guest();
+    g.state.gpr[RBX as usize] = 0x1020;
+    let end = exit_and_run(&mut h, &mut g);
+    assert_eq!(end.rip, 0x1002);
+    assert_eq!(h.stats().indirect_targets_learned, 1);
+    assert_eq!(h.learned().of(0x1000, 0x0ff0), [0x1020]);
+    assert!(h.learned().of(0x1000, 0x1002).is_empty());
+}
+
+#[test]
+fn a_learn_site_must_name_a_guarded_instruction() {
+    let mut c = region();
+    c.learn_sites = vec![LearnSite {
+        insn: 1,
+        site: 0x0ff0,
+    }];
+    assert!(matches!(
+        validate(&c),
+        Err(ClusterError::BadLearnSite { index: 0, .. })
+    ));
 }

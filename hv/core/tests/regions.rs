@@ -126,7 +126,10 @@ fn ret_to_an_address_no_guard_expects_stops_before_the_ret() {
     assert_eq!(
         (out.reason, out.rip, out.index),
         (
-            StopReason::GuardMiss { to: 0x1234_5678 },
+            StopReason::GuardMiss {
+                to: 0x1234_5678,
+                insn: 3
+            },
             CALLEE + 4,
             Some(3)
         )
@@ -149,7 +152,13 @@ fn ret_to_an_address_no_guard_expects_stops_before_the_ret() {
     let out = run_from_entry(&mut g, &c, &RunLimits::default());
     assert_eq!(
         (out.reason, out.rip),
-        (StopReason::GuardMiss { to: CODE_VA + 8 }, CALLEE + 4)
+        (
+            StopReason::GuardMiss {
+                to: CODE_VA + 8,
+                insn: 3
+            },
+            CALLEE + 4
+        )
     );
     out_log(&mut want, 0x80, 0x55);
     push64(&mut want, CODE_VA + 8);
@@ -196,7 +205,10 @@ fn indirect_call_through_a_register_goes_on_through_its_guard() {
     assert_eq!(
         (out.reason, out.rip, out.index),
         (
-            StopReason::GuardMiss { to: CALLEE + 0x40 },
+            StopReason::GuardMiss {
+                to: CALLEE + 0x40,
+                insn: 1
+            },
             CODE_VA + 4,
             Some(1)
         )
@@ -228,7 +240,13 @@ fn indirect_call_through_memory_reads_the_pointer() {
         } else {
             assert_eq!(
                 (out.reason, out.rip),
-                (StopReason::GuardMiss { to: pointer }, CODE_VA + 4)
+                (
+                    StopReason::GuardMiss {
+                        to: pointer,
+                        insn: 1
+                    },
+                    CODE_VA + 4
+                )
             );
             want.state.rip = CODE_VA + 4;
         }
@@ -299,7 +317,7 @@ fn jump_table_dispatch_goes_to_each_guarded_case() {
         } else {
             assert_eq!(
                 (out.reason, out.rip),
-                (StopReason::GuardMiss { to: dest }, a + 4)
+                (StopReason::GuardMiss { to: dest, insn: 1 }, a + 4)
             );
             want.state.rip = a + 4;
         }

@@ -200,7 +200,10 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                 self.check_target(g.target)?;
                 Ok(g.target)
             }
-            None => Err(StopReason::GuardMiss { to }),
+            None => Err(StopReason::GuardMiss {
+                to,
+                insn: at as u16,
+            }),
         }
     }
 

@@ -62,10 +62,10 @@ pub enum StopReason {
     End,
     /// A branch to `Target::Exit`.
     ExitBranch,
-    /// An indirect CALL/JMP or a RET at `rip` read the destination `to`, which no
-    /// guard of the cluster expects; nothing of it done. A natural end: the guest
-    /// runs the instruction natively.
-    GuardMiss { to: u64 },
+    /// An indirect CALL/JMP or a RET at `rip` (instruction `insn` of the cluster)
+    /// read the destination `to`, which no guard of the cluster expects; nothing of
+    /// it done. A natural end: the guest runs the instruction natively.
+    GuardMiss { to: u64, insn: u16 },
     /// Stopped at a HLT: the backend handles it.
     Hlt,
     /// The guest's code differs from `cluster.code` (at the start: nothing

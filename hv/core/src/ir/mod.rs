@@ -559,6 +559,18 @@ pub struct Guard {
     pub target: Target,
 }
 
+/// Where a guarded instruction inside a thunk learns its destinations: the CALL or
+/// JMP that entered the thunk. One return thunk (or one retpoline) serves every
+/// function of a kernel; the destinations of its RET seen through one site are
+/// that site's, so the hypervisor keeps them per site, not per RET.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LearnSite {
+    /// Index of the guarded instruction in `Cluster::insns`.
+    pub insn: u16,
+    /// Guest address of the CALL or JMP that entered the thunk.
+    pub site: u64,
+}
+
 /// A run of guest code the cluster's instructions were decoded from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CodeRange {
@@ -604,6 +616,9 @@ pub struct Cluster {
     pub back_edges: Vec<BackEdge>,
     /// The known destinations of the guarded instructions, sorted by instruction.
     pub guards: Vec<Guard>,
+    /// Guarded instructions reached inside a thunk, sorted by instruction (at most
+    /// one record each): where their destinations are learned.
+    pub learn_sites: Vec<LearnSite>,
 }
 
 impl Cluster {
@@ -622,6 +637,7 @@ impl Cluster {
             insns,
             back_edges,
             guards: Vec::new(),
+            learn_sites: Vec::new(),
         }
     }
 
@@ -668,6 +684,16 @@ impl Cluster {
         self.guards[from..]
             .iter()
             .take_while(move |g| usize::from(g.insn) == insn)
+    }
+
+    /// Where the guarded instruction at `insn` learns its destinations: the site
+    /// that entered the thunk it is in, else its own address.
+    pub fn learn_site(&self, insn: usize) -> Option<u64> {
+        let own = self.insns.get(insn)?.rip;
+        let k = self
+            .learn_sites
+            .binary_search_by_key(&insn, |s| usize::from(s.insn));
+        Some(k.map_or(own, |k| self.learn_sites[k].site))
     }
 
     /// The guest bytes of the instruction at `index`, if its range holds them.

@@ -49,6 +49,8 @@ pub enum ClusterError {
     /// A `Guard` record that is out of range, out of order, not on a guarded
     /// instruction, or whose target is not at its expected address.
     BadGuard { index: usize, reason: &'static str },
+    /// A `learn_sites` record is malformed.
+    BadLearnSite { index: usize, reason: &'static str },
     /// `exit_class` does not match the op.
     ExitClassMismatch { insn: usize },
 }
@@ -92,6 +94,7 @@ impl fmt::Display for ClusterError {
             }
             BadBackEdge { index, reason } => write!(f, "back-edge record {index}: {reason}"),
             BadGuard { index, reason } => write!(f, "guard record {index}: {reason}"),
+            BadLearnSite { index, reason } => write!(f, "learn-site record {index}: {reason}"),
             ExitClassMismatch { insn } => {
                 write!(f, "instruction {insn}: exit class does not match the instruction")
             }
@@ -310,6 +313,21 @@ fn check_guards(c: &Cluster) -> Result<(), ClusterError> {
                 return Err(bad("exit address is not the expected address"));
             }
             Target::Exit(_) => {}
+        }
+    }
+    let mut prev: Option<u16> = None;
+    for (k, l) in c.learn_sites.iter().enumerate() {
+        let bad = |reason| CE::BadLearnSite { index: k, reason };
+        let at = usize::from(l.insn);
+        if at >= n {
+            return Err(bad("instruction index outside the cluster"));
+        }
+        if prev.is_some_and(|p| l.insn <= p) {
+            return Err(bad("records must be sorted by instruction index, one each"));
+        }
+        prev = Some(l.insn);
+        if !c.insns[at].op.is_guarded() {
+            return Err(bad("the instruction is not an indirect CALL/JMP or a RET"));
         }
     }
     Ok(())

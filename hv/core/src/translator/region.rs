@@ -14,7 +14,9 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use super::{decode_at, ends_cluster, CodeSource, NoCluster, Translated, TranslatorConfig};
-use crate::ir::{limits, BackEdge, Bitness, Cluster, CodeRange, Guard, Insn, Op, Target};
+use crate::ir::{
+    limits, BackEdge, Bitness, Cluster, CodeRange, Guard, Insn, LearnSite, Op, Target,
+};
 use crate::lower::lower;
 use crate::policy::{ExitClass, ExitPolicy};
 
@@ -26,14 +28,25 @@ struct Decoded {
     exit_class: Option<ExitClass>,
 }
 
-/// A call context: (callee entry, return address) for each call the region made,
-/// and, inside a thunk (Linux's `__x86_indirect_thunk_<reg>` or return thunk,
+/// A call context: a [`Frame`] for each call the region made, and, inside a thunk
+/// (Linux's `__x86_indirect_thunk_<reg>` or return thunk,
 /// [`super::source::Thunk`]), the address of the CALL or JMP that entered it: the
 /// thunk's indirect JMP or RET goes where that site's destinations say.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 struct Context {
-    frames: Vec<(u64, u64)>,
+    frames: Vec<Frame>,
     via: Option<u64>,
+}
+
+/// A call the region made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Frame {
+    callee: u64,
+    ret: u64,
+    /// The site that entered the thunk this call was made in. A retpoline's inner
+    /// call (`call 1f; ...; 1: mov %reg, (%rsp); ret`) has its return address
+    /// overwritten: its RET goes where the site's destinations say, not to `ret`.
+    thunk_site: Option<u64>,
 }
 
 /// Where an edge of a node leads.
@@ -117,6 +130,9 @@ struct Explorer<'a> {
     /// Distinct instruction addresses held, with their lengths: the code budget.
     spans: BTreeMap<u64, u8>,
     bytes: usize,
+    /// The runs of back-to-back held instructions, start -> end: the code ranges
+    /// the region needs (kept merged, so counting them costs nothing).
+    runs: BTreeMap<u64, u64>,
     /// The first reason a path stopped growing, in exploration order.
     stop: Option<NoCluster>,
 }
@@ -166,29 +182,39 @@ impl Explorer<'_> {
         if self.bytes + usize::from(len) > max_bytes {
             return false;
         }
-        // Ranges are counted as runs of back-to-back instructions: a new address
-        // adds one unless it touches a held instruction.
+        // A new address adds a code range unless it touches a held run.
         let end = rip + u64::from(len);
-        let before = self
-            .spans
-            .range(..rip)
-            .next_back()
-            .is_some_and(|(&a, &l)| a + u64::from(l) >= rip);
-        let after = self.spans.range(rip..=end).next().is_some();
-        before || after || self.ranges() < self.config.max_code_ranges.min(limits::MAX_CODE_RANGES)
+        self.touching_runs(rip, end).next().is_some()
+            || self.runs.len() < self.config.max_code_ranges.min(limits::MAX_CODE_RANGES)
     }
 
-    fn ranges(&self) -> usize {
-        let mut n = 0;
-        let mut end = None;
-        for (&a, &l) in &self.spans {
-            if end.is_none_or(|e| a > e) {
-                n += 1;
-            }
-            let e = a + u64::from(l);
-            end = Some(end.map_or(e, |x: u64| x.max(e)));
+    /// The held runs that `[rip, end]` overlaps or touches, by start.
+    fn touching_runs(&self, rip: u64, end: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let before = self
+            .runs
+            .range(..rip)
+            .next_back()
+            .filter(|&(_, &e)| e >= rip);
+        before
+            .into_iter()
+            .chain(self.runs.range(rip..=end))
+            .map(|(&a, &e)| (a, e))
+    }
+
+    /// Holds the instruction at `rip` (`len` bytes) in the code budget.
+    fn hold(&mut self, rip: u64, len: u8) {
+        if self.spans.insert(rip, len).is_some() {
+            return;
         }
-        n
+        self.bytes += usize::from(len);
+        let (mut lo, mut hi) = (rip, rip + u64::from(len));
+        let touched: Vec<(u64, u64)> = self.touching_runs(lo, hi).collect();
+        for (a, e) in touched {
+            self.runs.remove(&a);
+            lo = lo.min(a);
+            hi = hi.max(e);
+        }
+        self.runs.insert(lo, hi);
     }
 
     /// The node for `rip` in context `ctx` reached with `since` (what the path
@@ -239,10 +265,7 @@ impl Explorer<'_> {
             self.note_stop(NoCluster::RegionFull);
             return None;
         }
-        if let alloc::collections::btree_map::Entry::Vacant(e) = self.spans.entry(rip) {
-            e.insert(dec.len);
-            self.bytes += usize::from(dec.len);
-        }
+        self.hold(rip, dec.len);
         let id = self.nodes.len();
         self.nodes.push(Node {
             rip,
@@ -264,6 +287,10 @@ impl Explorer<'_> {
         // Where this instruction's indirect destinations are known: its own
         // address, or the site that entered the thunk it is in.
         let site = self.contexts[ctx].via.unwrap_or(rip);
+        let retpoline_site = match (op, self.contexts[ctx].frames.last()) {
+            (Op::Ret { .. }, Some(f)) => f.thunk_site,
+            _ => None,
+        };
         let mut out = Vec::new();
         if ends_cluster(&op, self.config) {
             self.note_stop(NoCluster::EndsCluster);
@@ -294,7 +321,7 @@ impl Explorer<'_> {
                 }
             }
             Op::CallIndirect { ret, .. } => {
-                let known: Vec<u64> = self.src.indirect_targets(site).to_vec();
+                let known = self.src.indirect_targets(site).to_vec();
                 if known.is_empty() {
                     self.open(id);
                 }
@@ -305,7 +332,7 @@ impl Explorer<'_> {
                 }
             }
             Op::JmpIndirect { .. } => {
-                let known: Vec<u64> = self.src.indirect_targets(site).to_vec();
+                let known = self.src.indirect_targets(site).to_vec();
                 if known.is_empty() {
                     self.open(id);
                 }
@@ -317,16 +344,28 @@ impl Explorer<'_> {
             Op::Ret { .. } => {
                 let mut outer = self.contexts[ctx].clone();
                 outer.via = None;
-                match outer.frames.pop() {
-                    // Returning from a call the region made: to its return address.
-                    Some((_, ret)) => {
+                match (outer.frames.pop(), retpoline_site) {
+                    // The RET of a retpoline: to the destinations of the site that
+                    // entered the thunk, in the context of that site's call.
+                    (Some(_), Some(at)) => {
+                        let known = self.src.indirect_targets(at).to_vec();
+                        if known.is_empty() {
+                            self.open(id);
+                        }
                         let outer = self.context(outer);
-                        out.push((ret, outer, Some(ret), false));
+                        for t in known {
+                            out.push((t, outer, Some(t), false));
+                        }
+                    }
+                    // Returning from a call the region made: to its return address.
+                    (Some(f), None) => {
+                        let outer = self.context(outer);
+                        out.push((f.ret, outer, Some(f.ret), false));
                     }
                     // Returning from the function the region was entered in: to the
                     // return addresses seen or resolved for this RET.
-                    None => {
-                        let known: Vec<u64> = self.src.indirect_targets(site).to_vec();
+                    (None, _) => {
+                        let known = self.src.indirect_targets(site).to_vec();
                         if known.is_empty() {
                             self.open(id);
                         }
@@ -364,13 +403,17 @@ impl Explorer<'_> {
     fn call_context(&mut self, ctx: usize, callee: u64, ret: u64) -> Option<usize> {
         let outer = &self.contexts[ctx];
         if outer.frames.len() >= self.config.max_call_depth
-            || outer.frames.iter().any(|&(f, _)| f == callee)
+            || outer.frames.iter().any(|f| f.callee == callee)
         {
             self.note_stop(NoCluster::CallDepth);
             return None;
         }
         let mut inner = outer.clone();
-        inner.frames.push((callee, ret));
+        inner.frames.push(Frame {
+            callee,
+            ret,
+            thunk_site: outer.via,
+        });
         inner.via = None;
         Some(self.context(inner))
     }
@@ -437,6 +480,7 @@ pub(super) fn build(
         node_ids: BTreeMap::new(),
         spans: BTreeMap::new(),
         bytes: 0,
+        runs: BTreeMap::new(),
         stop: None,
     };
     let root = x.context(Context::default());
@@ -591,6 +635,7 @@ fn assemble(
     let slot = |n: usize| (index[n] != usize::MAX).then(|| index[n] as u16);
     let mut insns = Vec::with_capacity(order.len());
     let mut guards = Vec::new();
+    let mut learn_sites = Vec::new();
     for &n in order {
         let node = &x.nodes[n];
         let mut op = node.dec.op;
@@ -605,6 +650,15 @@ fn assemble(
         }
         if op.is_guarded() {
             let at = insns.len() as u16;
+            // Inside a thunk, destinations are the entering site's.
+            let ctx = &x.contexts[node.ctx];
+            let site = match (op, ctx.frames.last()) {
+                (Op::Ret { .. }, Some(f)) if f.thunk_site.is_some() => f.thunk_site,
+                _ => ctx.via,
+            };
+            if let Some(site) = site.filter(|&s| s != node.rip) {
+                learn_sites.push(LearnSite { insn: at, site });
+            }
             let mut seen: Vec<u64> = Vec::new();
             for e in &node.edges {
                 if let Edge::Guarded { expect, node: m } = *e {
@@ -620,7 +674,15 @@ fn assemble(
             // A return to the caller the region called from: completing it and
             // leaving there is what the CPU would do (the continuation gained
             // nothing, so it was left out).
-            if let (Op::Ret { .. }, Some(&(_, ret))) = (op, x.contexts[node.ctx].frames.last()) {
+            if let (
+                Op::Ret { .. },
+                Some(&Frame {
+                    ret,
+                    thunk_site: None,
+                    ..
+                }),
+            ) = (op, x.contexts[node.ctx].frames.last())
+            {
                 if !seen.contains(&ret) {
                     guards.push(Guard {
                         insn: at,
@@ -648,6 +710,7 @@ fn assemble(
         insns,
         back_edges,
         guards,
+        learn_sites,
     })
 }
 

@@ -26,7 +26,7 @@ pub trait CodeSource {
     /// (Linux's `__x86_indirect_thunk_<reg>` and `__x86_return_thunk`): the
     /// translator then treats the branch as the indirect CALL/JMP or the RET the
     /// thunk stands for, guarded like one. `None`: an ordinary destination.
-    fn thunk(&self, _addr: u64) -> Option<Thunk> {
+    fn thunk(&mut self, _addr: u64) -> Option<Thunk> {
         None
     }
 }
@@ -94,7 +94,7 @@ impl CodeSource for Pieces<'_> {
         self.targets.get(&at).map_or(&[], |v| v.as_slice())
     }
 
-    fn thunk(&self, addr: u64) -> Option<Thunk> {
+    fn thunk(&mut self, addr: u64) -> Option<Thunk> {
         self.thunks.get(&addr).copied()
     }
 }
@@ -168,8 +168,8 @@ impl CodeSource for &Pieces<'_> {
         (**self).indirect_targets(at)
     }
 
-    fn thunk(&self, addr: u64) -> Option<Thunk> {
-        (**self).thunk(addr)
+    fn thunk(&mut self, addr: u64) -> Option<Thunk> {
+        self.thunks.get(&addr).copied()
     }
 }
 

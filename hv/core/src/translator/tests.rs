@@ -1450,3 +1450,65 @@ fn thunks_go_where_the_site_that_entered_them_goes() {
         [0x6040]
     );
 }
+
+#[test]
+fn a_retpoline_goes_where_its_call_site_goes_and_learns_there() {
+    // 0x7000 in al,dx ; call RP ; out 0x80,al ; hlt
+    // 0x7020 RP: call 1f ; int3 x3 ; 1: mov %rax,(%rsp) ; ret   (the retpoline)
+    // 0x7040 out dx,al ; jmp RT                                   (the callee)
+    // 0x7060 RT: ret                                              (return thunk)
+    let mut bytes = vec![0xccu8; 0x70];
+    bytes[0] = 0xec;
+    bytes[1..6].copy_from_slice(&rel32(0xe8, 0x7001, 0x7020));
+    bytes[6..8].copy_from_slice(OUT_80_AL);
+    bytes[8] = 0xf4;
+    bytes[0x20..0x25].copy_from_slice(&rel32(0xe8, 0x7020, 0x7028));
+    bytes[0x28..0x2c].copy_from_slice(&[0x48, 0x89, 0x04, 0x24]);
+    bytes[0x2c] = 0xc3;
+    bytes[0x40] = 0xee;
+    bytes[0x41..0x46].copy_from_slice(&rel32(0xe9, 0x7041, 0x7060));
+    bytes[0x60] = 0xc3;
+    let mut src = Pieces::new();
+    src.add(0x7000, &bytes);
+    // Found by their bytes, as the hypervisor finds them in guest memory.
+    for at in [0x7020, 0x7060] {
+        let t = resolve_thunk(&mut &src.clone(), at, Bitness::B64).unwrap();
+        src.add_thunk(at, t);
+    }
+    assert_eq!(
+        src.thunk(0x7020),
+        Some(source::Thunk::Indirect(crate::ir::RAX))
+    );
+    assert_eq!(src.thunk(0x7060), Some(source::Thunk::Return));
+    // The function pointer, known at the call site.
+    src.add_target(0x7001, 0x7040);
+    let policy = ExitPolicy::default();
+    let t = translate_region(
+        &mut src,
+        0x7000,
+        Bitness::B64,
+        &policy,
+        &TranslatorConfig::default(),
+    )
+    .unwrap();
+    let c = &t.cluster;
+    crate::ir::validate(c).unwrap();
+    assert_eq!(c.exiting_count(), 4, "IN, OUT in the callee, OUT 0x80, HLT");
+    // The retpoline's RET goes to the call site's destination, not to the
+    // speculation trap its inner call pushed, and learns at the call site.
+    let ret = c.insns.iter().position(|i| i.rip == 0x702c).unwrap();
+    assert_eq!(
+        c.guards_of(ret).map(|g| g.expect).collect::<Vec<_>>(),
+        [0x7040]
+    );
+    assert_eq!(c.learn_site(ret), Some(0x7001));
+    // The callee's return through the return thunk goes back after the call.
+    let rt = c.insns.iter().position(|i| i.rip == 0x7060).unwrap();
+    assert_eq!(
+        c.guards_of(rt).map(|g| g.expect).collect::<Vec<_>>(),
+        [0x7006]
+    );
+    // An instruction outside any thunk learns where it is.
+    let call = c.insns.iter().position(|i| i.rip == 0x7001).unwrap();
+    assert_eq!(c.learn_site(call), Some(0x7001));
+}

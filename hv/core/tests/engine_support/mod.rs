@@ -155,6 +155,7 @@ impl Region {
             insns: self.insns,
             back_edges: self.back_edges,
             guards: self.guards,
+            learn_sites: Vec::new(),
         }
     }
 }
