@@ -127,6 +127,14 @@ mod tests {
             )]
             .into(),
             coalesced_writes: 20,
+            exit_distance: Some(avex_core::distance::ExitDistance {
+                source: "bochs_tsc".into(),
+                log2_buckets: vec![1, 0, 2],
+                gaps: 3,
+                guest_insns: 7,
+                engine_insns: 2,
+                clamped: 1,
+            }),
         }
     }
 
