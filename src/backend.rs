@@ -40,6 +40,10 @@ pub struct RunRequest<'a> {
     /// Coalesce the writes the guest cannot observe before its next exit (KVM's
     /// coalesced PIO; `avex run/compare --coalesce`). Backends without it refuse.
     pub coalesce: bool,
+    /// Measure the guest instructions between exits where that costs something
+    /// (KVM: two reads of its statistics per exit; `avex run --exit-distance`,
+    /// always in `avex compare`). The VT-x hypervisor always measures it.
+    pub exit_distance: bool,
 }
 
 /// What `avex run --initrd/--append/--mem` adds to a run: what a Linux kernel

@@ -31,6 +31,7 @@ impl Backend for Kvm {
             translations: req.translations.clone(),
             cmdline: req.kernel.cmdline.clone(),
             coalesce: req.coalesce,
+            exit_distance: req.exit_distance,
             ..avex_kvm::Config::default()
         };
         let r = avex_kvm::run(req.elf, &config, console)

@@ -45,6 +45,9 @@ pub struct RunRecord {
     /// Why the exit statistic (KVM's `exits`) could not be read; `exits` then
     /// counts only handled exits. `null` when it was read.
     pub exit_statistics_unreadable: Option<String>,
+    /// The hardware cost model's projection for this run (src/cost.rs: a
+    /// projection, not a measurement); `null` without an exit distance.
+    pub cost_model: Option<crate::cost::Projection>,
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -77,6 +80,7 @@ impl RunRecord {
             backend_stats: r.details.clone(),
             notes: r.notes.clone(),
             exit_statistics_unreadable: r.exit_statistics_unreadable.clone(),
+            cost_model: crate::cost::of_stats(s.exits(), s),
         }
     }
 }
