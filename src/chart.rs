@@ -117,11 +117,12 @@ fn draw_exits(
         .margin(10)
         .x_label_area_size(25)
         .y_label_area_size(60)
-        .build_cartesian_2d(0f64..n, (1u64..max * 2).log_scale())
+        .build_cartesian_2d(0f64..n, (1u64..max * 50).log_scale())
         .map_err(err)?;
     let guests = l.guests.clone();
     chart
         .configure_mesh()
+        .light_line_style(WHITE)
         .disable_x_mesh()
         .x_labels(l.guests.len() * 2 + 1)
         .x_label_formatter(&move |x| {
@@ -194,20 +195,22 @@ fn draw_distance(
     let caption = if hists.is_empty() {
         format!("{guest}: exit distance not measured")
     } else {
-        format!("{guest}: guest instructions between exits")
+        format!("{guest}: guest instructions between exits (log2 buckets)")
     };
     let mut chart = ChartBuilder::on(area)
         .caption(caption, ("sans-serif", 13))
         .margin(8)
         .x_label_area_size(20)
         .y_label_area_size(40)
-        .build_cartesian_2d(0f64..(buckets - 1) as f64, 0f64..100f64)
+        .build_cartesian_2d(0f64..buckets as f64, 0f64..100f64)
         .map_err(err)?;
     chart
         .configure_mesh()
+        .light_line_style(WHITE)
         .x_labels(buckets.min(12))
         .x_label_formatter(&|x| ExitDistance::bucket_label(x.round().max(0.0) as usize))
         .y_labels(5)
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .y_desc("% of gaps")
         .draw()
         .map_err(err)?;
