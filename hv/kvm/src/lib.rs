@@ -574,6 +574,9 @@ pub struct TimeSplit {
     pub completion_ns: u64,
     /// Running clusters (engine, device models, register sync).
     pub cluster_ns: u64,
+    /// Reading `insn_emulation` for the exit distance (`Config::exit_distance`):
+    /// measurement overhead, to be taken out of the time handling exits.
+    pub distance_ns: u64,
 }
 
 enum Event {
