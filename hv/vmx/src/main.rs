@@ -248,10 +248,7 @@ extern "C" fn kmain(magic: u32, mbi: u32) -> ! {
         opts.mode
     );
     if let Some(rd) = initrd {
-        logln!(
-            "avex-vmx: initrd of {} bytes, command line: {guest_cmdline}",
-            rd.len()
-        );
+        logln!("avex-vmx: initrd of {} bytes, command line: {guest_cmdline}", rd.len());
     }
 
     let policy = ExitPolicy::default();
