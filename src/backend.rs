@@ -40,6 +40,10 @@ pub struct RunRequest<'a> {
     /// Coalesce the writes the guest cannot observe before its next exit (KVM's
     /// coalesced PIO; `avex run/compare --coalesce`). Backends without it refuse.
     pub coalesce: bool,
+    /// Measure the guest instructions between exits where that costs something
+    /// (KVM: two reads of its statistics per exit; `avex run --exit-distance`,
+    /// always in `avex compare`). The VT-x hypervisor always measures it.
+    pub exit_distance: bool,
 }
 
 /// What `avex run --initrd/--append/--mem` adds to a run: what a Linux kernel
@@ -84,7 +88,7 @@ pub struct RunResult {
 /// two modes mixes both, so it is never the benefit of avoided exits alone.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct TimeSplit {
-    /// Wall time of the run, boot to debug exit.
+    /// Wall time of the run, boot to debug exit, less `exit_distance_ms`.
     pub total_ms: f64,
     /// Inside KVM_RUN calls that ran the guest.
     pub kvm_run_ms: f64,
@@ -95,6 +99,9 @@ pub struct TimeSplit {
     pub cluster_ms: f64,
     /// Of which: KVM_RUN calls that only completed an instruction before a cluster.
     pub completion_ms: f64,
+    /// Reading KVM's statistics for the exit distance (two reads per exit): not
+    /// in `total_ms` or `user_space_ms`, which would otherwise be mostly this.
+    pub exit_distance_ms: f64,
     /// Instructions KVM's emulator ran (`insn_emulation`), if KVM reports it.
     pub kvm_emulated_insns: Option<u64>,
     /// Guest instructions avex's engine ran inside clusters.

@@ -139,6 +139,7 @@ pub fn compare(
                     timeout,
                     kernel: kernel.clone(),
                     coalesce: coalesced,
+                    exit_distance: true,
                 };
                 let row = match backend.get().run(&req, &mut |_| {}) {
                     Ok(r) => {
@@ -272,10 +273,11 @@ pub fn table(rows: &[Row]) -> String {
     );
     s.push('\n');
     s.push_str(&reason_table(rows));
-    let times = time_table(rows);
-    if !times.is_empty() {
-        s.push('\n');
-        s.push_str(&times);
+    for more in [time_table(rows), crate::cost::table(rows)] {
+        if !more.is_empty() {
+            s.push('\n');
+            s.push_str(&more);
+        }
     }
     s.push('\n');
     for g in guests_in(rows) {
@@ -450,114 +452,6 @@ pub fn time_table(rows: &[Row]) -> String {
     s
 }
 
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
-
-/// A grouped bar chart of exits per mode per guest, as SVG.
-pub fn chart_svg(rows: &[Row]) -> String {
-    let mut guests_seen: Vec<String> = Vec::new();
-    for r in rows {
-        if !guests_seen.contains(&r.guest) {
-            guests_seen.push(r.guest.clone());
-        }
-    }
-    let mut runs: Vec<(Mode, bool)> = Vec::new();
-    for r in rows {
-        if !runs.contains(&(r.mode, r.coalesced)) {
-            runs.push((r.mode, r.coalesced));
-        }
-    }
-    let colors = [
-        "#7f7f7f", "#1f77b4", "#ff7f0e", "#2ca02c", "#c7c7c7", "#98df8a",
-    ];
-    let (bar_w, gap, left, top, plot_h) = (22.0, 30.0, 70.0, 40.0, 300.0);
-    let group_w = bar_w * runs.len().max(1) as f64 + gap;
-    let width = left + group_w * guests_seen.len().max(1) as f64 + 20.0;
-    let height = top + plot_h + 90.0;
-    let max = rows
-        .iter()
-        .filter_map(|r| r.result.as_ref().ok().map(|x| x.exits))
-        .max()
-        .unwrap_or(1)
-        .max(1);
-    // Log scale (exits span orders of magnitude between off and aot+dynamic).
-    let lmax = (max as f64 + 1.0).log10().ceil().max(1.0);
-    let y = |v: u64| top + plot_h - ((v as f64 + 1.0).log10() / lmax) * plot_h;
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" font-family="sans-serif" font-size="11">"#
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="{:.0}" y="20" font-size="14" text-anchor="middle">VM exits per guest and clustering mode (log scale)</text>"#,
-        width / 2.0
-    );
-    for p in 0..=(lmax as u32) {
-        let v = 10u64.pow(p);
-        let yy = y(v - 1);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{left}" y1="{yy:.1}" x2="{:.0}" y2="{yy:.1}" stroke="#ddd"/><text x="{:.0}" y="{:.1}" text-anchor="end">{v}</text>"##,
-            width - 10.0,
-            left - 5.0,
-            yy + 4.0
-        );
-    }
-    for (gi, g) in guests_seen.iter().enumerate() {
-        let gx = left + gi as f64 * group_w + gap / 2.0;
-        for (mi, &(m, c)) in runs.iter().enumerate() {
-            let Some(rec) = record(rows, g, m, c) else {
-                continue;
-            };
-            let x = gx + mi as f64 * bar_w;
-            let yy = y(rec.exits);
-            let _ = writeln!(
-                s,
-                r#"<rect x="{x:.1}" y="{yy:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{} {}: {} exits</title></rect>"#,
-                bar_w - 2.0,
-                top + plot_h - yy,
-                colors[mi % colors.len()],
-                esc(g),
-                variant_name(m, c),
-                rec.exits
-            );
-            let _ = writeln!(
-                s,
-                r#"<text x="{:.1}" y="{:.1}" font-size="8" text-anchor="middle">{}</text>"#,
-                x + bar_w / 2.0 - 1.0,
-                yy - 2.0,
-                rec.exits
-            );
-        }
-        let _ = writeln!(
-            s,
-            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
-            gx + bar_w * runs.len() as f64 / 2.0,
-            top + plot_h + 15.0,
-            esc(g)
-        );
-    }
-    for (mi, &(m, c)) in runs.iter().enumerate() {
-        let x = left + mi as f64 * 140.0;
-        let yy = top + plot_h + 45.0;
-        let _ = writeln!(
-            s,
-            r#"<rect x="{x:.0}" y="{:.0}" width="12" height="12" fill="{}"/><text x="{:.0}" y="{:.0}">{}</text>"#,
-            yy - 10.0,
-            colors[mi % colors.len()],
-            x + 16.0,
-            yy,
-            variant_name(m, c)
-        );
-    }
-    s.push_str("</svg>\n");
-    s
-}
-
 /// Runs that failed, and runs whose console output differs from `off`'s.
 pub fn problems(rows: &[Row]) -> (usize, usize) {
     let failed = rows.iter().filter(|r| r.result.is_err()).count();
@@ -585,7 +479,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             .mem
             .or(initrd.is_some().then_some(run::DEFAULT_KERNEL_MIB)),
     };
-    let rows = compare(
+    let mut rows = compare(
         &specs,
         args.backend,
         Duration::from_secs_f64(args.timeout),
@@ -593,6 +487,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         &kernel,
         args.coalesce,
     )?;
+    crate::cost::against_off(&mut rows);
     print!("{}", table(&rows));
     if let Some(path) = &args.json {
         let records: Vec<serde_json::Value> = rows
@@ -614,7 +509,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     if let Some(path) = &args.chart {
-        std::fs::write(path, chart_svg(&rows))
+        std::fs::write(path, crate::chart::chart_svg(&rows)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     let (failed, differ) = problems(&rows);
@@ -762,9 +657,10 @@ mod tests {
             t.contains("g: exits off 1000 (? to user space), off+coalesce 400 (? to user space, 600 writes coalesced), aot+dynamic 100"),
             "{t}"
         );
-        let svg = chart_svg(&rows);
+        let svg = crate::chart::chart_svg(&rows).unwrap();
         assert!(svg.contains("g off+coalesce: 400 exits"), "{svg}");
         assert!(svg.contains("g off: 1000 exits"), "{svg}");
+        assert!(svg.contains("\noff+coalesce\n</text>"), "legend: {svg}");
     }
 
     #[test]
@@ -791,7 +687,7 @@ mod tests {
             time_table(&rows).is_empty(),
             "no KVM time split in these rows"
         );
-        let svg = chart_svg(&rows);
+        let svg = crate::chart::chart_svg(&rows).unwrap();
         assert!(svg.contains("g aot+dynamic: 100 exits"));
         assert_eq!(problems(&rows), (0, 0));
         rows[2].same_as_off = Some(false);

@@ -45,6 +45,9 @@ pub struct RunRecord {
     /// Why the exit statistic (KVM's `exits`) could not be read; `exits` then
     /// counts only handled exits. `null` when it was read.
     pub exit_statistics_unreadable: Option<String>,
+    /// The hardware cost model's projection for this run (src/cost.rs: a
+    /// projection, not a measurement); `null` without an exit distance.
+    pub cost_model: Option<crate::cost::Projection>,
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -77,6 +80,7 @@ impl RunRecord {
             backend_stats: r.details.clone(),
             notes: r.notes.clone(),
             exit_statistics_unreadable: r.exit_statistics_unreadable.clone(),
+            cost_model: crate::cost::of_stats(s.exits(), s),
         }
     }
 }
@@ -127,6 +131,14 @@ mod tests {
             )]
             .into(),
             coalesced_writes: 20,
+            exit_distance: Some(avex_core::distance::ExitDistance {
+                source: "bochs_tsc".into(),
+                log2_buckets: vec![1, 0, 2],
+                gaps: 3,
+                guest_insns: 7,
+                engine_insns: 2,
+                clamped: 1,
+            }),
         }
     }
 

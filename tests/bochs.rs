@@ -1057,3 +1057,55 @@ fn every_shape_prints_the_same_bytes_in_every_mode() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// The distance between exits from Bochs' TSC (which counts instructions): a guest
+/// whose four gaps are 0, 5, 201 and 1 instructions reads exactly those in `off`;
+/// in `aot+dynamic` the histogram is still one gap per exit after the first.
+#[test]
+#[cfg_attr(
+    not(avex_bochs),
+    ignore = "needs Bochs and the GRUB ISO tools (.ci/install-bochs.sh)"
+)]
+fn exit_distance_counts_guest_instructions_from_the_tsc() {
+    let dir = scratch("distance");
+    #[rustfmt::skip]
+    let code = [
+        0x66, 0xba, 0x80, 0x00,       // mov dx, 0x80
+        0xee, 0xee,                   // out dx, al ; out dx, al: gap 0
+        0x90, 0x90, 0x90, 0x90, 0x90, // 5 NOPs
+        0xee,                         // out: gap 5
+        0xb9, 100, 0, 0, 0,           // mov ecx, 100
+        0xff, 0xc9, 0x75, 0xfc,       // 1: dec ecx ; jnz 1b
+        0xee,                         // out: gap 1 + 200
+        0x31, 0xc0, 0xe6, 0xf4,       // xor eax, eax ; out 0xf4, al: gap 1
+        0xf4,                         // hlt
+    ];
+    let elf = dir.join("gaps.elf");
+    std::fs::write(&elf, elf64_at_1mib(&code)).unwrap();
+    let pre = dir.join("gaps.pre.elf");
+    link(&elf, &pre);
+    let jobs: Vec<Job<Run>> = vec![
+        Box::new({
+            let p = pre.clone();
+            move || run_bochs(&p, "off")
+        }),
+        Box::new(move || run_bochs(&pre, "aot+dynamic")),
+    ];
+    let runs = parallel(jobs);
+    for r in &runs {
+        let d = &r.record["exit_distance"];
+        assert_eq!(d["source"], "bochs_tsc", "{}", r.record);
+        let buckets: Vec<u64> = serde_json::from_value(d["log2_buckets"].clone()).unwrap();
+        let gaps = d["gaps"].as_u64().unwrap();
+        assert_eq!(buckets.iter().sum::<u64>(), gaps);
+        assert_eq!(gaps, r.record["handled_exits"].as_u64().unwrap() - 1);
+        assert_eq!(d["clamped"], 0, "{d}");
+    }
+    let off = &runs[0].record["exit_distance"];
+    // Gaps 0, 5, 201, 1: buckets 0, 3 (4..=7), 8 (128..=255) and 1.
+    assert_eq!(
+        off["log2_buckets"],
+        serde_json::json!([1, 1, 0, 1, 0, 0, 0, 0, 1])
+    );
+    assert_eq!(off["guest_insns"], 207);
+}

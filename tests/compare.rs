@@ -48,6 +48,7 @@ fn compare_runs_every_mode_and_writes_table_json_and_chart() {
     assert!(stdout.contains("exits by reason"), "{stdout}");
     assert!(stdout.contains("KVM_RUN ms") && stdout.contains("user space ms"));
     assert!(!stdout.contains("faster"), "{stdout}");
+    assert!(stdout.contains("PROJECTED on VT-x hardware (a cost model, not a measurement)"));
     assert!(
         stdout.contains("exits on kvm: KVM's `exits` statistic"),
         "{stdout}"
@@ -91,6 +92,20 @@ fn compare_runs_every_mode_and_writes_table_json_and_chart() {
         }
         assert_eq!(r["same_output_as_off"], true, "{r}");
         assert_eq!(r["backend"], "kvm");
+        // The exit distance (KVM: from insn_emulation, always on in compare): one
+        // gap per exit after the first that reached the exit handler.
+        let d = &r["exit_distance"];
+        assert_eq!(d["source"], "kvm_insn_emulation", "{r}");
+        let buckets: Vec<u64> = serde_json::from_value(d["log2_buckets"].clone()).unwrap();
+        assert_eq!(buckets.iter().sum::<u64>(), d["gaps"].as_u64().unwrap());
+        assert_eq!(
+            d["gaps"].as_u64().unwrap(),
+            r["handled_exits"].as_u64().unwrap() - 1,
+            "{r}"
+        );
+        assert_eq!(d["clamped"], 0, "{r}");
+        assert_eq!(r["cost_model"]["kind"], "projection", "{r}");
+        assert!(r["cost_model"]["speedup_vs_off"].is_number(), "{r}");
         let t = &r["time_split"];
         for key in ["kvm_run_ms", "user_space_ms", "kvm_emulated_insns"] {
             assert!(t[key].is_number(), "time_split lacks {key}: {r}");
@@ -122,14 +137,21 @@ fn compare_runs_every_mode_and_writes_table_json_and_chart() {
     let svg = std::fs::read_to_string(&chart).unwrap();
     assert!(svg.starts_with("<svg"), "{svg}");
     assert!(svg.trim_end().ends_with("</svg>"));
-    // One bar per guest and mode, each titled with its exit count.
-    assert_eq!(
-        svg.matches("<rect x=").count() - 4,
-        8,
-        "bars (plus 4 legend swatches)"
-    );
-    let off_exits = rec("pci", "off")["exits"].as_u64().unwrap();
-    assert!(svg.contains(&format!("pci off: {off_exits} exits")));
+    // Every run's exits and distance buckets are named in the chart's description,
+    // and each guest has its distance panel.
+    for g in ["rtc", "pci"] {
+        for m in MODES {
+            let r = rec(g, m);
+            let buckets: Vec<u64> =
+                serde_json::from_value(r["exit_distance"]["log2_buckets"].clone()).unwrap();
+            let line = format!(
+                "{g} {m}: {} exits; gaps by log2 bucket {buckets:?}",
+                r["exits"]
+            );
+            assert!(svg.contains(&line), "no {line:?} in the chart");
+        }
+        assert!(svg.contains(&format!("{g}: guest instructions between exits")));
+    }
 }
 
 #[test]

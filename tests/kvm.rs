@@ -585,3 +585,35 @@ fn avex_run_profile_names_the_hottest_sites_and_coalesce_is_for_kvm() {
     assert!(!ok);
     assert!(err.contains("--coalesce is KVM's coalesced PIO"), "{err}");
 }
+
+/// `mov dx, 0x80 ; out ; out ; 5 NOPs ; out ; exit`: the gaps between the four
+/// exits are 0, 5 and 1 guest instructions (the exit's `mov al`), read from KVM's
+/// `insn_emulation`; one gap per exit after the first.
+#[test]
+#[cfg_attr(not(avex_kvm), ignore = "needs /dev/kvm")]
+fn exit_distance_counts_the_guest_instructions_between_exits() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut code = vec![0x66, 0xba, 0x80, 0x00, 0xee, 0xee];
+    code.extend([0x90; 5]);
+    code.push(0xee);
+    code.extend(exit_with(0));
+    let elf = tiny_elf(true, &code);
+    let config = Config {
+        mode: Mode::Off,
+        timeout: Some(Duration::from_secs(10)),
+        exit_distance: true,
+        ..Config::default()
+    };
+    let r = avex_kvm::run(&elf, &config, &mut |_| {}).unwrap();
+    let d = r.stats.exit_distance.expect("measured");
+    assert_eq!(d.source, "kvm_insn_emulation");
+    assert_eq!(r.stats.handled, 4);
+    assert_eq!(d.gaps, r.stats.handled - 1);
+    assert_eq!(d.total(), d.gaps);
+    // Gaps 0, 5, 1: buckets 0, 3 (4..=7) and 1.
+    assert_eq!(d.log2_buckets, [1, 1, 0, 1], "{d:?}");
+    assert_eq!((d.guest_insns, d.engine_insns, d.clamped), (6, 0, 0));
+    // Not measured unless asked for.
+    let r = run(&elf, Mode::Off, None, 10.0).unwrap();
+    assert_eq!(r.stats.exit_distance, None);
+}

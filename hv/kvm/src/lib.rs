@@ -39,6 +39,7 @@
 
 mod attribute;
 mod coalesce;
+mod distance;
 mod exits;
 mod insn;
 mod kstats;
@@ -90,6 +91,9 @@ pub struct Config {
     /// Register KVM coalesced PIO zones ([`ZONES`]) for the ports whose writes
     /// the guest cannot observe before its next exit.
     pub coalesce: bool,
+    /// Measure the guest instructions between exits (`stats.exit_distance`) from
+    /// KVM's `insn_emulation`, read at each exit (the [`distance`] module).
+    pub exit_distance: bool,
 }
 
 impl Default for Config {
@@ -103,6 +107,7 @@ impl Default for Config {
             devices: StandardConfig::default(),
             translations: None,
             coalesce: false,
+            exit_distance: false,
         }
     }
 }
@@ -249,6 +254,7 @@ pub struct Vm {
     stats: Result<VcpuStats, String>,
     msr_exits: MsrExits,
     coalescing: Coalescing,
+    distance: Option<distance::KvmDistance>,
     user_exits: u64,
     completions: u64,
     unattributed_exits: u64,
@@ -308,6 +314,10 @@ impl Vm {
         vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
         vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
         let stats = VcpuStats::open(&vcpu);
+        let distance = config
+            .exit_distance
+            .then(|| distance::KvmDistance::open(&stats))
+            .flatten();
         let run_size = kvm
             .get_vcpu_mmap_size()
             .map_err(kvm_err("KVM_GET_VCPU_MMAP_SIZE"))?;
@@ -334,6 +344,7 @@ impl Vm {
             stats,
             msr_exits,
             coalescing,
+            distance,
             user_exits: 0,
             completions: 0,
             unattributed_exits: 0,
@@ -379,6 +390,7 @@ impl Vm {
         let kvm_stats = kstats::delta(&before, &after);
         let mut stats = self.handler.stats().clone();
         stats.hardware_exits = kvm_stats.get("exits").copied();
+        stats.exit_distance = self.distance_histogram();
         let exit_statistics_unreadable = statistics_unreadable(
             self.stats.as_ref().map(|_| ()).map_err(String::as_str),
             stats.hardware_exits,
@@ -434,6 +446,7 @@ impl Vm {
             }
             self.flush_guest_tlb()?;
             self.guest.invalidate();
+            self.distance_resume();
             let t_run = Instant::now();
             let result = self.guest.vcpu.run();
             self.time.kvm_run_ns += t_run.elapsed().as_nanos() as u64;
@@ -466,6 +479,7 @@ impl Vm {
             self.drain_coalesced();
             if !matches!(event, Event::Interrupted) {
                 self.user_exits += 1;
+                self.distance_exit();
             }
             match event {
                 Event::Io => self.on_io()?,
@@ -560,6 +574,9 @@ pub struct TimeSplit {
     pub completion_ns: u64,
     /// Running clusters (engine, device models, register sync).
     pub cluster_ns: u64,
+    /// Reading `insn_emulation` for the exit distance (`Config::exit_distance`):
+    /// measurement overhead, to be taken out of the time handling exits.
+    pub distance_ns: u64,
 }
 
 enum Event {

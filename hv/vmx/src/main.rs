@@ -33,10 +33,11 @@ use alloc::string::{String, ToString};
 use core::panic::PanicInfo;
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use avex_core::distance::{DistanceMeter, ExitDistance};
 use avex_core::exit::{ExitHandler, Mode};
 use avex_core::format as tformat;
 use avex_core::policy::ExitPolicy;
-use avex_core::stats::Summary;
+use avex_core::stats::{ExitStats, Summary};
 
 /// The name of the section `avex link` writes the translations to.
 const TRANSLATIONS_SECTION: &str = ".avex.translations";
@@ -108,6 +109,7 @@ fn finish(
     error: Option<&str>,
     opts: Option<&Options>,
     handler: Option<&ExitHandler>,
+    distance: Option<ExitDistance>,
     details: BTreeMap<String, u64>,
 ) -> ! {
     let summary = Summary {
@@ -115,7 +117,10 @@ fn finish(
         mode: opts.map(|o| o.mode.name().to_string()),
         guest: opts.map(|o| o.name.clone()),
         error: error.map(str::to_string),
-        stats: handler.map(|h| h.stats().clone()),
+        stats: handler.map(|h| ExitStats {
+            exit_distance: distance,
+            ..h.stats().clone()
+        }),
         details,
     };
     if let Some(s) = &summary.stats {
@@ -133,7 +138,7 @@ fn finish(
 
 fn stop(error: &str) -> ! {
     logln!("avex-vmx: {error}");
-    finish(255, Some(error), None, None, BTreeMap::new())
+    finish(255, Some(error), None, None, None, BTreeMap::new())
 }
 
 #[no_mangle]
@@ -264,7 +269,9 @@ extern "C" fn kmain(magic: u32, mbi: u32) -> ! {
         "avex-vmx: entering the guest at {} ms of machine time",
         t0 / 1_000_000
     );
-    let outcome = run::run(&mut vcpu, &mut handler);
+    let mut meter = DistanceMeter::new("bochs_tsc");
+    let outcome = run::run(&mut vcpu, &mut handler, &mut meter);
+    let distance = Some(meter.into_histogram());
     let mut extra = BTreeMap::new();
     let c = vcpu.counters();
     extra.insert("code_page_writes".into(), c.code_page_writes);
@@ -278,7 +285,7 @@ extern "C" fn kmain(magic: u32, mbi: u32) -> ! {
     match outcome {
         run::Outcome::Exited(status) => {
             logln!("avex-vmx: guest exited with status {status}");
-            finish(status, None, Some(&opts), Some(&handler), extra)
+            finish(status, None, Some(&opts), Some(&handler), distance, extra)
         }
         run::Outcome::Halted { rip } => {
             logln!(
@@ -286,11 +293,18 @@ extern "C" fn kmain(magic: u32, mbi: u32) -> ! {
                  it, so its run ends (status 0, halted)"
             );
             extra.insert("halted".into(), 1);
-            finish(0, None, Some(&opts), Some(&handler), extra)
+            finish(0, None, Some(&opts), Some(&handler), distance, extra)
         }
         run::Outcome::Stopped(why) => {
             logln!("avex-vmx: GUEST STOPPED: {why}");
-            finish(255, Some(&why), Some(&opts), Some(&handler), extra)
+            finish(
+                255,
+                Some(&why),
+                Some(&opts),
+                Some(&handler),
+                distance,
+                extra,
+            )
         }
     }
 }

@@ -46,6 +46,10 @@ pub struct Vcpu {
     bus: PortBus,
     launched: bool,
     counters: Counters,
+    /// TSC ticks of the last [`Vcpu::enter`], from just before the entry to just
+    /// after the exit (Bochs: the guest's instructions plus the entry and exit
+    /// paths', see `run::ENTRY_EXIT_TICKS`).
+    last_entry_ticks: u64,
     /// Virtual time skipped while the guest was halted, in TSC ticks.
     skipped_ticks: u64,
     /// Virtual time of the instructions the hypervisor ran for the guest (the
@@ -124,6 +128,7 @@ impl Vcpu {
             bus: PortBus::standard(StandardConfig::default()),
             launched: false,
             counters: Counters::default(),
+            last_entry_ticks: 0,
             skipped_ticks: 0,
             emulated_ticks: 0,
             debug: false,
@@ -155,11 +160,7 @@ impl Vcpu {
             c.pin,
             ctl::PIN_EXTERNAL_INTERRUPT
                 | ctl::PIN_NMI
-                | if timer {
-                    ctl::PIN_PREEMPTION_TIMER
-                } else {
-                    0
-                },
+                | if timer { ctl::PIN_PREEMPTION_TIMER } else { 0 },
             0,
             "pin-based controls",
         )?;
@@ -409,11 +410,17 @@ impl Vcpu {
         }
         let t0 = rdtsc();
         let r = vmx::enter(&mut self.regs, self.launched);
-        self.counters.ticks_guest += rdtsc().wrapping_sub(t0);
+        self.last_entry_ticks = rdtsc().wrapping_sub(t0);
+        self.counters.ticks_guest += self.last_entry_ticks;
         if r.is_ok() {
             self.launched = true;
         }
         r
+    }
+
+    /// TSC ticks of the last entry, exit included.
+    pub fn last_entry_ticks(&self) -> u64 {
+        self.last_entry_ticks
     }
 
     /// The TSC's rate (ticks per second) the hypervisor was told.
