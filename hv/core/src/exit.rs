@@ -54,9 +54,11 @@ pub enum Exit {
         cr: u8,
         write: bool,
     },
-    /// Anything else, with the backend's own reason number.
+    /// Anything else, with the backend's own reason number and the name it is
+    /// counted under.
     Other {
         reason: u32,
+        counted: ExitReason,
     },
 }
 
@@ -71,7 +73,7 @@ impl Exit {
             Exit::Cpuid { .. } => ExitReason::Cpuid,
             Exit::Hlt => ExitReason::Hlt,
             Exit::CrAccess { .. } => ExitReason::CrAccess,
-            Exit::Other { .. } => ExitReason::Other,
+            Exit::Other { counted, .. } => *counted,
         }
     }
 }

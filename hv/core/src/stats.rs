@@ -97,7 +97,13 @@ named_enum! {
         PreemptionTimer => "preemption_timer",
         /// A VM entry the processor refused (invalid guest state, MSR loading, ...).
         EntryFailed => "entry_failed",
-        /// Anything else (RDTSC, XSETBV, ... on VT-x: the backend's own log says more).
+        /// VT-x: RDTSC/RDTSCP exiting (the guest clock), XSETBV, MOV DR, RDPMC.
+        Rdtsc => "rdtsc",
+        Rdtscp => "rdtscp",
+        Xsetbv => "xsetbv",
+        DrAccess => "dr_access",
+        Rdpmc => "rdpmc",
+        /// Anything else (the backend's own log says more).
         Other => "other",
     }
 }

@@ -110,6 +110,11 @@ impl ExitReason {
             Rdmsr => C::Rdmsr,
             Wrmsr => C::Wrmsr,
             EptViolation => C::EptViolation,
+            Rdtsc => C::Rdtsc,
+            Rdtscp => C::Rdtscp,
+            Xsetbv => C::Xsetbv,
+            DrAccess => C::DrAccess,
+            Rdpmc => C::Rdpmc,
             EntryInvalidGuestState | EntryMsrLoading | EntryMachineCheck => C::EntryFailed,
             _ => C::Other,
         }

@@ -216,6 +216,7 @@ fn decode(v: &mut Vcpu, info: &ExitInfo) -> Decoded {
     let other = |complete| Decoded::Handle {
         exit: Exit::Other {
             reason: u32::from(info.basic),
+            counted: info.reason.counted(),
         },
         complete,
     };
