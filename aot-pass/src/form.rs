@@ -158,7 +158,7 @@ pub fn form(
             out.covered += 1;
             continue;
         }
-        if patches.overlaps(s.rip, s.rip + 1) {
+        if patches.overlaps(s.rip, s.rip.saturating_add(1)) {
             *out.reasons.entry(PATCHED).or_insert(0) += 1;
             own[i] = Some(PATCHED);
             continue;

@@ -90,11 +90,11 @@ impl PatchSites {
         if elf.kind == crate::elf::ElfKind::Rel || elf.bits != 64 {
             return out;
         }
+        // Addresses come from an untrusted file: no arithmetic here may overflow.
         let in_code = |a: u64, len: u64| {
             elf.code.iter().any(|c| {
-                a >= c.addr
-                    && a.checked_add(len)
-                        .is_some_and(|e| e <= c.addr + c.bytes.len() as u64)
+                let end = c.addr.checked_add(c.bytes.len() as u64);
+                a >= c.addr && a.checked_add(len).zip(end).is_some_and(|(e, end)| e <= end)
             })
         };
         let code_byte = |a: u64| {
@@ -107,12 +107,12 @@ impl PatchSites {
         let mut sites: Vec<(u64, u64, PatchKind)> = Vec::new();
         if let Some(t) = table(".altinstructions") {
             for (i, e) in t.bytes.chunks_exact(ALT_ENTRY).enumerate() {
-                let field = t.addr + (i * ALT_ENTRY) as u64;
+                let field = t.addr.wrapping_add((i * ALT_ENTRY) as u64);
                 let (Some(instr), Some(repl)) = (s32_at(e, 0), s32_at(e, 4)) else {
                     continue;
                 };
                 let instr = field.wrapping_add_signed(instr);
-                let repl = (field + 4).wrapping_add_signed(repl);
+                let repl = field.wrapping_add(4).wrapping_add_signed(repl);
                 sites.push((instr, u64::from(e[10]), PatchKind::Alternative));
                 sites.push((repl, u64::from(e[11]), PatchKind::Replacement));
             }
@@ -128,7 +128,7 @@ impl PatchSites {
             let Some(t) = table(name) else { continue };
             for (i, e) in t.bytes.chunks_exact(4).enumerate() {
                 let Some(off) = s32_at(e, 0) else { continue };
-                let at = (t.addr + (i * 4) as u64).wrapping_add_signed(off);
+                let at = t.addr.wrapping_add((i * 4) as u64).wrapping_add_signed(off);
                 // A jcc rel32 (0f 8x) is 6 bytes, a call or jmp rel32 5.
                 let len = match kind {
                     PatchKind::SmpLock => 1,
@@ -149,6 +149,7 @@ impl PatchSites {
                 Some((_, n)) => *n += 1,
                 None => out.by_kind.push((kind, 1)),
             }
+            // in_code checked that at + len does not overflow.
             ranges.push((at, at + len));
             out.sites.push((at, at + len, kind));
         }
