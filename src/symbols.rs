@@ -1,11 +1,14 @@
 //! Names for guest addresses in reports: the guest ELF's own code symbols, or a
 //! `System.map` (a stock distribution vmlinux carries none of its own; Debian's
 //! `/boot/System.map-*` is a placeholder, the real one is in the
-//! `linux-image-*-dbg` package).
+//! `linux-image-*-dbg` package), or else the kernel's own kallsyms tables inside
+//! the image ([`kallsyms`]).
 
 use std::path::Path;
 
 use anyhow::{Context, Result};
+
+mod kallsyms;
 
 /// Code symbols sorted by address.
 #[derive(Clone, Debug, Default)]
@@ -63,8 +66,21 @@ impl Symbols {
         Ok(Symbols { sorted })
     }
 
-    /// The symbols for a guest: a `System.map` given, else one beside the ELF
-    /// (`System.map` in its directory), else the ELF's own.
+    /// The text symbols (types T, t, W, w) of a Linux image's kallsyms tables
+    /// (none if it has none that read: see [`kallsyms`]).
+    pub fn of_kallsyms(image: &[u8]) -> Symbols {
+        let mut sorted: Vec<(u64, Option<u64>, String)> = kallsyms::read(image)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(_, kind, _)| matches!(kind, b'T' | b't' | b'W' | b'w'))
+            .map(|(addr, _, name)| (addr, None, name))
+            .collect();
+        sorted.sort();
+        Symbols { sorted }
+    }
+
+    /// The symbols for a guest: a `System.map` given, else the ELF's own, else a
+    /// `System.map` beside the ELF (in its directory), else the kernel's kallsyms.
     pub fn for_guest(elf_path: Option<&Path>, elf: &[u8], map: Option<&Path>) -> Result<Symbols> {
         if let Some(map) = map {
             return Symbols::of_system_map(map);
@@ -78,7 +94,7 @@ impl Symbols {
             .map(|d| d.join("System.map"))
         {
             Some(beside) if beside.is_file() => Symbols::of_system_map(&beside),
-            _ => Ok(own),
+            _ => Ok(Symbols::of_kallsyms(elf)),
         }
     }
 

@@ -809,6 +809,21 @@ fn the_virtual_cpu_refuses_unknown_msrs_and_describes_itself_in_cpuid() {
     not(avex_bochs),
     ignore = "needs Bochs and the GRUB ISO tools (.ci/install-bochs.sh)"
 )]
+fn the_guests_x87_and_sse_state_survives_every_exit_in_every_mode() {
+    let mut want = String::new();
+    want += &line("xmm_qwords_kept", 32);
+    want += &line("mxcsr", 0x1f80 | (3 << 13));
+    want += &line("st0_one", 1.0f64.to_bits());
+    want += &line("st1_pi", std::f64::consts::PI.to_bits());
+    shape_prints_in_every_mode("vmx_fpu_sse_across_exits", &want);
+}
+
+#[test]
+#[cfg_attr(not(avex_gcc), ignore = "needs gcc")]
+#[cfg_attr(
+    not(avex_bochs),
+    ignore = "needs Bochs and the GRUB ISO tools (.ci/install-bochs.sh)"
+)]
 fn gs_relative_rip_relative_access_after_rdtsc_in_every_mode() {
     let mut want = String::new();
     for i in 1..=5 {

@@ -16,6 +16,7 @@ use avex_core::ir::{Bitness, Cluster, Target};
 use rayon::prelude::*;
 
 use crate::api::{self, ExitPolicy, NoCluster, TranslatorConfig};
+use crate::patch::{PatchSites, Unpatched};
 use crate::targets::Knowledge;
 
 /// One exit-prone site to translate.
@@ -52,6 +53,8 @@ pub struct Formed {
 pub const ONE_EXIT_LOOP: &str = "one-exit-loop";
 /// Its cluster's entry is the entry of a cluster already kept.
 pub const SAME_ENTRY: &str = "same-entry";
+/// The site's bytes are rewritten by the kernel at boot ([`crate::patch`]).
+pub const PATCHED: &str = "patched-at-boot";
 
 /// The cluster the hypervisor enters when the instruction at a RIP exits.
 #[derive(Clone, Copy)]
@@ -123,10 +126,12 @@ fn stops_at_unknown_destination(c: &Cluster) -> bool {
 const BATCH: usize = 16;
 
 /// Translates the sites that need it and chooses the clusters to keep (module
-/// docs).
+/// docs). Regions end before bytes in `patches` (the kernel rewrites them at
+/// boot), and a site in them gets no cluster.
 pub fn form(
     sites: &[Site],
     knowledge: &Knowledge<'_>,
+    patches: &PatchSites,
     policy: &ExitPolicy,
     config: &TranslatorConfig,
 ) -> Formed {
@@ -134,7 +139,7 @@ pub fn form(
         let Some(pieces) = knowledge.source(s.space) else {
             return Err(NoCluster::CodeEnds);
         };
-        let mut src = pieces;
+        let mut src = Unpatched { pieces, patches };
         api::translate_region(&mut src, s.rip, s.bitness, policy, config).map(|t| t.cluster)
     };
     let mut out = Formed::default();
@@ -151,6 +156,11 @@ pub fn form(
     for (i, s) in sites.iter().enumerate() {
         if served(&entered, s) {
             out.covered += 1;
+            continue;
+        }
+        if patches.overlaps(s.rip, s.rip.saturating_add(1)) {
+            *out.reasons.entry(PATCHED).or_insert(0) += 1;
+            own[i] = Some(PATCHED);
             continue;
         }
         if done[i].is_none() {
@@ -333,6 +343,7 @@ mod tests {
         let f = form(
             &sites(&[BASE, BASE + 2, BASE + 4]),
             &k,
+            &PatchSites::default(),
             &crate::policy_all(),
             &TranslatorConfig::default(),
         );
@@ -385,5 +396,30 @@ mod tests {
             assert_eq!(many.report.unclustered, one.report.unclustered);
             assert_eq!(many.indirect_targets, one.indirect_targets);
         }
+    }
+
+    /// Bytes the kernel rewrites at boot end a region before them, and a site in
+    /// them gets no cluster: its translation would be stale before its first run.
+    #[test]
+    fn regions_stop_before_patched_bytes() {
+        let code = three_outs();
+        let k = knowledge(&code);
+        // The third OUT is patched: the cluster holds the first two only.
+        let patched = PatchSites::from_ranges([(BASE + 4, 2)]);
+        let f = form(
+            &sites(&[BASE, BASE + 2, BASE + 4]),
+            &k,
+            &patched,
+            &crate::policy_all(),
+            &TranslatorConfig::default(),
+        );
+        assert_eq!(f.clusters.len(), 1);
+        let c = &f.clusters[0].1;
+        assert_eq!(c.exiting_count(), 2);
+        assert!(c
+            .code
+            .iter()
+            .all(|r| !patched.overlaps(r.start, r.start + r.bytes.len() as u64)));
+        assert_eq!(f.reasons.get(PATCHED), Some(&1), "{:?}", f.reasons);
     }
 }

@@ -12,6 +12,7 @@
 pub mod api;
 pub mod elf;
 mod form;
+pub mod patch;
 mod scan;
 pub mod synth;
 pub mod targets;
@@ -513,7 +514,8 @@ pub fn analyze_bytes(
             })
         })
         .collect();
-    let formed = form::form(&all_sites, &knowledge, policy, config);
+    let patches = patch::PatchSites::of_elf(&elf);
+    let formed = form::form(&all_sites, &knowledge, &patches, policy, config);
     let t_cluster = t1.elapsed().as_secs_f64();
 
     let mut sites = BTreeMap::new();

@@ -8,19 +8,23 @@
 //! [`check_against`] then rejects a set made for another guest build or another
 //! exit policy.
 //!
-//! # Layout, version 2 (all integers little-endian)
+//! # Layout, version 3 (all integers little-endian)
 //!
 //! Version 2 clusters are regions over the control-flow graph: several code
 //! ranges, calls, returns and guarded indirect branches (see [`crate::ir`]).
-//! Version 1 files are refused with the version they carry.
+//! Version 3 has version 2's layout; its guest digest is the XXH3 identity
+//! (`avex-guest-identity-v2-xxh3`, see [`crate::identity`]) where version 2's
+//! was SHA-256, so a version 2 set is refused as made by another version of avex
+//! rather than as made for another guest. Versions 1 and 2 are refused with the
+//! version they carry.
 //!
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `b"AVEXTRN\0"` |
-//! | 8 | 2 | format version (2) |
+//! | 8 | 2 | format version (3) |
 //! | 10 | 2 | header length: offset of the payload |
 //! | 12 | 4 | flags (must be 0) |
-//! | 16 | 32 | guest digest ([`crate::identity::of_segments`]) |
+//! | 16 | 32 | guest digest ([`crate::identity::of_segments`]: XXH3-128 under two seeds) |
 //! | 48 | 32 | exit-policy fingerprint |
 //! | 80 | 32 | translator-config fingerprint |
 //! | 112 | 4 | cluster count |
@@ -175,7 +179,7 @@ impl fmt::Display for FormatError {
             }
             UnsupportedVersion { found, supported } => write!(
                 f,
-                "unsupported format version {found} at offset 8 (this build reads version {supported})"
+                "unsupported format version {found} at offset 8: made by another version of avex (this build reads version {supported}; make the translations again with this build)"
             ),
             BadField { field, offset, reason } => {
                 write!(f, "bad {field} at offset {offset}: {reason}")

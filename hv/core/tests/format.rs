@@ -756,6 +756,15 @@ fn unsupported_version() {
         decode(&b),
         Err(FormatError::UnsupportedVersion { found: 1, .. })
     ));
+    // Version 2 has a SHA-256 guest identity and no learn sites: an image linked
+    // by that avex is said to be of another version, not of another guest.
+    b[8..10].copy_from_slice(&2u16.to_le_bytes());
+    let e = decode(&b).unwrap_err();
+    assert!(matches!(
+        e,
+        FormatError::UnsupportedVersion { found: 2, .. }
+    ));
+    assert!(e.to_string().contains("another version of avex"), "{e}");
 }
 
 #[test]
@@ -1268,6 +1277,27 @@ fn identity_depends_on_addresses_and_bytes_not_order() {
         of_segments([(0x1000, a), (0x8000, &[][..]), (0x2000, b)]),
         id
     );
+}
+
+#[test]
+fn identity_is_xxh3_128_under_two_seeds_of_the_documented_stream() {
+    // The stream: domain tag, then per segment (by address) address, length, bytes.
+    let (a, b): (&[u8], &[u8]) = (&[0x90; 100_000], &[1, 2, 3]);
+    let mut stream = b"avex-guest-identity-v2-xxh3".to_vec();
+    for (paddr, bytes) in [(0x1000u64, a), (0x20_0000u64, b)] {
+        stream.extend_from_slice(&paddr.to_le_bytes());
+        stream.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        stream.extend_from_slice(bytes);
+    }
+    let mut want = [0u8; 32];
+    for (half, seed) in want
+        .chunks_exact_mut(16)
+        .zip([0x6176_6578_2d69_6431u64, 0x6176_6578_2d69_6432])
+    {
+        let d = xxhash_rust::xxh3::xxh3_128_with_seed(&stream, seed);
+        half.copy_from_slice(&d.to_le_bytes());
+    }
+    assert_eq!(of_segments([(0x20_0000, b), (0x1000, a)]), want);
 }
 
 #[test]
