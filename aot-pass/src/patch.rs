@@ -240,7 +240,7 @@ impl CodeSource for Unpatched<'_, '_> {
         self.pieces.indirect_targets(at)
     }
 
-    fn thunk(&self, addr: u64) -> Option<Thunk> {
+    fn thunk(&mut self, addr: u64) -> Option<Thunk> {
         self.pieces.thunk(addr)
     }
 }
