@@ -31,50 +31,12 @@ use scan::{decode_score, Region};
 /// (file offsets in bytes).
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum AnalyzeError {
-    #[error("not an ELF file (no \\x7fELF magic at offset 0; {len} bytes){hint}")]
-    NotElf { len: u64, hint: &'static str },
-    #[error("truncated: {what} needs {need} bytes at offset {offset:#x}, the file has {len}")]
-    Truncated {
-        what: &'static str,
-        offset: u64,
-        need: u64,
-        len: u64,
-    },
-    #[error("corrupt ELF header field {field} = {value:#x} at offset {offset:#x}: {why}")]
-    CorruptField {
-        field: &'static str,
-        value: u64,
-        offset: u64,
-        why: &'static str,
-    },
+    /// The ELF reader refused the file: the error names the field, its offset and
+    /// why.
+    #[error(transparent)]
+    Elf(#[from] avex_core::elf::ElfError),
     #[error("unknown machine {machine} ({name}) in e_machine at offset 0x12: avex analyzes x86 only (EM_386, EM_X86_64)")]
     UnknownMachine { machine: u16, name: &'static str },
-    #[error("{what} (e_{} at offset {field_offset:#x}) at offset {offset:#x}, {size:#x} bytes, runs past the end of the file ({len:#x} bytes)", if *what == "program header table" { "phoff" } else { "shoff" })]
-    TablePastEnd {
-        what: &'static str,
-        field_offset: u64,
-        offset: u64,
-        size: u64,
-        len: u64,
-    },
-    #[error("section {} (index {index}, header at offset {header_offset:#x}) at offset {offset:#x}, {size:#x} bytes, runs past the end of the file ({len:#x} bytes)", name.as_deref().unwrap_or("?"))]
-    SectionPastEnd {
-        index: usize,
-        name: Option<String>,
-        header_offset: u64,
-        offset: u64,
-        size: u64,
-        len: u64,
-    },
-    #[error("segment {index} (PT_LOAD) at offset {offset:#x}, {size:#x} bytes, runs past the end of the file ({len:#x} bytes)")]
-    SegmentPastEnd {
-        index: usize,
-        offset: u64,
-        size: u64,
-        len: u64,
-    },
-    #[error("corrupt ELF at offset {offset:#x}: {what}")]
-    Corrupt { offset: u64, what: String },
 }
 
 /// Minimum, maximum, mean and total of a per-cluster count.
@@ -208,9 +170,8 @@ pub struct Analysis {
     pub indirect_targets: Vec<(usize, u64, u64)>,
     /// Recognised thunks: (address space, address, what a branch to it does), sorted.
     pub thunks: Vec<(usize, u64, targets::Thunk)>,
-    /// Guest identity inputs: loadable segments (p_paddr, file bytes); for ET_REL the
-    /// allocated sections (sh_addr, bytes).
-    pub segments: Vec<(u64, Vec<u8>)>,
+    /// The guest's identity ([`avex_core::identity::of_elf`]).
+    pub identity: [u8; 32],
 }
 
 impl Analysis {
@@ -229,9 +190,7 @@ impl Analysis {
         clusters.dedup_by_key(|c| c.entry_rip());
         TranslationSet {
             guest: GuestIdentity {
-                digest: avex_core::identity::of_segments(
-                    self.segments.iter().map(|(a, b)| (*a, b.as_slice())),
-                ),
+                digest: self.identity,
                 name: self.report.file.clone(),
             },
             policy: policy.fingerprint(),
@@ -599,6 +558,6 @@ pub fn analyze_bytes(
             .collect(),
         indirect_targets: knowledge.targets,
         thunks: knowledge.thunks,
-        segments: elf.segments.iter().map(|(a, b)| (*a, b.to_vec())).collect(),
+        identity: elf.identity,
     })
 }

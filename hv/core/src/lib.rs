@@ -16,6 +16,7 @@ pub mod arch;
 pub mod boot;
 pub mod cache;
 pub mod devices;
+pub mod elf;
 pub mod emulate;
 pub mod engine;
 pub mod exit;
