@@ -478,22 +478,48 @@ impl<'a> ElfFile<'a> {
             .iter()
             .map(|s| cstr(shstr, s.sh_name as u64))
             .collect();
-        for (i, sh) in shdrs.iter().enumerate() {
-            if sh.sh_type != section_header::SHT_NOBITS
-                && sh.sh_size > 0
-                && !fits(sh.sh_offset, sh.sh_size, self.data.len())
-            {
-                return Err(ElfError::SectionPastEnd {
-                    index: i,
-                    name: Some(names[i].clone()).filter(|n| !n.is_empty()),
-                    header_offset: self.section_header_offset(i),
-                    offset: sh.sh_offset,
-                    size: sh.sh_size,
-                    len: self.data.len() as u64,
-                });
-            }
+        for (i, name) in names.iter().enumerate() {
+            self.section_data(shdrs, i).map_err(|e| match e {
+                ElfError::SectionPastEnd {
+                    index,
+                    header_offset,
+                    offset,
+                    size,
+                    len,
+                    ..
+                } => ElfError::SectionPastEnd {
+                    index,
+                    name: Some(name.clone()).filter(|n| !n.is_empty()),
+                    header_offset,
+                    offset,
+                    size,
+                    len,
+                },
+                e => e,
+            })?;
         }
         Ok(names)
+    }
+
+    /// Section `index`'s contents (empty for `SHT_NOBITS` or size 0), or why they
+    /// are not all in the file.
+    pub fn section_data(
+        &self,
+        shdrs: &[SectionHeader],
+        index: usize,
+    ) -> Result<&'a [u8], ElfError> {
+        let sh = &shdrs[index];
+        if sh.sh_type == section_header::SHT_NOBITS || sh.sh_size == 0 {
+            return Ok(&[]);
+        }
+        slice(self.data, sh.sh_offset, sh.sh_size).ok_or(ElfError::SectionPastEnd {
+            index,
+            name: None,
+            header_offset: self.section_header_offset(index),
+            offset: sh.sh_offset,
+            size: sh.sh_size,
+            len: self.data.len() as u64,
+        })
     }
 
     /// The contents of the section called `name` (empty for `SHT_NOBITS`), if the
@@ -531,16 +557,7 @@ impl<'a> ElfFile<'a> {
                 "symbol table entry size does not match the ELF class",
             ));
         }
-        if !fits(sh.sh_offset, sh.sh_size, self.data.len()) {
-            return Err(ElfError::SectionPastEnd {
-                index,
-                name: None,
-                header_offset: self.section_header_offset(index),
-                offset: sh.sh_offset,
-                size: sh.sh_size,
-                len: self.data.len() as u64,
-            });
-        }
+        self.section_data(shdrs, index)?;
         let count = (sh.sh_size / symsize) as usize;
         Symtab::parse(self.data, sh.sh_offset as usize, count, self.ctx).map_err(|e| {
             ElfError::Corrupt {
