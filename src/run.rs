@@ -227,7 +227,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         "\navex: {} on {} in mode {}: status {}, {:.3} s",
         guest.name,
         backend.name(),
-        crate::compare::variant_name(mode, result.coalesced),
+        crate::backend::variant_name(mode, result.coalesced),
         result.status,
         result.seconds
     );
