@@ -173,7 +173,7 @@ pub fn analyze_guest(
     let config = avex_aot::TranslatorConfig::default();
     let analysis = avex_aot::analyze_bytes(name, elf, policy, &config)
         .map_err(|e| anyhow::anyhow!("{name}: analysis failed: {e}"))?;
-    Ok(analysis.translation_set(policy, &config))
+    Ok(analysis.translation_set(elf, policy, &config)?)
 }
 
 pub fn main(args: Args) -> anyhow::Result<ExitCode> {

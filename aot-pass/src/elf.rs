@@ -68,8 +68,6 @@ pub struct Elf<'a> {
     pub entry: Option<u64>,
     pub code: Vec<CodeArea<'a>>,
     pub syms: Vec<CodeSym>,
-    /// The guest identity ([`avex_core::identity::of_file`]).
-    pub identity: [u8; 32],
     /// Data sections, the objects in them and (ET_REL) relocations from them to
     /// code: where function pointers are.
     pub data: DataInfo<'a>,
@@ -107,7 +105,6 @@ pub fn parse(data: &[u8]) -> Result<Elf<'_>, AnalyzeError> {
         machine: r.file.header.e_machine,
         kind: r.kind,
         entry: r.entry_point(&phdrs, &code),
-        identity: avex_core::identity::of_file(&r.file)?,
         code,
         syms,
     })

@@ -170,27 +170,28 @@ pub struct Analysis {
     pub indirect_targets: Vec<(usize, u64, u64)>,
     /// Recognised thunks: (address space, address, what a branch to it does), sorted.
     pub thunks: Vec<(usize, u64, targets::Thunk)>,
-    /// The guest's identity ([`avex_core::identity::of_elf`]).
-    pub identity: [u8; 32],
 }
 
 impl Analysis {
     /// The translation set for this guest: its clusters (by start, one per start),
     /// the guest's identity, and the policy and translator configuration they were
-    /// made under. `avex analyze -o`, `avex link` and `avex run` all write this.
+    /// made under. `elf` is the file analyzed (its identity is computed here, only
+    /// when a set is made). `avex analyze -o`, `avex link` and `avex run` all write
+    /// this.
     pub fn translation_set(
         &self,
+        elf: &[u8],
         policy: &ExitPolicy,
         config: &TranslatorConfig,
-    ) -> avex_core::format::TranslationSet {
+    ) -> Result<avex_core::format::TranslationSet, AnalyzeError> {
         use avex_core::format::{self, GuestIdentity, TranslationSet, TranslatorStamp};
         let description = api::describe_config(config);
         let mut clusters = self.clusters.clone();
         clusters.sort_by_key(|c| c.entry_rip());
         clusters.dedup_by_key(|c| c.entry_rip());
-        TranslationSet {
+        Ok(TranslationSet {
             guest: GuestIdentity {
-                digest: self.identity,
+                digest: avex_core::identity::of_elf(elf)?,
                 name: self.report.file.clone(),
             },
             policy: policy.fingerprint(),
@@ -199,7 +200,7 @@ impl Analysis {
                 description,
             },
             clusters,
-        }
+        })
     }
 }
 
@@ -558,6 +559,5 @@ pub fn analyze_bytes(
             .collect(),
         indirect_targets: knowledge.targets,
         thunks: knowledge.thunks,
-        identity: elf.identity,
     })
 }
