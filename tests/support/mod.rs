@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod aot;
+pub mod bochs;
 pub mod cguests;
 pub mod shapes;
 
