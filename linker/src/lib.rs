@@ -71,7 +71,7 @@ fn malformed(what: impl Into<String>, offset: u64, reason: impl Into<String>) ->
 }
 
 /// One section header as the linker writes it back.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Shdr {
     name: u32,
     kind: u32,
@@ -260,18 +260,7 @@ pub fn embed(elf: &[u8], payload: &[u8]) -> Result<Vec<u8>, LinkError> {
         strtab.push(0);
     }
     if sections.is_empty() {
-        sections.push(Shdr {
-            name: 0,
-            kind: 0,
-            flags: 0,
-            addr: 0,
-            offset: 0,
-            size: 0,
-            link: 0,
-            info: 0,
-            addralign: 0,
-            entsize: 0,
-        });
+        sections.push(Shdr::default());
     }
     let mut shstrndx = e.shstrndx as usize;
     let new_strtab = shstrndx == 0;
@@ -281,14 +270,8 @@ pub fn embed(elf: &[u8], payload: &[u8]) -> Result<Vec<u8>, LinkError> {
         sections.push(Shdr {
             name,
             kind: SHT_STRTAB,
-            flags: 0,
-            addr: 0,
-            offset: 0,
-            size: 0,
-            link: 0,
-            info: 0,
             addralign: 1,
-            entsize: 0,
+            ..Shdr::default()
         });
         shstrndx = sections.len() - 1;
     }
@@ -322,14 +305,10 @@ pub fn embed(elf: &[u8], payload: &[u8]) -> Result<Vec<u8>, LinkError> {
     sections.push(Shdr {
         name: our_name,
         kind: SHT_PROGBITS,
-        flags: 0,
-        addr: 0,
         offset: payload_off,
         size: payload.len() as u64,
-        link: 0,
-        info: 0,
         addralign: 8,
-        entsize: 0,
+        ..Shdr::default()
     });
     let shnum = sections.len();
     if shnum >= SHN_LORESERVE as usize {
