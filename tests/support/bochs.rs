@@ -4,21 +4,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::Value;
 
 use super::avex;
 
 pub fn scratch(name: &str) -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "avex-test-bochs-{}-{}-{name}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    super::scratch("bochs", name)
 }
 
 /// One `avex run --backend bochs` result: the JSON record and the console bytes.
@@ -84,19 +76,7 @@ pub fn try_run_bochs(image: &Path, mode: &str) -> Result<Run, String> {
 }
 
 pub fn link(elf: &Path, out: &Path) {
-    let o = avex()
-        .arg("link")
-        .arg(elf)
-        .arg("-o")
-        .arg(out)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "avex link {}: {}",
-        elf.display(),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    super::run_ok(avex().arg("link").arg(elf).arg("-o").arg(out));
 }
 
 /// `image` run in mode `off` and in `aot+dynamic`, side by side: `[off, aot+dynamic]`.
