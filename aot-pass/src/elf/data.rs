@@ -4,6 +4,7 @@
 //! turns these into known destinations of indirect calls (`crate::targets`).
 //! Everything here is best effort: a malformed table is skipped, never an error.
 
+use avex_core::elf::reloc::{R_386_32, R_X86_64_64};
 use avex_core::elf::section_header::{
     SectionHeader, SHF_ALLOC, SHF_EXECINSTR, SHT_PROGBITS, SHT_SYMTAB,
 };
@@ -47,9 +48,6 @@ pub struct DataInfo<'a> {
     pub objects: Vec<DataObject>,
     pub code_pointers: Vec<CodePointer>,
 }
-
-const R_X86_64_64: u32 = 1;
-const R_386_32: u32 = 1;
 
 impl<'a> Reader<'a> {
     /// The data sections, their objects and (ET_REL) their relocations to code.
