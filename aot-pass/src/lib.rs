@@ -24,7 +24,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 pub use api::{ExitClass, ExitPolicy, NoCluster, Shape, TranslatorConfig};
-use elf::{CodeArea, ElfKind};
+use elf::CodeArea;
 use scan::{decode_score, Region};
 
 /// Why a file could not be analyzed. Every variant names what is wrong and where
@@ -337,28 +337,12 @@ fn area_of(elf: &elf::Elf<'_>, space: usize, addr: u64) -> Option<usize> {
         .position(|a: &CodeArea<'_>| a.space == space && a.contains(addr))
 }
 
-/// Analyzes one ELF image held in memory. Never panics on any input.
-///
-/// Code is found by recursive traversal from the entry point and every code symbol
-/// (STT_FUNC, and named STT_NOTYPE labels in executable sections), following direct
-/// jumps, calls and conditional branches; every byte range it did not reach is
-/// decoded by linear sweep (stripped files are swept whole). Bitness is decided per
-/// region (see docs/analyze.md): the ELF class; section names with `16`/`64`/`32`,
-/// ELF32 function symbols with `64` in their name, and the targets of immediate far
-/// jumps in 16/32-bit code, each confirmed by decoding; and for ELF32 sections a
-/// decode heuristic (REX-prefix density).
-pub fn analyze_bytes(
-    name: &str,
-    data: &[u8],
-    policy: &ExitPolicy,
-    config: &TranslatorConfig,
-) -> Result<Analysis, AnalyzeError> {
-    let t0 = Instant::now();
-    let elf = elf::parse(data)?;
-    let t_parse = t0.elapsed().as_secs_f64();
+/// A bitness decided for part of an area: (area, start, end, bitness, reason).
+type Override = (usize, u64, u64, Bitness, &'static str);
 
-    // Symbol-name overrides (ELF32 functions named *64*, confirmed by decoding).
-    let mut overrides: Vec<(usize, u64, u64, Bitness, &'static str)> = Vec::new();
+/// ELF32 functions named `*64*` whose bytes decode as 64-bit code.
+fn symbol_name_overrides(elf: &elf::Elf<'_>) -> Vec<Override> {
+    let mut overrides = Vec::new();
     if elf.bits == 32 && elf.machine == elf::EM_386 {
         for s in &elf.syms {
             if s.is_func && s.size >= 32 && s.name.contains("64") {
@@ -377,109 +361,83 @@ pub fn analyze_bytes(
             }
         }
     }
+    overrides
+}
 
-    let mut roots: Vec<(usize, u64)> = elf.syms.iter().map(|s| (s.area, s.addr)).collect();
-    if let Some(e) = elf.entry {
-        if let Some(a) = area_of(&elf, 0, e) {
-            roots.push((a, e));
-        }
-    }
-    let mut planned;
-    let mut scans;
-    let mut round = 0;
-    loop {
-        planned = plan(&elf, &overrides);
-        scans = planned
-            .par_iter()
-            .map(|p| {
-                let r = &p.region;
-                let mine: Vec<u64> = roots
-                    .iter()
-                    .filter(|(a, addr)| *a == r.area && *addr >= r.addr && *addr < r.end())
-                    .map(|x| x.1)
-                    .collect();
-                scan::scan_region(r, &mine, &mine, policy)
-            })
-            .collect::<Vec<_>>();
-        round += 1;
-        if round > 2 {
-            break;
-        }
-        // Far jumps from 16/32-bit code into code of a wider mode.
-        let mut added = false;
-        for (p, s) in planned.iter().zip(&scans) {
-            for &t in &s.far_targets {
-                let Some(ai) = area_of(&elf, p.region.space, t) else {
-                    continue;
-                };
-                let Some(tp) = planned
-                    .iter()
-                    .find(|q| q.region.area == ai && t >= q.region.addr && t < q.region.end())
-                else {
-                    continue;
-                };
-                if overrides.iter().any(|o| o.0 == ai && o.1 == t) {
-                    continue;
-                }
-                let area = &elf.code[ai];
-                // The wider mode runs to the next code symbol after the target, or the
-                // end of the region.
-                let end = elf
-                    .syms
-                    .iter()
-                    .filter(|s| s.area == ai && s.addr > t)
-                    .map(|s| s.addr)
-                    .min()
-                    .unwrap_or(tp.region.end())
-                    .min(tp.region.end());
-                let lo = (t - area.addr) as usize;
-                let hi = (end - area.addr) as usize;
-                let bytes = &area.bytes[lo..hi];
-                let wider = match tp.region.bitness {
-                    Bitness::B16 => Bitness::B32,
-                    Bitness::B32 => Bitness::B64,
-                    Bitness::B64 => continue,
-                };
-                let ok = match wider {
-                    Bitness::B64 => looks_64(bytes, t, 5, 1),
-                    _ => !looks_16(bytes, t, Bitness::B32) || p.region.bitness == Bitness::B16,
-                };
-                if ok {
-                    overrides.push((ai, t, end, wider, "far-jump"));
-                    roots.push((ai, t));
-                    added = true;
-                }
+/// Far jumps from 16/32-bit code into code of a wider mode: the target, up to the
+/// next code symbol, is decoded in that mode if its bytes look like it. Adds the
+/// overrides and roots; true if it added any.
+fn far_jump_overrides(
+    elf: &elf::Elf<'_>,
+    planned: &[Planned<'_>],
+    scans: &[scan::RegionScan],
+    overrides: &mut Vec<Override>,
+    roots: &mut Vec<(usize, u64)>,
+) -> bool {
+    let mut added = false;
+    for (p, s) in planned.iter().zip(scans) {
+        for &t in &s.far_targets {
+            let Some(ai) = area_of(elf, p.region.space, t) else {
+                continue;
+            };
+            let Some(tp) = planned
+                .iter()
+                .find(|q| q.region.area == ai && t >= q.region.addr && t < q.region.end())
+            else {
+                continue;
+            };
+            if overrides.iter().any(|o| o.0 == ai && o.1 == t) {
+                continue;
+            }
+            let area = &elf.code[ai];
+            // The wider mode runs to the next code symbol after the target, or the
+            // end of the region.
+            let end = elf
+                .syms
+                .iter()
+                .filter(|s| s.area == ai && s.addr > t)
+                .map(|s| s.addr)
+                .min()
+                .unwrap_or(tp.region.end())
+                .min(tp.region.end());
+            let lo = (t - area.addr) as usize;
+            let hi = (end - area.addr) as usize;
+            let bytes = &area.bytes[lo..hi];
+            let wider = match tp.region.bitness {
+                Bitness::B16 => Bitness::B32,
+                Bitness::B32 => Bitness::B64,
+                Bitness::B64 => continue,
+            };
+            let ok = match wider {
+                Bitness::B64 => looks_64(bytes, t, 5, 1),
+                _ => !looks_16(bytes, t, Bitness::B32) || p.region.bitness == Bitness::B16,
+            };
+            if ok {
+                overrides.push((ai, t, end, wider, "far-jump"));
+                roots.push((ai, t));
+                added = true;
             }
         }
-        if !added {
-            break;
-        }
     }
-    let t_decode = t0.elapsed().as_secs_f64() - t_parse;
+    added
+}
 
-    // Clusters, over every executable section of the site's address space.
-    let t1 = Instant::now();
-    let regions: Vec<&Region<'_>> = planned.iter().map(|p| &p.region).collect();
-    let branches: Vec<&[Vec<scan::Branch>]> = scans.iter().map(|s| s.branches.as_slice()).collect();
-    let knowledge = targets::build(&elf, &regions, &branches);
-    let all_sites: Vec<form::Site> = planned
-        .iter()
-        .zip(&scans)
-        .flat_map(|(p, s)| {
-            s.sites.iter().map(|&(rip, _)| form::Site {
-                space: p.region.space,
-                rip,
-                bitness: p.region.bitness,
-            })
-        })
-        .collect();
-    let formed = form::form(&all_sites, &knowledge, policy, config);
-    let t_cluster = t1.elapsed().as_secs_f64();
-
+/// The report of an analysis, and its clusters (taken out of `formed`).
+#[allow(clippy::too_many_arguments)]
+fn report(
+    name: &str,
+    elf: &elf::Elf<'_>,
+    policy: &ExitPolicy,
+    planned: &[Planned<'_>],
+    scans: &[scan::RegionScan],
+    formed: form::Formed,
+    indirect: targets::KnowledgeReport,
+    seconds: Timing,
+) -> (Report, Vec<Cluster>) {
     let mut sites = BTreeMap::new();
     let mut class_instructions = BTreeMap::new();
     let mut shapes = BTreeMap::new();
-    for s in &scans {
+    for s in scans {
         for &(_, c) in &s.sites {
             *sites.entry(class_name(c)).or_insert(0u64) += 1;
         }
@@ -505,7 +463,7 @@ pub fn analyze_bytes(
         code_symbols: elf.syms.len() as u64,
         regions: planned
             .iter()
-            .zip(&scans)
+            .zip(scans)
             .map(|(p, s)| RegionReport {
                 name: p.name.clone(),
                 addr: p.region.addr,
@@ -540,15 +498,102 @@ pub fn analyze_bytes(
         unsupported_blockers: formed.blockers,
         sites_in_clusters: formed.in_multi_exit_clusters,
         sites_not_in_clusters: formed.not_in_multi_exit_clusters,
-        indirect: knowledge.report,
-        seconds: Timing {
+        indirect,
+        seconds,
+    };
+    (report, clusters)
+}
+
+/// Analyzes one ELF image held in memory. Never panics on any input.
+///
+/// Code is found by recursive traversal from the entry point and every code symbol
+/// (STT_FUNC, and named STT_NOTYPE labels in executable sections), following direct
+/// jumps, calls and conditional branches; every byte range it did not reach is
+/// decoded by linear sweep (stripped files are swept whole). Bitness is decided per
+/// region (see docs/analyze.md): the ELF class; section names with `16`/`64`/`32`,
+/// ELF32 function symbols with `64` in their name, and the targets of immediate far
+/// jumps in 16/32-bit code, each confirmed by decoding; and for ELF32 sections a
+/// decode heuristic (REX-prefix density).
+pub fn analyze_bytes(
+    name: &str,
+    data: &[u8],
+    policy: &ExitPolicy,
+    config: &TranslatorConfig,
+) -> Result<Analysis, AnalyzeError> {
+    let t0 = Instant::now();
+    let elf = elf::parse(data)?;
+    let t_parse = t0.elapsed().as_secs_f64();
+
+    let mut overrides = symbol_name_overrides(&elf);
+    let mut roots: Vec<(usize, u64)> = elf.syms.iter().map(|s| (s.area, s.addr)).collect();
+    if let Some(e) = elf.entry {
+        if let Some(a) = area_of(&elf, 0, e) {
+            roots.push((a, e));
+        }
+    }
+    let mut planned;
+    let mut scans;
+    let mut round = 0;
+    loop {
+        planned = plan(&elf, &overrides);
+        scans = planned
+            .par_iter()
+            .map(|p| {
+                let r = &p.region;
+                let mine: Vec<u64> = roots
+                    .iter()
+                    .filter(|(a, addr)| *a == r.area && *addr >= r.addr && *addr < r.end())
+                    .map(|x| x.1)
+                    .collect();
+                scan::scan_region(r, &mine, &mine, policy)
+            })
+            .collect::<Vec<_>>();
+        round += 1;
+        if round > 2 {
+            break;
+        }
+        // Far jumps from 16/32-bit code into code of a wider mode.
+        let added = far_jump_overrides(&elf, &planned, &scans, &mut overrides, &mut roots);
+        if !added {
+            break;
+        }
+    }
+    let t_decode = t0.elapsed().as_secs_f64() - t_parse;
+
+    // Clusters, over every executable section of the site's address space.
+    let t1 = Instant::now();
+    let regions: Vec<&Region<'_>> = planned.iter().map(|p| &p.region).collect();
+    let branches: Vec<&[Vec<scan::Branch>]> = scans.iter().map(|s| s.branches.as_slice()).collect();
+    let knowledge = targets::build(&elf, &regions, &branches);
+    let all_sites: Vec<form::Site> = planned
+        .iter()
+        .zip(&scans)
+        .flat_map(|(p, s)| {
+            s.sites.iter().map(|&(rip, _)| form::Site {
+                space: p.region.space,
+                rip,
+                bitness: p.region.bitness,
+            })
+        })
+        .collect();
+    let formed = form::form(&all_sites, &knowledge, policy, config);
+    let t_cluster = t1.elapsed().as_secs_f64();
+
+    let (report, clusters) = report(
+        name,
+        &elf,
+        policy,
+        &planned,
+        &scans,
+        formed,
+        knowledge.report.clone(),
+        Timing {
             parse: t_parse,
             decode: t_decode,
             cluster: t_cluster,
             total: t0.elapsed().as_secs_f64(),
         },
-    };
-    let _ = ElfKind::Rel;
+    );
     Ok(Analysis {
         report,
         clusters,
