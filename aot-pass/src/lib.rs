@@ -1,9 +1,12 @@
 //! avex's ahead-of-time pass: reads a guest ELF (ELF32 or ELF64; ET_EXEC, ET_DYN or
-//! ET_REL), finds its code, classifies every decoded instruction with the exit policy,
-//! forms clusters with hv/core's translator at every exit-prone site, and reports.
+//! ET_REL) through hv/core's ELF reader (`avex_core::elf`; [`elf`] is what the pass
+//! takes from it: code areas, code symbols, pointers in data), finds its code,
+//! classifies every decoded instruction with the exit policy, forms clusters with
+//! hv/core's translator at every exit-prone site, and reports.
 //!
 //! ```text
-//! analyze_bytes(name, elf, policy, config) -> Analysis { report, clusters, segments }
+//! analyze_bytes(name, elf, policy, config) -> Analysis { report, clusters, sites, .. }
+//! Analysis::translation_set(elf, policy, config) -> TranslationSet (with the guest identity)
 //! ```
 //!
 //! How code is found, and in which bitness it is decoded, is described in
