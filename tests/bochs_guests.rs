@@ -5,7 +5,6 @@
 
 mod support;
 
-use support::avex;
 use support::bochs::*;
 
 #[test]
@@ -160,22 +159,7 @@ fn a_fault_in_the_hypervisor_itself_is_diagnosed_by_its_exception_stubs() {
     let dir = scratch("selftest");
     let elf = dir.join("smc.elf");
     std::fs::write(&elf, self_modifying_guest()).unwrap();
-    let out = avex()
-        .args([
-            "run",
-            "--backend",
-            "bochs",
-            "--mode",
-            "off",
-            "--timeout",
-            "120",
-        ])
-        .arg(&elf)
-        .env("AVEX_VMX_OPTIONS", "selftest=ud2")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = run_bochs_failing_with(&elf, &[("AVEX_VMX_OPTIONS", "selftest=ud2")]);
     assert!(
         err.contains("hypervisor exception 6 (invalid opcode)"),
         "{err}"

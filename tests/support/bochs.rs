@@ -150,6 +150,11 @@ pub fn elf64_at_1mib(code: &[u8]) -> Vec<u8> {
 /// `avex run --backend bochs` for a guest the hypervisor must stop: it fails, and
 /// its error carries the hypervisor's diagnosis.
 pub fn run_bochs_failing(image: &Path) -> String {
+    run_bochs_failing_with(image, &[])
+}
+
+/// [`run_bochs_failing`] with environment variables set (`AVEX_VMX_OPTIONS`).
+pub fn run_bochs_failing_with(image: &Path, env: &[(&str, &str)]) -> String {
     let out = avex()
         .args([
             "run",
@@ -161,6 +166,7 @@ pub fn run_bochs_failing(image: &Path) -> String {
             "120",
         ])
         .arg(image)
+        .envs(env.iter().copied())
         .output()
         .expect("run avex");
     assert!(

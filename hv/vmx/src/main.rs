@@ -19,6 +19,7 @@ mod cpu;
 mod ept;
 mod exit_reason;
 mod heap;
+#[path = "../../../build/freestanding_mem.rs"]
 mod mem;
 mod multiboot;
 mod run;
