@@ -22,7 +22,9 @@
 //!
 //! The crate being built must set `panic = "abort"` in its own `[profile.release]`
 //! (and `[profile.dev]`), define `rust_eh_personality` and provide `memcpy`,
-//! `memmove`, `memset`, `memcmp` and `bcmp`. It is always built with `--release`.
+//! `memmove`, `memset`, `memcmp` and `bcmp` (by including `build/freestanding_mem.rs`
+//! with `#[path]`, as the guests and the hypervisor do). It is always built with
+//! `--release`.
 //! The helper prints `cargo:rerun-if-changed` for the crate directory and the linker
 //! script, so the hosted build reruns only when they change; the nested cargo does
 //! its own incremental work in `target_dir`.
@@ -154,6 +156,13 @@ pub fn build_bins(
 pub fn build(b: &Build) -> Vec<PathBuf> {
     let manifest = b.manifest_dir.join("Cargo.toml");
     println!("cargo:rerun-if-changed={}", b.manifest_dir.display());
+    // The memory functions every freestanding crate includes from here.
+    println!(
+        "cargo:rerun-if-changed={}",
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("build/freestanding_mem.rs")
+            .display()
+    );
     if let Some(script) = b.linker_script {
         println!("cargo:rerun-if-changed={}", script.display());
     }

@@ -143,8 +143,12 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         })
     };
 
+    /// A file's encoded translation set, or why it could not be made.
+    type EncodedSet = Result<Vec<u8>, String>;
     let errors = Mutex::new(Vec::new());
-    let results: Vec<Option<Analysis>> = files
+    // The translation set (with the guest identity, which needs the file's bytes)
+    // is made here, while the bytes are at hand.
+    let results: Vec<Option<(Analysis, Option<EncodedSet>)>> = files
         .par_iter()
         .map(|f| {
             let name = f.display().to_string();
@@ -155,7 +159,13 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
                     let a =
                         analyze_bytes(&name, &data, &policy, &config).map_err(|e| e.to_string());
                     bar.inc(len);
-                    a
+                    let a = a?;
+                    let set = (args.output.is_some() && a.report.elf_type != "REL").then(|| {
+                        a.translation_set(&data, &policy, &config)
+                            .map(|set| format::encode(&set))
+                            .map_err(|e| e.to_string())
+                    });
+                    Ok((a, set))
                 });
             match r {
                 Ok(a) => {
@@ -181,12 +191,12 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     for (file, error) in errors {
         failed.push(Failure { file, error });
     }
-    let analyses: Vec<&Analysis> = results.iter().flatten().collect();
+    let analyses: Vec<&Analysis> = results.iter().flatten().map(|(a, _)| a).collect();
 
     // Translation sets.
     if let Some(out) = &args.output {
         let mut written = std::collections::HashSet::new();
-        for a in &analyses {
+        for (a, set) in results.iter().flatten() {
             if a.report.elf_type == "REL" {
                 failed.push(Failure {
                     file: a.report.file.clone(),
@@ -216,7 +226,17 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             } else {
                 out.clone()
             };
-            let bytes = format::encode(&a.translation_set(&policy, &config));
+            let bytes = match set {
+                Some(Ok(bytes)) => bytes,
+                Some(Err(e)) => {
+                    failed.push(Failure {
+                        file: a.report.file.clone(),
+                        error: format!("no translation set written: {e}"),
+                    });
+                    continue;
+                }
+                None => continue,
+            };
             if let Err(e) = std::fs::write(&path, bytes) {
                 failed.push(Failure {
                     file: a.report.file.clone(),

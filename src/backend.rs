@@ -107,3 +107,13 @@ pub struct TimeSplit {
     /// Guest instructions avex's engine ran inside clusters.
     pub engine_insns: u64,
 }
+
+/// A run's name in tables and charts: the mode, `+coalesce` when writes were
+/// coalesced (`off+coalesce`).
+pub fn variant_name(mode: Mode, coalesced: bool) -> String {
+    if coalesced {
+        format!("{}+coalesce", mode.name())
+    } else {
+        mode.name().to_string()
+    }
+}

@@ -11,7 +11,8 @@ use avex_core::exit::Mode;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use crate::compare::{variant_name, Row};
+use crate::backend::variant_name;
+use crate::compare::Row;
 use crate::record::RunRecord;
 
 /// One colour per run, in the order runs first appear (off, dynamic, aot,

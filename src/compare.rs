@@ -18,7 +18,7 @@ use avex_core::exit::Mode;
 use avex_core::policy::ExitPolicy;
 use avex_core::stats::ExitReason;
 
-use crate::backend::{KernelBoot, RunRequest, TimeSplit};
+use crate::backend::{variant_name, KernelBoot, RunRequest, TimeSplit};
 use crate::backends::BackendKind;
 use crate::guests;
 use crate::record::RunRecord;
@@ -69,16 +69,6 @@ pub fn variants(coalesce: bool) -> Vec<(Mode, bool)> {
         v.extend([(Mode::Off, true), (Mode::AotDynamic, true)]);
     }
     v
-}
-
-/// A run's name in tables and charts: the mode, `+coalesce` when writes were
-/// coalesced (`off+coalesce`).
-pub fn variant_name(mode: Mode, coalesced: bool) -> String {
-    if coalesced {
-        format!("{}+coalesce", mode.name())
-    } else {
-        mode.name().to_string()
-    }
 }
 
 /// What two modes' consoles are compared by: the whole console for the small

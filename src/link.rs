@@ -31,7 +31,7 @@ fn analyze(name: &str, elf: &[u8], policy: &ExitPolicy) -> anyhow::Result<Transl
     let config = TranslatorConfig::default();
     let analysis = analyze_bytes(name, elf, policy, &config)
         .map_err(|e| anyhow::anyhow!("{name}: analysis failed: {e}"))?;
-    Ok(analysis.translation_set(policy, &config))
+    Ok(analysis.translation_set(elf, policy, &config)?)
 }
 
 pub fn main(args: Args) -> anyhow::Result<ExitCode> {

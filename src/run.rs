@@ -179,7 +179,7 @@ pub fn analyze_guest(
     let config = avex_aot::TranslatorConfig::default();
     let analysis = avex_aot::analyze_bytes(name, elf, policy, &config)
         .map_err(|e| anyhow::anyhow!("{name}: analysis failed: {e}"))?;
-    Ok(analysis.translation_set(policy, &config))
+    Ok(analysis.translation_set(elf, policy, &config)?)
 }
 
 pub fn main(args: Args) -> anyhow::Result<ExitCode> {
@@ -234,7 +234,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         "\navex: {} on {} in mode {}: status {}, {:.3} s",
         guest.name,
         backend.name(),
-        crate::compare::variant_name(mode, result.coalesced),
+        crate::backend::variant_name(mode, result.coalesced),
         result.status,
         result.seconds
     );

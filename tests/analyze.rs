@@ -9,17 +9,7 @@ use std::process::{Command, Output};
 use serde_json::Value;
 
 mod support;
-use support::avex;
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
+use support::{avex, run_ok as run};
 
 /// Exiting instructions in every form, for 32- and 64-bit assembly (`AX`, `CX`, `DI`,
 /// `SI` are replaced by the accumulator etc. of the bitness).

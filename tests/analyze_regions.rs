@@ -83,12 +83,7 @@ fn thunks_asm() -> String {
 }
 
 fn run(cmd: &mut Command) {
-    let out = cmd.output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::run_ok(cmd);
 }
 
 struct Built {

@@ -40,26 +40,19 @@ fn fetch() -> (PathBuf, PathBuf) {
 
 fn initramfs(busybox: &Path, dir: &Path) -> PathBuf {
     let out = dir.join("initramfs.cpio");
-    let o = avex()
-        .arg("initramfs")
-        .arg("--busybox")
-        .arg(busybox)
-        .arg("-o")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "avex initramfs: {}",
-        String::from_utf8_lossy(&o.stderr)
+    support::run_ok(
+        avex()
+            .arg("initramfs")
+            .arg("--busybox")
+            .arg(busybox)
+            .arg("-o")
+            .arg(&out),
     );
     out
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("avex-test-linux-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    support::scratch("linux", name)
 }
 
 /// The workload's result lines (`avex-linux: ...`) of a console.

@@ -1,9 +1,12 @@
 //! avex's ahead-of-time pass: reads a guest ELF (ELF32 or ELF64; ET_EXEC, ET_DYN or
-//! ET_REL), finds its code, classifies every decoded instruction with the exit policy,
-//! forms clusters with hv/core's translator at every exit-prone site, and reports.
+//! ET_REL) through hv/core's ELF reader (`avex_core::elf`; [`elf`] is what the pass
+//! takes from it: code areas, code symbols, pointers in data), finds its code,
+//! classifies every decoded instruction with the exit policy, forms clusters with
+//! hv/core's translator at every exit-prone site, and reports.
 //!
 //! ```text
-//! analyze_bytes(name, elf, policy, config) -> Analysis { report, clusters, segments }
+//! analyze_bytes(name, elf, policy, config) -> Analysis { report, clusters, sites, .. }
+//! Analysis::translation_set(elf, policy, config) -> TranslationSet (with the guest identity)
 //! ```
 //!
 //! How code is found, and in which bitness it is decoded, is described in
@@ -25,57 +28,19 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 pub use api::{ExitClass, ExitPolicy, NoCluster, Shape, TranslatorConfig};
-use elf::{CodeArea, ElfKind};
+use elf::CodeArea;
 use scan::{decode_score, Region};
 
 /// Why a file could not be analyzed. Every variant names what is wrong and where
 /// (file offsets in bytes).
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum AnalyzeError {
-    #[error("not an ELF file (no \\x7fELF magic at offset 0; {len} bytes){hint}")]
-    NotElf { len: u64, hint: &'static str },
-    #[error("truncated: {what} needs {need} bytes at offset {offset:#x}, the file has {len}")]
-    Truncated {
-        what: &'static str,
-        offset: u64,
-        need: u64,
-        len: u64,
-    },
-    #[error("corrupt ELF header field {field} = {value:#x} at offset {offset:#x}: {why}")]
-    CorruptField {
-        field: &'static str,
-        value: u64,
-        offset: u64,
-        why: &'static str,
-    },
+    /// The ELF reader refused the file: the error names the field, its offset and
+    /// why.
+    #[error(transparent)]
+    Elf(#[from] avex_core::elf::ElfError),
     #[error("unknown machine {machine} ({name}) in e_machine at offset 0x12: avex analyzes x86 only (EM_386, EM_X86_64)")]
     UnknownMachine { machine: u16, name: &'static str },
-    #[error("{what} (e_{} at offset {field_offset:#x}) at offset {offset:#x}, {size:#x} bytes, runs past the end of the file ({len:#x} bytes)", if *what == "program header table" { "phoff" } else { "shoff" })]
-    TablePastEnd {
-        what: &'static str,
-        field_offset: u64,
-        offset: u64,
-        size: u64,
-        len: u64,
-    },
-    #[error("section {} (index {index}, header at offset {header_offset:#x}) at offset {offset:#x}, {size:#x} bytes, runs past the end of the file ({len:#x} bytes)", name.as_deref().unwrap_or("?"))]
-    SectionPastEnd {
-        index: usize,
-        name: Option<String>,
-        header_offset: u64,
-        offset: u64,
-        size: u64,
-        len: u64,
-    },
-    #[error("segment {index} (PT_LOAD) at offset {offset:#x}, {size:#x} bytes, runs past the end of the file ({len:#x} bytes)")]
-    SegmentPastEnd {
-        index: usize,
-        offset: u64,
-        size: u64,
-        len: u64,
-    },
-    #[error("corrupt ELF at offset {offset:#x}: {what}")]
-    Corrupt { offset: u64, what: String },
 }
 
 /// Minimum, maximum, mean and total of a per-cluster count.
@@ -209,30 +174,28 @@ pub struct Analysis {
     pub indirect_targets: Vec<(usize, u64, u64)>,
     /// Recognised thunks: (address space, address, what a branch to it does), sorted.
     pub thunks: Vec<(usize, u64, targets::Thunk)>,
-    /// Guest identity inputs: loadable segments (p_paddr, file bytes); for ET_REL the
-    /// allocated sections (sh_addr, bytes).
-    pub segments: Vec<(u64, Vec<u8>)>,
 }
 
 impl Analysis {
     /// The translation set for this guest: its clusters (by start, one per start),
     /// the guest's identity, and the policy and translator configuration they were
-    /// made under. `avex analyze -o`, `avex link` and `avex run` all write this.
+    /// made under. `elf` is the file analyzed (its identity is computed here, only
+    /// when a set is made). `avex analyze -o`, `avex link` and `avex run` all write
+    /// this.
     pub fn translation_set(
         &self,
+        elf: &[u8],
         policy: &ExitPolicy,
         config: &TranslatorConfig,
-    ) -> avex_core::format::TranslationSet {
+    ) -> Result<avex_core::format::TranslationSet, AnalyzeError> {
         use avex_core::format::{self, GuestIdentity, TranslationSet, TranslatorStamp};
         let description = api::describe_config(config);
         let mut clusters = self.clusters.clone();
         clusters.sort_by_key(|c| c.entry_rip());
         clusters.dedup_by_key(|c| c.entry_rip());
-        TranslationSet {
+        Ok(TranslationSet {
             guest: GuestIdentity {
-                digest: avex_core::identity::of_segments(
-                    self.segments.iter().map(|(a, b)| (*a, b.as_slice())),
-                ),
+                digest: avex_core::identity::of_elf(elf)?,
                 name: self.report.file.clone(),
             },
             policy: policy.fingerprint(),
@@ -241,7 +204,7 @@ impl Analysis {
                 description,
             },
             clusters,
-        }
+        })
     }
 }
 
@@ -378,28 +341,12 @@ fn area_of(elf: &elf::Elf<'_>, space: usize, addr: u64) -> Option<usize> {
         .position(|a: &CodeArea<'_>| a.space == space && a.contains(addr))
 }
 
-/// Analyzes one ELF image held in memory. Never panics on any input.
-///
-/// Code is found by recursive traversal from the entry point and every code symbol
-/// (STT_FUNC, and named STT_NOTYPE labels in executable sections), following direct
-/// jumps, calls and conditional branches; every byte range it did not reach is
-/// decoded by linear sweep (stripped files are swept whole). Bitness is decided per
-/// region (see docs/analyze.md): the ELF class; section names with `16`/`64`/`32`,
-/// ELF32 function symbols with `64` in their name, and the targets of immediate far
-/// jumps in 16/32-bit code, each confirmed by decoding; and for ELF32 sections a
-/// decode heuristic (REX-prefix density).
-pub fn analyze_bytes(
-    name: &str,
-    data: &[u8],
-    policy: &ExitPolicy,
-    config: &TranslatorConfig,
-) -> Result<Analysis, AnalyzeError> {
-    let t0 = Instant::now();
-    let elf = elf::parse(data)?;
-    let t_parse = t0.elapsed().as_secs_f64();
+/// A bitness decided for part of an area: (area, start, end, bitness, reason).
+type Override = (usize, u64, u64, Bitness, &'static str);
 
-    // Symbol-name overrides (ELF32 functions named *64*, confirmed by decoding).
-    let mut overrides: Vec<(usize, u64, u64, Bitness, &'static str)> = Vec::new();
+/// ELF32 functions named `*64*` whose bytes decode as 64-bit code.
+fn symbol_name_overrides(elf: &elf::Elf<'_>) -> Vec<Override> {
+    let mut overrides = Vec::new();
     if elf.bits == 32 && elf.machine == elf::EM_386 {
         for s in &elf.syms {
             if s.is_func && s.size >= 32 && s.name.contains("64") {
@@ -418,110 +365,83 @@ pub fn analyze_bytes(
             }
         }
     }
+    overrides
+}
 
-    let mut roots: Vec<(usize, u64)> = elf.syms.iter().map(|s| (s.area, s.addr)).collect();
-    if let Some(e) = elf.entry {
-        if let Some(a) = area_of(&elf, 0, e) {
-            roots.push((a, e));
-        }
-    }
-    let mut planned;
-    let mut scans;
-    let mut round = 0;
-    loop {
-        planned = plan(&elf, &overrides);
-        scans = planned
-            .par_iter()
-            .map(|p| {
-                let r = &p.region;
-                let mine: Vec<u64> = roots
-                    .iter()
-                    .filter(|(a, addr)| *a == r.area && *addr >= r.addr && *addr < r.end())
-                    .map(|x| x.1)
-                    .collect();
-                scan::scan_region(r, &mine, &mine, policy)
-            })
-            .collect::<Vec<_>>();
-        round += 1;
-        if round > 2 {
-            break;
-        }
-        // Far jumps from 16/32-bit code into code of a wider mode.
-        let mut added = false;
-        for (p, s) in planned.iter().zip(&scans) {
-            for &t in &s.far_targets {
-                let Some(ai) = area_of(&elf, p.region.space, t) else {
-                    continue;
-                };
-                let Some(tp) = planned
-                    .iter()
-                    .find(|q| q.region.area == ai && t >= q.region.addr && t < q.region.end())
-                else {
-                    continue;
-                };
-                if overrides.iter().any(|o| o.0 == ai && o.1 == t) {
-                    continue;
-                }
-                let area = &elf.code[ai];
-                // The wider mode runs to the next code symbol after the target, or the
-                // end of the region.
-                let end = elf
-                    .syms
-                    .iter()
-                    .filter(|s| s.area == ai && s.addr > t)
-                    .map(|s| s.addr)
-                    .min()
-                    .unwrap_or(tp.region.end())
-                    .min(tp.region.end());
-                let lo = (t - area.addr) as usize;
-                let hi = (end - area.addr) as usize;
-                let bytes = &area.bytes[lo..hi];
-                let wider = match tp.region.bitness {
-                    Bitness::B16 => Bitness::B32,
-                    Bitness::B32 => Bitness::B64,
-                    Bitness::B64 => continue,
-                };
-                let ok = match wider {
-                    Bitness::B64 => looks_64(bytes, t, 5, 1),
-                    _ => !looks_16(bytes, t, Bitness::B32) || p.region.bitness == Bitness::B16,
-                };
-                if ok {
-                    overrides.push((ai, t, end, wider, "far-jump"));
-                    roots.push((ai, t));
-                    added = true;
-                }
+/// Far jumps from 16/32-bit code into code of a wider mode: the target, up to the
+/// next code symbol, is decoded in that mode if its bytes look like it. Adds the
+/// overrides and roots; true if it added any.
+fn far_jump_overrides(
+    elf: &elf::Elf<'_>,
+    planned: &[Planned<'_>],
+    scans: &[scan::RegionScan],
+    overrides: &mut Vec<Override>,
+    roots: &mut Vec<(usize, u64)>,
+) -> bool {
+    let mut added = false;
+    for (p, s) in planned.iter().zip(scans) {
+        for &t in &s.far_targets {
+            let Some(ai) = area_of(elf, p.region.space, t) else {
+                continue;
+            };
+            let Some(tp) = planned
+                .iter()
+                .find(|q| q.region.area == ai && t >= q.region.addr && t < q.region.end())
+            else {
+                continue;
+            };
+            if overrides.iter().any(|o| o.0 == ai && o.1 == t) {
+                continue;
+            }
+            let area = &elf.code[ai];
+            // The wider mode runs to the next code symbol after the target, or the
+            // end of the region.
+            let end = elf
+                .syms
+                .iter()
+                .filter(|s| s.area == ai && s.addr > t)
+                .map(|s| s.addr)
+                .min()
+                .unwrap_or(tp.region.end())
+                .min(tp.region.end());
+            let lo = (t - area.addr) as usize;
+            let hi = (end - area.addr) as usize;
+            let bytes = &area.bytes[lo..hi];
+            let wider = match tp.region.bitness {
+                Bitness::B16 => Bitness::B32,
+                Bitness::B32 => Bitness::B64,
+                Bitness::B64 => continue,
+            };
+            let ok = match wider {
+                Bitness::B64 => looks_64(bytes, t, 5, 1),
+                _ => !looks_16(bytes, t, Bitness::B32) || p.region.bitness == Bitness::B16,
+            };
+            if ok {
+                overrides.push((ai, t, end, wider, "far-jump"));
+                roots.push((ai, t));
+                added = true;
             }
         }
-        if !added {
-            break;
-        }
     }
-    let t_decode = t0.elapsed().as_secs_f64() - t_parse;
+    added
+}
 
-    // Clusters, over every executable section of the site's address space.
-    let t1 = Instant::now();
-    let regions: Vec<&Region<'_>> = planned.iter().map(|p| &p.region).collect();
-    let branches: Vec<&[Vec<scan::Branch>]> = scans.iter().map(|s| s.branches.as_slice()).collect();
-    let knowledge = targets::build(&elf, &regions, &branches);
-    let all_sites: Vec<form::Site> = planned
-        .iter()
-        .zip(&scans)
-        .flat_map(|(p, s)| {
-            s.sites.iter().map(|&(rip, _)| form::Site {
-                space: p.region.space,
-                rip,
-                bitness: p.region.bitness,
-            })
-        })
-        .collect();
-    let patches = patch::PatchSites::of_elf(&elf);
-    let formed = form::form(&all_sites, &knowledge, &patches, policy, config);
-    let t_cluster = t1.elapsed().as_secs_f64();
-
+/// The report of an analysis, and its clusters (taken out of `formed`).
+#[allow(clippy::too_many_arguments)]
+fn report(
+    name: &str,
+    elf: &elf::Elf<'_>,
+    policy: &ExitPolicy,
+    planned: &[Planned<'_>],
+    scans: &[scan::RegionScan],
+    formed: form::Formed,
+    indirect: targets::KnowledgeReport,
+    seconds: Timing,
+) -> (Report, Vec<Cluster>) {
     let mut sites = BTreeMap::new();
     let mut class_instructions = BTreeMap::new();
     let mut shapes = BTreeMap::new();
-    for s in &scans {
+    for s in scans {
         for &(_, c) in &s.sites {
             *sites.entry(class_name(c)).or_insert(0u64) += 1;
         }
@@ -547,7 +467,7 @@ pub fn analyze_bytes(
         code_symbols: elf.syms.len() as u64,
         regions: planned
             .iter()
-            .zip(&scans)
+            .zip(scans)
             .map(|(p, s)| RegionReport {
                 name: p.name.clone(),
                 addr: p.region.addr,
@@ -582,15 +502,103 @@ pub fn analyze_bytes(
         unsupported_blockers: formed.blockers,
         sites_in_clusters: formed.in_multi_exit_clusters,
         sites_not_in_clusters: formed.not_in_multi_exit_clusters,
-        indirect: knowledge.report,
-        seconds: Timing {
+        indirect,
+        seconds,
+    };
+    (report, clusters)
+}
+
+/// Analyzes one ELF image held in memory. Never panics on any input.
+///
+/// Code is found by recursive traversal from the entry point and every code symbol
+/// (STT_FUNC, and named STT_NOTYPE labels in executable sections), following direct
+/// jumps, calls and conditional branches; every byte range it did not reach is
+/// decoded by linear sweep (stripped files are swept whole). Bitness is decided per
+/// region (see docs/analyze.md): the ELF class; section names with `16`/`64`/`32`,
+/// ELF32 function symbols with `64` in their name, and the targets of immediate far
+/// jumps in 16/32-bit code, each confirmed by decoding; and for ELF32 sections a
+/// decode heuristic (REX-prefix density).
+pub fn analyze_bytes(
+    name: &str,
+    data: &[u8],
+    policy: &ExitPolicy,
+    config: &TranslatorConfig,
+) -> Result<Analysis, AnalyzeError> {
+    let t0 = Instant::now();
+    let elf = elf::parse(data)?;
+    let t_parse = t0.elapsed().as_secs_f64();
+
+    let mut overrides = symbol_name_overrides(&elf);
+    let mut roots: Vec<(usize, u64)> = elf.syms.iter().map(|s| (s.area, s.addr)).collect();
+    if let Some(e) = elf.entry {
+        if let Some(a) = area_of(&elf, 0, e) {
+            roots.push((a, e));
+        }
+    }
+    let mut planned;
+    let mut scans;
+    let mut round = 0;
+    loop {
+        planned = plan(&elf, &overrides);
+        scans = planned
+            .par_iter()
+            .map(|p| {
+                let r = &p.region;
+                let mine: Vec<u64> = roots
+                    .iter()
+                    .filter(|(a, addr)| *a == r.area && *addr >= r.addr && *addr < r.end())
+                    .map(|x| x.1)
+                    .collect();
+                scan::scan_region(r, &mine, &mine, policy)
+            })
+            .collect::<Vec<_>>();
+        round += 1;
+        if round > 2 {
+            break;
+        }
+        // Far jumps from 16/32-bit code into code of a wider mode.
+        let added = far_jump_overrides(&elf, &planned, &scans, &mut overrides, &mut roots);
+        if !added {
+            break;
+        }
+    }
+    let t_decode = t0.elapsed().as_secs_f64() - t_parse;
+
+    // Clusters, over every executable section of the site's address space.
+    let t1 = Instant::now();
+    let regions: Vec<&Region<'_>> = planned.iter().map(|p| &p.region).collect();
+    let branches: Vec<&[Vec<scan::Branch>]> = scans.iter().map(|s| s.branches.as_slice()).collect();
+    let knowledge = targets::build(&elf, &regions, &branches);
+    let all_sites: Vec<form::Site> = planned
+        .iter()
+        .zip(&scans)
+        .flat_map(|(p, s)| {
+            s.sites.iter().map(|&(rip, _)| form::Site {
+                space: p.region.space,
+                rip,
+                bitness: p.region.bitness,
+            })
+        })
+        .collect();
+    let patches = patch::PatchSites::of_elf(&elf);
+    let formed = form::form(&all_sites, &knowledge, &patches, policy, config);
+    let t_cluster = t1.elapsed().as_secs_f64();
+
+    let (report, clusters) = report(
+        name,
+        &elf,
+        policy,
+        &planned,
+        &scans,
+        formed,
+        knowledge.report.clone(),
+        Timing {
             parse: t_parse,
             decode: t_decode,
             cluster: t_cluster,
             total: t0.elapsed().as_secs_f64(),
         },
-    };
-    let _ = ElfKind::Rel;
+    );
     Ok(Analysis {
         report,
         clusters,
@@ -601,6 +609,5 @@ pub fn analyze_bytes(
             .collect(),
         indirect_targets: knowledge.targets,
         thunks: knowledge.thunks,
-        segments: elf.segments.iter().map(|(a, b)| (*a, b.to_vec())).collect(),
     })
 }

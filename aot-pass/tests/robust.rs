@@ -1,6 +1,7 @@
 //! The pass on synthetic images: exact counts by construction, the parallel chunked
 //! sweep equal to traversal, and no panic on truncated or corrupted ELFs.
 use avex_aot::{analyze_bytes, policy_all, synth, AnalyzeError, ExitPolicy, TranslatorConfig};
+use avex_core::elf::ElfError;
 use proptest::prelude::*;
 
 fn analyze(data: &[u8]) -> Result<avex_aot::Analysis, AnalyzeError> {
@@ -88,11 +89,11 @@ fn errors_name_the_problem() {
     let good = synth::elf(64, 4096, 1, true);
     assert!(matches!(
         analyze(b"MZ\x90\x00"),
-        Err(AnalyzeError::NotElf { .. })
+        Err(AnalyzeError::Elf(ElfError::NotElf { .. }))
     ));
     assert!(matches!(
         analyze(&good[..10]),
-        Err(AnalyzeError::Truncated { .. })
+        Err(AnalyzeError::Elf(ElfError::Truncated { .. }))
     ));
     let mut m = good.clone();
     m[18] = 183;
@@ -109,7 +110,7 @@ fn errors_name_the_problem() {
     s.truncate(s.len() - 8); // cuts the last section header
     assert!(matches!(
         analyze(&s),
-        Err(AnalyzeError::TablePastEnd { .. })
+        Err(AnalyzeError::Elf(ElfError::TablePastEnd { .. }))
     ));
 }
 

@@ -13,6 +13,7 @@
 #![no_std]
 
 pub mod cpu;
+#[path = "../../build/freestanding_mem.rs"]
 pub mod mem;
 pub mod serial;
 

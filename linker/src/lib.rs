@@ -22,25 +22,22 @@
 pub mod inspect;
 pub mod iso;
 
+use avex_core::elf::section_header::{
+    SHN_LORESERVE, SHN_XINDEX, SHT_NOBITS, SHT_PROGBITS, SHT_STRTAB,
+};
+use avex_core::elf::{ElfError, ElfFile};
 use avex_core::format::{self, FormatError, Hex, TranslationSet};
 use avex_core::identity;
 
 /// The section that holds the translations.
 pub const SECTION_NAME: &str = ".avex.translations";
 
-const SHT_PROGBITS: u32 = 1;
-const SHT_STRTAB: u32 = 3;
-const SHT_NOBITS: u32 = 8;
-const SHN_LORESERVE: u16 = 0xff00;
-const SHN_XINDEX: u16 = 0xffff;
-
 /// Why an image could not be read or written. Offsets are file offsets.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
-    #[error("not an ELF file (no \\x7fELF magic at offset 0)")]
-    NotElf,
-    #[error("unsupported ELF: class {class}, data encoding {data} at offsets 4..6 (only little-endian ELF32/ELF64)")]
-    Unsupported { class: u8, data: u8 },
+    /// The ELF reader refused the file ([`avex_core::elf`]).
+    #[error(transparent)]
+    Elf(#[from] ElfError),
     #[error("malformed ELF: {what} at offset {offset:#x}: {reason}")]
     Malformed {
         what: String,
@@ -73,8 +70,8 @@ fn malformed(what: impl Into<String>, offset: u64, reason: impl Into<String>) ->
     }
 }
 
-/// One section header, class-independent.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One section header as the linker writes it back.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Shdr {
     name: u32,
     kind: u32,
@@ -89,168 +86,77 @@ struct Shdr {
 }
 
 struct Elf<'a> {
-    bytes: &'a [u8],
+    file: ElfFile<'a>,
     is64: bool,
-    shoff: u64,
     shstrndx: u16,
+    headers: Vec<avex_core::elf::SectionHeader>,
     sections: Vec<Shdr>,
 }
 
-fn rd<const N: usize>(b: &[u8], off: u64, what: &str) -> Result<[u8; N], LinkError> {
-    let start = usize::try_from(off).map_err(|_| malformed(what, off, "offset out of range"))?;
-    let s = start
-        .checked_add(N)
-        .and_then(|end| b.get(start..end))
-        .ok_or_else(|| malformed(what, off, format!("file ends (length {:#x})", b.len())))?;
-    let mut a = [0u8; N];
-    a.copy_from_slice(s);
-    Ok(a)
-}
-fn u16_at(b: &[u8], off: u64, what: &str) -> Result<u16, LinkError> {
-    rd::<2>(b, off, what).map(u16::from_le_bytes)
-}
-fn u32_at(b: &[u8], off: u64, what: &str) -> Result<u32, LinkError> {
-    rd::<4>(b, off, what).map(u32::from_le_bytes)
-}
-fn u64_at(b: &[u8], off: u64, what: &str) -> Result<u64, LinkError> {
-    rd::<8>(b, off, what).map(u64::from_le_bytes)
-}
-
 impl<'a> Elf<'a> {
+    /// Read by hv/core's reader, plus what rewriting the section table needs:
+    /// no extended section numbering.
     fn parse(bytes: &'a [u8]) -> Result<Self, LinkError> {
-        if bytes.len() < 4 || &bytes[..4] != b"\x7fELF" {
-            return Err(LinkError::NotElf);
-        }
-        let (class, data) = (
-            *bytes
-                .get(4)
-                .ok_or_else(|| malformed("ELF header", 4, "file ends"))?,
-            *bytes
-                .get(5)
-                .ok_or_else(|| malformed("ELF header", 5, "file ends"))?,
-        );
-        let is64 = match (class, data) {
-            (1, 1) => false,
-            (2, 1) => true,
-            _ => return Err(LinkError::Unsupported { class, data }),
-        };
-        let hdr = "ELF header";
-        let (shoff, shentsize, shnum, shstrndx, min_ent) = if is64 {
-            (
-                u64_at(bytes, 0x28, hdr)?,
-                u16_at(bytes, 0x3a, hdr)?,
-                u16_at(bytes, 0x3c, hdr)?,
-                u16_at(bytes, 0x3e, hdr)?,
-                64u16,
-            )
-        } else {
-            (
-                u32_at(bytes, 0x20, hdr)? as u64,
-                u16_at(bytes, 0x2e, hdr)?,
-                u16_at(bytes, 0x30, hdr)?,
-                u16_at(bytes, 0x32, hdr)?,
-                40u16,
-            )
-        };
+        let file = ElfFile::parse(bytes)?;
+        let is64 = file.bits == 64;
+        let (shnum, shstrndx) = (file.header.e_shnum, file.header.e_shstrndx);
         let (shnum_off, shstrndx_off) = if is64 { (0x3c, 0x3e) } else { (0x30, 0x32) };
-        if shnum == 0 && shoff != 0 {
+        if shnum == 0 && file.header.e_shoff != 0 {
             return Err(malformed(
                 "e_shnum",
                 shnum_off,
                 "extended section numbering (e_shnum = 0 with a section table) is not supported",
             ));
         }
-        if shnum >= SHN_LORESERVE {
+        if shnum >= SHN_LORESERVE as u16 {
             return Err(malformed("e_shnum", shnum_off, "too many sections"));
         }
-        if shstrndx == SHN_XINDEX {
+        if shstrndx == SHN_XINDEX as u16 {
             return Err(malformed(
                 "e_shstrndx",
                 shstrndx_off,
                 "extended index is not supported",
             ));
         }
-        if shnum > 0 && shentsize < min_ent {
-            return Err(malformed(
-                "e_shentsize",
-                if is64 { 0x3a } else { 0x2e },
-                format!("{shentsize} is smaller than a section header ({min_ent})"),
-            ));
-        }
-        let mut sections = Vec::with_capacity(shnum as usize);
-        for i in 0..shnum as u64 {
-            let at = i
-                .checked_mul(shentsize as u64)
-                .and_then(|o| o.checked_add(shoff))
-                .ok_or_else(|| malformed("section header table", shoff, "offset overflows"))?;
-            let what = format!("section header {i}");
-            let s = if is64 {
-                Shdr {
-                    name: u32_at(bytes, at, &what)?,
-                    kind: u32_at(bytes, at + 4, &what)?,
-                    flags: u64_at(bytes, at + 8, &what)?,
-                    addr: u64_at(bytes, at + 16, &what)?,
-                    offset: u64_at(bytes, at + 24, &what)?,
-                    size: u64_at(bytes, at + 32, &what)?,
-                    link: u32_at(bytes, at + 40, &what)?,
-                    info: u32_at(bytes, at + 44, &what)?,
-                    addralign: u64_at(bytes, at + 48, &what)?,
-                    entsize: u64_at(bytes, at + 56, &what)?,
-                }
-            } else {
-                Shdr {
-                    name: u32_at(bytes, at, &what)?,
-                    kind: u32_at(bytes, at + 4, &what)?,
-                    flags: u32_at(bytes, at + 8, &what)? as u64,
-                    addr: u32_at(bytes, at + 12, &what)? as u64,
-                    offset: u32_at(bytes, at + 16, &what)? as u64,
-                    size: u32_at(bytes, at + 20, &what)? as u64,
-                    link: u32_at(bytes, at + 24, &what)?,
-                    info: u32_at(bytes, at + 28, &what)?,
-                    addralign: u32_at(bytes, at + 32, &what)? as u64,
-                    entsize: u32_at(bytes, at + 36, &what)? as u64,
-                }
-            };
-            sections.push(s);
-        }
-        if shstrndx as usize >= sections.len() && shstrndx != 0 {
+        let headers = if shnum == 0 {
+            Vec::new()
+        } else {
+            file.section_headers()?
+        };
+        if shstrndx as usize >= headers.len() && shstrndx != 0 {
             return Err(malformed(
                 "e_shstrndx",
                 shstrndx_off,
-                format!("index {shstrndx} but only {} sections", sections.len()),
+                format!("index {shstrndx} but only {} sections", headers.len()),
             ));
         }
+        let sections = headers
+            .iter()
+            .map(|h| Shdr {
+                name: h.sh_name as u32,
+                kind: h.sh_type,
+                flags: h.sh_flags,
+                addr: h.sh_addr,
+                offset: h.sh_offset,
+                size: h.sh_size,
+                link: h.sh_link,
+                info: h.sh_info,
+                addralign: h.sh_addralign,
+                entsize: h.sh_entsize,
+            })
+            .collect();
         Ok(Elf {
-            bytes,
+            file,
             is64,
-            shoff,
             shstrndx,
+            headers,
             sections,
         })
     }
 
     /// The bytes of section `i` (empty for SHT_NOBITS).
     fn data(&self, i: usize) -> Result<&'a [u8], LinkError> {
-        let s = &self.sections[i];
-        if s.kind == SHT_NOBITS {
-            return Ok(&[]);
-        }
-        let hdr_off = self.shoff + i as u64 * if self.is64 { 64 } else { 40 };
-        let end = s.offset.checked_add(s.size);
-        match end {
-            Some(end) if end <= self.bytes.len() as u64 => {
-                Ok(&self.bytes[s.offset as usize..end as usize])
-            }
-            _ => Err(malformed(
-                format!("section {i} (header at {hdr_off:#x})"),
-                s.offset,
-                format!(
-                    "{} bytes run past the end of the file ({:#x} bytes)",
-                    s.size,
-                    self.bytes.len()
-                ),
-            )),
-        }
+        Ok(self.file.section_data(&self.headers, i)?)
     }
 
     /// The section name table, if the file has one.
@@ -354,18 +260,7 @@ pub fn embed(elf: &[u8], payload: &[u8]) -> Result<Vec<u8>, LinkError> {
         strtab.push(0);
     }
     if sections.is_empty() {
-        sections.push(Shdr {
-            name: 0,
-            kind: 0,
-            flags: 0,
-            addr: 0,
-            offset: 0,
-            size: 0,
-            link: 0,
-            info: 0,
-            addralign: 0,
-            entsize: 0,
-        });
+        sections.push(Shdr::default());
     }
     let mut shstrndx = e.shstrndx as usize;
     let new_strtab = shstrndx == 0;
@@ -375,14 +270,8 @@ pub fn embed(elf: &[u8], payload: &[u8]) -> Result<Vec<u8>, LinkError> {
         sections.push(Shdr {
             name,
             kind: SHT_STRTAB,
-            flags: 0,
-            addr: 0,
-            offset: 0,
-            size: 0,
-            link: 0,
-            info: 0,
             addralign: 1,
-            entsize: 0,
+            ..Shdr::default()
         });
         shstrndx = sections.len() - 1;
     }
@@ -416,14 +305,10 @@ pub fn embed(elf: &[u8], payload: &[u8]) -> Result<Vec<u8>, LinkError> {
     sections.push(Shdr {
         name: our_name,
         kind: SHT_PROGBITS,
-        flags: 0,
-        addr: 0,
         offset: payload_off,
         size: payload.len() as u64,
-        link: 0,
-        info: 0,
         addralign: 8,
-        entsize: 0,
+        ..Shdr::default()
     });
     let shnum = sections.len();
     if shnum >= SHN_LORESERVE as usize {

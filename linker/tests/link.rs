@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use avex_core::boot::parse_elf;
+use avex_core::elf::ElfError;
 use avex_core::format::{check_against, encode, GuestIdentity, TranslationSet, TranslatorStamp};
 use avex_core::ir::{Bitness, Cluster, Insn, Op, PortSrc, Size};
 use avex_core::policy::{ExitClass, ExitPolicy};
@@ -388,7 +389,10 @@ fn damaged_section_is_reported_clearly() {
     let mut bad = image.clone();
     bad.truncate(at + 10);
     let e = read_translations(&bad).unwrap_err();
-    assert!(matches!(e, LinkError::Malformed { .. }), "{e:?}");
+    assert!(
+        matches!(e, LinkError::Elf(ElfError::TablePastEnd { .. })),
+        "{e:?}"
+    );
 }
 
 #[test]
@@ -444,9 +448,12 @@ fn elf_without_section_table_gets_one() {
 fn bad_inputs_give_errors_not_panics() {
     assert!(matches!(
         read_translations(b"not an elf"),
-        Err(LinkError::NotElf)
+        Err(LinkError::Elf(ElfError::NotElf { .. }))
     ));
-    assert!(matches!(embed(b"", b"x"), Err(LinkError::NotElf)));
+    assert!(matches!(
+        embed(b"", b"x"),
+        Err(LinkError::Elf(ElfError::NotElf { .. }))
+    ));
     let g = guest64();
     for n in [5, 16, 0x30, 0x3e, 0x40] {
         assert!(
@@ -458,7 +465,12 @@ fn bad_inputs_give_errors_not_panics() {
     let mut bad = g.bytes.clone();
     bad[0x28..0x30].copy_from_slice(&(1u64 << 40).to_le_bytes());
     let e = read_translations(&bad).unwrap_err();
-    assert!(e.to_string().contains("section header 0"), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("section header table (e_shoff at offset 0x28)")
+            && msg.contains("past the end"),
+        "{e}"
+    );
     // Every prefix of a linked image is an error or a result, never a panic.
     let (image, _) = link(&g.bytes, &set_for(&g.bytes)).unwrap();
     for n in (0..image.len()).step_by(7) {

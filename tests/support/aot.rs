@@ -16,9 +16,7 @@ pub fn aot_set(name: &str, elf: &[u8]) -> TranslationSet {
     clusters.retain(|c| format::validate(c).is_ok());
     TranslationSet {
         guest: GuestIdentity {
-            digest: avex_core::identity::of_segments(
-                a.segments.iter().map(|(p, b)| (*p, b.as_slice())),
-            ),
+            digest: avex_core::identity::of_elf(elf).expect("identity"),
             name: name.into(),
         },
         policy: policy.fingerprint(),

@@ -3,10 +3,13 @@
 #![allow(dead_code)]
 
 pub mod aot;
+pub mod bochs;
 pub mod cguests;
 pub mod shapes;
 
-use std::process::Command;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The `avex` command built for these tests.
 pub fn avex() -> Command {
@@ -22,4 +25,29 @@ pub fn avex() -> Command {
 pub fn clusters_cut_enough(name: &str, off: u64, with: u64) -> bool {
     let (num, den) = if name == "cpuid" { (2, 3) } else { (1, 2) };
     with * den <= off * num
+}
+
+/// Run `cmd` and assert that it succeeded (its stderr in the message): its output.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A fresh directory for one test's files, `avex-test-{suite}-{pid}-{n}-{name}` in
+/// the system's temporary directory.
+pub fn scratch(suite: &str, name: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "avex-test-{suite}-{}-{}-{name}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
 }

@@ -4,11 +4,11 @@
 //! turns these into known destinations of indirect calls (`crate::targets`).
 //! Everything here is best effort: a malformed table is skipped, never an error.
 
-use goblin::elf::reloc::RelocSection;
-use goblin::elf::section_header::{
-    SectionHeader, SHF_ALLOC, SHF_EXECINSTR, SHT_PROGBITS, SHT_REL, SHT_RELA, SHT_SYMTAB,
+use avex_core::elf::reloc::{R_386_32, R_X86_64_64};
+use avex_core::elf::section_header::{
+    SectionHeader, SHF_ALLOC, SHF_EXECINSTR, SHT_PROGBITS, SHT_SYMTAB,
 };
-use goblin::elf::sym::{Symtab, STT_FUNC, STT_OBJECT, STT_SECTION};
+use avex_core::elf::sym::{STT_FUNC, STT_OBJECT, STT_SECTION};
 
 use super::{CodeArea, ElfKind, Reader};
 
@@ -49,9 +49,6 @@ pub struct DataInfo<'a> {
     pub code_pointers: Vec<CodePointer>,
 }
 
-const R_X86_64_64: u32 = 1;
-const R_386_32: u32 = 1;
-
 impl<'a> Reader<'a> {
     /// The data sections, their objects and (ET_REL) their relocations to code.
     pub(super) fn data_info(
@@ -78,16 +75,13 @@ impl<'a> Reader<'a> {
         if out.data.is_empty() {
             return out;
         }
-        let symsize = if self.bits == 64 { 24u64 } else { 16 };
-        let symtab_of = |sh: &SectionHeader| -> Option<Symtab<'a>> {
-            if sh.sh_type != SHT_SYMTAB || sh.sh_entsize != symsize {
-                return None;
+        for (i, sh) in shdrs.iter().enumerate() {
+            if sh.sh_type != SHT_SYMTAB {
+                continue;
             }
-            let count = (sh.sh_size / symsize) as usize;
-            Symtab::parse(self.data, sh.sh_offset as usize, count, self.ctx).ok()
-        };
-        for sh in shdrs {
-            let Some(table) = symtab_of(sh) else { continue };
+            let Ok(table) = self.file.symbol_table(shdrs, i) else {
+                continue;
+            };
             for sym in table.iter() {
                 let area = data_of_section.get(sym.st_shndx).copied();
                 let Some(area) = area.filter(|&a| a != usize::MAX) else {
@@ -125,41 +119,26 @@ impl<'a> Reader<'a> {
         data_of_section: &[usize],
         out: &mut DataInfo<'a>,
     ) {
-        let symsize = if self.bits == 64 { 24u64 } else { 16 };
         let abs = if self.bits == 64 {
             R_X86_64_64
         } else {
             R_386_32
         };
         for sh in shdrs {
-            if sh.sh_type != SHT_RELA && sh.sh_type != SHT_REL {
+            let Some(relocs) = self.file.relocations(sh) else {
                 continue;
-            }
+            };
             let Some(&area) = data_of_section.get(sh.sh_info as usize) else {
                 continue;
             };
             if area == usize::MAX {
                 continue;
             }
-            let Some(symsh) = shdrs.get(sh.sh_link as usize) else {
-                continue;
-            };
-            if symsh.sh_type != SHT_SYMTAB || symsh.sh_entsize != symsize {
+            let symtab = sh.sh_link as usize;
+            if shdrs.get(symtab).is_none_or(|s| s.sh_type != SHT_SYMTAB) {
                 continue;
             }
-            let count = (symsh.sh_size / symsize) as usize;
-            let Ok(syms) = Symtab::parse(self.data, symsh.sh_offset as usize, count, self.ctx)
-            else {
-                continue;
-            };
-            let is_rela = sh.sh_type == SHT_RELA;
-            let Ok(relocs) = RelocSection::parse(
-                self.data,
-                sh.sh_offset as usize,
-                sh.sh_size as usize,
-                is_rela,
-                self.ctx,
-            ) else {
+            let Ok(syms) = self.file.symbol_table(shdrs, symtab) else {
                 continue;
             };
             let bytes = out.data[area].bytes;

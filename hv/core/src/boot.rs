@@ -36,6 +36,8 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use crate::arch::{cr0, cr4, efer, pte, rflags};
+use crate::elf::program_header::{PT_DYNAMIC, PT_INTERP, PT_LOAD, PT_NOTE};
+use crate::elf::{self, ElfError, ElfFile};
 use crate::guest::{CpuState, Segment};
 
 pub mod pvh;
@@ -86,28 +88,12 @@ const GDT: [u64; 4] = [
 /// Where a 64-bit kernel's upper half starts (canonical addresses with bit 63 set).
 const HIGH_HALF: u64 = 0xffff_8000_0000_0000;
 
-const PT_LOAD: u32 = 1;
-const PT_DYNAMIC: u32 = 2;
-const PT_INTERP: u32 = 3;
-const PT_NOTE: u32 = 4;
-const ET_EXEC: u16 = 2;
-const EM_386: u16 = 3;
-const EM_X86_64: u16 = 62;
-
 /// Why a guest image could not be loaded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BootError {
-    /// The file ends before a structure it declares (`what`).
-    Truncated {
-        what: &'static str,
-    },
-    /// Not an ELF file.
-    NotElf,
-    /// ELF class other than 32 or 64 bits, or big-endian.
-    UnsupportedFormat {
-        class: u8,
-        data: u8,
-    },
+    /// The ELF reader refused the file ([`crate::elf`]): the error names the field,
+    /// its offset and why.
+    Elf(ElfError),
     /// Not `ET_EXEC` (relocatable or position-independent images are not supported).
     NotExecutable {
         e_type: u16,
@@ -119,22 +105,12 @@ pub enum BootError {
     },
     /// The image needs a dynamic loader (`PT_INTERP` or `PT_DYNAMIC`).
     NotStatic,
-    /// Program header entries smaller than the ELF class requires.
-    BadPhentsize {
-        size: u16,
-    },
     NoLoadableSegments,
     /// `p_filesz` > `p_memsz`.
     BadSegmentSizes {
         index: usize,
         filesz: u64,
         memsz: u64,
-    },
-    /// The segment's file bytes lie outside the file.
-    SegmentOutsideFile {
-        index: usize,
-        offset: u64,
-        filesz: u64,
     },
     /// The segment does not fit in guest RAM.
     SegmentOutsideRam {
@@ -167,15 +143,16 @@ pub enum BootError {
     NoPvhNote,
 }
 
+impl From<ElfError> for BootError {
+    fn from(e: ElfError) -> BootError {
+        BootError::Elf(e)
+    }
+}
+
 impl fmt::Display for BootError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            BootError::Truncated { what } => write!(f, "malformed ELF: file ends inside the {what}"),
-            BootError::NotElf => write!(f, "not an ELF file (bad magic)"),
-            BootError::UnsupportedFormat { class, data } => write!(
-                f,
-                "unsupported ELF format (class {class}, data encoding {data}); need little-endian ELF32 or ELF64"
-            ),
+            BootError::Elf(e) => write!(f, "{e}"),
             BootError::NotExecutable { e_type } => write!(
                 f,
                 "ELF type {e_type} is not a static executable (ET_EXEC); relocatable and PIE images are not supported"
@@ -186,15 +163,10 @@ impl fmt::Display for BootError {
                 if *class_bits == 64 { "x86-64 (62)" } else { "i386 (3)" }
             ),
             BootError::NotStatic => write!(f, "the image needs a dynamic loader (PT_INTERP/PT_DYNAMIC); only static images boot"),
-            BootError::BadPhentsize { size } => write!(f, "malformed ELF: program header entry size {size} is too small"),
             BootError::NoLoadableSegments => write!(f, "the image has no PT_LOAD segment"),
             BootError::BadSegmentSizes { index, filesz, memsz } => write!(
                 f,
                 "malformed ELF: segment {index} has p_filesz {filesz:#x} > p_memsz {memsz:#x}"
-            ),
-            BootError::SegmentOutsideFile { index, offset, filesz } => write!(
-                f,
-                "malformed ELF: segment {index} (offset {offset:#x}, {filesz:#x} bytes) lies outside the file"
             ),
             BootError::SegmentOutsideRam { index, paddr, memsz, ram } => write!(
                 f,
@@ -283,127 +255,56 @@ pub struct ElfSegment {
     pub flags: u32,
 }
 
-fn get<const N: usize>(b: &[u8], off: u64, what: &'static str) -> Result<[u8; N], BootError> {
-    let start = usize::try_from(off).map_err(|_| BootError::Truncated { what })?;
-    let end = start.checked_add(N).ok_or(BootError::Truncated { what })?;
-    let s = b.get(start..end).ok_or(BootError::Truncated { what })?;
-    let mut out = [0u8; N];
-    out.copy_from_slice(s);
-    Ok(out)
-}
-fn u16_at(b: &[u8], off: u64, what: &'static str) -> Result<u16, BootError> {
-    get::<2>(b, off, what).map(u16::from_le_bytes)
-}
-fn u32_at(b: &[u8], off: u64, what: &'static str) -> Result<u32, BootError> {
-    get::<4>(b, off, what).map(u32::from_le_bytes)
-}
-fn u64_at(b: &[u8], off: u64, what: &'static str) -> Result<u64, BootError> {
-    get::<8>(b, off, what).map(u64::from_le_bytes)
-}
-
 /// Parse and validate a static ELF32/ELF64 x86 image.
-pub fn parse_elf(elf: &[u8]) -> Result<ElfImage, BootError> {
-    if elf.len() < 16 || &elf[..4] != b"\x7fELF" {
-        return Err(BootError::NotElf);
-    }
-    let (class, data) = (elf[4], elf[5]);
-    let is64 = match (class, data) {
-        (1, 1) => false,
-        (2, 1) => true,
-        _ => return Err(BootError::UnsupportedFormat { class, data }),
-    };
-    let class_bits = if is64 { 64 } else { 32 };
-    let hdr = "ELF header";
-    let e_type = u16_at(elf, 16, hdr)?;
-    let machine = u16_at(elf, 18, hdr)?;
-    let (entry, phoff, phentsize, phnum, min_phent) = if is64 {
-        (
-            u64_at(elf, 24, hdr)?,
-            u64_at(elf, 32, hdr)?,
-            u16_at(elf, 54, hdr)?,
-            u16_at(elf, 56, hdr)?,
-            56u16,
-        )
+pub fn parse_elf(bytes: &[u8]) -> Result<ElfImage, BootError> {
+    let elf = ElfFile::parse(bytes)?;
+    let class_bits = elf.bits;
+    let machine = elf.header.e_machine;
+    let want_machine = if class_bits == 64 {
+        elf::EM_X86_64
     } else {
-        (
-            u64::from(u32_at(elf, 24, hdr)?),
-            u64::from(u32_at(elf, 28, hdr)?),
-            u16_at(elf, 42, hdr)?,
-            u16_at(elf, 44, hdr)?,
-            32u16,
-        )
+        elf::EM_386
     };
-    let want_machine = if is64 { EM_X86_64 } else { EM_386 };
     if machine != want_machine {
         return Err(BootError::WrongMachine {
             machine,
             class_bits,
         });
     }
-    if e_type != ET_EXEC {
+    let e_type = elf.header.e_type;
+    if e_type != elf::header::ET_EXEC {
         return Err(BootError::NotExecutable { e_type });
     }
-    if phnum > 0 && phentsize < min_phent {
-        return Err(BootError::BadPhentsize { size: phentsize });
-    }
-    let ph = "program header table";
+    let entry = elf.header.e_entry;
     let mut segments = Vec::new();
-    let mut notes = Vec::new();
-    for i in 0..u64::from(phnum) {
-        let base = i
-            .checked_mul(u64::from(phentsize))
-            .and_then(|o| o.checked_add(phoff))
-            .ok_or(BootError::Truncated { what: ph })?;
-        let p_type = u32_at(elf, base, ph)?;
-        let seg = if is64 {
-            ElfSegment {
-                flags: u32_at(elf, base + 4, ph)?,
-                offset: u64_at(elf, base + 8, ph)?,
-                vaddr: u64_at(elf, base + 16, ph)?,
-                paddr: u64_at(elf, base + 24, ph)?,
-                filesz: u64_at(elf, base + 32, ph)?,
-                memsz: u64_at(elf, base + 40, ph)?,
-            }
-        } else {
-            ElfSegment {
-                offset: u64::from(u32_at(elf, base + 4, ph)?),
-                vaddr: u64::from(u32_at(elf, base + 8, ph)?),
-                paddr: u64::from(u32_at(elf, base + 12, ph)?),
-                filesz: u64::from(u32_at(elf, base + 16, ph)?),
-                memsz: u64::from(u32_at(elf, base + 20, ph)?),
-                flags: u32_at(elf, base + 24, ph)?,
-            }
-        };
-        match p_type {
+    let mut pvh_entry = None;
+    for ph in elf.program_headers()? {
+        match ph.p_type {
             PT_INTERP | PT_DYNAMIC => return Err(BootError::NotStatic),
             PT_LOAD => {}
             PT_NOTE => {
-                notes.push((seg.offset, seg.filesz));
+                pvh_entry = pvh_entry.or_else(|| pvh::phys32_entry(elf.notes(&ph)));
                 continue;
             }
             _ => continue,
         }
-        let index = segments.len();
-        if seg.filesz > seg.memsz {
+        if ph.p_filesz > ph.p_memsz {
             return Err(BootError::BadSegmentSizes {
-                index,
-                filesz: seg.filesz,
-                memsz: seg.memsz,
+                index: segments.len(),
+                filesz: ph.p_filesz,
+                memsz: ph.p_memsz,
             });
         }
-        let in_file = seg
-            .offset
-            .checked_add(seg.filesz)
-            .is_some_and(|end| end <= elf.len() as u64);
-        if !in_file {
-            return Err(BootError::SegmentOutsideFile {
-                index,
-                offset: seg.offset,
-                filesz: seg.filesz,
+        // The reader checked that a PT_LOAD's file bytes lie in the file.
+        if ph.p_memsz > 0 {
+            segments.push(ElfSegment {
+                offset: ph.p_offset,
+                paddr: ph.p_paddr,
+                vaddr: ph.p_vaddr,
+                filesz: ph.p_filesz,
+                memsz: ph.p_memsz,
+                flags: ph.p_flags,
             });
-        }
-        if seg.memsz > 0 {
-            segments.push(seg);
         }
     }
     if segments.is_empty() {
@@ -412,7 +313,6 @@ pub fn parse_elf(elf: &[u8]) -> Result<ElfImage, BootError> {
     // The entry must be in a loaded segment, and reachable through the identity map;
     // a PVH kernel is entered at its note's physical address instead (its e_entry
     // and segments are linked high, e.g. 0xffffffff81000000).
-    let pvh_entry = pvh::phys32_entry(elf, &notes);
     let inside = |at: u64, by_paddr: bool| {
         at < (4u64 << 30)
             && segments.iter().any(|s| {

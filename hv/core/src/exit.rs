@@ -658,19 +658,7 @@ impl ExitHandler {
     }
 }
 
-/// The code size of the guest's current mode.
-pub fn bitness_of(state: &CpuState) -> Bitness {
-    let cs = state.segment(crate::ir::Seg::Cs);
-    if state.efer & crate::arch::efer::LMA != 0 && cs.long() {
-        Bitness::B64
-    } else if state.cr0 & 1 != 0 && cs.db() {
-        Bitness::B32
-    } else {
-        Bitness::B16
-    }
-}
-
-pub use crate::guest_code::fetch_code;
+pub use crate::guest_code::{bitness_of, fetch_code};
 
 impl fmt::Display for ClusterEnd {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -335,6 +335,15 @@ impl<'a> Reader<'a> {
         self.pos += n;
         Ok(s)
     }
+    /// `n` bytes of UTF-8 text.
+    fn text(&mut self, n: usize, field: &'static str) -> Result<&'a str, FormatError> {
+        let offset = self.pos;
+        core::str::from_utf8(self.take(n, field)?).map_err(|_| FormatError::BadField {
+            field,
+            offset,
+            reason: "not UTF-8",
+        })
+    }
     fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], FormatError> {
         let mut a = [0u8; N];
         a.copy_from_slice(self.take(N, field)?);
@@ -413,22 +422,8 @@ pub fn decode(bytes: &[u8]) -> Result<TranslationSet, FormatError> {
             reason: "does not equal 160 + guest name length + translator description length",
         });
     }
-    let name_off = r.pos;
-    let name = core::str::from_utf8(r.take(name_len, "guest name")?).map_err(|_| {
-        FormatError::BadField {
-            field: "guest name",
-            offset: name_off,
-            reason: "not UTF-8",
-        }
-    })?;
-    let desc_off = r.pos;
-    let desc = core::str::from_utf8(r.take(desc_len, "translator description")?).map_err(|_| {
-        FormatError::BadField {
-            field: "translator description",
-            offset: desc_off,
-            reason: "not UTF-8",
-        }
-    })?;
+    let name = r.text(name_len, "guest name")?;
+    let desc = r.text(desc_len, "translator description")?;
     if count > MAX_CLUSTERS as u64 {
         return Err(FormatError::TooManyClusters {
             count,

@@ -7,7 +7,6 @@ use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
 use crate::engine;
-use crate::exit::bitness_of;
 use crate::guest::{CpuState, Guest};
 use crate::ir::Bitness;
 use crate::translator::source::Thunk;
@@ -130,6 +129,18 @@ pub fn fetch_code<G: Guest + ?Sized>(
         done += n;
     }
     done
+}
+
+/// The code size of the guest's current mode.
+pub fn bitness_of(state: &CpuState) -> Bitness {
+    let cs = state.segment(crate::ir::Seg::Cs);
+    if state.efer & crate::arch::efer::LMA != 0 && cs.long() {
+        Bitness::B64
+    } else if state.cr0 & crate::arch::cr0::PE != 0 && cs.db() {
+        Bitness::B32
+    } else {
+        Bitness::B16
+    }
 }
 
 #[cfg(test)]

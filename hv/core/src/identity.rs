@@ -15,6 +15,8 @@
 use alloc::vec::Vec;
 use xxhash_rust::xxh3::Xxh3;
 
+use crate::elf::{ElfError, ElfFile};
+
 /// The domain tag hashed first; bumped with the algorithm (v1 was SHA-256), so an
 /// identity of one scheme never equals one of another by construction.
 const DOMAIN: &[u8] = b"avex-guest-identity-v2-xxh3";
@@ -61,17 +63,15 @@ pub fn of_segments<'a>(segments: impl IntoIterator<Item = (u64, &'a [u8])>) -> [
     out
 }
 
-/// The identity of a guest ELF image: [`of_segments`] over its loadable
-/// segments as [`crate::boot::parse_elf`] lists them (`PT_LOAD` with a non-zero
-/// memory size), each as (`p_paddr`, its `p_filesz` file bytes). A backend that
-/// loads the image computes the same value from the same bytes.
-pub fn of_elf(elf: &[u8]) -> Result<[u8; 32], crate::boot::BootError> {
-    let image = crate::boot::parse_elf(elf)?;
-    let mut segs = Vec::with_capacity(image.segments.len());
-    for s in &image.segments {
-        // parse_elf checked offset + filesz <= elf.len().
-        let (start, len) = (s.offset as usize, s.filesz as usize);
-        segs.push((s.paddr, &elf[start..start + len]));
-    }
-    Ok(of_segments(segs))
+/// The identity of a guest ELF image: [`of_segments`] over what
+/// [`ElfFile::loadable`] lists (`PT_LOAD` segments with a non-zero memory size,
+/// each as (`p_paddr`, its `p_filesz` file bytes); the allocated sections of an
+/// `ET_REL`). The AOT pass, the linker and both backends compute it here.
+pub fn of_elf(elf: &[u8]) -> Result<[u8; 32], ElfError> {
+    of_file(&ElfFile::parse(elf)?)
+}
+
+/// [`of_elf`] of a file already read.
+pub fn of_file(elf: &ElfFile<'_>) -> Result<[u8; 32], ElfError> {
+    Ok(of_segments(elf.loadable()?))
 }

@@ -4,7 +4,8 @@
 //! Nothing here knows about VMCS fields or `kvm_run`; backends implement
 //! [`guest::Guest`] and turn their hardware's exits into [`exit::Exit`]. The x86
 //! architectural facts every crate uses (register bits, MSR numbers, CPUID bits)
-//! are in [`arch`], once.
+//! are in [`arch`], once; every ELF file (a guest to boot, its PVH note, its
+//! identity, its translations section, the AOT pass's input) is read by [`elf`].
 #![no_std]
 #![forbid(unsafe_code)]
 
@@ -17,6 +18,7 @@ pub mod boot;
 pub mod cache;
 pub mod devices;
 pub mod distance;
+pub mod elf;
 pub mod emulate;
 pub mod engine;
 pub mod exit;

@@ -329,7 +329,7 @@ impl Vm {
             None => {}
             Some(Err(why)) => handler.reject_translations(why.clone()),
             Some(Ok(set)) => {
-                let digest = avex_core::identity::of_elf(elf).map_err(Error::Boot)?;
+                let digest = avex_core::identity::of_elf(elf).map_err(|e| Error::Boot(e.into()))?;
                 // A rejected set is recorded in the statistics; the guest runs on.
                 let _ = handler.load_translations(set.clone(), &digest);
             }

@@ -16,10 +16,10 @@ extern crate alloc;
 mod acpi_info;
 mod boot;
 mod cpu;
-mod elf;
 mod ept;
 mod exit_reason;
 mod heap;
+#[path = "../../../build/freestanding_mem.rs"]
 mod mem;
 mod multiboot;
 mod run;
@@ -315,7 +315,10 @@ extern "C" fn kmain(magic: u32, mbi: u32) -> ! {
 /// Find, decode and check the image's translations; a rejection is printed with
 /// its reason and the guest runs on dynamic clustering (if the mode has it).
 fn load_translations(elf: &[u8], opts: &Options, handler: &mut ExitHandler) {
-    let Some(bytes) = elf::section(elf, TRANSLATIONS_SECTION) else {
+    let section = avex_core::elf::ElfFile::parse(elf)
+        .ok()
+        .and_then(|f| f.section_named(TRANSLATIONS_SECTION));
+    let Some(bytes) = section else {
         logln!("avex-vmx: no {TRANSLATIONS_SECTION} section in the guest image");
         return;
     };

@@ -3,7 +3,9 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 
-pub const MAGIC: u32 = 0x2BAD_B002;
+/// What a multiboot loader leaves in EAX (the value avex's own loader gives ELF32
+/// guests).
+pub use avex_core::boot::MULTIBOOT_MAGIC as MAGIC;
 
 #[derive(Clone, Debug)]
 pub struct Module {

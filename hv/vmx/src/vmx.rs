@@ -587,17 +587,7 @@ core::arch::global_asm!(
     "    mov ecx, 2",
     "    cmovz eax, ecx",
     "    mov rdi, [rsp + 8]",
-    "    fxsave [rdi + 128]",
-    "    fxrstor [rdi + 640]",
-    "    add rsp, 8",
-    "    pop rdi",
-    "    pop r15",
-    "    pop r14",
-    "    pop r13",
-    "    pop r12",
-    "    pop rbx",
-    "    pop rbp",
-    "    ret",
+    "    jmp 7f",
     ".global vmx_exit_entry",
     "vmx_exit_entry:",
     "    push rdi",
@@ -618,6 +608,11 @@ core::arch::global_asm!(
     "    mov [rdi + 120], r15",
     "    pop rax",
     "    mov [rdi + 56], rax",
+    "    xor eax, eax",
+    // Both ways out (RDI = regs, RSP as vmx_enter left it, EAX = the result): the
+    // guest's x87/SSE state saved and the host's restored, then the callee-saved
+    // registers.
+    "7:",
     "    fxsave [rdi + 128]",
     "    fxrstor [rdi + 640]",
     "    add rsp, 8",
@@ -628,7 +623,6 @@ core::arch::global_asm!(
     "    pop r12",
     "    pop rbx",
     "    pop rbp",
-    "    xor eax, eax",
     "    ret",
     ".section .text",
 );

@@ -38,32 +38,16 @@ const PAGE: u64 = 0x1000;
 const FOUR_GIB: u64 = 4 << 30;
 
 /// The physical entry of the first `Xen` note of type [`XEN_ELFNOTE_PHYS32_ENTRY`]
-/// in the `PT_NOTE` segments `notes` ((file offset, size) pairs), if any. The
-/// descriptor is 4 or 8 bytes (Linux writes a pointer); its low 32 bits are the
-/// entry.
-pub(super) fn phys32_entry(elf: &[u8], notes: &[(u64, u64)]) -> Option<u64> {
-    let what = "PT_NOTE segment";
-    for &(offset, size) in notes {
-        let end = offset.checked_add(size)?;
-        let mut at = offset;
-        while at.checked_add(12)? <= end {
-            let namesz = u64::from(u32_at(elf, at, what).ok()?);
-            let descsz = u64::from(u32_at(elf, at + 4, what).ok()?);
-            let kind = u32_at(elf, at + 8, what).ok()?;
-            let name_at = at + 12;
-            let desc_at = name_at.checked_add(namesz.checked_add(3)? & !3)?;
-            let next = desc_at.checked_add(descsz.checked_add(3)? & !3)?;
-            if next > end {
-                break;
-            }
-            let name = elf.get(name_at as usize..(name_at + namesz) as usize)?;
-            if name == b"Xen\0" && kind == XEN_ELFNOTE_PHYS32_ENTRY && descsz >= 4 {
-                return u32_at(elf, desc_at, what).ok().map(u64::from);
-            }
-            at = next;
-        }
-    }
-    None
+/// among `notes`, if any. The descriptor is 4 or 8 bytes (Linux writes a pointer);
+/// its low 32 bits are the entry.
+pub(super) fn phys32_entry(mut notes: crate::elf::Notes<'_>) -> Option<u64> {
+    notes
+        .find(|n| n.name == b"Xen\0" && n.kind == XEN_ELFNOTE_PHYS32_ENTRY && n.desc.len() >= 4)
+        .map(|n| {
+            u64::from(u32::from_le_bytes([
+                n.desc[0], n.desc[1], n.desc[2], n.desc[3],
+            ]))
+        })
 }
 
 fn page_up(x: u64) -> u64 {

@@ -1,6 +1,9 @@
 //! The loader's tests on synthetic ELFs.
 
 use super::*;
+use crate::elf::header::ET_EXEC;
+use crate::elf::{EM_386, EM_X86_64};
+use alloc::string::ToString;
 use alloc::vec;
 
 /// A minimal ELF with one PT_LOAD of `code` at `paddr` (= vaddr) entered at its start.
@@ -142,32 +145,45 @@ fn elf32_gets_multiboot_registers_and_info() {
 fn rejects_malformed_images() {
     let good = elf(true, 0x10_0000, &[0xf4; 16], 0);
     let mut ram = vec![0u8; 2 << 20];
-    assert_eq!(load(b"MZ\x90\x00", &mut ram, ""), Err(BootError::NotElf));
+    assert!(matches!(
+        load(b"MZ\x90\x00", &mut ram, ""),
+        Err(BootError::Elf(ElfError::NotElf { len: 4, .. }))
+    ));
     // Truncated in the program header table.
     assert!(matches!(
         load(&good[..80], &mut ram, ""),
-        Err(BootError::Truncated { .. })
+        Err(BootError::Elf(ElfError::TablePastEnd {
+            what: "program header table",
+            field_offset: 32,
+            ..
+        }))
     ));
+    // Truncated in the ELF header.
+    let e = load(&good[..40], &mut ram, "").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "truncated: ELF header needs 64 bytes at offset 0x0, the file has 40"
+    );
     // Segment file bytes past the end of file.
     let mut bad = good.clone();
     bad.truncate(good.len() - 4);
     assert!(matches!(
         load(&bad, &mut ram, ""),
-        Err(BootError::SegmentOutsideFile { .. })
+        Err(BootError::Elf(ElfError::SegmentPastEnd { index: 0, .. }))
     ));
     // Huge p_offset must not overflow.
     let mut bad = good.clone();
     bad[64 + 8..64 + 16].copy_from_slice(&u64::MAX.to_le_bytes());
     assert!(matches!(
         load(&bad, &mut ram, ""),
-        Err(BootError::SegmentOutsideFile { .. })
+        Err(BootError::Elf(ElfError::SegmentPastEnd { index: 0, .. }))
     ));
     // Huge phoff.
     let mut bad = good.clone();
     bad[32..40].copy_from_slice(&(u64::MAX - 10).to_le_bytes());
     assert!(matches!(
         load(&bad, &mut ram, ""),
-        Err(BootError::Truncated { .. })
+        Err(BootError::Elf(ElfError::TablePastEnd { .. }))
     ));
     // Segment beyond RAM.
     let big = elf(true, 0x10_0000, &[0xf4], 4 << 20);

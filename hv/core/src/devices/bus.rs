@@ -13,8 +13,7 @@ use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use core::any::Any;
 
-use super::device::{InterruptController, IrqOutput, PortDevice, PortRange};
-use super::{size_mask, valid_size};
+use super::device::{size_mask, valid_size, InterruptController, IrqOutput, PortDevice, PortRange};
 
 /// Why a registration was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -74,3 +74,18 @@ impl PortRange {
         self.base as u32 + self.len as u32
     }
 }
+
+/// Mask of the low `size` bytes of a port access (`size` 1, 2 or 4; anything else
+/// is treated as 4).
+pub(crate) fn size_mask(size: u8) -> u32 {
+    match size {
+        1 => 0xff,
+        2 => 0xffff,
+        _ => 0xffff_ffff,
+    }
+}
+
+/// True for the access sizes port I/O can have.
+pub(crate) fn valid_size(size: u8) -> bool {
+    matches!(size, 1 | 2 | 4)
+}

@@ -11,8 +11,7 @@
 
 use alloc::collections::BTreeMap;
 
-use super::device::PortDevice;
-use super::{size_mask, valid_size};
+use super::device::{size_mask, valid_size, PortDevice};
 
 /// A base address register.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,13 +1,15 @@
 //! The memory functions the compiler may call (`core` assumes a C library provides
-//! them). Copies and fills use `rep movsb`/`rep stosb`, which KVM's emulator runs,
-//! and which the compiler cannot turn back into calls to these same functions.
+//! them), for every freestanding crate `build/freestanding.rs` builds (the guest
+//! kernels and the VT-x hypervisor include this file with `#[path]`). Copies and
+//! fills use `rep movsb`/`rep stosb`, which KVM's emulator runs, and which the
+//! compiler cannot turn back into calls to these same functions.
 use core::arch::asm;
 
 /// # Safety
 /// C `memcpy`: `dst` and `src` valid for `n` bytes and not overlapping.
 #[no_mangle]
 pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
-    // SAFETY: the caller guarantees both ranges; DF is clear (entry stub: `cld`).
+    // SAFETY: the caller guarantees both ranges; DF is clear (the Rust ABI; the guests' entry stubs `cld`).
     unsafe {
         asm!("rep movsb", inout("rdi") dst => _, inout("rsi") src => _, inout("rcx") n => _,
              options(nostack, preserves_flags))
