@@ -402,9 +402,21 @@ impl Explorer<'_> {
     /// run by an outer call of the region).
     fn call_context(&mut self, ctx: usize, callee: u64, ret: u64) -> Option<usize> {
         let outer = &self.contexts[ctx];
-        if outer.frames.len() >= self.config.max_call_depth
-            || outer.frames.iter().any(|f| f.callee == callee)
-        {
+        // A call made inside a thunk (the retpoline's `call 1f`, popped by its own
+        // RET a few instructions on) is no level of the guest's call chain: it
+        // does not count against the depth, only against twice it.
+        let depth = outer
+            .frames
+            .iter()
+            .filter(|f| f.thunk_site.is_none())
+            .count();
+        let limit = self.config.max_call_depth;
+        let too_deep = if outer.via.is_some() {
+            outer.frames.len() >= 2 * limit
+        } else {
+            depth >= limit
+        };
+        if too_deep || outer.frames.iter().any(|f| f.callee == callee) {
             self.note_stop(NoCluster::CallDepth);
             return None;
         }

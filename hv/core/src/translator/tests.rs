@@ -1536,3 +1536,41 @@ fn a_region_with_more_loops_than_a_cluster_holds_is_shrunk_not_refused() {
     assert!(c.exiting_count() >= 2, "{}", c.exiting_count());
     assert_eq!(c.entry_rip(), Some(0x9000));
 }
+
+#[test]
+fn a_retpolines_inner_call_is_no_level_of_the_call_depth() {
+    // As above, with calls allowed one deep: the call through the retpoline is
+    // that level; the retpoline's own `call 1f` is not another.
+    let mut bytes = vec![0xccu8; 0x70];
+    bytes[0] = 0xec;
+    bytes[1..6].copy_from_slice(&rel32(0xe8, 0x7001, 0x7020));
+    bytes[6..8].copy_from_slice(OUT_80_AL);
+    bytes[8] = 0xf4;
+    bytes[0x20..0x25].copy_from_slice(&rel32(0xe8, 0x7020, 0x7028));
+    bytes[0x28..0x2c].copy_from_slice(&[0x48, 0x89, 0x04, 0x24]);
+    bytes[0x2c] = 0xc3;
+    bytes[0x40] = 0xee;
+    bytes[0x41] = 0xc3;
+    let mut src = Pieces::new();
+    src.add(0x7000, &bytes);
+    src.add_thunk(0x7020, source::Thunk::Indirect(crate::ir::RAX));
+    src.add_target(0x7001, 0x7040);
+    let config = TranslatorConfig {
+        max_call_depth: 1,
+        ..TranslatorConfig::default()
+    };
+    let t = translate_region(
+        &mut src,
+        0x7000,
+        Bitness::B64,
+        &ExitPolicy::default(),
+        &config,
+    )
+    .unwrap();
+    crate::ir::validate(&t.cluster).unwrap();
+    assert_eq!(
+        t.cluster.exiting_count(),
+        4,
+        "IN, OUT in the callee, OUT 0x80, HLT"
+    );
+}
