@@ -237,22 +237,8 @@ pub fn translate_region(
     if ends_cluster(&op, config) {
         return Err(NoCluster::EndsCluster);
     }
-    // A region that outgrew what the IR holds (back-edges, guards, code ranges) is
-    // explored again with half the instructions, down to a small one: the paths
-    // nearest the entry, where most of the gain is, are explored first.
-    let mut config = config.clone();
-    loop {
-        match region::build(src, rip, bitness, policy, &config) {
-            Err(NoCluster::RegionFull) if config.max_cluster_insns > MIN_SHRUNK_INSNS => {
-                config.max_cluster_insns /= 2;
-            }
-            built => return built,
-        }
-    }
+    region::build(src, rip, bitness, policy, config)
 }
-
-/// The smallest instruction budget a full region is shrunk to before giving up.
-const MIN_SHRUNK_INSNS: usize = 32;
 
 /// The highest address plus one that code of this bitness may occupy: instruction
 /// pointers do not wrap inside a cluster.
