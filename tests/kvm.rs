@@ -69,9 +69,13 @@ fn every_bundled_guest_prints_the_same_in_every_mode_with_fewer_exits() {
                 String::from_utf8_lossy(&off.console)
             );
         }
+        let mut exits_clustered = 0;
         for mode in [Mode::Dynamic, Mode::Aot, Mode::AotDynamic] {
             let r = run(&elf, mode, mode.uses_aot().then(|| set.clone()), 60.0)
                 .unwrap_or_else(|e| panic!("{name} {mode}: {e}"));
+            if mode == Mode::AotDynamic {
+                exits_clustered = r.stats.exits();
+            }
             assert_eq!(r.status, off.status, "{name} {mode}: status");
             assert!(
                 r.console == off.console,
@@ -125,13 +129,14 @@ fn every_bundled_guest_prints_the_same_in_every_mode_with_fewer_exits() {
                 String::from_utf8_lossy(&off.console),
                 String::from_utf8_lossy(&r.console)
             );
-            // Coalescing under clusters keeps their cut (pci once took 7,461 exits
-            // here against 55 without coalescing: a region built at the first
-            // exit left, CONFIG_DATA's read, replaced the cluster around it).
+            // Coalescing under clusters takes about the exits of clusters alone
+            // (KVM's own exits vary by a few dozen run to run); pci once took 7,461
+            // here against 55 without coalescing: a region built at the first exit
+            // left, CONFIG_DATA's read, replaced the cluster around it.
             if mode == Mode::AotDynamic {
                 assert!(
-                    support::clusters_cut_enough(name, exits_off, r.stats.exits()),
-                    "{name}: aot+dynamic+coalesce took {} exits, off {exits_off}",
+                    r.stats.exits() <= 2 * exits_clustered + 100,
+                    "{name}: aot+dynamic+coalesce took {} exits, aot+dynamic {exits_clustered}",
                     r.stats.exits()
                 );
             }
