@@ -109,7 +109,6 @@ mod tests {
             cluster_insns: 40,
             early_stops: [(EarlyStop::Budget, 1), (EarlyStop::GeneralProtection, 2)].into(),
             translations_loaded: 11,
-            translations_invalid: 12,
             translations_rejected: Some("digest \"differs\"".into()),
             translations_built: 13,
             translation_failures: 14,

@@ -3,15 +3,16 @@
 //! whether it was loaded from a pre-analyzed image (AOT) or built at run time
 //! (dynamic).
 //!
-//! Entries are validated ([`crate::ir::validate`]) on the way in, so the engine
-//! never sees a malformed cluster. A translation whose guest bytes changed is found
+//! Entries are valid ([`crate::ir::validate`]), so the engine never sees a
+//! malformed cluster: a cluster inserted alone is validated on the way in; a set
+//! comes as a [`CheckedSet`], validated once when it was decoded or checked. A translation whose guest bytes changed is found
 //! by the engine's byte check before it runs and removed ([`TranslationCache::remove`]);
 //! the counts of what came and went are the exit handler's ([`crate::stats`]).
 
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
 
-use crate::format::TranslationSet;
+use crate::format::CheckedSet;
 use crate::ir::limits::MAX_CLUSTER_BYTES;
 use crate::ir::{validate, Cluster, ClusterError};
 
@@ -61,19 +62,26 @@ impl TranslationCache {
     ) -> Result<Option<Entry>, ClusterError> {
         validate(&cluster)?;
         let key = cluster.entry_rip().ok_or(ClusterError::FirstNotExiting)?;
+        Ok(self.insert_valid(key, cluster, origin))
+    }
+
+    /// Insert a cluster known to be valid, entered at `key`.
+    fn insert_valid(&mut self, key: u64, cluster: Cluster, origin: Origin) -> Option<Entry> {
         let old = self.remove(key);
         self.ranges
             .extend(cluster.code.iter().map(|r| (r.start, key)));
         self.map.insert(key, Entry { cluster, origin });
-        Ok(old)
+        old
     }
 
-    /// Insert every cluster of a decoded (so already validated) set as AOT
-    /// translations. Returns how many were inserted.
-    pub fn load_set(&mut self, set: TranslationSet) -> usize {
+    /// Insert every cluster of a checked set as AOT translations, without
+    /// validating them again. Returns how many were inserted.
+    pub fn load_set(&mut self, set: CheckedSet) -> usize {
         let mut n = 0;
-        for c in set.clusters {
-            if self.insert(c, Origin::Aot).is_ok() {
+        for c in set.into_set().clusters {
+            // A valid cluster has an entry (validate_set checked each).
+            if let Some(key) = c.entry_rip() {
+                self.insert_valid(key, c, Origin::Aot);
                 n += 1;
             }
         }
@@ -251,7 +259,8 @@ mod tests {
     }
 
     #[test]
-    fn load_set_marks_aot_and_refuses_invalid_clusters() {
+    fn a_set_is_checked_once_and_loaded_as_aot() {
+        use crate::format::{check, TranslationSet};
         let mut c = TranslationCache::new();
         let set = TranslationSet {
             guest: crate::format::GuestIdentity {
@@ -269,8 +278,12 @@ mod tests {
                 },
             ],
         };
-        assert_eq!(c.load_set(set), 2);
+        // One invalid cluster (no code) refuses the set, as decoding would.
+        assert!(check(set.clone()).is_err());
+        let mut good = set;
+        good.clusters.pop();
+        assert_eq!(c.load_set(check(good).unwrap()), 2);
         assert!(c.iter().all(|e| e.origin == Origin::Aot));
-        assert!(c.lookup(0x30).is_none());
+        assert!(c.lookup(0x10).is_some() && c.lookup(0x30).is_none());
     }
 }

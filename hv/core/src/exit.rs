@@ -19,7 +19,7 @@ use core::fmt;
 
 use crate::cache::{Origin, TranslationCache};
 use crate::engine;
-use crate::format::{self as tformat, TranslationSet};
+use crate::format::{self as tformat, CheckedSet};
 use crate::guest::{CpuState, Fault, Guest};
 use crate::guest_code::{GuestCode, LearnedTargets};
 use crate::ir::Bitness;
@@ -282,21 +282,20 @@ impl ExitHandler {
     /// nothing is loaded.
     pub fn load_translations(
         &mut self,
-        set: TranslationSet,
+        set: CheckedSet,
         guest_digest: &[u8; 32],
     ) -> Result<usize, String> {
         if !self.mode.uses_aot() {
             return Ok(0);
         }
-        if let Err(r) = tformat::check_against(&set, guest_digest, &self.policy.fingerprint()) {
+        let fingerprint = self.policy.fingerprint();
+        if let Err(r) = tformat::check_against(set.set(), guest_digest, &fingerprint) {
             let why = r.to_string();
             self.stats.translations_rejected = Some(why.clone());
             return Err(why);
         }
-        let offered = set.clusters.len();
         let n = self.cache.load_set(set);
         self.stats.translations_loaded += n as u64;
-        self.stats.translations_invalid += (offered - n) as u64;
         Ok(n)
     }
 

@@ -360,6 +360,33 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// A translation set every cluster of which passed [`validate_set`]: made only by
+/// [`check`] and [`decode_checked`], so what holds one (the translation cache)
+/// need not validate again.
+#[derive(Clone, Debug)]
+pub struct CheckedSet(TranslationSet);
+
+impl CheckedSet {
+    pub fn set(&self) -> &TranslationSet {
+        &self.0
+    }
+    pub fn into_set(self) -> TranslationSet {
+        self.0
+    }
+}
+
+/// Validate a set made in memory (by the AOT pass, for a backend that runs it
+/// without writing it out).
+pub fn check(set: TranslationSet) -> Result<CheckedSet, FormatError> {
+    validate_set(&set)?;
+    Ok(CheckedSet(set))
+}
+
+/// [`decode`], keeping the proof that it validated.
+pub fn decode_checked(bytes: &[u8]) -> Result<CheckedSet, FormatError> {
+    decode(bytes).map(CheckedSet)
+}
+
 /// Decode and validate a translation set. Never panics: any defect is an error
 /// naming the field or cluster, the offset and the reason.
 pub fn decode(bytes: &[u8]) -> Result<TranslationSet, FormatError> {

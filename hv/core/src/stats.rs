@@ -233,8 +233,6 @@ pub struct ExitStats {
     pub early_stops: BTreeMap<EarlyStop, u64>,
     /// Translations loaded from a pre-analyzed image (accepted into the cache).
     pub translations_loaded: u64,
-    /// Loaded translations the cache refused (failed validation).
-    pub translations_invalid: u64,
     /// Why a loaded translation set was rejected, if it was.
     pub translations_rejected: Option<String>,
     /// Translations built at run time by the dynamic tracker + translator.
@@ -419,9 +417,6 @@ impl ExitStats {
                 "  of them:              {} ran, {} dropped as stale, {} never ran",
                 self.aot_translations_ran, self.aot_translations_stale, never
             );
-        }
-        if self.translations_invalid > 0 {
-            let _ = writeln!(s, "  refused as invalid:   {}", self.translations_invalid);
         }
         if let Some(r) = &self.translations_rejected {
             let _ = writeln!(s, "  rejected:             {r}");

@@ -331,7 +331,12 @@ impl Vm {
             Some(Ok(set)) => {
                 let digest = avex_core::identity::of_elf(elf).map_err(|e| Error::Boot(e.into()))?;
                 // A rejected set is recorded in the statistics; the guest runs on.
-                let _ = handler.load_translations(set.clone(), &digest);
+                match avex_core::format::check(set.clone()) {
+                    Ok(set) => {
+                        let _ = handler.load_translations(set, &digest);
+                    }
+                    Err(e) => handler.reject_translations(format!("invalid translations: {e}")),
+                }
             }
         }
         let bus = PortBus::standard(config.devices.clone());

@@ -330,7 +330,7 @@ fn load_translations(elf: &[u8], opts: &Options, handler: &mut ExitHandler) {
         );
         return;
     }
-    let set = match tformat::decode(bytes) {
+    let set = match tformat::decode_checked(bytes) {
         Ok(s) => s,
         Err(e) => {
             let why = format!("damaged translations: {e}");

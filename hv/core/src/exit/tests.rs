@@ -2,7 +2,7 @@
 use super::*;
 use crate::engine::test_guest::TestGuest;
 use crate::engine::Paging;
-use crate::format::{GuestIdentity, TranslatorStamp};
+use crate::format::{GuestIdentity, TranslationSet, TranslatorStamp};
 
 /// 0x1000: in al,dx ; mov bl,al ; out dx,al ; out dx,al ; hlt
 const CODE: [u8; 6] = [0xec, 0x88, 0xc3, 0xee, 0xee, 0xf4];
@@ -85,7 +85,7 @@ fn off_never_clusters_and_aot_never_translates() {
     }
 }
 
-fn set_for(_g: &mut TestGuest, digest: [u8; 32], policy: &ExitPolicy) -> TranslationSet {
+fn set_for(_g: &mut TestGuest, digest: [u8; 32], policy: &ExitPolicy) -> CheckedSet {
     let mut code = CODE.to_vec();
     code.truncate(5);
     let c = translator::translate(
@@ -96,7 +96,7 @@ fn set_for(_g: &mut TestGuest, digest: [u8; 32], policy: &ExitPolicy) -> Transla
         &TranslatorConfig::default(),
     )
     .expect("translatable");
-    TranslationSet {
+    crate::format::check(TranslationSet {
         guest: GuestIdentity {
             digest,
             name: "t".into(),
@@ -104,7 +104,8 @@ fn set_for(_g: &mut TestGuest, digest: [u8; 32], policy: &ExitPolicy) -> Transla
         policy: policy.fingerprint(),
         translator: TranslatorStamp::default(),
         clusters: alloc::vec![c],
-    }
+    })
+    .expect("a valid set")
 }
 
 #[test]
