@@ -1451,12 +1451,10 @@ fn thunks_go_where_the_site_that_entered_them_goes() {
     );
 }
 
-#[test]
-fn a_retpoline_goes_where_its_call_site_goes_and_learns_there() {
-    // 0x7000 in al,dx ; call RP ; out 0x80,al ; hlt
-    // 0x7020 RP: call 1f ; int3 x3 ; 1: mov %rax,(%rsp) ; ret   (the retpoline)
-    // 0x7040 out dx,al ; jmp RT                                   (the callee)
-    // 0x7060 RT: ret                                              (return thunk)
+/// 0x7000 in al,dx ; call RP ; out 0x80,al ; hlt
+/// 0x7020 RP: call 1f ; int3 x3 ; 1: mov %rax,(%rsp) ; ret   (the retpoline)
+/// 0x7040 out dx,al ; then `jmp RT` (RT at 0x7060: ret, a return thunk) or `ret`
+fn retpoline_code(return_thunk: bool) -> Vec<u8> {
     let mut bytes = vec![0xccu8; 0x70];
     bytes[0] = 0xec;
     bytes[1..6].copy_from_slice(&rel32(0xe8, 0x7001, 0x7020));
@@ -1466,8 +1464,18 @@ fn a_retpoline_goes_where_its_call_site_goes_and_learns_there() {
     bytes[0x28..0x2c].copy_from_slice(&[0x48, 0x89, 0x04, 0x24]);
     bytes[0x2c] = 0xc3;
     bytes[0x40] = 0xee;
-    bytes[0x41..0x46].copy_from_slice(&rel32(0xe9, 0x7041, 0x7060));
-    bytes[0x60] = 0xc3;
+    if return_thunk {
+        bytes[0x41..0x46].copy_from_slice(&rel32(0xe9, 0x7041, 0x7060));
+        bytes[0x60] = 0xc3;
+    } else {
+        bytes[0x41] = 0xc3;
+    }
+    bytes
+}
+
+#[test]
+fn a_retpoline_goes_where_its_call_site_goes_and_learns_there() {
+    let bytes = retpoline_code(true);
     let mut src = Pieces::new();
     src.add(0x7000, &bytes);
     // Found by their bytes, as the hypervisor finds them in guest memory.
@@ -1515,18 +1523,9 @@ fn a_retpoline_goes_where_its_call_site_goes_and_learns_there() {
 
 #[test]
 fn a_retpolines_inner_call_is_no_level_of_the_call_depth() {
-    // As above, with calls allowed one deep: the call through the retpoline is
-    // that level; the retpoline's own `call 1f` is not another.
-    let mut bytes = vec![0xccu8; 0x70];
-    bytes[0] = 0xec;
-    bytes[1..6].copy_from_slice(&rel32(0xe8, 0x7001, 0x7020));
-    bytes[6..8].copy_from_slice(OUT_80_AL);
-    bytes[8] = 0xf4;
-    bytes[0x20..0x25].copy_from_slice(&rel32(0xe8, 0x7020, 0x7028));
-    bytes[0x28..0x2c].copy_from_slice(&[0x48, 0x89, 0x04, 0x24]);
-    bytes[0x2c] = 0xc3;
-    bytes[0x40] = 0xee;
-    bytes[0x41] = 0xc3;
+    // Calls allowed one deep: the call through the retpoline is that level; the
+    // retpoline's own `call 1f` is not another.
+    let bytes = retpoline_code(false);
     let mut src = Pieces::new();
     src.add(0x7000, &bytes);
     src.add_thunk(0x7020, source::Thunk::Indirect(crate::ir::RAX));
