@@ -149,18 +149,7 @@ fn stock_debian_kernel_runs_the_workload_in_off_and_aot_dynamic_with_the_same_li
     let cpio = initramfs(&busybox, &dir);
     // The pre-analyzed kernel: the stock ELF plus its translations section.
     let pre = dir.join("vmlinux.pre");
-    let o = avex()
-        .arg("link")
-        .arg(&vmlinux)
-        .arg("-o")
-        .arg(&pre)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "avex link: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    support::run_ok(avex().arg("link").arg(&vmlinux).arg("-o").arg(&pre));
     let ((off, _, off_record), (ad, ad_stderr, ad_record)) = std::thread::scope(|s| {
         let off = s.spawn(|| boot(&vmlinux, &cpio, "off", &dir));
         let ad = s.spawn(|| boot(&pre, &cpio, "aot+dynamic", &dir));
@@ -218,18 +207,7 @@ fn no_aot_translation_of_the_stock_kernel_holds_bytes_it_patches_at_boot() {
     let (vmlinux, _) = fetch();
     let dir = scratch("patch");
     let pre = dir.join("vmlinux.pre");
-    let o = avex()
-        .arg("link")
-        .arg(&vmlinux)
-        .arg("-o")
-        .arg(&pre)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "avex link: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    support::run_ok(avex().arg("link").arg(&vmlinux).arg("-o").arg(&pre));
     let raw = std::fs::read(&vmlinux).unwrap();
     let elf = avex_aot::elf::parse(&raw).unwrap();
     let patches = avex_aot::patch::PatchSites::of_elf(&elf);
