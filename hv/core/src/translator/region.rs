@@ -284,13 +284,7 @@ impl Explorer<'_> {
         let node = &self.nodes[id];
         let (rip, ctx, op) = (node.rip, node.ctx, node.dec.op);
         let next = rip + u64::from(node.dec.len);
-        // Where this instruction's indirect destinations are known: its own
-        // address, or the site that entered the thunk it is in.
-        let site = self.contexts[ctx].via.unwrap_or(rip);
-        let retpoline_site = match (op, self.contexts[ctx].frames.last()) {
-            (Op::Ret { .. }, Some(f)) => f.thunk_site,
-            _ => None,
-        };
+        let site = self.site_of(rip, ctx, &op);
         let mut out = Vec::new();
         if ends_cluster(&op, self.config) {
             self.note_stop(NoCluster::EndsCluster);
@@ -344,27 +338,17 @@ impl Explorer<'_> {
             Op::Ret { .. } => {
                 let mut outer = self.contexts[ctx].clone();
                 outer.via = None;
-                match (outer.frames.pop(), retpoline_site) {
-                    // The RET of a retpoline: to the destinations of the site that
-                    // entered the thunk, in the context of that site's call.
-                    (Some(_), Some(at)) => {
-                        let known = self.src.indirect_targets(at).to_vec();
-                        if known.is_empty() {
-                            self.open(id);
-                        }
-                        let outer = self.context(outer);
-                        for t in known {
-                            out.push((t, outer, Some(t), false));
-                        }
-                    }
+                match outer.frames.pop() {
                     // Returning from a call the region made: to its return address.
-                    (Some(f), None) => {
+                    Some(f) if f.thunk_site.is_none() => {
                         let outer = self.context(outer);
                         out.push((f.ret, outer, Some(f.ret), false));
                     }
-                    // Returning from the function the region was entered in: to the
-                    // return addresses seen or resolved for this RET.
-                    (None, _) => {
+                    // The RET of a retpoline (to where the site that entered the
+                    // thunk goes, in the context of that site's call), or of the
+                    // function the region was entered in (to the return addresses
+                    // seen or resolved for it).
+                    _ => {
                         let known = self.src.indirect_targets(site).to_vec();
                         if known.is_empty() {
                             self.open(id);
@@ -379,6 +363,19 @@ impl Explorer<'_> {
             _ => {}
         }
         out
+    }
+
+    /// Where the destinations of the instruction at `rip` in context `ctx` are known
+    /// and learned: the site that entered the thunk it is in (for a retpoline's RET,
+    /// the site whose call the retpoline's inner call stands in), else its own
+    /// address.
+    fn site_of(&self, rip: u64, ctx: usize, op: &Op) -> u64 {
+        let c = &self.contexts[ctx];
+        let retpoline = match (op, c.frames.last()) {
+            (Op::Ret { .. }, Some(f)) => f.thunk_site,
+            _ => None,
+        };
+        retpoline.or(c.via).unwrap_or(rip)
     }
 
     /// Context `ctx` with `via` as the site a thunk was entered from.
@@ -663,12 +660,8 @@ fn assemble(
         if op.is_guarded() {
             let at = insns.len() as u16;
             // Inside a thunk, destinations are the entering site's.
-            let ctx = &x.contexts[node.ctx];
-            let site = match (op, ctx.frames.last()) {
-                (Op::Ret { .. }, Some(f)) if f.thunk_site.is_some() => f.thunk_site,
-                _ => ctx.via,
-            };
-            if let Some(site) = site.filter(|&s| s != node.rip) {
+            let site = x.site_of(node.rip, node.ctx, &op);
+            if site != node.rip {
                 learn_sites.push(LearnSite { insn: at, site });
             }
             let mut seen: Vec<u64> = Vec::new();
