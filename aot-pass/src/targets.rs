@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use avex_core::ir::{Bitness, GprIndex};
 pub use avex_core::translator::source::Thunk;
-use avex_core::translator::{resolve_thunk, Pieces};
+use avex_core::translator::{may_start_thunk, resolve_thunk, Pieces};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -168,13 +168,6 @@ struct Calls<'e> {
     func_syms: Vec<&'e crate::elf::CodeSym>,
 }
 
-/// Whether the code at `addr` can start a thunk `resolve_thunk` recognises (its
-/// first byte), to decode only those.
-fn may_be_thunk(pieces: &Pieces<'_>, addr: u64) -> bool {
-    let mut b = [0u8; 1];
-    pieces.read_at(addr, &mut b) == 1 && avex_core::translator::THUNK_FIRST_BYTES.contains(&b[0])
-}
-
 fn calls_of<'e>(
     elf: &'e Elf<'_>,
     areas: &[usize],
@@ -197,7 +190,7 @@ fn calls_of<'e>(
             for b in chunk {
                 match b.kind() {
                     BranchKind::Call(t) if in_space(t) => calls.push((t, b.next())),
-                    BranchKind::Jmp(t) if may_be_thunk(pieces, t) => jumps.push(t),
+                    BranchKind::Jmp(t) if may_start_thunk(&mut { pieces }, t) => jumps.push(t),
                     _ => {}
                 }
             }
@@ -253,7 +246,7 @@ fn thunks_of(
     candidates.dedup();
     let by_bytes: Vec<(u64, Thunk)> = candidates
         .par_iter()
-        .filter(|a| !thunks.contains_key(a) && may_be_thunk(pieces, **a))
+        .filter(|a| !thunks.contains_key(a))
         .filter_map(|&a| Some((a, resolve_thunk(&mut { pieces }, a, s.bitness_at(a)?)?)))
         .collect();
     thunks.extend(by_bytes);

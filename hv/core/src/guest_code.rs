@@ -10,7 +10,7 @@ use crate::engine;
 use crate::guest::{CpuState, Guest};
 use crate::ir::Bitness;
 use crate::translator::source::Thunk;
-use crate::translator::{resolve_thunk, CodeSource, THUNK_FIRST_BYTES};
+use crate::translator::{resolve_thunk, CodeSource};
 
 /// Most destinations kept per indirect branch or RET (each adds a guard and code).
 /// A new one replaces the oldest: the destinations of a driver's start-up probes
@@ -83,10 +83,6 @@ impl<G: Guest + ?Sized> CodeSource for GuestCode<'_, G> {
     /// Thunks by their bytes in guest memory, as the kernel left them after its
     /// boot-time patching (there are no symbols at run time).
     fn thunk(&mut self, addr: u64) -> Option<Thunk> {
-        let mut first = [0u8; 1];
-        if self.read(addr, &mut first) != 1 || !THUNK_FIRST_BYTES.contains(&first[0]) {
-            return None;
-        }
         let bitness = bitness_of(self.state);
         resolve_thunk(self, addr, bitness)
     }

@@ -53,7 +53,7 @@ pub mod source;
 mod thunk;
 pub use region::loop_qualifies;
 pub use source::{Bytes, CodeSource, Pieces};
-pub use thunk::{resolve_thunk, THUNK_FIRST_BYTES};
+pub use thunk::{may_start_thunk, resolve_thunk, THUNK_FIRST_BYTES};
 
 /// The tunable cluster rules. `Default` is the paper's, with the region limits.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -15,6 +15,13 @@ use crate::lower::gpr_index;
 /// 41). A caller scanning many addresses decodes only those.
 pub const THUNK_FIRST_BYTES: [u8; 5] = [0xc3, 0x0f, 0xe8, 0xff, 0x41];
 
+/// Whether the code at `addr` starts with one of [`THUNK_FIRST_BYTES`]: the cheap
+/// test before decoding.
+pub fn may_start_thunk(src: &mut dyn CodeSource, addr: u64) -> bool {
+    let mut first = [0u8; 1];
+    src.read(addr, &mut first) == 1 && THUNK_FIRST_BYTES.contains(&first[0])
+}
+
 fn is_ret(ins: &Instruction) -> bool {
     matches!(ins.code(), Code::Retnq | Code::Retnd | Code::Retnw)
 }
@@ -37,6 +44,9 @@ fn jmp_reg(ins: &Instruction) -> Option<crate::ir::GprIndex> {
 /// instructions, so its effects (the retpoline's store below the stack pointer)
 /// are the CPU's.
 pub fn resolve_thunk(src: &mut dyn CodeSource, addr: u64, bitness: Bitness) -> Option<Thunk> {
+    if !may_start_thunk(src, addr) {
+        return None;
+    }
     let mut ins = decode_at(src, addr, bitness)?;
     if is_ret(&ins) {
         return Some(Thunk::Return);
