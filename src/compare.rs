@@ -44,17 +44,8 @@ pub struct Args {
     /// fastest run, so that time ratios are not one run's noise.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub repeat: u32,
-    /// Boot each guest as a kernel with this initrd (as `avex run --initrd`); the
-    /// console is then compared by its result lines only (those starting
-    /// `avex-linux: `: the rest carries timings).
-    #[arg(long, value_name = "FILE")]
-    pub initrd: Option<PathBuf>,
-    /// Words added to the kernel command line (as `avex run --append`).
-    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
-    pub append: Option<String>,
-    /// Guest RAM in MiB (as `avex run --mem`).
-    #[arg(long, value_name = "MIB")]
-    pub mem: Option<u64>,
+    #[command(flatten)]
+    pub kernel: run::KernelArgs,
     /// Also run each guest in off and aot+dynamic with KVM's coalesced PIO (as
     /// `avex run --coalesce`): `off+coalesce`, `aot+dynamic+coalesce`.
     #[arg(long)]
@@ -461,14 +452,8 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     if !(args.timeout > 0.0 && args.timeout.is_finite()) {
         anyhow::bail!("--timeout must be a positive number of seconds");
     }
-    let initrd = args.initrd.as_deref().map(run::read_initrd).transpose()?;
-    let kernel = KernelBoot {
-        initrd: initrd.as_deref(),
-        cmdline: run::kernel_cmdline(initrd.is_some(), args.append.as_deref()),
-        mem_mib: args
-            .mem
-            .or(initrd.is_some().then_some(run::DEFAULT_KERNEL_MIB)),
-    };
+    let initrd = args.kernel.read_initrd()?;
+    let kernel = args.kernel.boot(initrd.as_deref());
     let mut rows = compare(
         &specs,
         args.backend,

@@ -33,7 +33,7 @@ pub(crate) fn parse_mode(s: &str) -> Result<Mode, String> {
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// An ELF path, a pre-analyzed image, or a bundled guest's name (console, pci,
-    /// rtc, pit, cpuid, ctxswitch; in C: c8250, c8250-os, cpci, crtc).
+    /// rtc, pit, cpuid, ctxswitch; in C: c8250, c8250-os, c8250-retpoline, cpci, crtc).
     pub guest: String,
     #[arg(long, value_enum, default_value = "kvm")]
     pub backend: BackendKind,
@@ -50,17 +50,8 @@ pub struct Args {
     /// Stop the guest (with an error) after SECS seconds.
     #[arg(long, value_name = "SECS", default_value_t = 60.0)]
     pub timeout: f64,
-    /// An initrd (e.g. an initramfs cpio) for a PVH kernel such as a stock vmlinux;
-    /// the guest then gets the default kernel command line
-    /// (`console=ttyS0 acpi=off noapic nolapic panic=-1`) plus `--append`.
-    #[arg(long, value_name = "FILE")]
-    pub initrd: Option<PathBuf>,
-    /// Words added to the kernel command line.
-    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
-    pub append: Option<String>,
-    /// Guest RAM in MiB (default: 16 for small guests, 256 with --initrd).
-    #[arg(long, value_name = "MIB")]
-    pub mem: Option<u64>,
+    #[command(flatten)]
+    pub kernel: KernelArgs,
     /// A `System.map` to name exit sites by kernel function (default: the ELF's
     /// own symbols, else a `System.map` beside the ELF).
     #[arg(long, value_name = "FILE")]
@@ -90,6 +81,41 @@ pub struct Args {
 pub const DEFAULT_KERNEL_CMDLINE: &str = "console=ttyS0 acpi=off noapic nolapic panic=-1";
 /// Guest RAM for a kernel with an initrd when `--mem` does not say.
 pub const DEFAULT_KERNEL_MIB: u64 = 256;
+
+/// How to boot a guest that is a kernel: the options `avex run` and `avex compare`
+/// share.
+#[derive(clap::Args, Debug)]
+pub struct KernelArgs {
+    /// An initrd (e.g. an initramfs cpio) for a PVH kernel such as a stock vmlinux;
+    /// the guest then gets the default kernel command line
+    /// (`console=ttyS0 acpi=off noapic nolapic panic=-1`) plus `--append`.
+    /// `avex compare` then compares consoles by their result lines only (those
+    /// starting `avex-linux: `: the rest carries timings).
+    #[arg(long, value_name = "FILE")]
+    pub initrd: Option<PathBuf>,
+    /// Words added to the kernel command line.
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    pub append: Option<String>,
+    /// Guest RAM in MiB (default: 16 for small guests, 256 with --initrd).
+    #[arg(long, value_name = "MIB")]
+    pub mem: Option<u64>,
+}
+
+impl KernelArgs {
+    /// The initrd's bytes, if one was named.
+    pub fn read_initrd(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        self.initrd.as_deref().map(read_initrd).transpose()
+    }
+
+    /// The boot of a kernel with `initrd` (what [`Self::read_initrd`] read).
+    pub fn boot<'a>(&self, initrd: Option<&'a [u8]>) -> KernelBoot<'a> {
+        KernelBoot {
+            initrd,
+            cmdline: kernel_cmdline(initrd.is_some(), self.append.as_deref()),
+            mem_mib: self.mem.or(initrd.is_some().then_some(DEFAULT_KERNEL_MIB)),
+        }
+    }
+}
 
 /// The kernel command line for `--initrd`/`--append`: the default (when there is
 /// an initrd) followed by the appended words.
@@ -195,7 +221,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     if !(args.timeout > 0.0 && args.timeout.is_finite()) {
         bail!("--timeout must be a positive number of seconds");
     }
-    let initrd = args.initrd.as_deref().map(read_initrd).transpose()?;
+    let initrd = args.kernel.read_initrd()?;
     if initrd.is_some() {
         // An initrd needs a PVH kernel: say so before booting anything.
         match avex_core::boot::parse_elf(&guest.elf) {
@@ -213,11 +239,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         policy: ExitPolicy::default(),
         translations: guest.translations.clone(),
         timeout: Duration::from_secs_f64(args.timeout),
-        kernel: KernelBoot {
-            initrd: initrd.as_deref(),
-            cmdline: kernel_cmdline(initrd.is_some(), args.append.as_deref()),
-            mem_mib: args.mem.or(initrd.is_some().then_some(DEFAULT_KERNEL_MIB)),
-        },
+        kernel: args.kernel.boot(initrd.as_deref()),
         coalesce: args.coalesce,
         exit_distance: args.exit_distance || args.profile,
     };
