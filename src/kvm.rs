@@ -24,6 +24,13 @@ impl Backend for Kvm {
                 req.name
             );
         }
+        if req.kernel.cpu_mhz.is_some() {
+            anyhow::bail!(
+                "{}: --cpu-mhz sets the guest clock of --backend bochs; on KVM the guest \
+                 runs on the host's clock",
+                req.name
+            );
+        }
         let config = avex_kvm::Config {
             mode: req.mode,
             policy: req.policy.clone(),

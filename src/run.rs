@@ -99,6 +99,13 @@ pub struct KernelArgs {
     /// Guest RAM in MiB (default: 16 for small guests, 256 with --initrd).
     #[arg(long, value_name = "MIB")]
     pub mem: Option<u64>,
+    /// Bochs: the guest CPU's clock in MHz, the rate of its TSC and so of its
+    /// time (Bochs' TSC counts one tick per instruction; default: 10 for small
+    /// guests, 1000 with --initrd). A kernel's timer interrupts come per second of
+    /// guest time: at 10 MHz Linux takes 100 times the timer interrupts per
+    /// instruction it takes at 1 GHz.
+    #[arg(long, value_name = "MHZ", value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub cpu_mhz: Option<u64>,
 }
 
 impl KernelArgs {
@@ -113,6 +120,8 @@ impl KernelArgs {
             initrd,
             cmdline: kernel_cmdline(initrd.is_some(), self.append.as_deref()),
             mem_mib: self.mem.or(initrd.is_some().then_some(DEFAULT_KERNEL_MIB)),
+            cpu_mhz: self.cpu_mhz,
+            kernel_clock: initrd.is_some(),
         }
     }
 }

@@ -155,10 +155,14 @@ fn stock_debian_kernel_runs_the_workload_in_off_and_aot_dynamic_with_the_same_li
         let ad = s.spawn(|| boot(&pre, &cpio, "aot+dynamic", &dir));
         (off.join().unwrap(), ad.join().unwrap())
     });
-    // The guest's clock: the TSC's rate from CPUID leaf 0x15, and a TSC the
-    // kernel keeps as its clocksource (it agrees with the PIT's ticks, which it
-    // does not when the hypervisor's work is on the guest's clock).
-    assert!(off.contains("tsc: Detected 10.000 MHz processor"), "{off}");
+    // The guest's clock: a kernel's default 1 GHz (`--cpu-mhz`), the TSC's rate
+    // from CPUID leaf 0x15, and a TSC the kernel keeps as its clocksource (it
+    // agrees with the PIT's ticks, which it does not when the hypervisor's work
+    // is on the guest's clock).
+    assert!(
+        off.contains("tsc: Detected 1000.000 MHz processor"),
+        "{off}"
+    );
     assert!(
         off.contains("clocksource: Switched to clocksource tsc\n")
             || off.contains("clocksource: Switched to clocksource tsc\r\n"),
