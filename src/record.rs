@@ -126,6 +126,9 @@ mod tests {
                 avex_core::stats::ExitSite {
                     reason: Some(ExitReason::IoIn),
                     clustered: 2,
+                    absorbed: 5,
+                    ends: [(0x1010, 2)].into(),
+                    ends_other: 0,
                 },
             )]
             .into(),

@@ -62,7 +62,8 @@ pub struct Args {
     #[arg(long)]
     pub coalesce: bool,
     /// List the hottest exit sites: RIP, exit reason, exits, how many were followed
-    /// by a cluster, and the function (from the ELF's symbols or --system-map).
+    /// by a cluster, the exits those clusters absorbed, the function (from the
+    /// ELF's symbols or --system-map), and where those clusters most often ended.
     /// Sites are known in clustering modes only (see `print_hot_sites`).
     #[arg(long)]
     pub profile: bool,
@@ -298,7 +299,8 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 /// The hottest exit sites (`stats.by_rip`): RIP, reason, exits, how many a cluster
-/// followed, and the function each is in. Printed when the guest has names, and
+/// followed, what those clusters absorbed, the function each is in, and where its
+/// clusters most often ended (where clustering stops short: where to look next). Printed when the guest has names, and
 /// always with `--profile`.
 ///
 /// Sites are recorded in clustering modes only: there the backend finds the
@@ -352,21 +354,32 @@ pub fn hot_sites(
     hot.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     let mut s = format!(
         "hottest exit sites ({} of {}; exits that reached avex; clustered: how many \
-         of them a cluster ran after):\n  {:<18} {:<10} {:>9} {:>10}  function\n",
+         of them a cluster ran after; absorbed: exits those clusters ran; ends at: \
+         where they most often left the guest, and how often):\n  {:<18} {:<10} {:>9} \
+         {:>10} {:>9}  {:<40} ends at\n",
         hot.len().min(top),
         hot.len(),
         "rip",
         "reason",
         "exits",
-        "clustered"
+        "clustered",
+        "absorbed",
+        "function"
     );
     for (rip, n) in hot.into_iter().take(top) {
-        let site = stats.exit_sites.get(&rip).copied().unwrap_or_default();
+        let site = stats.exit_sites.get(&rip).cloned().unwrap_or_default();
         let name = symbols.name(rip).unwrap_or_else(|| "?".into());
         let reason = site.reason.map_or("?", |r| r.name());
+        let ends = match site.top_end() {
+            Some((end, k)) => format!(
+                "{end:#x} {} ({k})",
+                symbols.name(end).unwrap_or_else(|| "?".into())
+            ),
+            None => "-".into(),
+        };
         s += &format!(
-            "  {rip:#018x} {reason:<10} {n:>9} {:>10}  {name}\n",
-            site.clustered
+            "  {rip:#018x} {reason:<10} {n:>9} {:>10} {:>9}  {name:<40} {ends}\n",
+            site.clustered, site.absorbed
         );
     }
     s

@@ -590,6 +590,11 @@ fn avex_run_profile_names_the_hottest_sites_and_coalesce_is_for_kvm() {
         .unwrap_or_else(|| panic!("no site in the guest's start function: {err}"));
     let clustered: u64 = site.split_whitespace().nth(3).unwrap().parse().unwrap();
     assert!(clustered > 0, "{site}");
+    // Those clusters absorbed exits, and the site says where they ended.
+    let absorbed: u64 = site.split_whitespace().nth(4).unwrap().parse().unwrap();
+    assert!(absorbed > 0, "{site}");
+    let end = site.split_whitespace().nth(6).unwrap_or_default();
+    assert!(end.starts_with("0x"), "no cluster end: {site}");
     let (ok, err) = run(&["run", "rtc", "--mode", "off", "--profile"]);
     assert!(ok, "{err}");
     assert!(

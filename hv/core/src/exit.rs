@@ -185,6 +185,9 @@ pub struct ExitHandler {
     aot_ran: alloc::collections::BTreeSet<u64>,
     /// The reason of the exit counted last: the one `next_after` is asked about.
     last_reason: Option<ExitReason>,
+    /// The exit site a cluster is about to run after (`next_after` chose one): the
+    /// run's end is recorded for it ([`ExitStats::count_cluster_end`]).
+    clustering_site: Option<u64>,
 }
 
 impl fmt::Debug for ExitHandler {
@@ -219,6 +222,7 @@ impl ExitHandler {
             entered_inside: None,
             poor_tails: Default::default(),
             last_reason: None,
+            clustering_site: None,
         }
     }
 
@@ -395,6 +399,7 @@ impl ExitHandler {
         let clustered = matches!(next, Next::RunCluster { .. });
         self.stats
             .count_site(rip, self.last_reason.take(), clustered);
+        self.clustering_site = clustered.then_some(rip);
         next
     }
 
@@ -568,6 +573,7 @@ impl ExitHandler {
             .maxphyaddr
             .get_or_insert_with(|| guest.cpu_caps().maxphyaddr);
         let entered_inside = self.entered_inside.take();
+        let site = self.clustering_site.take();
         let Some(entry) = self.cache.lookup(start) else {
             let rip = guest.state().rip;
             return ClusterEnd {
@@ -647,6 +653,9 @@ impl ExitHandler {
             if exiting == 0 && self.mode.uses_dynamic() {
                 self.poor_tails.insert(at);
             }
+        }
+        if let Some(site) = site {
+            self.stats.count_cluster_end(site, exiting, out.rip());
         }
         ClusterEnd {
             rip: out.rip(),

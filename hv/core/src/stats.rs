@@ -273,14 +273,35 @@ pub struct ExitStats {
     pub exit_distance: Option<ExitDistance>,
 }
 
+/// Distinct end RIPs kept per exit site ([`ExitSite::ends`]).
+pub const SITE_ENDS: usize = 4;
+
 /// One exit site (the RIP of an exiting instruction) beyond its exit count.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ExitSite {
     /// Why the instruction there exits (`None`: not told).
     pub reason: Option<ExitReason>,
     /// Its exits after which a cluster ran (covering the exits that follow).
     pub clustered: u64,
+    /// Exits those clusters absorbed (exiting instructions they ran that would
+    /// have exited on this backend).
+    pub absorbed: u64,
+    /// Where those clusters ended (the RIP the guest resumed at) and how often:
+    /// the first [`SITE_ENDS`] distinct RIPs; later ones are counted in
+    /// `ends_other`. Where clustering stops short is where to look next.
+    pub ends: BTreeMap<u64, u64>,
+    pub ends_other: u64,
+}
+
+impl ExitSite {
+    /// The RIP its clusters ended at most often, with the count.
+    pub fn top_end(&self) -> Option<(u64, u64)> {
+        self.ends
+            .iter()
+            .max_by_key(|&(rip, n)| (*n, core::cmp::Reverse(*rip)))
+            .map(|(rip, n)| (*rip, *n))
+    }
 }
 
 impl ExitStats {
@@ -293,6 +314,20 @@ impl ExitStats {
             site.reason = reason;
         }
         site.clustered += u64::from(clustered);
+    }
+
+    /// A cluster run after an exit at `site` absorbed `absorbed` exits and left the
+    /// guest at `end`.
+    pub(crate) fn count_cluster_end(&mut self, site: u64, absorbed: u64, end: u64) {
+        let s = self.exit_sites.entry(site).or_default();
+        s.absorbed += absorbed;
+        if let Some(n) = s.ends.get_mut(&end) {
+            *n += 1;
+        } else if s.ends.len() < SITE_ENDS {
+            s.ends.insert(end, 1);
+        } else {
+            s.ends_other += 1;
+        }
     }
 
     /// VM exits taken: the hardware count if the backend has one, else the handled ones.

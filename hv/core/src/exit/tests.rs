@@ -70,6 +70,22 @@ fn dynamic_translates_at_the_third_exit_and_runs_the_rest() {
     // The site knows its reason and that a cluster ran after one of its exits.
     assert_eq!(s.exit_sites[&0x1000].reason, Some(ExitReason::IoIn));
     assert_eq!(s.exit_sites[&0x1000].clustered, 1);
+    // And what that cluster absorbed and where it left the guest.
+    assert_eq!(s.exit_sites[&0x1000].absorbed, 2);
+    assert_eq!(s.exit_sites[&0x1000].top_end(), Some((0x1005, 1)));
+}
+
+#[test]
+fn a_site_keeps_its_first_cluster_ends_and_counts_the_rest() {
+    let mut s = ExitStats::default();
+    for end in [0x10, 0x20, 0x20, 0x30, 0x40, 0x50, 0x60, 0x20] {
+        s.count_cluster_end(0x1000, 1, end);
+    }
+    let site = &s.exit_sites[&0x1000];
+    assert_eq!(site.absorbed, 8);
+    assert_eq!(site.ends.len(), crate::stats::SITE_ENDS);
+    assert_eq!(site.ends_other, 2);
+    assert_eq!(site.top_end(), Some((0x20, 3)));
 }
 
 #[test]
