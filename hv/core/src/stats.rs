@@ -274,7 +274,7 @@ pub struct ExitStats {
 }
 
 /// Distinct end RIPs kept per exit site ([`ExitSite::ends`]).
-pub const SITE_ENDS: usize = 4;
+pub const SITE_ENDS: usize = 8;
 
 /// One exit site (the RIP of an exiting instruction) beyond its exit count.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -287,9 +287,12 @@ pub struct ExitSite {
     /// Exits those clusters absorbed (exiting instructions they ran that would
     /// have exited on this backend).
     pub absorbed: u64,
-    /// Where those clusters ended (the RIP the guest resumed at) and how often:
-    /// the first [`SITE_ENDS`] distinct RIPs; later ones are counted in
-    /// `ends_other`. Where clustering stops short is where to look next.
+    /// Where those clusters ended (the RIP the guest resumed at) and about how
+    /// often, for at most [`SITE_ENDS`] RIPs: a new RIP takes the place of the
+    /// least frequent one and inherits its count (the space-saving sketch), so a
+    /// frequent end is never lost and counts may be over by at most the evicted
+    /// ones, whose total is `ends_other`. Where clustering stops short is where
+    /// to look next.
     pub ends: BTreeMap<u64, u64>,
     pub ends_other: u64,
 }
@@ -325,8 +328,10 @@ impl ExitStats {
             *n += 1;
         } else if s.ends.len() < SITE_ENDS {
             s.ends.insert(end, 1);
-        } else {
-            s.ends_other += 1;
+        } else if let Some((&least, &n)) = s.ends.iter().min_by_key(|&(rip, n)| (*n, *rip)) {
+            s.ends.remove(&least);
+            s.ends.insert(end, n + 1);
+            s.ends_other += n;
         }
     }
 
