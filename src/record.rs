@@ -107,6 +107,7 @@ mod tests {
             clusters_run_aot: 2,
             clusters_run_dynamic: 1,
             cluster_insns: 40,
+            clusters_skipped_idle: 22,
             early_stops: [(EarlyStop::Budget, 1), (EarlyStop::GeneralProtection, 2)].into(),
             translations_loaded: 11,
             translations_rejected: Some("digest \"differs\"".into()),

@@ -157,6 +157,10 @@ pub struct ClusterEnd {
 /// Instruction budget of one cluster run (the engine's default).
 pub const DEFAULT_INSN_BUDGET: u64 = 4096;
 
+/// At a site whose clusters absorb nothing ([`crate::stats::ExitSite::idle`]),
+/// one exit in this many still runs a cluster.
+pub const IDLE_SITE_RETRY: u64 = 256;
+
 /// The exit handler: mode, translation cache, dynamic tracker and statistics.
 pub struct ExitHandler {
     mode: Mode,
@@ -394,6 +398,18 @@ impl ExitHandler {
     pub fn next_after<G: Guest + ?Sized>(&mut self, rip: u64, guest: &mut G) -> Next {
         if self.mode == Mode::Off {
             return Next::Resume;
+        }
+        // A site whose clusters absorb nothing (Linux's context switch: its CR3
+        // load's cluster ends before the next exit every time) runs none: the
+        // engine's work there gains no exit. One exit in IDLE_SITE_RETRY still
+        // runs one, in case the guest's path there has changed.
+        if let Some(site) = self.stats.exit_sites.get(&rip) {
+            let exits = self.stats.by_rip.get(&rip).copied().unwrap_or(0);
+            if site.idle() && exits % IDLE_SITE_RETRY != 0 {
+                self.stats.count_site(rip, self.last_reason.take(), false);
+                self.stats.clusters_skipped_idle += 1;
+                return Next::Resume;
+            }
         }
         let next = self.cluster_for(rip, guest);
         let clustered = matches!(next, Next::RunCluster { .. });

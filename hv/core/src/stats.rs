@@ -228,6 +228,9 @@ pub struct ExitStats {
     pub clusters_run_dynamic: u64,
     /// Instructions (exiting and gap fillers) the engine ran inside clusters.
     pub cluster_insns: u64,
+    /// Exits after which no cluster ran because the clusters run after that
+    /// site's earlier exits absorbed (almost) nothing ([`ExitSite::idle`]).
+    pub clusters_skipped_idle: u64,
     /// Cluster runs that stopped before their natural end (fault, unsupported
     /// instruction, budget, pending interrupt, ...), by stop reason.
     pub early_stops: BTreeMap<EarlyStop, u64>,
@@ -297,7 +300,16 @@ pub struct ExitSite {
     pub ends_other: u64,
 }
 
+/// Cluster runs after a site's exits before the site may be judged idle.
+pub const IDLE_SITE_RUNS: u64 = 64;
+
 impl ExitSite {
+    /// Its clusters absorb fewer than one exit in 16 runs after [`IDLE_SITE_RUNS`]
+    /// of them: running one costs the engine's time and saves nothing.
+    pub fn idle(&self) -> bool {
+        self.clustered >= IDLE_SITE_RUNS && self.absorbed * 16 < self.clustered
+    }
+
     /// The RIP its clusters ended at most often, with the count.
     pub fn top_end(&self) -> Option<(u64, u64)> {
         self.ends
@@ -439,6 +451,13 @@ impl ExitStats {
             "clusters run:           {} (aot {}, dynamic {}), {} instructions inside",
             self.clusters_run, self.clusters_run_aot, self.clusters_run_dynamic, self.cluster_insns
         );
+        if self.clusters_skipped_idle > 0 {
+            let _ = writeln!(
+                s,
+                "  skipped:              {} (after exits at sites whose clusters absorb nothing)",
+                self.clusters_skipped_idle
+            );
+        }
         if !self.early_stops.is_empty() {
             let stops: Vec<String> = self
                 .early_stops

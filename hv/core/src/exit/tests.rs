@@ -305,3 +305,52 @@ fn a_rip_whose_runs_inside_another_translation_gain_nothing_gets_its_own() {
     }
     assert_eq!(h.stats().translations_built, 0);
 }
+
+/// Runs `n` exits of the IN at 0x1000 and the clusters chosen after them.
+fn run_in_exits(h: &mut ExitHandler, g: &mut TestGuest, n: usize) {
+    for _ in 0..n {
+        g.state.rip = 0x1000;
+        let r = h.handle(&in_exit(), 0x1000, g);
+        complete_in(g, 0x41);
+        if let Next::RunCluster { start } = r.next {
+            h.run_cluster(start, g);
+        }
+    }
+}
+
+#[test]
+fn a_site_whose_clusters_absorb_nothing_stops_running_them() {
+    // 0x1000: in al,dx ; test al,al ; jnz 0x100a ; out dx,al ; out dx,al ; nop ;
+    // nop ; hlt. The region holds both OUTs, but the byte read is never 0: every
+    // run leaves at the JNZ having absorbed nothing.
+    let mut g = guest();
+    g.write_bytes(
+        0x1000,
+        &[
+            0xec, 0x84, 0xc0, 0x75, 0x05, 0xee, 0xee, 0x90, 0x90, 0x90, 0xf4,
+        ],
+    );
+    let mut h = ExitHandler::new(Mode::Dynamic, ExitPolicy::default());
+    run_in_exits(&mut h, &mut g, 100);
+    let s = h.stats();
+    assert_eq!(s.translations_built, 1);
+    // Translated at the third exit; after IDLE_SITE_RUNS runs absorbed nothing,
+    // the rest of the exits run none.
+    assert_eq!(s.clusters_run, crate::stats::IDLE_SITE_RUNS);
+    assert_eq!(
+        s.clusters_skipped_idle,
+        100 - 2 - crate::stats::IDLE_SITE_RUNS
+    );
+    assert!(s.exit_sites[&0x1000].idle());
+    assert_eq!(s.in_cluster_exiting, 0);
+    // One exit in IDLE_SITE_RETRY still tries.
+    run_in_exits(&mut h, &mut g, IDLE_SITE_RETRY as usize);
+    assert_eq!(h.stats().clusters_run, crate::stats::IDLE_SITE_RUNS + 1);
+
+    // Clusters that absorb keep running.
+    let mut g = guest();
+    let mut h = ExitHandler::new(Mode::Dynamic, ExitPolicy::default());
+    run_in_exits(&mut h, &mut g, 100);
+    assert_eq!(h.stats().clusters_run, 98);
+    assert_eq!(h.stats().clusters_skipped_idle, 0);
+}
