@@ -130,6 +130,7 @@ mod tests {
                     absorbed: 5,
                     ends: [(0x1010, 2)].into(),
                     ends_other: 0,
+                    runs_since_learning: 2,
                 },
             )]
             .into(),

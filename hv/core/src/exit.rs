@@ -549,9 +549,16 @@ impl ExitHandler {
     /// A guard of the cluster entered at `start` saw the branch or RET at `at` go
     /// to `to`: remember it and, in dynamic modes, translate the cluster again so
     /// that it goes on there next time.
-    fn learn_target<G: Guest + ?Sized>(&mut self, start: u64, at: u64, to: u64, guest: &mut G) {
+    /// Whether a new destination was learned.
+    fn learn_target<G: Guest + ?Sized>(
+        &mut self,
+        start: u64,
+        at: u64,
+        to: u64,
+        guest: &mut G,
+    ) -> bool {
         if !self.mode.uses_dynamic() {
-            return;
+            return false;
         }
         // The guest's state at the stop: same mode and page tables as when the
         // cluster ran.
@@ -564,7 +571,7 @@ impl ExitHandler {
             _ => to <= u64::from(state.segment(crate::ir::Seg::Cs).limit),
         };
         if !reachable || !self.learned.learn(start, at, to) {
-            return;
+            return false;
         }
         self.stats.indirect_targets_learned += 1;
         let rebuilt = match self.build(start, &state, guest) {
@@ -579,6 +586,7 @@ impl ExitHandler {
         } else {
             self.stats.translation_failures += 1;
         }
+        true
     }
 
     /// Run the translation starting at `start` after the backend completed the
@@ -658,9 +666,7 @@ impl ExitHandler {
         }
         let insns = out.insns();
         self.stats.cluster_insns += insns;
-        if let Some((at, to)) = miss {
-            self.learn_target(start, at, to, guest);
-        }
+        let learned = miss.is_some_and(|(at, to)| self.learn_target(start, at, to, guest));
         let early = EarlyStop::of(&out.reason);
         if let Some(why) = early {
             self.stats.count_early_stop(why);
@@ -671,7 +677,8 @@ impl ExitHandler {
             }
         }
         if let Some(site) = site {
-            self.stats.count_cluster_end(site, exiting, out.rip());
+            self.stats
+                .count_cluster_end(site, exiting, out.rip(), learned);
         }
         ClusterEnd {
             rip: out.rip(),

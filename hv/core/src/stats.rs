@@ -298,16 +298,20 @@ pub struct ExitSite {
     /// to look next.
     pub ends: BTreeMap<u64, u64>,
     pub ends_other: u64,
+    /// Those runs since one last taught the hypervisor a new indirect destination
+    /// (a site still learning is not idle: its next translation may reach on).
+    pub runs_since_learning: u64,
 }
 
 /// Cluster runs after a site's exits before the site may be judged idle.
 pub const IDLE_SITE_RUNS: u64 = 64;
 
 impl ExitSite {
-    /// Its clusters absorb fewer than one exit in 16 runs after [`IDLE_SITE_RUNS`]
-    /// of them: running one costs the engine's time and saves nothing.
+    /// Its clusters absorb fewer than one exit in 16 runs, and none has taught a
+    /// new destination in the last [`IDLE_SITE_RUNS`]: running one costs the
+    /// engine's time and saves nothing.
     pub fn idle(&self) -> bool {
-        self.clustered >= IDLE_SITE_RUNS && self.absorbed * 16 < self.clustered
+        self.runs_since_learning >= IDLE_SITE_RUNS && self.absorbed * 16 < self.clustered
     }
 
     /// The RIP its clusters ended at most often, with the count.
@@ -332,10 +336,15 @@ impl ExitStats {
     }
 
     /// A cluster run after an exit at `site` absorbed `absorbed` exits and left the
-    /// guest at `end`.
-    pub(crate) fn count_cluster_end(&mut self, site: u64, absorbed: u64, end: u64) {
+    /// guest at `end`; `learned`: its stop taught a new indirect destination.
+    pub(crate) fn count_cluster_end(&mut self, site: u64, absorbed: u64, end: u64, learned: bool) {
         let s = self.exit_sites.entry(site).or_default();
         s.absorbed += absorbed;
+        s.runs_since_learning = if learned {
+            0
+        } else {
+            s.runs_since_learning + 1
+        };
         if let Some(n) = s.ends.get_mut(&end) {
             *n += 1;
         } else if s.ends.len() < SITE_ENDS {

@@ -81,11 +81,11 @@ fn a_sites_most_frequent_cluster_end_survives_many_rare_ones() {
     // More distinct rare ends than are kept come first; then one end dominates,
     // interleaved with more rare ones.
     for i in 0..10u64 {
-        s.count_cluster_end(0x1000, 0, 0x100 + i);
+        s.count_cluster_end(0x1000, 0, 0x100 + i, false);
     }
     for i in 0..40u64 {
-        s.count_cluster_end(0x1000, 1, 0x20);
-        s.count_cluster_end(0x1000, 0, 0x200 + i);
+        s.count_cluster_end(0x1000, 1, 0x20, false);
+        s.count_cluster_end(0x1000, 0, 0x200 + i, false);
     }
     let site = &s.exit_sites[&0x1000];
     assert_eq!(site.absorbed, 40);
@@ -353,4 +353,20 @@ fn a_site_whose_clusters_absorb_nothing_stops_running_them() {
     run_in_exits(&mut h, &mut g, 100);
     assert_eq!(h.stats().clusters_run, 98);
     assert_eq!(h.stats().clusters_skipped_idle, 0);
+}
+
+#[test]
+fn a_site_still_learning_destinations_is_not_idle() {
+    let mut s = ExitStats::default();
+    for i in 0..100u64 {
+        s.count_site(0x1000, Some(ExitReason::IoOut), true);
+        // Every tenth run's guard miss teaches a new destination.
+        s.count_cluster_end(0x1000, 0, 0x2000, i % 10 == 0);
+    }
+    assert!(!s.exit_sites[&0x1000].idle());
+    for _ in 0..crate::stats::IDLE_SITE_RUNS {
+        s.count_site(0x1000, Some(ExitReason::IoOut), true);
+        s.count_cluster_end(0x1000, 0, 0x2000, false);
+    }
+    assert!(s.exit_sites[&0x1000].idle());
 }
