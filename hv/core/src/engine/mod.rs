@@ -85,6 +85,7 @@ mod control;
 pub mod cr;
 mod exiting;
 mod gap;
+mod interrupt_flag;
 pub mod mmu;
 mod operand;
 mod outcome;
@@ -206,6 +207,9 @@ enum Flow {
     Exit(u64),
     /// Completed; stop after it.
     StopAfter(StopReason),
+    /// An STI that set IF: the next instruction runs in its interrupt shadow, then
+    /// the run ends (`interrupt_flag`).
+    Shadow,
 }
 
 type R<T> = Result<T, StopReason>;
