@@ -75,8 +75,12 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                         shadow = Some(idx);
                         k
                     }
-                    // `sti` checked that the next instruction follows.
-                    None => return (StopReason::End, next_rip, None),
+                    // `sti` checked that the next instruction follows; were it
+                    // not there, the guest must run the STI itself.
+                    None => {
+                        let (rip, at) = self.undo_sti(idx);
+                        return (StopReason::End, rip, at);
+                    }
                 },
                 Flow::Next => {
                     if idx + 1 < n && c.insns[idx + 1].rip == next_rip {
