@@ -1,7 +1,10 @@
 //! Differential test of the engine's privileged gap fillers against a guest running
 //! them under /dev/kvm: MOV from CR0/CR2/CR3/CR4/CR8 (every destination register,
-//! every ModRM `mod` value, which the CPU ignores), INVLPG (several address forms)
-//! and PAUSE. XGETBV is checked against this process's CPU instead (it is not
+//! every ModRM `mod` value, which the CPU ignores), INVLPG (several address forms),
+//! PAUSE, and the interrupt flag's instructions at CPL 0: CLI, STI (with the
+//! instruction in its shadow), POPF loading IF and IOPL, PUSHF with IF set or
+//! clear (each case may be a short sequence; a run that ends because interrupts
+//! became enabled ends at the sequence's end all the same). XGETBV is checked against this process's CPU instead (it is not
 //! privileged): the software KVM on this project's host cannot emulate it
 //! (`KVM_EXIT_INTERNAL_ERROR`, see PLATFORM.md), so a guest cannot run it here.
 //!
@@ -27,6 +30,9 @@ const STACK: u64 = 0x1f_0000;
 /// 16 GPRs and RFLAGS per case.
 const SLOTS: u64 = 17;
 const STATUS: u64 = 0x8d5;
+/// DF, IF, IOPL, NT and ID: what POPF loads at CPL 0 beyond the status flags
+/// (TF and AC stay clear: a trap and alignment checks are not what is compared).
+const SYSTEM_FLAGS: u64 = 0x0020_7600;
 
 struct Rng(u64);
 impl Rng {
@@ -101,9 +107,21 @@ fn cases(rng: &mut Rng, xsave: bool) -> Vec<Case> {
         forms.push((encode(Instruction::with1(Code::Invlpg_m, m).unwrap()), 0));
     }
     forms.push((vec![0xf3, 0x90], 0));
+    // The interrupt flag's instructions (inputs with IF set or clear, below):
+    // cli; sti + inc rbx; pushfq + pop rbx; push rbx + popfq (RBX random flags).
+    let if_forms: [&[u8]; 4] = [
+        &[0xfa],
+        &[0xfb, 0x48, 0xff, 0xc3],
+        &[0x9c, 0x5b],
+        &[0x53, 0x9d],
+    ];
+    for _ in 0..4 {
+        forms.extend(if_forms.iter().map(|b| (b.to_vec(), 0)));
+    }
     forms
         .into_iter()
         .map(|(bytes, undefined)| {
+            let if_case = if_forms.contains(&bytes.as_slice());
             let mut gpr = [0u64; 16];
             for g in gpr.iter_mut() {
                 *g = rng.next();
@@ -113,10 +131,14 @@ fn cases(rng: &mut Rng, xsave: bool) -> Vec<Case> {
                 // XCR0 (ECX = 0); RCX's upper half is not part of the index.
                 gpr[1] = rng.next() << 32;
             }
+            if bytes == [0x53, 0x9d] {
+                gpr[3] = 0x2 | (rng.next() & (STATUS | SYSTEM_FLAGS));
+            }
+            let if_flag = if if_case { rng.next() & 0x200 } else { 0 };
             Case {
                 bytes,
                 gpr,
-                rflags: 0x2 | (rng.next() & STATUS),
+                rflags: 0x2 | (rng.next() & STATUS) | if_flag,
                 undefined,
                 rip: 0,
             }
@@ -251,20 +273,17 @@ fn privileged_gap_fillers_match_a_kvm_guest() {
     let (mut compared, mut mismatches) = (0, Vec::new());
     for (k, c) in all.iter().enumerate() {
         let cpu = &results[k * SLOTS as usize..][..SLOTS as usize];
-        let d = Decoder::with_ip(64, &c.bytes, c.rip, DecoderOptions::NONE).decode();
-        let op = lower::lower(&d).unwrap_or_else(|e| panic!("lower {:02x?}: {e:?}", c.bytes));
-        let cluster = Cluster::contiguous(
-            Bitness::B64,
-            c.rip,
-            c.bytes.clone(),
-            vec![Insn {
-                rip: c.rip,
-                len: c.bytes.len() as u8,
-                op,
+        let insns: Vec<Insn> = Decoder::with_ip(64, &c.bytes, c.rip, DecoderOptions::NONE)
+            .into_iter()
+            .map(|d| Insn {
+                rip: d.ip(),
+                len: d.len() as u8,
+                op: lower::lower(&d).unwrap_or_else(|e| panic!("lower {:02x?}: {e:?}", c.bytes)),
                 exit_class: None,
-            }],
-            Vec::new(),
-        );
+            })
+            .collect();
+        let d = Decoder::with_ip(64, &c.bytes, c.rip, DecoderOptions::NONE).decode();
+        let cluster = Cluster::contiguous(Bitness::B64, c.rip, c.bytes.clone(), insns, Vec::new());
         let mut st = base.clone();
         st.gpr = c.gpr;
         st.rflags = c.rflags;
@@ -273,7 +292,8 @@ fn privileged_gap_fillers_match_a_kvm_guest() {
         let out = engine::run(&cluster, guest, 0, &RunLimits::default());
         let after = guest.state();
         let mut diff = String::new();
-        if out.reason != StopReason::End || out.rip != cluster.highest_end() {
+        let ended = matches!(out.reason, StopReason::End | StopReason::InterruptWindow);
+        if !ended || out.rip != cluster.highest_end() {
             diff += &format!(" stop {:?} at {:#x};", out.reason, out.rip);
         }
         for (i, (&e, &n)) in after.gpr.iter().zip(cpu).enumerate() {

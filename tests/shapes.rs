@@ -84,3 +84,26 @@ fn every_shape_prints_the_bytes_of_off_in_every_mode_on_kvm() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// Linux's spinlock around the console's port I/O (`pushf; pop; cli; lock
+/// cmpxchg` ... `movb $0; test $0x200; je; sti`): clusters run through the lock and
+/// the unlock's STI, so aot+dynamic takes well under half the exits of off (before
+/// the engine ran PUSHF, CLI, CMPXCHG and STI every cluster ended at them and the
+/// counts were about equal).
+#[test]
+#[cfg_attr(not(avex_gcc), ignore = "needs gcc")]
+#[cfg_attr(not(avex_kvm), ignore = "needs /dev/kvm")]
+fn spinlock_console_clusters_through_the_lock_on_kvm() {
+    let name = "spinlock_console";
+    let elf = support::shapes::elf(name);
+    let set = support::aot::aot_set(name, &elf);
+    let off = run_kvm(&elf, Mode::Off, None).expect("off");
+    let clustered = run_kvm(&elf, Mode::AotDynamic, Some(&set)).expect("aot+dynamic");
+    assert_eq!(off.status, 0);
+    assert_eq!(clustered.console, off.console);
+    let text = String::from_utf8_lossy(&off.console);
+    assert!(text.contains("if=0x0000000000000001"), "{text}");
+    assert!(text.contains("preempt=0x0000000000000000"), "{text}");
+    let (o, c) = (off.stats.exits(), clustered.stats.exits());
+    assert!(2 * c < o, "aot+dynamic took {c} exits, off {o}");
+}

@@ -134,10 +134,21 @@ pub mod rflags {
     pub const IF: u64 = 1 << 9;
     pub const DF: u64 = 1 << 10;
     pub const OF: u64 = 1 << 11;
+    /// I/O privilege level (two bits).
+    pub const IOPL: u64 = 3 << 12;
+    /// Nested task.
+    pub const NT: u64 = 1 << 14;
+    /// Resume flag (suppresses instruction breakpoints for one instruction).
+    pub const RF: u64 = 1 << 16;
     /// Virtual-8086 mode.
     pub const VM: u64 = 1 << 17;
     /// Alignment check / access control (SMAP).
     pub const AC: u64 = 1 << 18;
+    /// Virtual interrupt flag and virtual interrupt pending (VME/PVI).
+    pub const VIF: u64 = 1 << 19;
+    pub const VIP: u64 = 1 << 20;
+    /// CPUID available (software toggles it to detect CPUID).
+    pub const ID: u64 = 1 << 21;
     /// The six arithmetic status flags.
     pub const STATUS: u64 = CF | PF | AF | ZF | SF | OF;
 }

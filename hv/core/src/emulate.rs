@@ -69,6 +69,7 @@ pub fn complete<G: Guest + ?Sized>(guest: &mut G) -> Completion {
             StopReason::End
             | StopReason::Budget
             | StopReason::InterruptPending
+            | StopReason::InterruptWindow
             | StopReason::SelfWrite => done(false),
             StopReason::ModeChange => done(true),
             // A MOV to CR3 whose code check under the new tables failed: the

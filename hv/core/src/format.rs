@@ -8,20 +8,22 @@
 //! [`check_against`] then rejects a set made for another guest build or another
 //! exit policy.
 //!
-//! # Layout, version 3 (all integers little-endian)
+//! # Layout, version 4 (all integers little-endian)
 //!
 //! Version 2 clusters are regions over the control-flow graph: several code
 //! ranges, calls, returns and guarded indirect branches (see [`crate::ir`]).
 //! Version 3 has version 2's layout; its guest digest is the XXH3 identity
 //! (`avex-guest-identity-v2-xxh3`, see [`crate::identity`]) where version 2's
 //! was SHA-256, so a version 2 set is refused as made by another version of avex
-//! rather than as made for another guest. Versions 1 and 2 are refused with the
-//! version they carry.
+//! rather than as made for another guest. Version 4 has version 3's layout with
+//! more ops in the IR (PUSHF, POPF, CLI, STI, CMPXCHG, XADD, LEAVE, BSWAP,
+//! one-operand MUL/IMUL): a version 3 reader would not know them. Versions 1 to 3
+//! are refused with the version they carry.
 //!
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `b"AVEXTRN\0"` |
-//! | 8 | 2 | format version (3) |
+//! | 8 | 2 | format version (4) |
 //! | 10 | 2 | header length: offset of the payload |
 //! | 12 | 4 | flags (must be 0) |
 //! | 16 | 32 | guest digest ([`crate::identity::of_segments`]: XXH3-128 under two seeds) |
@@ -50,7 +52,7 @@ use crate::ir::Cluster;
 /// First 8 bytes of every translation set.
 pub const MAGIC: [u8; 8] = *b"AVEXTRN\0";
 /// The format version this code writes and reads.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// Size of the fixed part of the header.
 pub const FIXED_HEADER_LEN: usize = 160;
 /// Longest guest name accepted.

@@ -47,9 +47,11 @@ pub fn lower(instr: &Instruction) -> Result<Op, Unsupported> {
         return Err(Unsupported::Mnemonic(mnemonic));
     }
     let form = Unsupported::Form(instr.code());
-    // LOCK-prefixed read-modify-writes are atomic on hardware; the engine does not
-    // promise that, so they are left to run natively.
-    if instr.has_lock_prefix() {
+    // LOCK makes a read-modify-write of memory atomic against other processors and
+    // devices; the engine runs one vCPU with nothing else touching its memory
+    // during a run, so doing the operation is enough. Where the CPU raises #UD
+    // (another instruction, a register destination) it is left to the CPU.
+    if instr.has_lock_prefix() && !lockable(instr) {
         return Err(form);
     }
     let op = match mnemonic {
@@ -160,7 +162,7 @@ pub fn lower(instr: &Instruction) -> Result<Op, Unsupported> {
             }
         }
 
-        // The one-operand form (RDX:RAX result) is not in the IR.
+        // The one-operand form (RDX:RAX result) is `MulWide` below.
         Mnemonic::Imul if matches!(instr.op_count(), 2 | 3) => {
             let dst = reg_operand(instr, 0)?;
             let factor = if instr.op_count() == 3 {
@@ -178,6 +180,45 @@ pub fn lower(instr: &Instruction) -> Result<Op, Unsupported> {
                 factor,
             }
         }
+        Mnemonic::Imul | Mnemonic::Mul => {
+            expect_ops(instr, 1)?;
+            Op::MulWide {
+                signed: mnemonic == Mnemonic::Imul,
+                size: operand_size(instr, 0)?,
+                src: operand(instr, 0)?,
+            }
+        }
+        Mnemonic::Cmpxchg | Mnemonic::Xadd => {
+            expect_ops(instr, 2)?;
+            let size = operand_size(instr, 0)?;
+            let dst = operand(instr, 0)?;
+            let src = reg_operand(instr, 1)?;
+            if mnemonic == Mnemonic::Cmpxchg {
+                Op::Cmpxchg { size, dst, src }
+            } else {
+                Op::Xadd { size, dst, src }
+            }
+        }
+        Mnemonic::Bswap => {
+            expect_ops(instr, 1)?;
+            let dst = reg_operand(instr, 0)?;
+            // BSWAP of a 16-bit register is undefined (SDM).
+            if dst.size == Size::S2 {
+                return Err(form);
+            }
+            Op::Bswap { dst }
+        }
+        Mnemonic::Leave => Op::Leave {
+            size: stack_slot_of_pop(instr)?,
+        },
+        Mnemonic::Pushf | Mnemonic::Pushfd | Mnemonic::Pushfq => Op::Pushf {
+            size: stack_slot(instr)?,
+        },
+        Mnemonic::Popf | Mnemonic::Popfd | Mnemonic::Popfq => Op::Popf {
+            size: stack_slot(instr)?,
+        },
+        Mnemonic::Cli => Op::Cli,
+        Mnemonic::Sti => Op::Sti,
         Mnemonic::Cbw => Op::SignExtendAcc { size: Size::S2 },
         Mnemonic::Cwde => Op::SignExtendAcc { size: Size::S4 },
         Mnemonic::Cdqe => Op::SignExtendAcc { size: Size::S8 },
@@ -455,6 +496,43 @@ fn bit(instr: &Instruction, op: BitOp) -> Result<Op, Unsupported> {
         dst: operand(instr, 0)?,
         bit: operand(instr, 1)?,
     })
+}
+
+/// Whether a LOCK prefix is valid on this instruction (SDM LOCK): one of the
+/// lockable read-modify-writes, with a memory destination.
+fn lockable(instr: &Instruction) -> bool {
+    use Mnemonic as M;
+    matches!(
+        instr.mnemonic(),
+        M::Add
+            | M::Adc
+            | M::And
+            | M::Btc
+            | M::Btr
+            | M::Bts
+            | M::Cmpxchg
+            | M::Dec
+            | M::Inc
+            | M::Neg
+            | M::Not
+            | M::Or
+            | M::Sbb
+            | M::Sub
+            | M::Xor
+            | M::Xadd
+            | M::Xchg
+    ) && instr.op_count() >= 1
+        && instr.op0_kind() == OpKind::Memory
+}
+
+/// LEAVE's pop width: its operand size (iced names the forms by it).
+fn stack_slot_of_pop(instr: &Instruction) -> Result<Size, Unsupported> {
+    match instr.code() {
+        Code::Leavew => Ok(Size::S2),
+        Code::Leaved => Ok(Size::S4),
+        Code::Leaveq => Ok(Size::S8),
+        _ => Err(Unsupported::Form(instr.code())),
+    }
 }
 
 fn expect_ops(instr: &Instruction, count: u32) -> Result<(), Unsupported> {

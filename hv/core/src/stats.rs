@@ -131,13 +131,15 @@ named_enum! {
 }
 
 impl EarlyStop {
-    /// The early stop a run ended with; `None` for a natural end (end, branch out, HLT).
+    /// The early stop a run ended with; `None` for a natural end (end, branch out, HLT,
+    /// interrupt window).
     pub fn of(reason: &StopReason) -> Option<EarlyStop> {
         Some(match reason {
             StopReason::End
             | StopReason::ExitBranch
             | StopReason::GuardMiss { .. }
-            | StopReason::Hlt => return None,
+            | StopReason::Hlt
+            | StopReason::InterruptWindow => return None,
             StopReason::CodeChanged => EarlyStop::CodeChanged,
             StopReason::CodeUnreadable => EarlyStop::CodeUnreadable,
             StopReason::PageFault { .. } | StopReason::Fault(Fault::PageFault { .. }) => {
@@ -705,7 +707,12 @@ mod tests {
                 "{r:?}"
             );
         }
-        for r in [StopReason::End, StopReason::ExitBranch, StopReason::Hlt] {
+        for r in [
+            StopReason::End,
+            StopReason::ExitBranch,
+            StopReason::Hlt,
+            StopReason::InterruptWindow,
+        ] {
             assert!(!r.is_early() && EarlyStop::of(&r).is_none());
         }
         for e in EarlyStop::ALL {

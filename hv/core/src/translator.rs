@@ -333,7 +333,9 @@ pub fn memory_accesses(op: &Op) -> u32 {
         | Op::Cmovcc { src, .. }
         | Op::Imul { src, .. } => mem(src),
         Op::Unary { dst, .. } | Op::Shift { dst, .. } | Op::Bit { dst, .. } => mem(dst),
-        Op::Setcc { dst, .. } => mem(dst),
+        Op::Setcc { dst, .. } | Op::Cmpxchg { dst, .. } | Op::Xadd { dst, .. } => mem(dst),
+        Op::MulWide { src, .. } => mem(src),
+        Op::Pushf { .. } | Op::Popf { .. } | Op::Leave { .. } => 1,
         Op::Xchg { a, b, .. } => mem(a) + mem(b),
         Op::Push { src, .. } => 1 + mem(src),
         Op::Pop { dst, .. } => 1 + mem(dst),
@@ -383,7 +385,11 @@ pub fn gap_pages(op: &Op) -> Option<Vec<u64>> {
         Op::Unary { dst, .. }
         | Op::Shift { dst, .. }
         | Op::Bit { dst, .. }
-        | Op::Setcc { dst, .. } => (dst, &none, false, None),
+        | Op::Setcc { dst, .. }
+        | Op::Cmpxchg { dst, .. }
+        | Op::Xadd { dst, .. } => (dst, &none, false, None),
+        Op::MulWide { src, .. } => (src, &none, false, None),
+        Op::Pushf { .. } | Op::Popf { .. } | Op::Leave { .. } => (&none, &none, true, None),
         Op::Push { src: o, .. } | Op::Pop { dst: o, .. } | Op::CallIndirect { src: o, .. } => {
             (o, &none, true, None)
         }

@@ -118,6 +118,31 @@ pub fn imul(size: Size, a: u64, b: u64, flags: u64) -> (u64, u64) {
     (r, (flags & !STATUS) | f | (szp(r, size) & !ZF))
 }
 
+/// One-operand MUL (`signed: false`) and IMUL of the accumulator `a` by `b` at
+/// `size`: returns (low half, high half, new rflags). CF = OF = 1 when the high
+/// half is significant (MUL: non-zero; IMUL: not the low half's sign extension).
+/// SF, ZF, AF, PF are undefined: as two-operand IMUL, SF and PF from the low half,
+/// ZF and AF cleared.
+#[inline]
+pub fn mul_wide(signed: bool, size: Size, a: u64, b: u64, flags: u64) -> (u64, u64, u64) {
+    let m = size.mask();
+    let bits = size.bits();
+    let full = if signed {
+        (i128::from(sext(a, size) as i64) * i128::from(sext(b, size) as i64)) as u128
+    } else {
+        u128::from(a & m) * u128::from(b & m)
+    };
+    let lo = (full as u64) & m;
+    let hi = ((full >> bits) as u64) & m;
+    let significant = if signed {
+        hi != if msb(lo, size) != 0 { m } else { 0 }
+    } else {
+        hi != 0
+    };
+    let f = if significant { CF | OF } else { 0 };
+    (lo, hi, (flags & !STATUS) | f | (szp(lo, size) & !ZF))
+}
+
 /// INC/DEC/NEG/NOT: returns (result, new rflags).
 #[inline(always)]
 pub fn unary(op: UnaryOp, size: Size, a: u64, flags: u64) -> (u64, u64) {

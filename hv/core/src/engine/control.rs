@@ -8,28 +8,36 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
         let c = self.c;
         let n = c.insns.len();
         let mut idx = start;
+        // The STI whose interrupt shadow the current instruction is in.
+        let mut shadow: Option<usize> = None;
         loop {
             let Some(insn) = c.insns.get(idx) else {
                 return (StopReason::Invalid(Invalid::StartIndex), self.st.rip, None);
             };
+            // A stop before the instruction in an STI's shadow stops before the STI.
+            let before =
+                move |e: &mut Self, r: StopReason, rip: u64, at: Option<usize>| match shadow {
+                    Some(s) => {
+                        let (rip, at) = e.undo_sti(s);
+                        (r, rip, at)
+                    }
+                    None => (r, rip, at),
+                };
             if insn.len == 0 || !c.code.iter().any(|r| r.holds(insn.rip, insn.len.into())) {
                 // Only instructions inside the checked bytes ever run. Control
                 // reached this instruction's claimed address: resume there.
-                return (
-                    StopReason::Invalid(Invalid::InsnPlacement(idx as u16)),
-                    insn.rip,
-                    None,
-                );
+                let r = StopReason::Invalid(Invalid::InsnPlacement(idx as u16));
+                return before(self, r, insn.rip, None);
             }
             if self.units == 0 {
-                return (StopReason::Budget, insn.rip, Some(idx));
+                return before(self, StopReason::Budget, insn.rip, Some(idx));
             }
             let flow = if self.exec_fast(&insn.op) {
                 Flow::Next
             } else {
                 match self.exec(idx, insn) {
                     Ok(f) => f,
-                    Err(r) => return (r, insn.rip, Some(idx)),
+                    Err(r) => return before(self, r, insn.rip, Some(idx)),
                 }
             };
             self.units -= 1;
@@ -41,7 +49,39 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                 }
             }
             let next_rip = insn.rip + insn.len as u64;
+            let fall = (idx + 1 < n && c.insns[idx + 1].rip == next_rip).then_some(idx + 1);
+            if shadow.is_some() {
+                // The shadow has passed: end where the CPU may first take an interrupt.
+                let (mut reason, rip, at) = match flow {
+                    Flow::Next | Flow::Shadow => (StopReason::InterruptWindow, next_rip, fall),
+                    Flow::Exit(rip) => (StopReason::InterruptWindow, rip, None),
+                    Flow::StopAfter(r) => (r, next_rip, fall),
+                    Flow::Jump(t) => match c.insns.get(t as usize) {
+                        Some(tgt) => (StopReason::InterruptWindow, tgt.rip, Some(t as usize)),
+                        None => {
+                            let r = StopReason::Invalid(Invalid::Target(idx as u16));
+                            return (r, insn.rip, Some(idx));
+                        }
+                    },
+                };
+                if self.code_written {
+                    reason = StopReason::SelfWrite;
+                }
+                return (reason, rip, at);
+            }
             let next = match flow {
+                Flow::Shadow => match fall {
+                    Some(k) => {
+                        shadow = Some(idx);
+                        k
+                    }
+                    // `sti` checked that the next instruction follows; were it
+                    // not there, the guest must run the STI itself.
+                    None => {
+                        let (rip, at) = self.undo_sti(idx);
+                        return (StopReason::End, rip, at);
+                    }
+                },
                 Flow::Next => {
                     if idx + 1 < n && c.insns[idx + 1].rip == next_rip {
                         idx + 1
@@ -52,10 +92,7 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                     }
                 }
                 Flow::Exit(rip) => return (StopReason::ExitBranch, rip, None),
-                Flow::StopAfter(r) => {
-                    let at = (idx + 1 < n && c.insns[idx + 1].rip == next_rip).then_some(idx + 1);
-                    return (r, next_rip, at);
-                }
+                Flow::StopAfter(r) => return (r, next_rip, fall),
                 Flow::Jump(t) => {
                     let t = t as usize;
                     let Some(tgt) = c.insns.get(t) else {

@@ -239,6 +239,52 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
             Op::Cld => self.st.rflags &= !DF,
             Op::Std => self.st.rflags |= DF,
             Op::Nop | Op::Pause => {}
+            Op::Pushf { size } => self.pushf(size)?,
+            Op::Popf { size } => return self.popf(size),
+            Op::Cli => self.cli()?,
+            Op::Sti => return self.sti(at),
+            Op::Cmpxchg { size, ref dst, src } => self.cmpxchg(size, dst, src)?,
+            Op::Xadd { size, ref dst, src } => {
+                let d = self.dst(dst, size, 0)?;
+                let a = self.load(d, size)?;
+                let (sum, f) = alu::alu(AluOp::Add, size, a, self.reg(src), fl);
+                match d {
+                    Loc::Mem(_) => {
+                        self.store(d, sum)?;
+                        self.set_reg(src, a);
+                    }
+                    // SRC = old DEST, then DEST = sum (one register: the sum).
+                    Loc::Reg(r) => {
+                        self.set_reg(src, a);
+                        self.set_reg(r, sum);
+                    }
+                }
+                self.st.rflags = f;
+            }
+            Op::Leave { size } => self.leave(size)?,
+            Op::Bswap { dst } => {
+                let v = self.reg(dst);
+                let r = match dst.size {
+                    Size::S8 => v.swap_bytes(),
+                    _ => u64::from((v as u32).swap_bytes()),
+                };
+                self.set_reg(dst, r);
+            }
+            Op::MulWide {
+                signed,
+                size,
+                ref src,
+            } => {
+                let b = self.read(src, size)?;
+                let (lo, hi, f) = alu::mul_wide(signed, size, self.st.gpr[0], b, fl);
+                if size == Size::S1 {
+                    write_gpr(&mut self.st.gpr[0], Size::S2, (hi << 8) | lo);
+                } else {
+                    write_gpr(&mut self.st.gpr[0], size, lo);
+                    write_gpr(&mut self.st.gpr[RDX as usize], size, hi);
+                }
+                self.st.rflags = f;
+            }
             Op::Jmp { target } => return self.jmp(target),
             Op::Jcc { cond: c, target } => return self.jcc(c, target),
             Op::Loop {
@@ -286,6 +332,39 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
             }
         }
         Ok(Flow::Next)
+    }
+
+    /// CMPXCHG: a memory destination is written either way (with its own value
+    /// when unequal), so it needs write access even when the comparison fails.
+    fn cmpxchg(&mut self, size: Size, dst: &Operand, src: RegRef) -> R<()> {
+        let d = self.dst(dst, size, 0)?;
+        let cur = self.load(d, size)?;
+        let acc = self.st.gpr[0] & size.mask();
+        let (_, f) = alu::alu(AluOp::Cmp, size, acc, cur, self.st.rflags);
+        if acc == cur {
+            self.store(d, self.reg(src))?;
+        } else {
+            if let Loc::Mem(_) = d {
+                self.store(d, cur)?;
+            }
+            write_gpr(&mut self.st.gpr[0], size, cur);
+        }
+        self.st.rflags = f;
+        Ok(())
+    }
+
+    /// LEAVE: the stack pointer (at the stack width) takes the frame pointer, then
+    /// the frame pointer is popped at `size`; a fault leaves both unchanged.
+    fn leave(&mut self, size: Size) -> R<()> {
+        let ss = self.stack_size();
+        let sp = self.st.gpr[RBP as usize] & ss.mask();
+        let la = self.seg_linear(Seg::Ss, sp, size.bytes(), false)?;
+        let span = self.xlate(la, size.bytes(), Access::Read)?;
+        let v = self.read_span(span)?;
+        let new_sp = sp.wrapping_add(u64::from(size.bytes())) & ss.mask();
+        write_gpr(&mut self.st.gpr[RSP as usize], ss, new_sp);
+        write_gpr(&mut self.st.gpr[RBP as usize], size, v);
+        Ok(())
     }
 
     fn set_flags(&mut self, f: u64) {

@@ -71,6 +71,17 @@
 //! violations stop before the instruction with [`StopReason::Fault`]; RDPMC is
 //! unsupported; HLT ends the run at the HLT ([`StopReason::Hlt`]).
 //!
+//! # The interrupt flag
+//!
+//! PUSHF, POPF, CLI and STI change flags as the CPU does at the guest's CPL and
+//! IOPL (`interrupt_flag`). Enabling interrupts ends the run where the CPU would
+//! first take one ([`StopReason::InterruptWindow`]): right after a POPF that sets
+//! IF, or after the instruction in the shadow of an STI that sets it. The engine
+//! hands back no interrupt shadow, so an STI whose next instruction it cannot
+//! complete (a stop before it, a REP string instruction, the cluster's end) is not
+//! run: the run stops before the STI, IF still clear. A POPF setting TF, and CLI or
+//! STI at CPL > IOPL, stop before themselves.
+//!
 //! Every stop is precise: [`RunOutcome::rip`] is where the guest resumes; every
 //! instruction before it is complete, none after it has any effect. A stop *before*
 //! an instruction (page fault, not-RAM, #GP/#UD, unsupported, HLT, budget) leaves
@@ -85,6 +96,7 @@ mod control;
 pub mod cr;
 mod exiting;
 mod gap;
+mod interrupt_flag;
 pub mod mmu;
 mod operand;
 mod outcome;
@@ -206,6 +218,9 @@ enum Flow {
     Exit(u64),
     /// Completed; stop after it.
     StopAfter(StopReason),
+    /// An STI that set IF: the next instruction runs in its interrupt shadow, then
+    /// the run ends (`interrupt_flag`).
+    Shadow,
 }
 
 type R<T> = Result<T, StopReason>;

@@ -68,6 +68,11 @@ pub enum StopReason {
     GuardMiss { to: u64, insn: u16 },
     /// Stopped at a HLT: the backend handles it.
     Hlt,
+    /// The instruction before `rip` enabled interrupts: a POPF that set IF, or the
+    /// instruction in the shadow of an STI that set it (the shadow has passed). The
+    /// run ends so the hypervisor can deliver a pending interrupt exactly here; a
+    /// natural end.
+    InterruptWindow,
     /// The guest's code differs from `cluster.code` (at the start: nothing
     /// done; after a MOV to CR3: the code under the new CR3 differs).
     CodeChanged,
@@ -164,6 +169,7 @@ impl StopReason {
                 | StopReason::ExitBranch
                 | StopReason::GuardMiss { .. }
                 | StopReason::Hlt
+                | StopReason::InterruptWindow
         )
     }
 
@@ -174,6 +180,7 @@ impl StopReason {
             StopReason::ExitBranch => "EXIT_BRANCH",
             StopReason::GuardMiss { .. } => "GUARD_MISS",
             StopReason::Hlt => "HLT",
+            StopReason::InterruptWindow => "INTERRUPT_WINDOW",
             StopReason::CodeChanged => "CODE_CHANGED",
             StopReason::CodeUnreadable => "CODE_UNREADABLE",
             StopReason::PageFault { .. } => "PAGE_FAULT",

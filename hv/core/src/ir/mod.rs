@@ -309,6 +309,58 @@ pub enum Op {
     Cld,
     Std,
     Nop,
+    /// PUSHF/PUSHFD/PUSHFQ: pushes RFLAGS at `size` (the push width) with RF and VM
+    /// cleared.
+    Pushf {
+        size: Size,
+    },
+    /// POPF/POPFD/POPFQ: pops `size` bytes into RFLAGS. Which flags may change
+    /// follows CPL and IOPL as on the CPU (RF cleared; VM, VIF, VIP and the
+    /// reserved bits unaffected). A POPF that would set TF stops before itself; one
+    /// that sets IF (0 to 1) ends the run right after itself
+    /// ([`crate::engine::StopReason::InterruptWindow`]).
+    Popf {
+        size: Size,
+    },
+    /// CLI; at CPL > IOPL the run stops before it (#GP, or VIF under CR4.PVI).
+    Cli,
+    /// STI; privilege as CLI. With IF clear it opens an interrupt shadow: the
+    /// engine runs the next instruction too and ends the run after it, or stops
+    /// before the STI if it cannot complete that instruction.
+    Sti,
+    /// CMPXCHG r/m, reg (with or without LOCK): compares the accumulator (at
+    /// `size`) with `dst`; equal: ZF = 1 and `dst` = `src`; else ZF = 0 and the
+    /// accumulator = `dst` (a memory `dst` is written back either way). Flags as
+    /// CMP accumulator, dst.
+    Cmpxchg {
+        size: Size,
+        dst: Operand,
+        src: RegRef,
+    },
+    /// XADD r/m, reg (with or without LOCK): `src` = old `dst`, `dst` = sum; flags
+    /// as ADD.
+    Xadd {
+        size: Size,
+        dst: Operand,
+        src: RegRef,
+    },
+    /// LEAVE: the stack pointer (at the stack width) = the frame pointer, then the
+    /// frame pointer is popped at `size` (2, 4 or 8).
+    Leave {
+        size: Size,
+    },
+    /// BSWAP r32/r64 (the 16-bit form is undefined and not lowered).
+    Bswap {
+        dst: RegRef,
+    },
+    /// One-operand MUL (`signed: false`) and IMUL: accumulator * `src` into AX,
+    /// DX:AX, EDX:EAX or RDX:RAX. CF = OF = the upper half is significant; SF, ZF,
+    /// AF, PF undefined (as two-operand IMUL computes them).
+    MulWide {
+        signed: bool,
+        size: Size,
+        src: Operand,
+    },
     Jmp {
         target: Target,
     },

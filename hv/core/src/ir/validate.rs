@@ -517,6 +517,24 @@ fn check_op(op: &Op, bitness: Bitness) -> Check {
             size_ok(*size, b)
         }
         Op::Clc | Op::Stc | Op::Cmc | Op::Cld | Op::Std | Op::Nop => Ok(()),
+        Op::Pushf { size } | Op::Popf { size } | Op::Leave { size } => push_size(*size, b),
+        Op::Cli | Op::Sti => Ok(()),
+        Op::Cmpxchg { size, dst, src } | Op::Xadd { size, dst, src } => {
+            size_ok(*size, b)?;
+            operand(dst, *size, b, false)?;
+            operand(&Operand::Reg(*src), *size, b, false)
+        }
+        Op::Bswap { dst } => {
+            reg(dst, b)?;
+            if !matches!(dst.size, Size::S4 | Size::S8) {
+                return Err("BSWAP operand size must be 4 or 8");
+            }
+            Ok(())
+        }
+        Op::MulWide { size, src, .. } => {
+            size_ok(*size, b)?;
+            operand(src, *size, b, false)
+        }
         Op::Jmp { .. } | Op::Jcc { .. } => Ok(()),
         Op::Loop { addr_size: a, .. } => addr_size(*a, b),
         Op::Call { size, .. } | Op::Ret { size, .. } => near_branch_size(*size, b),

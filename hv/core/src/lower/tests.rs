@@ -942,12 +942,129 @@ fn calls_returns_and_indirect_branches() {
     ));
 }
 
+/// Linux's spinlock and console paths (issue 10): `pushf; pop; cli; lock
+/// cmpxchg`, the unlock's `sti`, rwlocks' `lock xadd`, LEAVE, BSWAP and
+/// `native_sched_clock`'s one-operand MUL. Each was refused before.
+#[test]
+fn spinlock_and_wide_ops() {
+    let m = |base| Operand::Mem(mem(Seg::Ds, Some(base), None, 1, 0, Size::S8));
+    assert_eq!(lower64(&[0x9c]), Ok(Op::Pushf { size: Size::S8 }));
+    assert_eq!(lower64(&[0x66, 0x9c]), Ok(Op::Pushf { size: Size::S2 }));
+    assert_eq!(lower32(&[0x9c]), Ok(Op::Pushf { size: Size::S4 }));
+    assert_eq!(lower64(&[0x9d]), Ok(Op::Popf { size: Size::S8 }));
+    assert_eq!(lower16(&[0x9d]), Ok(Op::Popf { size: Size::S2 }));
+    assert_eq!(lower64(&[0xfa]), Ok(Op::Cli));
+    assert_eq!(lower64(&[0xfb]), Ok(Op::Sti));
+    // lock cmpxchg [rdi], edx ; cmpxchg [rdi], dl ; lock cmpxchg [rdi], rdx
+    assert_eq!(
+        lower64(&[0xf0, 0x0f, 0xb1, 0x17]),
+        Ok(Op::Cmpxchg {
+            size: Size::S4,
+            dst: m(RDI),
+            src: r(RDX, Size::S4)
+        })
+    );
+    assert_eq!(
+        lower64(&[0x0f, 0xb0, 0x17]),
+        Ok(Op::Cmpxchg {
+            size: Size::S1,
+            dst: m(RDI),
+            src: r(RDX, Size::S1)
+        })
+    );
+    assert!(matches!(
+        lower64(&[0xf0, 0x48, 0x0f, 0xb1, 0x17]),
+        Ok(Op::Cmpxchg { size: Size::S8, .. })
+    ));
+    // lock xadd [rdi], eax ; xadd ecx, eax
+    assert_eq!(
+        lower64(&[0xf0, 0x0f, 0xc1, 0x07]),
+        Ok(Op::Xadd {
+            size: Size::S4,
+            dst: m(RDI),
+            src: r(RAX, Size::S4)
+        })
+    );
+    assert_eq!(
+        lower64(&[0x0f, 0xc1, 0xc1]),
+        Ok(Op::Xadd {
+            size: Size::S4,
+            dst: reg(RCX, Size::S4),
+            src: r(RAX, Size::S4)
+        })
+    );
+    // lock inc/dec/add/or/and/bts on memory: the ops the engine had
+    assert!(matches!(lower64(&[0xf0, 0xff, 0x07]), Ok(Op::Unary { .. })));
+    assert!(matches!(
+        lower64(&[0xf0, 0x65, 0xff, 0x0c, 0x25, 0x10, 0, 0, 0]),
+        Ok(Op::Unary { .. })
+    ));
+    assert!(matches!(lower64(&[0xf0, 0x01, 0x08]), Ok(Op::Alu { .. })));
+    assert!(matches!(lower64(&[0xf0, 0x09, 0x08]), Ok(Op::Alu { .. })));
+    assert!(matches!(lower64(&[0xf0, 0x21, 0x08]), Ok(Op::Alu { .. })));
+    assert!(matches!(
+        lower64(&[0xf0, 0x0f, 0xba, 0x2f, 0x03]),
+        Ok(Op::Bit { .. })
+    ));
+    // leave (64-bit, and with an operand-size prefix), leave (16-bit code)
+    assert_eq!(lower64(&[0xc9]), Ok(Op::Leave { size: Size::S8 }));
+    assert_eq!(lower64(&[0x66, 0xc9]), Ok(Op::Leave { size: Size::S2 }));
+    assert_eq!(lower16(&[0xc9]), Ok(Op::Leave { size: Size::S2 }));
+    assert_eq!(lower32(&[0xc9]), Ok(Op::Leave { size: Size::S4 }));
+    // bswap eax ; bswap r9
+    assert_eq!(
+        lower64(&[0x0f, 0xc8]),
+        Ok(Op::Bswap {
+            dst: r(RAX, Size::S4)
+        })
+    );
+    assert_eq!(
+        lower64(&[0x49, 0x0f, 0xc9]),
+        Ok(Op::Bswap {
+            dst: r(9, Size::S8)
+        })
+    );
+    // mul rdx ; imul byte [rdi] ; mul cx
+    assert_eq!(
+        lower64(&[0x48, 0xf7, 0xe2]),
+        Ok(Op::MulWide {
+            signed: false,
+            size: Size::S8,
+            src: reg(RDX, Size::S8)
+        })
+    );
+    assert_eq!(
+        lower64(&[0xf6, 0x2f]),
+        Ok(Op::MulWide {
+            signed: true,
+            size: Size::S1,
+            src: m(RDI)
+        })
+    );
+    assert!(matches!(
+        lower32(&[0x66, 0xf7, 0xe1]),
+        Ok(Op::MulWide {
+            signed: false,
+            size: Size::S2,
+            ..
+        })
+    ));
+}
+
 #[test]
 fn rejected_forms() {
     let is_form = |r: Result<Op, Unsupported>| matches!(r, Err(Unsupported::Form(_)));
     let is_mnemonic = |r: Result<Op, Unsupported>, m| r == Err(Unsupported::Mnemonic(m));
-    // lock add [rax], ecx
-    assert!(is_form(lower64(&[0xf0, 0x01, 0x08])));
+    // lock add eax, ecx: #UD on the CPU (iced decodes it only without its checks).
+    let mut decoder = Decoder::with_ip(
+        64,
+        &[0xf0, 0x01, 0xc8],
+        IP,
+        DecoderOptions::NO_INVALID_CHECK,
+    );
+    assert!(is_form(lower(&decoder.decode())));
+    // bswap ax (undefined)
+    assert!(is_form(lower64(&[0x66, 0x0f, 0xc8])));
     // jmp far ptr16:32 (32-bit), call far [rax], retf
     assert!(is_form(lower32(&[0xea, 0, 0, 0, 0, 0x08, 0x00])));
     assert!(is_form(lower64(&[0xff, 0x18])));
@@ -972,11 +1089,11 @@ fn rejected_forms() {
     assert!(is_mnemonic(lower64(&[0xaa]), Mnemonic::Stosb));
     // repne insb
     assert!(is_form(lower64(&[0xf2, 0x6c])));
-    // other instructions: vmcall, lgdt, sti, pushfq, int3, wbnoinvd
+    // other instructions: vmcall, lgdt, iretq, ud2, int3, wbnoinvd
     assert!(is_mnemonic(lower64(&[0x0f, 0x01, 0xc1]), Mnemonic::Vmcall));
     assert!(is_mnemonic(lower64(&[0x0f, 0x01, 0x10]), Mnemonic::Lgdt));
-    assert!(is_mnemonic(lower64(&[0xfb]), Mnemonic::Sti));
-    assert!(is_mnemonic(lower64(&[0x9c]), Mnemonic::Pushfq));
+    assert!(is_mnemonic(lower64(&[0x48, 0xcf]), Mnemonic::Iretq));
+    assert!(is_mnemonic(lower64(&[0x0f, 0x0b]), Mnemonic::Ud2));
     assert!(is_mnemonic(lower64(&[0xcc]), Mnemonic::Int3));
     assert!(is_mnemonic(
         lower64(&[0xf3, 0x0f, 0x09]),
@@ -1087,7 +1204,7 @@ mod prop {
             let instr = decoder.decode();
             if let Ok(op) = lower(&instr) {
                 prop_assert!(!instr.is_invalid());
-                prop_assert!(!instr.has_lock_prefix());
+                prop_assert!(!instr.has_lock_prefix() || instr.op0_kind() == iced_x86::OpKind::Memory);
                 prop_assert!(op_ok(&op), "{op:?} from {bytes:02x?} ({bitness}-bit)");
             }
         }

@@ -26,7 +26,8 @@ const RDTSC: &[u8] = &[0x0f, 0x31];
 const WRMSR: &[u8] = &[0x0f, 0x30];
 const HLT: &[u8] = &[0xf4];
 const NOP: &[u8] = &[0x90];
-const STI: &[u8] = &[0xfb];
+// An instruction the engine does not run (INT3 was this until the engine ran it).
+const INT3: &[u8] = &[0xcc];
 const IN_AL_DX: &[u8] = &[0xec];
 const OUT_DX_AL: &[u8] = &[0xee];
 const OUT_80_AL: &[u8] = &[0xe6, 0x80];
@@ -136,12 +137,12 @@ fn starts_only_at_an_exiting_instruction() {
 #[test]
 fn reasons_have_names_for_reports() {
     assert_eq!(
-        NoCluster::Unsupported(Mnemonic::Sti).to_string(),
-        "unsupported (Sti)"
+        NoCluster::Unsupported(Mnemonic::Int3).to_string(),
+        "unsupported (Int3)"
     );
     assert_eq!(
-        NoCluster::Unsupported(Mnemonic::Sti).blocker(),
-        Some(Mnemonic::Sti)
+        NoCluster::Unsupported(Mnemonic::Int3).blocker(),
+        Some(Mnemonic::Int3)
     );
     assert_eq!(NoCluster::Single.to_string(), "single");
     assert_eq!(NoCluster::Single.blocker(), None);
@@ -168,8 +169,8 @@ fn explains_what_ended_a_cluster() {
         .grows_no_further
     };
     assert_eq!(
-        explained(&asm(&[CPUID, RDTSC, STI])),
-        NoCluster::Unsupported(Mnemonic::Sti)
+        explained(&asm(&[CPUID, RDTSC, INT3])),
+        NoCluster::Unsupported(Mnemonic::Int3)
     );
     assert_eq!(explained(&asm(&[CPUID, RDTSC])), NoCluster::CodeEnds);
     assert_eq!(
@@ -704,20 +705,23 @@ fn code_after_an_unconditional_jump_needs_a_branch_into_it() {
 
 #[test]
 fn the_cluster_ends_before_what_the_engine_cannot_run() {
-    let code = asm(&[CPUID, RDTSC, STI, CPUID]);
+    let code = asm(&[CPUID, RDTSC, INT3, CPUID]);
     let c = translate64(&code, 0x1000).unwrap();
     assert_eq!(c.insns.len(), 2);
     assert_eq!(c.highest_end(), 0x1004);
     assert_eq!(c.code[0].bytes, code[..4].to_vec());
 
     assert_eq!(
-        translate64(&asm(&[CPUID, STI, CPUID]), 0x1000),
-        Err(NoCluster::Unsupported(Mnemonic::Sti))
+        translate64(&asm(&[CPUID, INT3, CPUID]), 0x1000),
+        Err(NoCluster::Unsupported(Mnemonic::Int3))
     );
-    // lock inc dword [rax]
+    // lock cmpxchg16b [rax] (lock inc dword [rax] was this until LOCK was run)
     assert_eq!(
-        translate64(&asm(&[CPUID, &[0xf0, 0xff, 0x00], CPUID]), 0x1000),
-        Err(NoCluster::Unsupported(Mnemonic::Inc))
+        translate64(
+            &asm(&[CPUID, &[0xf0, 0x48, 0x0f, 0xc7, 0x08], CPUID]),
+            0x1000
+        ),
+        Err(NoCluster::Unsupported(Mnemonic::Cmpxchg16b))
     );
     // call far [rax]
     assert_eq!(
@@ -1065,7 +1069,7 @@ mod prop {
             WRMSR.to_vec(),
             HLT.to_vec(),
             NOP.to_vec(),
-            STI.to_vec(),
+            INT3.to_vec(),
             IN_AL_DX.to_vec(),
             OUT_DX_AL.to_vec(),
             OUT_80_AL.to_vec(),

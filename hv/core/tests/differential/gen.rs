@@ -137,10 +137,6 @@ impl Gen {
                 if m == Mnemonic::Nop && !kinds.is_empty() {
                     continue;
                 }
-                // One-operand IMUL (RDX:RAX result) is not in the IR's set.
-                if m == Mnemonic::Imul && kinds.len() == 1 {
-                    continue;
-                }
                 if kinds.contains(&K::mem_offs) {
                     moffs_codes.push(c);
                 }
@@ -394,7 +390,7 @@ impl Gen {
         for i in 0..n {
             let k = oc.op_kind(i);
             // Operands written: op0 (and op1 for XCHG).
-            let dst = i == 0 || m == Mnemonic::Xchg;
+            let dst = i == 0 || matches!(m, Mnemonic::Xchg | Mnemonic::Xadd);
             let fixed = |r: Register| {
                 // Implicit accumulator/count operands: refuse writes to protected ones.
                 if dst && prot & (1 << r.full_register().number()) != 0 {
@@ -635,6 +631,13 @@ fn mnemonic_ok(m: Mnemonic) -> bool {
             | Cdq
             | Cqo
             | Imul
+            | Mul
+            | Cmpxchg
+            | Xadd
+            | Bswap
+            | Pushf
+            | Pushfd
+            | Pushfq
             | Clc
             | Stc
             | Cmc

@@ -25,7 +25,8 @@
 //! - `jcxz`: JCXZ/JECXZ/JRCXZ and LOOP forms with counters whose low parts are zero.
 //! - `moffs`: MOV A0-A3 with every address size and segment.
 //! - `rsp`: writes to the stack pointer (MOV, XCHG, LEA, ADD, AND, PUSH RSP; 32- and
-//!   16-bit writes; in 16-bit code SP near 0, so pushes wrap around the segment).
+//!   16-bit writes; in 16-bit code SP near 0, so pushes wrap around the segment),
+//!   LEAVE from a valid frame (64-bit code), and POPF of pushed flag values.
 //! - `split`: every data access straddles a page boundary.
 //! - `fault`: accesses to an inaccessible page, writes to a read-only page,
 //!   non-canonical addresses, 16-bit segment limit violations: the CPU's SIGSEGV or
@@ -221,23 +222,34 @@ fn make_case(cat: Cat, g: &Gen, rng: &mut Rng) -> Option<(Case, Vec<(usize, u64)
         }
         Cat::Rsp => {
             let mut specs = g.case(rng, &o);
+            let mut glued: Vec<usize> = Vec::new();
             for _ in 0..1 + rng.below(3) {
-                let at = rng.below(specs.len() as u64 + 1) as usize;
-                let instr = shapes::rsp_write(mode, rng)?;
+                let mut at = rng.below(specs.len() as u64 + 1) as usize;
+                if glued.contains(&at) {
+                    // Not between the parts of an earlier shape (a PUSH and its POPF).
+                    at -= 1;
+                }
+                let instrs = shapes::stack_shape(mode, rng)?;
+                for g in glued.iter_mut().filter(|g| **g >= at) {
+                    *g += instrs.len();
+                }
+                glued.extend((1..instrs.len()).map(|k| at + k));
                 for s in specs.iter_mut() {
                     if let Some(t) = s.target.as_mut() {
                         if *t >= at {
-                            *t += 1;
+                            *t += instrs.len();
                         }
                     }
                 }
-                specs.insert(
-                    at,
-                    Spec {
-                        instr,
-                        target: None,
-                    },
-                );
+                for (k, instr) in instrs.into_iter().enumerate() {
+                    specs.insert(
+                        at + k,
+                        Spec {
+                            instr,
+                            target: None,
+                        },
+                    );
+                }
             }
             Case {
                 specs,

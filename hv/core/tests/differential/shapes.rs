@@ -85,6 +85,42 @@ pub fn rsp_write(mode: Mode, rng: &mut Rng) -> Option<Instruction> {
     i.ok()
 }
 
+/// What the stack-pointer category inserts: one stack-pointer write, or LEAVE
+/// from a frame at the second stack address (64-bit code: RBP is no operand's
+/// base there), or `push imm; popf` of random status flags and DF with IF set (the
+/// CPU runs it at CPL 3, where POPF leaves IF and IOPL alone; the engine's guest
+/// is at CPL 0, where it loads them: the value keeps them as they are).
+pub fn stack_shape(mode: Mode, rng: &mut Rng) -> Option<Vec<Instruction>> {
+    use avex_core::arch::rflags::{DF, FIXED, IF, STATUS};
+    match rng.below(6) {
+        0 if mode == Mode::M64 => {
+            let alt = super::gen::reg_of(mode, 8, alt_stack_reg(mode));
+            let leave = if rng.chance(1, 4) {
+                Code::Leavew
+            } else {
+                Code::Leaveq
+            };
+            Some(vec![
+                Instruction::with2(Code::Mov_r64_rm64, Register::RBP, alt).ok()?,
+                Instruction::with(leave),
+            ])
+        }
+        1 => {
+            let flags = FIXED | IF | (rng.next() & (STATUS | DF));
+            let (push, popf) = match mode {
+                Mode::M64 => (Code::Pushq_imm32, Code::Popfq),
+                Mode::M32 => (Code::Pushd_imm32, Code::Popfd),
+                Mode::M16 => (Code::Push_imm16, Code::Popfw),
+            };
+            Some(vec![
+                Instruction::with1(push, flags as u32).ok()?,
+                Instruction::with(popf),
+            ])
+        }
+        _ => rsp_write(mode, rng).map(|i| vec![i]),
+    }
+}
+
 fn plain(instr: Instruction) -> Spec {
     Spec {
         instr,
