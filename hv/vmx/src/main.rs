@@ -37,7 +37,8 @@ use avex_core::distance::{DistanceMeter, ExitDistance};
 use avex_core::exit::{ExitHandler, Mode};
 use avex_core::format as tformat;
 use avex_core::policy::ExitPolicy;
-use avex_core::stats::{ExitStats, Summary};
+use avex_core::policy::ExitClass;
+use avex_core::stats::{BackendExits, ExitStats, Summary};
 
 /// The name of the section `avex link` writes the translations to.
 const TRANSLATIONS_SECTION: &str = ".avex.translations";
@@ -263,6 +264,15 @@ extern "C" fn kmain(magic: u32, mbi: u32) -> ! {
         Err(e) => stop(&format!("VMCS setup failed: {e}")),
     };
     vcpu.set_debug(opts.debug);
+    // The classes that exit here: the policy's, less the CR3 moves the VMCS does
+    // not intercept under EPT (they run natively, and in clusters are not avoided).
+    let (cr3_load, cr3_store) = vcpu.cr3_exits();
+    let exits = BackendExits::only(ExitClass::ALL.into_iter().filter(|&c| {
+        policy.class_exits(c)
+            && (c != ExitClass::MovToCr3 || cr3_load)
+            && (c != ExitClass::MovFromCr3 || cr3_store)
+    }));
+    handler = handler.with_backend_exits(exits);
     let n = run::protect_translated_pages(&mut vcpu, &handler);
     if n > 0 {
         logln!("avex-vmx: {n} code page(s) with translations write-protected");
