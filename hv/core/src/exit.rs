@@ -28,6 +28,9 @@ use crate::stats::{BackendExits, EarlyStop, ExitReason, ExitStats};
 use crate::tracker::{Tracker, TrackerConfig};
 use crate::translator::{self, TranslatorConfig};
 
+mod served;
+use served::{Served, Way};
+
 /// One VM exit, as a backend reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Exit {
@@ -177,10 +180,12 @@ pub struct ExitHandler {
     /// Where indirect branches and returns of clusters went when no guard expected
     /// it: the next translation accepts these.
     learned: LearnedTargets,
-    /// The exit RIP when the last cluster was entered inside another translation
-    /// (not at its entry), and the RIPs where such a run absorbed no exit.
-    entered_inside: Option<u64>,
-    poor_tails: alloc::collections::BTreeSet<u64>,
+    /// How the cluster about to run was entered: the exit RIP, the way and the
+    /// translation's entry.
+    entered: Option<(u64, Way, u64)>,
+    /// What the runs after exits at each RIP absorbed, entered each way
+    /// ([`served`]).
+    served: alloc::collections::BTreeMap<u64, Served>,
     /// Entries of AOT translations that ran at least once.
     aot_ran: alloc::collections::BTreeSet<u64>,
     /// The reason of the exit counted last: the one `next_after` is asked about.
@@ -216,8 +221,8 @@ impl ExitHandler {
             maxphyaddr: None,
             learned: LearnedTargets::default(),
             aot_ran: Default::default(),
-            entered_inside: None,
-            poor_tails: Default::default(),
+            entered: None,
+            served: Default::default(),
             last_reason: None,
         }
     }
@@ -401,36 +406,46 @@ impl ExitHandler {
     /// The translation to run after the exit at `rip`, building one at the
     /// instruction's third exit in dynamic modes.
     fn cluster_for<G: Guest + ?Sized>(&mut self, rip: u64, guest: &mut G) -> Next {
-        if self.cache.lookup(rip).is_some() {
-            return Next::RunCluster { start: rip };
+        // An exiting instruction inside a translation (not its last instruction)
+        // may run the rest of that translation from there. A backend sees only some
+        // exits (KVM handles CPUID and CR moves itself, and may hold port writes
+        // back), so a cluster whose first instructions never exit to the handler is
+        // still entered at its next exiting one.
+        let tail = self.containing_exit(rip);
+        let served = self.served.get(&rip).copied().unwrap_or_default();
+        let own = self.cache.lookup(rip).is_some();
+        if own {
+            // Both may serve the RIP: the one whose runs from here absorb more.
+            return match tail {
+                Some(start) if served.choose() == Way::Tail => self.enter(rip, Way::Tail, start),
+                _ => self.enter(rip, Way::Own, rip),
+            };
         }
-        // An exiting instruction inside a translation (not its last instruction):
-        // run the rest of that translation from there. A backend sees only some
-        // exits (KVM handles CPUID and CR moves itself), so a cluster whose first
-        // instruction never exits to the handler is still entered at its next one.
-        // In dynamic modes a RIP whose runs of that tail absorbed no exit (the tail
-        // of a callee's copy, say, returning to another region's caller) is
+        // In dynamic modes a RIP whose tail absorbs less than an exit per run (the
+        // tail of a callee's copy, say, returning to another region's caller) is
         // treated as uncovered: it gets its own translation at its third exit.
-        let inside = self
-            .containing_exit(rip)
-            .map(|start| Next::RunCluster { start });
-        if inside.is_some() && !self.poor_tails.contains(&rip) {
-            self.entered_inside = Some(rip);
-            return inside.unwrap_or(Next::Resume);
+        if let Some(start) = tail {
+            if !served.tail.poor() || !self.mode.uses_dynamic() {
+                return self.enter(rip, Way::Tail, start);
+            }
         }
+        let inside = |h: &mut Self| match tail {
+            Some(start) => h.enter(rip, Way::Tail, start),
+            None => Next::Resume,
+        };
         if !self.mode.uses_dynamic() {
-            return inside.unwrap_or(Next::Resume);
+            return inside(self);
         }
         let state = guest.state();
         let mut bytes = [0u8; 15];
         let n = fetch_code(guest, &state, rip, &mut bytes);
         if n == 0 {
-            return inside.unwrap_or(Next::Resume);
+            return inside(self);
         }
         let len = seam::insn_len(&bytes[..n], bitness_of(&state), rip).unwrap_or(n);
         let obs = self.tracker.observe(rip, &bytes[..len.min(n)]);
         if !obs.translate {
-            return inside.unwrap_or(Next::Resume);
+            return inside(self);
         }
         let t0 = self.clock.map(|c| c());
         let built = self.build(rip, &state, guest);
@@ -440,20 +455,26 @@ impl ExitHandler {
         match built {
             Some(cluster) => {
                 self.stats.translate_insns += cluster.insns.len() as u64;
-                let start = rip;
                 if self.cache.insert(cluster, Origin::Dynamic).is_ok() {
                     self.stats.translations_built += 1;
-                    Next::RunCluster { start }
+                    self.enter(rip, Way::Own, rip)
                 } else {
                     self.stats.translation_failures += 1;
-                    inside.unwrap_or(Next::Resume)
+                    inside(self)
                 }
             }
             None => {
                 self.stats.translation_failures += 1;
-                inside.unwrap_or(Next::Resume)
+                inside(self)
             }
         }
+    }
+
+    /// Run the translation entered at `start` after the exit at `rip`, entered
+    /// `way`: its run is counted for `rip` ([`served`]).
+    fn enter(&mut self, rip: u64, way: Way, start: u64) -> Next {
+        self.entered = Some((rip, way, start));
+        Next::RunCluster { start }
     }
 
     /// Translate the cluster entered at `rip`, reading the guest's code through its
@@ -493,11 +514,12 @@ impl ExitHandler {
         }
     }
 
-    /// The entry of the translation that holds an exiting instruction at `rip`
-    /// followed by more of the cluster (the largest, if several).
+    /// The entry of another translation that holds an exiting instruction at
+    /// `rip` followed by more of the cluster (the largest, if several).
     fn containing_exit(&self, rip: u64) -> Option<u64> {
         self.cache
             .containing(rip)
+            .filter(|e| e.key() != rip)
             .filter(|e| {
                 let insns = &e.cluster.insns;
                 insns
@@ -567,7 +589,7 @@ impl ExitHandler {
         let maxphyaddr = *self
             .maxphyaddr
             .get_or_insert_with(|| guest.cpu_caps().maxphyaddr);
-        let entered_inside = self.entered_inside.take();
+        let entered = self.entered.take().filter(|e| e.2 == start);
         let Some(entry) = self.cache.lookup(start) else {
             let rip = guest.state().rip;
             return ClusterEnd {
@@ -643,10 +665,8 @@ impl ExitHandler {
         if let Some(why) = early {
             self.stats.count_early_stop(why);
         }
-        if let Some(at) = entered_inside {
-            if exiting == 0 && self.mode.uses_dynamic() {
-                self.poor_tails.insert(at);
-            }
+        if let Some((rip, way, _)) = entered {
+            self.served.entry(rip).or_default().count(way, exiting);
         }
         ClusterEnd {
             rip: out.rip(),
