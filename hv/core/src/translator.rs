@@ -27,7 +27,9 @@
 //!    *after* one that ends every cluster (HLT; MOV to CR0/CR4 and LMSW:
 //!    translations never span a change of paging mode; MOV to CR3 too if
 //!    `end_after_cr3_load` is set). The region's size is bounded by
-//!    `max_cluster_insns`, `max_region_bytes` and `max_code_ranges`.
+//!    `max_cluster_insns`, `max_region_bytes` and `max_code_ranges`; a region
+//!    that still outgrows what a cluster may record (back-edges, guards, code
+//!    ranges: [`limits`]) is formed again with half the instructions.
 //! 4. What cannot lead to an exiting instruction is dropped: a path's tail after
 //!    its last exiting instruction gains nothing. With one exiting instruction and
 //!    no loop back to it there is nothing to gain ([`NoCluster`] says why the
@@ -237,8 +239,25 @@ pub fn translate_region(
     if ends_cluster(&op, config) {
         return Err(NoCluster::EndsCluster);
     }
-    region::build(src, rip, bitness, policy, config)
+    // A region that outgrew what the IR holds (back-edges, guards, code ranges) is
+    // explored again with half the instructions, down to a small one: exploration
+    // is breadth-first, so the smaller region keeps the paths nearest the entry,
+    // where the exits it absorbs first are.
+    let mut config = config.clone();
+    loop {
+        match region::build(src, rip, bitness, policy, &config) {
+            Err(NoCluster::RegionFull) if config.max_cluster_insns > MIN_SHRUNK_INSNS => {
+                config.max_cluster_insns =
+                    config.max_cluster_insns.min(limits::MAX_CLUSTER_INSNS) / 2;
+            }
+            built => return built,
+        }
+    }
 }
+
+/// The smallest instruction budget a full region is shrunk to before it is
+/// refused as [`NoCluster::RegionFull`].
+const MIN_SHRUNK_INSNS: usize = 32;
 
 /// The highest address plus one that code of this bitness may occupy: instruction
 /// pointers do not wrap inside a cluster.
