@@ -416,9 +416,13 @@ impl ExitHandler {
         let own = self.cache.lookup(rip).is_some();
         if own {
             // Both may serve the RIP: the one whose runs from here absorb more.
-            return match tail {
-                Some(start) if served.choose() == Way::Tail => self.enter(rip, Way::Tail, start),
-                _ => self.enter(rip, Way::Own, rip),
+            let Some(start) = tail else {
+                return self.enter(rip, Way::Own, rip);
+            };
+            let tail_reaches_more = || self.reach(start, rip) > self.reach(rip, rip);
+            return match served.choose(tail_reaches_more) {
+                Way::Tail => self.enter(rip, Way::Tail, start),
+                Way::Own => self.enter(rip, Way::Own, rip),
             };
         }
         // In dynamic modes a RIP whose tail absorbs less than an exit per run (the
@@ -468,6 +472,23 @@ impl ExitHandler {
                 inside(self)
             }
         }
+    }
+
+    /// What a run of the translation entered at `start` can reach after the exit
+    /// at `rip` (its entry, or an exiting instruction further in).
+    fn reach(&self, start: u64, rip: u64) -> crate::ir::Reach {
+        let Some(e) = self.cache.lookup(start) else {
+            return Default::default();
+        };
+        let at = if start == rip {
+            e.cluster.entry_index()
+        } else {
+            e.cluster
+                .insns
+                .iter()
+                .position(|i| i.rip == rip && i.exit_class.is_some())
+        };
+        at.map(|k| e.cluster.reach_after(k)).unwrap_or_default()
     }
 
     /// Run the translation entered at `start` after the exit at `rip`, entered
@@ -577,6 +598,11 @@ impl ExitHandler {
         };
         if rebuilt {
             self.stats.translations_rebuilt += 1;
+            // What the old translation absorbed from its entry says little of the
+            // new one: it is tried afresh against a tail there.
+            if let Some(s) = self.served.get_mut(&start) {
+                s.own = Default::default();
+            }
         } else {
             self.stats.translation_failures += 1;
         }

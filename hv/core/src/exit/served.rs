@@ -3,10 +3,11 @@
 //! further in (the *tail* of that one from there). They differ: a small own
 //! translation may stop after an exit or two where the containing one goes round
 //! a loop, and a containing one may leave at once where the own one goes on.
-//! Neither is known to be better from its shape, so the handler counts what the
-//! runs from each RIP absorbed and runs the one that absorbed more per run, after
-//! trying each once. A tail that absorbs less than an exit per run is poor: in
-//! dynamic modes its RIP is translated on its own.
+//! Which absorbs more shows in their runs, not in their shape (a guard that has
+//! not learned its destinations yet, say), so the handler counts what the runs
+//! from each RIP absorbed, each way, and runs the one that absorbed more per run
+//! ([`Served::choose`]). A tail that absorbs less than an exit per run is poor:
+//! with no own translation, in dynamic modes, its RIP is translated on its own.
 
 /// How a cluster was entered after an exit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,13 +46,22 @@ pub(super) struct Served {
 }
 
 impl Served {
-    /// The way to enter when both are there: each is tried once (its own
-    /// translation first), then the one that absorbed more per run; on a tie, the
-    /// own translation (entered at its entry, as it was formed).
-    pub fn choose(&self) -> Way {
+    /// The way to enter when both are there. Its own translation is tried first;
+    /// the tail once its own turns out poor, or at once if `tail_reaches_more`
+    /// says the tail's code can absorb more from there (a loop its own lacks, or
+    /// more exiting instructions; a tail that reaches no more than the own
+    /// translation is not worth a run that may absorb less). Once both have run,
+    /// the one that absorbed more per run; on a tie, its own.
+    pub fn choose(&self, tail_reaches_more: impl FnOnce() -> bool) -> Way {
         if self.own.runs == 0 {
             Way::Own
-        } else if self.tail.runs == 0 || self.tail.better_than(&self.own) {
+        } else if self.tail.runs == 0 {
+            if self.own.poor() || tail_reaches_more() {
+                Way::Tail
+            } else {
+                Way::Own
+            }
+        } else if self.tail.better_than(&self.own) {
             Way::Tail
         } else {
             Way::Own
@@ -73,17 +83,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn each_way_is_tried_once_then_the_one_that_absorbs_more_runs() {
+    fn own_first_then_the_tail_if_it_may_absorb_more_then_the_better() {
         let mut s = Served::default();
-        assert_eq!(s.choose(), Way::Own);
+        assert_eq!(s.choose(|| true), Way::Own);
         s.count(Way::Own, 2);
-        assert_eq!(s.choose(), Way::Tail, "the tail is tried once");
+        // Its own absorbs: the tail is tried only if its code reaches more.
+        assert_eq!(s.choose(|| false), Way::Own);
+        assert_eq!(s.choose(|| true), Way::Tail);
         s.count(Way::Tail, 0);
-        assert_eq!(s.choose(), Way::Own);
+        assert_eq!(s.choose(|| true), Way::Own);
         s.count(Way::Own, 1);
         s.count(Way::Tail, 90);
         // Tail: 90 in 2 runs; own: 3 in 2.
-        assert_eq!(s.choose(), Way::Tail);
+        assert_eq!(s.choose(|| false), Way::Tail);
+        // A poor own translation: the tail is tried whatever its code.
+        let mut poor = Served::default();
+        poor.count(Way::Own, 0);
+        assert_eq!(poor.choose(|| false), Way::Tail);
         // Equal per run: the own translation.
         let tie = Served {
             own: Tally {
@@ -95,7 +111,7 @@ mod tests {
                 absorbed: 2,
             },
         };
-        assert_eq!(tie.choose(), Way::Own);
+        assert_eq!(tie.choose(|| true), Way::Own);
     }
 
     #[test]
