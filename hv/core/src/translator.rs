@@ -29,7 +29,8 @@
 //!    `end_after_cr3_load` is set). The region's size is bounded by
 //!    `max_cluster_insns`, `max_region_bytes` and `max_code_ranges`; a region
 //!    that still outgrows what a cluster may record (back-edges, guards, code
-//!    ranges: [`limits`]) is formed again with half the instructions.
+//!    ranges: [`limits`]) is formed again with fewer instructions, the most
+//!    that fit.
 //! 4. What cannot lead to an exiting instruction is dropped: a path's tail after
 //!    its last exiting instruction gains nothing. With one exiting instruction and
 //!    no loop back to it there is nothing to gain ([`NoCluster`] says why the
@@ -240,20 +241,35 @@ pub fn translate_region(
         return Err(NoCluster::EndsCluster);
     }
     // A region that outgrew what the IR holds (back-edges, guards, code ranges) is
-    // explored again with half the instructions, down to a small one: exploration
-    // is breadth-first, so the smaller region keeps the paths nearest the entry,
-    // where the exits it absorbs first are.
+    // formed again with fewer instructions: exploration is breadth-first, so a
+    // smaller region keeps the paths nearest the entry. Halved until one fits,
+    // then the budget between that one and the last too full is searched for
+    // the largest that fits.
+    let full = config.max_cluster_insns.min(limits::MAX_CLUSTER_INSNS);
     let mut config = config.clone();
-    loop {
+    let mut too_full = match region::build(src, rip, bitness, policy, &config) {
+        Err(NoCluster::RegionFull) => full,
+        built => return built,
+    };
+    let mut fits = None;
+    while too_full > MIN_SHRUNK_INSNS {
+        let budget = match fits {
+            None => too_full / 2,
+            Some((n, _)) if too_full - n > SHRINK_STEP => n + (too_full - n) / 2,
+            Some(_) => break,
+        };
+        config.max_cluster_insns = budget;
         match region::build(src, rip, bitness, policy, &config) {
-            Err(NoCluster::RegionFull) if config.max_cluster_insns > MIN_SHRUNK_INSNS => {
-                config.max_cluster_insns =
-                    config.max_cluster_insns.min(limits::MAX_CLUSTER_INSNS) / 2;
-            }
-            built => return built,
+            Err(NoCluster::RegionFull) => too_full = budget,
+            Ok(t) => fits = Some((budget, t)),
+            Err(why) => return fits.map(|(_, t)| t).ok_or(why),
         }
     }
+    fits.map(|(_, t)| t).ok_or(NoCluster::RegionFull)
 }
+
+/// How close the search for the largest region that fits gets (instructions).
+const SHRINK_STEP: usize = 32;
 
 /// The smallest instruction budget a full region is shrunk to before it is
 /// refused as [`NoCluster::RegionFull`].
