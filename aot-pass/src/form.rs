@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use avex_core::ir::{Bitness, Cluster, Target};
+use avex_core::ir::{Bitness, Cluster};
 use rayon::prelude::*;
 
 use crate::api::{self, ExitPolicy, NoCluster, TranslatorConfig};
@@ -69,51 +69,16 @@ struct Entered {
 /// an exiting instruction is reachable from there along the cluster's edges.
 fn entry_points(c: &Cluster) -> Vec<(u64, bool)> {
     let n = c.insns.len();
-    let succ = |k: usize| {
-        let i = &c.insns[k];
-        let mut out: Vec<usize> = Vec::new();
-        if i.op.falls_through()
-            && k + 1 < n
-            && c.insns[k + 1].rip == i.rip.wrapping_add(u64::from(i.len))
-        {
-            out.push(k + 1);
-        }
-        if let Some(Target::Insn(j)) = i.op.target() {
-            out.push(usize::from(j));
-        }
-        for g in c.guards_of(k) {
-            if let Target::Insn(j) = g.target {
-                out.push(usize::from(j));
-            }
-        }
-        out
-    };
     let mut first: HashMap<u64, usize> = HashMap::new();
     for (k, i) in c.insns.iter().enumerate() {
         first.entry(i.rip).or_insert(k);
     }
-    let mut out = Vec::new();
-    for (k, i) in c.insns.iter().enumerate() {
-        if i.exit_class.is_none() || first.get(&i.rip) != Some(&k) || k + 1 >= n {
-            continue;
-        }
-        let mut seen = vec![false; n];
-        let mut stack = succ(k);
-        let mut serves = false;
-        while let Some(j) = stack.pop() {
-            if j >= n || seen[j] {
-                continue;
-            }
-            seen[j] = true;
-            if c.insns[j].exit_class.is_some() {
-                serves = true;
-                break;
-            }
-            stack.extend(succ(j));
-        }
-        out.push((i.rip, serves));
-    }
-    out
+    c.insns
+        .iter()
+        .enumerate()
+        .filter(|&(k, i)| i.exit_class.is_some() && first.get(&i.rip) == Some(&k) && k + 1 < n)
+        .map(|(k, i)| (i.rip, c.reach_after(k).exiting > 0))
+        .collect()
 }
 
 /// Whether a path of `c` stops at an indirect CALL/JMP or RET that knows no

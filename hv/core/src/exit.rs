@@ -28,6 +28,9 @@ use crate::stats::{BackendExits, EarlyStop, ExitReason, ExitStats};
 use crate::tracker::{Tracker, TrackerConfig};
 use crate::translator::{self, TranslatorConfig};
 
+mod served;
+use served::{Served, Way};
+
 /// One VM exit, as a backend reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Exit {
@@ -181,10 +184,12 @@ pub struct ExitHandler {
     /// Where indirect branches and returns of clusters went when no guard expected
     /// it: the next translation accepts these.
     learned: LearnedTargets,
-    /// The exit RIP when the last cluster was entered inside another translation
-    /// (not at its entry), and the RIPs where such a run absorbed no exit.
-    entered_inside: Option<u64>,
-    poor_tails: alloc::collections::BTreeSet<u64>,
+    /// How the cluster about to run was entered: the exit RIP, the way and the
+    /// translation's entry.
+    entered: Option<(u64, Way, u64)>,
+    /// What the runs after exits at each RIP absorbed, entered each way
+    /// ([`served`]).
+    served: alloc::collections::BTreeMap<u64, Served>,
     /// Entries of AOT translations that ran at least once.
     aot_ran: alloc::collections::BTreeSet<u64>,
     /// The reason of the exit counted last: the one `next_after` is asked about.
@@ -223,8 +228,8 @@ impl ExitHandler {
             maxphyaddr: None,
             learned: LearnedTargets::default(),
             aot_ran: Default::default(),
-            entered_inside: None,
-            poor_tails: Default::default(),
+            entered: None,
+            served: Default::default(),
             last_reason: None,
             clustering_site: None,
         }
@@ -422,36 +427,50 @@ impl ExitHandler {
     /// The translation to run after the exit at `rip`, building one at the
     /// instruction's third exit in dynamic modes.
     fn cluster_for<G: Guest + ?Sized>(&mut self, rip: u64, guest: &mut G) -> Next {
-        if self.cache.lookup(rip).is_some() {
-            return Next::RunCluster { start: rip };
+        // An exiting instruction inside a translation (not its last instruction)
+        // may run the rest of that translation from there. A backend sees only some
+        // exits (KVM handles CPUID and CR moves itself, and may hold port writes
+        // back), so a cluster whose first instructions never exit to the handler is
+        // still entered at its next exiting one.
+        let tail = self.containing_exit(rip);
+        let served = self.served.get(&rip).copied().unwrap_or_default();
+        let own = self.cache.lookup(rip).is_some();
+        if own {
+            // Both may serve the RIP: the one whose runs from here absorb more.
+            let Some(start) = tail else {
+                return self.enter(rip, Way::Own, rip);
+            };
+            let tail_reaches_more = || self.reach(start, rip) > self.reach(rip, rip);
+            return match served.choose(tail_reaches_more) {
+                Way::Tail => self.enter(rip, Way::Tail, start),
+                Way::Own => self.enter(rip, Way::Own, rip),
+            };
         }
-        // An exiting instruction inside a translation (not its last instruction):
-        // run the rest of that translation from there. A backend sees only some
-        // exits (KVM handles CPUID and CR moves itself), so a cluster whose first
-        // instruction never exits to the handler is still entered at its next one.
-        // In dynamic modes a RIP whose runs of that tail absorbed no exit (the tail
-        // of a callee's copy, say, returning to another region's caller) is
+        // In dynamic modes a RIP whose tail absorbs less than an exit per run (the
+        // tail of a callee's copy, say, returning to another region's caller) is
         // treated as uncovered: it gets its own translation at its third exit.
-        let inside = self
-            .containing_exit(rip)
-            .map(|start| Next::RunCluster { start });
-        if inside.is_some() && !self.poor_tails.contains(&rip) {
-            self.entered_inside = Some(rip);
-            return inside.unwrap_or(Next::Resume);
+        if let Some(start) = tail {
+            if !served.tail.poor() || !self.mode.uses_dynamic() {
+                return self.enter(rip, Way::Tail, start);
+            }
         }
+        let inside = |h: &mut Self| match tail {
+            Some(start) => h.enter(rip, Way::Tail, start),
+            None => Next::Resume,
+        };
         if !self.mode.uses_dynamic() {
-            return inside.unwrap_or(Next::Resume);
+            return inside(self);
         }
         let state = guest.state();
         let mut bytes = [0u8; 15];
         let n = fetch_code(guest, &state, rip, &mut bytes);
         if n == 0 {
-            return inside.unwrap_or(Next::Resume);
+            return inside(self);
         }
         let len = seam::insn_len(&bytes[..n], bitness_of(&state), rip).unwrap_or(n);
         let obs = self.tracker.observe(rip, &bytes[..len.min(n)]);
         if !obs.translate {
-            return inside.unwrap_or(Next::Resume);
+            return inside(self);
         }
         let t0 = self.clock.map(|c| c());
         let built = self.build(rip, &state, guest);
@@ -461,20 +480,43 @@ impl ExitHandler {
         match built {
             Some(cluster) => {
                 self.stats.translate_insns += cluster.insns.len() as u64;
-                let start = rip;
                 if self.cache.insert(cluster, Origin::Dynamic).is_ok() {
                     self.stats.translations_built += 1;
-                    Next::RunCluster { start }
+                    self.enter(rip, Way::Own, rip)
                 } else {
                     self.stats.translation_failures += 1;
-                    inside.unwrap_or(Next::Resume)
+                    inside(self)
                 }
             }
             None => {
                 self.stats.translation_failures += 1;
-                inside.unwrap_or(Next::Resume)
+                inside(self)
             }
         }
+    }
+
+    /// What a run of the translation entered at `start` can reach after the exit
+    /// at `rip` (its entry, or an exiting instruction further in).
+    fn reach(&self, start: u64, rip: u64) -> crate::ir::Reach {
+        let Some(e) = self.cache.lookup(start) else {
+            return Default::default();
+        };
+        let at = if start == rip {
+            e.cluster.entry_index()
+        } else {
+            e.cluster
+                .insns
+                .iter()
+                .position(|i| i.rip == rip && i.exit_class.is_some())
+        };
+        at.map(|k| e.cluster.reach_after(k)).unwrap_or_default()
+    }
+
+    /// Run the translation entered at `start` after the exit at `rip`, entered
+    /// `way`: its run is counted for `rip` ([`served`]).
+    fn enter(&mut self, rip: u64, way: Way, start: u64) -> Next {
+        self.entered = Some((rip, way, start));
+        Next::RunCluster { start }
     }
 
     /// Translate the cluster entered at `rip`, reading the guest's code through its
@@ -514,11 +556,12 @@ impl ExitHandler {
         }
     }
 
-    /// The entry of the translation that holds an exiting instruction at `rip`
-    /// followed by more of the cluster (the largest, if several).
+    /// The entry of another translation that holds an exiting instruction at
+    /// `rip` followed by more of the cluster (the largest, if several).
     fn containing_exit(&self, rip: u64) -> Option<u64> {
         self.cache
             .containing(rip)
+            .filter(|e| e.key() != rip)
             .filter(|e| {
                 let insns = &e.cluster.insns;
                 insns
@@ -583,6 +626,11 @@ impl ExitHandler {
         };
         if rebuilt {
             self.stats.translations_rebuilt += 1;
+            // What the old translation absorbed from its entry says little of the
+            // new one: it is tried afresh against a tail there.
+            if let Some(s) = self.served.get_mut(&start) {
+                s.own = Default::default();
+            }
         } else {
             self.stats.translation_failures += 1;
         }
@@ -596,7 +644,7 @@ impl ExitHandler {
         let maxphyaddr = *self
             .maxphyaddr
             .get_or_insert_with(|| guest.cpu_caps().maxphyaddr);
-        let entered_inside = self.entered_inside.take();
+        let entered = self.entered.take().filter(|e| e.2 == start);
         let site = self.clustering_site.take();
         let Some(entry) = self.cache.lookup(start) else {
             let rip = guest.state().rip;
@@ -671,10 +719,8 @@ impl ExitHandler {
         if let Some(why) = early {
             self.stats.count_early_stop(why);
         }
-        if let Some(at) = entered_inside {
-            if exiting == 0 && self.mode.uses_dynamic() {
-                self.poor_tails.insert(at);
-            }
+        if let Some((rip, way, _)) = entered {
+            self.served.entry(rip).or_default().count(way, exiting);
         }
         if let Some(site) = site {
             self.stats

@@ -27,7 +27,10 @@
 //!    *after* one that ends every cluster (HLT; MOV to CR0/CR4 and LMSW:
 //!    translations never span a change of paging mode; MOV to CR3 too if
 //!    `end_after_cr3_load` is set). The region's size is bounded by
-//!    `max_cluster_insns`, `max_region_bytes` and `max_code_ranges`.
+//!    `max_cluster_insns`, `max_region_bytes` and `max_code_ranges`; a region
+//!    that still outgrows what a cluster may record (back-edges, guards, code
+//!    ranges: [`limits`]) is formed again with fewer instructions, the most
+//!    that fit.
 //! 4. What cannot lead to an exiting instruction is dropped: a path's tail after
 //!    its last exiting instruction gains nothing. With one exiting instruction and
 //!    no loop back to it there is nothing to gain ([`NoCluster`] says why the
@@ -237,8 +240,40 @@ pub fn translate_region(
     if ends_cluster(&op, config) {
         return Err(NoCluster::EndsCluster);
     }
-    region::build(src, rip, bitness, policy, config)
+    // A region that outgrew what the IR holds (back-edges, guards, code ranges) is
+    // formed again with fewer instructions: exploration is breadth-first, so a
+    // smaller region keeps the paths nearest the entry. Halved until one fits,
+    // then the budget between that one and the last too full is searched for
+    // the largest that fits.
+    let full = config.max_cluster_insns.min(limits::MAX_CLUSTER_INSNS);
+    let mut config = config.clone();
+    let mut too_full = match region::build(src, rip, bitness, policy, &config) {
+        Err(NoCluster::RegionFull) => full,
+        built => return built,
+    };
+    let mut fits = None;
+    while too_full > MIN_SHRUNK_INSNS {
+        let budget = match fits {
+            None => too_full / 2,
+            Some((n, _)) if too_full - n > SHRINK_STEP => n + (too_full - n) / 2,
+            Some(_) => break,
+        };
+        config.max_cluster_insns = budget;
+        match region::build(src, rip, bitness, policy, &config) {
+            Err(NoCluster::RegionFull) => too_full = budget,
+            Ok(t) => fits = Some((budget, t)),
+            Err(why) => return fits.map(|(_, t)| t).ok_or(why),
+        }
+    }
+    fits.map(|(_, t)| t).ok_or(NoCluster::RegionFull)
 }
+
+/// How close the search for the largest region that fits gets (instructions).
+const SHRINK_STEP: usize = 32;
+
+/// The smallest instruction budget a full region is shrunk to before it is
+/// refused as [`NoCluster::RegionFull`].
+const MIN_SHRUNK_INSNS: usize = 32;
 
 /// The highest address plus one that code of this bitness may occupy: instruction
 /// pointers do not wrap inside a cluster.

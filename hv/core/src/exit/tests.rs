@@ -370,3 +370,79 @@ fn a_site_still_learning_destinations_is_not_idle() {
     }
     assert!(s.exit_sites[&0x1000].idle());
 }
+
+/// 0x2000 out dx,al ; 0x2001 in al,dx ; test al,al ; jz 0x200a ; out dx,al ;
+/// loop 0x2001 ; hlt ; 0x200a jmp $. Translated at the first OUT, the region
+/// loops through the IN (0x2001): entered there, it absorbs two exits a round
+/// while ECX lasts, none when AL is 0.
+const LOOP_CODE: [u8; 12] = [
+    0xee, 0xec, 0x84, 0xc0, 0x74, 0x04, 0xee, 0xe2, 0xf8, 0xf4, 0xeb, 0xfe,
+];
+
+fn loop_guest() -> TestGuest {
+    let mut g = guest();
+    g.write_bytes(0x2000, &LOOP_CODE);
+    g
+}
+
+/// The loop's region entered at `rip` with at most `max_insns` instructions.
+fn loop_region(rip: u64, max_insns: usize) -> crate::ir::Cluster {
+    let config = TranslatorConfig {
+        max_cluster_insns: max_insns,
+        ..TranslatorConfig::default()
+    };
+    let code = &LOOP_CODE[(rip - 0x2000) as usize..];
+    translator::translate(code, rip, Bitness::B32, &ExitPolicy::default(), &config).unwrap()
+}
+
+/// An exit at the loop's IN completed with AL = `al` and ECX = `ecx`, and the
+/// cluster the handler picks run: (its entry, the exits it absorbed).
+fn exit_at_the_in(h: &mut ExitHandler, g: &mut TestGuest, al: u64, ecx: u64) -> (u64, u64) {
+    g.state.gpr[1] = ecx;
+    let Next::RunCluster { start } = h.handle(&in_exit(), 0x2001, g).next else {
+        return (0, 0);
+    };
+    g.state.gpr[0] = al;
+    g.state.rip = 0x2002;
+    (start, h.run_cluster(start, g).exiting)
+}
+
+#[test]
+fn an_exit_with_a_small_own_translation_inside_a_loop_runs_the_one_that_absorbs_more() {
+    // The IN's own translation (in, test, jz, out) stops before the LOOP: one exit
+    // a run. The loop's translation, entered at the IN, goes round it.
+    let own = loop_region(0x2001, 4);
+    assert!(own.back_edges.is_empty() && own.exiting_count() == 2);
+    let mut h = ExitHandler::new(Mode::Aot, ExitPolicy::default());
+    h.cache_mut()
+        .insert(loop_region(0x2000, 64), Origin::Aot)
+        .unwrap();
+    h.cache_mut().insert(own, Origin::Aot).unwrap();
+    let mut g = loop_guest();
+    let runs: alloc::vec::Vec<_> = (0..4)
+        .map(|_| exit_at_the_in(&mut h, &mut g, 0x41, 3))
+        .collect();
+    // Each tried once (its own first), then the loop's, which absorbed more.
+    assert_eq!(runs[0], (0x2001, 1));
+    assert_eq!(runs[1].0, 0x2000);
+    assert!(runs[1].1 >= 5, "{runs:?}");
+    assert_eq!(runs[2..], [runs[1], runs[1]]);
+}
+
+#[test]
+fn a_containing_translation_that_absorbs_exits_is_not_replaced_after_one_poor_run() {
+    // As KVM's coalescing makes it: the exits the loop leaves are at its IN. The
+    // first run from there leaves at once (AL = 0); the next go round the loop.
+    let mut h = ExitHandler::new(Mode::AotDynamic, ExitPolicy::default());
+    h.cache_mut()
+        .insert(loop_region(0x2000, 64), Origin::Aot)
+        .unwrap();
+    let mut g = loop_guest();
+    assert_eq!(exit_at_the_in(&mut h, &mut g, 0, 3), (0x2000, 0));
+    for _ in 0..6 {
+        let (start, absorbed) = exit_at_the_in(&mut h, &mut g, 0x41, 3);
+        assert_eq!(start, 0x2000, "{:?}", h.stats());
+        assert!(absorbed >= 5);
+    }
+    assert_eq!(h.stats().translations_built, 0);
+}

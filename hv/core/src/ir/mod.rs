@@ -748,6 +748,24 @@ impl Cluster {
         Some(k.map_or(own, |k| self.learn_sites[k].site))
     }
 
+    /// What a run that goes on after instruction `from` can reach along the
+    /// cluster's edges (the exit that entered it happened at `from`).
+    pub fn reach_after(&self, from: usize) -> Reach {
+        let mut seen = alloc::vec![false; self.insns.len()];
+        let mut stack = successors(&self.insns, &self.guards, from);
+        let mut reach = Reach::default();
+        while let Some(i) = stack.pop() {
+            if i >= self.insns.len() || seen[i] {
+                continue;
+            }
+            seen[i] = true;
+            reach.exiting += usize::from(self.insns[i].exit_class.is_some());
+            reach.loops |= self.back_edges.iter().any(|b| usize::from(b.insn) == i);
+            stack.extend(successors(&self.insns, &self.guards, i));
+        }
+        reach
+    }
+
     /// The guest bytes of the instruction at `index`, if its range holds them.
     pub fn insn_bytes(&self, index: usize) -> Option<&[u8]> {
         let insn = self.insns.get(index)?;
@@ -758,4 +776,41 @@ impl Cluster {
         let at = usize::try_from(insn.rip - r.start).ok()?;
         r.bytes.get(at..at + usize::from(insn.len))
     }
+}
+
+/// What a run can reach from a point of a cluster ([`Cluster::reach_after`]),
+/// ordered by what it may absorb: a loop first (it may come round again and
+/// again), then more exiting instructions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Reach {
+    /// A back-edge is reachable.
+    pub loops: bool,
+    /// Exiting instructions reachable (each counted once).
+    pub exiting: usize,
+}
+
+/// The indices instruction `i` of `insns` (laid out as in [`Cluster::insns`], with
+/// these guards) may go to inside the cluster: the next index if it falls through
+/// to it, its target, its guards' targets.
+pub fn successors(insns: &[Insn], guards: &[Guard], i: usize) -> Vec<usize> {
+    let mut out = Vec::new();
+    let Some(insn) = insns.get(i) else {
+        return out;
+    };
+    if insn.op.falls_through() {
+        if let Some(next) = insns.get(i + 1) {
+            if next.rip == insn.rip.wrapping_add(u64::from(insn.len)) {
+                out.push(i + 1);
+            }
+        }
+    }
+    if let Some(Target::Insn(t)) = insn.op.target() {
+        out.push(usize::from(t));
+    }
+    for g in guards.iter().filter(|g| usize::from(g.insn) == i) {
+        if let Target::Insn(t) = g.target {
+            out.push(usize::from(t));
+        }
+    }
+    out
 }

@@ -15,7 +15,7 @@ use alloc::vec::Vec;
 
 use super::{decode_at, ends_cluster, CodeSource, NoCluster, Translated, TranslatorConfig};
 use crate::ir::{
-    limits, BackEdge, Bitness, Cluster, CodeRange, Guard, Insn, LearnSite, Op, Target,
+    limits, successors, BackEdge, Bitness, Cluster, CodeRange, Guard, Insn, LearnSite, Op, Target,
 };
 use crate::lower::lower;
 use crate::policy::{ExitClass, ExitPolicy};
@@ -719,34 +719,12 @@ fn assemble(
     })
 }
 
-/// The indices instruction `i` may go to inside the cluster.
-fn successors_in(insns: &[Insn], guards: &[Guard], i: usize) -> Vec<usize> {
-    let mut out = Vec::new();
-    let insn = &insns[i];
-    if insn.op.falls_through() {
-        if let Some(next) = insns.get(i + 1) {
-            if next.rip == insn.rip + u64::from(insn.len) {
-                out.push(i + 1);
-            }
-        }
-    }
-    if let Some(Target::Insn(t)) = insn.op.target() {
-        out.push(usize::from(t));
-    }
-    for g in guards.iter().filter(|g| usize::from(g.insn) == i) {
-        if let Target::Insn(t) = g.target {
-            out.push(usize::from(t));
-        }
-    }
-    out
-}
-
 /// One back-edge record per instruction with a target at or before itself; uncapped
 /// when its loop qualifies ([`loop_qualifies`]) for every such target.
 fn back_edges(insns: &[Insn], guards: &[Guard], config: &TranslatorConfig) -> Vec<BackEdge> {
     let mut out = Vec::new();
     for i in 0..insns.len() {
-        let back: Vec<usize> = successors_in(insns, guards, i)
+        let back: Vec<usize> = successors(insns, guards, i)
             .into_iter()
             .filter(|&t| t <= i)
             .collect();
@@ -782,7 +760,7 @@ pub fn loop_qualifies(insns: &[Insn], guards: &[Guard], target: usize, branch: u
             return false;
         }
         seen[i] = true;
-        stack.extend(successors_in(insns, guards, i));
+        stack.extend(successors(insns, guards, i));
     }
     true
 }

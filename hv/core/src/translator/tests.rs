@@ -1553,3 +1553,30 @@ fn a_retpolines_inner_call_is_no_level_of_the_call_depth() {
         "IN, OUT in the callee, OUT 0x80, HLT"
     );
 }
+
+#[test]
+fn a_region_with_more_loops_than_a_cluster_holds_is_shrunk_not_refused() {
+    // 100 blocks `L: out dx,al ; nop ; loop L`, one after another: every LOOP is
+    // a back-edge, more than a cluster may record.
+    let mut bytes = Vec::new();
+    for _ in 0..100 {
+        bytes.extend_from_slice(&[0xee, 0x90, 0xe2, 0xfc]);
+    }
+    bytes.push(0xf4);
+    let policy = ExitPolicy::default();
+    let c = translate(
+        &bytes,
+        0x9000,
+        Bitness::B64,
+        &policy,
+        &TranslatorConfig::default(),
+    )
+    .expect("a smaller region");
+    crate::ir::validate(&c).unwrap();
+    assert!(c.back_edges.len() <= limits::MAX_BACK_EDGES);
+    assert!(c.exiting_count() >= 2, "{}", c.exiting_count());
+    assert_eq!(c.entry_rip(), Some(0x9000));
+    // Not just halved until it fits (1,024 -> 512 -> 256 -> 128 instructions: 42
+    // loops): the largest that fits, to within 32 instructions (192: 64 loops).
+    assert!(c.back_edges.len() > 52, "{}", c.back_edges.len());
+}
