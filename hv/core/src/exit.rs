@@ -404,8 +404,8 @@ impl ExitHandler {
         if self.mode == Mode::Off {
             return Next::Resume;
         }
-        // A site whose clusters absorb nothing (Linux's context switch: its CR3
-        // load's cluster ends before the next exit every time) runs none: the
+        // A site whose clusters absorb nothing (Linux's RDTSC on the way back to
+        // user space: its cluster ends before the next exit every time) runs none: the
         // engine's work there gains no exit. One exit in IDLE_SITE_RETRY still
         // runs one, in case the guest's path there has changed.
         if let Some(site) = self.stats.exit_sites.get(&rip) {

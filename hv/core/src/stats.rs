@@ -231,7 +231,7 @@ pub struct ExitStats {
     /// Instructions (exiting and gap fillers) the engine ran inside clusters.
     pub cluster_insns: u64,
     /// Exits after which no cluster ran because the clusters run after that
-    /// site's earlier exits absorbed (almost) nothing ([`ExitSite::idle`]).
+    /// site's earlier exits absorbed nothing ([`ExitSite::idle`]).
     pub clusters_skipped_idle: u64,
     /// Cluster runs that stopped before their natural end (fault, unsupported
     /// instruction, budget, pending interrupt, ...), by stop reason.
@@ -309,11 +309,13 @@ pub struct ExitSite {
 pub const IDLE_SITE_RUNS: u64 = 64;
 
 impl ExitSite {
-    /// Its clusters absorb fewer than one exit in 16 runs, and none has taught a
-    /// new destination in the last [`IDLE_SITE_RUNS`]: running one costs the
-    /// engine's time and saves nothing.
+    /// Its clusters have absorbed no exit at all, and none has taught a new
+    /// destination in the last [`IDLE_SITE_RUNS`] runs: running one costs the
+    /// engine's time and saves nothing. (Any absorbed exit keeps a site active:
+    /// which of a RIP's translations serves it best is the handler's choice, and
+    /// it needs runs to choose.)
     pub fn idle(&self) -> bool {
-        self.runs_since_learning >= IDLE_SITE_RUNS && self.absorbed * 16 < self.clustered
+        self.runs_since_learning >= IDLE_SITE_RUNS && self.absorbed == 0
     }
 
     /// The RIP its clusters ended at most often, with the count.
