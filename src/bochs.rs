@@ -38,7 +38,8 @@ impl Backend for Bochs {
     }
     fn exits_counted(&self, _: &ExitStats) -> &'static str {
         "the VM exits the VT-x hypervisor's exit handler saw: every exit the exit \
-         policy configures (port I/O, MSRs, CPUID, CR moves, RDTSC, HLT, ...)"
+         policy configures (port I/O, MSRs, CPUID, CR0/CR4 writes, RDTSC, HLT, ...) \
+         but CR3 moves, which EPT leaves to the guest"
     }
 }
 
