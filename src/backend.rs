@@ -58,11 +58,9 @@ pub struct KernelBoot<'a> {
     /// Guest RAM in MiB (`None`: the backend's default).
     pub mem_mib: Option<u64>,
     /// The guest CPU's clock in MHz, where the backend sets it (`None`: the
-    /// backend's default, see [`Self::kernel_clock`]).
+    /// backend's default; a kernel booted with an initrd gets a clock a kernel is
+    /// built for rather than the small guests' one).
     pub cpu_mhz: Option<u64>,
-    /// The guest is a kernel booted with an initrd: without `cpu_mhz` it gets a
-    /// clock a kernel is built for rather than the small guests' one.
-    pub kernel_clock: bool,
 }
 
 /// What a backend reports.

@@ -97,7 +97,7 @@ pub fn hypervisor_image() -> anyhow::Result<Vec<u8>> {
 fn guest_cpu_hz(kernel: &KernelBoot) -> u64 {
     match kernel.cpu_mhz {
         Some(mhz) => mhz * 1_000_000,
-        None if kernel.kernel_clock => KERNEL_CPU_HZ,
+        None if kernel.initrd.is_some() => KERNEL_CPU_HZ,
         None => DEFAULT_IPS,
     }
 }
@@ -507,7 +507,6 @@ mod tests {
         assert_eq!(guest_cpu_hz(&small), DEFAULT_IPS);
         let kernel = KernelBoot {
             initrd: Some(b"cpio"),
-            kernel_clock: true,
             ..KernelBoot::default()
         };
         assert_eq!(guest_cpu_hz(&kernel), 1_000_000_000);

@@ -122,7 +122,6 @@ impl KernelArgs {
             cmdline: kernel_cmdline(initrd.is_some(), self.append.as_deref()),
             mem_mib: self.mem.or(initrd.is_some().then_some(DEFAULT_KERNEL_MIB)),
             cpu_mhz: self.cpu_mhz,
-            kernel_clock: initrd.is_some(),
         }
     }
 }
