@@ -194,9 +194,6 @@ pub struct ExitHandler {
     aot_ran: alloc::collections::BTreeSet<u64>,
     /// The reason of the exit counted last: the one `next_after` is asked about.
     last_reason: Option<ExitReason>,
-    /// The exit site a cluster is about to run after (`next_after` chose one): the
-    /// run's end is recorded for it ([`ExitStats::count_cluster_end`]).
-    clustering_site: Option<u64>,
 }
 
 impl fmt::Debug for ExitHandler {
@@ -231,7 +228,6 @@ impl ExitHandler {
             entered: None,
             served: Default::default(),
             last_reason: None,
-            clustering_site: None,
         }
     }
 
@@ -420,7 +416,6 @@ impl ExitHandler {
         let clustered = matches!(next, Next::RunCluster { .. });
         self.stats
             .count_site(rip, self.last_reason.take(), clustered);
-        self.clustering_site = clustered.then_some(rip);
         next
     }
 
@@ -644,8 +639,9 @@ impl ExitHandler {
         let maxphyaddr = *self
             .maxphyaddr
             .get_or_insert_with(|| guest.cpu_caps().maxphyaddr);
+        // The exit site and way the run was entered by: its end is recorded for
+        // that site ([`ExitStats::count_cluster_end`]).
         let entered = self.entered.take().filter(|e| e.2 == start);
-        let site = self.clustering_site.take();
         let Some(entry) = self.cache.lookup(start) else {
             let rip = guest.state().rip;
             return ClusterEnd {
@@ -721,10 +717,8 @@ impl ExitHandler {
         }
         if let Some((rip, way, _)) = entered {
             self.served.entry(rip).or_default().count(way, exiting);
-        }
-        if let Some(site) = site {
             self.stats
-                .count_cluster_end(site, exiting, out.rip(), learned);
+                .count_cluster_end(rip, exiting, out.rip(), learned);
         }
         ClusterEnd {
             rip: out.rip(),
