@@ -20,6 +20,14 @@ fn translate64(code: &[u8], rip: u64) -> Result<Cluster, NoCluster> {
     )
 }
 
+/// The region entered at `rip` in 64-bit code from `src` under the default policy,
+/// checked by the IR's validator.
+fn region64(src: &mut dyn CodeSource, rip: u64, config: &TranslatorConfig) -> Translated {
+    let t = translate_region(src, rip, Bitness::B64, &ExitPolicy::default(), config).unwrap();
+    crate::ir::validate(&t.cluster).unwrap();
+    t
+}
+
 // Encodings used below (64-bit unless noted).
 const CPUID: &[u8] = &[0x0f, 0xa2];
 const RDTSC: &[u8] = &[0x0f, 0x31];
@@ -1343,21 +1351,19 @@ fn indirect_calls_and_returns_go_on_only_to_known_destinations() {
     bytes[0x10] = 0xec; // 0x4010 in al,dx: where the function returns to
     bytes[0x100..0x102].copy_from_slice(OUT_80_AL);
     bytes[0x102] = 0xc3;
-    let policy = ExitPolicy::default();
     let config = TranslatorConfig::default();
     // Nothing known: the region ends at the call, a guard with nothing to accept,
     // so that its first run reports where the call goes.
     let mut src = Pieces::new();
     src.add(0x4000, &bytes);
-    let t = translate_region(&mut src, 0x4000, Bitness::B64, &policy, &config).unwrap();
+    let t = region64(&mut src, 0x4000, &config);
     assert_eq!(t.grows_no_further, NoCluster::IndirectUnknown);
     assert_eq!(t.cluster.insns.len(), 2);
     assert!(t.cluster.guards.is_empty());
-    crate::ir::validate(&t.cluster).unwrap();
     // The call's destination and the function's return address known.
     src.add_target(0x4001, 0x4100);
     src.add_target(0x4004, 0x4010);
-    let t = translate_region(&mut src, 0x4000, Bitness::B64, &policy, &config).unwrap();
+    let t = region64(&mut src, 0x4000, &config);
     let c = &t.cluster;
     assert_eq!(c.exiting_count(), 4);
     let call = c.insns.iter().position(|i| i.rip == 0x4001).unwrap();
@@ -1431,17 +1437,8 @@ fn thunks_go_where_the_site_that_entered_them_goes() {
     // Known at the sites (the JMPs), as the AOT pass records them.
     src.add_target(0x6001, 0x6010);
     src.add_target(0x6011, 0x6040);
-    let policy = ExitPolicy::default();
-    let t = translate_region(
-        &mut src,
-        0x6000,
-        Bitness::B64,
-        &policy,
-        &TranslatorConfig::default(),
-    )
-    .unwrap();
+    let t = region64(&mut src, 0x6000, &TranslatorConfig::default());
     let c = &t.cluster;
-    crate::ir::validate(c).unwrap();
     assert_eq!(c.exiting_count(), 4, "IN, OUT, OUT 0x80, HLT");
     let ret = c.insns.iter().position(|i| i.rip == 0x6020).unwrap();
     assert_eq!(
@@ -1494,17 +1491,8 @@ fn a_retpoline_goes_where_its_call_site_goes_and_learns_there() {
     assert_eq!(src.thunk(0x7060), Some(source::Thunk::Return));
     // The function pointer, known at the call site.
     src.add_target(0x7001, 0x7040);
-    let policy = ExitPolicy::default();
-    let t = translate_region(
-        &mut src,
-        0x7000,
-        Bitness::B64,
-        &policy,
-        &TranslatorConfig::default(),
-    )
-    .unwrap();
+    let t = region64(&mut src, 0x7000, &TranslatorConfig::default());
     let c = &t.cluster;
-    crate::ir::validate(c).unwrap();
     assert_eq!(c.exiting_count(), 4, "IN, OUT in the callee, OUT 0x80, HLT");
     // The retpoline's RET goes to the call site's destination, not to the
     // speculation trap its inner call pushed, and learns at the call site.
@@ -1538,15 +1526,7 @@ fn a_retpolines_inner_call_is_no_level_of_the_call_depth() {
         max_call_depth: 1,
         ..TranslatorConfig::default()
     };
-    let t = translate_region(
-        &mut src,
-        0x7000,
-        Bitness::B64,
-        &ExitPolicy::default(),
-        &config,
-    )
-    .unwrap();
-    crate::ir::validate(&t.cluster).unwrap();
+    let t = region64(&mut src, 0x7000, &config);
     assert_eq!(
         t.cluster.exiting_count(),
         4,
