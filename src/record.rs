@@ -121,6 +121,8 @@ mod tests {
             aot_translations_stale: 21,
             indirect_targets_learned: 18,
             translations_rebuilt: 19,
+            translations_for_callers: 23,
+            port_exits: [(0x3f8, 24)].into(),
             by_rip: [(0x1000, 3), (0xffff_ffff_8000_0000, 4)].into(),
             exit_sites: [(
                 0x1000,

@@ -8,6 +8,11 @@
 //! comes as a [`CheckedSet`], validated once when it was decoded or checked. A translation whose guest bytes changed is found
 //! by the engine's byte check before it runs and removed ([`TranslationCache::remove`]);
 //! the counts of what came and went are the exit handler's ([`crate::stats`]).
+//!
+//! A region may also have translations made for one caller each (the return
+//! address its function was called with, [`crate::exit`]'s caller translations).
+//! They are kept apart: they serve only exits at their entry with that caller,
+//! never as the tail of another RIP's cluster.
 
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
@@ -46,6 +51,8 @@ pub struct TranslationCache {
     map: BTreeMap<u64, Entry>,
     /// (range start, entry RIP) of every code range of every translation.
     ranges: BTreeSet<(u64, u64)>,
+    /// Translations made for one caller: (entry RIP, return address) -> entry.
+    for_callers: BTreeMap<(u64, u64), Entry>,
 }
 
 impl TranslationCache {
@@ -118,6 +125,28 @@ impl TranslationCache {
             self.ranges.remove(&(r.start, rip));
         }
         Some(e)
+    }
+
+    /// Insert a translation of `cluster`'s region made for `caller`, replacing
+    /// any for the same entry and caller. Validated as [`Self::insert`] does.
+    pub fn insert_for_caller(&mut self, cluster: Cluster, caller: u64) -> Result<(), ClusterError> {
+        validate(&cluster)?;
+        let key = cluster.entry_rip().ok_or(ClusterError::FirstNotExiting)?;
+        let entry = Entry {
+            cluster,
+            origin: Origin::Dynamic,
+        };
+        self.for_callers.insert((key, caller), entry);
+        Ok(())
+    }
+
+    /// The translation of the region at `rip` made for `caller`.
+    pub fn lookup_for_caller(&self, rip: u64, caller: u64) -> Option<&Entry> {
+        self.for_callers.get(&(rip, caller))
+    }
+
+    pub fn remove_for_caller(&mut self, rip: u64, caller: u64) -> Option<Entry> {
+        self.for_callers.remove(&(rip, caller))
     }
 
     pub fn len(&self) -> usize {

@@ -21,14 +21,16 @@ use crate::cache::{Origin, TranslationCache};
 use crate::engine;
 use crate::format::{self as tformat, CheckedSet};
 use crate::guest::{CpuState, Fault, Guest};
-use crate::guest_code::{GuestCode, LearnedTargets};
+use crate::guest_code::{GuestCode, LearnedTargets, RegionKey};
 use crate::ir::Bitness;
 use crate::policy::{ExitClass, ExitPolicy};
 use crate::stats::{BackendExits, EarlyStop, ExitReason, ExitStats};
 use crate::tracker::{Tracker, TrackerConfig};
 use crate::translator::{self, TranslatorConfig};
 
+mod callers;
 mod served;
+pub use callers::{EXITS_TO_REPLACE, MAX_CALLERS_PER_SITE};
 use served::{Served, Way};
 
 /// One VM exit, as a backend reports it.
@@ -184,9 +186,12 @@ pub struct ExitHandler {
     /// Where indirect branches and returns of clusters went when no guard expected
     /// it: the next translation accepts these.
     learned: LearnedTargets,
-    /// How the cluster about to run was entered: the exit RIP, the way and the
-    /// translation's entry.
-    entered: Option<(u64, Way, u64)>,
+    /// How the cluster about to run was entered: the exit RIP, the way, the
+    /// translation's entry, and the caller it was made for ([`callers`]).
+    entered: Option<(u64, Way, u64, Option<u64>)>,
+    /// Where the return address of each site's function lies, and the callers
+    /// with translations there ([`callers`]).
+    callers: callers::Callers,
     /// What the runs after exits at each RIP absorbed, entered each way
     /// ([`served`]).
     served: alloc::collections::BTreeMap<u64, Served>,
@@ -226,6 +231,7 @@ impl ExitHandler {
             learned: LearnedTargets::default(),
             aot_ran: Default::default(),
             entered: None,
+            callers: Default::default(),
             served: Default::default(),
             last_reason: None,
         }
@@ -351,7 +357,7 @@ impl ExitHandler {
     ///
     /// [`perform`]: ExitHandler::perform
     pub fn perform_coalesced<G: Guest + ?Sized>(&mut self, exit: &Exit, guest: &mut G) {
-        let _ = self.perform(exit, guest);
+        let _ = self.do_exit_work(exit, guest);
         self.stats.coalesced_writes += 1;
     }
 
@@ -359,6 +365,17 @@ impl ExitHandler {
     /// looking for a cluster: for a backend that learns where the exiting
     /// instruction is only after completing it with this result (KVM).
     pub fn perform<G: Guest + ?Sized>(&mut self, exit: &Exit, guest: &mut G) -> Result<u64, Fault> {
+        if let Exit::PortIo { port, .. } = *exit {
+            self.stats.count_port_exit(port);
+        }
+        self.do_exit_work(exit, guest)
+    }
+
+    fn do_exit_work<G: Guest + ?Sized>(
+        &mut self,
+        exit: &Exit,
+        guest: &mut G,
+    ) -> Result<u64, Fault> {
         match *exit {
             Exit::PortIo {
                 port,
@@ -422,6 +439,11 @@ impl ExitHandler {
     /// The translation to run after the exit at `rip`, building one at the
     /// instruction's third exit in dynamic modes.
     fn cluster_for<G: Guest + ?Sized>(&mut self, rip: u64, guest: &mut G) -> Next {
+        if self.mode.uses_dynamic() {
+            if let Some(next) = self.enter_for_caller(rip, guest) {
+                return next;
+            }
+        }
         // An exiting instruction inside a translation (not its last instruction)
         // may run the rest of that translation from there. A backend sees only some
         // exits (KVM handles CPUID and CR moves itself, and may hold port writes
@@ -433,12 +455,12 @@ impl ExitHandler {
         if own {
             // Both may serve the RIP: the one whose runs from here absorb more.
             let Some(start) = tail else {
-                return self.enter(rip, Way::Own, rip);
+                return self.enter(rip, Way::Own, rip, None);
             };
             let tail_reaches_more = || self.reach(start, rip) > self.reach(rip, rip);
             return match served.choose(tail_reaches_more) {
-                Way::Tail => self.enter(rip, Way::Tail, start),
-                Way::Own => self.enter(rip, Way::Own, rip),
+                Way::Tail => self.enter(rip, Way::Tail, start, None),
+                Way::Own => self.enter(rip, Way::Own, rip, None),
             };
         }
         // In dynamic modes a RIP whose tail absorbs less than an exit per run (the
@@ -446,11 +468,11 @@ impl ExitHandler {
         // treated as uncovered: it gets its own translation at its third exit.
         if let Some(start) = tail {
             if !served.tail.poor() || !self.mode.uses_dynamic() {
-                return self.enter(rip, Way::Tail, start);
+                return self.enter(rip, Way::Tail, start, None);
             }
         }
         let inside = |h: &mut Self| match tail {
-            Some(start) => h.enter(rip, Way::Tail, start),
+            Some(start) => h.enter(rip, Way::Tail, start, None),
             None => Next::Resume,
         };
         if !self.mode.uses_dynamic() {
@@ -468,7 +490,7 @@ impl ExitHandler {
             return inside(self);
         }
         let t0 = self.clock.map(|c| c());
-        let built = self.build(rip, &state, guest);
+        let built = self.build(RegionKey::any_caller(rip), &state, guest);
         if let (Some(t0), Some(c)) = (t0, self.clock) {
             self.stats.translate_ns += c().saturating_sub(t0);
         }
@@ -477,7 +499,7 @@ impl ExitHandler {
                 self.stats.translate_insns += cluster.insns.len() as u64;
                 if self.cache.insert(cluster, Origin::Dynamic).is_ok() {
                     self.stats.translations_built += 1;
-                    self.enter(rip, Way::Own, rip)
+                    self.enter(rip, Way::Own, rip, None)
                 } else {
                     self.stats.translation_failures += 1;
                     inside(self)
@@ -509,16 +531,17 @@ impl ExitHandler {
 
     /// Run the translation entered at `start` after the exit at `rip`, entered
     /// `way`: its run is counted for `rip` ([`served`]).
-    fn enter(&mut self, rip: u64, way: Way, start: u64) -> Next {
-        self.entered = Some((rip, way, start));
+    /// A translation made for one caller is `for_caller`'s.
+    fn enter(&mut self, rip: u64, way: Way, start: u64, for_caller: Option<u64>) -> Next {
+        self.entered = Some((rip, way, start, for_caller));
         Next::RunCluster { start }
     }
 
-    /// Translate the cluster entered at `rip`, reading the guest's code through its
-    /// page tables, with the indirect destinations learned so far.
+    /// Translate the cluster `region` (entered at its entry), reading the guest's
+    /// code through its page tables, with the indirect destinations learned so far.
     fn build<G: Guest + ?Sized>(
         &mut self,
-        rip: u64,
+        region: RegionKey,
         state: &CpuState,
         guest: &mut G,
     ) -> Option<crate::ir::Cluster> {
@@ -526,11 +549,11 @@ impl ExitHandler {
             guest,
             state,
             learned: &self.learned,
-            entry: rip,
+            region,
         };
         match translator::translate_region(
             &mut src,
-            rip,
+            region.entry,
             bitness_of(state),
             &self.policy,
             &self.translator,
@@ -568,7 +591,17 @@ impl ExitHandler {
             .map(|e| e.key())
     }
 
-    fn drop_translation(&mut self, start: u64) {
+    fn drop_translation(&mut self, region: RegionKey) {
+        let start = region.entry;
+        if let Some(caller) = region.caller {
+            if self.cache.remove_for_caller(start, caller).is_some() {
+                self.stats.stale_dropped += 1;
+            }
+            if let Some(site) = self.callers.of(start) {
+                site.unplace(caller);
+            }
+            return;
+        }
         if let Some(e) = self.cache.remove(start) {
             if e.origin == Origin::Aot {
                 self.stats.aot_translations_stale += 1;
@@ -584,13 +617,13 @@ impl ExitHandler {
         }
     }
 
-    /// A guard of the cluster entered at `start` saw the branch or RET at `at` go
-    /// to `to`: remember it and, in dynamic modes, translate the cluster again so
+    /// A guard of the translation `region` saw the branch or RET at `at` go to
+    /// `to`: remember it and, in dynamic modes, translate the cluster again so
     /// that it goes on there next time.
     /// Whether a new destination was learned.
     fn learn_target<G: Guest + ?Sized>(
         &mut self,
-        start: u64,
+        region: RegionKey,
         at: u64,
         to: u64,
         guest: &mut G,
@@ -608,14 +641,17 @@ impl ExitHandler {
             Bitness::B64 => engine::cr::canonical(to, 48),
             _ => to <= u64::from(state.segment(crate::ir::Seg::Cs).limit),
         };
-        if !reachable || !self.learned.learn(start, at, to) {
+        if !reachable || !self.learned.learn(region, at, to) {
             return false;
         }
         self.stats.indirect_targets_learned += 1;
-        let rebuilt = match self.build(start, &state, guest) {
+        let rebuilt = match self.build(region, &state, guest) {
             Some(cluster) => {
                 self.stats.translate_insns += cluster.insns.len() as u64;
-                self.cache.insert(cluster, Origin::Dynamic).is_ok()
+                match region.caller {
+                    Some(caller) => self.cache.insert_for_caller(cluster, caller).is_ok(),
+                    None => self.cache.insert(cluster, Origin::Dynamic).is_ok(),
+                }
             }
             None => false,
         };
@@ -623,7 +659,7 @@ impl ExitHandler {
             self.stats.translations_rebuilt += 1;
             // What the old translation absorbed from its entry says little of the
             // new one: it is tried afresh against a tail there.
-            if let Some(s) = self.served.get_mut(&start) {
+            if let Some(s) = self.served.get_mut(&region.entry) {
                 s.own = Default::default();
             }
         } else {
@@ -642,7 +678,15 @@ impl ExitHandler {
         // The exit site and way the run was entered by: its end is recorded for
         // that site ([`ExitStats::count_cluster_end`]).
         let entered = self.entered.take().filter(|e| e.2 == start);
-        let Some(entry) = self.cache.lookup(start) else {
+        let region = RegionKey {
+            entry: start,
+            caller: entered.and_then(|e| e.3),
+        };
+        let entry = match region.caller {
+            Some(caller) => self.cache.lookup_for_caller(start, caller),
+            None => self.cache.lookup(start),
+        };
+        let Some(entry) = entry else {
             let rip = guest.state().rip;
             return ClusterEnd {
                 rip,
@@ -679,7 +723,12 @@ impl ExitHandler {
         // Inside a thunk, a missed destination belongs to the site that entered it.
         let miss = match out.reason {
             engine::StopReason::GuardMiss { to, insn } => {
-                Some((cluster.learn_site(insn.into()).unwrap_or(out.rip()), to))
+                let at = cluster.learn_site(insn.into()).unwrap_or(out.rip());
+                let ret = matches!(
+                    cluster.insns.get(usize::from(insn)).map(|i| &i.op),
+                    Some(crate::ir::Op::Ret { .. })
+                );
+                Some((at, to, ret))
             }
             _ => None,
         };
@@ -696,7 +745,7 @@ impl ExitHandler {
         {
             // The guest's code no longer matches: drop the translation; a later
             // exit can rebuild it.
-            self.drop_translation(start);
+            self.drop_translation(region);
         }
         self.stats.clusters_run += 1;
         match origin {
@@ -710,12 +759,20 @@ impl ExitHandler {
         }
         let insns = out.insns();
         self.stats.cluster_insns += insns;
-        let learned = miss.is_some_and(|(at, to)| self.learn_target(start, at, to, guest));
+        if let (Some((site, Way::Own, _, None)), Some((at, _, true))) = (entered, miss) {
+            // A RET of its own translation missed: where it found its return
+            // address says where the site's function keeps it ([`callers`]).
+            if site == start {
+                let rsp = crate::ir::RSP as usize;
+                self.note_return_slot(site, at, state.gpr[rsp], guest.state().gpr[rsp]);
+            }
+        }
+        let learned = miss.is_some_and(|(at, to, _)| self.learn_target(region, at, to, guest));
         let early = EarlyStop::of(&out.reason);
         if let Some(why) = early {
             self.stats.count_early_stop(why);
         }
-        if let Some((rip, way, _)) = entered {
+        if let Some((rip, way, _, _)) = entered {
             self.served.entry(rip).or_default().count(way, exiting);
             self.stats
                 .count_cluster_end(rip, exiting, out.rip(), learned);

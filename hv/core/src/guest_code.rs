@@ -22,21 +22,42 @@ pub const MAX_TARGETS_PER_SITE: usize = 4;
 /// hypervisor translate the same region again and again.
 pub const MAX_LEARNED_PER_SITE: u32 = 16;
 
-/// Destinations seen at run time, by the region they were seen in (its entry) and
-/// the RIP of the branch or RET. Per region, because one RET serves many
-/// functions: Linux returns through one `__x86_return_thunk`, whose RET goes back
-/// to every caller in the kernel, while in the region of one driver function it
-/// goes back to that function's few callers.
+/// Destinations seen at run time, by the translation they were seen in (its
+/// [`RegionKey`]) and the RIP of the branch or RET. Per region, because one RET
+/// serves many functions: Linux returns through one `__x86_return_thunk`, whose RET
+/// goes back to every caller in the kernel, while in the region of one driver
+/// function it goes back to that function's few callers; and per caller where a
+/// region has a translation for each ([`crate::exit`]), so that one caller's
+/// destinations never take another's slots.
 #[derive(Clone, Debug, Default)]
 pub struct LearnedTargets {
-    map: BTreeMap<(u64, u64), (Vec<u64>, u32)>,
+    map: BTreeMap<(RegionKey, u64), (Vec<u64>, u32)>,
+}
+
+/// Which translation of a region: its entry, and the return address it was made
+/// for (the caller of the function the region is entered in), or `None` for the
+/// translation that serves every caller.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RegionKey {
+    pub entry: u64,
+    pub caller: Option<u64>,
+}
+
+impl RegionKey {
+    /// The translation of the region entered at `entry` for every caller.
+    pub fn any_caller(entry: u64) -> Self {
+        RegionKey {
+            entry,
+            caller: None,
+        }
+    }
 }
 
 impl LearnedTargets {
     /// Records that the instruction at `at` went to `to`. True if that is new and
     /// kept (the site has learned fewer than [`MAX_LEARNED_PER_SITE`]).
-    pub fn learn(&mut self, entry: u64, at: u64, to: u64) -> bool {
-        let (list, learned) = self.map.entry((entry, at)).or_default();
+    pub fn learn(&mut self, region: RegionKey, at: u64, to: u64) -> bool {
+        let (list, learned) = self.map.entry((region, at)).or_default();
         if list.contains(&to) || *learned >= MAX_LEARNED_PER_SITE {
             return false;
         }
@@ -48,12 +69,17 @@ impl LearnedTargets {
         true
     }
 
-    /// What is known for the instruction at `at` in the region entered at `entry`,
+    /// What is known for the instruction at `at` in the translation `region`,
     /// oldest first.
-    pub fn of(&self, entry: u64, at: u64) -> &[u64] {
+    pub fn of(&self, region: RegionKey, at: u64) -> &[u64] {
         self.map
-            .get(&(entry, at))
+            .get(&(region, at))
             .map_or(&[], |(v, _)| v.as_slice())
+    }
+
+    /// Forget what the translation `region` learned (it is gone).
+    pub fn forget(&mut self, region: RegionKey) {
+        self.map.retain(|(r, _), _| *r != region);
     }
 
     /// Sites with at least one destination.
@@ -67,8 +93,8 @@ pub struct GuestCode<'a, G: Guest + ?Sized> {
     pub guest: &'a mut G,
     pub state: &'a CpuState,
     pub learned: &'a LearnedTargets,
-    /// The entry of the region being translated.
-    pub entry: u64,
+    /// The translation being made.
+    pub region: RegionKey,
 }
 
 impl<G: Guest + ?Sized> CodeSource for GuestCode<'_, G> {
@@ -77,7 +103,7 @@ impl<G: Guest + ?Sized> CodeSource for GuestCode<'_, G> {
     }
 
     fn indirect_targets(&self, at: u64) -> &[u64] {
-        self.learned.of(self.entry, at)
+        self.learned.of(self.region, at)
     }
 
     /// Thunks by their bytes in guest memory, as the kernel left them after its
@@ -125,6 +151,25 @@ pub fn fetch_code<G: Guest + ?Sized>(
         done += n;
     }
     done
+}
+
+/// The 8 bytes at linear address `la`, read as a data load through the guest's
+/// page tables, or `None` where they are not mapped readable.
+pub fn read_u64<G: Guest + ?Sized>(guest: &mut G, state: &CpuState, la: u64) -> Option<u64> {
+    let mmu = engine::Mmu::new(state, 52);
+    let mut bytes = [0u8; 8];
+    let mut done = 0;
+    while done < bytes.len() {
+        let at = la.wrapping_add(done as u64);
+        let mut walks = 0;
+        let pa = mmu
+            .translate(guest, at, engine::Access::Read, &mut walks)
+            .ok()?;
+        let n = ((0x1000 - (at & 0xfff)) as usize).min(bytes.len() - done);
+        guest.read_phys(pa, &mut bytes[done..done + n]).ok()?;
+        done += n;
+    }
+    Some(u64::from_le_bytes(bytes))
 }
 
 /// The code size of the guest's current mode.

@@ -263,6 +263,9 @@ pub struct ExitStats {
     /// again to accept them.
     pub indirect_targets_learned: u64,
     pub translations_rebuilt: u64,
+    /// Translations made for one caller of the function a site is in (see
+    /// [`crate::exit`]'s caller translations).
+    pub translations_for_callers: u64,
     /// Exits by RIP of the exiting instruction (only where the backend gave the
     /// RIP: in modes other than `off`), for finding sites no translation covers.
     pub by_rip: BTreeMap<u64, u64>,
@@ -272,6 +275,9 @@ pub struct ExitStats {
     /// Port writes the host held back and handed over in order at the next exit
     /// (KVM's coalesced PIO): applied to the devices, never counted in `handled`.
     pub coalesced_writes: u64,
+    /// IN and OUT exits (not string I/O) by port, to tell a device's exits from
+    /// the rest (the console's 0x3f8..0x3ff, say).
+    pub port_exits: BTreeMap<u16, u64>,
     /// Guest instructions between consecutive exits (the paper's Figure 5), when
     /// the backend measured them: VT-x in Bochs always, KVM with
     /// `--exit-distance`. `None`: not measured.
@@ -280,6 +286,9 @@ pub struct ExitStats {
 
 /// Distinct end RIPs kept per exit site ([`ExitSite::ends`]).
 pub const SITE_ENDS: usize = 8;
+
+/// Ports the summary names (the busiest).
+const PORTS_SHOWN: usize = 12;
 
 /// One exit site (the RIP of an exiting instruction) beyond its exit count.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -419,6 +428,11 @@ impl ExitStats {
     }
 
     /// A multi-line human summary (what `avex run` prints on stderr).
+    /// A port's IN or OUT exit.
+    pub fn count_port_exit(&mut self, port: u16) {
+        *self.port_exits.entry(port).or_insert(0) += 1;
+    }
+
     pub fn summary(&self) -> String {
         use core::fmt::Write;
         let mut s = String::new();
@@ -433,6 +447,22 @@ impl ExitStats {
             .collect();
         if !reasons.is_empty() {
             let _ = writeln!(s, "  by reason:            {}", reasons.join(", "));
+        }
+        if !self.port_exits.is_empty() {
+            let mut ports: Vec<(&u16, &u64)> = self.port_exits.iter().collect();
+            ports.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+            let top: Vec<String> = ports
+                .iter()
+                .take(PORTS_SHOWN)
+                .map(|(p, n)| alloc::format!("{p:#x} {n}"))
+                .collect();
+            let more = ports.len().saturating_sub(PORTS_SHOWN);
+            let rest = if more > 0 {
+                alloc::format!(" ({more} more ports)")
+            } else {
+                String::new()
+            };
+            let _ = writeln!(s, "  by port (IN/OUT):     {}{rest}", top.join(", "));
         }
         if !self.exit_set.is_empty() {
             let names: Vec<&str> = self.exit_set.iter().map(|c| c.name()).collect();
@@ -545,6 +575,13 @@ impl ExitStats {
                 s,
                 "indirect targets:       {} learned, {} translations rebuilt",
                 self.indirect_targets_learned, self.translations_rebuilt
+            );
+        }
+        if self.translations_for_callers > 0 {
+            let _ = writeln!(
+                s,
+                "caller translations:    {}",
+                self.translations_for_callers
             );
         }
         s

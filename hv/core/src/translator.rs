@@ -51,9 +51,11 @@ use crate::ir::{limits, Bitness, Cluster, Op, Operand};
 use crate::lower::lower;
 use crate::policy::{ExitClass, ExitPolicy};
 
+mod copies;
 mod region;
 pub mod source;
 mod thunk;
+pub use copies::RegCopies;
 pub use region::loop_qualifies;
 pub use source::{Bytes, CodeSource, Pieces};
 pub use thunk::{may_start_thunk, resolve_thunk, THUNK_FIRST_BYTES};
@@ -393,10 +395,11 @@ pub fn memory_accesses(op: &Op) -> u32 {
 /// The paper bounds the memory accesses between two exiting instructions (4),
 /// because each needs a software page walk. The engine keeps the translations of a
 /// run (a small TLB), so only a page it has not walked yet costs one; the gap rule
-/// counts these pages. Two operands with the same base register and nearby
-/// displacements (fields of one structure) are one page, which is what the cost
-/// model needs, not a promise about addresses.
-pub fn gap_pages(op: &Op) -> Option<Vec<u64>> {
+/// counts these pages. Two operands whose base registers hold the same value
+/// (the same register, or a copy of it: [`copies`]) with nearby displacements
+/// (fields of one structure) are one page, which is what the cost model needs,
+/// not a promise about addresses.
+pub fn gap_pages(op: &Op, regs: &RegCopies) -> Option<Vec<u64>> {
     use crate::ir::{MemRef, Seg, Size, RDI, RSI};
     let string = |seg: Seg, base| MemRef {
         seg,
@@ -437,14 +440,14 @@ pub fn gap_pages(op: &Op) -> Option<Vec<u64>> {
     let mut pages = Vec::new();
     for o in [a, b] {
         if let Operand::Mem(m) = o {
-            pages.push(page_key(m));
+            pages.push(page_key(m, regs));
         }
     }
     if stack {
         pages.push(STACK_PAGE);
     }
     if let Some(m) = string_op {
-        pages.push(page_key(&m));
+        pages.push(page_key(&m, regs));
     }
     Some(pages)
 }
@@ -453,16 +456,18 @@ pub fn gap_pages(op: &Op) -> Option<Vec<u64>> {
 const STACK_PAGE: u64 = u64::MAX;
 
 /// The page key of one memory operand (see [`gap_pages`]).
-fn page_key(m: &crate::ir::MemRef) -> u64 {
+fn page_key(m: &crate::ir::MemRef, regs: &RegCopies) -> u64 {
     if m.base == Some(crate::ir::RSP) && m.index.is_none() {
         return STACK_PAGE;
     }
-    let reg = |r: Option<u8>| r.map_or(0xff, u64::from);
-    (m.seg as u64) << 56
-        | reg(m.base) << 48
-        | reg(m.index) << 40
-        | u64::from(m.scale) << 36
-        | ((m.disp >> 12) as u64 & 0xf_ffff_ffff)
+    let reg = |r: Option<u8>| r.map_or(0xffff, |r| u64::from(regs.value(r)));
+    // 3 + 16 + 16 + 4 bits of segment, base and index values and scale; the
+    // displacement's page in the rest (a collision only merges two estimates).
+    (m.seg as u64) << 61
+        | reg(m.base) << 45
+        | reg(m.index) << 29
+        | u64::from(m.scale) << 25
+        | ((m.disp >> 12) as u64 & 0x1ff_ffff)
 }
 
 /// Exit classes of the cluster's instructions in order, for reports and tests.

@@ -9,7 +9,7 @@ use avex_core::cache::Origin;
 use avex_core::engine::test_guest::TestGuest;
 use avex_core::engine::Paging;
 use avex_core::exit::{Exit, ExitHandler, Mode, Next};
-use avex_core::guest_code::{MAX_LEARNED_PER_SITE, MAX_TARGETS_PER_SITE};
+use avex_core::guest_code::{RegionKey, MAX_LEARNED_PER_SITE, MAX_TARGETS_PER_SITE};
 use avex_core::ir::*;
 use avex_core::policy::{ExitClass, ExitPolicy};
 
@@ -323,8 +323,14 @@ fn a_destination_missed_inside_a_thunk_is_learned_at_the_site_that_entered_it() 
     let end = exit_and_run(&mut h, &mut g);
     assert_eq!(end.rip, 0x1002);
     assert_eq!(h.stats().indirect_targets_learned, 1);
-    assert_eq!(h.learned().of(0x1000, 0x0ff0), [0x1020]);
-    assert!(h.learned().of(0x1000, 0x1002).is_empty());
+    assert_eq!(
+        h.learned().of(RegionKey::any_caller(0x1000), 0x0ff0),
+        [0x1020]
+    );
+    assert!(h
+        .learned()
+        .of(RegionKey::any_caller(0x1000), 0x1002)
+        .is_empty());
 }
 
 #[test]

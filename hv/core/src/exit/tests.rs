@@ -238,6 +238,29 @@ fn msr_faults_come_back_for_injection() {
 }
 
 #[test]
+fn port_exits_are_counted_by_port_and_coalesced_writes_are_not() {
+    let mut h = ExitHandler::new(Mode::Off, ExitPolicy::default());
+    let mut g = guest();
+    h.handle(&in_exit(), 0x1000, &mut g);
+    h.handle(&in_exit(), 0x1000, &mut g);
+    let out_80 = Exit::PortIo {
+        port: 0x80,
+        size: 1,
+        write: true,
+        value: 0,
+    };
+    assert_eq!(h.perform(&out_80, &mut g), Ok(0));
+    h.perform_coalesced(&out_80, &mut g);
+    let ports: alloc::vec::Vec<(u16, u64)> =
+        h.stats().port_exits.iter().map(|(&p, &n)| (p, n)).collect();
+    assert_eq!(ports, [(0x80, 1), (0x3f8, 2)]);
+    assert!(h
+        .stats()
+        .summary()
+        .contains("by port (IN/OUT):     0x3f8 2, 0x80 1"));
+}
+
+#[test]
 fn mode_names_round_trip() {
     for m in Mode::ALL {
         assert_eq!(Mode::parse(m.name()), Some(m));

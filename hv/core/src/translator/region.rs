@@ -13,7 +13,9 @@ use alloc::collections::{BTreeMap, VecDeque};
 use alloc::vec;
 use alloc::vec::Vec;
 
-use super::{decode_at, ends_cluster, CodeSource, NoCluster, Translated, TranslatorConfig};
+use super::{
+    decode_at, ends_cluster, CodeSource, NoCluster, RegCopies, Translated, TranslatorConfig,
+};
 use crate::ir::{
     limits, successors, BackEdge, Bitness, Cluster, CodeRange, Guard, Insn, LearnSite, Op, Target,
 };
@@ -76,23 +78,26 @@ struct Node {
 /// A path's gap since its last exiting instruction: the instructions, and the
 /// memory pages its gap fillers touch (as far as the code tells: see
 /// [`super::gap_pages`]), sorted; `None` when a gap filler's accesses have no bound.
+/// `regs` follows register copies along the path, across exiting instructions too.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Gap {
     insns: usize,
     pages: Option<Vec<u64>>,
+    regs: RegCopies,
 }
 
 impl Gap {
     const EXIT: Gap = Gap {
         insns: 0,
         pages: Some(Vec::new()),
+        regs: RegCopies::FRESH,
     };
 
     /// The gap after a gap filler `op`.
     fn then(&self, op: &Op) -> Gap {
         let pages = self.pages.as_ref().and_then(|held| {
             let mut pages = held.clone();
-            for p in super::gap_pages(op)? {
+            for p in super::gap_pages(op, &self.regs)? {
                 if let Err(at) = pages.binary_search(&p) {
                     pages.insert(at, p);
                 }
@@ -102,6 +107,16 @@ impl Gap {
         Gap {
             insns: self.insns + 1,
             pages,
+            regs: self.regs.after(op),
+        }
+    }
+
+    /// The gap right after an exiting instruction `op`: none, with the copies
+    /// the path made still known.
+    fn after_exit(&self, op: &Op) -> Gap {
+        Gap {
+            regs: self.regs.after(op),
+            ..Gap::EXIT
         }
     }
 
@@ -226,7 +241,7 @@ impl Explorer<'_> {
             // it again only if this way is shorter.
             let node = &self.nodes[id];
             let after = if node.dec.exit_class.is_some() {
-                Gap::EXIT
+                since.after_exit(&node.dec.op)
             } else {
                 since.then(&node.dec.op)
             };
@@ -248,7 +263,7 @@ impl Explorer<'_> {
             }
         };
         let after = if dec.exit_class.is_some() {
-            Gap::EXIT
+            since.after_exit(&dec.op)
         } else {
             let gap = since.then(&dec.op);
             if gap.page_count() > self.config.max_gap_memory_accesses as usize {

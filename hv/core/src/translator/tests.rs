@@ -423,6 +423,36 @@ fn looks_ahead_as_far_as_configured() {
 }
 
 #[test]
+fn a_copied_pointers_fields_are_the_pages_of_the_original() {
+    // Linux's transmit loop: fields of the port through %rbx, then `mov %rbx,%rdi`
+    // and the accessor's fields through %rdi: one structure, one page.
+    let copied = |copy: &[u8]| {
+        asm(&[
+            OUT_80_AL,
+            LOAD_EAX_RBX,
+            &[0x8b, 0x01], // mov eax, [rcx]
+            &[0x8b, 0x02], // mov eax, [rdx]
+            copy,
+            &[0x8b, 0x47, 0x28], // mov eax, [rdi+0x28]
+            &[0x8b, 0x06],       // mov eax, [rsi]
+            OUT_80_AL,
+        ])
+    };
+    let c = translate64(&copied(&[0x48, 0x89, 0xdf]), 0x1000).unwrap(); // mov rdi, rbx
+    assert_eq!(c.exiting_count(), 2);
+    // A 32-bit move is no pointer copy, and a copy written over is no copy.
+    assert_eq!(
+        translate64(&copied(&[0x89, 0xdf]), 0x1000), // mov edi, ebx
+        Err(NoCluster::GapTooManyMemoryAccesses)
+    );
+    let overwritten = [0x48, 0x89, 0xdf, 0x48, 0x83, 0xc7, 0x08]; // mov rdi, rbx; add rdi, 8
+    assert_eq!(
+        translate64(&copied(&overwritten), 0x1000),
+        Err(NoCluster::GapTooManyMemoryAccesses)
+    );
+}
+
+#[test]
 fn a_gap_touches_at_most_four_memory_pages() {
     let four = asm(&[
         OUT_80_AL,
