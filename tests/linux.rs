@@ -186,6 +186,22 @@ fn stock_debian_kernel_runs_the_workload_in_off_and_aot_dynamic_with_the_same_li
         exits(&ad_record),
         exits(&off_record)
     );
+    // Issue 9's goal: the 8250 console's port exits (0x3f8..0x3ff) fall by at
+    // least 90% (clusters through io_serial_in/out and their callers).
+    let console_ports = |r: &serde_json::Value| -> u64 {
+        let ports = r["port_exits"].as_object().expect("port_exits");
+        ports
+            .iter()
+            .filter(|(p, _)| p.parse::<u16>().is_ok_and(|p| (0x3f8..=0x3ff).contains(&p)))
+            .map(|(_, n)| n.as_u64().unwrap())
+            .sum()
+    };
+    let (con_off, con_ad) = (console_ports(&off_record), console_ports(&ad_record));
+    eprintln!("console port exits: {con_off} in off, {con_ad} in aot+dynamic");
+    assert!(
+        con_off > 10_000 && con_ad * 10 <= con_off,
+        "console port exits: off {con_off}, aot+dynamic {con_ad}: not 90% fewer"
+    );
     // The stripped vmlinux names its hottest exit sites from the kernel's own
     // kallsyms tables: the 8250 console's port accesses are among them.
     let hot: Vec<&str> = ad_stderr
