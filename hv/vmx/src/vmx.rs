@@ -520,12 +520,17 @@ pub fn invvpid_single(vpid: u16) {
 // --- VM entry and exit ------------------------------------------------------------------
 
 /// The guest's general-purpose registers apart from RSP (which is in the VMCS), in
-/// hardware order (RSP's slot unused), and the FXSAVE areas of guest and host.
+/// hardware order (RSP's slot unused), the FXSAVE areas of guest and host, and
+/// the TSC read by `vmx_enter` right before it loads the guest's registers and
+/// right after the exit saved them (fixed instructions on both sides, so what a
+/// VM entry costs the hypervisor is the same however its Rust code is compiled).
 #[repr(C, align(16))]
 pub struct GuestRegs {
     pub gpr: [u64; 16],
     pub guest_fx: [u8; 512],
     pub host_fx: [u8; 512],
+    pub tsc_enter: u64,
+    pub tsc_exit: u64,
 }
 
 impl GuestRegs {
@@ -534,6 +539,8 @@ impl GuestRegs {
             gpr: [0; 16],
             guest_fx: [0; 512],
             host_fx: [0; 512],
+            tsc_enter: 0,
+            tsc_exit: 0,
         });
         // Power-on x87/SSE state: FCW 0x37f, MXCSR 0x1f80.
         r.guest_fx[0..2].copy_from_slice(&0x37fu16.to_le_bytes());
@@ -560,6 +567,10 @@ core::arch::global_asm!(
     "    vmwrite rax, rsp",
     "    fxsave [rdi + 640]",
     "    fxrstor [rdi + 128]",
+    "    rdtsc",
+    "    shl rdx, 32",
+    "    or rax, rdx",
+    "    mov [rdi + 1152], rax",
     "    test rsi, rsi",
     "    mov rax, [rdi + 0]",
     "    mov rcx, [rdi + 8]",
@@ -608,6 +619,10 @@ core::arch::global_asm!(
     "    mov [rdi + 120], r15",
     "    pop rax",
     "    mov [rdi + 56], rax",
+    "    rdtsc",
+    "    shl rdx, 32",
+    "    or rax, rdx",
+    "    mov [rdi + 1160], rax",
     "    xor eax, eax",
     // Both ways out (RDI = regs, RSP as vmx_enter left it, EAX = the result): the
     // guest's x87/SSE state saved and the host's restored, then the callee-saved
@@ -626,6 +641,12 @@ core::arch::global_asm!(
     "    ret",
     ".section .text",
 );
+
+// The offsets the assembly above uses.
+const _: () = assert!(core::mem::offset_of!(GuestRegs, guest_fx) == 128);
+const _: () = assert!(core::mem::offset_of!(GuestRegs, host_fx) == 640);
+const _: () = assert!(core::mem::offset_of!(GuestRegs, tsc_enter) == 1152);
+const _: () = assert!(core::mem::offset_of!(GuestRegs, tsc_exit) == 1160);
 
 extern "C" {
     fn vmx_enter(regs: *mut GuestRegs, launched: u64) -> u64;

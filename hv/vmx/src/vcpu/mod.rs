@@ -419,7 +419,13 @@ impl Vcpu {
         }
         let t0 = rdtsc();
         let r = vmx::enter(&mut self.regs, self.launched);
-        self.last_entry_ticks = rdtsc().wrapping_sub(t0);
+        // The entry's ticks as the fixed assembly read them around VMRESUME (the
+        // Rust code around the call varies with how it is compiled); a failed
+        // entry read no exit.
+        self.last_entry_ticks = match r {
+            Ok(()) => self.regs.tsc_exit.wrapping_sub(self.regs.tsc_enter),
+            Err(_) => rdtsc().wrapping_sub(t0),
+        };
         self.counters.ticks_guest += self.last_entry_ticks;
         if r.is_ok() {
             self.launched = true;
