@@ -298,11 +298,51 @@ fn summary_line(log: &str) -> Option<&str> {
         })
 }
 
+/// Bochs' VNC display (the only one Debian's Bochs has) could not take a port:
+/// two Bochs starting at the same moment may both bind 5900 before either
+/// listens, and then the later one gives up on every port (its socket is
+/// already bound). Nothing has run yet; a second start finds a free port.
+#[derive(Debug)]
+struct DisplayPortRace;
+
+impl std::fmt::Display for DisplayPortRace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Bochs' RFB display could not bind a port between 5900 and 5949")
+    }
+}
+
+impl std::error::Error for DisplayPortRace {}
+
+/// Whether a run that ended without a summary lost [`DisplayPortRace`]: Bochs
+/// said so (in its log or output) before the guest wrote anything.
+fn lost_display_port_race(bochs_log: &str, bochs_out: &str, console: &[u8]) -> bool {
+    let said = |t: &str| t.contains("RFB could not bind any port");
+    console.is_empty() && (said(bochs_log) || said(bochs_out))
+}
+
+/// Starts of one run when Bochs' display loses the port race ([`DisplayPortRace`]).
+const DISPLAY_PORT_TRIES: u32 = 4;
+
 /// Run `req` in Bochs; `console` gets the guest's console bytes as they come.
 pub fn run_with_console(
     req: &RunRequest,
     console: &mut dyn FnMut(&[u8]),
 ) -> anyhow::Result<RunResult> {
+    let mut tries = 1;
+    loop {
+        match run_once(req, console) {
+            Err(e) if e.is::<DisplayPortRace>() && tries < DISPLAY_PORT_TRIES => {
+                tries += 1;
+                // Apart from the Bochs it raced (its start is a moment, not seconds).
+                let pause = 50 + u64::from(std::process::id() % 8) * 40 * u64::from(tries);
+                std::thread::sleep(Duration::from_millis(pause));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn run_once(req: &RunRequest, console: &mut dyn FnMut(&[u8])) -> anyhow::Result<RunResult> {
     if req.coalesce {
         bail!(
             "{}: --coalesce is KVM's coalesced PIO, for --backend kvm (the VT-x \
@@ -391,6 +431,10 @@ pub fn run_with_console(
     let Some(line) = summary_line(&log_text) else {
         let tail: Vec<&str> = log_text.lines().rev().take(8).collect();
         let bochs_log = std::fs::read_to_string(&log).unwrap_or_default();
+        let bochs_out = std::fs::read_to_string(&out).unwrap_or_default();
+        if lost_display_port_race(&bochs_log, &bochs_out, &console_bytes) {
+            return Err(DisplayPortRace.into());
+        }
         let panics: Vec<&str> = bochs_log
             .lines()
             .filter(|l| l.contains("PANIC") || l.contains(">>"))
@@ -525,6 +569,23 @@ mod tests {
         assert_eq!(o[0], "mode=aot+dynamic");
         assert_eq!(o[1], "guest=my_guest_x");
         assert!(avex_linker::iso::grub_cfg(&o).is_ok());
+    }
+
+    #[test]
+    fn a_run_is_started_again_only_when_the_display_lost_the_port_race_before_any_output() {
+        // What Bochs 2.7 logged when two runs started together.
+        let log =
+            "00000264778p[RFB   ] >>PANIC<< RFB could not bind any port between 5900 and 5949";
+        assert!(lost_display_port_race(log, "", b""));
+        assert!(lost_display_port_race("", log, b""));
+        // The guest had written to its console: a second run would repeat it.
+        assert!(!lost_display_port_race(log, "", b"avex-linux: start"));
+        // Any other end without a summary is reported, not retried.
+        assert!(!lost_display_port_race(
+            "00000001p[CPU0 ] >>PANIC<< triple fault",
+            "",
+            b""
+        ));
     }
 
     #[test]
