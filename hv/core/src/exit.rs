@@ -123,9 +123,7 @@ pub struct ClusterEnd {
 /// Instruction budget of one cluster run (the engine's default).
 pub const DEFAULT_INSN_BUDGET: u64 = 4096;
 
-/// At a site whose clusters absorb nothing ([`crate::stats::ExitSite::idle`]),
-/// one exit in this many still runs a cluster.
-pub const IDLE_SITE_RETRY: u64 = 256;
+pub use crate::stats::IDLE_SITE_RETRY;
 
 /// The exit handler: mode, translation cache, dynamic tracker and statistics.
 pub struct ExitHandler {

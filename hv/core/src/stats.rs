@@ -317,6 +317,10 @@ pub struct ExitSite {
 /// Cluster runs after a site's exits before the site may be judged idle.
 pub const IDLE_SITE_RUNS: u64 = 64;
 
+/// At an idle site ([`ExitSite::idle`]), one exit in this many still runs a
+/// cluster, in case the guest's path there has changed.
+pub const IDLE_SITE_RETRY: u64 = 256;
+
 impl ExitSite {
     /// Its clusters have absorbed no exit at all, and none has taught a new
     /// destination in the last [`IDLE_SITE_RUNS`] runs: running one costs the
