@@ -585,18 +585,20 @@ impl ExitHandler {
         region: RegionKey,
         at: u64,
         to: u64,
+        run_start: &CpuState,
         guest: &mut G,
     ) -> bool {
         if !self.mode.uses_dynamic() {
             return false;
         }
-        // The guest's state at the stop: same mode and page tables as when the
-        // cluster ran.
-        let state = guest.state();
+        // The guest's state when the cluster began: its mode and page tables, and
+        // the registers at the exit, which the translator's page estimate reads as
+        // the first build did.
+        let state = run_start;
         // A destination the CPU cannot branch to (#GP at the branch: beyond the
         // CS limit, or not canonical) is no target, and must not take one of the
         // site's few slots.
-        let reachable = match bitness_of(&state) {
+        let reachable = match bitness_of(state) {
             Bitness::B64 => engine::cr::canonical(to, 48),
             _ => to <= u64::from(state.segment(crate::ir::Seg::Cs).limit),
         };
@@ -604,7 +606,7 @@ impl ExitHandler {
             return false;
         }
         self.stats.indirect_targets_learned += 1;
-        let rebuilt = match self.build(region, &state, guest) {
+        let rebuilt = match self.build(region, state, guest) {
             Some(cluster) => {
                 self.stats.translate_insns += cluster.insns.len() as u64;
                 match region.caller {
@@ -726,7 +728,8 @@ impl ExitHandler {
                 self.note_return_slot(site, at, state.gpr[rsp], guest.state().gpr[rsp]);
             }
         }
-        let learned = miss.is_some_and(|(at, to, _)| self.learn_target(region, at, to, guest));
+        let learned =
+            miss.is_some_and(|(at, to, _)| self.learn_target(region, at, to, &state, guest));
         let early = EarlyStop::of(&out.reason);
         if let Some(why) = early {
             self.stats.count_early_stop(why);

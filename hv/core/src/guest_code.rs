@@ -112,6 +112,11 @@ impl<G: Guest + ?Sized> CodeSource for GuestCode<'_, G> {
         let bitness = bitness_of(self.state);
         resolve_thunk(self, addr, bitness)
     }
+
+    /// The registers at the exit: the translation is made right after it.
+    fn entry_registers(&self) -> Option<[u64; 16]> {
+        Some(self.state.gpr)
+    }
 }
 
 /// Read guest code at `rip` (CS-relative) through the guest's page tables into

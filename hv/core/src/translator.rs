@@ -398,8 +398,12 @@ pub fn memory_accesses(op: &Op) -> u32 {
 /// counts these pages. Two operands whose base registers hold the same value
 /// (the same register, or a copy of it: [`copies`]) with nearby displacements
 /// (fields of one structure) are one page, which is what the cost model needs,
-/// not a promise about addresses.
-pub fn gap_pages(op: &Op, regs: &RegCopies) -> Option<Vec<u64>> {
+/// not a promise about addresses. A run-time translation also knows the
+/// registers at its entry (`entry`): an operand whose base still holds its entry
+/// value is keyed by the page it pointed to then, the stack's if it pointed into
+/// the stack's page (Linux's `native_cpuid` stores through four pointer
+/// arguments, all to its caller's locals).
+pub fn gap_pages(op: &Op, regs: &RegCopies, entry: Option<&[u64; 16]>) -> Option<Vec<u64>> {
     use crate::ir::{MemRef, Seg, Size, RDI, RSI};
     let string = |seg: Seg, base| MemRef {
         seg,
@@ -440,14 +444,14 @@ pub fn gap_pages(op: &Op, regs: &RegCopies) -> Option<Vec<u64>> {
     let mut pages = Vec::new();
     for o in [a, b] {
         if let Operand::Mem(m) = o {
-            pages.push(page_key(m, regs));
+            pages.push(page_key(m, regs, entry));
         }
     }
     if stack {
         pages.push(STACK_PAGE);
     }
     if let Some(m) = string_op {
-        pages.push(page_key(&m, regs));
+        pages.push(page_key(&m, regs, entry));
     }
     Some(pages)
 }
@@ -455,10 +459,32 @@ pub fn gap_pages(op: &Op, regs: &RegCopies) -> Option<Vec<u64>> {
 /// The key [`gap_pages`] gives the stack.
 const STACK_PAGE: u64 = u64::MAX;
 
+/// The tag of the keys of pages known by address (segment tags are 0 to 5).
+const ADDRESS_PAGES: u64 = 7 << 61;
+
 /// The page key of one memory operand (see [`gap_pages`]).
-fn page_key(m: &crate::ir::MemRef, regs: &RegCopies) -> u64 {
-    if m.base == Some(crate::ir::RSP) && m.index.is_none() {
+fn page_key(m: &crate::ir::MemRef, regs: &RegCopies, entry: Option<&[u64; 16]>) -> u64 {
+    use crate::ir::RSP;
+    if m.base == Some(RSP) && m.index.is_none() {
         return STACK_PAGE;
+    }
+    // A base that still holds an entry register's value (its id is that
+    // register's number), no index, a flat segment: the page it pointed to.
+    let at_entry = |r: u8| {
+        let id = regs.value(r);
+        (id < 16)
+            .then(|| entry.map(|e| e[usize::from(id)]))
+            .flatten()
+    };
+    let flat = !matches!(m.seg, crate::ir::Seg::Fs | crate::ir::Seg::Gs);
+    if let (Some(base), None, true) = (m.base, m.index, flat) {
+        if let (Some(v), Some(e)) = (at_entry(base), entry) {
+            let page = v.wrapping_add(m.disp as u64) >> 12;
+            if page == e[usize::from(RSP)] >> 12 {
+                return STACK_PAGE;
+            }
+            return ADDRESS_PAGES | (page & ((1 << 45) - 1));
+        }
     }
     let reg = |r: Option<u8>| r.map_or(0xffff, |r| u64::from(regs.value(r)));
     // 3 + 16 + 16 + 4 bits of segment, base and index values and scale; the

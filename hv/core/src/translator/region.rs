@@ -93,11 +93,12 @@ impl Gap {
         regs: RegCopies::FRESH,
     };
 
-    /// The gap after a gap filler `op`.
-    fn then(&self, op: &Op) -> Gap {
+    /// The gap after a gap filler `op` (`entry`: the registers at the region's
+    /// entry, when known).
+    fn then(&self, op: &Op, entry: Option<&[u64; 16]>) -> Gap {
         let pages = self.pages.as_ref().and_then(|held| {
             let mut pages = held.clone();
-            for p in super::gap_pages(op, &self.regs)? {
+            for p in super::gap_pages(op, &self.regs, entry)? {
                 if let Err(at) = pages.binary_search(&p) {
                     pages.insert(at, p);
                 }
@@ -150,6 +151,9 @@ struct Explorer<'a> {
     runs: BTreeMap<u64, u64>,
     /// The first reason a path stopped growing, in exploration order.
     stop: Option<NoCluster>,
+    /// The registers at the entry's exit, for a run-time translation
+    /// ([`CodeSource::entry_registers`]).
+    entry_regs: Option<[u64; 16]>,
 }
 
 impl Explorer<'_> {
@@ -243,7 +247,7 @@ impl Explorer<'_> {
             let after = if node.dec.exit_class.is_some() {
                 since.after_exit(&node.dec.op)
             } else {
-                since.then(&node.dec.op)
+                since.then(&node.dec.op, self.entry_regs.as_ref())
             };
             let better = after.better_than(&node.since);
             if better {
@@ -265,7 +269,7 @@ impl Explorer<'_> {
         let after = if dec.exit_class.is_some() {
             since.after_exit(&dec.op)
         } else {
-            let gap = since.then(&dec.op);
+            let gap = since.then(&dec.op, self.entry_regs.as_ref());
             if gap.page_count() > self.config.max_gap_memory_accesses as usize {
                 self.note_stop(NoCluster::GapTooManyMemoryAccesses);
                 return None;
@@ -506,7 +510,9 @@ pub(super) fn build(
         bytes: 0,
         runs: BTreeMap::new(),
         stop: None,
+        entry_regs: None,
     };
+    x.entry_regs = x.src.entry_registers();
     let root = x.context(Context::default());
     let entry = match x.reach(rip, root, &Gap::EXIT) {
         Some((id, _)) => id,

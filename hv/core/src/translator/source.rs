@@ -29,6 +29,13 @@ pub trait CodeSource {
     fn thunk(&mut self, _addr: u64) -> Option<Thunk> {
         None
     }
+
+    /// The general registers at the exit the region is entered at, for a
+    /// translation made at run time (the gap rule's page estimate,
+    /// [`super::gap_pages`]); `None` ahead of time.
+    fn entry_registers(&self) -> Option<[u64; 16]> {
+        None
+    }
 }
 
 /// Code held in one slice at a known address (an ELF section, a test's bytes).

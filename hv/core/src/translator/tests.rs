@@ -452,6 +452,74 @@ fn a_copied_pointers_fields_are_the_pages_of_the_original() {
     );
 }
 
+/// Code at 0x1000 with the registers a run-time translation sees at its exit.
+struct AtExit<'a> {
+    code: Bytes<'a>,
+    regs: [u64; 16],
+}
+
+impl CodeSource for AtExit<'_> {
+    fn read(&mut self, addr: u64, buf: &mut [u8]) -> usize {
+        self.code.read(addr, buf)
+    }
+    fn entry_registers(&self) -> Option<[u64; 16]> {
+        Some(self.regs)
+    }
+}
+
+#[test]
+fn pointers_into_the_stack_at_the_exit_are_the_stacks_page_at_run_time() {
+    use crate::ir::{RDI, RSI, RSP};
+    const R8: u8 = 8;
+    const R9: u8 = 9;
+    // Linux's native_cpuid: CPUID, then its four results stored through four
+    // pointer arguments (the caller's locals) with a POP between; then an OUT.
+    let code = asm(&[
+        CPUID,
+        &[0x41, 0x89, 0x00], // mov [r8], eax
+        &[0x89, 0x1e],       // mov [rsi], ebx
+        &[0x5b],             // pop rbx
+        &[0x89, 0x0f],       // mov [rdi], ecx
+        &[0x41, 0x89, 0x11], // mov [r9], edx
+        OUT_80_AL,
+    ]);
+    // Ahead of time nothing says where they point: five pages.
+    assert_eq!(
+        translate64(&code, 0x1000),
+        Err(NoCluster::GapTooManyMemoryAccesses)
+    );
+    let mut regs = [0u64; 16];
+    regs[RSP as usize] = 0x7f00;
+    for (r, v) in [(R8, 0x7f10), (RSI, 0x7f14), (RDI, 0x7f18), (R9, 0x7f1c)] {
+        regs[r as usize] = v;
+    }
+    let config = TranslatorConfig::default();
+    let mut src = AtExit {
+        code: Bytes {
+            base: 0x1000,
+            bytes: &code,
+        },
+        regs,
+    };
+    let t = region64(&mut src, 0x1000, &config);
+    assert_eq!(t.cluster.exiting_count(), 2);
+    // Pointers to four other pages are four pages and the stack: too many.
+    for (k, r) in [R8, RSI, RDI, R9].into_iter().enumerate() {
+        src.regs[r as usize] = 0x10_0000 * (k as u64 + 1);
+    }
+    assert_eq!(
+        translate_region(
+            &mut src,
+            0x1000,
+            Bitness::B64,
+            &ExitPolicy::default(),
+            &config
+        )
+        .map(|t| t.cluster.exiting_count()),
+        Err(NoCluster::GapTooManyMemoryAccesses)
+    );
+}
+
 #[test]
 fn a_gap_touches_at_most_four_memory_pages() {
     let four = asm(&[
