@@ -213,7 +213,9 @@ pub trait Guest {
         self.rdmsr(crate::arch::msr::TSC_AUX).unwrap_or(0)
     }
     /// True when an interrupt is waiting that the guest could take now; the engine
-    /// checks it at back-edges and stops the cluster so it is delivered.
+    /// checks it at back-edges and stops the cluster so it is delivered. The engine
+    /// asks only while its own copy of the guest's RFLAGS.IF is set: the backend's
+    /// copy is stale inside a run (a CLI the engine ran has not reached it).
     fn interrupt_pending(&mut self) -> bool;
     /// Called after the engine writes guest memory or control registers that may
     /// affect the backend (paging caches, EPT write protection of code pages).

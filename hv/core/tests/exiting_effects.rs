@@ -226,6 +226,7 @@ fn control_register_writes() {
     let mut g = guest();
     g.state.cr8 = 0xf;
     g.irq_after = Some(0);
+    g.state.rflags |= avex_core::arch::rflags::IF;
     let c = prepare(
         &mut g,
         &[

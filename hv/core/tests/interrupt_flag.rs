@@ -238,3 +238,45 @@ fn sti_whose_shadow_cannot_complete_is_not_run() {
         assert_eq!(out.stats.insns, 1, "only the OUT completed: {ops:?}");
     }
 }
+
+#[test]
+fn after_a_cli_in_the_run_a_pending_interrupt_does_not_end_it_at_a_back_edge() {
+    // 0: out 0x80,al  1: cli  2: dec ecx  3: jnz 0  4: out 0x81,al, with an
+    // interrupt pending throughout: the guest cannot take it once IF is clear,
+    // so the loop runs on (the backend's IF, read outside the run, is stale).
+    let mut g = stack_guest(FIXED | IF);
+    let ops = [
+        out_al(0x80),
+        gap(Op::Cli),
+        gap(Op::Unary {
+            op: UnaryOp::Dec,
+            size: Size::S4,
+            dst: Operand::Reg(reg(RCX, Size::S4)),
+        }),
+        gap(Op::Jcc {
+            cond: Cond::Ne,
+            target: Target::Insn(0),
+        }),
+        out_al(0x81),
+    ];
+    let mut c = prepare(&mut g, &ops);
+    c.back_edges.push(BackEdge { insn: 3, cap: None });
+    g.state.gpr[RCX as usize] = 5;
+    g.irq_after = Some(0);
+    let out = run(&mut g, &c);
+    assert_eq!(out.reason, StopReason::End, "{out:?}");
+    assert_eq!(g.outs().len(), 6);
+    assert_eq!(g.state.rflags & IF, 0);
+    // With IF set all along, the same pending interrupt ends it at the back-edge.
+    let mut g = stack_guest(FIXED | IF);
+    let mut c = prepare(
+        &mut g,
+        &[out_al(0x80), gap(Op::Nop), ops[2], ops[3], ops[4]],
+    );
+    c.back_edges.push(BackEdge { insn: 3, cap: None });
+    g.state.gpr[RCX as usize] = 5;
+    g.irq_after = Some(0);
+    let out = run(&mut g, &c);
+    assert_eq!(out.reason, StopReason::InterruptPending);
+    assert_eq!(g.outs().len(), 1);
+}

@@ -146,6 +146,7 @@ fn interrupt_pending_at_a_back_edge() {
     g.state.gpr[RCX as usize] = 100;
     g.state.gpr[RDX as usize] = 0x3f8;
     g.irq_after = Some(2); // pending at the third back-edge
+    g.state.rflags |= avex_core::arch::rflags::IF;
     let out = run(&mut g, &c);
     assert_eq!(out.reason, StopReason::InterruptPending);
     assert_eq!(out.rip, CODE_VA, "at the branch target");

@@ -593,6 +593,7 @@ fn backward_guard_targets_count_as_back_edges() {
     let mut g = guest_with(&c);
     g.state.gpr[R11 as usize] = a;
     g.irq_after = Some(1);
+    g.state.rflags |= avex_core::arch::rflags::IF;
     let out = run_from_entry(&mut g, &c, &RunLimits::default());
     assert_eq!(
         (out.reason, out.rip, out.index),

@@ -116,7 +116,7 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
                         if capped {
                             return (StopReason::BackEdgeCap, tgt.rip, Some(t));
                         }
-                        if self.g.interrupt_pending() {
+                        if self.interrupt_can_be_taken() {
                             return (StopReason::InterruptPending, tgt.rip, Some(t));
                         }
                     }
@@ -183,6 +183,13 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
             }
         }
         Ok(())
+    }
+
+    /// An interrupt waits that the guest could take now: the backend's answer,
+    /// asked only while IF is set in the run's RFLAGS (after an in-run CLI the
+    /// backend's copy still says IF=1).
+    pub(super) fn interrupt_can_be_taken(&mut self) -> bool {
+        self.st.rflags & crate::arch::rflags::IF != 0 && self.g.interrupt_pending()
     }
 
     // ---- branches -------------------------------------------------------------------

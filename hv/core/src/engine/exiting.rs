@@ -366,7 +366,7 @@ impl<G: Guest + ?Sized> Engine<'_, G> {
         if flush {
             self.g.invalidate_tlb();
         }
-        if cr == 8 && self.st.cr8 < before.cr8 && self.g.interrupt_pending() {
+        if cr == 8 && self.st.cr8 < before.cr8 && self.interrupt_can_be_taken() {
             stop = Some(StopReason::InterruptPending);
         }
         self.refresh_mmu();
