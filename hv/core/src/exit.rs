@@ -448,11 +448,7 @@ impl ExitHandler {
         if !obs.translate {
             return inside(self);
         }
-        let t0 = self.clock.map(|c| c());
         let built = self.build(RegionKey::any_caller(rip), &state, guest);
-        if let (Some(t0), Some(c)) = (t0, self.clock) {
-            self.stats.translate_ns += c().saturating_sub(t0);
-        }
         match built {
             Some(cluster) => {
                 self.stats.translate_insns += cluster.insns.len() as u64;
@@ -499,6 +495,22 @@ impl ExitHandler {
     /// Translate the cluster `region` (entered at its entry), reading the guest's
     /// code through its page tables, with the indirect destinations learned so far.
     fn build<G: Guest + ?Sized>(
+        &mut self,
+        region: RegionKey,
+        state: &CpuState,
+        guest: &mut G,
+    ) -> Option<crate::ir::Cluster> {
+        // Every translation's work is timed: first builds, rebuilds after a guard
+        // learned, and caller translations.
+        let t0 = self.clock.map(|c| c());
+        let built = self.translate(region, state, guest);
+        if let (Some(t0), Some(c)) = (t0, self.clock) {
+            self.stats.translate_ns += c().saturating_sub(t0);
+        }
+        built
+    }
+
+    fn translate<G: Guest + ?Sized>(
         &mut self,
         region: RegionKey,
         state: &CpuState,

@@ -150,3 +150,26 @@ fn a_caller_that_keeps_exiting_takes_the_place_of_the_least_used() {
     let last = round_robin(&mut h, full + 1, 1);
     assert!(last.iter().filter(|&&a| a == 1).count() >= full as usize - 1);
 }
+
+#[test]
+fn every_translation_is_timed_caller_translations_and_rebuilds_too() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    // A clock that moves 1000 ns each time it is read.
+    static NOW: AtomicU64 = AtomicU64::new(0);
+    fn clock() -> u64 {
+        NOW.fetch_add(1000, Ordering::Relaxed)
+    }
+    let mut h = ExitHandler::new(Mode::Dynamic, ExitPolicy::default()).with_clock(clock);
+    round_robin(&mut h, 3, 3);
+    let s = h.stats();
+    let builds = s.translations_built + s.translations_rebuilt + s.translations_for_callers;
+    assert!(
+        s.translations_for_callers > 0 && s.translations_rebuilt > 0,
+        "{s:#?}"
+    );
+    assert!(
+        s.translate_ns >= 1000 * builds,
+        "{} ns for {builds} builds",
+        s.translate_ns
+    );
+}
