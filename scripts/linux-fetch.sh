@@ -15,6 +15,12 @@ mkdir -p "$work"
 cd "$work"
 
 die() { echo "linux-fetch.sh: $*" >&2; exit 1; }
+# One fetch at a time per WORKDIR: tests start several at once, and two
+# extractions into the same pkg.tmp break each other on an empty cache.
+if command -v flock >/dev/null; then
+    exec 9>"$work/.fetch.lock"
+    flock 9
+fi
 for t in apt-get apt-cache dpkg-deb od xz; do
     command -v "$t" >/dev/null || die "needs $t"
 done
