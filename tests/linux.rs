@@ -143,18 +143,26 @@ fn check_workload(console: &str) {
     not(avex_bochs),
     ignore = "needs Bochs and the GRUB ISO tools (.ci/install-bochs.sh)"
 )]
-fn stock_debian_kernel_runs_the_workload_in_off_and_aot_dynamic_with_the_same_lines() {
+fn stock_debian_kernel_runs_the_workload_in_every_mode_with_the_same_lines() {
     let (vmlinux, busybox) = fetch();
     let dir = scratch("modes");
     let cpio = initramfs(&busybox, &dir);
     // The pre-analyzed kernel: the stock ELF plus its translations section.
     let pre = dir.join("vmlinux.pre");
     support::run_ok(avex().arg("link").arg(&vmlinux).arg("-o").arg(&pre));
-    let ((off, _, off_record), (ad, ad_stderr, ad_record)) = std::thread::scope(|s| {
+    // Every mode, side by side: the same result lines as `off` is the contract.
+    let (off, ad, others) = std::thread::scope(|s| {
         let off = s.spawn(|| boot(&vmlinux, &cpio, "off", &dir));
         let ad = s.spawn(|| boot(&pre, &cpio, "aot+dynamic", &dir));
-        (off.join().unwrap(), ad.join().unwrap())
+        let (pre, cpio, dir) = (&pre, &cpio, &dir);
+        let others: Vec<_> = ["dynamic", "aot"]
+            .map(|m| (m, s.spawn(move || boot(pre, cpio, m, dir))))
+            .into_iter()
+            .map(|(m, h)| (m, h.join().unwrap()))
+            .collect();
+        (off.join().unwrap(), ad.join().unwrap(), others)
     });
+    let ((off, _, off_record), (ad, ad_stderr, ad_record)) = (off, ad);
     // The guest's clock: a kernel's default 1 GHz (`--cpu-mhz`), the TSC's rate
     // from CPUID leaf 0x15, and a TSC the kernel keeps as its clocksource (it
     // agrees with the PIT's ticks, which it does not when the hypervisor's work
@@ -173,6 +181,10 @@ fn stock_debian_kernel_runs_the_workload_in_off_and_aot_dynamic_with_the_same_li
     // The same result lines with clusters, and fewer exits.
     assert_eq!(result_lines(&ad), result_lines(&off));
     assert_eq!(ad_record["status"], 0);
+    for (mode, (console, _, record)) in &others {
+        assert_eq!(result_lines(console), result_lines(&off), "{mode}");
+        assert_eq!(record["status"], 0, "{mode}");
+    }
     let exits = |r: &serde_json::Value| r["exits"].as_u64().unwrap();
     eprintln!(
         "Linux boot and workload: {} exits in off, {} in aot+dynamic",
