@@ -245,20 +245,8 @@ fn after_a_cli_in_the_run_a_pending_interrupt_does_not_end_it_at_a_back_edge() {
     // interrupt pending throughout: the guest cannot take it once IF is clear,
     // so the loop runs on (the backend's IF, read outside the run, is stale).
     let mut g = stack_guest(FIXED | IF);
-    let ops = [
-        out_al(0x80),
-        gap(Op::Cli),
-        gap(Op::Unary {
-            op: UnaryOp::Dec,
-            size: Size::S4,
-            dst: Operand::Reg(reg(RCX, Size::S4)),
-        }),
-        gap(Op::Jcc {
-            cond: Cond::Ne,
-            target: Target::Insn(0),
-        }),
-        out_al(0x81),
-    ];
+    let [dec, jnz] = dec_ecx_jnz(0);
+    let ops = [out_al(0x80), gap(Op::Cli), dec, jnz, out_al(0x81)];
     let mut c = prepare(&mut g, &ops);
     c.back_edges.push(BackEdge { insn: 3, cap: None });
     g.state.gpr[RCX as usize] = 5;

@@ -112,6 +112,7 @@ fn page_fault_on_a_gap_filler_stops_before_it() {
 
 fn loop_cluster(g: &mut TestGuest, cap: Option<u16>) -> Cluster {
     // 0: in al, dx   1: inc rbx   2: dec ecx   3: jnz 0   4: out 0x81, al
+    let [dec, jnz] = dec_ecx_jnz(0);
     let mut c = prepare(
         g,
         &[
@@ -123,15 +124,8 @@ fn loop_cluster(g: &mut TestGuest, cap: Option<u16>) -> Cluster {
                 Some(ExitClass::In),
             ),
             inc(RBX),
-            gap(Op::Unary {
-                op: UnaryOp::Dec,
-                size: Size::S4,
-                dst: Operand::Reg(reg(RCX, Size::S4)),
-            }),
-            gap(Op::Jcc {
-                cond: Cond::Ne,
-                target: Target::Insn(0),
-            }),
+            dec,
+            jnz,
             out_al(0x81),
         ],
     );

@@ -70,6 +70,21 @@ pub fn inc(r: u8) -> (Op, Option<ExitClass>) {
     })
 }
 
+/// `dec ecx` and `jnz` to instruction `to`: a loop's counted back-edge.
+pub fn dec_ecx_jnz(to: u16) -> [(Op, Option<ExitClass>); 2] {
+    [
+        gap(Op::Unary {
+            op: UnaryOp::Dec,
+            size: Size::S4,
+            dst: Operand::Reg(reg(RCX, Size::S4)),
+        }),
+        gap(Op::Jcc {
+            cond: Cond::Ne,
+            target: Target::Insn(to),
+        }),
+    ]
+}
+
 pub fn guest() -> TestGuest {
     let mut g = TestGuest::long_mode(4 << 20);
     g.map_range(CODE_VA, CODE_GPA, 0x2000, pte::P);
