@@ -13,14 +13,15 @@ use alloc::collections::{BTreeMap, VecDeque};
 use alloc::vec;
 use alloc::vec::Vec;
 
-use super::{
-    decode_at, ends_cluster, CodeSource, NoCluster, RegCopies, Translated, TranslatorConfig,
-};
+use super::{decode_at, ends_cluster, CodeSource, NoCluster, Translated, TranslatorConfig};
 use crate::ir::{
     limits, successors, BackEdge, Bitness, Cluster, CodeRange, Guard, Insn, LearnSite, Op, Target,
 };
 use crate::lower::lower;
 use crate::policy::{ExitClass, ExitPolicy};
+
+mod gap;
+use gap::Gap;
 
 /// One decoded address (shared by every context).
 #[derive(Clone, Copy)]
@@ -73,62 +74,6 @@ struct Node {
     /// (and the way to it), because the first run that reaches it teaches the
     /// hypervisor where it goes and the next translation goes on there.
     open: bool,
-}
-
-/// A path's gap since its last exiting instruction: the instructions, and the
-/// memory pages its gap fillers touch (as far as the code tells: see
-/// [`super::gap_pages`]), sorted; `None` when a gap filler's accesses have no bound.
-/// `regs` follows register copies along the path, across exiting instructions too.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Gap {
-    insns: usize,
-    pages: Option<Vec<u64>>,
-    regs: RegCopies,
-}
-
-impl Gap {
-    const EXIT: Gap = Gap {
-        insns: 0,
-        pages: Some(Vec::new()),
-        regs: RegCopies::FRESH,
-    };
-
-    /// The gap after a gap filler `op` (`entry`: the registers at the region's
-    /// entry, when known).
-    fn then(&self, op: &Op, entry: Option<&[u64; 16]>) -> Gap {
-        let pages = self.pages.as_ref().and_then(|held| {
-            let mut pages = held.clone();
-            for p in super::gap_pages(op, &self.regs, entry)? {
-                if let Err(at) = pages.binary_search(&p) {
-                    pages.insert(at, p);
-                }
-            }
-            Some(pages)
-        });
-        Gap {
-            insns: self.insns + 1,
-            pages,
-            regs: self.regs.after(op),
-        }
-    }
-
-    /// The gap right after an exiting instruction `op`: none, with the copies
-    /// the path made still known.
-    fn after_exit(&self, op: &Op) -> Gap {
-        Gap {
-            regs: self.regs.after(op),
-            ..Gap::EXIT
-        }
-    }
-
-    fn page_count(&self) -> usize {
-        self.pages.as_ref().map_or(usize::MAX, |p| p.len())
-    }
-
-    /// Shorter, or as short with fewer pages.
-    fn better_than(&self, other: &Gap) -> bool {
-        (self.insns, self.page_count()) < (other.insns, other.page_count())
-    }
 }
 
 /// What exploration records of one region.
