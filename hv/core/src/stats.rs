@@ -431,12 +431,12 @@ impl ExitStats {
         *self.early_stops.entry(why).or_insert(0) += 1;
     }
 
-    /// A multi-line human summary (what `avex run` prints on stderr).
     /// A port's IN or OUT exit.
     pub fn count_port_exit(&mut self, port: u16) {
         *self.port_exits.entry(port).or_insert(0) += 1;
     }
 
+    /// A multi-line human summary (what `avex run` prints on stderr).
     pub fn summary(&self) -> String {
         use core::fmt::Write;
         let mut s = String::new();
