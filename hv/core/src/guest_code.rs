@@ -128,7 +128,6 @@ pub fn fetch_code<G: Guest + ?Sized>(
     rip: u64,
     buf: &mut [u8],
 ) -> usize {
-    let mmu = engine::Mmu::new(state, 52);
     let cs = state.segment(crate::ir::Seg::Cs);
     let (base, len) = match bitness_of(state) {
         Bitness::B64 => (0, buf.len()),
@@ -140,41 +139,48 @@ pub fn fetch_code<G: Guest + ?Sized>(
             )
         }
     };
-    let buf = &mut buf[..len];
+    read_linear(
+        guest,
+        state,
+        base.wrapping_add(rip),
+        &mut buf[..len],
+        engine::Access::Fetch,
+    )
+}
+
+/// The 8 bytes at linear address `la`, read as a data load through the guest's
+/// page tables, or `None` where they are not mapped readable.
+pub fn read_u64<G: Guest + ?Sized>(guest: &mut G, state: &CpuState, la: u64) -> Option<u64> {
+    let mut bytes = [0u8; 8];
+    let n = read_linear(guest, state, la, &mut bytes, engine::Access::Read);
+    (n == bytes.len()).then(|| u64::from_le_bytes(bytes))
+}
+
+/// Read `buf.len()` bytes from linear address `la` through the guest's page
+/// tables, a page at a time, as an `access`; returns how many were read (stops at
+/// the first byte not mapped for it).
+fn read_linear<G: Guest + ?Sized>(
+    guest: &mut G,
+    state: &CpuState,
+    la: u64,
+    buf: &mut [u8],
+    access: engine::Access,
+) -> usize {
+    let mmu = engine::Mmu::new(state, 52);
     let mut done = 0;
     while done < buf.len() {
-        let la = base.wrapping_add(rip).wrapping_add(done as u64);
+        let at = la.wrapping_add(done as u64);
         let mut walks = 0;
-        let Ok(pa) = mmu.translate(guest, la, engine::Access::Fetch, &mut walks) else {
+        let Ok(pa) = mmu.translate(guest, at, access, &mut walks) else {
             break;
         };
-        let in_page = (0x1000 - (la & 0xfff)) as usize;
-        let n = in_page.min(buf.len() - done);
+        let n = ((0x1000 - (at & 0xfff)) as usize).min(buf.len() - done);
         if guest.read_phys(pa, &mut buf[done..done + n]).is_err() {
             break;
         }
         done += n;
     }
     done
-}
-
-/// The 8 bytes at linear address `la`, read as a data load through the guest's
-/// page tables, or `None` where they are not mapped readable.
-pub fn read_u64<G: Guest + ?Sized>(guest: &mut G, state: &CpuState, la: u64) -> Option<u64> {
-    let mmu = engine::Mmu::new(state, 52);
-    let mut bytes = [0u8; 8];
-    let mut done = 0;
-    while done < bytes.len() {
-        let at = la.wrapping_add(done as u64);
-        let mut walks = 0;
-        let pa = mmu
-            .translate(guest, at, engine::Access::Read, &mut walks)
-            .ok()?;
-        let n = ((0x1000 - (at & 0xfff)) as usize).min(bytes.len() - done);
-        guest.read_phys(pa, &mut bytes[done..done + n]).ok()?;
-        done += n;
-    }
-    Some(u64::from_le_bytes(bytes))
 }
 
 /// The code size of the guest's current mode.
