@@ -448,22 +448,12 @@ impl ExitHandler {
         if !obs.translate {
             return inside(self);
         }
-        let built = self.build(RegionKey::any_caller(rip), &state, guest);
-        match built {
-            Some(cluster) => {
-                self.stats.translate_insns += cluster.insns.len() as u64;
-                if self.cache.insert(cluster, Origin::Dynamic).is_ok() {
-                    self.stats.translations_built += 1;
-                    self.enter(rip, Way::Own, rip, None)
-                } else {
-                    self.stats.translation_failures += 1;
-                    inside(self)
-                }
-            }
-            None => {
-                self.stats.translation_failures += 1;
-                inside(self)
-            }
+        if self.build(RegionKey::any_caller(rip), &state, guest) {
+            self.stats.translations_built += 1;
+            self.enter(rip, Way::Own, rip, None)
+        } else {
+            self.stats.translation_failures += 1;
+            inside(self)
         }
     }
 
@@ -492,22 +482,29 @@ impl ExitHandler {
         Next::RunCluster { start }
     }
 
-    /// Translate the cluster `region` (entered at its entry), reading the guest's
-    /// code through its page tables, with the indirect destinations learned so far.
+    /// Translate the cluster `region` (entered at its entry) and keep it in the
+    /// cache, among the translations for its caller if it was made for one:
+    /// whether it is there now. Every translation's work is timed and counted
+    /// here: first builds, rebuilds after a guard learned, caller translations.
     fn build<G: Guest + ?Sized>(
         &mut self,
         region: RegionKey,
         state: &CpuState,
         guest: &mut G,
-    ) -> Option<crate::ir::Cluster> {
-        // Every translation's work is timed: first builds, rebuilds after a guard
-        // learned, and caller translations.
+    ) -> bool {
         let t0 = self.clock.map(|c| c());
         let built = self.translate(region, state, guest);
         if let (Some(t0), Some(c)) = (t0, self.clock) {
             self.stats.translate_ns += c().saturating_sub(t0);
         }
-        built
+        let Some(cluster) = built else {
+            return false;
+        };
+        self.stats.translate_insns += cluster.insns.len() as u64;
+        match region.caller {
+            Some(caller) => self.cache.insert_for_caller(cluster, caller).is_ok(),
+            None => self.cache.insert(cluster, Origin::Dynamic).is_ok(),
+        }
     }
 
     fn translate<G: Guest + ?Sized>(
@@ -618,16 +615,7 @@ impl ExitHandler {
             return false;
         }
         self.stats.indirect_targets_learned += 1;
-        let rebuilt = match self.build(region, state, guest) {
-            Some(cluster) => {
-                self.stats.translate_insns += cluster.insns.len() as u64;
-                match region.caller {
-                    Some(caller) => self.cache.insert_for_caller(cluster, caller).is_ok(),
-                    None => self.cache.insert(cluster, Origin::Dynamic).is_ok(),
-                }
-            }
-            None => false,
-        };
+        let rebuilt = self.build(region, state, guest);
         if rebuilt {
             self.stats.translations_rebuilt += 1;
             // What the old translation absorbed from its entry says little of the

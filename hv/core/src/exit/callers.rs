@@ -209,13 +209,7 @@ impl ExitHandler {
         };
         // The RET that returned out of the function goes to this caller.
         self.learned.learn(region, slot.at, caller);
-        let made = match self.build(region, &state, guest) {
-            Some(cluster) => {
-                self.stats.translate_insns += cluster.insns.len() as u64;
-                self.cache.insert_for_caller(cluster, caller).is_ok()
-            }
-            None => false,
-        };
+        let made = self.build(region, &state, guest);
         if let Some(site) = self.callers.of(rip) {
             site.placed(caller, made, evict);
         }
