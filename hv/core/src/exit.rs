@@ -125,6 +125,18 @@ pub const DEFAULT_INSN_BUDGET: u64 = 4096;
 
 pub use crate::stats::IDLE_SITE_RETRY;
 
+/// How the cluster about to run was entered ([`ExitHandler::enter`]).
+#[derive(Clone, Copy, Debug)]
+struct Entered {
+    /// The exit RIP the run is counted for.
+    site: u64,
+    way: Way,
+    /// The translation's entry.
+    start: u64,
+    /// The caller the translation was made for ([`callers`]).
+    caller: Option<u64>,
+}
+
 /// The exit handler: mode, translation cache, dynamic tracker and statistics.
 pub struct ExitHandler {
     mode: Mode,
@@ -145,9 +157,8 @@ pub struct ExitHandler {
     /// Where indirect branches and returns of clusters went when no guard expected
     /// it: the next translation accepts these.
     learned: LearnedTargets,
-    /// How the cluster about to run was entered: the exit RIP, the way, the
-    /// translation's entry, and the caller it was made for ([`callers`]).
-    entered: Option<(u64, Way, u64, Option<u64>)>,
+    /// How the cluster about to run was entered.
+    entered: Option<Entered>,
     /// Where the return address of each site's function lies, and the callers
     /// with translations there ([`callers`]).
     callers: callers::Callers,
@@ -478,7 +489,12 @@ impl ExitHandler {
     /// `way`: its run is counted for `rip` ([`served`]).
     /// A translation made for one caller is `for_caller`'s.
     fn enter(&mut self, rip: u64, way: Way, start: u64, for_caller: Option<u64>) -> Next {
-        self.entered = Some((rip, way, start, for_caller));
+        self.entered = Some(Entered {
+            site: rip,
+            way,
+            start,
+            caller: for_caller,
+        });
         Next::RunCluster { start }
     }
 
@@ -638,10 +654,10 @@ impl ExitHandler {
             .get_or_insert_with(|| guest.cpu_caps().maxphyaddr);
         // The exit site and way the run was entered by: its end is recorded for
         // that site ([`ExitStats::count_cluster_end`]).
-        let entered = self.entered.take().filter(|e| e.2 == start);
+        let entered = self.entered.take().filter(|e| e.start == start);
         let region = RegionKey {
             entry: start,
-            caller: entered.and_then(|e| e.3),
+            caller: entered.and_then(|e| e.caller),
         };
         let entry = match region.caller {
             Some(caller) => self.cache.lookup_for_caller(start, caller),
@@ -720,12 +736,13 @@ impl ExitHandler {
         }
         let insns = out.insns();
         self.stats.cluster_insns += insns;
-        if let (Some((site, Way::Own, _, None)), Some((at, _, true))) = (entered, miss) {
-            // A RET of its own translation missed: where it found its return
-            // address says where the site's function keeps it ([`callers`]).
-            if site == start {
+        if let (Some(e), Some((at, _, true))) = (entered, miss) {
+            // A RET of its own translation for every caller missed: where it found
+            // its return address says where the site's function keeps it
+            // ([`callers`]).
+            if e.way == Way::Own && e.caller.is_none() && e.site == start {
                 let rsp = crate::ir::RSP as usize;
-                self.note_return_slot(site, at, state.gpr[rsp], guest.state().gpr[rsp]);
+                self.note_return_slot(e.site, at, state.gpr[rsp], guest.state().gpr[rsp]);
             }
         }
         let learned =
@@ -734,10 +751,10 @@ impl ExitHandler {
         if let Some(why) = early {
             self.stats.count_early_stop(why);
         }
-        if let Some((rip, way, _, _)) = entered {
-            self.served.entry(rip).or_default().count(way, exiting);
+        if let Some(e) = entered {
+            self.served.entry(e.site).or_default().count(e.way, exiting);
             self.stats
-                .count_cluster_end(rip, exiting, out.rip(), learned);
+                .count_cluster_end(e.site, exiting, out.rip(), learned);
         }
         ClusterEnd {
             rip: out.rip(),
