@@ -470,16 +470,11 @@ fn page_key(m: &crate::ir::MemRef, regs: &RegCopies, entry: Option<&[u64; 16]>) 
     }
     // A base that still holds an entry register's value (its id is that
     // register's number), no index, a flat segment: the page it pointed to.
-    let at_entry = |r: u8| {
-        let id = regs.value(r);
-        (id < 16)
-            .then(|| entry.map(|e| e[usize::from(id)]))
-            .flatten()
-    };
     let flat = !matches!(m.seg, crate::ir::Seg::Fs | crate::ir::Seg::Gs);
-    if let (Some(base), None, true) = (m.base, m.index, flat) {
-        if let (Some(v), Some(e)) = (at_entry(base), entry) {
-            let page = v.wrapping_add(m.disp as u64) >> 12;
+    if let (Some(e), Some(base), None, true) = (entry, m.base, m.index, flat) {
+        let id = usize::from(regs.value(base));
+        if id < 16 {
+            let page = e[id].wrapping_add(m.disp as u64) >> 12;
             if page == e[usize::from(RSP)] >> 12 {
                 return STACK_PAGE;
             }

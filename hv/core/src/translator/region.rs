@@ -441,6 +441,7 @@ pub(super) fn build(
     policy: &ExitPolicy,
     config: &TranslatorConfig,
 ) -> Result<Translated, NoCluster> {
+    let entry_regs = src.entry_registers();
     let mut x = Explorer {
         src,
         bitness,
@@ -455,9 +456,8 @@ pub(super) fn build(
         bytes: 0,
         runs: BTreeMap::new(),
         stop: None,
-        entry_regs: None,
+        entry_regs,
     };
-    x.entry_regs = x.src.entry_registers();
     let root = x.context(Context::default());
     let entry = match x.reach(rip, root, &Gap::EXIT) {
         Some((id, _)) => id,
