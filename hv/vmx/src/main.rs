@@ -267,10 +267,8 @@ extern "C" fn kmain(magic: u32, mbi: u32) -> ! {
     // The classes that exit here: the policy's, less the CR3 moves the VMCS does
     // not intercept under EPT (they run natively, and in clusters are not avoided).
     let (cr3_load, cr3_store) = vcpu.cr3_exits();
-    let exits = BackendExits::only(ExitClass::ALL.into_iter().filter(|&c| {
-        policy.class_exits(c)
-            && (c != ExitClass::MovToCr3 || cr3_load)
-            && (c != ExitClass::MovFromCr3 || cr3_store)
+    let exits = BackendExits::only(BackendExits::of_policy(&policy).classes().filter(|&c| {
+        (c != ExitClass::MovToCr3 || cr3_load) && (c != ExitClass::MovFromCr3 || cr3_store)
     }));
     handler = handler.with_backend_exits(exits);
     let n = run::protect_translated_pages(&mut vcpu, &handler);
